@@ -1,0 +1,121 @@
+"""Checkpoints that survive a kill at any moment.
+
+Each checkpoint is ``ckpt-<step>.pt`` (written with ``torch.save``) plus ``ckpt-<step>.json``, a manifest
+holding the step, the byte size and the SHA-256 of the ``.pt`` file. Both are written to a temporary file,
+flushed to disk with fsync, then renamed into place (the manifest last), and the folder is fsynced: a
+checkpoint without its manifest is incomplete and ignored, so a kill leaves the previous checkpoint intact
+and loadable. Loading re-checks size and hash first, so a truncated or corrupted file is refused with a
+clear message instead of an unpickling traceback.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+_NAME = re.compile(r"^ckpt-(\d+)\.json$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete or corrupt."""
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save(folder: str | Path, step: int, state: dict[str, Any], keep: int = 2) -> Path:
+    """Write ``state`` as the checkpoint of ``step`` and keep only the newest ``keep`` checkpoints."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    pt = folder / f"ckpt-{step:08d}.pt"
+    _atomic_write(pt, lambda f: torch.save(state, f))
+    manifest = {"step": step, "file": pt.name, "bytes": pt.stat().st_size, "sha256": _sha256(pt)}
+    _atomic_write(folder / f"ckpt-{step:08d}.json", lambda f: f.write(json.dumps(manifest).encode()))
+    for old in list_checkpoints(folder)[:-keep]:
+        old.unlink(missing_ok=True)
+        old.with_suffix(".pt").unlink(missing_ok=True)
+    return pt
+
+
+def list_checkpoints(folder: str | Path) -> list[Path]:
+    """Manifests of complete checkpoints in ``folder``, oldest first."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), folder / name) for name in os.listdir(folder) if (m := _NAME.match(name))]
+    return [p for _, p in sorted(found)]
+
+
+def latest(folder: str | Path) -> Path | None:
+    """The newest complete checkpoint (its ``.pt`` path), or None."""
+    manifests = list_checkpoints(folder)
+    return manifests[-1].with_suffix(".pt") if manifests else None
+
+
+def load(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
+    """Verify the checkpoint against its manifest, then load it."""
+    path = Path(path)
+    if path.is_dir():
+        found = latest(path)
+        if found is None:
+            raise CheckpointError(f"no complete checkpoint in {path}")
+        path = found
+    manifest_path = path.with_suffix(".json")
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if not manifest_path.is_file():
+        raise CheckpointError(f"checkpoint {path} has no manifest {manifest_path.name}: it is incomplete "
+                              f"(the run was probably killed while writing it)")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        expected_bytes, expected_sha = int(manifest["bytes"]), manifest["sha256"]
+    except (ValueError, KeyError) as e:
+        raise CheckpointError(f"checkpoint manifest {manifest_path} is unreadable: {e}") from None
+    size = path.stat().st_size
+    if size != expected_bytes:
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupt: {size} bytes, expected {expected_bytes}")
+    if _sha256(path) != expected_sha:
+        raise CheckpointError(f"checkpoint {path} is corrupt: its SHA-256 does not match the manifest")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as e:  # a file that hashes right but will not load: report, never a raw traceback
+        raise CheckpointError(f"checkpoint {path} could not be loaded: {type(e).__name__}: {e}") from None

@@ -1,0 +1,101 @@
+"""The ``tritonforge`` command line.
+
+    tritonforge train RECIPE [--resume [PATH]] [--section.key=value ...]
+    tritonforge kernels report [--arch sm_90,sm_80] [--kernel NAME] [--json PATH]
+
+``python -m engine.train RECIPE ...`` is the same as ``tritonforge train RECIPE ...`` (and is what
+``torchrun`` launches).
+"""
+from __future__ import annotations
+
+import signal
+import sys
+
+USAGE = """usage: tritonforge COMMAND ...
+
+commands:
+  train RECIPE [--resume [PATH]] [--section.key=value ...]   train from a TOML recipe
+  kernels report [--arch sm_90,sm_80] [--kernel NAME]         compile every Triton kernel for GPUs, report resources
+"""
+
+
+def _split_resume(args: list[str]) -> tuple[str | None, list[str]]:
+    """Pull ``--resume``, ``--resume PATH`` or ``--resume=PATH`` out of ``args``."""
+    resume, rest, i = None, [], 0
+    while i < len(args):
+        a = args[i]
+        if a == "--resume":
+            if i + 1 < len(args) and not args[i + 1].startswith("--"):
+                resume = args[i + 1]
+                i += 1
+            else:
+                resume = "latest"
+        elif a.startswith("--resume="):
+            resume = a.split("=", 1)[1] or "latest"
+        else:
+            rest.append(a)
+        i += 1
+    return resume, rest
+
+
+def train_main(argv: list[str]) -> int:
+    from engine.checkpoint import CheckpointError
+    from engine.config import RecipeError, load_recipe
+    from engine.registry import KernelSelectionError
+
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: tritonforge train RECIPE [--resume [PATH]] [--section.key=value ...]")
+        return 0 if argv else 2
+    recipe_path, rest = argv[0], argv[1:]
+    resume, overrides = _split_resume(rest)
+    try:
+        recipe = load_recipe(recipe_path, overrides)
+        if resume is not None:
+            recipe.checkpoint.resume = resume
+            # Resuming from a run directory continues writing into it.
+            from pathlib import Path
+
+            if resume != "latest" and Path(resume).is_dir() and not recipe.run.dir:
+                recipe.run.dir = str(Path(resume).parent if Path(resume).name == "checkpoints" else Path(resume))
+        from engine.trainer import Interrupted, TrainingError, train
+
+        train(recipe)
+    except (RecipeError, KernelSelectionError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (TrainingError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except Interrupted as e:
+        print(f"\n{e}", file=sys.stderr)
+        return 128 + e.signum
+    return 0
+
+
+def kernels_main(argv: list[str]) -> int:
+    if not argv or argv[0] != "report":
+        print("usage: tritonforge kernels report [--arch sm_90,sm_80] [--kernel NAME] [--json PATH]", file=sys.stderr)
+        return 2
+    from kernels import aot
+
+    return aot.main(argv[1:])
+
+
+COMMANDS = {"train": train_main, "kernels": kernels_main}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else 2
+    command = COMMANDS.get(argv[0])
+    if command is None:
+        print(f"error: unknown command {argv[0]!r}\n{USAGE}", file=sys.stderr)
+        return 2
+    return command(argv[1:])
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    sys.exit(main())

@@ -1,0 +1,429 @@
+"""Recipes: typed dataclasses read from TOML, overridable from the command line.
+
+A recipe is a TOML file whose tables are the sections below. Every field has a typed default, so a
+recipe names only what it changes. Overrides use the same names: ``--train.lr=3e-4``. Parsing and
+validation happen here, in one place, before any work starts: an unknown section or key, or a value of
+the wrong type, raises :class:`RecipeError` naming the culprit and the valid choices.
+"""
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class RecipeError(ValueError):
+    """A recipe or override is invalid. The message names the field."""
+
+
+@dataclass
+class RunConfig:
+    """What this run is called, where it writes, and on what it runs."""
+
+    name: str = "run"
+    #: Run directory; empty means ``runs/<name>-<timestamp>``.
+    dir: str = ""
+    seed: int = 1337
+    #: "auto" (CUDA if available, else CPU), "cpu", "cuda" or "cuda:N".
+    device: str = "auto"
+    #: CPU threads for intra-op parallelism; 0 keeps torch's default.
+    threads: int = 0
+
+
+@dataclass
+class ModelConfig:
+    """The network. ``arch`` picks the family; the other fields configure it."""
+
+    arch: str = "gpt"
+    #: A named preset ("gpt2-124m", "gpt-tiny", ...) whose values apply before this table's own.
+    preset: str = ""
+    n_layer: int = 4
+    n_head: int = 4
+    #: Key/value heads for grouped-query attention; 0 means n_head (plain multi-head attention).
+    n_kv_head: int = 0
+    d_model: int = 192
+    #: Longest sequence the model supports (learned positions are allocated for this many).
+    context: int = 256
+    #: 0 means the tokenizer's vocabulary size, rounded up to a multiple of 64.
+    vocab_size: int = 0
+    #: "learned" or "rope".
+    pos: str = "learned"
+    rope_base: float = 10000.0
+    #: "layernorm" or "rmsnorm".
+    norm: str = "layernorm"
+    #: "gelu" or "swiglu".
+    mlp: str = "gelu"
+    #: MLP hidden width; 0 means 4·d_model for GELU and the 8/3·d_model (rounded to 64) for SwiGLU.
+    d_ff: int = 0
+    bias: bool = True
+    tie_embeddings: bool = True
+    dropout: float = 0.0
+    #: Sliding attention window in tokens (0: full causal attention).
+    window: int = 0
+
+
+@dataclass
+class DataConfig:
+    """Where tokens come from.
+
+    ``source`` is ``"stdlib"`` (the embedded default: the Python standard library's own source, present
+    wherever the engine runs), ``"hf:NAME[:CONFIG]"`` (a dataset by name through ``datasets``), or a local
+    path (a ``.txt``/``.jsonl``/``.json``/``.parquet`` file or a directory of them).
+    """
+
+    source: str = "stdlib"
+    #: "byte" (built in, vocabulary 256) or "gpt2" (BPE through tiktoken).
+    tokenizer: str = "byte"
+    #: Column holding the text for datasets and JSON/parquet files.
+    text_field: str = "text"
+    #: Dataset split to read for ``hf:`` sources.
+    split: str = "train"
+    #: Share of documents held out for validation (chosen by a hash of the document, so it is fixed).
+    val_fraction: float = 0.05
+    #: Tokenized caches live here, one folder per source and tokenizer.
+    cache_dir: str = ".cache/tritonforge"
+
+
+@dataclass
+class TrainConfig:
+    """The training loop."""
+
+    steps: int = 1000
+    #: Sequences per micro-batch on each process.
+    batch_size: int = 16
+    #: Sequence length of a training sample (at most model.context).
+    seq_len: int = 128
+    grad_accum: int = 1
+    #: "fp32", "bf16" (autocast) or "fp16" (autocast with dynamic loss scaling).
+    precision: str = "fp32"
+    #: Clip the global gradient norm to this (0 disables).
+    grad_clip: float = 1.0
+    eval_every: int = 200
+    #: Batches per evaluation.
+    eval_batches: int = 20
+    log_every: int = 10
+    #: Wrap the model in torch.compile.
+    compile: bool = False
+    #: Bytes/tokens of text generated at the end of the run (0 to skip).
+    sample_tokens: int = 256
+    sample_prompt: str = "def "
+    #: What to do when the loss is NaN/inf: "skip" the step (up to max_bad_steps times in a row) or "stop".
+    on_nan: str = "skip"
+    max_bad_steps: int = 5
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer and learning-rate schedule."""
+
+    #: "adamw", "sgd" or "lion".
+    name: str = "adamw"
+    lr: float = 1e-3
+    #: Floor of the cosine schedule.
+    min_lr: float = 1e-4
+    #: "cosine" (warmup then cosine decay to min_lr), "constant" (warmup then flat).
+    schedule: str = "cosine"
+    warmup_steps: int = 100
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = True
+
+
+@dataclass
+class KernelsConfig:
+    """Which implementation serves each op: "auto", "torch" or "triton"."""
+
+    attention: str = "auto"
+    layer_norm: str = "auto"
+    rms_norm: str = "auto"
+    cross_entropy: str = "auto"
+    optimizer: str = "auto"
+
+
+@dataclass
+class LoggingConfig:
+    """Where progress goes."""
+
+    #: "off", "offline" (no network or account needed) or "online".
+    wandb: str = "off"
+    wandb_project: str = "tritonforge"
+
+
+@dataclass
+class CheckpointConfig:
+    """When and how checkpoints are written."""
+
+    #: Save every N steps (0: only at the end).
+    every: int = 0
+    #: How many recent checkpoints to keep.
+    keep: int = 2
+    #: "" (fresh run), "latest" (newest checkpoint in the run directory) or a checkpoint path.
+    resume: str = ""
+
+
+@dataclass
+class ParallelConfig:
+    """Multi-process training under torchrun (a plain ``python`` launch stays single-process)."""
+
+    #: "ddp" (DistributedDataParallel) or "fsdp" (FSDP2 ``fully_shard`` per block).
+    strategy: str = "ddp"
+
+
+@dataclass
+class Recipe:
+    """A whole training recipe."""
+
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    kernels: KernelsConfig = field(default_factory=KernelsConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+
+#: Named model presets: values applied before the recipe's own [model] table.
+PRESETS: dict[str, dict[str, Any]] = {
+    # GPT-2 small as in nanoGPT: 124M parameters with the vocabulary padded to 50304.
+    "gpt2-124m": dict(arch="gpt", n_layer=12, n_head=12, d_model=768, context=1024, vocab_size=50304,
+                      pos="learned", norm="layernorm", mlp="gelu", bias=True, tie_embeddings=True),
+    "gpt2-350m": dict(arch="gpt", n_layer=24, n_head=16, d_model=1024, context=1024, vocab_size=50304),
+    # A byte-level model that trains to a useful loss on a laptop CPU in minutes.
+    "gpt-tiny": dict(arch="gpt", n_layer=4, n_head=4, d_model=192, context=256, vocab_size=256),
+    # A small modern variant: rotary positions, RMSNorm, SwiGLU, grouped-query attention.
+    "llama-tiny": dict(arch="gpt", n_layer=4, n_head=4, n_kv_head=2, d_model=192, context=256,
+                       vocab_size=256, pos="rope", norm="rmsnorm", mlp="swiglu", bias=False),
+}
+
+#: Fields whose value must be one of these strings.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model.pos": ("learned", "rope"),
+    "model.norm": ("layernorm", "rmsnorm"),
+    "model.mlp": ("gelu", "swiglu"),
+    "data.tokenizer": ("byte", "gpt2"),
+    "train.precision": ("fp32", "bf16", "fp16"),
+    "train.on_nan": ("skip", "stop"),
+    "optim.name": ("adamw", "sgd", "lion"),
+    "optim.schedule": ("cosine", "constant"),
+    "logging.wandb": ("off", "offline", "online"),
+    "parallel.strategy": ("ddp", "fsdp"),
+}
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _coerce(where: str, value: Any, typ: Any, from_cli: bool) -> Any:
+    """Convert ``value`` to ``typ`` or raise a RecipeError naming ``where``."""
+
+    def bad() -> RecipeError:
+        shown = value if from_cli else repr(value)
+        return RecipeError(f"{where}: expected {_type_name(typ)}, got {shown}")
+
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if from_cli and isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+            return value.lower() in ("true", "1", "yes", "on")
+        raise bad()
+    if typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if from_cli and isinstance(value, str):
+            try:
+                return int(value.replace("_", ""))
+            except ValueError:
+                raise bad() from None
+        raise bad()
+    if typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if from_cli and isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                raise bad() from None
+        raise bad()
+    if typ is str:
+        if isinstance(value, str):
+            return value
+        raise bad()
+    if typing.get_origin(typ) is tuple:
+        args = typing.get_args(typ)
+        items = value.split(",") if from_cli and isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)) or len(items) != len(args):
+            raise bad()
+        return tuple(_coerce(where, v, t, from_cli) for v, t in zip(items, args))
+    raise TypeError(f"unsupported recipe field type {typ!r} at {where}")
+
+
+def _type_name(typ: Any) -> str:
+    if typing.get_origin(typ) is tuple:
+        return "a list of " + ", ".join(_type_name(t) for t in typing.get_args(typ))
+    return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(typ, str(typ))
+
+
+def _apply(recipe: Recipe, section: str, key: str, value: Any, from_cli: bool) -> None:
+    sections = {f.name for f in dataclasses.fields(Recipe)}
+    if section not in sections:
+        raise RecipeError(f"unknown recipe section [{section}]; valid sections: {', '.join(sorted(sections))}")
+    sub = getattr(recipe, section)
+    types = _field_types(type(sub))
+    if key not in types:
+        raise RecipeError(f"unknown key {section}.{key}; valid keys of [{section}]: {', '.join(types)}")
+    setattr(sub, key, _coerce(f"{section}.{key}", value, types[key], from_cli))
+
+
+def parse_overrides(args: list[str]) -> list[tuple[str, str, str]]:
+    """Turn ``--section.key=value`` (or ``--section.key value``) arguments into triples."""
+    out = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or "." not in arg.split("=", 1)[0]:
+            raise RecipeError(f"unexpected argument {arg!r}; overrides look like --section.key=value")
+        name, eq, value = arg[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(args):
+                raise RecipeError(f"override --{name} needs a value (--{name}=VALUE)")
+            value = args[i + 1]
+            i += 1
+        section, _, key = name.partition(".")
+        out.append((section, key.replace("-", "_"), value))
+        i += 1
+    return out
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read a TOML recipe, apply its preset and the command-line overrides, validate, return it."""
+    table: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise RecipeError(f"recipe file not found: {path}")
+        try:
+            table = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise RecipeError(f"{path}: not valid TOML: {e}") from None
+    cli = parse_overrides(list(overrides))
+    recipe = Recipe()
+    # The preset goes first so that the recipe's own values and the overrides win over it.
+    preset = next((v for s, k, v in cli if (s, k) == ("model", "preset")), None)
+    if preset is None:
+        preset = table.get("model", {}).get("preset", "") if isinstance(table.get("model"), dict) else ""
+    if preset:
+        if preset not in PRESETS:
+            raise RecipeError(f"model.preset: unknown preset {preset!r}; valid presets: {', '.join(PRESETS)}")
+        for key, value in PRESETS[preset].items():
+            _apply(recipe, "model", key, value, from_cli=False)
+    for section, values in table.items():
+        if not isinstance(values, dict):
+            raise RecipeError(f"top-level key {section!r} must be a [section] table")
+        for key, value in values.items():
+            _apply(recipe, section, key, value, from_cli=False)
+    for section, key, value in cli:
+        _apply(recipe, section, key, value, from_cli=True)
+    validate(recipe)
+    return recipe
+
+
+def validate(r: Recipe) -> None:
+    """Check values that types alone cannot, so a bad recipe stops before any work."""
+    for where, allowed in CHOICES.items():
+        section, key = where.split(".")
+        value = getattr(getattr(r, section), key)
+        if value not in allowed:
+            raise RecipeError(f"{where}: {value!r} is not one of {', '.join(allowed)}")
+
+    def positive(where: str, value: float, allow_zero: bool = False) -> None:
+        if value < 0 or (value == 0 and not allow_zero):
+            raise RecipeError(f"{where} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+    positive("train.steps", r.train.steps)
+    positive("train.batch_size", r.train.batch_size)
+    positive("train.seq_len", r.train.seq_len)
+    positive("train.grad_accum", r.train.grad_accum)
+    positive("train.grad_clip", r.train.grad_clip, allow_zero=True)
+    positive("train.eval_every", r.train.eval_every, allow_zero=True)
+    positive("train.eval_batches", r.train.eval_batches)
+    positive("train.log_every", r.train.log_every)
+    positive("train.sample_tokens", r.train.sample_tokens, allow_zero=True)
+    positive("train.max_bad_steps", r.train.max_bad_steps, allow_zero=True)
+    positive("optim.lr", r.optim.lr)
+    positive("optim.min_lr", r.optim.min_lr, allow_zero=True)
+    positive("optim.warmup_steps", r.optim.warmup_steps, allow_zero=True)
+    positive("optim.eps", r.optim.eps)
+    positive("optim.weight_decay", r.optim.weight_decay, allow_zero=True)
+    for i, beta in enumerate(r.optim.betas):
+        if not 0.0 <= beta < 1.0:
+            raise RecipeError(f"optim.betas[{i}] must be in [0, 1), got {beta}")
+    if r.optim.min_lr > r.optim.lr:
+        raise RecipeError(f"optim.min_lr ({r.optim.min_lr}) must not exceed optim.lr ({r.optim.lr})")
+    positive("checkpoint.every", r.checkpoint.every, allow_zero=True)
+    positive("checkpoint.keep", r.checkpoint.keep)
+    positive("run.threads", r.run.threads, allow_zero=True)
+    if not (r.run.device in ("auto", "cpu", "cuda") or r.run.device.startswith("cuda:")):
+        raise RecipeError(f"run.device: {r.run.device!r} is not one of auto, cpu, cuda, cuda:N")
+    if not 0.0 <= r.data.val_fraction < 1.0:
+        raise RecipeError(f"data.val_fraction must be in [0, 1), got {r.data.val_fraction}")
+    from engine import registry  # the registry owns the names of ops and backends
+
+    for op, backend in dataclasses.asdict(r.kernels).items():
+        registry.check_backend_name(op, backend)
+    m = r.model
+    if m.arch == "gpt":
+        positive("model.n_layer", m.n_layer)
+        positive("model.n_head", m.n_head)
+        positive("model.d_model", m.d_model)
+        positive("model.context", m.context)
+        positive("model.vocab_size", m.vocab_size, allow_zero=True)
+        positive("model.n_kv_head", m.n_kv_head, allow_zero=True)
+        positive("model.window", m.window, allow_zero=True)
+        if not 0.0 <= m.dropout < 1.0:
+            raise RecipeError(f"model.dropout must be in [0, 1), got {m.dropout}")
+        if m.d_model % m.n_head:
+            raise RecipeError(f"model.d_model ({m.d_model}) must be divisible by model.n_head ({m.n_head})")
+        kv = m.n_kv_head or m.n_head
+        if m.n_head % kv:
+            raise RecipeError(f"model.n_head ({m.n_head}) must be divisible by model.n_kv_head ({kv})")
+        if m.pos == "rope" and (m.d_model // m.n_head) % 2:
+            raise RecipeError(f"model.pos = 'rope' needs an even head dim, got {m.d_model // m.n_head}")
+        if r.train.seq_len > m.context:
+            raise RecipeError(
+                f"train.seq_len ({r.train.seq_len}) is longer than the model supports "
+                f"(model.context = {m.context})")
+
+
+def dump_toml(recipe: Recipe) -> str:
+    """The resolved recipe as TOML, readable back by :func:`load_recipe`."""
+    lines = []
+    for section, values in recipe.to_dict().items():
+        lines.append(f"[{section}]")
+        for key, value in values.items():
+            lines.append(f"{key} = {_toml_value(value)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} as TOML")

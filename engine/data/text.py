@@ -1,0 +1,293 @@
+"""Text data: tokenizers, sources, a memory-mapped token cache, and a step-indexed window sampler.
+
+Sources (``data.source``):
+
+- ``stdlib``: the embedded default. The Python standard library's own ``.py`` files (about 12 MB of real
+  text, tests excluded) are present on every machine that can run the engine, so the main job needs no
+  download.
+- ``hf:NAME`` or ``hf:NAME:CONFIG``: a dataset by name, downloaded and cached by ``datasets``.
+- a local path: a ``.txt``, ``.jsonl``/``.json`` or ``.parquet`` file, or a directory of them, read through
+  ``datasets``.
+
+Each source is tokenized once into two flat ``uint16`` token files (train and validation) under
+``data.cache_dir``, in a folder keyed by the source's fingerprint and the tokenizer. The folder is built
+under a temporary name and renamed into place, so a crash mid-build never leaves a cache that a later run
+would use. Documents go to validation by a hash of their content, so the split is fixed.
+
+The sampler draws training windows as a pure function of (seed, step): resuming needs only the step, and
+every rank of a distributed run slices its part of the same global batch.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sysconfig
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from engine.config import DataConfig, RecipeError
+
+CACHE_FORMAT = 1
+_LOCAL_BUILDERS = {".txt": "text", ".text": "text", ".md": "text", ".jsonl": "json", ".json": "json",
+                   ".parquet": "parquet"}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tokenizers
+# ---------------------------------------------------------------------------------------------------
+
+class ByteTokenizer:
+    """UTF-8 bytes as tokens: vocabulary 256, nothing to download."""
+
+    name = "byte"
+    vocab_size = 256
+    #: Documents are joined by a blank line.
+    separator = [10, 10]
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.frombuffer(text.encode("utf-8", errors="replace"), dtype=np.uint8).astype(np.uint16)
+
+    def decode(self, ids) -> str:
+        return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
+
+
+class GPT2Tokenizer:
+    """GPT-2 BPE through ``tiktoken`` (optional: installed by the user, imported only when asked for)."""
+
+    name = "gpt2"
+    vocab_size = 50257
+
+    def __init__(self):
+        try:
+            import tiktoken
+        except ImportError:
+            raise RecipeError("data.tokenizer = 'gpt2' needs the tiktoken package: pip install tiktoken") from None
+        self._enc = tiktoken.get_encoding("gpt2")
+        self.separator = [self._enc.eot_token]
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.asarray(self._enc.encode_ordinary(text), dtype=np.uint16)
+
+    def decode(self, ids) -> str:
+        return self._enc.decode([int(i) for i in ids])
+
+
+def get_tokenizer(name: str):
+    if name == "byte":
+        return ByteTokenizer()
+    if name == "gpt2":
+        return GPT2Tokenizer()
+    raise RecipeError(f"data.tokenizer: unknown tokenizer {name!r}; valid: byte, gpt2")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Sources
+# ---------------------------------------------------------------------------------------------------
+
+def _stdlib_files() -> tuple[Path, list[Path]]:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    skip = {"site-packages", "dist-packages", "test", "tests", "idle_test"}
+    files = sorted(f for f in root.rglob("*.py") if not skip & set(f.relative_to(root).parts))
+    return root, files
+
+
+def _local_files(path: Path) -> list[Path]:
+    if path.is_file():
+        files = [path]
+    else:
+        files = sorted(f for f in path.rglob("*") if f.is_file() and f.suffix in _LOCAL_BUILDERS)
+    if not files:
+        raise RecipeError(f"data.source: no .txt/.jsonl/.json/.parquet files under {path}")
+    kinds = {_LOCAL_BUILDERS.get(f.suffix) for f in files}
+    if None in kinds:
+        raise RecipeError(f"data.source: {path} is not a .txt/.jsonl/.json/.parquet file")
+    if len(kinds) > 1:
+        raise RecipeError(f"data.source: {path} mixes file kinds {sorted(kinds)}; use one kind per source")
+    return files
+
+
+def _fingerprint_files(files: list[Path]) -> list[tuple[str, int, int]]:
+    return [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+
+
+def source_fingerprint(cfg: DataConfig) -> dict:
+    """What identifies the source's content, cheaply (paths, sizes and modification times)."""
+    if cfg.source == "stdlib":
+        root, files = _stdlib_files()
+        return {"source": "stdlib", "files": _fingerprint_files(files)}
+    if cfg.source.startswith("hf:"):
+        return {"source": cfg.source, "split": cfg.split, "field": cfg.text_field}
+    path = Path(cfg.source).expanduser()
+    if not path.exists():
+        raise RecipeError(f"data.source: path does not exist: {path}")
+    return {"source": str(path.resolve()), "files": _fingerprint_files(_local_files(path)),
+            "field": cfg.text_field}
+
+
+def iter_documents(cfg: DataConfig) -> Iterator[str]:
+    """Yield the source's documents as strings."""
+    if cfg.source == "stdlib":
+        _, files = _stdlib_files()
+        for f in files:
+            yield f.read_bytes().decode("utf-8", errors="replace")
+        return
+    try:
+        import datasets  # imported only for sources that need it
+    except ImportError:
+        raise RecipeError(f"data.source = {cfg.source!r} needs the datasets package: pip install datasets") from None
+    if cfg.source.startswith("hf:"):
+        name, _, config = cfg.source[3:].partition(":")
+        ds = datasets.load_dataset(name, config or None, split=cfg.split)
+    else:
+        files = _local_files(Path(cfg.source).expanduser())
+        builder = _LOCAL_BUILDERS[files[0].suffix]
+        extra = {"sample_by": "document"} if builder == "text" else {}
+        ds = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train", **extra)
+    if cfg.text_field not in ds.column_names:
+        raise RecipeError(f"data.text_field: column {cfg.text_field!r} not found; columns: {ds.column_names}")
+    for row in ds:
+        text = row[cfg.text_field]
+        if text:
+            yield text
+
+
+def _is_val(doc: str, val_fraction: float) -> bool:
+    h = int.from_bytes(hashlib.blake2b(doc.encode("utf-8", errors="replace"), digest_size=8).digest(), "little")
+    return (h % 1_000_000) < val_fraction * 1_000_000
+
+
+# ---------------------------------------------------------------------------------------------------
+# The token cache
+# ---------------------------------------------------------------------------------------------------
+
+@dataclass
+class TokenData:
+    train: np.ndarray  # uint16 memmap
+    val: np.ndarray
+    tokenizer: object
+    path: Path
+
+
+def cache_key(cfg: DataConfig, tokenizer_name: str) -> str:
+    blob = json.dumps({"format": CACHE_FORMAT, "tokenizer": tokenizer_name, "val_fraction": cfg.val_fraction,
+                       "fingerprint": source_fingerprint(cfg)}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def _slug(source: str) -> str:
+    keep = "".join(c if c.isalnum() else "-" for c in source.rsplit("/", 1)[-1])
+    return keep.strip("-")[:40] or "data"
+
+
+def _open_cache(folder: Path) -> tuple[np.ndarray, np.ndarray] | None:
+    """The cached token files, or None if the folder is missing or incomplete."""
+    meta_path = folder / "meta.json"
+    if not meta_path.is_file():
+        return None
+    try:
+        meta = json.loads(meta_path.read_text())
+        arrays = []
+        for split in ("train", "val"):
+            f = folder / f"{split}.bin"
+            if f.stat().st_size != 2 * meta[f"{split}_tokens"]:
+                return None
+            arrays.append(np.memmap(f, dtype=np.uint16, mode="r") if meta[f"{split}_tokens"] else
+                          np.zeros(0, dtype=np.uint16))
+        return arrays[0], arrays[1]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def _build_cache(cfg: DataConfig, tokenizer, folder: Path) -> None:
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    try:
+        counts = {}
+        with open(tmp / "train.bin", "wb") as ftrain, open(tmp / "val.bin", "wb") as fval:
+            sep = np.asarray(tokenizer.separator, dtype=np.uint16)
+            counts = {"train": 0, "val": 0, "docs_train": 0, "docs_val": 0}
+            for doc in iter_documents(cfg):
+                split = "val" if _is_val(doc, cfg.val_fraction) else "train"
+                ids = np.concatenate([tokenizer.encode(doc), sep])
+                (fval if split == "val" else ftrain).write(ids.tobytes())
+                counts[split] += len(ids)
+                counts["docs_" + split] += 1
+            for f in (ftrain, fval):
+                f.flush()
+                os.fsync(f.fileno())
+        meta = {"format": CACHE_FORMAT, "source": cfg.source, "tokenizer": tokenizer.name,
+                "train_tokens": counts["train"], "val_tokens": counts["val"],
+                "train_docs": counts["docs_train"], "val_docs": counts["docs_val"]}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        try:
+            os.rename(tmp, folder)  # atomic: the folder appears complete or not at all
+        except OSError:
+            if _open_cache(folder) is None:  # lost a race to a broken folder: replace it
+                shutil.rmtree(folder, ignore_errors=True)
+                os.rename(tmp, folder)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_tokens(cfg: DataConfig, log=print) -> TokenData:
+    """Tokenize the source once (cached) and return memory-mapped train/val tokens."""
+    tokenizer = get_tokenizer(cfg.tokenizer)
+    folder = Path(cfg.cache_dir).expanduser() / f"{_slug(cfg.source)}-{tokenizer.name}-{cache_key(cfg, tokenizer.name)}"
+    arrays = _open_cache(folder)
+    if arrays is None:
+        if folder.exists():  # incomplete or corrupt: never use it
+            shutil.rmtree(folder, ignore_errors=True)
+        log(f"tokenizing {cfg.source} with the {tokenizer.name} tokenizer into {folder} (once)")
+        _build_cache(cfg, tokenizer, folder)
+        arrays = _open_cache(folder)
+        if arrays is None:
+            raise RuntimeError(f"token cache at {folder} could not be read back after building it")
+    return TokenData(train=arrays[0], val=arrays[1], tokenizer=tokenizer, path=folder)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Sampling
+# ---------------------------------------------------------------------------------------------------
+
+class TokenWindows:
+    """Random (input, target) windows of ``seq_len`` tokens, a pure function of (seed, step, micro-step).
+
+    At each optimizer step the global batch is ``grad_accum · world · batch_size`` windows drawn from a
+    generator seeded by (seed, step); micro-step ``m`` of rank ``r`` takes its own slice. Resuming needs
+    only the step; changing the number of processes keeps the global batch the same.
+    """
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, grad_accum: int, seed: int,
+                 world: int = 1):
+        if len(tokens) < seq_len + 1:
+            raise RecipeError(f"train.seq_len ({seq_len}) needs at least {seq_len + 1} tokens; the data has "
+                              f"{len(tokens)}")
+        self.tokens, self.seq_len, self.batch_size = tokens, seq_len, batch_size
+        self.grad_accum, self.seed, self.world = grad_accum, seed, world
+
+    def _gather(self, starts: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = starts[:, None] + np.arange(self.seq_len + 1)[None, :]
+        window = torch.from_numpy(self.tokens[idx].astype(np.int64))
+        return window[:, :-1], window[:, 1:]
+
+    def batch(self, step: int, micro: int = 0, rank: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        rng = np.random.default_rng([self.seed, step])
+        total = self.grad_accum * self.world * self.batch_size
+        starts = rng.integers(0, len(self.tokens) - self.seq_len, size=total)
+        first = (micro * self.world + rank) * self.batch_size
+        return self._gather(starts[first:first + self.batch_size])
+
+    def eval_batches(self, n: int, rank: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The same ``n`` batches at every evaluation (this rank's slice of them)."""
+        for i in range(n):
+            rng = np.random.default_rng([self.seed, 1 << 40, i])
+            starts = rng.integers(0, len(self.tokens) - self.seq_len, size=self.world * self.batch_size)
+            yield self._gather(starts[rank * self.batch_size:(rank + 1) * self.batch_size])

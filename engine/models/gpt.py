@@ -1,0 +1,241 @@
+"""A decoder-only transformer (GPT), readable top to bottom.
+
+Every normalization and attention call goes through the kernel registry's :class:`~engine.registry.Ops`,
+so the same model runs on PyTorch's kernels or the project's Triton kernels, chosen per op. The pre-norm
+residual stream uses the fused "add + norm" form: each block hands its branch output to the next norm,
+which adds it to the residual stream and normalizes in one call (one pass over memory with the Triton
+backend; an add followed by a norm with the torch backend — the same math).
+
+Options cover both GPT-2 and the newer Llama-style block: learned or rotary positions, LayerNorm or
+RMSNorm, GELU or SwiGLU MLP, grouped-query attention, tied embeddings, a sliding attention window.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from engine.registry import Ops
+
+
+@dataclass
+class GPTConfig:
+    n_layer: int = 4
+    n_head: int = 4
+    n_kv_head: int = 0  # 0: same as n_head
+    d_model: int = 192
+    context: int = 256
+    vocab_size: int = 256
+    pos: str = "learned"  # "learned" | "rope"
+    rope_base: float = 10000.0
+    norm: str = "layernorm"  # "layernorm" | "rmsnorm"
+    mlp: str = "gelu"  # "gelu" | "swiglu"
+    d_ff: int = 0  # 0: 4·d for GELU, 8/3·d rounded up to 64 for SwiGLU (same parameter count)
+    bias: bool = True
+    tie_embeddings: bool = True
+    dropout: float = 0.0
+    window: int = 0  # 0: full causal attention
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head or self.n_head
+
+    @property
+    def ff_dim(self) -> int:
+        if self.d_ff:
+            return self.d_ff
+        if self.mlp == "swiglu":
+            return (8 * self.d_model // 3 + 63) // 64 * 64
+        return 4 * self.d_model
+
+
+class Norm(nn.Module):
+    """LayerNorm or RMSNorm over the last dim, served by the registry.
+
+    Parameters are named like ``nn.LayerNorm``/``nn.RMSNorm`` (``weight``, ``bias``) so checkpoints
+    do not depend on the backend.
+    """
+
+    def __init__(self, d: int, kind: str, bias: bool, ops: Ops):
+        super().__init__()
+        self.kind = kind
+        self.ops = ops
+        self.eps = 1e-5 if kind == "layernorm" else 1e-6
+        self.weight = nn.Parameter(torch.ones(d))
+        self.bias = nn.Parameter(torch.zeros(d)) if bias and kind == "layernorm" else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "layernorm":
+            return self.ops.layer_norm(x, self.weight, self.bias, self.eps)
+        return self.ops.rms_norm(x, self.weight, self.eps)
+
+    def add(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return (norm(residual + x), residual + x)."""
+        if self.kind == "layernorm":
+            return self.ops.add_layer_norm(x, residual, self.weight, self.bias, self.eps)
+        return self.ops.add_rms_norm(x, residual, self.weight, self.eps)
+
+
+def rotary_tables(head_dim: int, context: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of shape (context, head_dim/2) for rotary position embeddings."""
+    inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    angles = torch.outer(torch.arange(context, dtype=torch.float64), inv_freq)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x[i], x[i + D/2]) of x (B, H, T, D) by position-dependent angles."""
+    x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: GPTConfig, ops: Ops):
+        super().__init__()
+        self.cfg = cfg
+        self.ops = ops
+        # One projection for q, k and v: the kernels read q, k and v as strided views of its output.
+        self.qkv = nn.Linear(cfg.d_model, (cfg.n_head + 2 * cfg.kv_heads) * cfg.head_dim, bias=cfg.bias)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        B, T, C = x.shape
+        H, Hkv, D = self.cfg.n_head, self.cfg.kv_heads, self.cfg.head_dim
+        qkv = self.qkv(x).view(B, T, H + 2 * Hkv, D).transpose(1, 2)  # (B, H + 2·Hkv, T, D), a view
+        q, k, v = qkv.split((H, Hkv, Hkv), dim=1)
+        if rope is not None:
+            cos, sin = rope[0][:T], rope[1][:T]
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        y = self.ops.attention(q, k, v, causal=True, window=self.cfg.window or None)
+        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.swiglu = cfg.mlp == "swiglu"
+        width = 2 * cfg.ff_dim if self.swiglu else cfg.ff_dim
+        self.fc = nn.Linear(cfg.d_model, width, bias=cfg.bias)
+        self.proj = nn.Linear(cfg.ff_dim, cfg.d_model, bias=cfg.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc(x)
+        if self.swiglu:
+            gate, up = h.chunk(2, dim=-1)
+            return self.proj(F.silu(gate) * up)
+        return self.proj(F.gelu(h, approximate="tanh"))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block on a residual stream.
+
+    ``forward(x, delta)`` takes the residual stream ``x`` and the previous block's pending branch output
+    ``delta`` (None for the first block), and returns the updated stream and this block's pending output.
+    """
+
+    def __init__(self, cfg: GPTConfig, ops: Ops):
+        super().__init__()
+        self.ln1 = Norm(cfg.d_model, cfg.norm, cfg.bias, ops)
+        self.attn = Attention(cfg, ops)
+        self.ln2 = Norm(cfg.d_model, cfg.norm, cfg.bias, ops)
+        self.mlp = MLP(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, delta, rope):
+        h, x = (self.ln1(x), x) if delta is None else self.ln1.add(delta, x)
+        h, x = self.ln2.add(self.drop(self.attn(h, rope)), x)
+        return x, self.drop(self.mlp(h))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: GPTConfig, ops: Ops):
+        super().__init__()
+        self.cfg = cfg
+        self.ops = ops
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.wpe = nn.Embedding(cfg.context, cfg.d_model) if cfg.pos == "learned" else None
+        if cfg.pos == "rope":
+            cos, sin = rotary_tables(cfg.head_dim, cfg.context, cfg.rope_base)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg, ops) for _ in range(cfg.n_layer))
+        self.ln_f = Norm(cfg.d_model, cfg.norm, cfg.bias, ops)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            # The input embedding and the output projection share one matrix (GPT-2; saves V·d params).
+            self.lm_head.weight = self.wte.weight
+        self.apply(self._init_weights)
+        # Residual branches end in a projection added to the stream: scale their init by 1/sqrt(2·L)
+        # so the stream's variance does not grow with depth (GPT-2 paper, section 2.3).
+        for name, p in self.named_parameters():
+            if name.endswith("attn.proj.weight") or name.endswith("mlp.proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        """Parameter count; by default without position embeddings (they cost no matmul FLOPs)."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding and self.wpe is not None:
+            n -= self.wpe.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token: 6·N for the matmuls plus causal attention (6·L·T·d)."""
+        return 6 * self.num_params() + 6 * self.cfg.n_layer * seq_len * self.cfg.d_model
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, T, V) for ``idx`` (B, T); with ``targets``, the mean cross-entropy loss instead."""
+        B, T = idx.shape
+        if T > self.cfg.context:
+            raise ValueError(f"sequence of length {T} is longer than the model's context {self.cfg.context}")
+        x = self.wte(idx)
+        if self.wpe is not None:
+            x = x + self.wpe(torch.arange(T, device=idx.device))
+        x = self.drop(x)
+        rope = (self.rope_cos, self.rope_sin) if self.cfg.pos == "rope" else None
+        delta = None
+        for block in self.blocks:
+            x, delta = block(x, delta, rope)
+        h, _ = self.ln_f.add(delta, x)
+        logits = self.lm_head(h)
+        if targets is None:
+            return logits
+        return self.ops.cross_entropy(logits, targets)
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """Decay matrices; leave norms, biases and 1-D params undecayed (as nanoGPT and most LLMs do)."""
+        decay, no_decay = [], []
+        for p in self.parameters():
+            if p.requires_grad:
+                (decay if p.dim() >= 2 else no_decay).append(p)
+        return [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
+
+    @torch.no_grad()
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 0.8,
+                 top_k: int | None = 40, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Sample ``max_new_tokens`` tokens after ``idx`` (B, T)."""
+        for _ in range(max_new_tokens):
+            logits = self(idx[:, -self.cfg.context:])[:, -1, :].float() / max(temperature, 1e-5)
+            if top_k is not None:
+                kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+                logits = logits.masked_fill(logits < kth, float("-inf"))
+            probs = F.softmax(logits, dim=-1)
+            idx = torch.cat((idx, torch.multinomial(probs, 1, generator=generator)), dim=1)
+        return idx

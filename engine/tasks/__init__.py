@@ -1,0 +1,70 @@
+"""Tasks: what the trainer trains. A task owns its model, its data and how both meet.
+
+The trainer runs the same loop for every task; a task supplies the pieces that differ between language
+modelling and image classification (see :class:`Task`). :func:`build_task` picks one by ``model.arch``.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from engine.config import Recipe, RecipeError
+from engine.registry import Ops
+
+
+class Task:
+    """The interface the trainer relies on.
+
+    Attributes set by subclasses: ``model`` (the nn.Module), ``unit`` ("tok" or "img": what throughput
+    counts), ``items_per_micro_batch`` (tokens or images per micro-batch on one process).
+    """
+
+    model: nn.Module
+    unit: str
+    items_per_micro_batch: int
+
+    def batch(self, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs and targets of micro-batch ``micro`` of optimizer step ``step``, on the device."""
+        raise NotImplementedError
+
+    def loss(self, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        """Validation metrics (averaged over processes), e.g. {"val_loss": ...}."""
+        raise NotImplementedError
+
+    def flops_per_item(self) -> float | None:
+        """Training FLOPs per token/image, for TFLOP/s and MFU; None if unknown."""
+        return None
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        return [dict(params=[p for p in self.model.parameters() if p.requires_grad], weight_decay=weight_decay)]
+
+    def finish(self, model: nn.Module) -> str | None:
+        """Something to show at the end of a run (a text sample); None for nothing."""
+        return None
+
+
+_TASK_MODULES = ("engine.tasks.lm",)
+
+#: model.arch -> builder(recipe, ops, device, rank, world, log) -> Task
+_BUILDERS: dict[str, Callable[..., Task]] = {}
+
+
+def register(arch: str):
+    def deco(fn):
+        _BUILDERS[arch] = fn
+        return fn
+    return deco
+
+
+def build_task(recipe: Recipe, ops: Ops, device: torch.device, rank: int = 0, world: int = 1, log=print) -> Task:
+    for module in _TASK_MODULES:  # each registers its architectures on import
+        importlib.import_module(module)
+    if recipe.model.arch not in _BUILDERS:
+        raise RecipeError(f"model.arch: unknown architecture {recipe.model.arch!r}; valid: {', '.join(sorted(_BUILDERS))}")
+    return _BUILDERS[recipe.model.arch](recipe, ops, device, rank, world, log)

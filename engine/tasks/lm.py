@@ -1,0 +1,98 @@
+"""Language modelling: a GPT trained on token windows to predict the next token."""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn as nn
+
+from engine import distributed
+from engine.config import Recipe, RecipeError
+from engine.data.text import TokenWindows, load_tokens
+from engine.models.gpt import GPT, GPTConfig
+from engine.precision import autocast
+from engine.registry import Ops
+from engine.tasks import Task, register
+
+
+def gpt_config(recipe: Recipe, tokenizer_vocab: int) -> GPTConfig:
+    m = recipe.model
+    vocab = m.vocab_size or (tokenizer_vocab + 63) // 64 * 64
+    if vocab < tokenizer_vocab:
+        raise RecipeError(f"model.vocab_size ({vocab}) is smaller than the {recipe.data.tokenizer} tokenizer's "
+                          f"vocabulary ({tokenizer_vocab})")
+    fields = {f.name for f in dataclasses.fields(GPTConfig)}
+    values = {k: v for k, v in dataclasses.asdict(m).items() if k in fields}
+    values["vocab_size"] = vocab
+    return GPTConfig(**values)
+
+
+class LanguageModelingTask(Task):
+    unit = "tok"
+
+    def __init__(self, recipe: Recipe, ops: Ops, device: torch.device, rank: int, world: int, log=print):
+        self.recipe, self.device, self.rank, self.world = recipe, device, rank, world
+        t = recipe.train
+        data = distributed.main_first(lambda: load_tokens(recipe.data, log=log), rank, world)
+        self.tokenizer = data.tokenizer
+        self.cfg = gpt_config(recipe, data.tokenizer.vocab_size)
+        self.model = GPT(self.cfg, ops).to(device)
+        self.train_windows = TokenWindows(data.train, t.seq_len, t.batch_size, t.grad_accum, recipe.run.seed, world)
+        if len(data.val) < t.seq_len + 1:
+            raise RecipeError(f"data.val_fraction ({recipe.data.val_fraction}) leaves {len(data.val)} validation "
+                              f"tokens, fewer than train.seq_len + 1 ({t.seq_len + 1})")
+        self.val_windows = TokenWindows(data.val, t.seq_len, t.batch_size, 1, recipe.run.seed, world)
+        self.items_per_micro_batch = t.batch_size * t.seq_len
+        log(f"data: {len(data.train):,} train / {len(data.val):,} val tokens ({data.tokenizer.name} tokenizer); "
+            f"model: {self.model.num_params():,} parameters")
+
+    def _to_device(self, x: torch.Tensor, y: torch.Tensor):
+        if self.device.type == "cuda":
+            return x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
+        return x, y
+
+    def batch(self, step: int, micro: int):
+        return self._to_device(*self.train_windows.batch(step, micro, self.rank))
+
+    def loss(self, model: nn.Module, inputs, targets):
+        return model(inputs, targets)
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        was_training = model.training
+        model.eval()
+        total = torch.zeros((), device=self.device, dtype=torch.float64)
+        n = 0
+        for x, y in self.val_windows.eval_batches(self.recipe.train.eval_batches, self.rank):
+            x, y = self._to_device(x, y)
+            with autocast(self.recipe.train.precision, self.device):
+                total += model(x, y).double()
+            n += 1
+        model.train(was_training)
+        return {"val_loss": distributed.mean(total / n).item()}
+
+    def flops_per_item(self) -> float:
+        return self.model.flops_per_token(self.recipe.train.seq_len)
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        return self.model.param_groups(weight_decay)
+
+    @torch.no_grad()
+    def finish(self, model: nn.Module) -> str | None:
+        n = self.recipe.train.sample_tokens
+        if n <= 0:
+            return None
+        prompt = self.recipe.train.sample_prompt or "\n"
+        idx = torch.as_tensor(self.tokenizer.encode(prompt).astype("int64"), device=self.device)[None]
+        g = torch.Generator(device=self.device).manual_seed(self.recipe.run.seed)
+        was_training = model.training
+        model.eval()
+        with autocast(self.recipe.train.precision, self.device):
+            out = self.model.generate(idx, n, generator=g)
+        model.train(was_training)
+        return self.tokenizer.decode(out[0].tolist())
+
+
+@register("gpt")
+def build(recipe, ops, device, rank, world, log) -> Task:
+    return LanguageModelingTask(recipe, ops, device, rank, world, log)
