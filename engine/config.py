@@ -124,7 +124,8 @@ class OptimConfig:
     lr: float = 1e-3
     #: Floor of the cosine schedule.
     min_lr: float = 1e-4
-    #: "cosine" (warmup then cosine decay to min_lr), "constant" (warmup then flat).
+    #: "cosine" (warmup then cosine decay to min_lr), "constant" (warmup then flat), "onecycle" (warmup
+    #: then a linear decay to min_lr).
     schedule: str = "cosine"
     warmup_steps: int = 100
     betas: tuple[float, float] = (0.9, 0.95)
@@ -214,7 +215,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.precision": ("fp32", "bf16", "fp16"),
     "train.on_nan": ("skip", "stop"),
     "optim.name": ("adamw", "sgd", "lion"),
-    "optim.schedule": ("cosine", "constant"),
+    "optim.schedule": ("cosine", "constant", "onecycle"),
     "logging.wandb": ("off", "offline", "online"),
     "parallel.strategy": ("ddp", "fsdp"),
 }

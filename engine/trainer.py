@@ -51,12 +51,15 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
 
 
 def lr_at(step: int, recipe: Recipe) -> float:
-    """Learning rate for optimizer step ``step`` (0-based): linear warmup, then cosine or constant."""
+    """Learning rate for optimizer step ``step`` (0-based): linear warmup, then cosine, constant or linear decay."""
     o, total = recipe.optim, recipe.train.steps
     if step < o.warmup_steps:
         return o.lr * (step + 1) / o.warmup_steps
     if o.schedule == "constant":
         return o.lr
+    if o.schedule == "onecycle":  # warmup, then a straight line down to min_lr at the last step
+        progress = (step - o.warmup_steps) / max(1, total - 1 - o.warmup_steps)
+        return o.lr + min(1.0, progress) * (o.min_lr - o.lr)
     progress = min(1.0, (step - o.warmup_steps) / max(1, total - o.warmup_steps))
     return o.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (o.lr - o.min_lr)
 
@@ -247,6 +250,7 @@ class Trainer:
                         f"the global batch), or use train.precision='bf16'") from None
                 self.step = step + 1
                 steps_since += 1
+                self.task.on_step_end(self.step)
                 self._check_bad(out, step)
                 if out["scaler_skip"]:
                     self.log.print(f"step {self.step}: fp16 gradients overflowed; update skipped, loss scale "

@@ -44,6 +44,9 @@ class Task:
     def param_groups(self, weight_decay: float) -> list[dict]:
         return [dict(params=[p for p in self.model.parameters() if p.requires_grad], weight_decay=weight_decay)]
 
+    def on_step_end(self, step: int) -> None:
+        """Called after each optimizer step (``step`` steps done), e.g. to update a weight EMA."""
+
     def finish(self, model: nn.Module) -> str | None:
         """Something to show at the end of a run (a text sample); None for nothing."""
         return None
