@@ -20,6 +20,8 @@ from typing import Any, Callable, Iterable
 import torch
 import torch.nn.functional as F
 
+from engine.config import RecipeError
+
 OPS = ("attention", "layer_norm", "rms_norm", "cross_entropy", "optimizer")
 BACKENDS = ("auto", "torch", "triton")
 
@@ -33,7 +35,7 @@ _TRITON_NAMES = {
 }
 
 
-class KernelSelectionError(ValueError):
+class KernelSelectionError(RecipeError):
     """An op or backend name is unknown, or a backend cannot serve an op here."""
 
 

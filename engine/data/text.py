@@ -12,7 +12,8 @@ Sources (``data.source``):
 Each source is tokenized once into two flat ``uint16`` token files (train and validation) under
 ``data.cache_dir``, in a folder keyed by the source's fingerprint and the tokenizer. The folder is built
 under a temporary name and renamed into place, so a crash mid-build never leaves a cache that a later run
-would use. Documents go to validation by a hash of their content, so the split is fixed.
+would use. Documents (pieces of 64 Ki characters for longer ones) go to validation by a hash of their content, so
+the split is fixed.
 
 The sampler draws training windows as a pure function of (seed, step): resuming needs only the step, and
 every rank of a distributed run slices its part of the same global batch.
@@ -34,7 +35,7 @@ import torch
 
 from engine.config import DataConfig, RecipeError
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 _LOCAL_BUILDERS = {".txt": "text", ".text": "text", ".md": "text", ".jsonl": "json", ".json": "json",
                    ".parquet": "parquet"}
 
@@ -158,6 +159,15 @@ def iter_documents(cfg: DataConfig) -> Iterator[str]:
             yield text
 
 
+#: Documents longer than this are split into pieces of this many characters for the train/val split, so that a
+#: source made of one large file still gets a validation split.
+SPLIT_PIECE_CHARS = 1 << 16
+
+
+def _pieces(doc: str) -> list[str]:
+    return [doc[i:i + SPLIT_PIECE_CHARS] for i in range(0, len(doc), SPLIT_PIECE_CHARS)] or [doc]
+
+
 def _is_val(doc: str, val_fraction: float) -> bool:
     h = int.from_bytes(hashlib.blake2b(doc.encode("utf-8", errors="replace"), digest_size=8).digest(), "little")
     return (h % 1_000_000) < val_fraction * 1_000_000
@@ -214,11 +224,15 @@ def _build_cache(cfg: DataConfig, tokenizer, folder: Path) -> None:
             sep = np.asarray(tokenizer.separator, dtype=np.uint16)
             counts = {"train": 0, "val": 0, "docs_train": 0, "docs_val": 0}
             for doc in iter_documents(cfg):
-                split = "val" if _is_val(doc, cfg.val_fraction) else "train"
-                ids = np.concatenate([tokenizer.encode(doc), sep])
-                (fval if split == "val" else ftrain).write(ids.tobytes())
-                counts[split] += len(ids)
-                counts["docs_" + split] += 1
+                pieces = _pieces(doc)
+                for i, piece in enumerate(pieces):
+                    split = "val" if _is_val(piece, cfg.val_fraction) else "train"
+                    ids = tokenizer.encode(piece)
+                    if i == len(pieces) - 1:
+                        ids = np.concatenate([ids, sep])
+                    (fval if split == "val" else ftrain).write(ids.tobytes())
+                    counts[split] += len(ids)
+                    counts["docs_" + split] += 1
             for f in (ftrain, fval):
                 f.flush()
                 os.fsync(f.fileno())

@@ -1,0 +1,127 @@
+"""Text data: tokenizers, the token cache (built once, never half-used) and the window sampler."""
+import json
+
+import numpy as np
+import pytest
+
+from engine.config import DataConfig, RecipeError
+from engine.data import text
+from engine.data.text import ByteTokenizer, TokenWindows, load_tokens
+
+
+def _docs(tmp_path, n=40):
+    f = tmp_path / "docs.jsonl"
+    f.write_text("\n".join(json.dumps({"text": f"document {i}: " + "abc " * (i % 7 + 3)}) for i in range(n)))
+    return f
+
+
+def _cfg(tmp_path, source, **kw):
+    return DataConfig(source=str(source), cache_dir=str(tmp_path / "cache"), val_fraction=0.2, **kw)
+
+
+def test_byte_tokenizer_round_trip():
+    tok = ByteTokenizer()
+    s = "héllo, wörld ✓\n"
+    ids = tok.encode(s)
+    assert ids.dtype == np.uint16 and ids.max() < 256
+    assert tok.decode(ids) == s
+
+
+def test_cache_is_built_once_and_reused(tmp_path, monkeypatch):
+    cfg = _cfg(tmp_path, _docs(tmp_path))
+    first = load_tokens(cfg, log=lambda *_: None)
+    assert len(first.train) > 0 and len(first.val) > 0
+    calls = []
+    monkeypatch.setattr(text, "iter_documents", lambda c: calls.append(c) or iter(()))
+    again = load_tokens(cfg, log=lambda *_: None)
+    assert calls == [] and again.path == first.path
+    np.testing.assert_array_equal(np.asarray(again.train), np.asarray(first.train))
+
+
+def test_split_is_fixed_by_content(tmp_path):
+    cfg = _cfg(tmp_path, _docs(tmp_path))
+    data = load_tokens(cfg, log=lambda *_: None)
+    val_text = ByteTokenizer().decode(data.val)
+    train_text = ByteTokenizer().decode(data.train)
+    for i in range(40):
+        doc = f"document {i}: " + "abc " * (i % 7 + 3)
+        assert (doc in val_text) != (doc in train_text)  # each document in exactly one split
+        assert (doc in val_text) == text._is_val(doc, 0.2)
+
+
+@pytest.mark.parametrize("damage", ["no_meta", "short_file"])
+def test_half_written_cache_is_never_used(tmp_path, damage):
+    cfg = _cfg(tmp_path, _docs(tmp_path))
+    good = load_tokens(cfg, log=lambda *_: None)
+    expected = np.asarray(good.train).copy()
+    if damage == "no_meta":
+        (good.path / "meta.json").unlink()
+    else:
+        with open(good.path / "train.bin", "r+b") as f:
+            f.truncate(10)
+    del good
+    rebuilt = load_tokens(cfg, log=lambda *_: None)
+    np.testing.assert_array_equal(np.asarray(rebuilt.train), expected)
+
+
+def test_one_large_document_still_gets_a_validation_split(tmp_path, monkeypatch):
+    monkeypatch.setattr(text, "SPLIT_PIECE_CHARS", 100)
+    f = tmp_path / "book.txt"
+    f.write_text("".join(f"line {i} of one long book\n" for i in range(2000)))
+    data = load_tokens(_cfg(tmp_path, f), log=lambda *_: None)
+    assert 0.1 < len(data.val) / (len(data.train) + len(data.val)) < 0.3
+
+
+def test_changed_source_gets_a_new_cache(tmp_path):
+    src = _docs(tmp_path)
+    cfg = _cfg(tmp_path, src)
+    a = load_tokens(cfg, log=lambda *_: None)
+    src.write_text(json.dumps({"text": "something else entirely " * 20}) + "\n")
+    b = load_tokens(cfg, log=lambda *_: None)
+    assert a.path != b.path
+
+
+def test_local_text_file_and_errors(tmp_path):
+    f = tmp_path / "corpus.txt"
+    f.write_text("plain text file\n" * 50)
+    data = load_tokens(_cfg(tmp_path, f), log=lambda *_: None)
+    assert len(data.train) + len(data.val) == len("plain text file\n" * 50) + 2  # + the document separator
+    with pytest.raises(RecipeError, match="data.source: path does not exist"):
+        load_tokens(_cfg(tmp_path, tmp_path / "nope.txt"))
+    with pytest.raises(RecipeError, match="data.text_field: column 'body' not found"):
+        load_tokens(_cfg(tmp_path, _docs(tmp_path), text_field="body"))
+
+
+def test_stdlib_corpus_is_present():
+    fp = text.source_fingerprint(DataConfig())
+    assert len(fp["files"]) > 100
+    assert sum(size for _, size, _ in fp["files"]) > 5_000_000
+
+
+def test_windows_are_a_pure_function_of_the_step():
+    tokens = np.arange(1000, dtype=np.uint16)
+    w = TokenWindows(tokens, seq_len=8, batch_size=3, grad_accum=2, seed=7)
+    x1, y1 = w.batch(5, 1)
+    x2, y2 = TokenWindows(tokens, 8, 3, 2, seed=7).batch(5, 1)
+    assert x1.shape == (3, 8) and (x1 == x2).all() and (y1 == x1 + 1).all()
+    assert not (w.batch(6, 1)[0] == x1).all()
+
+
+def test_ranks_slice_the_same_global_batch():
+    tokens = np.arange(5000, dtype=np.uint16)
+    single = TokenWindows(tokens, 8, batch_size=4, grad_accum=2, seed=1, world=1)
+    pair = TokenWindows(tokens, 8, batch_size=2, grad_accum=2, seed=1, world=2)
+    for micro in range(2):
+        whole = single.batch(3, micro)[0]
+        parts = [pair.batch(3, micro, rank)[0] for rank in range(2)]
+        # Same set of windows per step, split without overlap between ranks.
+        everything = {tuple(r.tolist()) for m in range(2) for r in single.batch(3, m)[0]}
+        assert all(tuple(r.tolist()) in everything for p in parts for r in p)
+    assert whole.shape == (4, 8)
+    a, b = (pair.batch(3, 0, rank)[0] for rank in range(2))
+    assert not any((ra == rb).all() for ra in a for rb in b)
+
+
+def test_too_little_data_is_a_clear_error():
+    with pytest.raises(RecipeError, match="train.seq_len \\(64\\) needs at least 65 tokens; the data has 10"):
+        TokenWindows(np.arange(10, dtype=np.uint16), 64, 1, 1, 0)

@@ -1,0 +1,106 @@
+"""The GPT model: shapes for every option, init, FLOPs, generation, backend independence."""
+import math
+
+import pytest
+import torch
+
+from engine.models.gpt import GPT, GPTConfig, apply_rotary, rotary_tables
+from engine.registry import resolve
+
+OPS = resolve({}, "cpu")
+OPTIONS = [
+    dict(),
+    dict(pos="rope", bias=False),
+    dict(norm="rmsnorm", mlp="swiglu"),
+    dict(n_kv_head=2),
+    dict(n_kv_head=1, pos="rope", norm="rmsnorm", mlp="swiglu", bias=False),
+    dict(window=3),
+    dict(tie_embeddings=False, dropout=0.1),
+    dict(d_ff=40),
+]
+
+
+def tiny(**kw):
+    base = dict(n_layer=2, n_head=4, d_model=32, context=16, vocab_size=64)
+    base.update(kw)
+    return GPT(GPTConfig(**base), OPS)
+
+
+@pytest.mark.parametrize("opts", OPTIONS, ids=[",".join(f"{k}={v}" for k, v in o.items()) or "default" for o in OPTIONS])
+def test_forward_shapes_and_loss(opts):
+    torch.manual_seed(0)
+    model = tiny(**opts)
+    idx = torch.randint(0, 64, (3, 11))
+    logits = model(idx)
+    assert logits.shape == (3, 11, 64)
+    loss = model(idx, torch.randint(0, 64, (3, 11)))
+    assert loss.shape == () and math.isfinite(loss.item())
+    assert abs(loss.item() - math.log(64)) < 0.5  # near uniform at init
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_gqa_shrinks_the_qkv_projection():
+    full, gqa = tiny(), tiny(n_kv_head=1)
+    assert full.blocks[0].attn.qkv.weight.shape == (3 * 32, 32)
+    assert gqa.blocks[0].attn.qkv.weight.shape == ((4 + 2) * 8, 32)
+
+
+def test_tied_embeddings_share_storage_and_count_once():
+    tied, untied = tiny(), tiny(tie_embeddings=False)
+    assert tied.lm_head.weight is tied.wte.weight
+    assert untied.num_params() - tied.num_params() == 64 * 32
+
+
+def test_residual_projections_are_scaled_at_init():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=8, n_head=4, d_model=128, context=16, vocab_size=64), OPS)
+    std = model.blocks[0].mlp.proj.weight.std().item()
+    assert abs(std - 0.02 / math.sqrt(16)) < 0.001
+
+
+def test_gpt2_124m_parameter_count():
+    with torch.device("meta"):
+        model = GPT(GPTConfig(n_layer=12, n_head=12, d_model=768, context=1024, vocab_size=50304), OPS)
+    assert model.num_params() == 123_653_376 + (50304 - 50257) * 768  # nanoGPT: 123.65M at V=50257
+    assert model.flops_per_token(1024) == 6 * model.num_params() + 6 * 12 * 1024 * 768
+
+
+def test_causality():
+    torch.manual_seed(0)
+    model = tiny(pos="rope").eval()
+    idx = torch.randint(0, 64, (1, 10))
+    a = model(idx)
+    idx2 = idx.clone()
+    idx2[0, 7] = (idx2[0, 7] + 1) % 64
+    b = model(idx2)
+    torch.testing.assert_close(a[:, :7], b[:, :7])
+    assert not torch.allclose(a[:, 7:], b[:, 7:])
+
+
+def test_rotary_is_a_rotation():
+    cos, sin = rotary_tables(8, 16, 10000.0)
+    x = torch.randn(1, 2, 16, 8)
+    y = apply_rotary(x, cos, sin)
+    torch.testing.assert_close(y.norm(dim=-1), x.norm(dim=-1))
+    torch.testing.assert_close(y[:, :, 0], x[:, :, 0])  # position 0 is not rotated
+
+
+def test_too_long_input_is_refused():
+    with pytest.raises(ValueError, match="longer than the model's context 16"):
+        tiny()(torch.zeros(1, 17, dtype=torch.long))
+
+
+def test_generate_appends_tokens():
+    torch.manual_seed(0)
+    model = tiny().eval()
+    out = model.generate(torch.zeros(1, 3, dtype=torch.long), 20, generator=torch.Generator().manual_seed(0))
+    assert out.shape == (1, 23) and out.max() < 64
+
+
+def test_state_dict_keys_do_not_depend_on_the_backend():
+    a = GPT(GPTConfig(n_layer=1, n_head=2, d_model=16, context=8, vocab_size=32), resolve({}, "cpu"))
+    b = GPT(GPTConfig(n_layer=1, n_head=2, d_model=16, context=8, vocab_size=32),
+            resolve({"attention": "torch", "layer_norm": "torch"}, "cpu"))
+    assert a.state_dict().keys() == b.state_dict().keys()
+    assert "blocks.0.ln1.weight" in a.state_dict() and "blocks.0.ln1.bias" in a.state_dict()

@@ -1,0 +1,95 @@
+"""The kernel registry: selection, its errors, and the torch reference ops."""
+import math
+
+import pytest
+import torch
+
+from engine import registry
+from engine.registry import KernelSelectionError, resolve
+
+
+def test_auto_is_torch_on_cpu():
+    ops = resolve({}, "cpu")
+    assert set(ops.backends) == set(registry.OPS)
+    assert all(b == "torch" for b in ops.backends.values())
+    assert "attention=torch" in ops.describe()
+
+
+def test_unknown_op_and_backend_list_valid_names():
+    with pytest.raises(KernelSelectionError, match="valid ops: attention, layer_norm, rms_norm, cross_entropy, optimizer"):
+        resolve({"softmax": "torch"})
+    with pytest.raises(KernelSelectionError, match="valid backends: auto, torch, triton"):
+        resolve({"attention": "flash"})
+
+
+def test_triton_without_a_kernel_is_an_error_not_a_fallback(monkeypatch):
+    monkeypatch.setattr(registry, "_triton_kernels", lambda op: None)
+    with pytest.raises(KernelSelectionError, match="no Triton kernel for 'layer_norm'"):
+        resolve({"layer_norm": "triton"}, "cpu")
+    assert resolve({"layer_norm": "auto"}, "cpu").backends["layer_norm"] == "torch"
+
+
+def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
+    monkeypatch.setattr(registry, "_triton_kernels", lambda op: object())
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(KernelSelectionError, match="needs a CUDA device"):
+        resolve({"attention": "triton"}, "cpu")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert resolve({"attention": "triton"}, "cpu").backends["attention"] == "triton"
+
+
+def _reference_attention(q, k, v, causal, window):
+    B, H, S, D = q.shape
+    rep = H // k.shape[1]
+    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    s = (q @ k.transpose(-1, -2)) / math.sqrt(D)
+    i, j = torch.arange(S)[:, None], torch.arange(S)[None, :]
+    allowed = torch.ones(S, S, dtype=torch.bool)
+    if causal:
+        allowed &= j <= i
+    if window:
+        allowed &= j > i - window
+    return s.masked_fill(~allowed, float("-inf")).softmax(-1) @ v
+
+
+@pytest.mark.parametrize("causal, window, hkv", [(True, None, 4), (False, None, 4), (True, 3, 4), (True, None, 2),
+                                                 (True, 2, 1)])
+def test_torch_attention_matches_reference(causal, window, hkv):
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 9, 8, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(2, hkv, 9, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    out = registry.torch_attention(q, k, v, causal=causal, window=window)
+    torch.testing.assert_close(out, _reference_attention(q, k, v, causal, window))
+
+
+def test_fused_add_norm_references():
+    x, r = torch.randn(3, 5, 16), torch.randn(3, 5, 16)
+    w, b = torch.randn(16), torch.randn(16)
+    y, new_r = registry.torch_add_layer_norm(x, r, w, b)
+    torch.testing.assert_close(new_r, x + r)
+    torch.testing.assert_close(y, torch.nn.functional.layer_norm(x + r, (16,), w, b))
+    y, new_r = registry.torch_add_rms_norm(x, r, w)
+    torch.testing.assert_close(y, torch.nn.functional.rms_norm(x + r, (16,), w, 1e-6))
+
+
+def test_optimizers_from_the_torch_backend():
+    ops = resolve({"optimizer": "torch"}, "cpu")
+    p = torch.nn.Parameter(torch.ones(3))
+    for name, cls in (("adamw", torch.optim.AdamW), ("sgd", torch.optim.SGD), ("lion", registry.TorchLion)):
+        opt, clips = ops.make_optimizer(name, [p], lr=0.1, momentum=0.9)
+        assert isinstance(opt, cls) and clips is False
+
+
+def test_torch_lion_matches_its_formula():
+    p = torch.nn.Parameter(torch.tensor([1.0, -2.0, 3.0]))
+    opt = registry.TorchLion([p], lr=0.1, betas=(0.9, 0.99), weight_decay=0.5)
+    g = torch.tensor([0.5, -1.0, 0.0])
+    for _ in range(2):
+        p.grad = g.clone()
+        opt.step()
+    m = torch.zeros(3)
+    expected = torch.tensor([1.0, -2.0, 3.0])
+    for _ in range(2):
+        expected = expected * (1 - 0.1 * 0.5) - 0.1 * torch.sign(0.9 * m + 0.1 * g)
+        m = 0.99 * m + 0.01 * g
+    torch.testing.assert_close(p.detach(), expected)
