@@ -5,3 +5,6 @@ family (its ``@triton.jit`` kernels, the Python launchers, the ``torch.autograd.
 the configurations it may launch with in ``aot_variants()`` so that ``kernels.aot`` can compile them
 ahead of time for GPUs this machine does not have.
 """
+
+from kernels.norm import LayerNorm, RMSNorm, add_layer_norm, add_rms_norm, layer_norm, rms_norm  # noqa: E402,F401
+from kernels.optim import SGD, AdamW, Lion  # noqa: E402,F401
