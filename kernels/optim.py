@@ -1,0 +1,1048 @@
+"""Fused multi-tensor optimizer steps: AdamW, SGD (momentum, Nesterov) and Lion.
+
+Public API: ``AdamW``, ``SGD``, ``Lion``: ``torch.optim.Optimizer`` subclasses that take their torch
+counterpart's arguments (Lion: the paper's) and write state dicts with torch's keys, plus two
+keyword-only extras:
+
+* ``max_grad_norm``: global L2 gradient clipping, computed on the device and applied inside the
+  update with ``clip = min(1, max_grad_norm / (norm + 1e-6))`` (``torch.nn.utils.clip_grad_norm_``);
+* ``master_weights``: bf16/fp16 parameters with an fp32 copy (``state["master_param"]``) that the
+  update reads and writes, writing the rounded parameter in the same pass. fp32 parameters are their
+  own master; bf16/fp16 parameters are only accepted with ``master_weights=True``.
+
+Loss scaling and clipping contract (nothing in ``step()`` waits for the device):
+
+* before ``step()`` the trainer may set ``opt.grad_scale`` to a one-element fp32 device tensor, the
+  loss scale the gradients carry; the kernels multiply gradients by ``1 / grad_scale`` (computed in
+  fp64 and rounded to fp32, as ``GradScaler.unscale_`` does). ``None`` means no scaling. The attribute
+  is kept across steps until changed.
+* after ``step()``: ``opt.grad_norm`` is the 0-dim fp32 global L2 norm of the unscaled gradients
+  before clipping when ``max_grad_norm`` or ``grad_scale`` is set, else ``None``; ``opt.found_inf``
+  is a 0-dim fp32 tensor, 1.0 when a gradient held inf/NaN (checked whenever the norm is computed),
+  in which case nothing was written: parameters, moments and step counts are unchanged. Both are
+  fresh tensors each step, so a logger may keep them.
+
+Math per element (g the gradient times 1/grad_scale, times the clip factor, negated for maximize):
+
+    AdamW: p *= 1 - lr*wd;  m = lerp(m, g, 1-b1);  v = b2*v + (1-b2)*g*g
+           p += -(lr / (1-b1^t)) * m / (sqrt(v) / sqrt(1-b2^t) + eps)
+    SGD:   d = g + wd*p;  buf = momentum*buf + (1-dampening)*d  (buf = d on its first step)
+           d = d + momentum*buf (Nesterov) or buf;  p += -lr*d
+    Lion:  c = b1*m + (1-b1)*g;  p = p*(1 - lr*wd) - lr*sign(c);  m = b2*m + (1-b2)*g
+
+Launches per step, whatever the number of tensors (a "bucket" is the tensors sharing a parameter
+dtype, alignment and, for SGD, having momentum; normally there is one):
+
+1. ``_grad_sumsq_kernel`` (one per bucket, only with clipping or loss scaling): each program sums the
+   squares of one chunk of unscaled gradients and flags non-finite values, writing 2 scalars;
+2. ``_finalize_kernel`` (one program): reduces the partials to the norm, found_inf and the clip
+   factor, advances every tensor's step count unless found_inf, and turns the per-group
+   hyperparameters (device fp64 table) and step counts into per-tensor fp32 coefficients (bias
+   corrections in fp64);
+3. ``_<opt>_update_kernel`` (one per bucket): each program updates one chunk of one tensor; all of
+   it is skipped when found_inf is set.
+
+Multi-tensor design: int64 device tables hold each tensor's addresses (parameter, gradient, state,
+master copy), its size and its row in the coefficient table; a chunk table lists (tensor, first
+element) per program. Kernels load an address and cast it to a typed pointer. The tables are rebuilt
+only when the set of parameters with gradients, or any of their addresses, changes (checked on the
+host from ``data_ptr()`` each step; a gradient re-allocated elsewhere by ``zero_grad`` triggers a
+rebuild). Learning rates and other hyperparameters are Python floats copied to the device (pinned,
+non-blocking) only when they change; a CUDA-tensor ``lr`` is copied device-to-device each step, which
+keeps a captured CUDA graph's lr live. Step counts live in each parameter's ``state["step"]`` (fp32,
+on the parameter's device, like torch's fused/capturable AdamW).
+
+Design of the sweep (chosen without a GPU; reasoning written down so a measurement can check it):
+
+* Floor. AdamW with clipping moves 4 bytes/param for the norm pass (read g) plus 28 for the update
+  (read g, p, m, v; write p, m, v): 32 B/param, 1.32 ms for GPT-2 124M at 3.0 TB/s. With master
+  weights (bf16 params): 2 + (2 + 4*3 read, 4*3 + 2 written) = 30 B/param. The norm cannot be fused
+  into the update without changing the clip semantics (it needs every gradient first).
+* 128-bit accesses. The kernels mark the cast pointers ``tl.multiple_of(ptr, 16)`` (checked on sm_90:
+  a hint on the integer before the cast is lost, on the pointer after it gives ``ld.global.v4``), and
+  chunk starts as multiples of ``CHUNK``. Tensors whose storage is not 16-byte aligned (views into a
+  flat buffer) go to an ``ALIGNED=False`` bucket without the hints. Masks with a run-time bound
+  cannot be vectorized, so each chunk runs its full blocks unmasked and only its last partial block
+  masked (a ``tl.static_range(2)`` over the two cases keeps one copy of the loop body).
+* Block shapes. The update's ``UPDATE_BLOCK`` = 1024 elements with 4 warps gives each thread 8
+  elements: two 128-bit accesses per fp32 stream, one per bf16 stream (8 is the least that makes bf16
+  accesses 128-bit). Few registers per thread (~64) let ~16 programs share an SM, ~256 KB of loads in
+  flight per SM against the ~25 KB Little's law asks for at 3 TB/s. The norm pass reads one stream,
+  so it takes ``NORM_BLOCK`` = 2048 (16 elements per thread) for the same bytes in flight.
+* Chunks. ``CHUNK`` = 16384 elements per program: 16 update iterations, ~460 KB of fp32 traffic, so
+  the per-program prologue (three dependent table loads, ~2 us) is under 1%, while 124M parameters
+  still make ~7.7k programs (several waves over 132 SMs, so the last wave's imbalance is small).
+  Tensors smaller than a chunk (biases, norms) take one program each.
+* The finalize kernel is one program (a latency-bound few microseconds): partials are reduced in
+  ``FINALIZE_BLOCK_C`` = 4096 slices (24 iterations at 1.5B parameters), tensors in slices of 256.
+* Divisions and square roots in the AdamW denominator are IEEE (``div_rn``, ``sqrt_rn``) like torch's;
+  compute is far below the memory time either way.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from kernels.aot import Variant
+
+__all__ = ["AdamW", "SGD", "Lion"]
+
+CHUNK = 16384  # elements per program of the sweep kernels (a multiple of both blocks below)
+UPDATE_BLOCK, UPDATE_WARPS = 1024, 4  # 8 elements per thread per iteration
+NORM_BLOCK, NORM_WARPS = 2048, 4  # 16 elements per thread per iteration
+FINALIZE_BLOCK_C, FINALIZE_BLOCK_T, FINALIZE_WARPS = 4096, 256, 16
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+# Columns of a bucket's tensor table (int64 [T_bucket, _TABLE_COLS]).
+_COL_PARAM = tl.constexpr(0)  # address of the parameter
+_COL_GRAD = tl.constexpr(1)  # address of its gradient
+_COL_STATE1 = tl.constexpr(2)  # exp_avg / momentum_buffer (fp32), or 0
+_COL_STATE2 = tl.constexpr(3)  # exp_avg_sq (fp32), or 0
+_COL_MASTER = tl.constexpr(4)  # fp32 master copy (bf16/fp16 parameters), or 0
+_COL_NUMEL = tl.constexpr(5)  # number of elements
+_COL_INDEX = tl.constexpr(6)  # row of the tensor in the coefficient table
+_TABLE_COLS = tl.constexpr(7)
+
+# Columns of the per-group hyperparameter table (fp64 [G, _HYPER_COLS]).
+_H_LR = tl.constexpr(0)
+_H_WD = tl.constexpr(1)
+_H_BETA1 = tl.constexpr(2)  # AdamW, Lion; SGD: momentum
+_H_BETA2 = tl.constexpr(3)  # AdamW, Lion; SGD: dampening
+_H_EPS = tl.constexpr(4)  # AdamW; SGD: 1.0 for Nesterov
+_H_SIGN = tl.constexpr(5)  # -1.0 for maximize, else 1.0
+_HYPER_COLS = tl.constexpr(6)
+
+# Per-tensor coefficients written by the finalize kernel (fp32 [T, _COEF_COLS]); meaning per opt:
+#   AdamW: sign, 1-lr*wd, 1-b1, b2, 1-b2, -lr/(1-b1^t), sqrt(1-b2^t), eps
+#   SGD:   sign, wd, momentum, 1-dampening (1 on a buffer's first step), nesterov, -lr
+#   Lion:  1-lr*wd, b1, 1-b1, b2, 1-b2, -lr
+_COEF_COLS = tl.constexpr(8)
+
+# Per-step scalars (fp32 [4]): grad norm, found_inf, 1/grad_scale, clip factor.
+_S_NORM = tl.constexpr(0)
+_S_FOUND_INF = tl.constexpr(1)
+_S_INV_SCALE = tl.constexpr(2)
+_S_CLIP = tl.constexpr(3)
+
+_ADAMW, _SGD, _LION = 0, 1, 2
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _round_to(x, DTYPE: tl.constexpr):
+    """fp32 ``x`` rounded to nearest-even in ``DTYPE`` (the parameter's dtype).
+
+    bf16 is rounded with integer arithmetic on the fp32 bits (add 0x7FFF plus the lowest kept bit,
+    drop 16 bits; NaN kept as NaN), which is exactly what ``cvt.rn.bf16.f32`` does on the GPU; the
+    Triton interpreter's own fp32 -> bf16 cast truncates instead.
+    """
+    if DTYPE == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        rounded = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        return tl.where(x != x, x.to(tl.bfloat16), rounded)
+    else:
+        return x.to(DTYPE)
+
+
+@triton.jit
+def _grad_sumsq_kernel(
+    tensor_table,  # *int64 [T, _TABLE_COLS]: this bucket's tensors
+    chunk_table,  # *int64 [C, 2]: (row in tensor_table, first element) of each program's chunk
+    partial_ptr,  # *fp32 [2, n_total]: per chunk, sum of squares of unscaled grads; non-finite seen
+    chunk_offset,  # index of this bucket's first chunk among all buckets' chunks
+    n_total,  # number of chunks of all buckets
+    grad_scale_ptr,  # *fp32 [1]: loss scale the gradients carry
+    grad_like,  # *grad dtype: unused tensor whose pointer type is the gradients' element type
+    ALIGNED: tl.constexpr,  # every gradient address is 16-byte aligned
+    BLOCK: tl.constexpr,  # elements per loop iteration
+    CHUNK: tl.constexpr,  # elements per program
+):
+    """partial[c] = sum((g / grad_scale)^2) over chunk c, flag[c] = 1 if the chunk holds inf/NaN.
+
+    Memory: reads each gradient once (4 bytes/param for fp32, 2 for bf16/fp16), writes 8 bytes per
+    chunk. Squares are accumulated in fp32 per lane, then summed across the block.
+    """
+    pid = tl.program_id(0)
+    row = tl.load(chunk_table + pid * 2)
+    start = tl.load(chunk_table + pid * 2 + 1)
+    entry = tensor_table + row * _TABLE_COLS
+    g_ptr = tl.load(entry + _COL_GRAD).to(grad_like.dtype)
+    numel = tl.load(entry + _COL_NUMEL)
+    if ALIGNED:
+        g_ptr = tl.multiple_of(g_ptr, 16)
+        start = tl.multiple_of(start, CHUNK)
+    inv_scale = tl.div_rn(1.0, tl.load(grad_scale_ptr))
+    end = tl.minimum(start + CHUNK, numel)
+    full_end = start + (end - start) // BLOCK * BLOCK
+
+    sumsq = tl.zeros((BLOCK,), tl.float32)
+    bad = tl.zeros((BLOCK,), tl.int32)
+    for tail in tl.static_range(2):  # 0: unmasked full blocks, 1: the masked last block
+        if tail:
+            lo = full_end
+            hi = end
+        else:
+            lo = start
+            hi = full_end
+        for off in tl.range(lo, hi, BLOCK):
+            offs = off + tl.arange(0, BLOCK)
+            if tail:
+                g = tl.load(g_ptr + offs, mask=offs < hi, other=0.0).to(tl.float32)
+            else:
+                g = tl.load(g_ptr + offs).to(tl.float32)
+            bad = tl.maximum(bad, ((g != g) | (tl.abs(g) == float("inf"))).to(tl.int32))
+            g = g * inv_scale
+            sumsq += g * g
+    tl.store(partial_ptr + chunk_offset + pid, tl.sum(sumsq, axis=0))
+    tl.store(partial_ptr + n_total + chunk_offset + pid, tl.max(bad, axis=0).to(tl.float32))
+
+
+@triton.jit
+def _finalize_kernel(
+    partial_ptr,  # *fp32 [2, n_chunks]: the norm pass's partials (read when HAS_NORM)
+    n_chunks,  # number of partials
+    tensor_info,  # *int64 [T, 2]: (address of the fp32 step counter or 0, group index) per tensor
+    n_tensors,  # T
+    hyper_ptr,  # *fp64 [G, _HYPER_COLS]: per-group hyperparameters
+    coef_ptr,  # *fp32 [T, _COEF_COLS]: out, per-tensor coefficients of the update
+    scalars_ptr,  # *fp32 [4]: out, grad norm, found_inf, 1/grad_scale, clip factor
+    grad_scale_ptr,  # *fp32 [1]: loss scale
+    max_grad_norm,  # fp32: clipping threshold, 0 for no clipping
+    OPT: tl.constexpr,  # 0 AdamW, 1 SGD, 2 Lion
+    HAS_NORM: tl.constexpr,  # the norm pass ran (clipping or loss scaling)
+    BLOCK_C: tl.constexpr,  # partials per iteration
+    BLOCK_T: tl.constexpr,  # tensors per iteration
+):
+    """One program: global norm, found_inf, clip factor, step counts and per-tensor coefficients.
+
+    norm = sqrt(sum of partials) (fp64 sum); clip = min(1, max_grad_norm / (norm + 1e-6)) in fp32;
+    step counts (and SGD's buffer-age counts) += 1 - found_inf. Bias corrections 1 - b^t are
+    computed in fp64 as 1 - exp(t * log(b)) and rounded once to fp32.
+    Memory: 8 bytes per chunk, ~40 bytes per tensor; latency-bound, a few microseconds.
+    """
+    if HAS_NORM:
+        sumsq = tl.zeros((BLOCK_C,), tl.float64)
+        bad = tl.zeros((BLOCK_C,), tl.float32)
+        for c0 in tl.range(0, n_chunks, BLOCK_C):
+            offs_c = c0 + tl.arange(0, BLOCK_C)
+            mask_c = offs_c < n_chunks
+            sumsq += tl.load(partial_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float64)
+            bad = tl.maximum(bad, tl.load(partial_ptr + n_chunks + offs_c, mask=mask_c, other=0.0))
+        norm = tl.sqrt_rn(tl.sum(sumsq, axis=0).to(tl.float32))
+        found_inf = tl.max(bad, axis=0)
+        inv_scale = tl.div_rn(1.0, tl.load(grad_scale_ptr))
+        clip = tl.minimum(tl.div_rn(max_grad_norm, norm + 1e-6), 1.0)
+        clip = tl.where(max_grad_norm > 0.0, clip, 1.0)
+    else:
+        norm = tl.full((), 0.0, tl.float32)
+        found_inf = tl.full((), 0.0, tl.float32)
+        inv_scale = tl.full((), 1.0, tl.float32)
+        clip = tl.full((), 1.0, tl.float32)
+    tl.store(scalars_ptr + _S_NORM, norm)
+    tl.store(scalars_ptr + _S_FOUND_INF, found_inf)
+    tl.store(scalars_ptr + _S_INV_SCALE, inv_scale)
+    tl.store(scalars_ptr + _S_CLIP, clip)
+    live = 1.0 - found_inf  # 1 when the step is taken
+
+    for t0 in tl.range(0, n_tensors, BLOCK_T):
+        offs_t = t0 + tl.arange(0, BLOCK_T)
+        mask_t = offs_t < n_tensors
+        group = tl.load(tensor_info + offs_t * 2 + 1, mask=mask_t, other=0)
+        hyper = hyper_ptr + group * _HYPER_COLS
+        lr = tl.load(hyper + _H_LR, mask=mask_t, other=0.0)
+        wd = tl.load(hyper + _H_WD, mask=mask_t, other=0.0)
+        h1 = tl.load(hyper + _H_BETA1, mask=mask_t, other=0.5)
+        h2 = tl.load(hyper + _H_BETA2, mask=mask_t, other=0.5)
+        coef = coef_ptr + offs_t * _COEF_COLS
+        if OPT == 2:  # Lion: no step count
+            tl.store(coef + 0, (1.0 - lr * wd).to(tl.float32), mask=mask_t)
+            tl.store(coef + 1, h1.to(tl.float32), mask=mask_t)
+            tl.store(coef + 2, (1.0 - h1).to(tl.float32), mask=mask_t)
+            tl.store(coef + 3, h2.to(tl.float32), mask=mask_t)
+            tl.store(coef + 4, (1.0 - h2).to(tl.float32), mask=mask_t)
+            tl.store(coef + 5, (-lr).to(tl.float32), mask=mask_t)
+        else:
+            counter = tl.load(tensor_info + offs_t * 2, mask=mask_t, other=0)
+            counter = counter.to(tl.pointer_type(tl.float32))
+            done = tl.load(counter, mask=mask_t, other=0.0)
+            tl.store(counter, done + live, mask=mask_t)
+            h3 = tl.load(hyper + _H_EPS, mask=mask_t, other=0.0)
+            sign = tl.load(hyper + _H_SIGN, mask=mask_t, other=1.0)
+            tl.store(coef + 0, sign.to(tl.float32), mask=mask_t)
+            if OPT == 0:  # AdamW: h1, h2, h3 = beta1, beta2, eps
+                step = (done + 1.0).to(tl.float64)  # the step being taken (unused when skipped)
+                bias1 = 1.0 - tl.exp(step * tl.log(h1))
+                bias2 = 1.0 - tl.exp(step * tl.log(h2))
+                tl.store(coef + 1, (1.0 - lr * wd).to(tl.float32), mask=mask_t)
+                tl.store(coef + 2, (1.0 - h1).to(tl.float32), mask=mask_t)
+                tl.store(coef + 3, h2.to(tl.float32), mask=mask_t)
+                tl.store(coef + 4, (1.0 - h2).to(tl.float32), mask=mask_t)
+                tl.store(coef + 5, (-(lr / bias1)).to(tl.float32), mask=mask_t)
+                tl.store(coef + 6, tl.sqrt(bias2).to(tl.float32), mask=mask_t)
+                tl.store(coef + 7, h3.to(tl.float32), mask=mask_t)
+            else:  # SGD: h1, h2, h3 = momentum, dampening, nesterov; a new buffer takes d as is
+                keep = tl.where(done == 0.0, 1.0, 1.0 - h2)
+                tl.store(coef + 1, wd.to(tl.float32), mask=mask_t)
+                tl.store(coef + 2, h1.to(tl.float32), mask=mask_t)
+                tl.store(coef + 3, keep.to(tl.float32), mask=mask_t)
+                tl.store(coef + 4, h3.to(tl.float32), mask=mask_t)
+                tl.store(coef + 5, (-lr).to(tl.float32), mask=mask_t)
+
+
+@triton.jit
+def _adamw_update_kernel(
+    tensor_table,  # *int64 [T, _TABLE_COLS]: this bucket's tensors
+    chunk_table,  # *int64 [C, 2]: (row in tensor_table, first element) per program
+    coef_ptr,  # *fp32 [T_all, _COEF_COLS]: per-tensor coefficients from the finalize kernel
+    scalars_ptr,  # *fp32 [4]: grad norm, found_inf, 1/grad_scale, clip factor
+    param_like,  # *param dtype: unused tensor whose pointer type is the parameters' element type
+    HAS_MASTER: tl.constexpr,  # parameters are bf16/fp16 with an fp32 master copy
+    ALIGNED: tl.constexpr,  # every address in the table is 16-byte aligned
+    BLOCK: tl.constexpr,  # elements per loop iteration
+    CHUNK: tl.constexpr,  # elements per program
+):
+    """AdamW on one chunk: p = p*(1-lr*wd) - lr/(1-b1^t) * m / (sqrt(v)/sqrt(1-b2^t) + eps).
+
+    Memory, per element: fp32 reads g, p, m, v and writes p, m, v (28 bytes); with master weights
+    reads g (2), master, m, v and writes master, m, v and p (2): 28 bytes. Nothing when found_inf.
+    """
+    pid = tl.program_id(0)
+    row = tl.load(chunk_table + pid * 2)
+    start = tl.load(chunk_table + pid * 2 + 1)
+    entry = tensor_table + row * _TABLE_COLS
+    p_ptr = tl.load(entry + _COL_PARAM).to(param_like.dtype)
+    g_ptr = tl.load(entry + _COL_GRAD).to(param_like.dtype)
+    m_ptr = tl.load(entry + _COL_STATE1).to(tl.pointer_type(tl.float32))
+    v_ptr = tl.load(entry + _COL_STATE2).to(tl.pointer_type(tl.float32))
+    if HAS_MASTER:
+        w_ptr = tl.load(entry + _COL_MASTER).to(tl.pointer_type(tl.float32))
+    else:
+        w_ptr = p_ptr
+    numel = tl.load(entry + _COL_NUMEL)
+    coef = coef_ptr + tl.load(entry + _COL_INDEX) * _COEF_COLS
+    if ALIGNED:
+        p_ptr = tl.multiple_of(p_ptr, 16)
+        g_ptr = tl.multiple_of(g_ptr, 16)
+        m_ptr = tl.multiple_of(m_ptr, 16)
+        v_ptr = tl.multiple_of(v_ptr, 16)
+        w_ptr = tl.multiple_of(w_ptr, 16)
+        start = tl.multiple_of(start, CHUNK)
+    sign = tl.load(coef + 0)
+    decay = tl.load(coef + 1)
+    w1 = tl.load(coef + 2)  # lerp weight 1 - beta1
+    beta2 = tl.load(coef + 3)
+    w2 = tl.load(coef + 4)  # 1 - beta2
+    neg_step_size = tl.load(coef + 5)
+    bias2_sqrt = tl.load(coef + 6)
+    eps = tl.load(coef + 7)
+    inv_scale = tl.load(scalars_ptr + _S_INV_SCALE)
+    clip = tl.load(scalars_ptr + _S_CLIP)
+    skip = tl.load(scalars_ptr + _S_FOUND_INF) != 0.0
+    end = tl.where(skip, start, tl.minimum(start + CHUNK, numel))
+    full_end = start + (end - start) // BLOCK * BLOCK
+
+    for tail in tl.static_range(2):  # 0: unmasked full blocks, 1: the masked last block
+        if tail:
+            lo = full_end
+            hi = end
+        else:
+            lo = start
+            hi = full_end
+        for off in tl.range(lo, hi, BLOCK):
+            offs = off + tl.arange(0, BLOCK)
+            if tail:
+                mask = offs < hi
+            else:
+                mask = None
+            g = tl.load(g_ptr + offs, mask=mask).to(tl.float32)
+            g = g * inv_scale * clip * sign  # unscale, clip, maximize: torch's order of rounding
+            p = tl.load(w_ptr + offs, mask=mask).to(tl.float32)
+            m = tl.load(m_ptr + offs, mask=mask)
+            v = tl.load(v_ptr + offs, mask=mask)
+            p = p * decay
+            m = tl.where(w1 < 0.5, m + w1 * (g - m), g - (g - m) * (1.0 - w1))  # torch's lerp
+            v = v * beta2 + w2 * g * g
+            denom = tl.div_rn(tl.sqrt_rn(v), bias2_sqrt) + eps
+            p = p + tl.div_rn(neg_step_size * m, denom)
+            tl.store(m_ptr + offs, m, mask=mask)
+            tl.store(v_ptr + offs, v, mask=mask)
+            if HAS_MASTER:
+                tl.store(w_ptr + offs, p, mask=mask)
+            tl.store(p_ptr + offs, _round_to(p, p_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _sgd_update_kernel(
+    tensor_table,  # *int64 [T, _TABLE_COLS]: this bucket's tensors
+    chunk_table,  # *int64 [C, 2]: (row in tensor_table, first element) per program
+    coef_ptr,  # *fp32 [T_all, _COEF_COLS]: per-tensor coefficients from the finalize kernel
+    scalars_ptr,  # *fp32 [4]: grad norm, found_inf, 1/grad_scale, clip factor
+    param_like,  # *param dtype: unused tensor whose pointer type is the parameters' element type
+    HAS_MASTER: tl.constexpr,  # parameters are bf16/fp16 with an fp32 master copy
+    HAS_MOMENTUM: tl.constexpr,  # the bucket's groups have momentum != 0 (a momentum buffer)
+    ALIGNED: tl.constexpr,  # every address in the table is 16-byte aligned
+    BLOCK: tl.constexpr,  # elements per loop iteration
+    CHUNK: tl.constexpr,  # elements per program
+):
+    """SGD on one chunk: d = g + wd*p; buf = mu*buf + (1-dampening)*d; d = d + mu*buf or buf;
+    p = p - lr*d.
+
+    Memory, per element (fp32): reads g, p (+ buf), writes p (+ buf): 12 bytes, 20 with momentum;
+    master weights add the 2-byte parameter write and halve the gradient read.
+    """
+    pid = tl.program_id(0)
+    row = tl.load(chunk_table + pid * 2)
+    start = tl.load(chunk_table + pid * 2 + 1)
+    entry = tensor_table + row * _TABLE_COLS
+    p_ptr = tl.load(entry + _COL_PARAM).to(param_like.dtype)
+    g_ptr = tl.load(entry + _COL_GRAD).to(param_like.dtype)
+    b_ptr = tl.load(entry + _COL_STATE1).to(tl.pointer_type(tl.float32))
+    if HAS_MASTER:
+        w_ptr = tl.load(entry + _COL_MASTER).to(tl.pointer_type(tl.float32))
+    else:
+        w_ptr = p_ptr
+    numel = tl.load(entry + _COL_NUMEL)
+    coef = coef_ptr + tl.load(entry + _COL_INDEX) * _COEF_COLS
+    if ALIGNED:
+        p_ptr = tl.multiple_of(p_ptr, 16)
+        g_ptr = tl.multiple_of(g_ptr, 16)
+        b_ptr = tl.multiple_of(b_ptr, 16)
+        w_ptr = tl.multiple_of(w_ptr, 16)
+        start = tl.multiple_of(start, CHUNK)
+    sign = tl.load(coef + 0)
+    wd = tl.load(coef + 1)
+    momentum = tl.load(coef + 2)
+    keep = tl.load(coef + 3)  # 1 - dampening, or 1 on the buffer's first step
+    nesterov = tl.load(coef + 4) != 0.0
+    neg_lr = tl.load(coef + 5)
+    inv_scale = tl.load(scalars_ptr + _S_INV_SCALE)
+    clip = tl.load(scalars_ptr + _S_CLIP)
+    skip = tl.load(scalars_ptr + _S_FOUND_INF) != 0.0
+    end = tl.where(skip, start, tl.minimum(start + CHUNK, numel))
+    full_end = start + (end - start) // BLOCK * BLOCK
+
+    for tail in tl.static_range(2):  # 0: unmasked full blocks, 1: the masked last block
+        if tail:
+            lo = full_end
+            hi = end
+        else:
+            lo = start
+            hi = full_end
+        for off in tl.range(lo, hi, BLOCK):
+            offs = off + tl.arange(0, BLOCK)
+            if tail:
+                mask = offs < hi
+            else:
+                mask = None
+            g = tl.load(g_ptr + offs, mask=mask).to(tl.float32)
+            g = g * inv_scale * clip * sign
+            p = tl.load(w_ptr + offs, mask=mask).to(tl.float32)
+            d = g + wd * p
+            if HAS_MOMENTUM:
+                buf = tl.load(b_ptr + offs, mask=mask)
+                buf = buf * momentum + keep * d
+                tl.store(b_ptr + offs, buf, mask=mask)
+                d = tl.where(nesterov, d + momentum * buf, buf)
+            p = p + neg_lr * d
+            if HAS_MASTER:
+                tl.store(w_ptr + offs, p, mask=mask)
+            tl.store(p_ptr + offs, _round_to(p, p_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _lion_update_kernel(
+    tensor_table,  # *int64 [T, _TABLE_COLS]: this bucket's tensors
+    chunk_table,  # *int64 [C, 2]: (row in tensor_table, first element) per program
+    coef_ptr,  # *fp32 [T_all, _COEF_COLS]: per-tensor coefficients from the finalize kernel
+    scalars_ptr,  # *fp32 [4]: grad norm, found_inf, 1/grad_scale, clip factor
+    param_like,  # *param dtype: unused tensor whose pointer type is the parameters' element type
+    HAS_MASTER: tl.constexpr,  # parameters are bf16/fp16 with an fp32 master copy
+    ALIGNED: tl.constexpr,  # every address in the table is 16-byte aligned
+    BLOCK: tl.constexpr,  # elements per loop iteration
+    CHUNK: tl.constexpr,  # elements per program
+):
+    """Lion on one chunk: c = b1*m + (1-b1)*g; p = p*(1-lr*wd) - lr*sign(c); m = b2*m + (1-b2)*g.
+
+    Memory, per element (fp32): reads g, p, m, writes p, m: 20 bytes.
+    """
+    pid = tl.program_id(0)
+    row = tl.load(chunk_table + pid * 2)
+    start = tl.load(chunk_table + pid * 2 + 1)
+    entry = tensor_table + row * _TABLE_COLS
+    p_ptr = tl.load(entry + _COL_PARAM).to(param_like.dtype)
+    g_ptr = tl.load(entry + _COL_GRAD).to(param_like.dtype)
+    m_ptr = tl.load(entry + _COL_STATE1).to(tl.pointer_type(tl.float32))
+    if HAS_MASTER:
+        w_ptr = tl.load(entry + _COL_MASTER).to(tl.pointer_type(tl.float32))
+    else:
+        w_ptr = p_ptr
+    numel = tl.load(entry + _COL_NUMEL)
+    coef = coef_ptr + tl.load(entry + _COL_INDEX) * _COEF_COLS
+    if ALIGNED:
+        p_ptr = tl.multiple_of(p_ptr, 16)
+        g_ptr = tl.multiple_of(g_ptr, 16)
+        m_ptr = tl.multiple_of(m_ptr, 16)
+        w_ptr = tl.multiple_of(w_ptr, 16)
+        start = tl.multiple_of(start, CHUNK)
+    decay = tl.load(coef + 0)
+    beta1 = tl.load(coef + 1)
+    w1 = tl.load(coef + 2)  # 1 - beta1
+    beta2 = tl.load(coef + 3)
+    w2 = tl.load(coef + 4)  # 1 - beta2
+    neg_lr = tl.load(coef + 5)
+    inv_scale = tl.load(scalars_ptr + _S_INV_SCALE)
+    clip = tl.load(scalars_ptr + _S_CLIP)
+    skip = tl.load(scalars_ptr + _S_FOUND_INF) != 0.0
+    end = tl.where(skip, start, tl.minimum(start + CHUNK, numel))
+    full_end = start + (end - start) // BLOCK * BLOCK
+
+    for tail in tl.static_range(2):  # 0: unmasked full blocks, 1: the masked last block
+        if tail:
+            lo = full_end
+            hi = end
+        else:
+            lo = start
+            hi = full_end
+        for off in tl.range(lo, hi, BLOCK):
+            offs = off + tl.arange(0, BLOCK)
+            if tail:
+                mask = offs < hi
+            else:
+                mask = None
+            g = tl.load(g_ptr + offs, mask=mask).to(tl.float32)
+            g = g * inv_scale * clip
+            p = tl.load(w_ptr + offs, mask=mask).to(tl.float32)
+            m = tl.load(m_ptr + offs, mask=mask)
+            c = m * beta1 + w1 * g
+            direction = tl.where(c > 0.0, 1.0, tl.where(c < 0.0, -1.0, 0.0))
+            p = p * decay + neg_lr * direction
+            m = m * beta2 + w2 * g
+            tl.store(m_ptr + offs, m, mask=mask)
+            if HAS_MASTER:
+                tl.store(w_ptr + offs, p, mask=mask)
+            tl.store(p_ptr + offs, _round_to(p, p_ptr.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------
+def _launch(kernel, grid: tuple[int, ...], *args: Any, **meta: Any) -> None:
+    """Every kernel launch of this module goes through here (tests count launches by patching it)."""
+    kernel[grid](*args, **meta)
+
+
+def _to_device(host: Tensor, device: torch.device) -> Tensor:
+    """Copy a small host tensor to ``device`` without waiting: pinned memory, non-blocking copy.
+
+    The pinned block is recycled by torch's caching host allocator only after the copy has run.
+    """
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
+
+
+def _is_dense(t: Tensor) -> bool:
+    """True when ``t``'s elements fill its storage span without gaps or overlap (any dim order)."""
+    if t.is_contiguous():
+        return True
+    expected = 1
+    for size, stride in sorted(zip(t.shape, t.stride()), key=lambda d: d[1]):
+        if size == 1:
+            continue
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _same_layout(a: Tensor, b: Tensor) -> bool:
+    return a.shape == b.shape and all(
+        size == 1 or sa == sb for size, sa, sb in zip(a.shape, a.stride(), b.stride()))
+
+
+def _fp32_like(p: Tensor, value: Optional[Tensor] = None) -> Tensor:
+    """An fp32 tensor with ``p``'s shape and strides, zero or a copy of ``value``."""
+    out = torch.empty_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
+    return out.zero_() if value is None else out.copy_(value)
+
+
+@dataclass
+class _Bucket:
+    """Tensors updated by one launch: same parameter dtype, alignment and (SGD) momentum switch."""
+
+    dtype: torch.dtype
+    aligned: bool
+    momentum: bool
+    tensor_table: Tensor  # int64 [T_bucket, _TABLE_COLS]
+    chunk_table: Tensor  # int64 [n_chunks, 2]
+    n_chunks: int
+    chunk_offset: int  # first chunk of this bucket among all buckets' chunks (partials row)
+
+
+@dataclass
+class _Plan:
+    """Device tables of one set of parameters with gradients; rebuilt when that set changes."""
+
+    key: tuple
+    device: torch.device
+    chunk: int
+    buckets: list[_Bucket]
+    tensor_info: Tensor  # int64 [T, 2]: (step counter address or 0, group index)
+    n_tensors: int
+    n_chunks: int
+    coefs: Tensor  # fp32 [T, _COEF_COLS], written by the finalize kernel each step
+    partials: Tensor  # fp32 [2, n_chunks], written by the norm pass
+
+
+class _FusedOptimizer(torch.optim.Optimizer):
+    """Shared machinery: tables, hyperparameter upload, the launches of one step.
+
+    Subclasses set ``_OPT`` and ``_update_kernel`` and define how their state is created
+    (``_init_state``), which state tensors the kernel uses (``_state_tensors``), the step counter
+    (``_counter``) and the per-group hyperparameter row (``_hyper_row``).
+    """
+
+    _OPT: int
+    _update_kernel: Any
+
+    def __init__(self, params, defaults: dict[str, Any], max_grad_norm: Optional[float],
+                 master_weights: bool):
+        if max_grad_norm is not None and not (isinstance(max_grad_norm, (int, float))
+                                              and max_grad_norm > 0):
+            raise ValueError(f"Invalid max_grad_norm: {max_grad_norm!r}; expected a positive number or None")
+        self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
+        self.master_weights = bool(master_weights)
+        self.grad_scale: Optional[Tensor] = None
+        self.grad_norm: Optional[Tensor] = None
+        self.found_inf: Optional[Tensor] = None
+        self._device: Optional[torch.device] = None
+        self._plan: Optional[_Plan] = None
+        self._layout_version = 0  # bumped whenever state tensors are replaced
+        self._hyper: Optional[Tensor] = None
+        self._hyper_key: Optional[tuple] = None
+        self._constants: dict[Any, Tensor] = {}
+        super().__init__(params, defaults)
+
+    # -- parameter groups and state -----------------------------------------------------------
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        try:
+            self._validate_group(self.param_groups[-1])
+        except ValueError:
+            self.param_groups.pop()
+            raise
+        self._plan = None
+
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        name = type(self).__name__
+        for p in group["params"]:
+            if p.dtype not in _DTYPES:
+                raise ValueError(f"{name}: parameters must be float32, bfloat16 or float16, got {p.dtype}")
+            if p.dtype != torch.float32 and not self.master_weights:
+                raise ValueError(f"{name}: {p.dtype} parameters need master_weights=True (an fp32 "
+                                 "master copy in the optimizer state)")
+            if self._device is None:
+                self._device = p.device
+            elif p.device != self._device:
+                raise ValueError(f"{name}: all parameters must be on one device, got {self._device} "
+                                 f"and {p.device}")
+
+    def _init_state(self, p: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def _state_tensors(self, p: Tensor, group: dict[str, Any],
+                       state: dict[str, Any]) -> tuple[Optional[Tensor], Optional[Tensor]]:
+        raise NotImplementedError
+
+    def _counter(self, p: Tensor, state: dict[str, Any]) -> Optional[Tensor]:
+        raise NotImplementedError
+
+    def _hyper_row(self, group: dict[str, Any]) -> list[Any]:
+        raise NotImplementedError
+
+    def _has_momentum(self, group: dict[str, Any]) -> bool:
+        return False
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict written by this class or by its torch counterpart.
+
+        torch casts floating state to the parameter's dtype; here every state tensor is restored in
+        fp32 with the parameter's strides (moments and master copies of bf16 parameters stay fp32),
+        and ``step`` becomes an fp32 scalar on the parameter's device.
+        """
+        super().load_state_dict(state_dict)
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for saved_id, p in zip(saved_ids, params):
+            saved = state_dict["state"].get(saved_id)
+            if saved is None:
+                continue
+            state = self.state[p]
+            for key, value in saved.items():
+                if key == "step":
+                    value = torch.as_tensor(value)
+                    state[key] = value.detach().to(device=p.device, dtype=torch.float32).reshape(()).clone()
+                elif isinstance(value, Tensor) and value.shape == p.shape:
+                    state[key] = _fp32_like(p, value.detach())
+            self._after_load(p, state)
+        self._layout_version += 1
+        self._plan = None
+
+    def _after_load(self, p: Tensor, state: dict[str, Any]) -> None:
+        pass
+
+    # -- the step -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], Any]] = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        entries = [(gi, p, p.grad) for gi, group in enumerate(self.param_groups)
+                   for p in group["params"] if p.grad is not None]
+        has_norm = self.max_grad_norm is not None or self.grad_scale is not None
+        if not entries:
+            self.grad_norm = None
+            self.found_inf = None
+            return loss
+        plan = self._current_plan(entries)
+        device = plan.device
+        hyper = self._upload_hyper(device)
+        scale = self._grad_scale_tensor(device)
+        scalars = torch.empty(4, dtype=torch.float32, device=device)
+        if has_norm:
+            for b in plan.buckets:
+                _launch(_grad_sumsq_kernel, (b.n_chunks,), b.tensor_table, b.chunk_table,
+                        plan.partials, b.chunk_offset, plan.n_chunks, scale, self._like(b.dtype, device),
+                        ALIGNED=b.aligned, BLOCK=NORM_BLOCK, CHUNK=plan.chunk,
+                        num_warps=NORM_WARPS, num_stages=1)
+        _launch(_finalize_kernel, (1,), plan.partials, plan.n_chunks, plan.tensor_info,
+                plan.n_tensors, hyper, plan.coefs, scalars, scale, self.max_grad_norm or 0.0,
+                OPT=self._OPT, HAS_NORM=has_norm, BLOCK_C=FINALIZE_BLOCK_C,
+                BLOCK_T=FINALIZE_BLOCK_T, num_warps=FINALIZE_WARPS, num_stages=1)
+        for b in plan.buckets:
+            self._launch_update(b, plan, scalars, device)
+        self.grad_norm = scalars[0] if has_norm else None
+        self.found_inf = scalars[1]
+        return loss
+
+    def _launch_update(self, b: _Bucket, plan: _Plan, scalars: Tensor, device: torch.device) -> None:
+        switches = dict(HAS_MASTER=b.dtype != torch.float32, ALIGNED=b.aligned)
+        if self._OPT == _SGD:
+            switches["HAS_MOMENTUM"] = b.momentum
+        _launch(self._update_kernel, (b.n_chunks,), b.tensor_table, b.chunk_table, plan.coefs,
+                scalars, self._like(b.dtype, device), **switches, BLOCK=UPDATE_BLOCK,
+                CHUNK=plan.chunk, num_warps=UPDATE_WARPS, num_stages=1)
+
+    def _like(self, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """A small aligned tensor of ``dtype``: the kernels take its pointer type, never its data."""
+        key = ("like", dtype, device)
+        if key not in self._constants:
+            self._constants[key] = torch.zeros(8, dtype=dtype, device=device)
+        return self._constants[key]
+
+    def _grad_scale_tensor(self, device: torch.device) -> Tensor:
+        scale = self.grad_scale
+        if scale is None:
+            key = ("one", device)
+            if key not in self._constants:
+                self._constants[key] = torch.ones(1, dtype=torch.float32, device=device)
+            return self._constants[key]
+        if not isinstance(scale, Tensor) or scale.numel() != 1:
+            raise ValueError("grad_scale must be a one-element tensor (the loss scale) or None")
+        if scale.device != device:
+            raise ValueError(f"grad_scale must be on the parameters' device {device}, got {scale.device}")
+        return scale.to(torch.float32).reshape(1)
+
+    def _upload_hyper(self, device: torch.device) -> Tensor:
+        """The per-group hyperparameter table on the device; copied only when a value changed."""
+        rows, device_lrs = [], []
+        for gi, group in enumerate(self.param_groups):
+            row = self._hyper_row(group)
+            lr = row[0]
+            if isinstance(lr, Tensor) and lr.device.type != "cpu":
+                device_lrs.append((gi, lr))
+                row[0] = 0.0
+            else:
+                row[0] = float(lr)
+            rows.append(tuple(float(x) for x in row))
+        key = tuple(rows)
+        if self._hyper is None or key != self._hyper_key or self._hyper.device != device:
+            self._hyper = _to_device(torch.tensor(rows, dtype=torch.float64), device)
+            self._hyper_key = key
+        for gi, lr in device_lrs:  # device-to-device: no host sync, live inside a CUDA graph
+            self._hyper[gi, 0].copy_(lr.reshape(()))
+        return self._hyper
+
+    def _current_plan(self, entries: list[tuple[int, Tensor, Tensor]]) -> _Plan:
+        key = (self._layout_version, tuple(
+            (gi, self._has_momentum(self.param_groups[gi]), id(p), p.data_ptr(), g.data_ptr())
+            for gi, p, g in entries))
+        if self._plan is None or self._plan.key != key:
+            self._plan = self._build_plan(entries, key)
+        return self._plan
+
+    def _build_plan(self, entries: list[tuple[int, Tensor, Tensor]], key: tuple) -> _Plan:
+        name = type(self).__name__
+        device = entries[0][1].device
+        info, bucket_rows = [], {}
+        for index, (gi, p, g) in enumerate(entries):
+            if g.is_sparse:
+                raise ValueError(f"{name} does not support sparse gradients")
+            if g.dtype != p.dtype or g.device != p.device:
+                raise ValueError(f"{name}: a gradient must have its parameter's dtype and device, got "
+                                 f"{g.dtype} on {g.device} for {p.dtype} on {p.device}")
+            if not _is_dense(p) or not _same_layout(p, g):
+                raise ValueError(f"{name}: parameters must be dense (contiguous in some dimension "
+                                 "order) and their gradients must have the same strides")
+            group = self.param_groups[gi]
+            state = self.state[p]
+            self._init_state(p, group, state)
+            if p.dtype != torch.float32 and "master_param" not in state:
+                state["master_param"] = _fp32_like(p, p)
+            master = state.get("master_param") if p.dtype != torch.float32 else None
+            s1, s2 = self._state_tensors(p, group, state)
+            counter = self._counter(p, state)
+            info.append((0 if counter is None else counter.data_ptr(), gi))
+            addresses = [t.data_ptr() if t is not None else 0 for t in (p, g, s1, s2, master)]
+            aligned = all(a % 16 == 0 for a in addresses)
+            momentum = self._has_momentum(group)
+            bucket_rows.setdefault((p.dtype, aligned, momentum), []).append(
+                (*addresses, p.numel(), index))
+
+        chunk = CHUNK
+        assert chunk % UPDATE_BLOCK == 0 and chunk % NORM_BLOCK == 0, "CHUNK must hold whole blocks"
+        buckets, n_chunks = [], 0
+        for (dtype, aligned, momentum), rows in bucket_rows.items():
+            table = torch.tensor(rows, dtype=torch.int64)
+            per_tensor = (table[:, _COL_NUMEL.value] + chunk - 1) // chunk
+            owner = torch.repeat_interleave(torch.arange(len(rows)), per_tensor)
+            first = torch.cumsum(per_tensor, 0) - per_tensor
+            starts = (torch.arange(owner.numel()) - first[owner]) * chunk
+            chunks = torch.stack([owner, starts], dim=1).to(torch.int64)
+            buckets.append(_Bucket(dtype=dtype, aligned=aligned, momentum=momentum,
+                                   tensor_table=_to_device(table, device),
+                                   chunk_table=_to_device(chunks.contiguous(), device),
+                                   n_chunks=chunks.shape[0], chunk_offset=n_chunks))
+            n_chunks += chunks.shape[0]
+        buckets = [b for b in buckets if b.n_chunks > 0]
+        return _Plan(key=key, device=device, chunk=chunk, buckets=buckets,
+                     tensor_info=_to_device(torch.tensor(info, dtype=torch.int64), device),
+                     n_tensors=len(entries), n_chunks=n_chunks,
+                     coefs=torch.empty(len(entries), _COEF_COLS.value, dtype=torch.float32, device=device),
+                     partials=torch.zeros(max(2 * n_chunks, 2), dtype=torch.float32, device=device))
+
+
+def _check_betas(betas: Iterable[float]) -> None:
+    for i, beta in enumerate(betas):
+        if not 0.0 <= beta < 1.0:
+            raise ValueError(f"Invalid beta parameter at index {i}: {beta}")
+
+
+def _check_nonnegative(**values: Any) -> None:
+    for name, value in values.items():
+        if not isinstance(value, Tensor) and not 0.0 <= value:
+            raise ValueError(f"Invalid {name}: {value}")
+
+
+def _reject(name: str, **flags: bool) -> None:
+    for arg, value in flags.items():
+        if value:
+            raise ValueError(f"{name} does not support {arg}=True; use torch.optim.{name} for it")
+
+
+class AdamW(_FusedOptimizer):
+    """AdamW (decoupled weight decay) in 2-3 fused launches per step; drop-in for
+    ``torch.optim.AdamW``. ``foreach``, ``capturable`` and ``fused`` are accepted and have no effect
+    (the step is always fused and keeps its step counts on the device); ``amsgrad=True`` and
+    ``differentiable=True`` raise ``ValueError``. Extras: ``max_grad_norm``, ``master_weights``.
+    """
+
+    _OPT = _ADAMW
+    _update_kernel = _adamw_update_kernel
+
+    def __init__(self, params, lr: float | Tensor = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False, *,
+                 maximize: bool = False, foreach: Optional[bool] = None, capturable: bool = False,
+                 differentiable: bool = False, fused: Optional[bool] = None,
+                 max_grad_norm: Optional[float] = None, master_weights: bool = False):
+        _check_nonnegative(**{"learning rate": lr, "epsilon value": eps, "weight_decay value": weight_decay})
+        _check_betas(betas)
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+                        maximize=maximize, foreach=foreach, capturable=capturable,
+                        differentiable=differentiable, fused=fused, decoupled_weight_decay=True)
+        super().__init__(params, defaults, max_grad_norm, master_weights)
+
+    def _validate_group(self, group):
+        _reject("AdamW", amsgrad=group["amsgrad"], differentiable=group["differentiable"])
+        _check_betas(group["betas"])
+        super()._validate_group(group)
+
+    def _init_state(self, p, group, state):
+        if "step" not in state:
+            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+            state["exp_avg"] = _fp32_like(p)
+            state["exp_avg_sq"] = _fp32_like(p)
+
+    def _state_tensors(self, p, group, state):
+        return state["exp_avg"], state["exp_avg_sq"]
+
+    def _counter(self, p, state):
+        return state["step"]
+
+    def _hyper_row(self, group):
+        beta1, beta2 = group["betas"]
+        return [group["lr"], group["weight_decay"], beta1, beta2, group["eps"],
+                -1.0 if group["maximize"] else 1.0]
+
+
+class SGD(_FusedOptimizer):
+    """SGD with momentum, dampening, Nesterov, weight decay and maximize, in 2-3 fused launches per
+    step; drop-in for ``torch.optim.SGD`` (state: ``momentum_buffer`` when momentum != 0).
+    ``foreach`` and ``fused`` have no effect; ``differentiable=True`` raises ``ValueError``.
+
+    A buffer's first step takes the gradient as is (torch's rule). Whether a buffer has had its first
+    step is a device count kept beside the state dict (set from the loaded state: a loaded buffer
+    has). A buffer created by a step that found_inf then skipped is still zero, which is exact unless
+    dampening != 0 and the state dict is handed to torch before the next step.
+    """
+
+    _OPT = _SGD
+    _update_kernel = _sgd_update_kernel
+
+    def __init__(self, params, lr: float | Tensor = 1e-3, momentum: float = 0, dampening: float = 0,
+                 weight_decay: float = 0, nesterov: bool = False, *, maximize: bool = False,
+                 foreach: Optional[bool] = None, differentiable: bool = False,
+                 fused: Optional[bool] = None, max_grad_norm: Optional[float] = None,
+                 master_weights: bool = False):
+        _check_nonnegative(**{"learning rate": lr, "momentum value": momentum,
+                              "weight_decay value": weight_decay})
+        self._buffer_age: dict[Tensor, Tensor] = {}
+        defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                        nesterov=nesterov, maximize=maximize, foreach=foreach,
+                        differentiable=differentiable, fused=fused)
+        super().__init__(params, defaults, max_grad_norm, master_weights)
+
+    def _validate_group(self, group):
+        _reject("SGD", differentiable=group["differentiable"])
+        if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
+            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+        super()._validate_group(group)
+
+    def _has_momentum(self, group):
+        return group["momentum"] != 0
+
+    def _init_state(self, p, group, state):
+        if p not in self._buffer_age:
+            self._buffer_age[p] = torch.zeros((), dtype=torch.float32, device=p.device)
+        if self._has_momentum(group) and state.get("momentum_buffer") is None:
+            state["momentum_buffer"] = _fp32_like(p)
+            self._buffer_age[p].zero_()
+
+    def _state_tensors(self, p, group, state):
+        return (state["momentum_buffer"] if self._has_momentum(group) else None), None
+
+    def _counter(self, p, state):
+        return self._buffer_age[p]
+
+    def _after_load(self, p, state):
+        started = state.get("momentum_buffer") is not None
+        self._buffer_age[p] = torch.full((), float(started), dtype=torch.float32, device=p.device)
+
+    def _hyper_row(self, group):
+        return [group["lr"], group["weight_decay"], group["momentum"], group["dampening"],
+                1.0 if group["nesterov"] else 0.0, -1.0 if group["maximize"] else 1.0]
+
+
+class Lion(_FusedOptimizer):
+    """Lion (Chen et al., 2023, "Symbolic Discovery of Optimization Algorithms") in 2-3 fused
+    launches per step. State: ``exp_avg``. Extras: ``max_grad_norm``, ``master_weights``."""
+
+    _OPT = _LION
+    _update_kernel = _lion_update_kernel
+
+    def __init__(self, params, lr: float | Tensor = 1e-4, betas: tuple[float, float] = (0.9, 0.99),
+                 weight_decay: float = 0.0, *, max_grad_norm: Optional[float] = None,
+                 master_weights: bool = False):
+        _check_nonnegative(**{"learning rate": lr, "weight_decay value": weight_decay})
+        for i, beta in enumerate(betas):
+            if not 0.0 <= beta <= 1.0:
+                raise ValueError(f"Invalid beta parameter at index {i}: {beta}")
+        defaults = dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay)
+        super().__init__(params, defaults, max_grad_norm, master_weights)
+
+    def _init_state(self, p, group, state):
+        if "exp_avg" not in state:
+            state["exp_avg"] = _fp32_like(p)
+
+    def _state_tensors(self, p, group, state):
+        return state["exp_avg"], None
+
+    def _counter(self, p, state):
+        return None
+
+    def _hyper_row(self, group):
+        beta1, beta2 = group["betas"]
+        return [group["lr"], group["weight_decay"], beta1, beta2, 0.0, 1.0]
+
+
+# ----------------------------------------------------------------------------------------------
+# Ahead-of-time variants
+# ----------------------------------------------------------------------------------------------
+_TRITON_DTYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def aot_variants() -> list[Variant]:
+    """Every configuration the launchers use: per kernel, parameter dtype, alignment and switch.
+
+    Unaligned buckets list no aligned pointers: their data accesses are scalar by design.
+    """
+    variants = []
+    table_ptrs = ("tensor_table", "chunk_table")
+    for dtype in _DTYPES:
+        ty = _TRITON_DTYPE[dtype]
+        for aligned in (True, False):
+            tag = f"{ty} {'aligned' if aligned else 'unaligned'}"
+            variants.append(Variant(
+                kernel=_grad_sumsq_kernel, name=f"{tag} BLOCK={NORM_BLOCK}",
+                signature={"tensor_table": "*i64", "chunk_table": "*i64", "partial_ptr": "*fp32",
+                           "chunk_offset": "i32", "n_total": "i32", "grad_scale_ptr": "*fp32",
+                           "grad_like": f"*{ty}"},
+                constexprs={"ALIGNED": aligned, "BLOCK": NORM_BLOCK, "CHUNK": CHUNK},
+                num_warps=NORM_WARPS, num_stages=1, kind="memory",
+                aligned=(*table_ptrs, "partial_ptr", "grad_scale_ptr", "grad_like") if aligned else (),
+                vector_stores=False))
+            update_sig = {"tensor_table": "*i64", "chunk_table": "*i64", "coef_ptr": "*fp32",
+                          "scalars_ptr": "*fp32", "param_like": f"*{ty}"}
+            update_aligned = (*table_ptrs, "coef_ptr", "scalars_ptr", "param_like") if aligned else ()
+            common = {"HAS_MASTER": dtype != torch.float32, "ALIGNED": aligned,
+                      "BLOCK": UPDATE_BLOCK, "CHUNK": CHUNK}
+            kernels = [(_adamw_update_kernel, {}), (_lion_update_kernel, {}),
+                       (_sgd_update_kernel, {"HAS_MOMENTUM": True}),
+                       (_sgd_update_kernel, {"HAS_MOMENTUM": False})]
+            for kernel, extra in kernels:
+                suffix = "" if not extra else (" momentum" if extra["HAS_MOMENTUM"] else " plain")
+                variants.append(Variant(
+                    kernel=kernel, name=f"{tag}{suffix} BLOCK={UPDATE_BLOCK}", signature=update_sig,
+                    constexprs={**common, **extra}, num_warps=UPDATE_WARPS, num_stages=1,
+                    kind="memory", aligned=update_aligned))
+    for opt, label in ((_ADAMW, "adamw"), (_SGD, "sgd"), (_LION, "lion")):
+        for has_norm in (True, False):
+            # One program, latency-bound: its strided scalar loads are not judged as vector traffic.
+            variants.append(Variant(
+                kernel=_finalize_kernel, name=f"{label} {'norm' if has_norm else 'no norm'}",
+                signature={"partial_ptr": "*fp32", "n_chunks": "i32", "tensor_info": "*i64",
+                           "n_tensors": "i32", "hyper_ptr": "*fp64", "coef_ptr": "*fp32",
+                           "scalars_ptr": "*fp32", "grad_scale_ptr": "*fp32", "max_grad_norm": "fp32"},
+                constexprs={"OPT": opt, "HAS_NORM": has_norm, "BLOCK_C": FINALIZE_BLOCK_C,
+                            "BLOCK_T": FINALIZE_BLOCK_T},
+                num_warps=FINALIZE_WARPS, num_stages=1, kind="memory", vector_stores=False))
+    return variants
