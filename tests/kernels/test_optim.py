@@ -441,6 +441,9 @@ def test_step_runs_closure_and_empty_grads():
 
     assert opt.step(closure) == 1.5
     assert opt.state[empty]["step"].item() == 1
+    opt.zero_grad()
+    opt.step()  # no gradients at all: nothing to do, nothing found
+    assert opt.found_inf.item() == 0.0 and opt.grad_norm.item() == 0.0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -483,43 +486,71 @@ needs_gpu = pytest.mark.skipif(INTERPRETED or not torch.cuda.is_available(),
                                reason="needs a CUDA device and compiled kernels (TRITON_INTERPRET=0)")
 
 
+def gpu_params(dtype):
+    """Odd sizes, a 1-element tensor, one spanning several chunks, one not 16-byte aligned."""
+    torch.manual_seed(0)
+    flat = torch.randn(1 + 999, device="cuda").to(dtype)
+    params = [torch.randn(s, device="cuda").to(dtype) for s in [(1000, 77), (77,), (3, 129, 5), (1,), (40000,)]]
+    return [torch.nn.Parameter(t) for t in params + [flat[1:]]]
+
+
 @pytest.mark.gpu
 @needs_gpu
 @pytest.mark.parametrize("master", [False, True])
 def test_gpu_matches_torch_fused_with_clipping(master):
-    torch.manual_seed(0)
-    shapes = [(1000, 77), (77,), (3, 129, 5), (1,), (40000,)]
     dtype = torch.bfloat16 if master else torch.float32
-    ref = [torch.randn(s, device="cuda") for s in shapes]
-    ours = [torch.nn.Parameter(r.to(dtype)) for r in ref]
+    ours = gpu_params(dtype)
     ref = [torch.nn.Parameter(p.detach().float()) for p in ours]
     opt = kernels.AdamW(ours, lr=1e-3, weight_decay=0.1, max_grad_norm=1.0, master_weights=master)
     opt_ref = torch.optim.AdamW(ref, lr=1e-3, weight_decay=0.1, fused=True)
     for _ in range(10):
-        grads = [torch.randn(s, device="cuda") * 0.1 for s in shapes]
-        for p, q, g in zip(ours, ref, grads):
-            p.grad = g.to(dtype)
-            q.grad = g.to(dtype).float()
+        for p, q in zip(ours, ref):
+            p.grad = (torch.randn_like(q) * 0.1).to(dtype)
+            q.grad = p.grad.float()
         norm = torch.nn.utils.clip_grad_norm_(ref, 1.0)
         opt.step()
         opt_ref.step()
         torch.testing.assert_close(opt.grad_norm, norm, rtol=NORM_RTOL, atol=0)
+    assert sorted(b.aligned for b in opt._plan.buckets) == [False, True]
     masters = [opt.state[p]["master_param"] for p in ours] if master else ours
     for a, b in zip(masters, ref):
         torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-5, atol=1e-6)
+    for p, m in zip(ours, masters):
+        assert torch.equal(p.detach(), m.detach().to(dtype))
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_gpu_step_never_waits_for_the_device():
+    """Table building, a changing float lr, loss scaling and clipping: no synchronizing call."""
+    params = gpu_params(torch.float32)
+    opt = kernels.AdamW(params, lr=1e-3, max_grad_norm=1.0)
+    opt.grad_scale = torch.tensor(1024.0, device="cuda")
+    for p in params:
+        p.grad = torch.randn_like(p)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for step in range(3):
+            opt.param_groups[0]["lr"] = 1e-3 * (step + 1)
+            opt.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert opt.found_inf.item() == 0.0
 
 
 @pytest.mark.gpu
 @needs_gpu
 def test_gpu_step_captured_in_cuda_graph():
+    """A captured step replays with the lr held in a CUDA tensor (powers of two: exact in fp32)."""
     torch.manual_seed(0)
     shapes = [(513, 65), (65,), (1,)]
     params = [torch.nn.Parameter(torch.randn(s, device="cuda")) for s in shapes]
     twin = [torch.nn.Parameter(p.detach().clone()) for p in params]
     grads = [torch.randn(s, device="cuda") for s in shapes]
-    lr = torch.tensor(1e-2, device="cuda")
+    lr = torch.tensor(2.0 ** -7, device="cuda")
     opt = kernels.AdamW(params, lr=lr, max_grad_norm=0.5)
-    opt_twin = kernels.AdamW(twin, lr=1e-2, max_grad_norm=0.5)
+    opt_twin = kernels.AdamW(twin, lr=2.0 ** -7, max_grad_norm=0.5)
     for p, q, g in zip(params, twin, grads):
         p.grad, q.grad = g, g.clone()
     side = torch.cuda.Stream()
@@ -532,8 +563,8 @@ def test_gpu_step_captured_in_cuda_graph():
         opt.step()
     opt_twin.step()
     for step in range(4):
-        lr.fill_(1e-2 * 0.5 ** (step + 1))
-        opt_twin.param_groups[0]["lr"] = 1e-2 * 0.5 ** (step + 1)
+        lr.fill_(2.0 ** -(8 + step))
+        opt_twin.param_groups[0]["lr"] = 2.0 ** -(8 + step)
         graph.replay()
         opt_twin.step()
     torch.cuda.synchronize()
