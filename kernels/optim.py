@@ -68,7 +68,7 @@ Design of the sweep (chosen without a GPU; reasoning written down so a measureme
   elements: two 128-bit accesses per fp32 stream, one per bf16 stream (8 is the least that makes bf16
   accesses 128-bit). Compiled for sm_90 the fp32 AdamW update takes 64 registers per thread, so 8
   programs share an SM with up to 128 KB of loads in flight, against the ~25 KB that Little's law
-  asks for at 3 TB/s and ~1 us latency (bf16 with master weights: 95 registers, 4 programs, 56 KB).
+  asks for at 3 TB/s and ~1 us latency (bf16 with master weights: 95 registers, 5 programs, 70 KB).
   The norm pass reads one stream, so it takes ``NORM_BLOCK`` = 2048 (16 elements per thread).
 * Chunks. ``CHUNK`` = 16384 elements per program: 16 update iterations, ~460 KB of fp32 traffic, so
   the per-program prologue (three dependent table loads, ~2 us) is under 1%, while 124M parameters
