@@ -87,9 +87,11 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Optional
 
 import torch
+import torch.distributed as dist
 import triton
 import triton.language as tl
 from torch import Tensor
+from torch.distributed.tensor import DTensor
 
 from kernels.aot import Variant
 
@@ -552,6 +554,31 @@ def _to_device(host: Tensor, device: torch.device) -> Tensor:
     return host.to(device)
 
 
+def _local(t: Optional[Tensor]) -> Optional[Tensor]:
+    """The tensor the kernels read: a DTensor's local shard (FSDP2), or the tensor itself."""
+    if t is not None and isinstance(t, DTensor):
+        return t.to_local()
+    return t
+
+
+def _shard_group(params: Iterable[Tensor]):
+    """The process group over which parameters are sharded (FSDP2), or None when none is.
+
+    The global gradient norm then needs the sums of squares of every shard: the step all-reduces the
+    norm pass's result over this group. Replicated DTensors need no reduction.
+    """
+    groups = set()
+    for p in params:
+        if isinstance(p, DTensor) and any(pl.is_shard() for pl in p.placements):
+            if p.device_mesh.ndim != 1:
+                raise ValueError("fused optimizers support parameters sharded over a 1-D device mesh "
+                                 f"(FSDP2), got a {p.device_mesh.ndim}-D mesh")
+            groups.add(p.device_mesh.get_group())
+    if len(groups) > 1:
+        raise ValueError("fused optimizers need all sharded parameters on one device mesh")
+    return groups.pop() if groups else None
+
+
 def _is_dense(t: Tensor) -> bool:
     """True when ``t``'s elements fill its storage span without gaps or overlap (any dim order)."""
     if t.is_contiguous():
@@ -603,6 +630,7 @@ class _Plan:
     n_chunks: int
     coefs: Tensor  # fp32 [T, _COEF_COLS], written by the finalize kernel each step
     partials: Tensor  # fp32 [2, n_chunks], written by the norm pass
+    shard_group: Any = None  # process group of FSDP2-sharded parameters, None when unsharded
 
 
 class _FusedOptimizer(torch.optim.Optimizer):
@@ -727,7 +755,10 @@ class _FusedOptimizer(torch.optim.Optimizer):
                         plan.partials, b.chunk_offset, plan.n_chunks, scale, self._like(b.dtype, device),
                         ALIGNED=b.aligned, BLOCK=NORM_BLOCK, CHUNK=plan.chunk,
                         num_warps=NORM_WARPS, num_stages=1)
-        _launch(_finalize_kernel, (1,), plan.partials, plan.n_chunks, plan.tensor_info,
+        partials, n_partials = plan.partials, plan.n_chunks
+        if has_norm and plan.shard_group is not None:
+            partials, n_partials = self._reduce_over_shards(plan), 1
+        _launch(_finalize_kernel, (1,), partials, n_partials, plan.tensor_info,
                 plan.n_tensors, hyper, plan.coefs, scalars, scale, self.max_grad_norm or 0.0,
                 OPT=self._OPT, HAS_NORM=has_norm, BLOCK_C=FINALIZE_BLOCK_C,
                 BLOCK_T=FINALIZE_BLOCK_T, num_warps=FINALIZE_WARPS, num_stages=1)
@@ -736,6 +767,19 @@ class _FusedOptimizer(torch.optim.Optimizer):
         self.grad_norm = scalars[0] if has_norm else None
         self.found_inf = scalars[1]
         return loss
+
+    @staticmethod
+    def _reduce_over_shards(plan: _Plan) -> Tensor:
+        """[sum of squares, found_inf] over every shard, as a one-chunk partials array.
+
+        Three small device ops and one all-reduce, whatever the number of tensors; no host sync.
+        """
+        n = plan.n_chunks
+        both = torch.stack([plan.partials[:n].sum(dtype=torch.float64),
+                            plan.partials[n:2 * n].amax().to(torch.float64)])
+        dist.all_reduce(both, group=plan.shard_group)
+        both[1].clamp_(max=1.0)  # found on any shard
+        return both.to(torch.float32)
 
     def _launch_update(self, b: _Bucket, plan: _Plan, scalars: Tensor, device: torch.device) -> None:
         switches = dict(HAS_MASTER=b.dtype != torch.float32, ALIGNED=b.aligned)
@@ -788,7 +832,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
     def _current_plan(self, entries: list[tuple[int, Tensor, Tensor]]) -> _Plan:
         switches = tuple(self._has_momentum(group) for group in self.param_groups)
         key = (self._layout_version, switches,
-               tuple((gi, id(p), p.data_ptr(), g.data_ptr()) for gi, p, g in entries))
+               tuple((gi, id(p), _local(p).data_ptr(), _local(g).data_ptr()) for gi, p, g in entries))
         if self._plan is None or self._plan.key != key:
             self._plan = self._build_plan(entries, key)
         return self._plan
@@ -803,17 +847,19 @@ class _FusedOptimizer(torch.optim.Optimizer):
             if g.dtype != p.dtype or g.device != p.device:
                 raise ValueError(f"{name}: a gradient must have its parameter's dtype and device, got "
                                  f"{g.dtype} on {g.device} for {p.dtype} on {p.device}")
+            p_full = p
+            p, g = _local(p), _local(g)
             if not _is_dense(p) or not _same_layout(p, g):
                 raise ValueError(f"{name}: parameters must be dense (contiguous in some dimension "
                                  "order) and their gradients must have the same strides")
             group = self.param_groups[gi]
-            state = self.state[p]
-            self._init_state(p, group, state)
+            state = self.state[p_full]
+            self._init_state(p_full, group, state)
             if p.dtype != torch.float32 and "master_param" not in state:
-                state["master_param"] = _fp32_like(p, p)
-            master = state.get("master_param") if p.dtype != torch.float32 else None
-            s1, s2 = self._state_tensors(p, group, state)
-            counter = self._counter(p, state)
+                state["master_param"] = _fp32_like(p_full, p_full)
+            master = _local(state.get("master_param")) if p.dtype != torch.float32 else None
+            s1, s2 = (_local(t) for t in self._state_tensors(p_full, group, state))
+            counter = self._counter(p_full, state)
             info.append((0 if counter is None else counter.data_ptr(), gi))
             addresses = [t.data_ptr() if t is not None else 0 for t in (p, g, s1, s2, master)]
             aligned = all(a % 16 == 0 for a in addresses)
@@ -838,6 +884,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
             n_chunks += chunks.shape[0]
         buckets = [b for b in buckets if b.n_chunks > 0]
         return _Plan(key=key, device=device, chunk=chunk, buckets=buckets,
+                     shard_group=_shard_group(p for _, p, _ in entries),
                      tensor_info=_to_device(torch.tensor(info, dtype=torch.int64), device),
                      n_tensors=len(entries), n_chunks=n_chunks,
                      coefs=torch.empty(len(entries), _COEF_COLS.value, dtype=torch.float32, device=device),
