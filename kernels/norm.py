@@ -30,29 +30,32 @@ Design (chosen without a GPU; the reasoning is written down so that a measuremen
   specializes it), so the benchmark widths get 128-bit loads and stores; other widths are correct
   with narrower accesses. Statistics are fp32 whatever the dtype; the mean is subtracted before
   squaring (no E[x^2] - mean^2 cancellation).
-* Forward: ``_FWD_TILE`` = 8192 elements per program with 8 warps, i.e. 32 elements (four 128-bit
-  bf16 loads) per thread, one tile per program and a grid of cdiv(M, BLOCK_M) programs. Compiled for
-  sm_90 the tile kernels take 61-80 registers per thread, so 3 programs (24 warps) share an SM and
-  about 48 KB of bf16 loads are in flight per SM; at 3 TB/s and ~1 us of loaded latency an SM needs
-  ~23 KB in flight (Little's law), so there is margin.
-* Backward: ``_BWD_TILE`` = 4096 elements per loop iteration with 8 warps (16 warps at N = 8192),
-  i.e. 16 elements of each of x and dy plus two fp32 dw/db accumulators per thread: ~96-128
-  registers, so an SM holds 16 warps of it. Each program loops over its rows, and the loop is
-  software-pipelined (``tl.range(num_stages=3)``: cp.async prefetch of the next two tiles into
-  shared memory, 32-96 KB per program for bf16), which keeps loads in flight while a tile is reduced.
+* Forward: ``_FWD_TILE`` = 8192 elements per program, one tile per program, a grid of
+  cdiv(M, BLOCK_M) programs, and warps such that each thread holds 64 bytes of x (four 128-bit
+  loads): 8 warps for bf16/fp16, 16 for fp32. Compiled for sm_90 the bf16 tile kernels take 59-80
+  registers per thread, so 3 programs (24 warps) share an SM and about 48 KB of loads are in flight
+  per SM; at 3 TB/s and ~1 us of loaded latency an SM needs ~23 KB in flight (Little's law).
+* Backward: ``_BWD_TILE`` = 4096 elements per loop iteration, warps such that each thread holds
+  32 bytes (two 128-bit loads) of each of x and dy beside two fp32 dw/db accumulators: 8 warps for
+  bf16 (16 at N = 8192, whose row is the smallest tile), 16 for fp32. That is 100-128 registers per
+  thread without spills, so an SM holds 16 warps of it. Each program loops over its rows and the
+  loop is software-pipelined (``tl.range(num_stages=NUM_STAGES)``: cp.async prefetch of the next
+  two tiles into shared memory, 32-96 KB per program; one tile where two would not fit sm_80),
+  which keeps loads in flight while a tile is reduced.
 * Backward grid and dw/db. G = min(row tiles, co-resident programs) persistent programs
   (``_bwd_grid``: 2 per SM at 8 warps, 1 at 16), each owning one contiguous range of rows and
   accumulating dw/db partials in fp32 registers; the [G, N] partials are summed in a fixed order by
   ``_sum_partials_kernel``. No atomics: the same inputs on the same device give bitwise the same
-  gradients. On an H100 (132 SMs) G is 256, 256, 261 and 131 at the four benchmark shapes, so the
-  partials cost (write + read, dw and db) 2% of the backward traffic at N = 768 and 1024 and 4% at
-  16384x4096 and 8192x8192 (17 MB against 403 MB).
+  gradients. On an H100 (132 SMs) G is 256, 256, 261 and 131 at the four bf16 benchmark shapes, so
+  the partials cost (write + read, dw and db) 2% of the backward traffic at N = 768 and 1024 and 4%
+  at 16384x4096 and 8192x8192 (17 MB against 403 MB).
 * Large N (next_pow2(N) > MAX_BLOCK_N, up to 65536 and beyond) takes looped kernels: the forward
-  reads the row in chunks to get mean/variance (chunk statistics combined with Chan's parallel
-  formula, stable in fp32), then reads it again (mostly from L2) to write y. The backward first
-  computes each row's c1/c2 chunk by chunk, then walks column chunks outermost so that the dw/db
-  partials of a chunk stay in registers: it reads x and dy twice (10*N bytes per row instead of 6).
-  Widths beyond the benchmark are correct and reasonably fast, not at the memory limit.
+  reads the row in chunks of MAX_BLOCK_N to get mean/variance (chunk statistics combined with Chan's
+  parallel formula, stable in fp32), then reads it again (mostly from L2) to write y. The backward
+  first computes each row's c1/c2 chunk by chunk, then walks column chunks (MAX_BLOCK_N / 2, as it
+  holds five chunk-long arrays) outermost so that the dw/db partials of a chunk stay in registers:
+  it reads x and dy twice (10*N bytes per row instead of 6). Widths beyond the benchmark are
+  correct and reasonably fast, not at the memory limit.
 * Strides. Rows may be strided (the row stride is a kernel argument; a row stride of 0, as produced
   by ``expand``, works too). The last dimension must have unit stride: if it does not, the launcher
   makes ONE explicit copy of that tensor (``_as_rows``); the same happens when the leading
@@ -85,6 +88,8 @@ __all__ = ["layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm", "LayerNor
 MAX_BLOCK_N = 8192  # widest row held whole in registers; wider rows take the looped kernels
 _FWD_TILE = 8192  # elements per forward program (BLOCK_M * BLOCK_N) for narrow rows
 _BWD_TILE = 4096  # elements per backward tile iteration
+_FWD_BYTES_PER_THREAD = 64  # of x per thread in the forward: four 128-bit loads
+_BWD_BYTES_PER_THREAD = 32  # of each of x and dy per thread in the backward: two 128-bit loads
 _BWD_PREFETCH_BYTES = 96 * 1024  # shared memory the backward tile loop may use for prefetching
 _BWD_WARPS_PER_SM = 16  # warps of ~128 registers/thread that fit one SM's 64K-register file
 _SUM_BLOCK_G, _SUM_BLOCK_N, _SUM_WARPS = 128, 32, 4  # partial-sum reduction tile
@@ -301,6 +306,12 @@ def _norm_bwd_kernel(
         else:
             mean = tl.load(MEAN + offs_m, mask=mask_m, other=0.0)
             xhat = (x - mean[:, None]) * rstd[:, None]
+        # dw/db first: dy is then dead before the row reductions, which keeps the peak register
+        # count (and spills) down.
+        if HAS_WEIGHT:
+            dw_acc += dy * xhat
+        if HAS_BIAS:
+            db_acc += dy
         if HAS_WEIGHT:
             g = dy * w[None, :]
         else:
@@ -315,10 +326,6 @@ def _norm_bwd_kernel(
         if HAS_DRES:
             dx += tl.load(DRES + rows * stride_dres + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
         tl.store(DX + rows * N + offs_n[None, :], dx.to(DX.dtype.element_ty), mask=mask)
-        if HAS_WEIGHT:
-            dw_acc += dy * xhat
-        if HAS_BIAS:
-            db_acc += dy
 
     if HAS_WEIGHT:
         tl.store(DW_PART + pid.to(tl.int64) * N + offs_n, tl.sum(dw_acc, axis=0), mask=mask_n)
@@ -460,29 +467,39 @@ def _sum_partials_kernel(
 # ----------------------------------------------------------------------------------------------
 # Launch configuration (shared by the launchers and aot_variants)
 # ----------------------------------------------------------------------------------------------
-def _fwd_config(m: int, n: int, max_block_n: int) -> dict:
-    """Forward launch config: looped or not, BLOCK_M, BLOCK_N, num_warps."""
+def _fwd_config(m: int, n: int, max_block_n: int, elem_size: int) -> dict:
+    """Forward launch config: looped or not, BLOCK_M, BLOCK_N, num_warps.
+
+    Each thread holds ``_FWD_BYTES_PER_THREAD`` of x (four 128-bit loads); the looped kernel walks
+    the row in chunks of max_block_n.
+    """
+    per_thread = _FWD_BYTES_PER_THREAD // elem_size
     block_n = triton.next_power_of_2(n)
     if block_n > max_block_n:
-        return dict(looped=True, BLOCK_N=max_block_n, num_warps=_warps(max_block_n, per_thread=32))
+        return dict(looped=True, BLOCK_N=max_block_n, num_warps=_warps(max_block_n, per_thread))
     block_m = min(max(1, _FWD_TILE // block_n), triton.next_power_of_2(max(m, 1)))
-    return dict(looped=False, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=_warps(block_m * block_n, per_thread=32))
+    return dict(looped=False, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=_warps(block_m * block_n, per_thread))
 
 
-def _bwd_config(m: int, n: int, max_block_n: int, bytes_per_col: int) -> dict:
+def _bwd_config(m: int, n: int, max_block_n: int, elem_size: int, bytes_per_col: int) -> dict:
     """Backward launch config: looped or not, BLOCK_M, BLOCK_N, num_warps, NUM_STAGES.
 
-    bytes_per_col: bytes loaded per element position (x, dy and dresidual_out together). The
-    tile loop prefetches NUM_STAGES - 1 tiles into shared memory: two when they fit in
+    Each thread holds ``_BWD_BYTES_PER_THREAD`` of each of x and dy (two 128-bit loads) beside its
+    fp32 dw/db accumulators, which keeps the tile kernel near 128 registers per thread without
+    spills. bytes_per_col: bytes loaded per element position (x, dy and dresidual_out together).
+    The tile loop prefetches NUM_STAGES - 1 tiles into shared memory: two when they fit in
     ``_BWD_PREFETCH_BYTES``, else one (wide fp32 tiles), which keeps every config within sm_80's
-    163 KB per block.
+    163 KB per block. The looped kernel walks the row in chunks of max_block_n / 2 (it holds five
+    chunk-long arrays).
     """
+    per_thread = _BWD_BYTES_PER_THREAD // elem_size
     block_n = triton.next_power_of_2(n)
     if block_n > max_block_n:
-        return dict(looped=True, BLOCK_M=1, BLOCK_N=max_block_n, num_warps=_warps(max_block_n, per_thread=16))
+        chunk = max(1, max_block_n // 2)
+        return dict(looped=True, BLOCK_M=1, BLOCK_N=chunk, num_warps=_warps(chunk, per_thread))
     block_m = min(max(1, _BWD_TILE // block_n), triton.next_power_of_2(max(m, 1)))
     stages = 3 if 2 * block_m * block_n * bytes_per_col <= _BWD_PREFETCH_BYTES else 2
-    return dict(looped=False, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=_warps(block_m * block_n, per_thread=16),
+    return dict(looped=False, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=_warps(block_m * block_n, per_thread),
                 NUM_STAGES=stages)
 
 
@@ -553,7 +570,7 @@ def _norm_fwd_triton(x, residual, weight, bias, eps, rms, max_block_n):
     mean = torch.empty(0 if rms else m, device=x.device, dtype=torch.float32)
     rstd = torch.empty(m, device=x.device, dtype=torch.float32)
     if m > 0:
-        cfg = _fwd_config(m, n, max_block_n)
+        cfg = _fwd_config(m, n, max_block_n, x.element_size())
         dummy = x2  # stands in for absent tensors; never read (the constexpr switch is off)
         args = (
             x2, res2 if res2 is not None else dummy,
@@ -591,7 +608,7 @@ def _norm_bwd_triton(dy, dres_out, xin, weight, bias, mean, rstd, rms, max_block
         dy2 = _as_rows(dy)
         dres2 = _as_rows(dres_out) if dres_out is not None else None
         bytes_per_col = xin.element_size() + dy.element_size() + (dres_out.element_size() if dres_out is not None else 0)
-        cfg = _bwd_config(m, n, max_block_n, bytes_per_col)
+        cfg = _bwd_config(m, n, max_block_n, xin.element_size(), bytes_per_col)
         programs, rows_per_program = _bwd_grid(m, cfg["BLOCK_M"], cfg["num_warps"], _sm_count(xin.device))
         part = torch.empty((max(len(params), 1), programs, n), device=xin.device, dtype=torch.float32)
         dw_part = part[0]
@@ -871,17 +888,20 @@ def aot_variants() -> list[Variant]:
         norm = "rms" if rms else "ln"
         for x_dt, p_dt, add in combos:
             size = 4 if x_dt == "fp32" else 2
-            fwd = _unique(_fwd_config(m, n, MAX_BLOCK_N) for m, n in shapes)
-            bwd = _unique(_bwd_config(m, n, MAX_BLOCK_N, size * (3 if add else 2)) for m, n in shapes)
+            fwd = _unique(_fwd_config(m, n, MAX_BLOCK_N, size) for m, n in shapes)
+            bwd = _unique(_bwd_config(m, n, MAX_BLOCK_N, size, size * (3 if add else 2)) for m, n in shapes)
             mixed = p_dt != x_dt  # the looped path is not listed for mixed parameter dtypes
             variants += [_fwd_variant(c, norm, rms, x_dt, p_dt, add) for c in fwd if not (mixed and c["looped"])]
             variants += [_bwd_variant(c, norm, rms, x_dt, p_dt, add) for c in bwd if not (mixed and c["looped"])]
+    # The partial-sum reduction writes N values in all (its loads are 128-bit); 128-bit stores would
+    # need >= 8 output columns per thread, i.e. few wide programs that read G rows serially, so its
+    # 32-column programs trade store width (irrelevant at N values) for parallelism.
     for dt in ("fp32", "fp16", "bf16"):
         variants.append(Variant(
             kernel=_sum_partials_kernel, name=f"{dt} BLOCK_G={_SUM_BLOCK_G} BLOCK_N={_SUM_BLOCK_N}",
             signature={"PART": "*fp32", "OUT0": f"*{dt}", "OUT1": f"*{dt}", "G": "i32", "N": "i32"},
             constexprs={"BLOCK_G": _SUM_BLOCK_G, "BLOCK_N": _SUM_BLOCK_N}, num_warps=_SUM_WARPS, num_stages=_NUM_STAGES,
-            kind="memory", aligned=("PART", "OUT0", "OUT1", "N")))
+            kind="memory", aligned=("PART", "OUT0", "OUT1", "N"), vector_stores=False))
     return variants
 
 
