@@ -1,7 +1,9 @@
 """The ``tritonforge`` command line.
 
     tritonforge train RECIPE [--resume [PATH]] [--section.key=value ...]
+    tritonforge plot RUN_DIR [RUN_DIR ...] [-o OUT.png] [--x steps|tokens]
     tritonforge kernels report [--arch sm_90,sm_80] [--kernel NAME] [--json PATH]
+    tritonforge bench ops|train ...
 
 ``python -m engine.train RECIPE ...`` is the same as ``tritonforge train RECIPE ...`` (and is what
 ``torchrun`` launches).
@@ -15,7 +17,10 @@ USAGE = """usage: tritonforge COMMAND ...
 
 commands:
   train RECIPE [--resume [PATH]] [--section.key=value ...]   train from a TOML recipe
+  plot RUN_DIR [RUN_DIR ...] [-o OUT.png] [--x steps|tokens]  draw the runs' loss curves into a PNG
   kernels report [--arch sm_90,sm_80] [--kernel NAME]         compile every Triton kernel for GPUs, report resources
+  bench ops [--op OPS] [--backends NAMES] [--shapes SPECS]   check and time each op's backends side by side
+  bench train RECIPE [--kernels SET] [--vs SET] [--steps N]  train a recipe's model per kernel set, compare speed
 """
 
 
@@ -52,11 +57,6 @@ def train_main(argv: list[str]) -> int:
         recipe = load_recipe(recipe_path, overrides)
         if resume is not None:
             recipe.checkpoint.resume = resume
-            # Resuming from a run directory continues writing into it.
-            from pathlib import Path
-
-            if resume != "latest" and Path(resume).is_dir() and not recipe.run.dir:
-                recipe.run.dir = str(Path(resume).parent if Path(resume).name == "checkpoints" else Path(resume))
         from engine.trainer import Interrupted, TrainingError, train
 
         train(recipe)
@@ -69,6 +69,9 @@ def train_main(argv: list[str]) -> int:
     except Interrupted as e:
         print(f"\n{e}", file=sys.stderr)
         return 128 + e.signum
+    except KeyboardInterrupt:  # Ctrl-C before training started (while tokenizing, say): nothing to save
+        print("\ninterrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
     return 0
 
 
@@ -81,7 +84,19 @@ def kernels_main(argv: list[str]) -> int:
     return aot.main(argv[1:])
 
 
-COMMANDS = {"train": train_main, "kernels": kernels_main}
+def plot_main(argv: list[str]) -> int:
+    from engine import plot
+
+    return plot.main(argv)
+
+
+def bench_main(argv: list[str]) -> int:
+    from engine import bench
+
+    return bench.main(argv)
+
+
+COMMANDS = {"train": train_main, "plot": plot_main, "kernels": kernels_main, "bench": bench_main}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,18 +1,26 @@
 """Run logging: the console progress line, ``metrics.jsonl`` and Weights & Biases.
 
-Every logged record goes to all three under the same metric names. On a terminal the progress line is
-redrawn in place; when output goes to a file or pipe, each update is a plain line with no control
-characters. Only the main process of a distributed run writes anything.
+Every logged record goes to all three under the same metric names: a record is a flat dict with
+``kind`` ("train" or "eval") and ``step``; ``metrics.jsonl`` holds it as one JSON line, wandb gets the
+other keys at that step. On a terminal the progress line is redrawn in place; when output goes to a file
+or pipe, each update is a plain line with no control characters. Only the main process of a distributed
+run writes anything.
+
+The logger exists from the start of a run so that setup can print, but writes nothing to disk until
+:meth:`RunLogger.open`, which the trainer calls once the recipe has been checked and the task built.
 """
 from __future__ import annotations
 
 import json
 import math
+import os
 import platform
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from engine.config import RecipeError
 
 
 def format_duration(seconds: float) -> str:
@@ -31,30 +39,74 @@ def _si(x: float) -> str:
     return f"{x:.0f}"
 
 
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a ``metrics.jsonl``; a line cut short by a kill is skipped."""
+    records = []
+    with open(path) as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and "step" in record:
+                records.append(record)
+    return records
+
+
 class RunLogger:
     """Writes records to the console, ``<run_dir>/metrics.jsonl`` and (optionally) wandb."""
 
-    def __init__(self, run_dir: Path | None, enabled: bool = True, wandb_mode: str = "off",
-                 wandb_project: str = "tritonforge", run_name: str = "run", config: dict | None = None,
-                 stream=None):
+    def __init__(self, stream=None, enabled: bool = True, wandb_mode: str = "off"):
         self.enabled = enabled
         self.stream = stream or sys.stdout
         self.live = enabled and self.stream.isatty()
+        self.wandb_mode = wandb_mode
+        self.wandb_id: str | None = None
         self._pending_live = False
         self._file = None
         self._wandb = None
-        if not enabled:
-            return
-        if run_dir is not None:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            self._file = open(run_dir / "metrics.jsonl", "a", buffering=1)
-        if wandb_mode != "off":
+        if enabled and wandb_mode != "off":
             try:
-                import wandb  # only imported when asked for
+                import wandb  # noqa: F401  (checked now so a missing package stops the run before any work)
             except ImportError:
-                raise RuntimeError(f"logging.wandb = {wandb_mode!r} needs the wandb package: pip install wandb") from None
-            self._wandb = wandb.init(project=wandb_project, name=run_name, mode=wandb_mode, config=config,
-                                     dir=str(run_dir) if run_dir is not None else None, reinit=True)
+                raise RecipeError(f"logging.wandb = {wandb_mode!r} needs the wandb package: pip install wandb "
+                                  f"(or set logging.wandb = 'off')") from None
+
+    def open(self, run_dir: Path, resume_step: int | None = None, *, project: str = "tritonforge",
+             name: str = "run", config: dict | None = None, wandb_id: str | None = None) -> None:
+        """Start writing into ``run_dir``.
+
+        A fresh run (``resume_step`` None) starts ``metrics.jsonl`` empty; a resumed one keeps the records
+        up to ``resume_step`` and drops later ones, which belong to the stretch of the run after its last
+        checkpoint that the resume repeats. ``wandb_id`` continues that wandb run.
+        """
+        if not self.enabled:
+            return
+        run_dir.mkdir(parents=True, exist_ok=True)
+        path = run_dir / "metrics.jsonl"
+        kept = []
+        if resume_step is not None and path.is_file():
+            kept = [r for r in read_metrics(path) if r["step"] <= resume_step]
+        tmp = path.with_name(".metrics.jsonl.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        os.replace(tmp, path)
+        self._file = open(path, "a", buffering=1)
+        if self.wandb_mode != "off":
+            self._start_wandb(run_dir, project, name, config, wandb_id)
+
+    def _start_wandb(self, run_dir: Path, project: str, name: str, config: dict | None, run_id: str | None) -> None:
+        import wandb
+
+        try:
+            self._wandb = wandb.init(project=project, name=name, mode=self.wandb_mode, config=config,
+                                     dir=str(run_dir), id=run_id, resume="allow" if run_id else None, reinit=True)
+        except Exception as e:  # wandb raises many kinds (no API key, no network, bad project, ...)
+            hint = ""
+            if self.wandb_mode == "online":
+                hint = " Log in with `wandb login`, or set logging.wandb = 'offline'."
+            raise RecipeError(f"logging.wandb = {self.wandb_mode!r}: wandb could not start "
+                              f"({type(e).__name__}: {e}).{hint}") from None
+        self.wandb_id = self._wandb.id
 
     def print(self, text: str) -> None:
         """A permanent line (clears a live progress line first)."""
@@ -96,7 +148,12 @@ class RunLogger:
         else:
             self.print(line)
 
-    def close(self) -> None:
+    def eval_line(self, record: dict[str, Any]) -> None:
+        """The line printed at each evaluation."""
+        metrics = {k: v for k, v in record.items() if k not in ("kind", "step", "items")}
+        self.print(f"eval @ step {record['step']}: " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+
+    def close(self, exit_code: int = 0) -> None:
         if self._pending_live:
             self.stream.write("\n")
             self._pending_live = False
@@ -104,17 +161,20 @@ class RunLogger:
             self._file.close()
             self._file = None
         if self._wandb is not None:
-            self._wandb.finish()
+            self._wandb.finish(exit_code=exit_code)
             self._wandb = None
 
 
-def environment(device, backends: dict[str, str]) -> dict[str, Any]:
-    """What a run ran on: versions, device, kernel backends."""
+def environment(device, backends: dict[str, str], **extra: Any) -> dict[str, Any]:
+    """What a run ran on: versions, device, kernel backends, the command line (plus ``extra``)."""
+    import numpy
     import torch
 
     env: dict[str, Any] = {
-        "python": platform.python_version(), "platform": platform.platform(), "torch": torch.__version__,
-        "device": str(device), "kernels": backends, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "python": platform.python_version(), "platform": platform.platform(), "host": platform.node(),
+        "torch": torch.__version__, "numpy": numpy.__version__, "tritonforge": _own_version(),
+        "device": str(device), "kernels": backends, "threads": torch.get_num_threads(),
+        "argv": sys.argv, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **extra,
     }
     try:
         import triton
@@ -125,6 +185,15 @@ def environment(device, backends: dict[str, str]) -> dict[str, Any]:
         env["gpu"] = torch.cuda.get_device_name(device)
         env["cuda"] = torch.version.cuda
     return env
+
+
+def _own_version() -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version("tritonforge")
+    except metadata.PackageNotFoundError:  # run from a plain checkout
+        return None
 
 
 #: Dense bf16 tensor-core peaks (FLOP/s) used for MFU, by substring of the device name.

@@ -8,9 +8,12 @@ the loss-scale update, with one host synchronisation to read the loss and the ov
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
+import os
 import random
+import re
 import signal
 import threading
 import time
@@ -21,6 +24,7 @@ import torch
 import torch.nn as nn
 
 from engine import checkpoint, distributed, registry
+from engine.checkpoint import CheckpointError
 from engine.config import Recipe, RecipeError, dump_toml
 from engine.metrics import RunLogger, environment, format_duration, peak_flops
 from engine.precision import LossScaler, autocast
@@ -64,17 +68,85 @@ def lr_at(step: int, recipe: Recipe) -> float:
     return o.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (o.lr - o.min_lr)
 
 
-def _run_dir(recipe: Recipe, dist_info: distributed.DistInfo) -> Path:
-    if recipe.run.dir:
-        return Path(recipe.run.dir)
-    stamp = [time.strftime("%Y%m%d-%H%M%S")]
-    if dist_info.world > 1:  # every rank must agree on the folder
-        torch.distributed.broadcast_object_list(stamp, src=0)
-    return Path("runs") / f"{recipe.run.name}-{stamp[0]}"
+_STAMP = re.compile(r"-\d{8}-\d{6}(-\d+)?$")
+
+
+def _new_run_dir(name: str) -> Path:
+    """``runs/<name>-<timestamp>``, with a counter if a run of that name started in the same second."""
+    base = Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    path, n = base, 1
+    while path.exists():
+        n += 1
+        path = base.with_name(f"{base.name}-{n}")
+    return path
+
+
+def _latest_run_dir(name: str) -> Path | None:
+    """The newest ``runs/<name>-<timestamp>`` holding a complete checkpoint, or None."""
+    runs = [d for d in Path("runs").glob(f"{name}-*") if _STAMP.fullmatch(d.name[len(name):])
+            and checkpoint.latest(d / "checkpoints") is not None]
+    return max(runs, key=lambda d: checkpoint.latest(d / "checkpoints").stat().st_mtime, default=None)
+
+
+def _checkpoint_in(where: Path) -> Path:
+    """The checkpoint to resume from, given a checkpoint file, a run directory or its checkpoints folder."""
+    if where.is_file():
+        return where
+    folder = where / "checkpoints" if (where / "checkpoints").is_dir() else where
+    found = checkpoint.latest(folder)
+    if found is None:
+        raise CheckpointError(f"no complete checkpoint to resume in {folder}")
+    return found
+
+
+def restarted_by_torchrun() -> bool:
+    """torchrun started this process again after a worker failed (``--max-restarts``)."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+
+
+def locate_run(recipe: Recipe) -> tuple[Path, Path | None]:
+    """The run directory and the checkpoint to resume from (None for a fresh run).
+
+    Resuming writes into the resumed run's directory unless ``run.dir`` names another; a fresh run gets
+    ``run.dir`` or a new ``runs/<name>-<timestamp>``, and refuses a directory that already holds
+    checkpoints (it would mix two runs; resume it or choose another run.dir). When torchrun restarts a
+    job after a worker failed, the job resumes from its latest checkpoint by itself.
+    """
+    r = recipe
+    resume = r.checkpoint.resume
+    if not resume and restarted_by_torchrun():
+        previous = Path(r.run.dir) if r.run.dir else _latest_run_dir(r.run.name)
+        if previous is not None and checkpoint.latest(previous / "checkpoints") is not None:
+            return previous, checkpoint.latest(previous / "checkpoints")
+    if not resume:
+        run_dir = Path(r.run.dir) if r.run.dir else _new_run_dir(r.run.name)
+        if checkpoint.list_checkpoints(run_dir / "checkpoints"):
+            raise RecipeError(f"run.dir: {run_dir} already holds the checkpoints of a run; resume it "
+                              f"(--resume / checkpoint.resume = 'latest') or choose another run.dir")
+        return run_dir, None
+    if resume == "latest":
+        source = Path(r.run.dir) if r.run.dir else _latest_run_dir(r.run.name)
+        if source is None:
+            raise RecipeError(f"checkpoint.resume = 'latest': no run named {r.run.name!r} with a checkpoint under "
+                              f"runs/; set run.dir to the run directory, or resume from a checkpoint path")
+    else:
+        source = Path(resume)
+        if not source.exists():
+            raise RecipeError(f"checkpoint.resume: no such checkpoint or run directory: {source}")
+    ckpt = _checkpoint_in(source)
+    if r.run.dir:
+        return Path(r.run.dir), ckpt
+    if ckpt.parent.name == "checkpoints":
+        return ckpt.parent.parent, ckpt
+    return _new_run_dir(r.run.name), ckpt
 
 
 def _rng_state(device: torch.device) -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """Every RNG the run draws from, as tensors and plain values (loadable with ``weights_only``)."""
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}}
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
     return state
@@ -82,16 +154,40 @@ def _rng_state(device: torch.device) -> dict:
 
 def _set_rng_state(state: dict, device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
     random.setstate(state["python"])
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
+def _recipe_changes(saved: dict, current: dict) -> list[str]:
+    """``section.key: old -> new`` for each field that differs (the run directory and resume excepted)."""
+    changes = []
+    for section, values in current.items():
+        for key, value in values.items():
+            if (section, key) in (("run", "dir"), ("checkpoint", "resume")) or key not in saved.get(section, {}):
+                continue
+            old = saved[section][key]
+            if (list(old) if isinstance(old, (list, tuple)) else old) != \
+                    (list(value) if isinstance(value, (list, tuple)) else value):
+                changes.append(f"{section}.{key}: {old!r} -> {value!r}")
+    return changes
+
+
 class Trainer:
+    """One training run: build everything from the recipe, check it, then :meth:`fit`.
+
+    Everything that can be checked is checked before the run writes anything: the recipe, the kernels,
+    the data and the model (building the task), wandb's presence and the checkpoint to resume from. A
+    checkpoint holds the model, the optimizer, the loss scaler, the step, every RNG state and the recipe;
+    the learning rate and the data sampler are pure functions of the step, so resuming restores them too.
+    A task with state of its own (a weight EMA) provides ``state_dict()`` and ``load_state_dict()``.
+    """
+
     def __init__(self, recipe: Recipe, stream=None):
-        self.recipe = recipe
-        r = recipe
+        self.recipe = r = recipe
         self.dist = distributed.init("cuda" if r.run.device != "cpu" and torch.cuda.is_available() else "cpu")
         self.device = resolve_device(r.run.device, self.dist.local_rank)
         if r.run.threads:
@@ -102,25 +198,16 @@ class Trainer:
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
+        # What the run is, as written to recipe.toml and checkpoints: resuming does not change the run.
+        self.resolved = copy.deepcopy(r)
+        self.resolved.checkpoint.resume = ""
 
-        resume = r.checkpoint.resume
-        if resume == "latest" and not r.run.dir:
-            raise RecipeError("checkpoint.resume = 'latest' needs run.dir: the run directory to resume")
-        if resume and resume != "latest" and not Path(resume).exists():
-            raise RecipeError(f"checkpoint.resume: no such checkpoint or run directory: {resume}")
-        self.run_dir = _run_dir(r, self.dist)
+        self.log = RunLogger(stream=stream, enabled=self.dist.is_main, wandb_mode=r.logging.wandb)
+        self.run_dir, resume_from = self._locate_run()
         self.ckpt_dir = self.run_dir / "checkpoints"
-
-        self.log = RunLogger(self.run_dir, enabled=self.dist.is_main, wandb_mode=r.logging.wandb,
-                             wandb_project=r.logging.wandb_project, run_name=r.run.name, config=r.to_dict(),
-                             stream=stream)
         self.ops = registry.resolve(vars(r.kernels), self.device)
-        self.log.print(f"run: {self.run_dir} | device: {self.device} | world: {self.dist.world} | "
-                       f"precision: {r.train.precision}")
+        self.log.print(f"device: {self.device} | world: {self.dist.world} | precision: {r.train.precision}")
         self.log.print(f"kernels: {self.ops.describe()}")
-        if self.dist.is_main:
-            (self.run_dir / "recipe.toml").write_text(dump_toml(r))
-            (self.run_dir / "env.json").write_text(json.dumps(environment(self.device, self.ops.backends), indent=1))
 
         self.task: Task = build_task(r, self.ops, self.device, self.dist.rank, self.dist.world, log=self.log.print)
         self.model: nn.Module = distributed.wrap(self.task.model, r, self.device) if self.dist.world > 1 else self.task.model
@@ -132,45 +219,92 @@ class Trainer:
             max_grad_norm=r.train.grad_clip, device=self.device)
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
         self.scaler = LossScaler(self.device, enabled=r.train.precision == "fp16")
+        self.items_per_step = self.task.items_per_micro_batch * r.train.grad_accum * self.dist.world
         self.step = 0
         self.bad_steps = 0
         self.last_checkpoint: Path | None = None
         self.last_eval: dict[str, float] = {}
         self._signal: int | None = None
-        if resume:
-            self.load(self.run_dir if resume == "latest" else Path(resume))
+        state = self._load(resume_from) if resume_from is not None else {}
+
+        # Everything is checked: from here on the run writes.
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "recipe.toml").write_text(dump_toml(self.resolved))
+            env = environment(self.device, self.ops.backends, world=self.dist.world, unit=self.task.unit)
+            (self.run_dir / "env.json").write_text(json.dumps(env, indent=1))
+        self.log.open(self.run_dir, state.get("step"), project=r.logging.wandb_project, name=r.run.name,
+                      config=self.resolved.to_dict(), wandb_id=state.get("wandb_id"))
+        self.log.print(f"run: {self.run_dir}")
+        if state:
+            _set_rng_state(state["rng"], self.device)  # last: nothing may draw from the RNGs before the loop
+            self.log.print(f"resumed from {resume_from} at step {self.step}")
+
+    def _locate_run(self) -> tuple[Path, Path | None]:
+        """:func:`locate_run`, decided by the main process so that every rank agrees."""
+        if self.dist.world == 1:
+            return locate_run(self.recipe)
+        box: list = [None]
+        if self.dist.is_main:
+            try:
+                box[0] = locate_run(self.recipe)
+            except (RecipeError, CheckpointError) as e:
+                box[0] = e
+        torch.distributed.broadcast_object_list(box, src=0)
+        if isinstance(box[0], Exception):
+            raise box[0]
+        return box[0]
 
     # ------------------------------------------------------------------------------------------------
     # Checkpoints
     # ------------------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "model": self.task.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scaler": self.scaler.state_dict(), "rng": _rng_state(self.device), "bad_steps": self.bad_steps,
-                "recipe": self.recipe.to_dict()}
+        state = {"step": self.step, "model": self.task.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "scaler": self.scaler.state_dict(), "rng": _rng_state(self.device), "bad_steps": self.bad_steps,
+                 "recipe": self.resolved.to_dict(), "wandb_id": self.log.wandb_id}
+        if hasattr(self.task, "state_dict"):
+            state["task"] = self.task.state_dict()
+        return state
 
     def save(self) -> Path | None:
+        """Checkpoint the current step (main process); refuses parameters that are not finite."""
+        finite = torch.stack([torch.isfinite(p).all() for p in self.task.model.parameters()]).all().item()
+        if not finite:
+            raise TrainingError(f"step {self.step}: the model's parameters are not finite; no checkpoint written; "
+                                f"{self._last_good()}")
+        state = self.state_dict()  # on every rank: a sharded model gathers its full state collectively
         path = None
         if self.dist.is_main:
-            path = checkpoint.save(self.ckpt_dir, self.step, self.state_dict(), keep=self.recipe.checkpoint.keep)
+            path = checkpoint.save(self.ckpt_dir, self.step, state, keep=self.recipe.checkpoint.keep)
             self.last_checkpoint = path
+            self.log.print(f"checkpoint: {path}")
         return path
 
-    def load(self, path: Path) -> None:
-        if path.is_dir():
-            ckpt_dir = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-            found = checkpoint.latest(ckpt_dir)
-            if found is None:
-                raise checkpoint.CheckpointError(f"no complete checkpoint to resume in {ckpt_dir}")
-            path = found
+    def _load(self, path: Path) -> dict:
+        """Load and apply a checkpoint (all but the RNG states); returns it."""
         state = checkpoint.load(path, map_location=self.device)
-        self.task.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        changes = _recipe_changes(state["recipe"], self.resolved.to_dict())
+        model_changes = [c for c in changes if c.startswith("model.")]
+        if model_changes:
+            raise CheckpointError(f"checkpoint {path} holds a different model ({'; '.join(model_changes)}); "
+                                  f"resume with the recipe it was saved with")
+        if changes:
+            self.log.print(f"warning: resuming with recipe changes: {'; '.join(changes)}")
+        try:
+            self.task.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise CheckpointError(f"checkpoint {path} does not fit this run's model or optimizer: {e}") from None
         self.scaler.load_state_dict(state["scaler"])
-        _set_rng_state(state["rng"], self.device)
+        if "task" in state:
+            self.task.load_state_dict(state["task"])
         self.step, self.bad_steps = state["step"], state["bad_steps"]
         self.last_checkpoint = path
-        self.log.print(f"resumed from {path} at step {self.step}")
+        return state
+
+    def _last_good(self) -> str:
+        return f"last good checkpoint: {self.last_checkpoint}" if self.last_checkpoint else "no checkpoint written yet"
 
     # ------------------------------------------------------------------------------------------------
     # One optimizer step
@@ -218,51 +352,78 @@ class Trainer:
         return {"loss": loss_value, "lr": lr, "grad_norm": grad_norm, "bad": not loss_ok or (overflow and not scaler_skip),
                 "scaler_skip": bool(scaler_skip)}
 
+    @contextlib.contextmanager
+    def _oom_hint(self, where: str):
+        """Turn a CUDA out-of-memory error into a message naming the batch, the context and what to change."""
+        try:
+            yield
+        except torch.OutOfMemoryError:
+            t = self.recipe.train
+            batch = f"train.batch_size={t.batch_size}"
+            if self.task.unit == "tok":
+                batch += f" and train.seq_len={t.seq_len} (model.context={self.recipe.model.context})"
+            raise TrainingError(
+                f"CUDA out of memory {where} with {batch}: lower train.batch_size (raise train.grad_accum to "
+                f"keep the global batch)" + (", shorten train.seq_len" if self.task.unit == "tok" else "")
+                + ", or use train.precision='bf16'") from None
+
     # ------------------------------------------------------------------------------------------------
     # The loop
     # ------------------------------------------------------------------------------------------------
 
     def _on_signal(self, signum, frame) -> None:
-        self._signal = signum
+        if self._signal is None:  # the loop saves a checkpoint and stops after the current step
+            self._signal = signum
+            return
+        # A second signal: stop at once. The last complete checkpoint stays intact.
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+
+    def _signalled(self) -> int | None:
+        """The signal to stop on; every rank agrees, so all save and stop at the same step."""
+        if self.dist.world == 1:
+            return self._signal
+        flag = torch.tensor([self._signal or 0], device=self.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return int(flag.item()) or None
 
     def fit(self) -> dict:
         r = self.recipe
         total = r.train.steps
+        if self.step >= total:
+            self.log.print(f"nothing to do: the run is at step {self.step} and train.steps = {total}")
+            return {"steps": self.step, "run_dir": str(self.run_dir), "seconds": 0.0, **self.last_eval}
         handlers = {}
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 handlers[sig] = signal.signal(sig, self._on_signal)
-        items_per_step = self.task.items_per_micro_batch * r.train.grad_accum * self.dist.world
         flops_item, peak = self.task.flops_per_item(), peak_flops(self.device)
         t_start = t_last = time.perf_counter()
         steps_since, first_step = 0, self.step
         try:
             while self.step < total:
-                if self._signal is not None:
-                    raise Interrupted(self._signal, self.save())
+                signum = self._signalled()
+                if signum is not None:
+                    self.log.print(f"{signal.Signals(signum).name} received: saving a checkpoint at step {self.step}")
+                    raise Interrupted(signum, self.save())
                 step = self.step
-                try:
+                with self._oom_hint(f"at step {step + 1}"):
                     out = self.train_step(step)
-                except torch.OutOfMemoryError:
-                    raise TrainingError(
-                        f"CUDA out of memory at step {step} with train.batch_size={r.train.batch_size} and "
-                        f"train.seq_len={r.train.seq_len}: lower train.batch_size (raise train.grad_accum to keep "
-                        f"the global batch), or use train.precision='bf16'") from None
                 self.step = step + 1
                 steps_since += 1
                 self.task.on_step_end(self.step)
-                self._check_bad(out, step)
+                self._check_bad(out)
                 if out["scaler_skip"]:
                     self.log.print(f"step {self.step}: fp16 gradients overflowed; update skipped, loss scale "
                                    f"now {self.scaler.scale.item():g}")
                 if self.step % r.train.log_every == 0 or self.step == total:
-                    now = time.perf_counter()
                     if self.device.type == "cuda":
                         torch.cuda.synchronize(self.device)
+                    now = time.perf_counter()
                     dt = (now - t_last) / steps_since
                     record = {"kind": "train", "step": self.step, "loss": out["loss"], "lr": out["lr"],
-                              "step_ms": 1e3 * dt, "throughput": items_per_step / dt,
-                              "items": self.step * items_per_step}
+                              "step_ms": 1e3 * dt, "throughput": self.items_per_step / dt,
+                              "items": self.step * self.items_per_step}
                     if out["grad_norm"] is not None:
                         record["grad_norm"] = float(out["grad_norm"])
                     if flops_item and self.device.type == "cuda":
@@ -270,14 +431,18 @@ class Trainer:
                         if peak:
                             record["mfu"] = record["tflops"] * 1e12 / peak
                     self.log.record(record)
-                    elapsed = now - t_start
-                    eta = elapsed / (self.step - first_step) * (total - self.step)
+                    eta = (now - t_start) / (self.step - first_step) * (total - self.step)
                     self.log.progress(record, total, self.task.unit, eta)
                     t_last, steps_since = time.perf_counter(), 0
-                if r.train.eval_every and (self.step % r.train.eval_every == 0) and self.step != total:
+                paused = False
+                if r.train.eval_every and self.step % r.train.eval_every == 0 and self.step != total:
                     self.evaluate()
+                    paused = True
                 if r.checkpoint.every and self.step % r.checkpoint.every == 0 and self.step != total:
                     self.save()
+                    paused = True
+                if paused:  # throughput counts training steps only
+                    t_last, steps_since = time.perf_counter(), 0
             self.evaluate()
             self.save()
         finally:
@@ -292,37 +457,45 @@ class Trainer:
         return {"steps": self.step, "run_dir": str(self.run_dir), "seconds": elapsed, **self.last_eval}
 
     def evaluate(self) -> dict[str, float]:
-        metrics = self.task.evaluate(self.forward_model)
+        with self._oom_hint(f"evaluating at step {self.step}"):
+            metrics = self.task.evaluate(self.forward_model)
         self.last_eval = metrics
-        self.log.record({"kind": "eval", "step": self.step, **metrics})
-        self.log.print(f"eval @ step {self.step}: " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        record = {"kind": "eval", "step": self.step, "items": self.step * self.items_per_step, **metrics}
+        self.log.record(record)
+        self.log.eval_line(record)
         return metrics
 
-    def _check_bad(self, out: dict, step: int) -> None:
-        """Apply train.on_nan to a step whose loss or gradients were not finite (the update was skipped)."""
+    def _check_bad(self, out: dict) -> None:
+        """Apply train.on_nan to a step whose loss or gradients were not finite (its update was not applied)."""
         if not out["bad"]:
             self.bad_steps = 0
             return
         self.bad_steps += 1
         r = self.recipe.train
-        where = (f"the loss is {out['loss']} at step {step}" if not math.isfinite(out["loss"])
-                 else f"the gradients are not finite at step {step} (loss {out['loss']:.4f})")
-        last = f"last good checkpoint: {self.last_checkpoint}" if self.last_checkpoint else "no checkpoint written yet"
+        where = (f"step {self.step}: the loss is {out['loss']}" if not math.isfinite(out["loss"])
+                 else f"step {self.step}: the gradients are not finite (loss {out['loss']:.4f})")
         if r.on_nan == "stop" or self.bad_steps > r.max_bad_steps:
             reason = "train.on_nan = 'stop'" if r.on_nan == "stop" else \
-                f"{self.bad_steps} bad steps in a row (train.max_bad_steps = {r.max_bad_steps})"
-            raise TrainingError(f"{where}; stopping ({reason}); the update was not applied; {last}")
-        self.log.print(f"warning: {where}; update skipped ({self.bad_steps}/{r.max_bad_steps} in a row); {last}")
+                f"{self.bad_steps} bad steps in a row, more than train.max_bad_steps = {r.max_bad_steps}"
+            raise TrainingError(f"{where}; stopping ({reason}); the update was not applied; {self._last_good()}")
+        self.log.print(f"warning: {where}; update skipped ({self.bad_steps}/{r.max_bad_steps} in a row); "
+                       f"{self._last_good()}")
 
-    def close(self) -> None:
-        self.log.close()
+    def close(self, exit_code: int = 0) -> None:
+        self.log.close(exit_code)
         distributed.cleanup()
 
 
 def train(recipe: Recipe, stream=None) -> dict:
     """Build a trainer for ``recipe``, run it to the end, and return its summary."""
     trainer = Trainer(recipe, stream=stream)
+    exit_code = 1
     try:
-        return trainer.fit()
+        summary = trainer.fit()
+        exit_code = 0
+        return summary
+    except Interrupted as e:
+        exit_code = 128 + e.signum
+        raise
     finally:
-        trainer.close()
+        trainer.close(exit_code)
