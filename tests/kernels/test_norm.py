@@ -75,7 +75,8 @@ def _reference(x, residual, w, b, dy, dres, eps, rms, new_residual=None):
 
 
 def _run(op, x, residual, w, b, dy, dres, eps, max_block_n=norm_mod.MAX_BLOCK_N):
-    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in (x, residual, w, b)]
+    # detach() keeps the caller's strides (clone() would make strided views contiguous).
+    leaves = [t.detach().requires_grad_() if t is not None else None for t in (x, residual, w, b)]
     xl, rl, wl, bl = leaves
     y, new_res, _, _ = norm_mod._norm(xl, rl, wl, bl, eps, rms="rms" in op, max_block_n=max_block_n)
     outs, grads_in = [y], [dy]
@@ -181,6 +182,8 @@ def _strided_case(op, make_view):
     y_c, new_res_c, grads_c = _run(op, *(v.contiguous() if v is not None else None for v in (xv, rv)), w, b,
                                    dyv.contiguous(), dresv.contiguous() if dresv is not None else None, 1e-5)
     torch.testing.assert_close(y, y_c, atol=0, rtol=0)
+    if rv is not None:
+        torch.testing.assert_close(new_res, new_res_c, atol=0, rtol=0)
     for g, g_c in zip(grads, grads_c):
         if g is not None:
             torch.testing.assert_close(g, g_c, atol=1e-6, rtol=1e-6)
