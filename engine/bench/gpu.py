@@ -1,0 +1,365 @@
+"""The one command for a GPU machine: GPU tests, op benchmarks, a short training benchmark, one summary.
+
+    python -m engine.bench.gpu [--anchors DIR] [--out DIR] [--only STAGES] [--steps N] [--compile]
+
+Run from the repository root of a plain checkout: nothing to install, and neither ``datasets`` nor
+``wandb`` is needed. The stages run one after another, each in its own process (a kernel that faults
+cannot take the others down) with ``TRITON_INTERPRET=0`` and a time limit:
+
+1. ``tests``: ``pytest -m gpu`` (the tests that need CUDA).
+2. ``ops``: ``tritonforge bench ops`` at the default shapes in bf16 with every backend, FlexAttention at
+   S = 4096 only (it compiles per shape), do_bench with 10 ms warm-up and 40 ms of repetitions per timing.
+3. ``train``: ``tritonforge bench train recipes/gpt2_124m.toml --kernels triton --vs torch`` for
+   ``--steps`` steps (default 20) at the nanoGPT shape (batch 16 x 1024 tokens, one micro-batch per step,
+   bf16, fused AdamW, clipping at 1.0) on random GPT-2 tokens; ``--compile`` adds torch.compile runs.
+4. ``anchors``: the peers' scripts ``anchors_kernels.py`` and ``anchors_train.py`` from ``--anchors DIR``,
+   when given, so that their figures are measured in the same call as the project's.
+
+It ends with ONE summary table (per op and shape: the triton, torch and best peer rates, the
+triton/torch speed-up; the training throughputs; the test counts) and writes ``summary.json``,
+``summary.csv``, each stage's JSON/CSV and log under ``$OUT`` if set, else ``./bench-results/``.
+The exit status is 1 if any stage failed, timed out or reported a FAILED row.
+
+Budget: the stages are sized for about 8 minutes on one H100 without ``--anchors`` (tests ~2, ops ~4,
+train ~1; estimates, not measurements). The peers' scripts add about 4 minutes: on a machine with a
+10-minute limit per call, run ``--only tests,ops,train`` and ``--only anchors --anchors DIR`` as two calls.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+ROOT = Path(__file__).resolve().parents[2]
+STAGES = ("tests", "ops", "train", "anchors")
+#: Seconds each stage may run before it is stopped (its partial results are still summarized).
+TIME_LIMITS = {"tests": 240, "ops": 330, "flex": 150, "train": 180, "anchors": 330}
+ANCHOR_SCRIPTS = ("anchors_kernels.py", "anchors_train.py")
+#: Every backend but FlexAttention, which runs in its own pass at S = 4096 only.
+OPS_BACKENDS = "torch,triton,sdpa-flash,sdpa-cudnn,sdpa-mem_eff,compile,liger,torch-fused,torch-foreach"
+FLEX_SHAPES = "4x32x4096x64,4x16x4096x128"
+TRAIN_RECIPE = "recipes/gpt2_124m.toml"
+TIMING = ["--warmup-ms", "10", "--rep-ms", "40"]
+
+
+@dataclass
+class StageResult:
+    name: str
+    status: str = "skipped"  # ok | FAILED | timed out | skipped
+    seconds: float = 0.0
+    note: str = ""
+    outputs: dict[str, str] = field(default_factory=dict)
+    #: The last lines the stage printed (not written to the JSON).
+    tail: list[str] = field(default_factory=list, repr=False)
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["TRITON_INTERPRET"] = "0"
+    env["PYTHONUNBUFFERED"] = "1"
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    return env
+
+
+def run_logged(cmd: list[str], log_path: Path, limit_s: float) -> tuple[int | None, float, list[str]]:
+    """Run ``cmd`` in its own process group, echoing and logging its output; stop it after ``limit_s``.
+
+    Returns (exit status or None when stopped, seconds, the last lines of output).
+    """
+    print(f"$ {' '.join(cmd)}", flush=True)
+    start = time.perf_counter()
+    stopped = threading.Event()
+    tail: list[str] = []
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, bufsize=1, start_new_session=True)
+
+        def stop():
+            stopped.set()
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)  # the stage's own process group (compile workers too)
+            except ProcessLookupError:
+                pass
+
+        timer = threading.Timer(limit_s, stop)
+        timer.start()
+        try:
+            for line in proc.stdout:
+                log.write(line)
+                sys.stdout.write(line)
+                tail = (tail + [line.rstrip("\n")])[-40:]
+            proc.wait()
+        finally:
+            timer.cancel()
+    seconds = time.perf_counter() - start
+    return (None if stopped.is_set() else proc.returncode), seconds, tail
+
+
+def _stage(name: str, cmd: list[str], out: Path, limit_s: float, ok_codes=(0,)) -> StageResult:
+    code, seconds, tail = run_logged(cmd, out / f"{name}.log", limit_s)
+    result = StageResult(name, seconds=seconds, outputs={"log": str(out / f"{name}.log")}, tail=tail)
+    if code is None:
+        result.status, result.note = "timed out", f"stopped after {limit_s:.0f} s"
+    elif code in ok_codes:
+        result.status = "ok"
+    else:
+        result.status, result.note = "FAILED", f"exit status {code}"
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------
+# Stages
+# ---------------------------------------------------------------------------------------------------
+
+def stage_tests(out: Path) -> StageResult:
+    cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "tests"]
+    result = _stage("tests", cmd, out, TIME_LIMITS["tests"], ok_codes=(0, 5))  # 5: no test is marked gpu
+    counts = parse_pytest_counts("\n".join(result.tail))
+    result.note = ", ".join(f"{n} {k}" for k, n in counts.items()) or result.note or "no summary line"
+    if result.status != "ok" and counts:
+        result.note += f" ({result.status})"
+    return result
+
+
+def parse_pytest_counts(text: str) -> dict[str, int]:
+    """``{"passed": 12, "failed": 1, ...}`` from pytest's last summary line."""
+    lines = [line for line in text.splitlines() if re.search(r"\d+ (passed|failed|error|skipped|deselected)", line)]
+    if not lines:
+        return {}
+    return {kind: int(n) for n, kind in re.findall(r"(\d+) (passed|failed|errors?|skipped|deselected|xfailed|xpassed)",
+                                                    lines[-1])}
+
+
+def _plot_args(out: Path, name: str) -> list[str]:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return []
+    return ["--plot", str(out / f"{name}.png")]
+
+
+def stage_ops(out: Path) -> StageResult:
+    bench = [sys.executable, "-m", "engine", "bench", "ops"]
+    main = _stage("ops", bench + ["--backends", OPS_BACKENDS, "--json", str(out / "ops.json"),
+                                  "--csv", str(out / "ops.csv")] + TIMING + _plot_args(out, "ops"),
+                  out, TIME_LIMITS["ops"])
+    flex = _stage("ops_flex", bench + ["--op", "attention", "--backends", "torch,flex", "--shapes", FLEX_SHAPES,
+                                       "--json", str(out / "ops_flex.json"), "--csv", str(out / "ops_flex.csv")]
+                  + TIMING, out, TIME_LIMITS["flex"])
+    main.seconds += flex.seconds
+    main.outputs.update(json=str(out / "ops.json"), flex_json=str(out / "ops_flex.json"))
+    if flex.status != "ok":
+        main.note = "; ".join(filter(None, [main.note, f"flex pass {flex.status} {flex.note}".strip()]))
+        if main.status == "ok":
+            main.status = flex.status
+    return main
+
+
+def stage_train(out: Path, steps: int, compile_too: bool) -> StageResult:
+    cmd = [sys.executable, "-m", "engine", "bench", "train", TRAIN_RECIPE, "--kernels", "triton", "--vs", "torch",
+           "--steps", str(steps), "--train.grad_accum=1", "--json", str(out / "train.json"),
+           "--csv", str(out / "train.csv")] + (["--compile"] if compile_too else [])
+    result = _stage("train", cmd, out, TIME_LIMITS["train"] + (180 if compile_too else 0))
+    result.outputs["json"] = str(out / "train.json")
+    return result
+
+
+def stage_anchors(out: Path, folder: Path) -> StageResult:
+    result = StageResult("anchors", status="ok")
+    notes = []
+    for script in ANCHOR_SCRIPTS:
+        path = folder / script
+        if not path.is_file():
+            notes.append(f"{script} not found")
+            continue
+        r = _stage(Path(script).stem, [sys.executable, str(path)], out, TIME_LIMITS["anchors"])
+        result.seconds += r.seconds
+        notes.append(f"{script} {r.status}")
+        if r.status != "ok":
+            result.status = r.status
+    result.note = ", ".join(notes)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------
+# The summary
+# ---------------------------------------------------------------------------------------------------
+
+def _load(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _rate(row: dict | None) -> str:
+    if row is None:
+        return "–"
+    if row.get("status") != "ok" or row.get("fwdbwd_rate") is None:
+        return row.get("status", "–")
+    pct = f" ({row['pct_peak']:.0f}%)" if row.get("pct_peak") is not None else ""
+    return f"{row['fwdbwd_rate']:.4g}{pct}"
+
+
+def ops_summary(ops_rows: list[dict], flex_rows: list[dict]) -> list[dict]:
+    """One summary line per (op, shape, dtype): triton, torch and the best peer's fwd+bwd rates."""
+    rows = ops_rows + [r for r in flex_rows if r["backend"] == "flex"]
+    groups: dict[tuple, dict[str, dict]] = {}
+    for r in rows:
+        groups.setdefault((r["op"], r["shape"], r["dtype"]), {}).setdefault(r["backend"], r)
+    lines = []
+    for (op, shape, dtype), by_backend in groups.items():
+        triton, torch_row = by_backend.get("triton"), by_backend.get("torch")
+        peers = [r for b, r in by_backend.items() if b not in ("triton", "torch") and r.get("status") == "ok"
+                 and r.get("fwdbwd_rate")]
+        best = max(peers, key=lambda r: r["fwdbwd_rate"], default=None)
+        failed = [b for b, r in by_backend.items() if r.get("status") == "FAILED"]
+        unit = next((r["unit"] for r in by_backend.values() if r.get("unit")), "")
+        lines.append({
+            "item": f"{op} {shape} {dtype}", "unit": unit, "triton": _rate(triton), "torch": _rate(torch_row),
+            "best_peer": f"{best['backend']} {_rate(best)}" if best else "–",
+            "triton_vs_torch": f"{triton['vs_torch']:.2f}" if triton and triton.get("vs_torch") else "–",
+            "note": f"FAILED: {', '.join(failed)}" if failed else "",
+        })
+    return lines
+
+
+def train_summary(train: dict, anchors_train: dict) -> list[dict]:
+    rows = train.get("rows", [])
+    name = train.get("recipe", {}).get("run", {}).get("name", "recipe")
+    lines = []
+    for mode in ("eager", "compile"):
+        by = {r["kernels"]: r for r in rows if r.get("mode") == mode}
+        if not by:
+            continue
+        triton, torch_row = by.get("triton"), by.get("torch")
+
+        def rate(r):
+            if r is None:
+                return "–"
+            if r.get("items_per_s") is None:
+                return r.get("status", "–")
+            return f"{r['items_per_s']:,.0f} ({r['mfu']:.0f}% MFU)" if r.get("mfu") else f"{r['items_per_s']:,.0f}"
+
+        anchor = anchors_train.get(f"gpt124m.{mode}.tok_per_s")
+        failed = [r["kernels"] for r in by.values() if r.get("status") == "FAILED"]
+        lines.append({
+            "item": f"train {name} {mode}", "unit": "tok/s", "triton": rate(triton), "torch": rate(torch_row),
+            "best_peer": f"nanoGPT-style SDPA {anchor:,.0f}" if anchor else "–",
+            "triton_vs_torch": f"{triton['vs']:.2f}" if triton and triton.get("vs") else "–",
+            "note": f"FAILED: {', '.join(failed)}" if failed else "",
+        })
+    return lines
+
+
+SUMMARY_COLUMNS = ("item", "unit", "triton", "torch", "best_peer", "triton_vs_torch", "note")
+
+
+def summarize(out: Path, stages: list[StageResult]) -> tuple[str, dict]:
+    """The summary table (text) and its JSON payload, from what the stages wrote under ``out``."""
+    from engine.bench import format_table
+
+    ops, flex, train = _load(out / "ops.json"), _load(out / "ops_flex.json"), _load(out / "train.json")
+    anchors_train = _load(out / "anchors_train.json")
+    lines = [{"item": f"stage {s.name}", "unit": "", "triton": s.status, "torch": "", "best_peer": "",
+              "triton_vs_torch": "", "note": f"{s.seconds:.0f} s{'; ' + s.note if s.note else ''}"}
+             for s in stages if s.status != "skipped"]
+    lines += ops_summary(ops.get("rows", []), flex.get("rows", []))
+    lines += train_summary(train, anchors_train)
+    env = ops.get("env") or train.get("env") or {}
+    ceilings = ops.get("ceilings") or train.get("ceilings") or {}
+    head = [f"== summary: {env.get('gpu', 'GPU not recorded')} | torch {env.get('torch', '?')} | "
+            f"triton {env.get('triton', '?')} =="]
+    if ceilings:
+        head.append(f"measured ceilings: bf16 matmul {ceilings['matmul_tflops']:.0f} TFLOP/s, "
+                    f"device copy {ceilings['copy_gbps']:.0f} GB/s; rates are fwd+bwd (optimizer: one step), "
+                    f"(% of that ceiling)")
+    header = ["item", "unit", "triton", "torch", "best peer", "triton/torch", "note"]
+    text = "\n".join(head + [format_table(header, [[line[c] for c in SUMMARY_COLUMNS] for line in lines])])
+    stage_records = [{k: v for k, v in vars(s).items() if k != "tail"} for s in stages]
+    return text, {"env": env, "ceilings": ceilings, "stages": stage_records, "summary": lines}
+
+
+def failed_anywhere(stages: list[StageResult], payload: dict) -> bool:
+    return any(s.status not in ("ok", "skipped") for s in stages) or any(
+        line["note"].startswith("FAILED") for line in payload["summary"])
+
+
+# ---------------------------------------------------------------------------------------------------
+# The command
+# ---------------------------------------------------------------------------------------------------
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    from engine.bench import ArgumentParser, BenchError
+
+    p = ArgumentParser(prog="python -m engine.bench.gpu", allow_abbrev=False,
+                       description="GPU tests, op benchmarks and a short training benchmark, with one summary.")
+    p.add_argument("--anchors", type=Path, default=None, metavar="DIR",
+                   help=f"folder holding the peers' {' and '.join(ANCHOR_SCRIPTS)} (run last when given)")
+    p.add_argument("--out", type=Path, default=None, metavar="DIR",
+                   help="where results go (default: $OUT if set, else ./bench-results)")
+    p.add_argument("--only", default=",".join(STAGES), help=f"comma list of stages to run: {', '.join(STAGES)}")
+    p.add_argument("--steps", type=int, default=20, help="timed training steps per run (default 20)")
+    p.add_argument("--compile", action="store_true", help="also time training under torch.compile")
+    a = p.parse_args(list(argv))
+    stages = [s.strip() for s in a.only.split(",")]
+    for s in stages:
+        if s not in STAGES:
+            raise BenchError(f"--only: unknown stage {s!r}; valid: {', '.join(STAGES)}")
+    a.only = stages
+    if a.steps < 1:
+        raise BenchError(f"--steps must be >= 1, got {a.steps}")
+    if a.anchors is not None and not a.anchors.is_dir():
+        raise BenchError(f"--anchors: {a.anchors} is not a folder")
+    if a.out is None:
+        a.out = Path(os.environ["OUT"]) if os.environ.get("OUT") else Path("bench-results")
+    return a
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from engine.bench import BenchError
+
+    try:
+        a = parse_args(sys.argv[1:] if argv is None else argv)
+    except BenchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    import torch
+
+    if not torch.cuda.is_available():
+        print("error: no CUDA device here; this command is for a GPU machine. Without one, run "
+              "`tritonforge bench ops` and `tritonforge bench train` (CPU timings, tiny shapes)", file=sys.stderr)
+        return 2
+    out = a.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    stages: list[StageResult] = []
+    if "tests" in a.only:
+        stages.append(stage_tests(out))
+    if "ops" in a.only:
+        stages.append(stage_ops(out))
+    if "train" in a.only:
+        stages.append(stage_train(out, a.steps, a.compile))
+    if "anchors" in a.only and a.anchors is not None:
+        os.environ["OUT"] = str(out)  # the peers' scripts write their JSON to $OUT
+        stages.append(stage_anchors(out, a.anchors.resolve()))
+    text, payload = summarize(out, stages)
+    from engine.bench import write_csv, write_json
+
+    write_json(out / "summary.json", payload)
+    write_csv(out / "summary.csv", SUMMARY_COLUMNS, payload["summary"])
+    print("\n" + text)
+    print(f"results: {out}")
+    return 1 if failed_anywhere(stages, payload) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,434 @@
+"""``tritonforge bench train RECIPE``: the recipe's model, once per kernel set, in the same process.
+
+    tritonforge bench train RECIPE [--kernels SET] [--vs SET] [--steps N] [--warmup N] [--compile]
+                                   [--json PATH] [--csv PATH] [--section.key=value ...]
+
+Kernel sets (``--kernels``, default ``triton``; ``--vs``, default ``torch``):
+
+- ``torch``: every op on PyTorch's implementation.
+- ``triton``: every op on the project's Triton kernel where this build has one and the device can run it
+  (CUDA, or CPU under ``TRITON_INTERPRET=1``); the other ops on torch. The output lists which op got which.
+- ``auto``: the registry's ``auto`` for every op; ``recipe``: the recipe's own ``[kernels]`` table.
+- ``OP=BACKEND[,OP=BACKEND...]`` (e.g. ``attention=triton,layer_norm=torch``): those ops exactly as given
+  (a ``triton`` without a kernel is an error), every op not named on torch.
+
+Each set builds the model afresh from the same seed and trains it on synthetic inputs of the recipe's
+shapes: for a GPT, ``train.batch_size`` x ``train.seq_len`` tokens drawn uniformly from the tokenizer's
+vocabulary (no dataset, tokenizer or download); for an image classifier, Gaussian images of
+``model.image_size`` (channels_last on CUDA) and random labels. A step is the trainer's: ``train.grad_accum``
+micro-batches under the recipe's precision (autocast; loss scaling for fp16), gradient clipping at
+``train.grad_clip`` (inside the Triton optimizer's step, or ``clip_grad_norm_`` for torch's), the recipe's
+optimizer, ``zero_grad``; at a constant learning rate and with no per-step host read of the loss.
+``--compile`` adds a ``torch.compile`` run of each set.
+
+Timing: ``--warmup`` steps (default 5, 8 with ``--compile``; 1 on CPU) are run and excluded, then each of
+``--steps`` steps (default 20; 3 on CPU) is timed with CUDA events; figures are medians. Columns: ``tok/s``
+(or ``img/s``) items per step over the median step time; ``step ms``; ``peak GB`` the most memory CUDA
+allocated over the run; ``TFLOP/s`` the model's training FLOPs per item (the task's ``flops_per_item``:
+6·N + 6·L·T·d per token for a GPT, 3x the forward's conv and linear FLOPs per image) times items/s;
+``MFU`` that over the card's datasheet bf16 peak; ``% matmul`` over the bf16 matmul rate measured here;
+``loss@0`` the first step's loss, which must agree between the sets (same weights, same batch) within
+:data:`LOSS_TOLERANCE`, or the row is FAILED and the command exits with status 1; ``vs`` the
+ratio of this row's throughput to the ``--vs`` set's in the same mode. On CPU the timings are labelled CPU.
+"""
+from __future__ import annotations
+
+import math
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from engine import registry
+from engine.bench import (ArgumentParser, BenchError, describe_ceilings, environment, fmt, format_table, free_memory,
+                          measure_ceilings, pick_device, timer_label, write_csv, write_json)
+from engine.config import Recipe, RecipeError, load_recipe
+from engine.precision import LossScaler, autocast
+from engine.registry import KernelSelectionError, Ops
+from engine.tasks import Task
+
+#: Largest relative difference of the first step's loss between two kernel sets, by precision.
+LOSS_TOLERANCE = {"fp32": 1e-3, "bf16": 2e-2, "fp16": 1e-2}
+#: Distinct synthetic micro-batches cycled through (kept on the device, so no copies are timed).
+SYNTHETIC_BATCHES = 4
+
+COLUMNS = ("kernels", "mode", "status", "unit", "items_per_s", "step_ms", "step_ms_mean", "peak_gb", "tflops", "mfu",
+           "pct_matmul", "first_loss", "last_loss", "vs", "backends", "timer", "note")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Kernel sets
+# ---------------------------------------------------------------------------------------------------
+
+NAMED_SETS = ("torch", "triton", "auto", "recipe")
+
+
+def parse_kernel_set(text: str, option: str) -> str | dict[str, str]:
+    """A named set, or ``{op: backend}`` for the ``OP=BACKEND,...`` form (checked against the registry)."""
+    text = text.strip()
+    if text in NAMED_SETS:
+        return text
+    choices: dict[str, str] = {}
+    for item in text.split(","):
+        op, eq, backend = (s.strip() for s in item.partition("="))
+        if not eq:
+            raise BenchError(f"{option}: {item.strip()!r} is neither a kernel set ({', '.join(NAMED_SETS)}) nor "
+                             f"OP=BACKEND (e.g. attention=triton,layer_norm=torch)")
+        try:
+            registry.check_backend_name(op, backend)
+        except KernelSelectionError as e:
+            raise BenchError(f"{option}: {e}") from None
+        choices[op] = backend
+    return choices
+
+
+def kernel_set_label(kernel_set: str | dict[str, str]) -> str:
+    if isinstance(kernel_set, str):
+        return kernel_set
+    return ",".join(f"{op}={b}" for op, b in kernel_set.items())
+
+
+def resolve_set(kernel_set: str | dict[str, str], recipe: Recipe, device: torch.device) -> Ops:
+    """The registry's ops for a kernel set (see the module docstring for what each set means)."""
+    if kernel_set == "triton":
+        choices = {}
+        for op in registry.OPS:
+            try:
+                registry.resolve({op: "triton"}, device)
+                choices[op] = "triton"
+            except KernelSelectionError:
+                choices[op] = "torch"
+    elif kernel_set in ("torch", "auto"):
+        choices = {op: kernel_set for op in registry.OPS}
+    elif kernel_set == "recipe":
+        choices = dict(vars(recipe.kernels))
+    else:
+        choices = {op: "torch" for op in registry.OPS} | dict(kernel_set)
+    return registry.resolve(choices, device)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The synthetic task
+# ---------------------------------------------------------------------------------------------------
+
+class SyntheticTask(Task):
+    """The recipe's model on random inputs of the recipe's shapes: no dataset, tokenizer or download."""
+
+    def __init__(self, recipe: Recipe, ops: Ops, device: torch.device):
+        self.recipe, self.device = recipe, device
+        m, t = recipe.model, recipe.train
+        # Inputs come from their own generator so that every kernel set sees the same batches.
+        gen = torch.Generator().manual_seed(recipe.run.seed)
+        if m.arch == "gpt":
+            from engine.data.text import ByteTokenizer, GPT2Tokenizer
+            from engine.models.gpt import GPT
+            from engine.tasks.lm import gpt_config
+
+            vocab = {"byte": ByteTokenizer, "gpt2": GPT2Tokenizer}[recipe.data.tokenizer].vocab_size
+            self.model = GPT(gpt_config(recipe, vocab), ops).to(device)
+            self.unit, self.items_per_micro_batch = "tok", t.batch_size * t.seq_len
+            tokens = [torch.randint(0, vocab, (t.batch_size, t.seq_len + 1), generator=gen)
+                      for _ in range(SYNTHETIC_BATCHES)]
+            self.batches = [(x[:, :-1].contiguous().to(device), x[:, 1:].contiguous().to(device)) for x in tokens]
+            self._flops = self.model.flops_per_token(t.seq_len)
+        else:
+            from engine.config import IMAGE_ARCHS
+
+            if m.arch not in IMAGE_ARCHS:
+                raise BenchError(f"model.arch: bench train builds gpt, {', '.join(IMAGE_ARCHS)} models; "
+                                 f"got {m.arch!r}")
+            from engine.tasks.vision import build_model, forward_flops
+
+            layout = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+            self.model = build_model(m, ops).to(device, memory_format=layout)
+            self.unit, self.items_per_micro_batch = "img", t.batch_size
+            shape = (t.batch_size, m.channels, m.image_size, m.image_size)
+            self.batches = [(torch.randn(shape, generator=gen).to(device, memory_format=layout),
+                             torch.randint(0, m.num_classes, (t.batch_size,), generator=gen).to(device))
+                            for _ in range(SYNTHETIC_BATCHES)]
+            self._flops = 3.0 * forward_flops(self.model, shape[1:], device)
+
+    def batch(self, step: int, micro: int):
+        return self.batches[(step * self.recipe.train.grad_accum + micro) % len(self.batches)]
+
+    def loss(self, model: nn.Module, inputs, targets):
+        if self.unit == "tok":
+            return model(inputs, targets)
+        return F.cross_entropy(model(inputs).float(), targets, label_smoothing=self.recipe.train.label_smoothing)
+
+    def flops_per_item(self) -> float:
+        return self._flops
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """Matrices decayed, 1-D parameters (norms, biases) not: what both real tasks do."""
+        decay, no_decay = [], []
+        for p in self.model.parameters():
+            if p.requires_grad:
+                (decay if p.dim() >= 2 else no_decay).append(p)
+        return [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
+
+
+# ---------------------------------------------------------------------------------------------------
+# One run: build, warm up, time
+# ---------------------------------------------------------------------------------------------------
+
+@dataclass
+class TrainArgs:
+    recipe: Recipe
+    kernels: str | dict[str, str]
+    vs: str | dict[str, str]
+    steps: int
+    warmup: int | None
+    compile: bool
+    device: torch.device
+    json: str | None = None
+    csv: str | None = None
+    overrides: list[str] = field(default_factory=list)
+
+
+def _train_step(task: SyntheticTask, forward_model: nn.Module, optimizer, clips_in_step: bool, scaler: LossScaler,
+                params: list[torch.Tensor], recipe: Recipe):
+    t = recipe.train
+
+    def step(i: int) -> torch.Tensor:
+        loss_sum = torch.zeros((), device=task.device)
+        for micro in range(t.grad_accum):
+            inputs, targets = task.batch(i, micro)
+            with autocast(t.precision, task.device):
+                loss = task.loss(forward_model, inputs, targets)
+            scaler.scale_loss(loss / t.grad_accum).backward()
+            loss_sum += loss.detach().float()
+        if clips_in_step:
+            optimizer.grad_scale = scaler.scale
+            optimizer.step()
+            found_inf = optimizer.found_inf
+        else:
+            found_inf = scaler.unscale_(params)
+            if t.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
+            if not (scaler.enabled and found_inf.item()):  # fp16 skips an overflowed step, as the trainer does
+                optimizer.step()
+        scaler.update(found_inf)
+        optimizer.zero_grad(set_to_none=True)
+        return loss_sum / t.grad_accum
+
+    return step
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_one(args: TrainArgs, kernel_set, compiled: bool, ceilings: dict, log=print) -> dict:
+    """Build the model with ``kernel_set`` and time it; a row for the table."""
+    r, device = args.recipe, args.device
+    row = {"kernels": kernel_set_label(kernel_set), "mode": "compile" if compiled else "eager", "status": "ok",
+           "unit": None, "timer": timer_label(device), "note": "", "backends": None}
+    free_memory(device)
+    if compiled:
+        torch._dynamo.reset()
+    torch.manual_seed(r.run.seed)
+    ops = resolve_set(kernel_set, r, device)
+    row["backends"] = dict(ops.backends)
+    task = SyntheticTask(r, ops, device)
+    row["unit"] = task.unit
+    forward_model = torch.compile(task.model) if compiled else task.model
+    o = r.optim
+    optimizer, clips_in_step = ops.make_optimizer(
+        o.name, task.param_groups(o.weight_decay), lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay,
+        momentum=o.momentum, nesterov=o.nesterov, max_grad_norm=r.train.grad_clip, device=device)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    scaler = LossScaler(device, enabled=r.train.precision == "fp16")
+    step = _train_step(task, forward_model, optimizer, clips_in_step, scaler, params, r)
+    warmup = args.warmup if args.warmup is not None else (1 if device.type != "cuda" else 8 if compiled else 5)
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    first_loss = step(0)
+    for i in range(1, warmup):
+        step(i)
+    _sync(device)
+    row["warmup_s"] = time.perf_counter() - start
+    times_ms = []
+    for i in range(warmup, warmup + args.steps):
+        if device.type == "cuda":
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            loss = step(i)
+            end.record()
+            times_ms.append((begin, end))
+        else:
+            t0 = time.perf_counter()
+            loss = step(i)
+            times_ms.append(1e3 * (time.perf_counter() - t0))
+    _sync(device)
+    if device.type == "cuda":
+        times_ms = [b.elapsed_time(e) for b, e in times_ms]
+        row["peak_gb"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
+    row["first_loss"], row["last_loss"] = float(first_loss), float(loss)
+    row["step_ms"] = statistics.median(times_ms)
+    row["step_ms_mean"] = statistics.fmean(times_ms)
+    items_per_step = task.items_per_micro_batch * r.train.grad_accum
+    row["items_per_s"] = items_per_step / (row["step_ms"] / 1e3)
+    row["tflops"] = task.flops_per_item() * row["items_per_s"] / 1e12
+    from engine.metrics import peak_flops
+
+    peak = peak_flops(device)
+    row["mfu"] = 100 * row["tflops"] * 1e12 / peak if peak else None
+    row["pct_matmul"] = 100 * row["tflops"] / ceilings["matmul_tflops"] if ceilings else None
+    if not (math.isfinite(row["first_loss"]) and math.isfinite(row["last_loss"])):
+        row["status"], row["note"] = "FAILED", f"non-finite loss (first {row['first_loss']}, last {row['last_loss']})"
+    del task, forward_model, optimizer, params, step
+    free_memory(device)
+    return row
+
+
+def _compare(rows: list[dict], args: TrainArgs, log_err) -> None:
+    """Throughput ratio and first-loss agreement of each row with the ``--vs`` row of the same mode."""
+    vs_label = kernel_set_label(args.vs)
+    tol = LOSS_TOLERANCE[args.recipe.train.precision]
+    for mode in ("eager", "compile"):
+        base = next((r for r in rows if r["mode"] == mode and r["kernels"] == vs_label and r.get("items_per_s")), None)
+        if base is None:
+            continue
+        for r in rows:
+            if r["mode"] != mode or not r.get("items_per_s"):
+                continue
+            r["vs"] = r["items_per_s"] / base["items_per_s"]
+            diff = abs(r["first_loss"] - base["first_loss"]) / max(abs(base["first_loss"]), 1e-12)
+            if r["status"] == "ok" and not diff <= tol:
+                r["status"] = "FAILED"
+                r["note"] = (f"first-step loss {r['first_loss']:.5f} differs from {vs_label}'s {base['first_loss']:.5f} "
+                             f"by {diff:.1e} (relative; tolerance {tol:g} for {args.recipe.train.precision})")
+                log_err(f"!!! FAILED bench train {r['kernels']} ({mode}): {r['note']}")
+
+
+def run(args: TrainArgs, log=print, log_err=None) -> dict:
+    log_err = log_err or (lambda text: print(text, file=sys.stderr, flush=True))
+    device = args.device
+    r = args.recipe
+    if r.run.threads:
+        torch.set_num_threads(r.run.threads)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # as the trainer sets it
+        torch.backends.cudnn.allow_tf32 = True
+    ceilings = measure_ceilings(device)
+    log(describe_ceilings(ceilings))
+    result = {"env": environment(device), "ceilings": ceilings, "recipe": r.to_dict(), "overrides": args.overrides,
+              "rows": []}
+    # Two equal sets still run twice: their difference is the run-to-run noise.
+    for compiled in ([False, True] if args.compile else [False]):
+        for kernel_set in (args.kernels, args.vs):
+            label = kernel_set_label(kernel_set)
+            log(f"{label} ({'compile' if compiled else 'eager'}): {args.steps} timed steps")
+            try:
+                row = run_one(args, kernel_set, compiled, ceilings, log)
+            except torch.OutOfMemoryError:
+                row = {"kernels": label, "mode": "compile" if compiled else "eager", "status": "not available",
+                       "note": "out of memory: lower train.batch_size", "timer": timer_label(device)}
+                free_memory(device)
+            except (RecipeError, KernelSelectionError):
+                raise
+            except Exception as e:  # noqa: BLE001  (report it and go on with the other set)
+                row = {"kernels": label, "mode": "compile" if compiled else "eager", "status": "FAILED",
+                       "note": f"{type(e).__name__}: {str(e).strip()[:300]}", "timer": timer_label(device)}
+                log_err(f"!!! FAILED bench train {label}: {row['note']}")
+                free_memory(device)
+            result["rows"].append(row)
+            log("  " + _row_line(row))
+            _write(args, result)
+    _compare(result["rows"], args, log_err)
+    _write(args, result)
+    return result
+
+
+def _row_line(r: dict) -> str:
+    if r.get("items_per_s") is None:
+        return f"{r['kernels']} {r['mode']}: {r['status']} {r.get('note', '')}"
+    return (f"{r['kernels']} {r['mode']}: {r['items_per_s']:,.0f} {r['unit']}/s, {r['step_ms']:.1f} ms/step, "
+            f"loss {r['first_loss']:.4f} -> {r['last_loss']:.4f}")
+
+
+def _write(args: TrainArgs, result: dict) -> None:
+    if args.json:
+        write_json(args.json, result)
+    if args.csv:
+        write_csv(args.csv, COLUMNS, result["rows"])
+
+
+def table(result: dict, args: TrainArgs) -> str:
+    rows = result["rows"]
+    unit = next((r["unit"] for r in rows if r.get("unit")), "item")
+    ms = " (CPU)" if args.device.type != "cuda" else ""
+    header = ["kernels", "mode", f"{unit}/s{ms}", f"step ms{ms}", "peak GB", "TFLOP/s", "MFU %", "% matmul",
+              "loss@0", f"vs {kernel_set_label(args.vs)}", "status"]
+    cells = [[r["kernels"], r["mode"], fmt(r.get("items_per_s"), ",.0f"), fmt(r.get("step_ms"), ".1f"),
+              fmt(r.get("peak_gb"), ".1f"), fmt(r.get("tflops"), ".3g"), fmt(r.get("mfu"), ".1f"),
+              fmt(r.get("pct_matmul"), ".1f"), fmt(r.get("first_loss"), ".4f"), fmt(r.get("vs"), ".3f"), r["status"]]
+             for r in rows]
+    lines = [format_table(header, cells)]
+    for r in rows:
+        if r.get("backends"):
+            used = ", ".join(f"{op}={b}" for op, b in r["backends"].items())
+            lines.append(f"  {r['kernels']} ({r['mode']}): {used}")
+        if r.get("note"):
+            lines.append(f"  {r['kernels']} ({r['mode']}): {r['note']}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The command
+# ---------------------------------------------------------------------------------------------------
+
+def _parser() -> ArgumentParser:
+    p = ArgumentParser(prog="tritonforge bench train", allow_abbrev=False,
+                       description="Train RECIPE's model on synthetic inputs once per kernel set and compare "
+                                   "throughput; any --section.key=value overrides the recipe.")
+    p.add_argument("recipe", metavar="RECIPE", help="a TOML recipe")
+    p.add_argument("--kernels", default="triton",
+                   help="torch, triton (Triton where a kernel exists), auto, recipe, or OP=BACKEND,... (default triton)")
+    p.add_argument("--vs", default="torch", help="the kernel set to compare with, same forms (default torch)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps (default 20; 3 on CPU)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 5, 8 with --compile; 1 on CPU)")
+    p.add_argument("--compile", action="store_true", help="also time each set under torch.compile")
+    p.add_argument("--json", default=None, metavar="PATH", help="write the rows as JSON")
+    p.add_argument("--csv", default=None, metavar="PATH", help="write the rows as CSV")
+    return p
+
+
+def parse_args(argv: Sequence[str]) -> TrainArgs:
+    a, overrides = _parser().parse_known_args(list(argv))
+    kernels = parse_kernel_set(a.kernels, "--kernels")
+    vs = parse_kernel_set(a.vs, "--vs")
+    if a.steps is not None and a.steps < 1:
+        raise BenchError(f"--steps must be >= 1, got {a.steps}")
+    if a.warmup is not None and a.warmup < 1:
+        raise BenchError(f"--warmup must be >= 1 (the first step compiles and allocates), got {a.warmup}")
+    recipe = load_recipe(a.recipe, overrides)  # RecipeError names a bad override or field
+    device = pick_device(recipe.run.device)
+    steps = a.steps if a.steps is not None else (20 if device.type == "cuda" else 3)
+    return TrainArgs(recipe, kernels, vs, steps, a.warmup, a.compile, device, a.json, a.csv, list(overrides))
+
+
+def main(argv: Sequence[str]) -> int:
+    try:
+        args = parse_args(argv)
+        result = run(args)
+    except (RecipeError, KernelSelectionError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print()
+    print(table(result, args))
+    print(describe_ceilings(result["ceilings"]))
+    for path in (args.json, args.csv):
+        if path:
+            print(f"wrote {path}")
+    failed = [r for r in result["rows"] if r["status"] == "FAILED"]
+    return 1 if failed else 0

@@ -1,0 +1,248 @@
+"""Benchmarks on CPU: the checks run, a wrong backend FAILS without being timed, outputs have their
+columns, arguments are validated, and the GPU command's summary is built from the stages' results."""
+import csv
+import json
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from engine import cli, registry
+from engine.bench import BenchError, gpu, ops, train
+
+# One small shape per op (the Triton interpreter runs these in about a second).
+TINY_SHAPES = ("attention=1x2x16x16:causal,layer_norm=8x32,rms_norm=8x32,cross_entropy=8x64,"
+               "optimizer=1x16x64x16:clip")
+TINY_GPT = ["--model.preset=gpt-tiny", "--model.n_layer=1", "--model.d_model=32", "--model.n_head=2",
+            "--model.context=16", "--train.seq_len=16", "--train.batch_size=2"]
+
+
+def run_ops(tmp_path, *args):
+    json_path, csv_path = tmp_path / "ops.json", tmp_path / "ops.csv"
+    code = ops.main(["--device", "cpu", "--json", str(json_path), "--csv", str(csv_path), *args])
+    return code, json.loads(json_path.read_text())["rows"], list(csv.DictReader(open(csv_path)))
+
+
+def test_ops_torch_backend_checks_and_times_every_op(tmp_path, capsys):
+    code, rows, csv_rows = run_ops(tmp_path, "--backends", "torch", "--shapes", TINY_SHAPES)
+    assert code == 0
+    assert [r["op"] for r in rows] == list(ops.OPS)
+    for r in rows:
+        assert r["status"] == "ok", r
+        assert r["max_err"] < ops.TOLERANCE[torch.float32]
+        assert r["fwdbwd_ms"] > 0 and r["fwdbwd_rate"] > 0 and r["vs_torch"] == 1.0
+        assert r["timer"] == "CPU"
+        if r["op"] != "optimizer":
+            assert r["fwd_ms"] > 0 and r["bwd_ms"] > 0
+    assert rows[0]["unit"] == "TFLOP/s" and rows[1]["unit"] == "GB/s"
+    assert tuple(csv_rows[0]) == ops.COLUMNS and len(csv_rows) == len(rows)
+    assert "fwd ms (CPU)" in capsys.readouterr().out
+
+
+def test_ops_wrong_backend_fails_loudly_and_is_not_timed(tmp_path, monkeypatch, capsys):
+    def wrong_layer_norm(x, weight=None, bias=None, eps=1e-5):
+        return F.layer_norm(x, (x.shape[-1],), weight, bias, eps) * 1.1
+
+    monkeypatch.setattr(registry, "torch_layer_norm", wrong_layer_norm)
+    code, rows, csv_rows = run_ops(tmp_path, "--op", "layer_norm,rms_norm", "--backends", "torch",
+                                   "--shapes", "8x32")
+    assert code == 1
+    bad, good = rows
+    assert bad["status"] == "FAILED" and "relative error" in bad["note"]
+    assert bad["fwd_ms"] is None and bad["fwdbwd_ms"] is None and bad["fwdbwd_rate"] is None
+    assert good["status"] == "ok"
+    assert csv_rows[0]["status"] == "FAILED"
+    assert "!!! FAILED layer_norm / torch" in capsys.readouterr().err
+
+
+def test_ops_triton_rows_through_the_interpreter(tmp_path):
+    """Every op whose Triton kernel exists is checked through the interpreter; the others say why not."""
+    code, rows, _ = run_ops(tmp_path, "--backends", "torch,triton", "--shapes", TINY_SHAPES)
+    assert code == 0
+    for r in (r for r in rows if r["backend"] == "triton"):
+        if registry.triton_available(r["op"]):
+            assert r["status"] == "ok" and r["fwdbwd_ms"] > 0, r
+        else:
+            assert r["status"] == "not available" and "no Triton kernel" in r["note"]
+
+
+def test_ops_peer_that_cannot_run_is_not_available(tmp_path):
+    code, rows, _ = run_ops(tmp_path, "--op", "attention", "--backends", "torch,sdpa-cudnn",
+                            "--shapes", "1x1x16x16:full")
+    assert code == 0
+    assert rows[1]["backend"] == "sdpa-cudnn" and rows[1]["status"] == "not available" and rows[1]["note"]
+
+
+def test_ops_plot(tmp_path):
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "ops.png"
+    assert ops.main(["--device", "cpu", "--op", "rms_norm", "--backends", "torch", "--shapes", "8x32",
+                     "--plot", str(png)]) == 0
+    assert png.stat().st_size > 0
+
+
+def test_ops_plot_without_matplotlib_is_a_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(BenchError, match="--plot needs matplotlib"):
+        ops.parse_args(["--device", "cpu", "--plot", "x.png"])
+
+
+def test_shape_syntax():
+    shapes = ops.parse_shapes("attention=4x16x4096x128,layer_norm=32768x768", ["attention", "layer_norm"])
+    assert [s.label for s in shapes["attention"]] == ["4x16x4096x128 causal", "4x16x4096x128 full"]
+    assert shapes["layer_norm"] == [ops.MatrixShape(32768, 768)]
+    both = ops.parse_shapes("64x256", ["layer_norm", "rms_norm"])
+    assert both["layer_norm"] == both["rms_norm"] == [ops.MatrixShape(64, 256)]
+    opt = ops.parse_shapes("124m:clip,2x64x512x32", ["optimizer"])["optimizer"]
+    assert opt[0].name == "124M" and opt[0].clip and 124e6 < opt[0].numel < 125e6
+    assert [(s.layers, s.width, s.vocab, s.context, s.clip) for s in opt[1:]] == [(2, 64, 512, 32, False),
+                                                                                    (2, 64, 512, 32, True)]
+    default = ops.parse_shapes("default", list(ops.OPS))
+    assert len(default["attention"]) == 12 and all(s.batch * s.seq == 16384 for s in default["attention"])
+    assert len(default["optimizer"]) == 4 and len(default["layer_norm"]) == 4
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--op", "softmax"], "--op: unknown op 'softmax'"),
+    (["--op", "layer_norm", "--backends", "flex"], "--backends: 'flex' is not a backend of layer_norm"),
+    (["--dtype", "fp8"], "--dtype: unknown dtype 'fp8'"),
+    (["--op", "attention", "--shapes", "4x16x4096"], "--shapes: '4x16x4096' is not a attention shape"),
+    (["--op", "attention,layer_norm", "--shapes", "64x256"], "prefix a spec with its op"),
+    (["--op", "layer_norm", "--shapes", "rms_norm=64x256"], "which --op does not select"),
+    (["--op", "layer_norm", "--shapes", "0x256"], "must be > 0"),
+    (["--op", "optimizer", "--shapes", "7B"], "is not a optimizer shape"),
+    (["--rep-ms", "0"], "--rep-ms"),
+    (["--bogus"], "unrecognized arguments: --bogus"),
+])
+def test_ops_argument_errors(argv, message):
+    with pytest.raises(BenchError, match=message):
+        ops.parse_args(["--device", "cpu", *argv])
+
+
+def test_ops_cpu_defaults():
+    args = ops.parse_args(["--device", "cpu"])
+    assert args.dtypes == [torch.float32]
+    assert args.backends["attention"] == ["torch", "triton"]
+    assert args.shapes == ops.SHAPE_SETS["tiny"]
+    args = ops.parse_args(["--device", "cpu", "--backends", "liger,torch", "--op", "attention,rms_norm"])
+    assert args.backends == {"attention": ["torch"], "rms_norm": ["torch", "liger"]}
+
+
+def test_train_tiny_gpt_torch_vs_torch(tmp_path, capsys):
+    out = tmp_path / "train.json"
+    code = train.main(["recipes/gpt_cpu.toml", "--kernels", "torch", "--vs", "torch", "--steps", "2", "--warmup", "1",
+                       "--json", str(out), "--csv", str(tmp_path / "train.csv"), *TINY_GPT])
+    assert code == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["kernels"], r["mode"], r["status"]) for r in rows] == [("torch", "eager", "ok")] * 2
+    first, second = rows
+    assert first["unit"] == "tok" and first["items_per_s"] > 0 and first["step_ms"] > 0
+    assert first["first_loss"] == second["first_loss"]  # same seed, same weights, same batch
+    assert first["vs"] == 1.0 and second["vs"] > 0
+    assert first["tflops"] > 0 and first["mfu"] is None  # no datasheet peak for a CPU
+    text = capsys.readouterr().out
+    assert "tok/s (CPU)" in text and "vs torch" in text
+    header = (tmp_path / "train.csv").read_text().splitlines()[0].split(",")
+    assert tuple(header) == train.COLUMNS
+
+
+def test_train_mismatched_loss_is_failed(tmp_path, monkeypatch):
+    def wrong_cross_entropy(logits, targets, ignore_index=-100):
+        return 2 * F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+    real_resolve = registry.resolve
+
+    def resolve(choices=None, device="cpu"):  # the --kernels set gets the wrong loss, the --vs set the right one
+        ops_ = real_resolve(choices, device)
+        if choices and choices.get("attention") == "auto":
+            return type(ops_)(**{**vars(ops_), "cross_entropy": wrong_cross_entropy})
+        return ops_
+
+    monkeypatch.setattr(registry, "resolve", resolve)
+    code = train.main(["recipes/gpt_cpu.toml", "--kernels", "auto", "--vs", "torch", "--steps", "1", "--warmup", "1",
+                       "--json", str(tmp_path / "t.json"), *TINY_GPT])
+    assert code == 1
+    rows = json.loads((tmp_path / "t.json").read_text())["rows"]
+    assert rows[0]["status"] == "FAILED" and "first-step loss" in rows[0]["note"]
+
+
+def test_kernel_sets(monkeypatch):
+    assert train.parse_kernel_set("triton", "--kernels") == "triton"
+    assert train.parse_kernel_set("attention=triton, layer_norm=torch", "--kernels") == {
+        "attention": "triton", "layer_norm": "torch"}
+    recipe = train.load_recipe("recipes/gpt_cpu.toml")
+    cpu = torch.device("cpu")
+    explicit = train.resolve_set({"layer_norm": "auto"}, recipe, cpu).backends
+    assert explicit == {op: "torch" for op in registry.OPS}  # unnamed ops on torch, auto is torch on CPU
+    lenient = train.resolve_set("triton", recipe, cpu).backends  # the interpreter is on in the tests
+    assert all(b == ("triton" if registry.triton_available(op) else "torch") for op, b in lenient.items())
+    monkeypatch.setattr(registry, "_triton_kernels", lambda op: None)
+    with pytest.raises(registry.KernelSelectionError, match="no Triton kernel"):
+        train.resolve_set({"attention": "triton"}, recipe, cpu)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--kernels", "fast"], "--kernels: 'fast' is neither a kernel set"),
+    (["--vs", "attention=flash"], "--vs: kernels.attention: unknown backend 'flash'"),
+    (["--kernels", "softmax=triton"], "--kernels: unknown op 'softmax'"),
+    (["--steps", "0"], "--steps must be >= 1"),
+    (["--train.nope=1"], "unknown key train.nope"),
+    (["stray"], "unexpected argument 'stray'"),
+])
+def test_train_argument_errors(argv, message):
+    with pytest.raises((BenchError, train.RecipeError), match=message):
+        train.parse_args(["recipes/gpt_cpu.toml", *argv])
+
+
+def test_cli_dispatch(capsys):
+    assert cli.main(["bench"]) == 2
+    assert cli.main(["bench", "nope"]) == 2
+    assert "unknown bench subcommand 'nope'" in capsys.readouterr().err
+    assert cli.main(["bench", "ops", "--op", "nope"]) == 2
+    assert "--op: unknown op 'nope'" in capsys.readouterr().err
+    assert cli.main(["bench", "train", "missing.toml"]) == 2
+    assert "recipe file not found" in capsys.readouterr().err
+
+
+def test_gpu_summary_from_stage_results(tmp_path):
+    def row(backend, rate, status="ok", **kw):
+        return {"op": "layer_norm", "shape": "32768x768", "dtype": "bf16", "backend": backend, "status": status,
+                "unit": "GB/s", "fwdbwd_rate": rate, "pct_peak": rate and rate / 30, "vs_torch": kw.get("vs")}
+
+    ops_rows = [row("torch", 900.0, vs=1.0), row("triton", 1800.0, vs=2.0), row("compile", 1200.0),
+                row("liger", None, "not available")]
+    ceilings = {"matmul_tflops": 800.0, "copy_gbps": 3000.0}
+    (tmp_path / "ops.json").write_text(json.dumps({"env": {"gpu": "H100"}, "ceilings": ceilings, "rows": ops_rows}))
+    flex = [dict(row("torch", 1.0), op="attention", shape="s"), dict(row("flex", 300.0, vs=1.5), op="attention",
+                                                                        shape="s", unit="TFLOP/s")]
+    (tmp_path / "ops_flex.json").write_text(json.dumps({"rows": flex}))
+    train_rows = [{"kernels": "triton", "mode": "eager", "status": "ok", "items_per_s": 400000.0, "mfu": 35.0,
+                   "vs": 1.3},
+                  {"kernels": "torch", "mode": "eager", "status": "ok", "items_per_s": 300000.0, "mfu": 27.0}]
+    (tmp_path / "train.json").write_text(json.dumps({"recipe": {"run": {"name": "gpt2-124m"}}, "rows": train_rows}))
+    (tmp_path / "anchors_train.json").write_text(json.dumps({"gpt124m.eager.tok_per_s": 306904.0}))
+    stages = [gpu.StageResult("tests", "ok", 60.0, "12 passed"), gpu.StageResult("ops", "ok", 200.0)]
+    text, payload = gpu.summarize(tmp_path, stages)
+    items = {line["item"]: line for line in payload["summary"]}
+    ln = items["layer_norm 32768x768 bf16"]
+    assert ln["triton"] == "1800 (60%)" and ln["torch"] == "900 (30%)" and ln["triton_vs_torch"] == "2.00"
+    assert ln["best_peer"].startswith("compile 1200")
+    assert items["attention s bf16"]["best_peer"].startswith("flex 300")
+    gpt = items["train gpt2-124m eager"]
+    assert gpt["triton"].startswith("400,000") and gpt["best_peer"] == "nanoGPT-style SDPA 306,904"
+    assert "H100" in text and "3000 GB/s" in text and "stage tests" in text
+    assert not gpu.failed_anywhere(stages, payload)
+    assert gpu.failed_anywhere(stages + [gpu.StageResult("train", "timed out")], payload)
+
+
+def test_gpu_helpers(tmp_path):
+    assert gpu.parse_pytest_counts("...\n3 failed, 40 passed, 2 skipped in 9.1s") == {
+        "failed": 3, "passed": 40, "skipped": 2}
+    assert gpu.parse_pytest_counts("no tests ran") == {}
+    code, seconds, tail = gpu.run_logged(
+        [sys.executable, "-c", "import time; print('started', flush=True); time.sleep(30)"], tmp_path / "x.log", 1.0)
+    assert code is None and seconds < 20 and tail == ["started"]
+    with pytest.raises(BenchError, match="--only: unknown stage 'bench'"):
+        gpu.parse_args(["--only", "bench"])
+    assert gpu.main([]) == 2 or torch.cuda.is_available()
