@@ -33,8 +33,8 @@ Design (chosen without a GPU; the reasoning is written down so that a measuremen
 * Forward: ``_FWD_TILE`` = 8192 elements per program, one tile per program, a grid of
   cdiv(M, BLOCK_M) programs, and warps such that each thread holds 64 bytes of x (four 128-bit
   loads): 8 warps for bf16/fp16, 16 for fp32. Compiled for sm_90 the bf16 tile kernels take 59-80
-  registers per thread, so 3 programs (24 warps) share an SM and about 48 KB of loads are in flight
-  per SM; at 3 TB/s and ~1 us of loaded latency an SM needs ~23 KB in flight (Little's law).
+  registers per thread, so 3-4 programs (24-32 warps) share an SM and 48-64 KB of loads are in
+  flight per SM; at 3 TB/s and ~1 us of loaded latency an SM needs ~23 KB in flight (Little's law).
 * Backward: ``_BWD_TILE`` = 4096 elements per loop iteration, warps such that each thread holds
   32 bytes (two 128-bit loads) of each of x and dy beside two fp32 dw/db accumulators: 8 warps for
   bf16 (16 at N = 8192, whose row is the smallest tile), 16 for fp32. That is 100-128 registers per
