@@ -1,0 +1,794 @@
+"""Fused scaled-dot-product attention (FlashAttention-2 style): forward, backward, custom op.
+
+``attention(q, k, v, causal=False, scale=None, window=None)`` computes, for every batch ``b`` and
+query head ``h`` (served by key/value head ``h // (H // Hkv)``)::
+
+    out[b, h, i] = sum_j softmax_j(scale * q[b, h, i] . k[b, hk, j] | j visible from i) * v[b, hk, j]
+
+without ever holding the S x S score matrix in memory.
+
+Which keys a query sees
+-----------------------
+Every mask is one *band*: key ``j`` is visible from query ``i`` iff ``i - left < j <= i + right``.
+
+==========================  ==========  ==========
+arguments                   left        right
+==========================  ==========  ==========
+full (default)              S           S
+``causal=True``             S           0
+``causal=True, window=w``   w           0
+``causal=False, window=w``  w           w - 1
+==========================  ==========  ==========
+
+So with ``causal=True`` a window ``w`` keeps the ``w`` most recent keys, the query's own position
+included (``i - w < j <= i``). With ``causal=False`` it is the symmetric local window
+``|i - j| < w``: the query's own key and the ``w - 1`` nearest on each side. ``w >= S`` is the same as
+no window. Every query sees at least its own key, so no softmax row is ever empty.
+
+Design
+------
+*Forward* (``_attn_fwd``): one program per (query block of ``BLOCK_M`` rows, batch * head). The query
+tile stays in registers/shared memory while key/value tiles of ``BLOCK_N`` rows stream through an online
+softmax in fp32: the running row maximum ``m`` and sum ``l`` rescale the accumulator whenever the
+maximum grows. ``log2(e)`` is folded into the score scale so the exponentials are ``exp2`` and the
+rescaling needs no extra multiply. The kernel writes the output and the row log-sum-exp ``m + log2(l)``
+(base 2, in units of the scaled scores), which is all the backward needs to rebuild the
+probabilities. Programs take the query blocks in reverse order, so that under a causal mask the longest
+rows start first and the short ones fill the tail of the grid.
+
+*Key ranges*: for a block of queries the visible keys lie in one contiguous range. Key blocks that lie
+outside it are never visited (causal halves the work; a window makes it O(S * w)). Inside the range,
+blocks where every (query, key) pair is visible and inside the sequence are *interior*; the others
+(the diagonal of a causal mask, the lower edge of a window, the ragged last block of a sequence whose
+length is not a multiple of the block) are *boundary* blocks. The loop over key blocks is written once
+inside ``tl.static_range(2)``: the first pass visits the boundary blocks and applies the band and
+sequence masks, the second visits the interior blocks with no mask at all, so the masking costs only on
+the O(1) boundary blocks per row block. Both passes compile from the same source.
+
+*Backward* (no atomics: every output element is reduced by exactly one program in a fixed order, so
+gradients are bitwise reproducible run to run):
+
+1. ``_attn_bwd_preprocess``: ``delta_i = sum_d dO[i, d] * O[i, d]`` (= ``sum_j P_ij dP_ij``).
+2. ``_attn_bwd_dkdv``: one program per (key block, batch * kv head). It keeps K and V tiles and the
+   fp32 dK, dV accumulators on chip and loops over the query heads of its kv head group (GQA/MQA: the
+   group's contributions are summed in-program, in order) and over the query blocks that see the key
+   block, rebuilding ``P^T = exp2(scale2 * K Q^T - lse)``; ``dV += P^T dO``,
+   ``dS^T = P^T * (V dO^T - delta)``, ``dK += dS^T Q``.
+3. ``_attn_bwd_dq``: one program per (query block, batch * head), looping over its key blocks:
+   ``dS = P * (dO V^T - delta)``, ``dQ += dS K``.
+   Both use the same boundary/interior split as the forward.
+
+Memory traffic: the forward reads Q once and K, V once per query block that sees them, and writes O
+and the fp32 log-sum-exp; the backward reads Q, dO, lse, delta once per key block and K, V once per
+query block. No S x S tensor exists anywhere.
+
+Shapes, dtypes, layouts
+-----------------------
+Head dims 16, 32, 64, 80, 96, 128, 256; 80 and 96 run in 128-wide tiles whose padding columns are
+masked on load and store (``HEAD_DIM < BLOCK_D``). fp16 and bf16 use tensor-core dots with fp32
+accumulation; P and dS are rounded to the input dtype before their dots, as in FlashAttention. fp32 is
+accepted (for testing): in the interpreter its dots are exact fp32, on a GPU they run as tf32 (Triton's
+default). q, k, v are read through their batch/head/sequence strides, so the views a fused QKV
+projection produces (``qkv.view(B, S, 3, H, D).permute(2, 0, 3, 1, 4)``) are used in place. Only a
+tensor whose last dimension is not contiguous is copied (once, in the launcher).
+
+Block shapes (sm_90). A small ``triton.autotune`` list per kernel, pruned to the configs listed for the
+launch's tile width and dtype, keyed on sequence length, band and head dim (the dtype is part of every
+autotune key). Every listed config was compiled for sm_90 (``kernels.aot``) and kept only if it does
+not spill registers; all bf16/fp16 configs use ``wgmma`` except D = 256 dK/dV (below). The register
+file (255 per thread at 8 warps, one CTA per SM) is the binding constraint, shared memory (227 KiB)
+the second:
+
+* forward, D <= 128: 128 x 128 or 128 x 64 tiles, 8 warps: two warpgroups of 64 query rows fill the wgmma
+  M dimension; the fp32 score tile costs BLOCK_M * BLOCK_N / 256 registers per thread, the accumulator
+  BLOCK_M * D / 256. 3 stages of K and V tiles keep the copies ahead of the dots (D = 128, 128 x 128:
+  225 KiB, sm_90 only; 128 x 64: 129 KiB). D = 256: 128 x 64 / 64 x 64, 2 stages.
+* dK/dV: the two fp32 accumulators of BLOCK_N * D each dominate: key blocks of 128 with query steps of
+  64/32 for D <= 64; for D = 128, 128 x 16 or 64 x 32 steps (64 x 128 spills). For D = 256 every wgmma
+  tiling spills, so it runs 32 keys x 16 queries on 4 warps with mma.sync.
+* dQ: query blocks of 128 or 64, key steps of 64 (32 for D = 256).
+* fp32 inputs (for testing): one small non-spilling config per kernel (4-byte tiles take twice the
+  registers and shared memory); the dK/dV kernel and D = 256 run mma.sync.
+
+In the Triton interpreter (``TRITON_INTERPRET=1``) each kernel has exactly one small config
+(``_INTERPRETER_CONFIGS``): block sizes are launch parameters that do not change the math, one config
+avoids autotuning on the CPU, and blocks of 16/32 rows make the tiny test shapes cross many block and
+band boundaries.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.aot import Variant
+
+__all__ = ["attention", "attention_forward", "attention_backward", "SUPPORTED_HEAD_DIMS"]
+
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 80, 96, 128, 256)
+_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_LOG2E = 1.4426950408889634
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# ---------------------------------------------------------------------------------------------------
+# Launch configurations
+# ---------------------------------------------------------------------------------------------------
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, per tile width class, for sm_90.
+# "fwd"/"dq": BLOCK_M = query rows of the program, BLOCK_N = key rows per loop step.
+# "dkdv": BLOCK_N = key rows of the program, BLOCK_M = query rows per loop step.
+_GPU_CONFIGS = {
+    ("fwd", "d<=64"): [(128, 128, 8, 3), (128, 64, 8, 3)],
+    ("fwd", "d128"): [(128, 128, 8, 3), (128, 64, 8, 3)],
+    ("fwd", "d256"): [(128, 64, 8, 2), (64, 64, 8, 2)],
+    ("fwd", "fp32"): [(64, 16, 4, 2)],
+    ("fwd", "fp32 d256"): [(32, 16, 4, 2)],
+    ("dkdv", "d<=64"): [(64, 128, 8, 2), (32, 128, 8, 3)],
+    ("dkdv", "d128"): [(16, 128, 8, 2), (32, 64, 8, 2)],
+    ("dkdv", "d256"): [(16, 32, 4, 1)],
+    ("dkdv", "fp32"): [(16, 32, 4, 1)],
+    ("dkdv", "fp32 d256"): [(16, 16, 2, 1)],
+    ("dq", "d<=64"): [(128, 64, 8, 3), (64, 64, 4, 3)],
+    ("dq", "d128"): [(128, 64, 8, 2), (64, 64, 4, 3)],
+    ("dq", "d256"): [(64, 32, 4, 2)],
+    ("dq", "fp32"): [(64, 16, 4, 2)],
+    ("dq", "fp32 d256"): [(32, 16, 4, 1)],
+}
+_INTERPRETER_CONFIGS = {"fwd": (32, 16, 4, 1), "dkdv": (16, 32, 4, 1), "dq": (32, 16, 4, 1)}
+# Preprocess (memory-bound): rows per program so that a tile holds 8192 elements; 8 warps.
+_PRE_TILE_ELEMS = 8192
+_PRE_NUM_WARPS = 8
+
+
+def _block_d(head_dim: int) -> int:
+    return triton.next_power_of_2(head_dim)
+
+
+def _config_class(block_d: int, dtype: torch.dtype) -> str:
+    if dtype == torch.float32:
+        return "fp32 d256" if block_d == 256 else "fp32"
+    if block_d <= 64:
+        return "d<=64"
+    return "d128" if block_d == 128 else "d256"
+
+
+def _configs_for(kernel: str, block_d: int, dtype: torch.dtype) -> list[tuple[int, int, int, int]]:
+    """The (BLOCK_M, BLOCK_N, num_warps, num_stages) a launch may use on a GPU."""
+    return _GPU_CONFIGS[(kernel, _config_class(block_d, dtype))]
+
+
+def _autotune_configs(kernel: str) -> list[triton.Config]:
+    if _INTERPRET:
+        tuples = [_INTERPRETER_CONFIGS[kernel]]
+    else:
+        tuples = sorted({c for (name, _), cs in _GPU_CONFIGS.items() if name == kernel for c in cs})
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in tuples]
+
+
+def _pruner(kernel: str):
+    """Keep only the configs listed for the launch's tile width and dtype (interpreter: the one config)."""
+
+    def prune(configs, named_args, **kwargs):
+        if _INTERPRET:
+            return configs
+        args = {**named_args, **kwargs}
+        allowed = set(_configs_for(kernel, args["BLOCK_D"], args["Q"].dtype))
+        return [c for c in configs
+                if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in allowed]
+
+    return prune
+
+
+_AUTOTUNE_KEY = ["seqlen", "window_left", "window_right", "HEAD_DIM"]
+
+# ---------------------------------------------------------------------------------------------------
+# Kernels
+# ---------------------------------------------------------------------------------------------------
+
+
+@triton.autotune(configs=_autotune_configs("fwd"), key=_AUTOTUNE_KEY,
+                 prune_configs_by={"early_config_prune": _pruner("fwd")})
+@triton.jit
+def _attn_fwd(
+    Q, K, V,  # (B, H, S, D), (B, Hkv, S, D), (B, Hkv, S, D); last dim contiguous
+    Out,  # (B, H, S, D) contiguous, dtype of Q
+    LSE,  # (B, H, S) fp32 contiguous: row log-sum-exp, base 2, of the scaled scores
+    stride_qb, stride_qh, stride_qs,
+    stride_kb, stride_kh, stride_ks,
+    stride_vb, stride_vh, stride_vs,
+    num_heads, group_size,  # H and H // Hkv
+    seqlen,  # S
+    window_left, window_right,  # band: key j visible from query i iff i - left < j <= i + right
+    qk_scale,  # scale * log2(e)
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,  # D and its next power of two
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """O = softmax(scale * Q K^T | band) V for one block of BLOCK_M queries of one (batch, head).
+
+    Online softmax over key blocks, in base 2 with t = qk_scale * (q . k):
+        m' = max(m, max_j t_j);  l' = l * 2^(m - m') + sum_j 2^(t_j - m');
+        acc' = acc * 2^(m - m') + 2^(t - m') V;  finally O = acc / l, lse = m + log2(l).
+    Reads Q once, K and V once per visited key block; writes O and lse.
+    """
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # longest causal rows first
+    pid_bh = tl.program_id(1)
+    batch = pid_bh // num_heads
+    head = pid_bh % num_heads
+    kv_head = head // group_size
+    q_base = Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
+    k_base = K + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
+    v_base = V + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
+    row_base = pid_bh.to(tl.int64) * seqlen  # start of this (batch, head) in Out rows and LSE
+
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_m = offs_m < seqlen
+    mask_d = offs_d < HEAD_DIM
+
+    q = tl.load(q_base + offs_m[:, None] * stride_qs + offs_d[None, :],
+                mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    # Visible keys of rows [start_m, last_m]: [lo, hi). Interior blocks [inner_lo, inner_hi) are visible
+    # from every row of the block and lie inside the sequence; the rest of [lo, hi) is boundary.
+    last_m = tl.minimum(start_m + BLOCK_M, seqlen) - 1
+    lo = tl.maximum(start_m - window_left + 1, 0) // BLOCK_N * BLOCK_N
+    hi = tl.minimum(last_m + window_right + 1, seqlen)
+    inner_lo = tl.minimum(tl.cdiv(tl.maximum(last_m - window_left + 1, 0), BLOCK_N) * BLOCK_N, hi)
+    inner_hi = tl.minimum((start_m + window_right + 1) // BLOCK_N, seqlen // BLOCK_N) * BLOCK_N
+    inner_hi = tl.maximum(inner_hi, inner_lo)
+    num_lower = tl.cdiv(inner_lo - lo, BLOCK_N)  # boundary blocks below the interior ...
+    num_upper = tl.cdiv(hi - inner_hi, BLOCK_N)  # ... and above it
+    # per row: the last visible key, and the last key before the visible ones
+    key_last = tl.minimum(offs_m + window_right, seqlen - 1)
+    key_before = offs_m - window_left
+
+    for boundary in tl.static_range(2):  # pass 0: boundary blocks, masked; pass 1: interior, unmasked
+        if boundary == 0:
+            num_blocks = num_lower + num_upper
+        else:
+            num_blocks = (inner_hi - inner_lo) // BLOCK_N
+        for it in range(num_blocks):
+            if boundary == 0:
+                # the lower boundary blocks [lo, inner_lo), then jump over the interior to [inner_hi, hi)
+                start_n = lo + it * BLOCK_N + (it >= num_lower).to(tl.int32) * (inner_hi - inner_lo)
+            else:
+                start_n = inner_lo + it * BLOCK_N
+            offs_kn = start_n + offs_n
+            if boundary == 0:
+                mask_kv = (offs_kn < seqlen)[:, None] & mask_d[None, :]
+            else:
+                mask_kv = mask_d[None, :]
+            k = tl.load(k_base + offs_kn[:, None] * stride_ks + offs_d[None, :], mask=mask_kv, other=0.0)
+            qk = tl.dot(q, tl.trans(k))
+            if boundary == 0:
+                visible = (offs_kn[None, :] <= key_last[:, None]) & (offs_kn[None, :] > key_before[:, None])
+                qk = tl.where(visible, qk, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+                # a row may see no key of this block and none before it: keep its exponents finite
+                m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+            else:
+                m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+                m_ref = m_new
+            p = tl.exp2(qk * qk_scale - m_ref[:, None])
+            alpha = tl.exp2(m_i - m_ref)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(v_base + offs_kn[:, None] * stride_vs + offs_d[None, :], mask=mask_kv, other=0.0)
+            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+            m_i = m_new
+
+    l_i = tl.where(mask_m, l_i, 1.0)  # rows past the sequence may see no key; they are not stored
+    acc = acc / l_i[:, None]
+    tl.store(LSE + row_base + offs_m, m_i + tl.log2(l_i), mask=mask_m)
+    tl.store(Out + (row_base + offs_m[:, None]) * HEAD_DIM + offs_d[None, :],
+             acc.to(Out.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
+
+
+@triton.jit
+def _attn_bwd_preprocess(
+    Out,  # (B, H, S, D) contiguous
+    DO,  # (B, H, S, D), last dim contiguous
+    Delta,  # (B, H, S) fp32 contiguous, output
+    stride_dob, stride_doh, stride_dos,
+    num_heads, seqlen, head_dim,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """delta_i = sum_d dO[i, d] * O[i, d] for BLOCK_M rows of one (batch, head).
+
+    Reads O and dO once (2 * S * D elements per head), writes S fp32.
+    """
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    batch = pid_bh // num_heads
+    head = pid_bh % num_heads
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_m < seqlen)[:, None] & (offs_d < head_dim)[None, :]
+    row_base = pid_bh.to(tl.int64) * seqlen
+    o = tl.load(Out + (row_base + offs_m[:, None]) * head_dim + offs_d[None, :], mask=mask, other=0.0)
+    do_base = DO + batch.to(tl.int64) * stride_dob + head.to(tl.int64) * stride_doh
+    do = tl.load(do_base + offs_m[:, None] * stride_dos + offs_d[None, :], mask=mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(Delta + row_base + offs_m, delta, mask=offs_m < seqlen)
+
+
+@triton.autotune(configs=_autotune_configs("dkdv"), key=_AUTOTUNE_KEY,
+                 prune_configs_by={"early_config_prune": _pruner("dkdv")})
+@triton.jit
+def _attn_bwd_dkdv(
+    Q, K, V, DO,  # (B, H, S, D), (B, Hkv, S, D) x 2, (B, H, S, D); last dims contiguous
+    LSE, Delta,  # (B, H, S) fp32 contiguous
+    DK, DV,  # (B, Hkv, S, D) contiguous, outputs
+    stride_qb, stride_qh, stride_qs,
+    stride_kb, stride_kh, stride_ks,
+    stride_vb, stride_vh, stride_vs,
+    stride_dob, stride_doh, stride_dos,
+    num_heads, group_size, seqlen, window_left, window_right,
+    qk_scale,  # scale * log2(e)
+    sm_scale,  # scale
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """dK, dV for one block of BLOCK_N keys of one (batch, kv head).
+
+    For each query head of the group and each query block that sees these keys:
+        P^T = 2^(qk_scale * K Q^T - lse);  dV += P^T dO;  dS^T = P^T * (V dO^T - delta);  dK += dS^T Q
+    and finally dK *= scale. Reads K, V once; Q, dO, lse, delta once per visited query block of each
+    head in the group; writes dK, dV once, so the group sum is in-program and deterministic.
+    """
+    pid_n = tl.program_id(0)
+    pid_bhk = tl.program_id(1)
+    num_kv_heads = num_heads // group_size
+    batch = pid_bhk // num_kv_heads
+    kv_head = pid_bhk % num_kv_heads
+
+    start_n = pid_n * BLOCK_N
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < HEAD_DIM
+    mask_nd = (offs_n < seqlen)[:, None] & mask_d[None, :]
+    k_base = K + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
+    v_base = V + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
+    k = tl.load(k_base + offs_n[:, None] * stride_ks + offs_d[None, :], mask=mask_nd, other=0.0)
+    v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :], mask=mask_nd, other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+
+    # Queries that see keys [start_n, last_n]: [lo, hi); interior query blocks [inner_lo, inner_hi) see
+    # every key of the block and lie inside the sequence. Keys past the sequence are never stored.
+    last_n = tl.minimum(start_n + BLOCK_N, seqlen) - 1
+    lo = tl.maximum(start_n - window_right, 0) // BLOCK_M * BLOCK_M
+    hi = tl.minimum(last_n + window_left, seqlen)
+    inner_lo = tl.minimum(tl.cdiv(tl.maximum(last_n - window_right, 0), BLOCK_M) * BLOCK_M, hi)
+    inner_hi = tl.minimum((start_n + window_left) // BLOCK_M, seqlen // BLOCK_M) * BLOCK_M
+    inner_hi = tl.maximum(inner_hi, inner_lo)
+    num_lower = tl.cdiv(inner_lo - lo, BLOCK_M)
+    num_upper = tl.cdiv(hi - inner_hi, BLOCK_M)
+
+    for g in range(group_size):
+        head = kv_head * group_size + g
+        q_base = Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
+        do_base = DO + batch.to(tl.int64) * stride_dob + head.to(tl.int64) * stride_doh
+        row_base = (batch * num_heads + head).to(tl.int64) * seqlen
+        for boundary in tl.static_range(2):  # pass 0: boundary blocks, masked; pass 1: interior
+            if boundary == 0:
+                num_blocks = num_lower + num_upper
+            else:
+                num_blocks = (inner_hi - inner_lo) // BLOCK_M
+            for it in range(num_blocks):
+                if boundary == 0:
+                    start_m = lo + it * BLOCK_M + (it >= num_lower).to(tl.int32) * (inner_hi - inner_lo)
+                else:
+                    start_m = inner_lo + it * BLOCK_M
+                offs_qm = start_m + offs_m
+                if boundary == 0:
+                    mask_m = offs_qm < seqlen
+                    mask_q = mask_m[:, None] & mask_d[None, :]
+                    # rows past the sequence get lse = +inf, hence P = 0
+                    lse = tl.load(LSE + row_base + offs_qm, mask=mask_m, other=float("inf"))
+                else:
+                    mask_q = mask_d[None, :]
+                    lse = tl.load(LSE + row_base + offs_qm)
+                q = tl.load(q_base + offs_qm[:, None] * stride_qs + offs_d[None, :], mask=mask_q, other=0.0)
+                p_t = tl.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse[None, :])
+                if boundary == 0:
+                    rel = offs_n[:, None] - offs_qm[None, :]  # j - i
+                    p_t = tl.where((rel <= window_right) & (rel > -window_left), p_t, 0.0)
+                do = tl.load(do_base + offs_qm[:, None] * stride_dos + offs_d[None, :], mask=mask_q, other=0.0)
+                dv = tl.dot(p_t.to(do.dtype), do, dv)
+                if boundary == 0:
+                    delta = tl.load(Delta + row_base + offs_qm, mask=mask_m, other=0.0)
+                else:
+                    delta = tl.load(Delta + row_base + offs_qm)
+                ds_t = p_t * (tl.dot(v, tl.trans(do)) - delta[None, :])
+                dk = tl.dot(ds_t.to(q.dtype), q, dk)
+
+    out_offs = (pid_bhk.to(tl.int64) * seqlen + offs_n[:, None]) * HEAD_DIM + offs_d[None, :]
+    tl.store(DK + out_offs, (dk * sm_scale).to(DK.dtype.element_ty), mask=mask_nd)
+    tl.store(DV + out_offs, dv.to(DV.dtype.element_ty), mask=mask_nd)
+
+
+@triton.autotune(configs=_autotune_configs("dq"), key=_AUTOTUNE_KEY,
+                 prune_configs_by={"early_config_prune": _pruner("dq")})
+@triton.jit
+def _attn_bwd_dq(
+    Q, K, V, DO,  # (B, H, S, D), (B, Hkv, S, D) x 2, (B, H, S, D); last dims contiguous
+    LSE, Delta,  # (B, H, S) fp32 contiguous
+    DQ,  # (B, H, S, D) contiguous, output
+    stride_qb, stride_qh, stride_qs,
+    stride_kb, stride_kh, stride_ks,
+    stride_vb, stride_vh, stride_vs,
+    stride_dob, stride_doh, stride_dos,
+    num_heads, group_size, seqlen, window_left, window_right,
+    qk_scale,  # scale * log2(e)
+    sm_scale,  # scale
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """dQ for one block of BLOCK_M queries of one (batch, head).
+
+    For each visible key block: P = 2^(qk_scale * Q K^T - lse); dS = P * (dO V^T - delta); dQ += dS K;
+    finally dQ *= scale. Reads Q, dO, lse, delta once and K, V once per visited key block; writes dQ.
+    """
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # longest causal rows first
+    pid_bh = tl.program_id(1)
+    batch = pid_bh // num_heads
+    head = pid_bh % num_heads
+    kv_head = head // group_size
+    q_base = Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
+    do_base = DO + batch.to(tl.int64) * stride_dob + head.to(tl.int64) * stride_doh
+    k_base = K + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
+    v_base = V + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
+    row_base = pid_bh.to(tl.int64) * seqlen
+
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_m = offs_m < seqlen
+    mask_d = offs_d < HEAD_DIM
+    mask_md = mask_m[:, None] & mask_d[None, :]
+    q = tl.load(q_base + offs_m[:, None] * stride_qs + offs_d[None, :], mask=mask_md, other=0.0)
+    do = tl.load(do_base + offs_m[:, None] * stride_dos + offs_d[None, :], mask=mask_md, other=0.0)
+    lse = tl.load(LSE + row_base + offs_m, mask=mask_m, other=float("inf"))  # padding rows: P = 0
+    delta = tl.load(Delta + row_base + offs_m, mask=mask_m, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    # Same key ranges as the forward.
+    last_m = tl.minimum(start_m + BLOCK_M, seqlen) - 1
+    lo = tl.maximum(start_m - window_left + 1, 0) // BLOCK_N * BLOCK_N
+    hi = tl.minimum(last_m + window_right + 1, seqlen)
+    inner_lo = tl.minimum(tl.cdiv(tl.maximum(last_m - window_left + 1, 0), BLOCK_N) * BLOCK_N, hi)
+    inner_hi = tl.minimum((start_m + window_right + 1) // BLOCK_N, seqlen // BLOCK_N) * BLOCK_N
+    inner_hi = tl.maximum(inner_hi, inner_lo)
+    num_lower = tl.cdiv(inner_lo - lo, BLOCK_N)
+    num_upper = tl.cdiv(hi - inner_hi, BLOCK_N)
+    key_last = tl.minimum(offs_m + window_right, seqlen - 1)
+    key_before = offs_m - window_left
+
+    for boundary in tl.static_range(2):  # pass 0: boundary blocks, masked; pass 1: interior
+        if boundary == 0:
+            num_blocks = num_lower + num_upper
+        else:
+            num_blocks = (inner_hi - inner_lo) // BLOCK_N
+        for it in range(num_blocks):
+            if boundary == 0:
+                start_n = lo + it * BLOCK_N + (it >= num_lower).to(tl.int32) * (inner_hi - inner_lo)
+            else:
+                start_n = inner_lo + it * BLOCK_N
+            offs_kn = start_n + offs_n
+            if boundary == 0:
+                mask_kv = (offs_kn < seqlen)[:, None] & mask_d[None, :]
+            else:
+                mask_kv = mask_d[None, :]
+            k = tl.load(k_base + offs_kn[:, None] * stride_ks + offs_d[None, :], mask=mask_kv, other=0.0)
+            v = tl.load(v_base + offs_kn[:, None] * stride_vs + offs_d[None, :], mask=mask_kv, other=0.0)
+            p = tl.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None])
+            if boundary == 0:
+                visible = (offs_kn[None, :] <= key_last[:, None]) & (offs_kn[None, :] > key_before[:, None])
+                p = tl.where(visible, p, 0.0)
+            ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
+            dq = tl.dot(ds.to(k.dtype), k, dq)
+
+    tl.store(DQ + (row_base + offs_m[:, None]) * HEAD_DIM + offs_d[None, :],
+             (dq * sm_scale).to(DQ.dtype.element_ty), mask=mask_md)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Launchers
+# ---------------------------------------------------------------------------------------------------
+
+
+def _band(seqlen: int, causal: bool, window: int) -> tuple[int, int]:
+    """(left, right) of the band i - left < j <= i + right; ``window == 0`` means no window."""
+    left = min(window, seqlen) if window else seqlen
+    if causal:
+        right = 0
+    else:
+        right = min(window - 1, seqlen) if window else seqlen
+    return left, right
+
+
+def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _bhs_strides(t: torch.Tensor) -> tuple[int, int, int]:
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def attention_forward(q, k, v, causal: bool, scale: float, window: int):
+    """Launch the forward kernel. Returns ``(out, lse)``: out (B, H, S, D) contiguous in q's dtype,
+    lse (B, H, S) fp32, the base-2 log-sum-exp of ``scale * log2(e) * q . k`` over the visible keys."""
+    q, k, v = (_unit_last_stride(t) for t in (q, k, v))
+    batch, num_heads, seqlen, head_dim = q.shape
+    out = q.new_empty(q.shape)
+    lse = q.new_empty((batch, num_heads, seqlen), dtype=torch.float32)
+    if out.numel() == 0:
+        return out, lse
+    left, right = _band(seqlen, causal, window)
+
+    def grid(meta):
+        return (triton.cdiv(seqlen, meta["BLOCK_M"]), batch * num_heads)
+
+    _attn_fwd[grid](
+        q, k, v, out, lse,
+        *_bhs_strides(q), *_bhs_strides(k), *_bhs_strides(v),
+        num_heads, num_heads // k.shape[1], seqlen, left, right, scale * _LOG2E,
+        HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim),
+    )
+    return out, lse
+
+
+def attention_backward(do, q, k, v, out, lse, causal: bool, scale: float, window: int):
+    """Launch the three backward kernels. Returns ``(dq, dk, dv)``, contiguous, in the inputs' dtype."""
+    do, q, k, v = (_unit_last_stride(t) for t in (do, q, k, v))
+    batch, num_heads, seqlen, head_dim = q.shape
+    num_kv_heads = k.shape[1]
+    dq = q.new_empty(q.shape)
+    dk = k.new_empty(k.shape)
+    dv = v.new_empty(v.shape)
+    if dq.numel() == 0:
+        return dq, dk, dv
+    left, right = _band(seqlen, causal, window)
+    block_d = _block_d(head_dim)
+    group_size = num_heads // num_kv_heads
+
+    delta = torch.empty_like(lse)
+    pre_block_m = _PRE_TILE_ELEMS // block_d
+    _attn_bwd_preprocess[(triton.cdiv(seqlen, pre_block_m), batch * num_heads)](
+        out, do, delta, *_bhs_strides(do), num_heads, seqlen, head_dim,
+        BLOCK_M=pre_block_m, BLOCK_D=block_d, num_warps=_PRE_NUM_WARPS,
+    )
+    common = (*_bhs_strides(q), *_bhs_strides(k), *_bhs_strides(v), *_bhs_strides(do),
+              num_heads, group_size, seqlen, left, right, scale * _LOG2E, scale)
+
+    def grid_dkdv(meta):
+        return (triton.cdiv(seqlen, meta["BLOCK_N"]), batch * num_kv_heads)
+
+    _attn_bwd_dkdv[grid_dkdv](q, k, v, do, lse, delta, dk, dv, *common,
+                              HEAD_DIM=head_dim, BLOCK_D=block_d)
+
+    def grid_dq(meta):
+        return (triton.cdiv(seqlen, meta["BLOCK_M"]), batch * num_heads)
+
+    _attn_bwd_dq[grid_dq](q, k, v, do, lse, delta, dq, *common, HEAD_DIM=head_dim, BLOCK_D=block_d)
+    return dq, dk, dv
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reference path (CPU tensors outside the interpreter) and the custom op
+# ---------------------------------------------------------------------------------------------------
+
+
+def _use_triton(t: torch.Tensor) -> bool:
+    return t.is_cuda or _INTERPRET
+
+
+def _reference_scores(q, k, causal: bool, scale: float, window: int) -> torch.Tensor:
+    """fp32 masked scores (B, H, S, S); k already expanded to H heads."""
+    seqlen = q.shape[2]
+    left, right = _band(seqlen, causal, window)
+    idx = torch.arange(seqlen, device=q.device)
+    rel = idx[None, :] - idx[:, None]
+    visible = (rel <= right) & (rel > -left)
+    scores = (q.float() @ k.float().transpose(-1, -2)) * scale
+    return scores.masked_fill(~visible, float("-inf"))
+
+
+def _expand_kv(t: torch.Tensor, num_heads: int) -> torch.Tensor:
+    return t.repeat_interleave(num_heads // t.shape[1], dim=1)
+
+
+def _reference_forward(q, k, v, causal, scale, window):
+    scores = _reference_scores(q, _expand_kv(k, q.shape[1]), causal, scale, window)
+    lse = torch.logsumexp(scores, dim=-1)
+    out = torch.softmax(scores, dim=-1) @ _expand_kv(v, q.shape[1]).float()
+    return out.to(q.dtype).contiguous(), (lse * _LOG2E).contiguous()
+
+
+def _reference_backward(do, q, k, v, causal, scale, window):
+    """The FlashAttention backward formulas on materialized fp32 probabilities."""
+    batch, num_heads, seqlen, head_dim = q.shape
+    num_kv_heads = k.shape[1]
+    k_heads, v_heads = _expand_kv(k, num_heads).float(), _expand_kv(v, num_heads).float()
+    p = torch.softmax(_reference_scores(q, k_heads, causal, scale, window), dim=-1)
+    do = do.float()
+    dp = do @ v_heads.transpose(-1, -2)
+    ds = p * (dp - (p * dp).sum(dim=-1, keepdim=True))
+    dq = ds @ k_heads * scale
+    group_shape = (batch, num_kv_heads, num_heads // num_kv_heads, seqlen, head_dim)
+    dk = (ds.transpose(-1, -2) @ q.float() * scale).view(group_shape).sum(dim=2)
+    dv = (p.transpose(-1, -2) @ do).view(group_shape).sum(dim=2)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+@torch.library.custom_op("tritonforge::attention_forward", mutates_args=())
+def _attention_forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float,
+                          window: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if _use_triton(q):
+        return attention_forward(q, k, v, causal, scale, window)
+    return _reference_forward(q, k, v, causal, scale, window)
+
+
+@_attention_forward_op.register_fake
+def _(q, k, v, causal, scale, window):
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@torch.library.custom_op("tritonforge::attention_backward", mutates_args=())
+def _attention_backward_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           out: torch.Tensor, lse: torch.Tensor, causal: bool, scale: float,
+                           window: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if _use_triton(q):
+        return attention_backward(do, q, k, v, out, lse, causal, scale, window)
+    return _reference_backward(do, q, k, v, causal, scale, window)
+
+
+@_attention_backward_op.register_fake
+def _(do, q, k, v, out, lse, causal, scale, window):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, causal, scale, window = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.causal, ctx.scale, ctx.window = causal, scale, window
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse = ctx.saved_tensors
+    dq, dk, dv = _attention_backward_op(grad_out, q, k, v, out, lse, ctx.causal, ctx.scale, ctx.window)
+    return dq, dk, dv, None, None, None
+
+
+_attention_forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Public API
+# ---------------------------------------------------------------------------------------------------
+
+
+def _validate(q, k, v, causal, scale, window) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must have 4 dimensions (B, H, S, D), got shape {tuple(t.shape)}")
+    if q.dtype not in _SUPPORTED_DTYPES:
+        raise TypeError(f"q has dtype {q.dtype}; supported: float16, bfloat16, float32")
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but q has {q.dtype}; they must match")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}; they must match")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    batch, num_heads, seqlen, head_dim = q.shape
+    if k.shape[0] != batch or k.shape[2] != seqlen or k.shape[3] != head_dim:
+        raise ValueError(f"k/v shape {tuple(k.shape)} must be (B, Hkv, S, D) = ({batch}, Hkv, {seqlen}, "
+                         f"{head_dim}) to match q {tuple(q.shape)}")
+    if head_dim not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"head dim D={head_dim} (last dim of q) is not supported; "
+                         f"supported: {SUPPORTED_HEAD_DIMS}")
+    num_kv_heads = k.shape[1]
+    if num_kv_heads == 0 or num_heads % num_kv_heads != 0:
+        raise ValueError(f"q heads H={num_heads} must be a multiple of k/v heads Hkv={num_kv_heads}")
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    if scale is not None:
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+            raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+        if not (math.isfinite(scale) and scale > 0):
+            raise ValueError(f"scale must be a positive finite number, got {scale}")
+    if window is not None:
+        if isinstance(window, bool) or not isinstance(window, int):
+            raise TypeError(f"window must be an int or None, got {type(window).__name__}")
+        if window < 1:
+            raise ValueError(f"window must be >= 1, got {window}")
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
+              scale: float | None = None, window: int | None = None) -> torch.Tensor:
+    """Scaled dot-product attention, fused, differentiable in q, k and v.
+
+    Args:
+        q: (B, H, S, D) queries; fp16, bf16 or fp32; any strides (the last dim contiguous avoids a copy).
+        k, v: (B, Hkv, S, D) keys and values, same dtype and device; ``H % Hkv == 0`` (GQA / MQA: query
+            head ``h`` uses kv head ``h // (H // Hkv)``).
+        causal: query ``i`` sees keys ``j <= i``.
+        scale: multiplies ``q . k`` before the softmax; default ``1 / sqrt(D)``; must be > 0.
+        window: int >= 1 or None. With ``causal=True``: the ``window`` most recent keys,
+            ``i - window < j <= i``. With ``causal=False``: the symmetric window ``|i - j| < window``.
+    Returns:
+        (B, H, S, D) in q's dtype. D must be one of ``SUPPORTED_HEAD_DIMS``.
+    """
+    _validate(q, k, v, causal, scale, window)
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    out, _ = _attention_forward_op(q, k, v, causal, float(scale), window or 0)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Ahead-of-time variants
+# ---------------------------------------------------------------------------------------------------
+
+_TL_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+_STRIDES = ("stride_{}b", "stride_{}h", "stride_{}s")
+
+
+def _stride_args(*prefixes: str) -> list[str]:
+    return [s.format(p) for p in prefixes for s in _STRIDES]
+
+
+def aot_variants() -> list[Variant]:
+    """Every configuration the launchers and autotune lists may use on a GPU: per kernel, head dim,
+    dtype and config. Aligned: all pointers, the batch/head/sequence strides, S and the band ints (S or
+    0 at the benchmark shapes: hidden 2048, S a multiple of 16, full or causal)."""
+    variants = []
+    band_ints = ["num_heads", "group_size", "seqlen", "window_left", "window_right"]
+    band_aligned = ("num_heads", "seqlen", "window_left", "window_right")
+    for dtype, ty in _TL_DTYPES.items():
+        for head_dim in SUPPORTED_HEAD_DIMS:
+            block_d = _block_d(head_dim)
+            dims = {"HEAD_DIM": head_dim, "BLOCK_D": block_d}
+            pre_sig = {"Out": f"*{ty}", "DO": f"*{ty}", "Delta": "*fp32",
+                       **dict.fromkeys(_stride_args("do"), "i32"),
+                       "num_heads": "i32", "seqlen": "i32", "head_dim": "i32"}
+            if head_dim == block_d:  # the preprocess kernel takes D at run time: one variant per tile
+                variants.append(Variant(
+                    kernel=_attn_bwd_preprocess, name=f"{ty} D={block_d}", signature=pre_sig,
+                    constexprs={"BLOCK_M": _PRE_TILE_ELEMS // block_d, "BLOCK_D": block_d},
+                    num_warps=_PRE_NUM_WARPS, num_stages=1, kind="memory", vector_stores=False,
+                    aligned=("Out", "DO", "Delta", *_stride_args("do"), "num_heads", "seqlen", "head_dim")))
+            fwd_sig = {"Q": f"*{ty}", "K": f"*{ty}", "V": f"*{ty}", "Out": f"*{ty}", "LSE": "*fp32",
+                       **dict.fromkeys(_stride_args("q", "k", "v"), "i32"),
+                       **dict.fromkeys(band_ints, "i32"), "qk_scale": "fp32"}
+            bwd_sig = {"Q": f"*{ty}", "K": f"*{ty}", "V": f"*{ty}", "DO": f"*{ty}", "LSE": "*fp32",
+                       "Delta": "*fp32"}
+            dkdv_sig = {**bwd_sig, "DK": f"*{ty}", "DV": f"*{ty}"}
+            dq_sig = {**bwd_sig, "DQ": f"*{ty}"}
+            rest = {**dict.fromkeys(_stride_args("q", "k", "v", "do"), "i32"),
+                    **dict.fromkeys(band_ints, "i32"), "qk_scale": "fp32", "sm_scale": "fp32"}
+            for name, kernel, sig in (("fwd", _attn_fwd, fwd_sig),
+                                      ("dkdv", _attn_bwd_dkdv, {**dkdv_sig, **rest}),
+                                      ("dq", _attn_bwd_dq, {**dq_sig, **rest})):
+                pointers = tuple(n for n, t in sig.items() if t.startswith("*"))
+                strides = tuple(n for n in sig if n.startswith("stride_"))
+                for block_m, block_n, warps, stages in _configs_for(name, block_d, dtype):
+                    variants.append(Variant(
+                        kernel=kernel.fn, name=f"{ty} D={head_dim} {block_m}x{block_n} w{warps} s{stages}",
+                        signature=sig, constexprs={**dims, "BLOCK_M": block_m, "BLOCK_N": block_n},
+                        num_warps=warps, num_stages=stages, kind="dot",
+                        aligned=pointers + strides + band_aligned))
+    return variants

@@ -1,0 +1,293 @@
+"""Fused attention (kernels.attention) against a float64 reference: output and dq, dk, dv.
+
+On the CPU the kernels run in the Triton interpreter, where fp16 dots and fp32 dots are exact IEEE
+products with fp32 accumulation, so fp32 is held to a tight tolerance. bf16 dots are wrong in the
+interpreter, so bf16 (and fp32, which a GPU runs as tf32) are checked by the GPU tests only.
+"""
+import importlib
+import inspect
+import math
+import os
+
+import pytest
+import torch
+
+import kernels
+from kernels.attention import SUPPORTED_HEAD_DIMS, aot_variants, attention
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICE = "cpu" if INTERPRET or not torch.cuda.is_available() else "cuda"
+
+# Max error allowed, as atol = rtol, for the output and the gradients (values are O(1)).
+TOL_FP32_INTERPRETER = 2e-5  # exact fp32 dots; only accumulation order differs from float64
+TOL_FP16 = 5e-3  # P and dS rounded to fp16 before their dots, as in FlashAttention
+TOL_BF16 = 3e-2  # 8 mantissa bits instead of 11
+TOL_TF32 = 1e-2  # fp32 inputs on a GPU: tf32 dots (10 mantissa bits)
+REL_ERR_BF16 = 1e-2  # norm of the error over norm of the reference, bf16 at a large shape
+TOLERANCES = {torch.float32: TOL_FP32_INTERPRETER if DEVICE == "cpu" else TOL_TF32,
+              torch.float16: TOL_FP16, torch.bfloat16: TOL_BF16}
+
+needs_compiler = pytest.mark.skipif(INTERPRET, reason="needs compiled kernels (TRITON_INTERPRET=0): "
+                                                      "bf16 dots are wrong in the interpreter")
+
+
+def reference(q, k, v, causal=False, scale=None, window=None):
+    """float64 attention with the mask written out pair by pair."""
+    q, k, v = (t.double() for t in (q, k, v))
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    seqlen = q.shape[2]
+    i = torch.arange(seqlen, device=q.device)[:, None]
+    j = torch.arange(seqlen, device=q.device)[None, :]
+    visible = torch.ones(seqlen, seqlen, dtype=torch.bool, device=q.device)
+    if causal:
+        visible &= j <= i
+    if window is not None:
+        visible &= j > i - window
+        if not causal:
+            visible &= j < i + window
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    scores = (q @ k.transpose(-1, -2) * scale).masked_fill(~visible, float("-inf"))
+    return torch.softmax(scores, dim=-1) @ v
+
+
+def make_inputs(batch, heads, kv_heads, seqlen, head_dim, dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, heads, seqlen, head_dim, generator=gen)
+    k = torch.randn(batch, kv_heads, seqlen, head_dim, generator=gen)
+    v = torch.randn(batch, kv_heads, seqlen, head_dim, generator=gen)
+    do = torch.randn(batch, heads, seqlen, head_dim, generator=gen)
+    return [t.to(DEVICE, dtype) for t in (q, k, v, do)]
+
+
+def check_against_reference(q, k, v, do, tol, **kwargs):
+    """Run attention forward and backward on leaf copies of q, k, v; compare with float64."""
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    out = attention(*leaves, **kwargs)
+    out.backward(do)
+    ref_leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = reference(*ref_leaves, **kwargs)
+    ref.backward(do.double())
+    assert out.dtype == q.dtype and out.shape == q.shape
+    torch.testing.assert_close(out.double(), ref, atol=tol, rtol=tol, msg="out")
+    for name, leaf, ref_leaf in zip(("dq", "dk", "dv"), leaves, ref_leaves):
+        assert leaf.grad.dtype == leaf.dtype and leaf.grad.shape == leaf.shape
+        torch.testing.assert_close(leaf.grad.double(), ref_leaf.grad, atol=tol, rtol=tol, msg=name)
+
+
+# (batch, heads, kv_heads, seqlen, head_dim, dtype, kwargs). The interpreter runs 32 x 16 forward
+# tiles, so S = 77 and 130 cross several query and key blocks, diagonals and ragged ends.
+CASES = [
+    (1, 1, 1, 1, 16, torch.float32, {}),
+    (1, 1, 1, 1, 128, torch.float16, {"causal": True}),
+    (1, 2, 2, 17, 16, torch.float16, {"causal": True}),
+    (2, 2, 2, 77, 64, torch.float16, {}),
+    (1, 2, 2, 77, 64, torch.float32, {"causal": True}),
+    (1, 2, 2, 130, 80, torch.float16, {"causal": True}),
+    (1, 1, 1, 130, 128, torch.float16, {}),
+    (1, 1, 1, 33, 96, torch.float32, {"causal": True}),
+    (1, 1, 1, 40, 256, torch.float16, {}),
+    (1, 4, 2, 77, 32, torch.float16, {"causal": True}),
+    (1, 4, 1, 130, 16, torch.float32, {}),
+    (1, 4, 2, 130, 64, torch.float32, {"causal": True, "window": 5}),
+    (1, 2, 1, 130, 16, torch.float16, {"causal": True, "window": 40}),
+    (1, 2, 2, 130, 64, torch.float32, {"window": 20}),
+    (1, 2, 2, 50, 64, torch.float32, {"causal": True, "scale": 0.3}),
+]
+
+
+@pytest.mark.parametrize("batch,heads,kv_heads,seqlen,head_dim,dtype,kwargs", CASES,
+                         ids=lambda x: str(x).replace("torch.", "").replace(" ", ""))
+def test_matches_float64_reference(batch, heads, kv_heads, seqlen, head_dim, dtype, kwargs):
+    q, k, v, do = make_inputs(batch, heads, kv_heads, seqlen, head_dim, dtype)
+    check_against_reference(q, k, v, do, TOLERANCES[dtype], **kwargs)
+
+
+def test_fused_qkv_views_and_strided_grad():
+    """q, k, v as views of one (B, S, 3 * H * D) projection; dO non-contiguous as a model passes it."""
+    batch, heads, seqlen, head_dim = 2, 2, 45, 32
+    gen = torch.Generator().manual_seed(1)
+    qkv = torch.randn(batch, seqlen, 3 * heads * head_dim, generator=gen).to(DEVICE, torch.float16)
+    qkv.requires_grad_()
+    q, k, v = qkv.view(batch, seqlen, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    assert not q.is_contiguous()
+    out = attention(q, k, v, causal=True)
+    dy = torch.randn(batch, seqlen, heads * head_dim, generator=gen).to(DEVICE, torch.float16)
+    out.transpose(1, 2).reshape(batch, seqlen, heads * head_dim).backward(dy)
+
+    ref_qkv = qkv.detach().double().requires_grad_()
+    rq, rk, rv = ref_qkv.view(batch, seqlen, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    ref = reference(rq, rk, rv, causal=True)
+    ref.transpose(1, 2).reshape(batch, seqlen, heads * head_dim).backward(dy.double())
+    torch.testing.assert_close(out.double(), ref, atol=TOL_FP16, rtol=TOL_FP16)
+    torch.testing.assert_close(qkv.grad.double(), ref_qkv.grad, atol=TOL_FP16, rtol=TOL_FP16)
+
+
+def test_gqa_views_of_one_projection():
+    """Grouped-query heads split from one (B, S, (H + 2 Hkv) * D) projection and transposed."""
+    batch, heads, kv_heads, seqlen, head_dim = 1, 4, 2, 40, 16
+    gen = torch.Generator().manual_seed(2)
+    proj = torch.randn(batch, seqlen, heads + 2 * kv_heads, head_dim, generator=gen).to(DEVICE)
+    q, k, v = (t.transpose(1, 2) for t in proj.split([heads, kv_heads, kv_heads], dim=2))
+    do = torch.randn(batch, heads, seqlen, head_dim, generator=gen).to(DEVICE)
+    check_against_reference(q, k, v, do, TOLERANCES[torch.float32], causal=True, window=9)
+
+
+def test_gradients_are_bitwise_reproducible():
+    q, k, v, do = make_inputs(1, 4, 2, 77, 16, torch.float16, seed=3)
+
+    def grads():
+        leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+        attention(*leaves, causal=True, window=30).backward(do)
+        return [leaf.grad for leaf in leaves]
+
+    for first, second in zip(grads(), grads()):
+        assert torch.equal(first, second)
+
+
+def test_window_of_one_returns_values_and_large_window_is_no_window():
+    q, k, v, _ = make_inputs(1, 2, 1, 37, 16, torch.float32, seed=4)
+    # each query sees only its own key: softmax weight 1 on it
+    torch.testing.assert_close(attention(q, k, v, causal=True, window=1), v.expand_as(q), atol=0, rtol=0)
+    assert torch.equal(attention(q, k, v, causal=True, window=37 + 5), attention(q, k, v, causal=True))
+
+
+@pytest.mark.parametrize("shape", [(0, 2, 8, 16), (1, 2, 0, 16)], ids=["batch0", "seq0"])
+def test_empty_inputs(shape):
+    q, k, v = (torch.randn(shape, device=DEVICE, dtype=torch.float16, requires_grad=True) for _ in range(3))
+    out = attention(q, k, v, causal=True)
+    assert out.shape == shape
+    out.sum().backward()
+    assert q.grad.shape == shape and k.grad.shape == shape
+
+
+def _qkv(q_shape=(1, 2, 8, 16), kv_shape=None, dtype=torch.float16):
+    kv_shape = q_shape if kv_shape is None else kv_shape
+    return torch.zeros(q_shape, dtype=dtype), torch.zeros(kv_shape, dtype=dtype), torch.zeros(kv_shape, dtype=dtype)
+
+
+@pytest.mark.parametrize("args,kwargs,error,match", [
+    (_qkv((2, 8, 16)), {}, ValueError, "q must have 4 dimensions"),
+    ((*_qkv()[:2], torch.zeros(1, 2, 8)), {}, ValueError, "v must have 4 dimensions"),
+    (_qkv(dtype=torch.float64), {}, TypeError, "q has dtype torch.float64"),
+    ((*_qkv()[:2], torch.zeros(1, 2, 8, 16, dtype=torch.float32)), {}, TypeError, "v has dtype"),
+    (_qkv((1, 2, 8, 48)), {}, ValueError, "head dim D=48"),
+    (_qkv((1, 3, 8, 16), (1, 2, 8, 16)), {}, ValueError, "H=3 must be a multiple of k/v heads Hkv=2"),
+    (_qkv((1, 2, 8, 16), (1, 2, 9, 16)), {}, ValueError, "k/v shape"),
+    ((*_qkv()[:2], torch.zeros(1, 1, 8, 16, dtype=torch.float16)), {}, ValueError, "k and v must have the same shape"),
+    ((torch.zeros(1, 2, 8, 16).tolist(), *_qkv()[1:]), {}, TypeError, "q must be a torch.Tensor"),
+    (_qkv(), {"window": 0}, ValueError, "window must be >= 1"),
+    (_qkv(), {"window": 2.0}, TypeError, "window must be an int"),
+    (_qkv(), {"window": True}, TypeError, "window must be an int"),
+    (_qkv(), {"scale": -1.0}, ValueError, "scale must be a positive finite number"),
+    (_qkv(), {"scale": float("nan")}, ValueError, "scale must be a positive finite number"),
+    (_qkv(), {"causal": 1}, TypeError, "causal must be a bool"),
+])
+def test_invalid_inputs_raise_naming_the_argument(args, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        attention(*args, **kwargs)
+
+
+def test_custom_ops_pass_opcheck():
+    q, k, v, do = make_inputs(1, 2, 1, 17, 16, torch.float32, seed=5)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    torch.library.opcheck(torch.ops.tritonforge.attention_forward.default, (q, k, v, True, 0.25, 0))
+    with torch.no_grad():
+        out, lse = torch.ops.tritonforge.attention_forward(q, k, v, True, 0.25, 0)
+    torch.library.opcheck(torch.ops.tritonforge.attention_backward.default,
+                          (do, q.detach(), k.detach(), v.detach(), out, lse, True, 0.25, 0))
+
+
+def test_torch_compile_fullgraph_forward_and_backward():
+    q, k, v, do = make_inputs(1, 2, 2, 24, 16, torch.float32, seed=6)
+
+    def loss(q, k, v):
+        return (attention(q, k, v, causal=True, window=7) * do).sum()
+
+    compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    compiled(*leaves).backward()
+    eager_leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    loss(*eager_leaves).backward()
+    for leaf, eager in zip(leaves, eager_leaves):
+        assert torch.equal(leaf.grad, eager.grad)
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the torch path serves CPU tensors only")
+def test_cpu_torch_path_matches_kernels(monkeypatch):
+    """Outside the interpreter, CPU tensors take a torch path: same out, lse and gradients."""
+    module = importlib.import_module("kernels.attention")
+    q, k, v, do = make_inputs(1, 4, 2, 40, 16, torch.float32, seed=10)
+    args = (q, k, v, True, 0.25, 9)
+    kernel_out, kernel_lse = torch.ops.tritonforge.attention_forward(*args)
+    kernel_grads = torch.ops.tritonforge.attention_backward(do, q, k, v, kernel_out, kernel_lse, *args[3:])
+    monkeypatch.setattr(module, "_INTERPRET", False)
+    torch_out, torch_lse = torch.ops.tritonforge.attention_forward(*args)
+    torch_grads = torch.ops.tritonforge.attention_backward(do, q, k, v, torch_out, torch_lse, *args[3:])
+    tol = TOL_FP32_INTERPRETER
+    torch.testing.assert_close(torch_out, kernel_out, atol=tol, rtol=tol)
+    torch.testing.assert_close(torch_lse, kernel_lse, atol=tol, rtol=tol)
+    for torch_grad, kernel_grad in zip(torch_grads, kernel_grads):
+        torch.testing.assert_close(torch_grad, kernel_grad, atol=tol, rtol=tol)
+
+
+def test_public_api_and_aot_variants_match_the_kernels():
+    assert kernels.attention is attention
+    assert list(inspect.signature(attention).parameters) == ["q", "k", "v", "causal", "scale", "window"]
+    variants = aot_variants()
+    names = {v.kernel.fn.__name__ if hasattr(v.kernel, "fn") else v.kernel.__name__ for v in variants}
+    assert names == {"_attn_fwd", "_attn_bwd_preprocess", "_attn_bwd_dkdv", "_attn_bwd_dq"}
+    for variant in variants:
+        params = list(inspect.signature(variant.kernel.fn).parameters)
+        assert list(variant.signature) + list(variant.constexprs) == params, variant.name
+        assert set(variant.aligned) <= set(variant.signature), variant.name
+    for head_dim in SUPPORTED_HEAD_DIMS:
+        assert any(v.constexprs.get("HEAD_DIM") == head_dim for v in variants), head_dim
+
+
+# ----------------------------------------------------------------------------------------------------
+# GPU: bf16 (tensor cores), tf32 for fp32 inputs, shapes past the GPU tile sizes
+# ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@needs_compiler
+@pytest.mark.parametrize("head_dim", [64, 80, 128, 256])
+@pytest.mark.parametrize("kwargs", [{}, {"causal": True}, {"causal": True, "window": 100}, {"window": 64}],
+                         ids=["full", "causal", "causal-window", "window"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+def test_gpu_matches_float64_reference(head_dim, kwargs, dtype):
+    q, k, v, do = make_inputs(2, 4, 2, 333, head_dim, dtype, seed=7)
+    check_against_reference(q, k, v, do, TOLERANCES[dtype], **kwargs)
+
+
+@pytest.mark.gpu
+@needs_compiler
+def test_gpu_gradients_are_bitwise_reproducible():
+    q, k, v, do = make_inputs(2, 8, 2, 1000, 128, torch.bfloat16, seed=8)
+
+    def grads():
+        leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+        attention(*leaves, causal=True).backward(do)
+        return [leaf.grad for leaf in leaves]
+
+    for first, second in zip(grads(), grads()):
+        assert torch.equal(first, second)
+
+
+@pytest.mark.gpu
+@needs_compiler
+@pytest.mark.parametrize("causal", [False, True])
+def test_gpu_benchmark_shape_matches_sdpa(causal):
+    """bf16 at a benchmark shape (D = 128, S = 4096) against SDPA in fp32."""
+    q, k, v, do = make_inputs(1, 4, 4, 4096, 128, torch.bfloat16, seed=9)
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    out = attention(*leaves, causal=causal)
+    out.backward(do)
+    ref_leaves = [t.detach().float().requires_grad_() for t in (q, k, v)]
+    ref = torch.nn.functional.scaled_dot_product_attention(*ref_leaves, is_causal=causal)
+    ref.backward(do.float())
+    for name, actual, expected in [("out", out, ref)] + [
+            (name, leaf.grad, ref_leaf.grad) for name, leaf, ref_leaf in zip(("dq", "dk", "dv"), leaves, ref_leaves)]:
+        relative_error = (actual.float() - expected).norm() / expected.norm()
+        assert relative_error < REL_ERR_BF16, (name, relative_error.item())
