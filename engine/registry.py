@@ -107,7 +107,7 @@ def torch_layer_norm(x, weight=None, bias=None, eps: float = 1e-5):
 
 
 def torch_add_layer_norm(x, residual, weight=None, bias=None, eps: float = 1e-5):
-    residual = residual + x
+    residual = (residual + x).to(residual.dtype)  # the stream keeps its dtype, as in the fused kernel
     return F.layer_norm(residual, (x.shape[-1],), weight, bias, eps), residual
 
 
@@ -116,7 +116,7 @@ def torch_rms_norm(x, weight=None, eps: float = 1e-6):
 
 
 def torch_add_rms_norm(x, residual, weight=None, eps: float = 1e-6):
-    residual = residual + x
+    residual = (residual + x).to(residual.dtype)
     return F.rms_norm(residual, (x.shape[-1],), weight, eps), residual
 
 
