@@ -1,6 +1,6 @@
 """The one command for a GPU machine: GPU tests, op benchmarks, a short training benchmark, one summary.
 
-    python -m engine.bench.gpu [--anchors DIR] [--out DIR] [--only STAGES] [--steps N] [--compile]
+    python -m engine.bench.gpu [--anchors DIR] [--out DIR] [--only STAGES] [--steps N] [--compile] [--budget S]
 
 Run from the repository root of a plain checkout: nothing to install, and neither ``datasets`` nor
 ``wandb`` is needed. The stages run one after another, each in its own process (a kernel that faults
@@ -21,8 +21,11 @@ triton/torch speed-up; the training throughputs; the test counts) and writes ``s
 The exit status is 1 if any stage failed, timed out or reported a FAILED row.
 
 Budget: the stages are sized for about 8 minutes on one H100 without ``--anchors`` (tests ~2, ops ~4,
-train ~1; estimates, not measurements). The peers' scripts add about 4 minutes: on a machine with a
-10-minute limit per call, run ``--only tests,ops,train`` and ``--only anchors --anchors DIR`` as two calls.
+train ~1; estimates, not measurements). Each stage has its own time limit, and ``--budget`` (default
+570 s) caps them together: a stage that would start with too little time left is reported "not run", so
+the summary is always printed within a 10-minute call. The peers' scripts add about 4 minutes: run
+``--only tests,ops,train`` and ``--only anchors --anchors DIR`` as two calls. The device machine does not
+see folders outside the checkout: copy the peers' scripts into an ignored folder of the repository first.
 """
 from __future__ import annotations
 
@@ -41,8 +44,11 @@ from typing import Sequence
 
 ROOT = Path(__file__).resolve().parents[2]
 STAGES = ("tests", "ops", "train", "anchors")
-#: Seconds each stage may run before it is stopped (its partial results are still summarized).
+#: Seconds each stage may run before it is stopped (its partial results are still summarized); --budget caps
+#: them all together.
 TIME_LIMITS = {"tests": 240, "ops": 330, "flex": 150, "train": 180, "anchors": 330}
+#: A stage is not started with less time than this left in the budget.
+MIN_STAGE_S = 20
 ANCHOR_SCRIPTS = ("anchors_kernels.py", "anchors_train.py")
 #: Every backend but FlexAttention, which runs in its own pass at S = 4096 only.
 OPS_BACKENDS = "torch,triton,sdpa-flash,sdpa-cudnn,sdpa-mem_eff,compile,liger,torch-fused,torch-foreach"
@@ -54,7 +60,7 @@ TIMING = ["--warmup-ms", "10", "--rep-ms", "40"]
 @dataclass
 class StageResult:
     name: str
-    status: str = "skipped"  # ok | FAILED | timed out | skipped
+    status: str = "skipped"  # ok | FAILED | timed out | not run (budget spent) | skipped (not asked for)
     seconds: float = 0.0
     note: str = ""
     outputs: dict[str, str] = field(default_factory=dict)
@@ -104,7 +110,20 @@ def run_logged(cmd: list[str], log_path: Path, limit_s: float) -> tuple[int | No
     return (None if stopped.is_set() else proc.returncode), seconds, tail
 
 
-def _stage(name: str, cmd: list[str], out: Path, limit_s: float, ok_codes=(0,)) -> StageResult:
+class Budget:
+    """Wall-clock seconds left for the whole command, so that the summary is always printed."""
+
+    def __init__(self, seconds: float):
+        self.deadline = time.monotonic() + seconds
+
+    def allow(self, wanted: float) -> float:
+        return min(wanted, self.deadline - time.monotonic())
+
+
+def _stage(name: str, cmd: list[str], out: Path, limit_s: float, budget: Budget, ok_codes=(0,)) -> StageResult:
+    limit_s = budget.allow(limit_s)
+    if limit_s < MIN_STAGE_S:
+        return StageResult(name, "not run", note="no time left in --budget")
     code, seconds, tail = run_logged(cmd, out / f"{name}.log", limit_s)
     result = StageResult(name, seconds=seconds, outputs={"log": str(out / f"{name}.log")}, tail=tail)
     if code is None:
@@ -120,9 +139,9 @@ def _stage(name: str, cmd: list[str], out: Path, limit_s: float, ok_codes=(0,)) 
 # Stages
 # ---------------------------------------------------------------------------------------------------
 
-def stage_tests(out: Path) -> StageResult:
+def stage_tests(out: Path, budget: Budget) -> StageResult:
     cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "tests"]
-    result = _stage("tests", cmd, out, TIME_LIMITS["tests"], ok_codes=(0, 5))  # 5: no test is marked gpu
+    result = _stage("tests", cmd, out, TIME_LIMITS["tests"], budget, ok_codes=(0, 5))  # 5: no test is marked gpu
     counts = parse_pytest_counts("\n".join(result.tail))
     result.note = ", ".join(f"{n} {k}" for k, n in counts.items()) or result.note or "no summary line"
     if result.status != "ok" and counts:
@@ -147,14 +166,14 @@ def _plot_args(out: Path, name: str) -> list[str]:
     return ["--plot", str(out / f"{name}.png")]
 
 
-def stage_ops(out: Path) -> StageResult:
+def stage_ops(out: Path, budget: Budget) -> StageResult:
     bench = [sys.executable, "-m", "engine", "bench", "ops"]
     main = _stage("ops", bench + ["--backends", OPS_BACKENDS, "--json", str(out / "ops.json"),
                                   "--csv", str(out / "ops.csv")] + TIMING + _plot_args(out, "ops"),
-                  out, TIME_LIMITS["ops"])
+                  out, TIME_LIMITS["ops"], budget)
     flex = _stage("ops_flex", bench + ["--op", "attention", "--backends", "torch,flex", "--shapes", FLEX_SHAPES,
                                        "--json", str(out / "ops_flex.json"), "--csv", str(out / "ops_flex.csv")]
-                  + TIMING, out, TIME_LIMITS["flex"])
+                  + TIMING, out, TIME_LIMITS["flex"], budget)
     main.seconds += flex.seconds
     main.outputs.update(json=str(out / "ops.json"), flex_json=str(out / "ops_flex.json"))
     if flex.status != "ok":
@@ -164,16 +183,16 @@ def stage_ops(out: Path) -> StageResult:
     return main
 
 
-def stage_train(out: Path, steps: int, compile_too: bool) -> StageResult:
+def stage_train(out: Path, steps: int, compile_too: bool, budget: Budget) -> StageResult:
     cmd = [sys.executable, "-m", "engine", "bench", "train", TRAIN_RECIPE, "--kernels", "triton", "--vs", "torch",
            "--steps", str(steps), "--train.grad_accum=1", "--json", str(out / "train.json"),
            "--csv", str(out / "train.csv")] + (["--compile"] if compile_too else [])
-    result = _stage("train", cmd, out, TIME_LIMITS["train"] + (180 if compile_too else 0))
+    result = _stage("train", cmd, out, TIME_LIMITS["train"] + (180 if compile_too else 0), budget)
     result.outputs["json"] = str(out / "train.json")
     return result
 
 
-def stage_anchors(out: Path, folder: Path) -> StageResult:
+def stage_anchors(out: Path, folder: Path, budget: Budget) -> StageResult:
     result = StageResult("anchors", status="ok")
     notes = []
     for script in ANCHOR_SCRIPTS:
@@ -181,7 +200,7 @@ def stage_anchors(out: Path, folder: Path) -> StageResult:
         if not path.is_file():
             notes.append(f"{script} not found")
             continue
-        r = _stage(Path(script).stem, [sys.executable, str(path)], out, TIME_LIMITS["anchors"])
+        r = _stage(Path(script).stem, [sys.executable, str(path)], out, TIME_LIMITS["anchors"], budget)
         result.seconds += r.seconds
         notes.append(f"{script} {r.status}")
         if r.status != "ok":
@@ -310,6 +329,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--only", default=",".join(STAGES), help=f"comma list of stages to run: {', '.join(STAGES)}")
     p.add_argument("--steps", type=int, default=20, help="timed training steps per run (default 20)")
     p.add_argument("--compile", action="store_true", help="also time training under torch.compile")
+    p.add_argument("--budget", type=float, default=570, metavar="SECONDS",
+                   help="wall-clock limit for all stages together, so the summary is printed before a 10-minute "
+                        "limit (default 570)")
     a = p.parse_args(list(argv))
     stages = [s.strip() for s in a.only.split(",")]
     for s in stages:
@@ -318,6 +340,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     a.only = stages
     if a.steps < 1:
         raise BenchError(f"--steps must be >= 1, got {a.steps}")
+    if a.budget <= 0:
+        raise BenchError(f"--budget must be > 0 seconds, got {a.budget}")
     if a.anchors is not None and not a.anchors.is_dir():
         raise BenchError(f"--anchors: {a.anchors} is not a folder")
     if a.out is None:
@@ -342,15 +366,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = a.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     stages: list[StageResult] = []
+    budget = Budget(a.budget)
     if "tests" in a.only:
-        stages.append(stage_tests(out))
+        stages.append(stage_tests(out, budget))
     if "ops" in a.only:
-        stages.append(stage_ops(out))
+        stages.append(stage_ops(out, budget))
     if "train" in a.only:
-        stages.append(stage_train(out, a.steps, a.compile))
+        stages.append(stage_train(out, a.steps, a.compile, budget))
     if "anchors" in a.only and a.anchors is not None:
         os.environ["OUT"] = str(out)  # the peers' scripts write their JSON to $OUT
-        stages.append(stage_anchors(out, a.anchors.resolve()))
+        stages.append(stage_anchors(out, a.anchors.resolve(), budget))
     text, payload = summarize(out, stages)
     from engine.bench import write_csv, write_json
 

@@ -761,7 +761,9 @@ class OpsArgs:
 
 
 def _parser() -> ArgumentParser:
-    p = ArgumentParser(prog="tritonforge bench ops", description=__doc__.split("\n\n")[0],
+    p = ArgumentParser(prog="tritonforge bench ops",
+                       description="Check every backend of each op against an upcast reference, then time fwd, bwd "
+                                   "and fwd+bwd.",
                        formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False,
                        epilog="Shapes: " + "; ".join(f"{op}: {syn}" for op, syn in SHAPE_SYNTAX.items())
                        + ". Prefix a spec with 'op=' when --op names several ops; 'default' and 'tiny' name the "

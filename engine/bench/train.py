@@ -151,7 +151,7 @@ class SyntheticTask(Task):
             self.batches = [(torch.randn(shape, generator=gen).to(device, memory_format=layout),
                              torch.randint(0, m.num_classes, (t.batch_size,), generator=gen).to(device))
                             for _ in range(SYNTHETIC_BATCHES)]
-            self._flops = 3.0 * forward_flops(self.model, shape[1:], device)
+            self._flops = 3.0 * forward_flops(m)
 
     def batch(self, step: int, micro: int):
         return self.batches[(step * self.recipe.train.grad_accum + micro) % len(self.batches)]

@@ -147,6 +147,17 @@ def test_train_tiny_gpt_torch_vs_torch(tmp_path, capsys):
     assert tuple(header) == train.COLUMNS
 
 
+def test_train_image_classifier_on_synthetic_images(tmp_path):
+    recipe = tmp_path / "cnn.toml"
+    recipe.write_text('[model]\narch = "resnet"\nwidth = 8\ndepths = [1, 1, 1, 1]\nimage_size = 16\n'
+                      '[data]\nsource = "shapes"\n[train]\nbatch_size = 2\n')
+    out = tmp_path / "train.json"
+    assert train.main([str(recipe), "--kernels", "torch", "--vs", "torch", "--steps", "1", "--warmup", "1",
+                       "--json", str(out)]) == 0
+    row = json.loads(out.read_text())["rows"][0]
+    assert row["unit"] == "img" and row["status"] == "ok" and row["tflops"] > 0
+
+
 def test_train_mismatched_loss_is_failed(tmp_path, monkeypatch):
     def wrong_cross_entropy(logits, targets, ignore_index=-100):
         return 2 * F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
@@ -246,3 +257,9 @@ def test_gpu_helpers(tmp_path):
     with pytest.raises(BenchError, match="--only: unknown stage 'bench'"):
         gpu.parse_args(["--only", "bench"])
     assert gpu.main([]) == 2 or torch.cuda.is_available()
+
+
+def test_gpu_budget_skips_a_stage_without_time(tmp_path):
+    result = gpu._stage("late", [sys.executable, "-c", "print(1)"], tmp_path, 100, gpu.Budget(5))
+    assert result.status == "not run" and "--budget" in result.note
+    assert gpu.failed_anywhere([result], {"summary": []})
