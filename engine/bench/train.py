@@ -225,7 +225,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def run_one(args: TrainArgs, kernel_set, compiled: bool, ceilings: dict, log=print) -> dict:
+def run_one(args: TrainArgs, kernel_set, compiled: bool, ceilings: dict) -> dict:
     """Build the model with ``kernel_set`` and time it; a row for the table."""
     r, device = args.recipe, args.device
     row = {"kernels": kernel_set_label(kernel_set), "mode": "compile" if compiled else "eager", "status": "ok",
@@ -329,7 +329,7 @@ def run(args: TrainArgs, log=print, log_err=None) -> dict:
             label = kernel_set_label(kernel_set)
             log(f"{label} ({'compile' if compiled else 'eager'}): {args.steps} timed steps")
             try:
-                row = run_one(args, kernel_set, compiled, ceilings, log)
+                row = run_one(args, kernel_set, compiled, ceilings)
             except torch.OutOfMemoryError:
                 row = {"kernels": label, "mode": "compile" if compiled else "eager", "status": "not available",
                        "note": "out of memory: lower train.batch_size", "timer": timer_label(device)}
