@@ -497,7 +497,7 @@ def judge(row: dict[str, Any], variant: Variant) -> dict[str, Any]:
         if variant.vector_stores and row["global_stores"] and not row["vector_stores"]:
             problems.append("no 128-bit stores")
     notes = list(row.get("ptxas_notes", []))
-    if variant.kind == "dot" and lim.matrix == "wgmma" and row["mma"]:
+    if lim.matrix == "wgmma" and row["wgmma"] and row["mma"]:
         notes.append(f"{row['mma']} mma.sync beside wgmma")
     excused = bool(over) and bool(variant.keep_reason)
     return {"over_budget": over, "problems": problems, "notes": notes,
@@ -568,7 +568,7 @@ def _job(variant: Variant, arch: str) -> bytes:
 
 def _import_source_module(name: str, file: str) -> Any:
     """The module ``name`` if it is the one defined in ``file``; else ``file`` loaded on its own."""
-    with contextlib.suppress(ImportError):
+    with contextlib.suppress(ImportError, OSError):
         module = importlib.import_module(name)
         if os.path.samefile(getattr(module, "__file__", "") or os.devnull, file):
             return module
@@ -686,14 +686,15 @@ def compile_all(variants: Sequence[Variant], archs: Sequence[str], jobs: int | N
                 except Exception as exc:
                     rows[i, arch] = _error_row(identity, f"cannot send to a worker: {exc!r}")
                     continue
-                worker = worker or _Worker()
                 try:
+                    worker = worker or _Worker()
                     rows[i, arch] = worker.run(job, timeout)
                 except (OSError, RuntimeError, TimeoutError, ValueError) as exc:
                     rows[i, arch] = _error_row(identity, f"{type(exc).__name__}: {exc}")
-                    worker.proc.kill()
-                    worker.close()
-                    worker = None
+                    if worker is not None:
+                        worker.proc.kill()
+                        worker.close()
+                        worker = None
         finally:
             if worker is not None:
                 worker.close()

@@ -192,6 +192,11 @@ def test_a_broken_variant_is_an_error_row_not_a_crash():
         aot.compile_variant(bad, "sm_80")
 
 
+def test_a_stuck_worker_is_killed_and_reported():
+    (row,) = aot.compile_all([COPY], ["sm_80"], jobs=1, timeout=0.01)
+    assert not row["ok"] and row["error"].startswith("TimeoutError")
+
+
 def test_damaged_cache_entries_are_recompiled(tmp_path, monkeypatch):
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
     (first,) = aot.compile_all([COPY], ["sm_80"], jobs=1)
