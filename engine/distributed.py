@@ -6,6 +6,7 @@ MASTER_ADDR/PORT): NCCL on CUDA, gloo on CPU.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 from dataclasses import dataclass
@@ -42,8 +43,23 @@ def init(device_type: str) -> DistInfo:
         if backend == "nccl":
             torch.cuda.set_device(info.local_rank)
         # A bounded timeout: a peer that died makes the others fail instead of hanging forever.
-        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=10))
+        timeout = datetime.timedelta(minutes=10)
+        dist.init_process_group(backend, store=_attempt_store(info, timeout), rank=info.rank,
+                                world_size=info.world, timeout=timeout)
     return info
+
+
+def _attempt_store(info: DistInfo, timeout: datetime.timedelta) -> dist.Store:
+    """torchrun's rendezvous store, namespaced by restart attempt.
+
+    After a worker dies, ``torchrun --max-restarts`` starts every worker again; without a fresh namespace
+    the new process group would read the addresses the dead attempt published and fail to connect.
+    """
+    agent_hosts_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), info.world,
+                          is_master=not agent_hosts_store and info.rank == 0, timeout=timeout,
+                          multi_tenant=not agent_hosts_store)
+    return dist.PrefixStore(f"tritonforge/attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def world() -> int:
@@ -74,12 +90,62 @@ def mean(t: torch.Tensor) -> torch.Tensor:
 
 
 def wrap(model: torch.nn.Module, recipe, device: torch.device) -> torch.nn.Module:
-    """Wrap ``model`` for data parallelism as ``parallel.strategy`` says."""
+    """Wrap ``model`` for data parallelism as ``parallel.strategy`` says.
+
+    ``ddp``: DistributedDataParallel (gradients all-reduced, bucketed, overlapping the backward).
+    ``fsdp``: FSDP2 — ``fully_shard`` on each unit the model names (its ``blocks``: transformer blocks, CNN
+    stages) and then on the whole model, so parameters, gradients and optimizer state are sharded and each
+    unit's parameters are gathered just in time. Its mixed-precision policy follows ``train.precision``:
+    parameters cast to bf16/fp16 for compute, gradients reduced in fp32. The model object itself becomes
+    the sharded module (its parameters turn into DTensors), so the task keeps using it.
+    """
     if recipe.parallel.strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
         return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    raise NotImplementedError(f"parallel.strategy = {recipe.parallel.strategy!r} is not supported yet")
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    compute = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(recipe.train.precision)
+    policy = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32)
+    for unit in getattr(model, "blocks", ()):
+        fully_shard(unit, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+    return model
+
+
+@contextlib.contextmanager
+def no_sync(model: torch.nn.Module, skip: bool):
+    """Skip the gradient reduction of the backward inside (an accumulation micro-step) when ``skip``."""
+    if not skip:
+        yield
+    elif hasattr(model, "no_sync"):  # DDP
+        with model.no_sync():
+            yield
+    elif hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+    else:
+        yield
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard, or the tensor itself."""
+    from torch.distributed.tensor import DTensor
+
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def all_finite(tensors) -> bool:
+    """True when every element of every tensor (every shard, on every process) is finite."""
+    tensors = [local(t) for t in tensors]
+    flags = [torch.isfinite(t).all() for t in tensors if t.numel()]
+    ok = torch.stack(flags).all().float() if flags else torch.ones(())
+    if world() > 1:
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    return bool(ok.item())
 
 
 def cleanup() -> None:

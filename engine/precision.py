@@ -40,12 +40,17 @@ class LossScaler:
 
     def unscale_(self, params) -> torch.Tensor:
         """Divide gradients by the scale in place; return a device flag, 1.0 if any was inf/NaN."""
+        from engine.distributed import local
+
         found_inf = torch.zeros((), dtype=torch.float32, device=self.scale.device)
         grads = [p.grad for p in params if p.grad is not None]
         if self.enabled and grads:
             inv = self.scale.double().reciprocal().float().reshape(1)
-            for device_grads in _by_device(grads).values():
+            for device_grads in _by_device([local(g) for g in grads]).values():
                 torch._amp_foreach_non_finite_check_and_unscale_(device_grads, found_inf.view(1), inv)
+            if local(grads[0]) is not grads[0] and torch.distributed.is_initialized():
+                # Sharded gradients (FSDP): an overflow in any shard skips the step everywhere.
+                torch.distributed.all_reduce(found_inf, op=torch.distributed.ReduceOp.MAX)
         return found_inf
 
     def update(self, found_inf: torch.Tensor) -> None:

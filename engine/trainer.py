@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.tensor import DTensor
 
 from engine import checkpoint, distributed, registry
 from engine.checkpoint import CheckpointError
@@ -260,25 +262,30 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        state = {"step": self.step, "model": self.task.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                 "scaler": self.scaler.state_dict(), "rng": _rng_state(self.device), "bad_steps": self.bad_steps,
-                 "recipe": self.resolved.to_dict(), "wandb_id": self.log.wandb_id}
+        """The replicated part of a checkpoint (the model and optimizer go in :meth:`sharded_state_dict`)."""
+        state = {"step": self.step, "scaler": self.scaler.state_dict(), "rng": _rng_state(self.device),
+                 "bad_steps": self.bad_steps, "recipe": self.resolved.to_dict(), "wandb_id": self.log.wandb_id}
         if hasattr(self.task, "state_dict"):
             state["task"] = self.task.state_dict()
         return state
 
+    def sharded_state_dict(self) -> dict:
+        """Model and optimizer state keyed by parameter names, sharded as the run is (DTensors under FSDP).
+
+        Saved through DCP, so a checkpoint loads at any world size, with DDP, FSDP or neither.
+        """
+        model_state, optim_state = get_state_dict(self.task.model, self.optimizer)
+        return {"model": model_state, "optimizer": optim_state}
+
     def save(self) -> Path | None:
-        """Checkpoint the current step (main process); refuses parameters that are not finite."""
-        finite = torch.stack([torch.isfinite(p).all() for p in self.task.model.parameters()]).all().item()
-        if not finite:
+        """Checkpoint the current step (every process takes part); refuses parameters that are not finite."""
+        if not distributed.all_finite(self.task.model.parameters()):
             raise TrainingError(f"step {self.step}: the model's parameters are not finite; no checkpoint written; "
                                 f"{self._last_good()}")
-        state = self.state_dict()  # on every rank: a sharded model gathers its full state collectively
-        path = None
-        if self.dist.is_main:
-            path = checkpoint.save(self.ckpt_dir, self.step, state, keep=self.recipe.checkpoint.keep)
-            self.last_checkpoint = path
-            self.log.print(f"checkpoint: {path}")
+        path = checkpoint.save(self.ckpt_dir, self.step, self.state_dict(), keep=self.recipe.checkpoint.keep,
+                               sharded=self.sharded_state_dict())
+        self.last_checkpoint = path
+        self.log.print(f"checkpoint: {path}")
         return path
 
     def _load(self, path: Path) -> dict:
@@ -291,9 +298,11 @@ class Trainer:
                                   f"resume with the recipe it was saved with")
         if changes:
             self.log.print(f"warning: resuming with recipe changes: {'; '.join(changes)}")
+        template = self.sharded_state_dict()
+        checkpoint.load_sharded(path, template)
         try:
-            self.task.model.load_state_dict(state["model"])
-            self.optimizer.load_state_dict(state["optimizer"])
+            set_state_dict(self.task.model, self.optimizer, model_state_dict=template["model"],
+                           optim_state_dict=template["optimizer"])
         except (RuntimeError, ValueError, KeyError) as e:
             raise CheckpointError(f"checkpoint {path} does not fit this run's model or optimizer: {e}") from None
         self.scaler.load_state_dict(state["scaler"])
@@ -320,10 +329,8 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device)
         for micro in range(accum):
             inputs, targets = self.task.batch(step, micro)
-            # Under DDP, only the last micro-batch all-reduces gradients.
-            no_sync = getattr(self.model, "no_sync", None)
-            sync = contextlib.nullcontext() if micro == accum - 1 or no_sync is None else no_sync()
-            with sync:
+            # Only the last micro-batch reduces gradients across processes.
+            with distributed.no_sync(self.model, skip=micro < accum - 1):
                 with autocast(r.train.precision, self.device):
                     loss = self.task.loss(self.forward_model, inputs, targets)
                 self.scaler.scale_loss(loss / accum).backward()
@@ -341,6 +348,8 @@ class Trainer:
             found_inf = self.scaler.unscale_(self.params)
             if r.train.grad_clip > 0:
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.params, r.train.grad_clip)
+                if isinstance(grad_norm, DTensor):  # sharded parameters: the norm over all shards
+                    grad_norm = grad_norm.full_tensor()
                 found_inf = torch.maximum(found_inf, (~torch.isfinite(grad_norm)).float())
             loss_ok, overflow = torch.stack([torch.isfinite(loss_mean).float(), found_inf]).tolist()
             if loss_ok and not overflow:

@@ -24,7 +24,8 @@ def test_roundtrip_and_latest(tmp_path):
     loaded = checkpoint.load(tmp_path)  # a folder means its newest checkpoint
     assert loaded["step"] == 3 and torch.equal(loaded["w"], state(3)["w"]) and loaded["meta"]["betas"] == (0.9, 0.95)
     manifest = json.loads((tmp_path / "ckpt-00000003.json").read_text())
-    assert manifest["bytes"] == (tmp_path / "ckpt-00000003.pt").stat().st_size and len(manifest["sha256"]) == 64
+    entry = manifest["files"]["ckpt-00000003.pt"]
+    assert entry["bytes"] == (tmp_path / "ckpt-00000003.pt").stat().st_size and len(entry["sha256"]) == 64
 
 
 def test_keeps_the_last_k(tmp_path):
@@ -110,3 +111,26 @@ def test_missing_checkpoint(tmp_path):
         checkpoint.load(tmp_path)
     with pytest.raises(CheckpointError, match="checkpoint not found"):
         checkpoint.load(tmp_path / "ckpt-00000009.pt")
+
+
+def test_sharded_parts_round_trip_and_are_verified(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    sharded = {"model": {k: v.clone() for k, v in model.state_dict().items()}}
+    path = checkpoint.save(tmp_path, 1, state(1), sharded=sharded)
+    assert path.with_suffix(".dcp").is_dir()
+    template = {"model": {k: torch.zeros_like(v) for k, v in model.state_dict().items()}}
+    checkpoint.load(path)
+    checkpoint.load_sharded(path, template)
+    for k, v in model.state_dict().items():
+        assert torch.equal(template["model"][k], v)
+    shard = next(f for f in path.with_suffix(".dcp").iterdir() if f.name.endswith(".distcp"))
+    with open(shard, "r+b") as f:
+        f.truncate(8)
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        checkpoint.load(path)
+
+
+def test_pruning_removes_old_shards(tmp_path):
+    for step in (1, 2, 3):
+        checkpoint.save(tmp_path, step, state(step), keep=1, sharded={"w": torch.ones(2) * step})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt-00000003.dcp", "ckpt-00000003.json", "ckpt-00000003.pt"]

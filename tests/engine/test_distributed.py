@@ -1,0 +1,137 @@
+"""torchrun on CPU with gloo: DDP and FSDP2 match a single process; checkpoints move between world sizes.
+
+Every run here is a real ``torchrun --nproc_per_node=2 -m engine.train`` (or a single ``python -m
+engine.train``) on a tiny GPT, compared through the per-step losses in ``metrics.jsonl``.
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+RECIPE = str(ROOT / "recipes" / "gpt_cpu.toml")
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("dist")
+    f = folder / "corpus.jsonl"
+    f.write_text("\n".join(json.dumps({"text": f"sample {i}: the quick brown fox jumps over the lazy dog. " * 6})
+                           for i in range(300)))
+    return folder
+
+
+def common(corpus: Path, steps: int) -> list[str]:
+    return ["--model.n_layer=2", "--model.d_model=32", "--model.n_head=2", "--model.context=32",
+            "--train.seq_len=32", "--train.eval_batches=2", "--train.sample_tokens=0", "--train.log_every=1",
+            "--train.eval_every=0", f"--train.steps={steps}", "--run.threads=1", "--run.device=cpu",
+            f"--data.source={corpus / 'corpus.jsonl'}", f"--data.cache_dir={corpus / 'cache'}",
+            "--data.val_fraction=0.1", "--optim.lr=1e-2", "--optim.warmup_steps=2"]
+
+
+def run(args: list[str], nproc: int = 1, launcher: list[str] | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    if nproc == 1 and launcher is None:
+        cmd = [sys.executable, "-m", "engine.train", RECIPE, *args]
+    else:
+        cmd = [*TORCHRUN, "--standalone", f"--nproc_per_node={nproc}", *(launcher or []),
+               "-m", "engine.train", RECIPE, *args]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    out = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if rec["kind"] == "train":
+            out[rec["step"]] = rec["loss"]
+    return out
+
+
+def assert_same_losses(a: dict[int, float], b: dict[int, float], steps) -> None:
+    for s in steps:
+        assert a[s] == pytest.approx(b[s], rel=1e-5, abs=1e-6), (s, a[s], b[s])
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_processes_match_one(corpus, tmp_path, strategy):
+    """Global batch 8 as 1×8, and as 2 processes × 2 micro-batches × 2 (accumulation skips the sync)."""
+    single = tmp_path / "single"
+    run(common(corpus, 5) + ["--train.batch_size=8", f"--run.dir={single}"])
+    multi = tmp_path / "multi"
+    run(common(corpus, 5) + ["--train.batch_size=2", "--train.grad_accum=2", f"--parallel.strategy={strategy}",
+                             f"--run.dir={multi}"], nproc=2)
+    assert_same_losses(losses(single), losses(multi), range(1, 6))
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_resume_at_another_world_size(corpus, tmp_path, strategy):
+    """Save at world size 2, resume at 1 — and the reverse — and the losses continue unchanged."""
+    args = common(corpus, 6) + ["--train.batch_size=2", "--checkpoint.every=3", "--checkpoint.keep=5"]
+    single_args = common(corpus, 6) + ["--train.batch_size=4", "--checkpoint.every=3", "--checkpoint.keep=5"]
+    two = tmp_path / "two"
+    run(args + [f"--parallel.strategy={strategy}", f"--run.dir={two}"], nproc=2)
+    one = tmp_path / "one"
+    run(single_args + [f"--run.dir={one}"])
+    assert_same_losses(losses(two), losses(one), range(1, 7))
+
+    # 2 -> 1: keep only the step-3 checkpoint of the two-process run, resume it in one process.
+    two_to_one = tmp_path / "two_to_one"
+    _copy_until(two, two_to_one, step=3)
+    run(single_args + [f"--run.dir={two_to_one}", "--checkpoint.resume=latest"])
+    assert_same_losses(losses(two_to_one), losses(one), range(4, 7))
+
+    # 1 -> 2.
+    one_to_two = tmp_path / "one_to_two"
+    _copy_until(one, one_to_two, step=3)
+    run(args + [f"--parallel.strategy={strategy}", f"--run.dir={one_to_two}", "--checkpoint.resume=latest"], nproc=2)
+    assert_same_losses(losses(one_to_two), losses(two), range(4, 7))
+
+
+def _copy_until(src: Path, dst: Path, step: int) -> None:
+    """A copy of run ``src`` as it was right after the checkpoint of ``step`` (later checkpoints dropped)."""
+    shutil.copytree(src, dst)
+    for ckpt in (dst / "checkpoints").iterdir():
+        digits = "".join(c for c in ckpt.name if c.isdigit())
+        if digits and int(digits) > step:
+            shutil.rmtree(ckpt) if ckpt.is_dir() else ckpt.unlink()
+    (dst / "metrics.jsonl").unlink()
+
+
+CRASHER = """
+import os, sys
+from engine import trainer
+real = trainer.Trainer.train_step
+def train_step(self, step):
+    if step == 4 and os.environ.get("TORCHELASTIC_RESTART_COUNT") == "0" and os.environ.get("RANK") == "1":
+        os._exit(3)  # a worker dies mid-run on the first attempt
+    return real(self, step)
+trainer.Trainer.train_step = train_step
+from engine.cli import train_main
+sys.exit(train_main(sys.argv[1:]))
+"""
+
+
+def test_a_dead_worker_restarts_from_the_last_checkpoint(corpus, tmp_path):
+    script = tmp_path / "crash_once.py"
+    script.write_text(CRASHER)
+    out = tmp_path / "restarted"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    args = common(corpus, 6) + ["--train.batch_size=2", "--checkpoint.every=2", f"--run.dir={out}"]
+    proc = subprocess.run([*TORCHRUN, "--standalone", "--nproc_per_node=2", "--max-restarts=1", str(script),
+                           RECIPE, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "resumed from" in proc.stdout + proc.stderr
+    reference = tmp_path / "reference"
+    run(common(corpus, 6) + ["--train.batch_size=4", f"--run.dir={reference}"])
+    restarted = losses(out)
+    assert_same_losses(restarted, losses(reference), range(1, 7))
