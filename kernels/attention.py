@@ -65,7 +65,8 @@ query block. No S x S tensor exists anywhere.
 Shapes, dtypes, layouts
 -----------------------
 Head dims 16, 32, 64, 80, 96, 128, 256; 80 and 96 run in 128-wide tiles whose padding columns are
-masked on load and store (``HEAD_DIM < BLOCK_D``). fp16 and bf16 use tensor-core dots with fp32
+masked on load and store (``offs_d < head_dim``; D is a run-time argument, so the kernels compile
+once per tile width and dtype). fp16 and bf16 use tensor-core dots with fp32
 accumulation; P and dS are rounded to the input dtype before their dots, as in FlashAttention. fp32 is
 accepted (for testing): in the interpreter its dots are exact fp32, on a GPU they run as tf32 (Triton's
 default). q, k, v are read through their batch/head/sequence strides, so the views a fused QKV
@@ -73,22 +74,22 @@ projection produces (``qkv.view(B, S, 3, H, D).permute(2, 0, 3, 1, 4)``) are use
 tensor whose last dimension is not contiguous is copied (once, in the launcher).
 
 Block shapes (sm_90). A small ``triton.autotune`` list per kernel, pruned to the configs listed for the
-launch's tile width and dtype, keyed on sequence length, band and head dim (the dtype is part of every
-autotune key). Every listed config was compiled for sm_90 (``kernels.aot``) and kept only if it does
-not spill registers; all bf16/fp16 configs use ``wgmma`` except D = 256 dK/dV (below). The register
-file (255 per thread at 8 warps, one CTA per SM) is the binding constraint, shared memory (227 KiB)
-the second:
+launch's tile width and dtype, keyed on S, D and the band (the dtype is part of every autotune key).
+Every config was compiled for sm_90 with ``kernels.aot``: all use ``wgmma``, and the fp16/bf16 configs
+for D <= 128 do not spill. The register file (255 per thread at 8 warps, one CTA per SM) is the binding
+constraint, shared memory (227 KiB) the second. Masking the padding columns costs registers at the
+limit, so whether D is padded is a constexpr (``PAD_D``) and an unpadded tile carries no column mask.
 
-* forward, D <= 128: 128 x 128 or 128 x 64 tiles, 8 warps: two warpgroups of 64 query rows fill the wgmma
-  M dimension; the fp32 score tile costs BLOCK_M * BLOCK_N / 256 registers per thread, the accumulator
-  BLOCK_M * D / 256. 3 stages of K and V tiles keep the copies ahead of the dots (D = 128, 128 x 128:
-  225 KiB, sm_90 only; 128 x 64: 129 KiB). D = 256: 128 x 64 / 64 x 64, 2 stages.
-* dK/dV: the two fp32 accumulators of BLOCK_N * D each dominate: key blocks of 128 with query steps of
-  64/32 for D <= 64; for D = 128, 128 x 16 or 64 x 32 steps (64 x 128 spills). For D = 256 every wgmma
-  tiling spills, so it runs 32 keys x 16 queries on 4 warps with mma.sync.
-* dQ: query blocks of 128 or 64, key steps of 64 (32 for D = 256).
-* fp32 inputs (for testing): one small non-spilling config per kernel (4-byte tiles take twice the
-  registers and shared memory); the dK/dV kernel and D = 256 run mma.sync.
+* forward: 128 x 128 or 128 x 64 tiles on 8 warps: two warpgroups of 64 query rows fill the wgmma M
+  dimension; the fp32 score tile costs BLOCK_M * BLOCK_N / 256 registers per thread, the accumulator
+  BLOCK_M * D / 256. 3 stages of K and V tiles keep the copies ahead of the dots (D = 128: 225 KiB at
+  128 x 128, sm_90 only, 129 KiB at 128 x 64). D = 256: 128 x 64 or 64 x 64, 2 stages.
+* dK/dV: the two fp32 accumulators of BLOCK_N * D each dominate. D <= 64: 128 keys, query steps of 64
+  or 32. D = 128: 128 keys x 16 queries or 64 x 32 (64-query steps spill). D = 256: no wgmma tiling
+  fits the 2 x 64 x 256 fp32 accumulators; 64 x 16 spills the least (``_KEEP_REASONS``).
+* dQ: 128 or 64 queries, key steps of 64 (64 x 32 for D = 256).
+* fp32 inputs (for testing): one small tf32 config per kernel; the dK/dV kernel and D = 256 spill.
+* sm_80 (not tuned): some configs spill there; each list keeps at least one that fits its 163 KiB.
 
 In the Triton interpreter (``TRITON_INTERPRET=1``) each kernel has exactly one small config
 (``_INTERPRETER_CONFIGS``): block sizes are launch parameters that do not change the math, one config
@@ -97,6 +98,7 @@ band boundaries.
 """
 from __future__ import annotations
 
+import itertools
 import math
 import os
 
@@ -124,17 +126,34 @@ _GPU_CONFIGS = {
     ("fwd", "d128"): [(128, 128, 8, 3), (128, 64, 8, 3)],
     ("fwd", "d256"): [(128, 64, 8, 2), (64, 64, 8, 2)],
     ("fwd", "fp32"): [(64, 16, 4, 2)],
-    ("fwd", "fp32 d256"): [(32, 16, 4, 2)],
+    ("fwd", "fp32 d256"): [(64, 16, 8, 2)],
     ("dkdv", "d<=64"): [(64, 128, 8, 2), (32, 128, 8, 3)],
     ("dkdv", "d128"): [(16, 128, 8, 2), (32, 64, 8, 2)],
-    ("dkdv", "d256"): [(16, 32, 4, 1)],
-    ("dkdv", "fp32"): [(16, 32, 4, 1)],
-    ("dkdv", "fp32 d256"): [(16, 16, 2, 1)],
+    ("dkdv", "d256"): [(16, 64, 8, 2)],
+    ("dkdv", "fp32"): [(16, 64, 8, 1)],
+    ("dkdv", "fp32 d256"): [(16, 64, 8, 1)],
     ("dq", "d<=64"): [(128, 64, 8, 3), (64, 64, 4, 3)],
     ("dq", "d128"): [(128, 64, 8, 2), (64, 64, 4, 3)],
     ("dq", "d256"): [(64, 32, 4, 2)],
     ("dq", "fp32"): [(64, 16, 4, 2)],
-    ("dq", "fp32 d256"): [(32, 16, 4, 1)],
+    ("dq", "fp32 d256"): [(64, 16, 4, 2)],
+}
+# Configs that spill or exceed shared memory somewhere (measured with kernels.aot), and why they stay.
+_SM80_SPILLS = "tuned for sm_90, where it does not spill; on sm_80 (not tuned) it spills a little"
+_FP32_D256 = ("fp32 (for testing) at D = 256: spills on sm_90 and exceeds sm_80's shared memory, so this "
+              "case runs on sm_90 only")
+_KEEP_REASONS = {
+    ("fwd", "d128", (128, 128, 8, 3)): _SM80_SPILLS,
+    ("fwd", "d128", (128, 64, 8, 3)): _SM80_SPILLS,
+    ("fwd", "d256", (128, 64, 8, 2)): _SM80_SPILLS,
+    ("dkdv", "d<=64", (64, 128, 8, 2)): _SM80_SPILLS,
+    ("dkdv", "d128", (16, 128, 8, 2)): _SM80_SPILLS,
+    ("dq", "d128", (128, 64, 8, 2)): _SM80_SPILLS,
+    ("dkdv", "d256", (16, 64, 8, 2)): ("D = 256: the dK and dV accumulators (2 x 64 x 256 fp32) exceed the "
+                                       "registers at every wgmma tiling; this one spills the least"),
+    ("dkdv", "fp32", (16, 64, 8, 1)): "fp32 (for testing): the tf32 wgmma tiling spills at D = 128",
+    ("dkdv", "fp32 d256", (16, 64, 8, 1)): _FP32_D256,
+    ("dq", "fp32 d256", (64, 16, 4, 2)): _FP32_D256,
 }
 _INTERPRETER_CONFIGS = {"fwd": (32, 16, 4, 1), "dkdv": (16, 32, 4, 1), "dq": (32, 16, 4, 1)}
 # Preprocess (memory-bound): rows per program so that a tile holds 8192 elements; 8 warps.
@@ -181,7 +200,7 @@ def _pruner(kernel: str):
     return prune
 
 
-_AUTOTUNE_KEY = ["seqlen", "window_left", "window_right", "HEAD_DIM"]
+_AUTOTUNE_KEY = ["seqlen", "head_dim", "window_left", "window_right"]
 
 # ---------------------------------------------------------------------------------------------------
 # Kernels
@@ -199,10 +218,11 @@ def _attn_fwd(
     stride_kb, stride_kh, stride_ks,
     stride_vb, stride_vh, stride_vs,
     num_heads, group_size,  # H and H // Hkv
-    seqlen,  # S
+    seqlen, head_dim,  # S and D
     window_left, window_right,  # band: key j visible from query i iff i - left < j <= i + right
     qk_scale,  # scale * log2(e)
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,  # D and its next power of two
+    BLOCK_D: tl.constexpr,  # the next power of two of D: the tile width
+    PAD_D: tl.constexpr,  # D < BLOCK_D: mask the columns past D
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """O = softmax(scale * Q K^T | band) V for one block of BLOCK_M queries of one (batch, head).
@@ -227,7 +247,10 @@ def _attn_fwd(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     mask_m = offs_m < seqlen
-    mask_d = offs_d < HEAD_DIM
+    if PAD_D:
+        mask_d = offs_d < head_dim
+    else:
+        mask_d = tl.full([BLOCK_D], 1, tl.int1)
 
     q = tl.load(q_base + offs_m[:, None] * stride_qs + offs_d[None, :],
                 mask=mask_m[:, None] & mask_d[None, :], other=0.0)
@@ -286,7 +309,7 @@ def _attn_fwd(
     l_i = tl.where(mask_m, l_i, 1.0)  # rows past the sequence may see no key; they are not stored
     acc = acc / l_i[:, None]
     tl.store(LSE + row_base + offs_m, m_i + tl.log2(l_i), mask=mask_m)
-    tl.store(Out + (row_base + offs_m[:, None]) * HEAD_DIM + offs_d[None, :],
+    tl.store(Out + (row_base + offs_m[:, None]) * head_dim + offs_d[None, :],
              acc.to(Out.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
 
 
@@ -329,10 +352,10 @@ def _attn_bwd_dkdv(
     stride_kb, stride_kh, stride_ks,
     stride_vb, stride_vh, stride_vs,
     stride_dob, stride_doh, stride_dos,
-    num_heads, group_size, seqlen, window_left, window_right,
+    num_heads, group_size, seqlen, head_dim, window_left, window_right,
     qk_scale,  # scale * log2(e)
     sm_scale,  # scale
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_D: tl.constexpr, PAD_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dK, dV for one block of BLOCK_N keys of one (batch, kv head).
@@ -352,7 +375,10 @@ def _attn_bwd_dkdv(
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    mask_d = offs_d < HEAD_DIM
+    if PAD_D:
+        mask_d = offs_d < head_dim
+    else:
+        mask_d = tl.full([BLOCK_D], 1, tl.int1)
     mask_nd = (offs_n < seqlen)[:, None] & mask_d[None, :]
     k_base = K + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
     v_base = V + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
@@ -410,7 +436,7 @@ def _attn_bwd_dkdv(
                 ds_t = p_t * (tl.dot(v, tl.trans(do)) - delta[None, :])
                 dk = tl.dot(ds_t.to(q.dtype), q, dk)
 
-    out_offs = (pid_bhk.to(tl.int64) * seqlen + offs_n[:, None]) * HEAD_DIM + offs_d[None, :]
+    out_offs = (pid_bhk.to(tl.int64) * seqlen + offs_n[:, None]) * head_dim + offs_d[None, :]
     tl.store(DK + out_offs, (dk * sm_scale).to(DK.dtype.element_ty), mask=mask_nd)
     tl.store(DV + out_offs, dv.to(DV.dtype.element_ty), mask=mask_nd)
 
@@ -426,10 +452,10 @@ def _attn_bwd_dq(
     stride_kb, stride_kh, stride_ks,
     stride_vb, stride_vh, stride_vs,
     stride_dob, stride_doh, stride_dos,
-    num_heads, group_size, seqlen, window_left, window_right,
+    num_heads, group_size, seqlen, head_dim, window_left, window_right,
     qk_scale,  # scale * log2(e)
     sm_scale,  # scale
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_D: tl.constexpr, PAD_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dQ for one block of BLOCK_M queries of one (batch, head).
@@ -453,7 +479,10 @@ def _attn_bwd_dq(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     mask_m = offs_m < seqlen
-    mask_d = offs_d < HEAD_DIM
+    if PAD_D:
+        mask_d = offs_d < head_dim
+    else:
+        mask_d = tl.full([BLOCK_D], 1, tl.int1)
     mask_md = mask_m[:, None] & mask_d[None, :]
     q = tl.load(q_base + offs_m[:, None] * stride_qs + offs_d[None, :], mask=mask_md, other=0.0)
     do = tl.load(do_base + offs_m[:, None] * stride_dos + offs_d[None, :], mask=mask_md, other=0.0)
@@ -497,7 +526,7 @@ def _attn_bwd_dq(
             ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
             dq = tl.dot(ds.to(k.dtype), k, dq)
 
-    tl.store(DQ + (row_base + offs_m[:, None]) * HEAD_DIM + offs_d[None, :],
+    tl.store(DQ + (row_base + offs_m[:, None]) * head_dim + offs_d[None, :],
              (dq * sm_scale).to(DQ.dtype.element_ty), mask=mask_md)
 
 
@@ -541,8 +570,8 @@ def attention_forward(q, k, v, causal: bool, scale: float, window: int):
     _attn_fwd[grid](
         q, k, v, out, lse,
         *_bhs_strides(q), *_bhs_strides(k), *_bhs_strides(v),
-        num_heads, num_heads // k.shape[1], seqlen, left, right, scale * _LOG2E,
-        HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim),
+        num_heads, num_heads // k.shape[1], seqlen, head_dim, left, right, scale * _LOG2E,
+        BLOCK_D=_block_d(head_dim), PAD_D=_block_d(head_dim) != head_dim,
     )
     return out, lse
 
@@ -568,18 +597,18 @@ def attention_backward(do, q, k, v, out, lse, causal: bool, scale: float, window
         BLOCK_M=pre_block_m, BLOCK_D=block_d, num_warps=_PRE_NUM_WARPS,
     )
     common = (*_bhs_strides(q), *_bhs_strides(k), *_bhs_strides(v), *_bhs_strides(do),
-              num_heads, group_size, seqlen, left, right, scale * _LOG2E, scale)
+              num_heads, group_size, seqlen, head_dim, left, right, scale * _LOG2E, scale)
 
     def grid_dkdv(meta):
         return (triton.cdiv(seqlen, meta["BLOCK_N"]), batch * num_kv_heads)
 
-    _attn_bwd_dkdv[grid_dkdv](q, k, v, do, lse, delta, dk, dv, *common,
-                              HEAD_DIM=head_dim, BLOCK_D=block_d)
+    pad_d = block_d != head_dim
+    _attn_bwd_dkdv[grid_dkdv](q, k, v, do, lse, delta, dk, dv, *common, BLOCK_D=block_d, PAD_D=pad_d)
 
     def grid_dq(meta):
         return (triton.cdiv(seqlen, meta["BLOCK_M"]), batch * num_heads)
 
-    _attn_bwd_dq[grid_dq](q, k, v, do, lse, delta, dq, *common, HEAD_DIM=head_dim, BLOCK_D=block_d)
+    _attn_bwd_dq[grid_dq](q, k, v, do, lse, delta, dq, *common, BLOCK_D=block_d, PAD_D=pad_d)
     return dq, dk, dv
 
 
@@ -752,43 +781,46 @@ def _stride_args(*prefixes: str) -> list[str]:
 
 
 def aot_variants() -> list[Variant]:
-    """Every configuration the launchers and autotune lists may use on a GPU: per kernel, head dim,
-    dtype and config. Aligned: all pointers, the batch/head/sequence strides, S and the band ints (S or
-    0 at the benchmark shapes: hidden 2048, S a multiple of 16, full or causal)."""
+    """Every configuration the launchers and autotune lists may use on a GPU: per kernel, tile width
+    (D rounded up to a power of two), dtype and config. Aligned: all pointers, the batch/head/sequence
+    strides, H, S, D and the band ints (S or 0 at the benchmark shapes: hidden 2048, full or causal)."""
     variants = []
-    band_ints = ["num_heads", "group_size", "seqlen", "window_left", "window_right"]
-    band_aligned = ("num_heads", "seqlen", "window_left", "window_right")
+    ints = ["num_heads", "group_size", "seqlen", "head_dim", "window_left", "window_right"]
+    aligned_ints = ("num_heads", "seqlen", "head_dim", "window_left", "window_right")
     for dtype, ty in _TL_DTYPES.items():
-        for head_dim in SUPPORTED_HEAD_DIMS:
-            block_d = _block_d(head_dim)
-            dims = {"HEAD_DIM": head_dim, "BLOCK_D": block_d}
+        for block_d in sorted({_block_d(d) for d in SUPPORTED_HEAD_DIMS}):
             pre_sig = {"Out": f"*{ty}", "DO": f"*{ty}", "Delta": "*fp32",
                        **dict.fromkeys(_stride_args("do"), "i32"),
                        "num_heads": "i32", "seqlen": "i32", "head_dim": "i32"}
-            if head_dim == block_d:  # the preprocess kernel takes D at run time: one variant per tile
-                variants.append(Variant(
-                    kernel=_attn_bwd_preprocess, name=f"{ty} D={block_d}", signature=pre_sig,
-                    constexprs={"BLOCK_M": _PRE_TILE_ELEMS // block_d, "BLOCK_D": block_d},
-                    num_warps=_PRE_NUM_WARPS, num_stages=1, kind="memory", vector_stores=False,
-                    aligned=("Out", "DO", "Delta", *_stride_args("do"), "num_heads", "seqlen", "head_dim")))
+            # Its stores are one fp32 per row (a reduction over D): not 128-bit vectors.
+            variants.append(Variant(
+                kernel=_attn_bwd_preprocess, name=f"{ty} BLOCK_D={block_d}", signature=pre_sig,
+                constexprs={"BLOCK_M": _PRE_TILE_ELEMS // block_d, "BLOCK_D": block_d},
+                num_warps=_PRE_NUM_WARPS, num_stages=1, kind="memory", vector_stores=False,
+                aligned=("Out", "DO", "Delta", *_stride_args("do"), "num_heads", "seqlen", "head_dim")))
             fwd_sig = {"Q": f"*{ty}", "K": f"*{ty}", "V": f"*{ty}", "Out": f"*{ty}", "LSE": "*fp32",
                        **dict.fromkeys(_stride_args("q", "k", "v"), "i32"),
-                       **dict.fromkeys(band_ints, "i32"), "qk_scale": "fp32"}
-            bwd_sig = {"Q": f"*{ty}", "K": f"*{ty}", "V": f"*{ty}", "DO": f"*{ty}", "LSE": "*fp32",
-                       "Delta": "*fp32"}
-            dkdv_sig = {**bwd_sig, "DK": f"*{ty}", "DV": f"*{ty}"}
-            dq_sig = {**bwd_sig, "DQ": f"*{ty}"}
-            rest = {**dict.fromkeys(_stride_args("q", "k", "v", "do"), "i32"),
-                    **dict.fromkeys(band_ints, "i32"), "qk_scale": "fp32", "sm_scale": "fp32"}
-            for name, kernel, sig in (("fwd", _attn_fwd, fwd_sig),
-                                      ("dkdv", _attn_bwd_dkdv, {**dkdv_sig, **rest}),
-                                      ("dq", _attn_bwd_dq, {**dq_sig, **rest})):
+                       **dict.fromkeys(ints, "i32"), "qk_scale": "fp32"}
+            bwd_ptrs = {"Q": f"*{ty}", "K": f"*{ty}", "V": f"*{ty}", "DO": f"*{ty}", "LSE": "*fp32",
+                        "Delta": "*fp32"}
+            bwd_rest = {**dict.fromkeys(_stride_args("q", "k", "v", "do"), "i32"),
+                        **dict.fromkeys(ints, "i32"), "qk_scale": "fp32", "sm_scale": "fp32"}
+            dkdv_sig = {**bwd_ptrs, "DK": f"*{ty}", "DV": f"*{ty}", **bwd_rest}
+            dq_sig = {**bwd_ptrs, "DQ": f"*{ty}", **bwd_rest}
+            pads = sorted({_block_d(d) != d for d in SUPPORTED_HEAD_DIMS if _block_d(d) == block_d})
+            for (name, kernel, sig), pad_d in itertools.product(
+                    (("fwd", _attn_fwd, fwd_sig), ("dkdv", _attn_bwd_dkdv, dkdv_sig), ("dq", _attn_bwd_dq, dq_sig)),
+                    pads):
                 pointers = tuple(n for n, t in sig.items() if t.startswith("*"))
                 strides = tuple(n for n in sig if n.startswith("stride_"))
-                for block_m, block_n, warps, stages in _configs_for(name, block_d, dtype):
+                config_class = _config_class(block_d, dtype)
+                for config in _configs_for(name, block_d, dtype):
+                    block_m, block_n, warps, stages = config
+                    label = f"{ty} BLOCK_D={block_d}{' padded' if pad_d else ''}"
                     variants.append(Variant(
-                        kernel=kernel.fn, name=f"{ty} D={head_dim} {block_m}x{block_n} w{warps} s{stages}",
-                        signature=sig, constexprs={**dims, "BLOCK_M": block_m, "BLOCK_N": block_n},
-                        num_warps=warps, num_stages=stages, kind="dot",
-                        aligned=pointers + strides + band_aligned))
+                        kernel=kernel.fn, name=f"{label} {block_m}x{block_n} w{warps} s{stages}",
+                        signature=sig, constexprs={"BLOCK_D": block_d, "PAD_D": pad_d, "BLOCK_M": block_m,
+                                                   "BLOCK_N": block_n},
+                        num_warps=warps, num_stages=stages, kind="dot", aligned=pointers + strides + aligned_ints,
+                        keep_reason=_KEEP_REASONS.get((name, config_class, config), "")))
     return variants

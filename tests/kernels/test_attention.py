@@ -133,6 +133,22 @@ def test_gqa_views_of_one_projection():
     check_against_reference(q, k, v, do, TOLERANCES[torch.float32], causal=True, window=9)
 
 
+def test_non_unit_last_strides_and_broadcast_grad():
+    """A last dim with stride 2, and the stride-0 gradient that ``out.sum().backward()`` produces."""
+    q, k, v, _ = make_inputs(1, 2, 2, 21, 16, torch.float32, seed=11)
+    q_pairs = torch.stack([q, torch.zeros_like(q)], dim=-1).requires_grad_()
+    k_leaf, v_leaf = k.clone().requires_grad_(), v.clone().requires_grad_()
+    q_strided = q_pairs[..., 0]
+    assert q_strided.stride(-1) == 2
+    attention(q_strided, k_leaf, v_leaf, causal=True).sum().backward()
+    ref_leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    reference(*ref_leaves, causal=True).sum().backward()
+    tol = TOLERANCES[torch.float32]
+    for grad, ref_leaf in zip((q_pairs.grad[..., 0], k_leaf.grad, v_leaf.grad), ref_leaves):
+        torch.testing.assert_close(grad.double(), ref_leaf.grad, atol=tol, rtol=tol)
+    assert torch.count_nonzero(q_pairs.grad[..., 1]) == 0
+
+
 def test_gradients_are_bitwise_reproducible():
     q, k, v, do = make_inputs(1, 4, 2, 77, 16, torch.float16, seed=3)
 
@@ -242,7 +258,8 @@ def test_public_api_and_aot_variants_match_the_kernels():
         assert list(variant.signature) + list(variant.constexprs) == params, variant.name
         assert set(variant.aligned) <= set(variant.signature), variant.name
     for head_dim in SUPPORTED_HEAD_DIMS:
-        assert any(v.constexprs.get("HEAD_DIM") == head_dim for v in variants), head_dim
+        block_d = 1 << (head_dim - 1).bit_length()
+        assert any(v.constexprs.get("BLOCK_D") == block_d for v in variants), head_dim
 
 
 # ----------------------------------------------------------------------------------------------------
