@@ -8,6 +8,7 @@ the wrong type, raises :class:`RecipeError` naming the culprit and the valid cho
 from __future__ import annotations
 
 import dataclasses
+import json
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -63,6 +64,24 @@ class ModelConfig:
     dropout: float = 0.0
     #: Sliding attention window in tokens (0: full causal attention).
     window: int = 0
+    #: Classes of an image classifier (arch "resnet" or "convnext").
+    num_classes: int = 10
+    #: Side of the square images an image classifier sees; batches are resized on the device if the stored
+    #: images (data.image_size) differ.
+    image_size: int = 32
+    #: Input channels of an image classifier: 3 (RGB) or 1 (grayscale).
+    channels: int = 3
+    #: Channels of a CNN's first stage; each of the three later stages doubles them.
+    width: int = 64
+    #: Blocks in each of a CNN's four stages.
+    depths: tuple[int, int, int, int] = (2, 2, 2, 2)
+    #: ResNet block: "basic" (two 3x3 convs: ResNet-18/34) or "bottleneck" (1x1, 3x3, 1x1: ResNet-50 and up).
+    block: str = "basic"
+    #: CNN stem: "cifar" for small images (a 3x3 stride-1 conv for ResNet, 2x2 patches for ConvNeXt) or
+    #: "imagenet" (7x7 stride-2 conv and max-pool for ResNet, 4x4 patches for ConvNeXt).
+    stem: str = "cifar"
+    #: Stochastic depth of ConvNeXt blocks: the drop probability of the last block (rising linearly from 0).
+    drop_path: float = 0.0
 
 
 @dataclass
@@ -85,6 +104,20 @@ class DataConfig:
     val_fraction: float = 0.05
     #: Tokenized caches live here, one folder per source and tokenizer.
     cache_dir: str = ".cache/tritonforge"
+    #: Columns holding the image and its class label (image datasets and parquet files).
+    image_field: str = "image"
+    label_field: str = "label"
+    #: Split to validate on for image sources that have one (e.g. "test" for CIFAR-10); "" holds out
+    #: data.val_fraction of the training split.
+    val_split: str = ""
+    #: Side of the square images stored in the image cache; 0 means model.image_size.
+    image_size: int = 0
+    #: Images the "shapes" generator draws, training and validation together.
+    num_images: int = 20000
+    #: Random crops and horizontal flips of training images (on the device, per batch).
+    augment: bool = True
+    #: Padding of the random crop, in pixels of the stored images (0: flips only).
+    crop_padding: int = 4
 
 
 @dataclass
@@ -113,6 +146,10 @@ class TrainConfig:
     #: What to do when the loss is NaN/inf: "skip" the step (up to max_bad_steps times in a row) or "stop".
     on_nan: str = "skip"
     max_bad_steps: int = 5
+    #: Label smoothing of the classification loss (image models).
+    label_smoothing: float = 0.0
+    #: Decay of an exponential moving average of the weights used for evaluation (image models; 0: off).
+    ema_decay: float = 0.0
 
 
 @dataclass
@@ -204,6 +241,18 @@ PRESETS: dict[str, dict[str, Any]] = {
     # A small modern variant: rotary positions, RMSNorm, SwiGLU, grouped-query attention.
     "llama-tiny": dict(arch="gpt", n_layer=4, n_head=4, n_kv_head=2, d_model=192, context=256,
                        vocab_size=256, pos="rope", norm="rmsnorm", mlp="swiglu", bias=False),
+    # ResNet-18 for 32x32 images: 3x3 stem, no max-pool (11.2M parameters with 10 classes).
+    "resnet18-cifar": dict(arch="resnet", block="basic", stem="cifar", width=64, depths=(2, 2, 2, 2),
+                           num_classes=10, image_size=32),
+    # ResNet-50 as torchvision builds it (stride in the 3x3 conv of a bottleneck): 25.6M parameters.
+    "resnet50": dict(arch="resnet", block="bottleneck", stem="imagenet", width=64, depths=(3, 4, 6, 3),
+                     num_classes=1000, image_size=224),
+    # ConvNeXt-T (Liu et al., 2022): 28.6M parameters.
+    "convnext-tiny": dict(arch="convnext", stem="imagenet", width=96, depths=(3, 3, 9, 3), drop_path=0.1,
+                          num_classes=1000, image_size=224),
+    # A ConvNeXt for 32x32 images: 2x2 patches, stages at 16, 8, 4 and 2 pixels.
+    "convnext-cifar": dict(arch="convnext", stem="cifar", width=64, depths=(2, 2, 6, 2), drop_path=0.1,
+                           num_classes=10, image_size=32),
 }
 
 #: Fields whose value must be one of these strings.
@@ -211,6 +260,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.pos": ("learned", "rope"),
     "model.norm": ("layernorm", "rmsnorm"),
     "model.mlp": ("gelu", "swiglu"),
+    "model.block": ("basic", "bottleneck"),
+    "model.stem": ("cifar", "imagenet"),
     "data.tokenizer": ("byte", "gpt2"),
     "train.precision": ("fp32", "bf16", "fp16"),
     "train.on_nan": ("skip", "stop"),
@@ -405,6 +456,41 @@ def validate(r: Recipe) -> None:
             raise RecipeError(
                 f"train.seq_len ({r.train.seq_len}) is longer than the model supports "
                 f"(model.context = {m.context})")
+    if m.arch in IMAGE_ARCHS:
+        _validate_image_classifier(r, positive)
+
+
+#: Architectures trained on images by the image classification task.
+IMAGE_ARCHS = ("resnet", "convnext")
+
+
+def _validate_image_classifier(r: Recipe, positive) -> None:
+    m, d = r.model, r.data
+    positive("model.num_classes", m.num_classes)
+    positive("model.image_size", m.image_size)
+    positive("model.width", m.width)
+    for i, depth in enumerate(m.depths):
+        positive(f"model.depths[{i}]", depth)
+    if m.channels not in (1, 3):
+        raise RecipeError(f"model.channels must be 1 or 3, got {m.channels}")
+    if not 0.0 <= m.drop_path < 1.0:
+        raise RecipeError(f"model.drop_path must be in [0, 1), got {m.drop_path}")
+    # The stem and three stride-2 stages shrink the image by this factor.
+    stride = {("resnet", "cifar"): 8, ("resnet", "imagenet"): 32, ("convnext", "cifar"): 16,
+              ("convnext", "imagenet"): 32}[m.arch, m.stem]
+    if m.image_size % stride:
+        raise RecipeError(f"model.image_size ({m.image_size}) must be a multiple of {stride} for "
+                          f"model.arch = {m.arch!r} with model.stem = {m.stem!r}")
+    if d.source == "stdlib":
+        raise RecipeError("data.source: 'stdlib' is text; image models read 'shapes' (generated, no download), "
+                          "'hf:NAME[:CONFIG]' or a local image folder or parquet file")
+    positive("data.image_size", d.image_size, allow_zero=True)
+    positive("data.num_images", d.num_images)
+    positive("data.crop_padding", d.crop_padding, allow_zero=True)
+    if not 0.0 <= r.train.label_smoothing < 1.0:
+        raise RecipeError(f"train.label_smoothing must be in [0, 1), got {r.train.label_smoothing}")
+    if not 0.0 <= r.train.ema_decay < 1.0:
+        raise RecipeError(f"train.ema_decay must be in [0, 1), got {r.train.ema_decay}")
 
 
 def dump_toml(recipe: Recipe) -> str:
@@ -424,7 +510,8 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, (int, float)):
         return repr(value)
     if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        # A JSON string is a TOML basic string, once DEL (allowed raw in JSON, not in TOML) is escaped too.
+        return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     raise TypeError(f"cannot write {value!r} as TOML")

@@ -24,6 +24,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import sysconfig
 import tempfile
 from dataclasses import dataclass
@@ -143,6 +144,8 @@ def iter_documents(cfg: DataConfig) -> Iterator[str]:
         import datasets  # imported only for sources that need it
     except ImportError:
         raise RecipeError(f"data.source = {cfg.source!r} needs the datasets package: pip install datasets") from None
+    if not sys.stderr.isatty():  # progress bars redraw with carriage returns: keep them out of log files
+        datasets.disable_progress_bars()
     if cfg.source.startswith("hf:"):
         name, _, config = cfg.source[3:].partition(":")
         ds = datasets.load_dataset(name, config or None, split=cfg.split)

@@ -8,7 +8,7 @@ import torch.nn as nn
 
 from engine import distributed
 from engine.config import Recipe, RecipeError
-from engine.data.text import TokenWindows, load_tokens
+from engine.data.text import TokenWindows, get_tokenizer, load_tokens
 from engine.models.gpt import GPT, GPTConfig
 from engine.precision import autocast
 from engine.registry import Ops
@@ -33,6 +33,7 @@ class LanguageModelingTask(Task):
     def __init__(self, recipe: Recipe, ops: Ops, device: torch.device, rank: int, world: int, log=print):
         self.recipe, self.device, self.rank, self.world = recipe, device, rank, world
         t = recipe.train
+        gpt_config(recipe, get_tokenizer(recipe.data.tokenizer).vocab_size)  # refuse a bad vocab before tokenizing
         data = distributed.main_first(lambda: load_tokens(recipe.data, log=log), rank, world)
         self.tokenizer = data.tokenizer
         self.cfg = gpt_config(recipe, data.tokenizer.vocab_size)

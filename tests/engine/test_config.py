@@ -77,3 +77,11 @@ def test_resolved_recipe_round_trips(tmp_path):
 
 def test_parse_overrides_forms():
     assert parse_overrides(["--a.b=1", "--c.d-e", "x"]) == [("a", "b", "1"), ("c", "d_e", "x")]
+
+
+def test_strings_with_control_characters_round_trip(tmp_path):
+    text = "def f():\n\t\"x\" \\ \x01 \x7f é 😀"
+    r = load_recipe(None, ["--train.sample_prompt=" + text])
+    f = tmp_path / "resolved.toml"
+    f.write_text(dump_toml(r))
+    assert load_recipe(f).train.sample_prompt == text
