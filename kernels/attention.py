@@ -58,6 +58,10 @@ gradients are bitwise reproducible run to run):
    ``dS = P * (dO V^T - delta)``, ``dQ += dS K``.
    Both use the same boundary/interior split as the forward.
 
+K, V, Q and dO tiles are plain pointer loads, which Triton pipelines through ``num_stages`` shared
+memory buffers (cp.async) on sm_80 and sm_90. Tensor descriptors (TMA) are not used: they could not be
+measured on a GPU while this was written, and pointer loads take any batch/head/sequence strides.
+
 Memory traffic: the forward reads Q once and K, V once per query block that sees them, and writes O
 and the fp32 log-sum-exp; the backward reads Q, dO, lse, delta once per key block and K, V once per
 query block. No S x S tensor exists anywhere.
