@@ -411,7 +411,8 @@ def _compile(src, arch: str, variant: Variant, force: bool):
     log = io.StringIO()
     with knobs.nvidia.scope(), knobs.compilation.scope(), contextlib.redirect_stdout(log):
         knobs.nvidia.dump_ptxas_log = True
-        knobs.compilation.always_compile = force
+        if force:
+            knobs.compilation.always_compile = True
         compiled = triton.compile(src, target=GPUTarget("cuda", ARCHS[arch].capability, 32),
                                   options={"num_warps": variant.num_warps,
                                            "num_stages": variant.num_stages})

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -214,7 +215,6 @@ def test_damaged_cache_entries_are_recompiled(tmp_path, monkeypatch):
 
 
 def test_coverage_follows_calls_and_names_unlisted_kernels():
-    import sys
     module = sys.modules[_copy_scale_kernel.fn.__module__]
     found = aot.Discovery(variants=[COPY, MATMUL], jit_functions=aot._module_jit_functions(module),
                           modules=[module.__name__])
