@@ -52,7 +52,7 @@ class Task:
         return None
 
 
-_TASK_MODULES = ("engine.tasks.lm",)
+_TASK_MODULES = ("engine.tasks.lm", "engine.tasks.vision")
 
 #: model.arch -> builder(recipe, ops, device, rank, world, log) -> Task
 _BUILDERS: dict[str, Callable[..., Task]] = {}

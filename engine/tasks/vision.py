@@ -1,0 +1,174 @@
+"""Image classification: a ResNet or ConvNeXt trained on labelled images.
+
+Images come from the uint8 cache of :mod:`engine.data.images` and are augmented and normalized on the
+device in whole batches. The model and its inputs are channels_last: what cuDNN's fastest convolutions
+want on CUDA, and measured 1.3x faster than NCHW for a small ResNet on CPU too. The loss is cross-entropy
+with optional label smoothing; evaluation reports top-1 accuracy, with an exponential moving average of
+the weights when ``train.ema_decay`` is set.
+"""
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from engine import distributed, registry
+from engine.config import ModelConfig, Recipe, RecipeError
+from engine.data.images import (ImageBatches, augmentation_seed, crop_and_flip, eval_indices, load_images,
+                                to_model_input)
+from engine.models.convnext import ConvNeXt, ConvNeXtConfig
+from engine.models.resnet import ResNet, ResNetConfig
+from engine.precision import autocast
+from engine.registry import Ops
+from engine.tasks import Task, register
+
+
+def build_model(m: ModelConfig, ops: Ops) -> nn.Module:
+    common = dict(depths=tuple(m.depths), width=m.width, num_classes=m.num_classes, channels=m.channels, stem=m.stem)
+    if m.arch == "resnet":
+        return ResNet(ResNetConfig(block=m.block, **common))
+    if m.arch == "convnext":
+        return ConvNeXt(ConvNeXtConfig(drop_path=m.drop_path, **common), ops)
+    raise RecipeError(f"model.arch: {m.arch!r} is not an image classifier")
+
+
+@torch.no_grad()
+def forward_flops(m: ModelConfig) -> float:
+    """Forward FLOPs for one image: 2 per multiply-accumulate of every conv and linear layer.
+
+    Counted with forward hooks on one pass of the model built on the meta device (shapes only: no memory,
+    no arithmetic), with the torch backend of every op.
+    """
+    macs = 0
+
+    def count(module: nn.Module, inputs, output: torch.Tensor) -> None:
+        nonlocal macs
+        if isinstance(module, nn.Conv2d):
+            macs += output.numel() * module.in_channels // module.groups * math.prod(module.kernel_size)
+        else:
+            macs += output.numel() * module.in_features
+
+    with torch.device("meta"):
+        model = build_model(m, registry.resolve({op: "torch" for op in registry.OPS})).eval()
+        for module in model.modules():
+            if isinstance(module, (nn.Conv2d, nn.Linear)):
+                module.register_forward_hook(count)
+        model(torch.zeros((1, m.channels, m.image_size, m.image_size)))
+    return 2.0 * macs
+
+
+class ImageClassificationTask(Task):
+    unit = "img"
+
+    def __init__(self, recipe: Recipe, ops: Ops, device: torch.device, rank: int, world: int, log=print):
+        self.recipe, self.device, self.rank, self.world = recipe, device, rank, world
+        m, d, t = recipe.model, recipe.data, recipe.train
+        size = d.image_size or m.image_size
+        self.data = distributed.main_first(lambda: load_images(d, size, m.channels, log=log), rank, world)
+        if len(self.data.classes) > m.num_classes:
+            raise RecipeError(f"model.num_classes ({m.num_classes}) is smaller than the number of classes in "
+                              f"{d.source} ({len(self.data.classes)})")
+        self.model = build_model(m, ops).to(device, memory_format=torch.channels_last)
+        self.ema = None
+        if t.ema_decay:
+            self.ema = copy.deepcopy(self.model).requires_grad_(False)
+        self.mean = torch.tensor(self.data.mean, device=device, dtype=torch.float32)
+        self.std = torch.tensor(self.data.std, device=device, dtype=torch.float32)
+        self.train_batches = ImageBatches(len(self.data.train_labels), t.batch_size, t.grad_accum, recipe.run.seed, world)
+        self.items_per_micro_batch = t.batch_size
+        self._flops: float | None = None
+        log(f"data: {len(self.data.train_labels):,} train / {len(self.data.val_labels):,} val images of "
+            f"{size}x{size}, {len(self.data.classes)} classes ({d.source}); model: "
+            f"{sum(p.numel() for p in self.model.parameters()):,} parameters")
+
+    def _to_device(self, images: np.ndarray, labels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = torch.from_numpy(images), torch.from_numpy(labels)
+        if self.device.type == "cuda":
+            return x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
+        return x, y
+
+    def batch(self, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = self.train_batches.indices(step, micro, self.rank)
+        images, labels = self._to_device(self.data.train_images[idx], self.data.train_labels[idx])
+        d = self.recipe.data
+        if d.augment:
+            g = torch.Generator(device=self.device)
+            g.manual_seed(augmentation_seed(self.recipe.run.seed, step, micro, self.rank))
+            images = crop_and_flip(images, d.crop_padding, g)
+        return self._input(images), labels
+
+    def _input(self, images: torch.Tensor) -> torch.Tensor:
+        return to_model_input(images, self.mean, self.std, self.recipe.model.image_size, torch.channels_last)
+
+    def loss(self, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        logits = model(inputs)
+        return F.cross_entropy(logits.float(), targets, label_smoothing=self.recipe.train.label_smoothing)
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        """Loss and top-1 accuracy on the validation images (of the weight EMA when there is one)."""
+        model = self.ema if self.ema is not None else model
+        was_training = model.training
+        model.eval()
+        t = self.recipe.train
+        sums = torch.zeros(3, device=self.device, dtype=torch.float64)  # loss, correct, count
+        for idx in eval_indices(len(self.data.val_labels), t.batch_size, t.eval_batches, self.rank, self.world):
+            images, labels = self._to_device(self.data.val_images[idx], self.data.val_labels[idx])
+            with autocast(t.precision, self.device):
+                logits = model(self._input(images)).float()
+            sums[0] += F.cross_entropy(logits, labels, reduction="sum").double()
+            sums[1] += (logits.argmax(dim=1) == labels).sum()
+            sums[2] += len(idx)
+        model.train(was_training)
+        loss, correct, count = distributed.mean(sums).tolist()  # the means' ratios are the global ratios
+        return {"val_loss": loss / count, "val_acc": correct / count}
+
+    @torch.no_grad()
+    def on_step_end(self, step: int) -> None:
+        if self.ema is None:
+            return
+        # The decay ramps up over the first steps, so that the average is not dominated by the initial weights.
+        decay = min(self.recipe.train.ema_decay, (1 + step) / (10 + step))
+        ema = [*self.ema.parameters(), *self.ema.buffers()]
+        live = [*self.model.parameters(), *self.model.buffers()]
+        floats = [(e, p) for e, p in zip(ema, live) if e.is_floating_point()]
+        torch._foreach_lerp_([e for e, _ in floats], [p for _, p in floats], 1.0 - decay)
+        for e, p in zip(ema, live):
+            if not e.is_floating_point():
+                e.copy_(p)  # e.g. BatchNorm's batch counter
+
+    def state_dict(self) -> dict:
+        """State beyond the model's own: the weight EMA, for an exact resume."""
+        return {"ema": self.ema.state_dict()} if self.ema is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.ema is not None and "ema" in state:
+            self.ema.load_state_dict(state["ema"])
+
+    def flops_per_item(self) -> float:
+        """Training FLOPs per image: 3 x forward (the backward costs about twice the forward)."""
+        if self._flops is None:
+            self._flops = 3.0 * forward_flops(self.recipe.model)
+        return self._flops
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """Decay conv and linear weights; leave norms, biases and LayerScale (all 1-D) undecayed."""
+        decay, no_decay = [], []
+        for p in self.model.parameters():
+            if p.requires_grad:
+                (decay if p.dim() >= 2 else no_decay).append(p)
+        return [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
+
+
+@register("resnet")
+def build_resnet(recipe, ops, device, rank, world, log) -> Task:
+    return ImageClassificationTask(recipe, ops, device, rank, world, log)
+
+
+@register("convnext")
+def build_convnext(recipe, ops, device, rank, world, log) -> Task:
+    return ImageClassificationTask(recipe, ops, device, rank, world, log)
