@@ -147,22 +147,10 @@ def describe_ceilings(ceilings: dict[str, float]) -> str:
 
 
 def environment(device: torch.device) -> dict[str, Any]:
-    """Versions and device, for the JSON."""
-    import platform
+    """Versions and device, for the JSON (the run directory's env.json record, plus the interpreter switch)."""
+    from engine.metrics import environment as run_environment
 
-    env: dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__, "device": str(device),
-                           "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "argv": sys.argv,
-                           "triton_interpret": os.environ.get("TRITON_INTERPRET", "0")}
-    try:
-        import triton
-
-        env["triton"] = triton.__version__
-    except ImportError:
-        env["triton"] = None
-    if device.type == "cuda":
-        env["gpu"] = torch.cuda.get_device_name(device)
-        env["cuda"] = torch.version.cuda
-    return env
+    return run_environment(device, {}, triton_interpret=os.environ.get("TRITON_INTERPRET", "0"))
 
 
 def free_memory(device: torch.device) -> None:

@@ -164,13 +164,6 @@ class SyntheticTask(Task):
     def flops_per_item(self) -> float:
         return self._flops
 
-    def param_groups(self, weight_decay: float) -> list[dict]:
-        """Matrices decayed, 1-D parameters (norms, biases) not: what both real tasks do."""
-        decay, no_decay = [], []
-        for p in self.model.parameters():
-            if p.requires_grad:
-                (decay if p.dim() >= 2 else no_decay).append(p)
-        return [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -23,10 +23,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import sys
 import sysconfig
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -35,6 +33,7 @@ import numpy as np
 import torch
 
 from engine.config import DataConfig, RecipeError
+from engine.data.cache import fsync_file, open_or_build
 
 CACHE_FORMAT = 2
 _LOCAL_BUILDERS = {".txt": "text", ".text": "text", ".md": "text", ".jsonl": "json", ".json": "json",
@@ -218,56 +217,37 @@ def _open_cache(folder: Path) -> tuple[np.ndarray, np.ndarray] | None:
         return None
 
 
-def _build_cache(cfg: DataConfig, tokenizer, folder: Path) -> None:
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-    try:
-        counts = {}
-        with open(tmp / "train.bin", "wb") as ftrain, open(tmp / "val.bin", "wb") as fval:
-            sep = np.asarray(tokenizer.separator, dtype=np.uint16)
-            counts = {"train": 0, "val": 0, "docs_train": 0, "docs_val": 0}
-            for doc in iter_documents(cfg):
-                pieces = _pieces(doc)
-                for i, piece in enumerate(pieces):
-                    split = "val" if _is_val(piece, cfg.val_fraction) else "train"
-                    ids = tokenizer.encode(piece)
-                    if i == len(pieces) - 1:
-                        ids = np.concatenate([ids, sep])
-                    (fval if split == "val" else ftrain).write(ids.tobytes())
-                    counts[split] += len(ids)
-                    counts["docs_" + split] += 1
-            for f in (ftrain, fval):
-                f.flush()
-                os.fsync(f.fileno())
-        meta = {"format": CACHE_FORMAT, "source": cfg.source, "tokenizer": tokenizer.name,
-                "train_tokens": counts["train"], "val_tokens": counts["val"],
-                "train_docs": counts["docs_train"], "val_docs": counts["docs_val"]}
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-        try:
-            os.rename(tmp, folder)  # atomic: the folder appears complete or not at all
-        except OSError:
-            if _open_cache(folder) is None:  # lost a race to a broken folder: replace it
-                shutil.rmtree(folder, ignore_errors=True)
-                os.rename(tmp, folder)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+def _write_tokens(cfg: DataConfig, tokenizer, folder: Path) -> None:
+    """Tokenize the source into ``folder`` (empty): train.bin, val.bin, then meta.json."""
+    sep = np.asarray(tokenizer.separator, dtype=np.uint16)
+    counts = {"train": 0, "val": 0, "docs_train": 0, "docs_val": 0}
+    with open(folder / "train.bin", "wb") as ftrain, open(folder / "val.bin", "wb") as fval:
+        for doc in iter_documents(cfg):
+            pieces = _pieces(doc)
+            for i, piece in enumerate(pieces):
+                split = "val" if _is_val(piece, cfg.val_fraction) else "train"
+                ids = tokenizer.encode(piece)
+                if i == len(pieces) - 1:
+                    ids = np.concatenate([ids, sep])
+                (fval if split == "val" else ftrain).write(ids.tobytes())
+                counts[split] += len(ids)
+                counts["docs_" + split] += 1
+        fsync_file(ftrain)
+        fsync_file(fval)
+    meta = {"format": CACHE_FORMAT, "source": cfg.source, "tokenizer": tokenizer.name,
+            "train_tokens": counts["train"], "val_tokens": counts["val"],
+            "train_docs": counts["docs_train"], "val_docs": counts["docs_val"]}
+    (folder / "meta.json").write_text(json.dumps(meta, indent=1))
 
 
 def load_tokens(cfg: DataConfig, log=print) -> TokenData:
     """Tokenize the source once (cached) and return memory-mapped train/val tokens."""
     tokenizer = get_tokenizer(cfg.tokenizer)
     folder = Path(cfg.cache_dir).expanduser() / f"{_slug(cfg.source)}-{tokenizer.name}-{cache_key(cfg, tokenizer.name)}"
-    arrays = _open_cache(folder)
-    if arrays is None:
-        if folder.exists():  # incomplete or corrupt: never use it
-            shutil.rmtree(folder, ignore_errors=True)
-        log(f"tokenizing {cfg.source} with the {tokenizer.name} tokenizer into {folder} (once)")
-        _build_cache(cfg, tokenizer, folder)
-        arrays = _open_cache(folder)
-        if arrays is None:
-            raise RuntimeError(f"token cache at {folder} could not be read back after building it")
-    return TokenData(train=arrays[0], val=arrays[1], tokenizer=tokenizer, path=folder)
+    train, val = open_or_build(
+        folder, _open_cache, lambda tmp: _write_tokens(cfg, tokenizer, tmp),
+        announce=lambda: log(f"tokenizing {cfg.source} with the {tokenizer.name} tokenizer into {folder} (once)"))
+    return TokenData(train=train, val=val, tokenizer=tokenizer, path=folder)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -219,14 +219,6 @@ class GPT(nn.Module):
             return logits
         return self.ops.cross_entropy(logits, targets)
 
-    def param_groups(self, weight_decay: float) -> list[dict]:
-        """Decay matrices; leave norms, biases and 1-D params undecayed (as nanoGPT and most LLMs do)."""
-        decay, no_decay = [], []
-        for p in self.parameters():
-            if p.requires_grad:
-                (decay if p.dim() >= 2 else no_decay).append(p)
-        return [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
-
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 0.8,
                  top_k: int | None = 40, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -42,7 +42,12 @@ class Task:
         return None
 
     def param_groups(self, weight_decay: float) -> list[dict]:
-        return [dict(params=[p for p in self.model.parameters() if p.requires_grad], weight_decay=weight_decay)]
+        """Decay matrices and conv kernels; leave 1-D parameters (norms, biases, LayerScale) undecayed."""
+        decay, no_decay = [], []
+        for p in self.model.parameters():
+            if p.requires_grad:
+                (decay if p.dim() >= 2 else no_decay).append(p)
+        return [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
 
     def on_step_end(self, step: int) -> None:
         """Called after each optimizer step (``step`` steps done), e.g. to update a weight EMA."""

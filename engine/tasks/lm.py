@@ -75,9 +75,6 @@ class LanguageModelingTask(Task):
     def flops_per_item(self) -> float:
         return self.model.flops_per_token(self.recipe.train.seq_len)
 
-    def param_groups(self, weight_decay: float) -> list[dict]:
-        return self.model.param_groups(weight_decay)
-
     @torch.no_grad()
     def finish(self, model: nn.Module) -> str | None:
         n = self.recipe.train.sample_tokens
