@@ -207,9 +207,9 @@ def _build_decoded(cfg: DataConfig, size: int, channels: int, out: Path) -> dict
 
 def _check_counts(counts: dict[str, int]) -> None:
     if counts["val"] == 0:
-        raise RecipeError("data.val_fraction leaves no validation images; raise it or set data.val_split")
+        raise RecipeError("no validation images: raise data.val_fraction, or name a split in data.val_split")
     if counts["train"] == 0:
-        raise RecipeError("data.val_fraction leaves no training images; lower it")
+        raise RecipeError("no training images: lower data.val_fraction, or check data.split")
 
 
 class _ArrayWriter:
@@ -363,8 +363,12 @@ class ImageBatches:
 
 
 def eval_indices(n: int, batch_size: int, batches: int, rank: int = 0, world: int = 1) -> Iterator[np.ndarray]:
-    """This rank's batches of the first ``min(n, batches · world · batch_size)`` validation images."""
-    total = min(n, batches * world * batch_size)
+    """This rank's batches of the first ``min(n, batches · world · batch_size)`` validation images.
+
+    The count is rounded down to a multiple of ``world`` so that every rank runs the same batches (a sharded
+    model's forward is a collective).
+    """
+    total = min(n, batches * world * batch_size) // world * world
     mine = np.arange(rank, total, world)
     for start in range(0, len(mine), batch_size):
         yield mine[start:start + batch_size]

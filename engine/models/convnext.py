@@ -110,6 +110,11 @@ class ConvNeXt(nn.Module):
             nn.init.trunc_normal_(module.weight, std=0.02)
             nn.init.zeros_(module.bias)
 
+    @property
+    def blocks(self) -> list[nn.Module]:
+        """The units a sharded (FSDP) run wraps one by one: the four stages."""
+        return list(self.stages)
+
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 

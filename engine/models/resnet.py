@@ -103,6 +103,11 @@ class ResNet(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
+    @property
+    def blocks(self) -> list[nn.Module]:
+        """The units a sharded (FSDP) run wraps one by one: the four stages."""
+        return list(self.stages)
+
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 

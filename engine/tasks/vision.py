@@ -2,7 +2,8 @@
 
 Images come from the uint8 cache of :mod:`engine.data.images` and are augmented and normalized on the
 device in whole batches. The model and its inputs are channels_last: what cuDNN's fastest convolutions
-want on CUDA, and measured 1.3x faster than NCHW for a small ResNet on CPU too. The loss is cross-entropy
+want on CUDA, and measured 1.3x faster than NCHW for a small ResNet on CPU too. (A sharded run keeps
+NCHW: FSDP shards only contiguous parameters.) The loss is cross-entropy
 with optional label smoothing; evaluation reports top-1 accuracy, with an exponential moving average of
 the weights when ``train.ema_decay`` is set.
 """
@@ -72,9 +73,14 @@ class ImageClassificationTask(Task):
         if len(self.data.classes) > m.num_classes:
             raise RecipeError(f"model.num_classes ({m.num_classes}) is smaller than the number of classes in "
                               f"{d.source} ({len(self.data.classes)})")
-        self.model = build_model(m, ops).to(device, memory_format=torch.channels_last)
+        sharded = world > 1 and recipe.parallel.strategy == "fsdp"
+        self.memory_format = torch.contiguous_format if sharded else torch.channels_last
+        self.model = build_model(m, ops).to(device, memory_format=self.memory_format)
         self.ema = None
         if t.ema_decay:
+            if sharded:
+                raise RecipeError("train.ema_decay: a weight EMA is not supported with parallel.strategy = 'fsdp' "
+                                  "(the average would need sharding like the model); use 'ddp' or set it to 0")
             self.ema = copy.deepcopy(self.model).requires_grad_(False)
         self.mean = torch.tensor(self.data.mean, device=device, dtype=torch.float32)
         self.std = torch.tensor(self.data.std, device=device, dtype=torch.float32)
@@ -102,7 +108,7 @@ class ImageClassificationTask(Task):
         return self._input(images), labels
 
     def _input(self, images: torch.Tensor) -> torch.Tensor:
-        return to_model_input(images, self.mean, self.std, self.recipe.model.image_size, torch.channels_last)
+        return to_model_input(images, self.mean, self.std, self.recipe.model.image_size, self.memory_format)
 
     def loss(self, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         logits = model(inputs)

@@ -119,6 +119,9 @@ def test_batches_are_epochs_and_shards_of_one_global_batch():
     assert sorted(drawn[:50]) == list(range(50))
     evaluated = np.concatenate([idx for r in (0, 1) for idx in eval_indices(10, 3, 5, r, 2)])
     assert sorted(evaluated) == list(range(10))
+    # Every rank runs the same batches (a sharded forward is a collective): 9 images over 2 ranks use 8.
+    shards = [[len(idx) for idx in eval_indices(9, 2, 5, r, 2)] for r in (0, 1)]
+    assert shards[0] == shards[1] == [2, 2]
 
 
 def test_crop_and_flip_is_a_shifted_window_or_its_mirror():
@@ -192,7 +195,7 @@ TINY = ["--model.arch=resnet", "--model.width=16", "--model.depths=1,1,1,1", "--
         "--data.num_images=1200", "--data.val_fraction=0.1", "--train.batch_size=32", "--train.eval_batches=4",
         "--train.log_every=10", "--train.grad_clip=0", "--optim.name=sgd", "--optim.lr=0.05", "--optim.min_lr=0",
         "--optim.warmup_steps=5", "--optim.schedule=onecycle", "--optim.weight_decay=5e-4", "--run.device=cpu",
-        "--run.name=t"]
+        "--run.threads=1", "--run.name=t"]
 
 
 class Sink:
@@ -264,3 +267,38 @@ def test_convnext_triton_layer_norm_matches_torch():
     torch.testing.assert_close(outs[1], outs[0], atol=FP32_ATOL, rtol=FP32_RTOL)
     for name, g in grads[0].items():
         torch.testing.assert_close(grads[1][name], g, atol=FP32_ATOL, rtol=FP32_RTOL, msg=name)
+
+
+class Crash(Exception):
+    """Stands for a kill: the run stops at once, saving nothing."""
+
+
+def test_kill_and_resume_is_exact_with_augmentation_and_ema(tmp_path):
+    common = ("--model.width=8", "--train.steps=6", "--checkpoint.every=3", "--train.eval_every=0",
+              "--train.log_every=1", "--train.ema_decay=0.9")
+
+    def fit(run_dir, *extra, crash_at=None):
+        trainer = Trainer(tiny_recipe(tmp_path, *common, f"--run.dir={run_dir}", *extra), stream=Sink())
+        if crash_at is not None:
+            update_ema = trainer.task.on_step_end
+
+            def on_step_end(step):
+                update_ema(step)
+                if step == crash_at:
+                    raise Crash
+            trainer.task.on_step_end = on_step_end
+        try:
+            return trainer.fit()
+        finally:
+            trainer.close()
+
+    straight = fit(tmp_path / "a")
+    with pytest.raises(Crash):
+        fit(tmp_path / "b", crash_at=5)
+    resumed = fit(tmp_path / "b", "--checkpoint.resume=latest")
+    assert (resumed["val_loss"], resumed["val_acc"]) == (straight["val_loss"], straight["val_acc"])  # EMA weights
+
+    def train_losses(run_dir):
+        return [(m["step"], m["loss"]) for m in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+                if m["kind"] == "train"]
+    assert train_losses(tmp_path / "a") == train_losses(tmp_path / "b")
