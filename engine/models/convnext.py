@@ -79,7 +79,8 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.dwconv(x).permute(0, 2, 3, 1)  # (B, H, W, C): a view, contiguous in channels_last
-        h = self.fc2(F.gelu(self.fc1(self.norm(h)))) * self.layer_scale
+        # LayerScale in the branch's dtype: under autocast the product stays bf16 instead of widening to fp32.
+        h = self.fc2(F.gelu(self.fc1(self.norm(h)))) * self.layer_scale.to(h.dtype)
         return x + drop_path(h.permute(0, 3, 1, 2), self.drop_path, self.training)
 
 
