@@ -84,7 +84,8 @@ class ImageClassificationTask(Task):
             self.ema = copy.deepcopy(self.model).requires_grad_(False)
         self.mean = torch.tensor(self.data.mean, device=device, dtype=torch.float32)
         self.std = torch.tensor(self.data.std, device=device, dtype=torch.float32)
-        self.train_batches = ImageBatches(len(self.data.train_labels), t.batch_size, t.grad_accum, recipe.run.seed, world)
+        self.train_batches = ImageBatches(len(self.data.train_labels), t.batch_size, t.grad_accum, recipe.run.seed,
+                                          world)
         self.items_per_micro_batch = t.batch_size
         self._flops: float | None = None
         log(f"data: {len(self.data.train_labels):,} train / {len(self.data.val_labels):,} val images of "

@@ -1,6 +1,7 @@
 """The CNN stack: ResNet and ConvNeXt shapes and sizes, image data and augmentation, a short training run,
 and ConvNeXt on the Triton LayerNorm matching the torch backend."""
 import dataclasses
+import io
 import json
 
 import numpy as np
@@ -146,7 +147,8 @@ def test_model_input_is_normalized_resized_and_channels_last():
     mean, std = torch.tensor([0.5, 0.4, 0.3]), torch.tensor([0.2, 0.25, 0.3])
     x = to_model_input(images, mean, std, 16, torch.channels_last)
     assert x.is_contiguous(memory_format=torch.channels_last)
-    expected = (images.permute(0, 3, 1, 2).double() / 255 - mean.double().view(1, 3, 1, 1)) / std.double().view(1, 3, 1, 1)
+    pixels = images.permute(0, 3, 1, 2).double() / 255
+    expected = (pixels - mean.double().view(1, 3, 1, 1)) / std.double().view(1, 3, 1, 1)
     torch.testing.assert_close(x.double(), expected, atol=1e-5, rtol=1e-5)
     assert to_model_input(images, mean, std, 32, torch.contiguous_format).shape == (4, 3, 32, 32)
 
@@ -161,13 +163,13 @@ def test_local_image_sources_decode_once(tmp_path, kind, monkeypatch):
     for i in range(24):
         label = i % 3
         size = (20 + i, 12 + 2 * i)  # various sizes and aspect ratios: resized, then centre-cropped
-        img = Image.fromarray(np.full((size[1], size[0], 3), 60 * label, np.uint8) + rng.integers(0, 20, (size[1], size[0], 3), dtype=np.uint8))
+        noise = rng.integers(0, 20, (size[1], size[0], 3), dtype=np.uint8)
+        img = Image.fromarray(np.full((size[1], size[0], 3), 60 * label, np.uint8) + noise)
         if kind == "imagefolder":
             folder = tmp_path / "src" / f"class{label}"
             folder.mkdir(parents=True, exist_ok=True)
             img.save(folder / f"{i}.png")
         else:
-            import io
             buf = io.BytesIO()
             img.save(buf, format="PNG")
             rows.append({"image": {"bytes": buf.getvalue(), "path": None}, "label": label})
