@@ -162,14 +162,6 @@ class ImageClassificationTask(Task):
             self._flops = 3.0 * forward_flops(self.recipe.model)
         return self._flops
 
-    def param_groups(self, weight_decay: float) -> list[dict]:
-        """Decay conv and linear weights; leave norms, biases and LayerScale (all 1-D) undecayed."""
-        decay, no_decay = [], []
-        for p in self.model.parameters():
-            if p.requires_grad:
-                (decay if p.dim() >= 2 else no_decay).append(p)
-        return [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
-
 
 @register("resnet")
 def build_resnet(recipe, ops, device, rank, world, log) -> Task:
