@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import gc
 import os
 from dataclasses import dataclass
 from typing import Callable, TypeVar
@@ -148,6 +149,10 @@ def all_finite(tensors) -> bool:
     return bool(ok.item())
 
 
-def cleanup() -> None:
+def cleanup(drain: bool = True) -> None:
+    """Leave the process group; ``drain`` first waits (GIL released) until every rank is here and idle."""
     if dist.is_available() and dist.is_initialized():
+        if drain:
+            dist.barrier()
+        gc.collect()  # free DDP's reducer now, while the group's threads are idle
         dist.destroy_process_group()

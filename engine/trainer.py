@@ -492,7 +492,13 @@ class Trainer:
 
     def close(self, exit_code: int = 0) -> None:
         self.log.close(exit_code)
-        distributed.cleanup()
+        # All ranks stop together after a clean end or a signal: drain the process group first. Freeing DDP's
+        # reducer while the group's worker thread still waits for the GIL to free a finished work item
+        # deadlocks; a barrier releases the GIL until that thread is idle. After an error a peer may be gone,
+        # so no collective is attempted then.
+        clean = exit_code in (0, 128 + signal.SIGINT, 128 + signal.SIGTERM)
+        self.model = self.forward_model = None
+        distributed.cleanup(drain=clean)
 
 
 def train(recipe: Recipe, stream=None) -> dict:
