@@ -5,8 +5,10 @@ before ``kernels`` is imported, so that kernels run on CPU tensors. On a machine
 is run with ``TRITON_INTERPRET=0`` to exercise the real compiler instead.
 """
 import os
+import sys
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
+sys.path.insert(0, os.path.dirname(__file__))  # for the shared helpers in tests/support.py
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

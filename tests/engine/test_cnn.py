@@ -14,6 +14,7 @@ from engine.data.images import ImageBatches, crop_and_flip, eval_indices, load_i
 from engine.tasks import build_task
 from engine.tasks.vision import build_model, forward_flops
 from engine.trainer import Trainer
+from support import Sink
 
 #: Tolerances of the Triton LayerNorm (fp32, interpreter) against torch's through a whole ConvNeXt.
 FP32_ATOL, FP32_RTOL = 1e-4, 1e-4
@@ -200,20 +201,6 @@ TINY = ["--model.arch=resnet", "--model.width=16", "--model.depths=1,1,1,1", "--
         "--run.threads=1", "--run.name=t"]
 
 
-class Sink:
-    def __init__(self):
-        self.lines = []
-
-    def write(self, s):
-        self.lines.append(s)
-
-    def flush(self):
-        pass
-
-    def isatty(self):
-        return False
-
-
 def tiny_recipe(tmp_path, *extra):
     return load_recipe(None, TINY + [f"--data.cache_dir={tmp_path / 'cache'}", f"--run.dir={tmp_path / 'run'}", *extra])
 
@@ -239,7 +226,7 @@ def test_short_training_run_beats_chance(tmp_path):
     assert not torch.equal(ema["fc.weight"], live["fc.weight"])
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert {"val_loss", "val_acc"} <= records[-1].keys()
-    assert "img/s" in "".join(sink.lines)
+    assert "img/s" in sink.text
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -1,10 +1,10 @@
 """A mistake in a recipe stops the run before any work, with a message naming the field."""
-import json
 from pathlib import Path
 
 import pytest
 
 from engine.cli import main as cli_main
+from support import tiny_corpus
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ["--model.n_layer=1", "--model.d_model=32", "--model.n_head=2", "--model.context=16", "--train.seq_len=16",
@@ -13,14 +13,8 @@ TINY = ["--model.n_layer=1", "--model.d_model=32", "--model.n_head=2", "--model.
 
 @pytest.fixture
 def data(tmp_path_factory):
-    """Overrides pointing at a small corpus (the same one test_runs.py uses, tokenized once per session)."""
-    base = tmp_path_factory.getbasetemp() / "tiny-corpus"
-    corpus = base / "corpus.jsonl"
-    if not corpus.exists():
-        base.mkdir(exist_ok=True)
-        docs = (f"def f{i}(x):\n    return x * {i} + {i % 7}  # the quick brown fox {i}\n" * 3 for i in range(200))
-        corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
-    return [f"--data.source={corpus}", f"--data.cache_dir={base / 'cache'}"]
+    """Overrides pointing at the small corpus test_runs.py uses too (tokenized once per session)."""
+    return tiny_corpus(tmp_path_factory)
 
 
 def train(capsys, recipe, *args) -> tuple[int, str]:

@@ -19,23 +19,13 @@ from engine.cli import main as cli_main
 from engine.config import RecipeError, load_recipe
 from engine.metrics import RunLogger, read_metrics
 from engine.trainer import Trainer, TrainingError
+from support import Sink, tiny_corpus
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ["--model.n_layer=1", "--model.d_model=32", "--model.n_head=2", "--model.context=16", "--model.dropout=0.1",
         "--train.seq_len=16", "--train.batch_size=4", "--train.eval_batches=2", "--train.eval_every=0",
         "--train.log_every=1", "--train.sample_tokens=0", "--optim.lr=1e-2", "--optim.warmup_steps=2",
         "--data.val_fraction=0.2", "--run.name=tiny", "--run.threads=1"]
-
-
-def tiny_corpus(tmp_path_factory) -> list[str]:
-    """Overrides pointing at a small JSON-lines corpus, tokenized once per test session."""
-    base = tmp_path_factory.getbasetemp() / "tiny-corpus"
-    corpus = base / "corpus.jsonl"
-    if not corpus.exists():
-        base.mkdir(exist_ok=True)
-        docs = (f"def f{i}(x):\n    return x * {i} + {i % 7}  # the quick brown fox {i}\n" * 3 for i in range(200))
-        corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
-    return [f"--data.source={corpus}", f"--data.cache_dir={base / 'cache'}"]
 
 
 @pytest.fixture
@@ -45,22 +35,6 @@ def data(tmp_path_factory):
 
 def recipe(data, run_dir, *extra):
     return load_recipe(None, TINY + data + [f"--run.dir={run_dir}", *extra])
-
-
-class Sink:
-    """A non-terminal output stream that keeps what was written."""
-
-    def __init__(self, tty: bool = False):
-        self.text, self.tty = "", tty
-
-    def write(self, s):
-        self.text += s
-
-    def flush(self):
-        pass
-
-    def isatty(self):
-        return self.tty
 
 
 class Crash(Exception):

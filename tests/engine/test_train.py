@@ -6,6 +6,7 @@ import torch
 from engine.config import load_recipe
 from engine.precision import LossScaler
 from engine.trainer import Trainer, lr_at
+from support import Sink
 
 TINY = ["--model.n_layer=2", "--model.d_model=64", "--model.n_head=4", "--model.context=32", "--train.seq_len=32",
         "--train.batch_size=8", "--train.eval_batches=2", "--train.sample_tokens=8", "--run.name=t"]
@@ -24,20 +25,6 @@ def quiet(*_a, **_k):
     pass
 
 
-class Sink:
-    def __init__(self):
-        self.lines = []
-
-    def write(self, s):
-        self.lines.append(s)
-
-    def flush(self):
-        pass
-
-    def isatty(self):
-        return False
-
-
 def test_loss_falls(tmp_path):
     r = tiny_recipe(tmp_path, "--train.steps=40", "--train.eval_every=0", "--optim.lr=3e-3", "--optim.warmup_steps=5",
                     "--train.log_every=5")
@@ -47,7 +34,7 @@ def test_loss_falls(tmp_path):
     summary = trainer.fit()
     trainer.close()
     assert summary["val_loss"] < first - 1.0, (first, summary)
-    text = "".join(sink.lines)
+    text = sink.text
     assert "kernels: attention=torch" in text and "sample:" in text and "\x1b" not in text and "\r" not in text
 
 
