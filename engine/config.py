@@ -179,8 +179,17 @@ class KernelsConfig:
     attention: str = "auto"
     layer_norm: str = "auto"
     rms_norm: str = "auto"
+    #: GELU -> Linear -> LayerScale -> residual, the second half of a ConvNeXt (or GPT) MLP block.
+    mlp: str = "auto"
     cross_entropy: str = "auto"
     optimizer: str = "auto"
+    #: Bitwise reproducible gradients run to run. False lets kernels use atomics where faster (the
+    #: Triton attention backward); the torch backends are unaffected.
+    deterministic: bool = True
+
+    def backends(self) -> dict[str, str]:
+        """op -> backend, without the non-op settings."""
+        return {op: b for op, b in dataclasses.asdict(self).items() if op != "deterministic"}
 
 
 @dataclass
@@ -432,7 +441,7 @@ def validate(r: Recipe) -> None:
         raise RecipeError(f"data.val_fraction must be in [0, 1), got {r.data.val_fraction}")
     from engine import registry  # the registry owns the names of ops and backends
 
-    for op, backend in dataclasses.asdict(r.kernels).items():
+    for op, backend in r.kernels.backends().items():
         registry.check_backend_name(op, backend)
     m = r.model
     if m.arch == "gpt":

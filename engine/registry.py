@@ -4,8 +4,8 @@ Models and the trainer never import a kernel module. They ask :func:`resolve` fo
 object and call its methods; the choice per op comes from the recipe's ``[kernels]`` table or the
 command line (``--kernels.attention=torch``):
 
-- ``torch``: PyTorch's own implementation (SDPA, ``F.layer_norm``, ``F.rms_norm``, ``F.cross_entropy``,
-  ``torch.optim`` fused on CUDA). This is the reference every other backend is checked against.
+- ``torch``: PyTorch's own implementation (SDPA, ``F.layer_norm``, ``F.rms_norm``, ``F.gelu`` +
+  ``F.linear`` for ``mlp``, ``F.cross_entropy``, ``torch.optim`` fused on CUDA). This is the reference every other backend is checked against.
 - ``triton``: the project's fused kernels from the ``kernels`` package. Selecting it for an op that has
   no Triton kernel is an error, never a silent fallback.
 - ``auto``: ``triton`` on CUDA where a kernel exists, ``torch`` otherwise (on CPU, for instance).
@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from engine.config import RecipeError
 
-OPS = ("attention", "layer_norm", "rms_norm", "cross_entropy", "optimizer")
+OPS = ("attention", "layer_norm", "rms_norm", "mlp", "cross_entropy", "optimizer")
 BACKENDS = ("auto", "torch", "triton")
 
 #: The public ``kernels`` names each op needs from the triton backend.
@@ -30,6 +30,7 @@ _TRITON_NAMES = {
     "attention": ("attention",),
     "layer_norm": ("layer_norm", "add_layer_norm"),
     "rms_norm": ("rms_norm", "add_rms_norm"),
+    "mlp": ("gelu_linear_residual",),
     "cross_entropy": ("cross_entropy",),
     "optimizer": ("AdamW", "SGD", "Lion"),
 }
@@ -120,6 +121,21 @@ def torch_add_rms_norm(x, residual, weight=None, eps: float = 1e-6):
     return F.rms_norm(residual, (x.shape[-1],), weight, eps), residual
 
 
+def torch_gelu_linear_residual(h, weight, bias=None, layer_scale=None, residual=None, row_scale=None):
+    """``residual + row_scale * layer_scale * (gelu(h) @ weight.T + bias)``: the second half of an MLP block.
+
+    ``h`` (..., K) is the first linear's output; ``weight`` (N, K); ``residual`` (..., N); ``row_scale`` a
+    (rows,) factor per flattened row (stochastic depth's per-sample keep, spread over the sample's rows) or
+    None. LayerScale multiplies in the branch's dtype (under autocast the branch stays bf16).
+    """
+    branch = F.linear(F.gelu(h), weight, bias)
+    if layer_scale is not None:
+        branch = branch * layer_scale.to(branch.dtype)
+    if row_scale is not None:
+        branch = (branch.reshape(-1, branch.shape[-1]) * row_scale.to(branch.dtype)[:, None]).view(branch.shape)
+    return branch if residual is None else residual + branch
+
+
 def torch_cross_entropy(logits, targets, ignore_index: int = -100):
     """Mean cross-entropy over all positions, computed in fp32 whatever the logits' dtype."""
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
@@ -172,6 +188,7 @@ class Ops:
     add_layer_norm: Callable[..., tuple[torch.Tensor, torch.Tensor]]
     rms_norm: Callable[..., torch.Tensor]
     add_rms_norm: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    gelu_linear_residual: Callable[..., torch.Tensor]
     cross_entropy: Callable[..., torch.Tensor]
 
     def describe(self) -> str:
@@ -215,8 +232,13 @@ class Ops:
         return opt, False
 
 
-def resolve(choices: dict[str, str] | None = None, device: torch.device | str = "cpu") -> Ops:
-    """Pick a backend per op. ``choices`` maps op -> backend; missing ops are ``auto``."""
+def resolve(choices: dict[str, str] | None = None, device: torch.device | str = "cpu",
+            deterministic: bool = True) -> Ops:
+    """Pick a backend per op. ``choices`` maps op -> backend; missing ops are ``auto``.
+
+    ``deterministic=False`` lets kernels trade bitwise run-to-run reproducibility for speed (the Triton
+    attention backward then sums dQ with atomics); the torch backends are unaffected.
+    """
     device = torch.device(device)
     choices = dict(choices or {})
     for op in choices:
@@ -229,7 +251,8 @@ def resolve(choices: dict[str, str] | None = None, device: torch.device | str = 
         return torch_fn
 
     def triton_attention(q, k, v, causal=True, window=None, scale=None):
-        return _triton_kernels("attention").attention(q, k, v, causal=causal, scale=scale, window=window)
+        return _triton_kernels("attention").attention(q, k, v, causal=causal, scale=scale, window=window,
+                                                      deterministic=deterministic)
 
     return Ops(
         backends=chosen,
@@ -238,5 +261,6 @@ def resolve(choices: dict[str, str] | None = None, device: torch.device | str = 
         add_layer_norm=pick("layer_norm", torch_add_layer_norm, "add_layer_norm"),
         rms_norm=pick("rms_norm", torch_rms_norm, "rms_norm"),
         add_rms_norm=pick("rms_norm", torch_add_rms_norm, "add_rms_norm"),
+        gelu_linear_residual=pick("mlp", torch_gelu_linear_residual, "gelu_linear_residual"),
         cross_entropy=pick("cross_entropy", torch_cross_entropy, "cross_entropy"),
     )

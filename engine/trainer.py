@@ -207,7 +207,7 @@ class Trainer:
         self.log = RunLogger(stream=stream, enabled=self.dist.is_main, wandb_mode=r.logging.wandb)
         self.run_dir, resume_from = self._locate_run()
         self.ckpt_dir = self.run_dir / "checkpoints"
-        self.ops = registry.resolve(vars(r.kernels), self.device)
+        self.ops = registry.resolve(r.kernels.backends(), self.device, r.kernels.deterministic)
         self.log.print(f"device: {self.device} | world: {self.dist.world} | precision: {r.train.precision}")
         self.log.print(f"kernels: {self.ops.describe()}")
 

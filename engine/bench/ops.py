@@ -15,9 +15,10 @@ Backends. ``torch`` and ``triton`` go through :func:`engine.registry.resolve`, e
 them; ``triton`` for an op that has no kernel yet is reported "not available" and the run goes on. Peers
 a user might pick instead run when importable and are never required: ``sdpa-flash``, ``sdpa-cudnn``,
 ``sdpa-mem_eff`` (one SDPA backend each, through ``torch.nn.attention.sdpa_kernel``), ``flex``
-(FlexAttention under ``torch.compile``), ``compile`` (``torch.compile`` of the torch norm or
+(FlexAttention under ``torch.compile``), ``compile`` (``torch.compile`` of the torch norm, mlp or
 cross-entropy, compiled afresh per shape with ``dynamic=False`` so no recompilation limit spoils it),
-``liger`` (Liger-Kernel's LayerNorm/RMSNorm), ``torch-fused`` and ``torch-foreach`` (``torch.optim.AdamW``
+``liger`` (Liger-Kernel's LayerNorm/RMSNorm), ``triton-nondet`` (the triton attention with
+``kernels.deterministic = false``: dQ summed with atomics), ``torch-fused`` and ``torch-foreach`` (``torch.optim.AdamW``
 implementations; with ``:clip`` they run ``clip_grad_norm_`` first, as the ``torch`` backend does, while
 the ``triton`` optimizer clips inside its step).
 
@@ -31,6 +32,8 @@ attention          ``BxHxSxD[:causal|:full]`` (both if  hidden 2048 (D=64: H=32,
                    neither)                             S in 1024/4096/16384, B*S = 16384, both masks
 layer_norm,        ``MxN``                              32768x768, 32768x1024, 16384x4096, 8192x8192
 rms_norm
+mlp                ``MxC`` (rows x channels, hidden 4C) ConvNeXt-T's stages at batch 128, 224²:
+                                                        401408x96, 100352x192, 25088x384, 6272x768
 cross_entropy      ``NxV`` (tokens x vocabulary)        16384x50304
 optimizer          ``124M``, ``350M``, ``774M``,        124M and 1.5B, each without and with clipping
                    ``1.5B`` or ``LxD[xV[xT]]`` (GPT-2
@@ -40,7 +43,8 @@ optimizer          ``124M``, ``350M``, ``774M``,        124M and 1.5B, each with
 Work per call, for the rate columns (2-byte dtypes; ``s`` = bytes per element in general):
 attention fwd = 4·B·H·S²·D FLOPs (half when causal), bwd = 2.5 × fwd, fwd+bwd = 3.5 × fwd; norms fwd =
 2·M·N·s bytes (read x, write y), bwd = 3·M·N·s (read x and dy, write dx), fwd+bwd = 5·M·N·s (weight and
-bias traffic not counted); cross-entropy fwd = N·V·s (read the logits), bwd = 2·N·V·s (read them again,
+bias traffic not counted); mlp (``residual + layer_scale * (gelu(h) @ W.T + b)``, h of
+M x 4C) fwd = 8·M·C² FLOPs (the linear), bwd = 2 × fwd (input and weight gradients); cross-entropy fwd = N·V·s (read the logits), bwd = 2·N·V·s (read them again,
 write their gradient); AdamW 28 bytes per fp32 parameter (read g, p, m, v; write p, m, v), 32 with
 clipping (the norm reads g once more).
 
@@ -69,13 +73,14 @@ from engine.bench import (ArgumentParser, BenchError, check_plot_support, descri
                           format_table, free_memory, measure_ceilings, pick_device, rel_error, time_ms, timer_label,
                           write_csv, write_json)
 
-OPS = ("attention", "layer_norm", "rms_norm", "cross_entropy", "optimizer")
+OPS = ("attention", "layer_norm", "rms_norm", "mlp", "cross_entropy", "optimizer")
 
 #: The backends of each op: the project's own two first (through the registry), then the peers.
 BACKENDS: dict[str, tuple[str, ...]] = {
-    "attention": ("torch", "triton", "sdpa-flash", "sdpa-cudnn", "sdpa-mem_eff", "flex"),
+    "attention": ("torch", "triton", "triton-nondet", "sdpa-flash", "sdpa-cudnn", "sdpa-mem_eff", "flex"),
     "layer_norm": ("torch", "triton", "compile", "liger"),
     "rms_norm": ("torch", "triton", "compile", "liger"),
+    "mlp": ("torch", "triton", "compile"),
     "cross_entropy": ("torch", "triton", "compile"),
     "optimizer": ("torch", "triton", "torch-fused", "torch-foreach"),
 }
@@ -173,6 +178,7 @@ SHAPE_SYNTAX = {
     "attention": "BxHxSxD[:causal|:full], e.g. 4x16x4096x128:causal",
     "layer_norm": "MxN, e.g. 32768x768",
     "rms_norm": "MxN, e.g. 32768x768",
+    "mlp": "MxC (rows x channels; the hidden width is 4C), e.g. 401408x96",
     "cross_entropy": "NxV (tokens x vocabulary), e.g. 16384x50304",
     "optimizer": f"{', '.join(GPT2_SIZES)} or LxD[xV[xT]] (GPT-2 shapes), then [:clip|:noclip], e.g. 124M:clip",
 }
@@ -195,6 +201,9 @@ SHAPE_SETS: dict[str, dict[str, list]] = {
                        MatrixShape(8192, 8192)],
         "rms_norm": [MatrixShape(32768, 768), MatrixShape(32768, 1024), MatrixShape(16384, 4096),
                      MatrixShape(8192, 8192)],
+        # ConvNeXt-T's four stages at batch 128, 224x224: B*H*W rows x C channels.
+        "mlp": [MatrixShape(128 * 56 * 56, 96), MatrixShape(128 * 28 * 28, 192), MatrixShape(128 * 14 * 14, 384),
+                MatrixShape(128 * 7 * 7, 768)],
         "cross_entropy": [MatrixShape(16384, 50304)],
         "optimizer": _both_clips(*GPT2_SIZES["124M"], name="124M") + _both_clips(*GPT2_SIZES["1.5B"], name="1.5B"),
     },
@@ -203,6 +212,7 @@ SHAPE_SETS: dict[str, dict[str, list]] = {
         "attention": [AttentionShape(1, 2, 64, 32, causal) for causal in (True, False)],
         "layer_norm": [MatrixShape(64, 256)],
         "rms_norm": [MatrixShape(64, 256)],
+        "mlp": [MatrixShape(64, 32)],
         "cross_entropy": [MatrixShape(64, 512)],
         "optimizer": _both_clips(1, 64, vocab=512, context=64),
     },
@@ -226,7 +236,7 @@ def parse_shape(op: str, spec: str) -> list:
         b, h, s, d = _positive_ints(m[1], spec, op)
         masks = (True, False) if m[2] is None else (m[2] == "causal",)
         return [AttentionShape(b, h, s, d, causal) for causal in masks]
-    if op in ("layer_norm", "rms_norm", "cross_entropy"):
+    if op in ("layer_norm", "rms_norm", "mlp", "cross_entropy"):
         if not re.fullmatch(r"\d+x\d+", spec):
             raise bad
         return [MatrixShape(*_positive_ints(spec, spec, op))]
@@ -326,6 +336,18 @@ def make_case(op: str, shape, dtype: torch.dtype, device: torch.device) -> Case:
             names += ("db",)
         return Case(op, shape, dtype, device, inputs, torch.randn_like(x), names,
                     {"fwd": 2 * m * n * size, "bwd": 3 * m * n * size, "fwdbwd": 5 * m * n * size}, "GB/s")
+    if op == "mlp":
+        m, c = shape.rows, shape.cols
+        # h: the first linear's output (M, 4C); fc2 weight (C, 4C) at nn.Linear's init scale; LayerScale
+        # near 1 so that the branch, not the residual, dominates the compared output.
+        h = _random((m, 4 * c), dtype, device)
+        w = (torch.randn(c, 4 * c, device=device) / math.sqrt(4 * c)).to(dtype).requires_grad_()
+        b, gamma = _random((c,), dtype, device), (1 + 0.1 * torch.randn(c, device=device)).to(dtype).requires_grad_()
+        res = _random((m, c), dtype, device)
+        flops = 2 * m * 4 * c * c
+        return Case(op, shape, dtype, device, [h, w, b, gamma, res], torch.randn_like(res),
+                    ("out", "dh", "dweight", "dbias", "dlayer_scale", "dresidual"),
+                    {"fwd": flops, "bwd": 2 * flops, "fwdbwd": 3 * flops}, "TFLOP/s")
     assert op == "cross_entropy", op
     n, v = shape.rows, shape.cols
     logits = (2 * torch.randn(n, v, device=device)).to(dtype).requires_grad_()
@@ -366,12 +388,18 @@ def _norm_reference(case: Case) -> list[torch.Tensor]:
     return _backward_reference(case, out, leaves)
 
 
+def _mlp_reference(case: Case) -> list[torch.Tensor]:
+    leaves = _upcast(case)
+    return _backward_reference(case, registry.torch_gelu_linear_residual(*leaves), leaves)
+
+
 def _cross_entropy_reference(case: Case) -> list[torch.Tensor]:
     logits, targets = _upcast(case)
     return _backward_reference(case, F.cross_entropy(logits, targets), [logits])
 
 
 _REFERENCES = {"attention": _attention_reference, "layer_norm": _norm_reference, "rms_norm": _norm_reference,
+               "mlp": _mlp_reference,
                "cross_entropy": _cross_entropy_reference}
 
 
@@ -388,7 +416,10 @@ class Runner:
 
 
 def _registry_runner(case: Case, backend: str) -> Runner:
-    ops = registry.resolve({case.op: backend}, case.device)  # KernelSelectionError: not available
+    # "triton-nondet": the triton backend with ``kernels.deterministic = false`` (atomics allowed)
+    deterministic = backend != "triton-nondet"
+    ops = registry.resolve({case.op: backend.removesuffix("-nondet")}, case.device,
+                           deterministic)  # KernelSelectionError: not available
     if case.op == "attention":
         q, k, v = case.inputs
         return Runner(lambda: ops.attention(q, k, v, causal=case.shape.causal), [q, k, v])
@@ -398,6 +429,8 @@ def _registry_runner(case: Case, backend: str) -> Runner:
     if case.op == "rms_norm":
         x, w = case.inputs
         return Runner(lambda: ops.rms_norm(x, w, RMS_NORM_EPS), [x, w])
+    if case.op == "mlp":
+        return Runner(lambda: ops.gelu_linear_residual(*case.inputs), list(case.inputs))
     logits, targets = case.inputs
     return Runner(lambda: ops.cross_entropy(logits, targets), [logits])
 
@@ -439,6 +472,8 @@ def _compile_runner(case: Case, backend: str) -> Runner:
         fn, eps, n_leaves = registry.torch_layer_norm, (LAYER_NORM_EPS,), 3
     elif case.op == "rms_norm":
         fn, eps, n_leaves = registry.torch_rms_norm, (RMS_NORM_EPS,), 2
+    elif case.op == "mlp":
+        fn, eps, n_leaves = registry.torch_gelu_linear_residual, (), 5
     else:
         fn, eps, n_leaves = registry.torch_cross_entropy, (), 1
     compiled = torch.compile(fn, dynamic=False)
@@ -470,7 +505,7 @@ _PEERS = {"sdpa-flash": _sdpa_runner, "sdpa-cudnn": _sdpa_runner, "sdpa-mem_eff"
 
 
 def build_runner(case: Case, backend: str) -> Runner:
-    if backend in PROJECT_BACKENDS:
+    if backend in PROJECT_BACKENDS or backend == "triton-nondet":
         try:
             return _registry_runner(case, backend)
         except registry.KernelSelectionError as e:
@@ -535,7 +570,7 @@ def _fail(row: dict, message: str, log_err) -> None:
 def run_backend(case: Case, backend: str, s: Settings, log_err=print) -> dict:
     """Check ``backend`` on ``case``, then time it; the row describes what happened."""
     row = _new_row(case.op, backend, case.shape.label, case.dtype, case.unit, s.device)
-    project = backend in PROJECT_BACKENDS
+    project = backend in PROJECT_BACKENDS or backend == "triton-nondet"
     stage = "build"
     try:
         runner = build_runner(case, backend)

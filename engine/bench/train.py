@@ -106,10 +106,10 @@ def resolve_set(kernel_set: str | dict[str, str], recipe: Recipe, device: torch.
     elif kernel_set in ("torch", "auto"):
         choices = {op: kernel_set for op in registry.OPS}
     elif kernel_set == "recipe":
-        choices = dict(vars(recipe.kernels))
+        choices = recipe.kernels.backends()
     else:
         choices = {op: "torch" for op in registry.OPS} | dict(kernel_set)
-    return registry.resolve(choices, device)
+    return registry.resolve(choices, device, recipe.kernels.deterministic)
 
 
 # ---------------------------------------------------------------------------------------------------

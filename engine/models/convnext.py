@@ -18,8 +18,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-
 from engine.registry import Ops
 
 
@@ -59,17 +57,19 @@ class LayerNorm2d(LayerNorm):
         return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
-def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
-    """Stochastic depth: zero the residual branch of a random share ``p`` of the samples, rescale the rest."""
+def drop_path_scale(x: torch.Tensor, p: float, training: bool) -> torch.Tensor | None:
+    """Stochastic depth as a factor per row of the NHWC view ``x`` (B, H, W, C): a random share ``p`` of
+    the samples get 0 (their residual branch is dropped), the rest ``1 / (1 - p)``. None when inactive."""
     if p == 0.0 or not training:
-        return x
-    keep = x.new_empty((x.shape[0], 1, 1, 1)).bernoulli_(1.0 - p).div_(1.0 - p)
-    return x * keep
+        return None
+    keep = torch.empty(x.shape[0], device=x.device, dtype=torch.float32).bernoulli_(1.0 - p).div_(1.0 - p)
+    return keep.repeat_interleave(x.shape[1] * x.shape[2])
 
 
 class Block(nn.Module):
     def __init__(self, dim: int, drop_path: float, layer_scale: float, ops: Ops):
         super().__init__()
+        self.ops = ops
         self.dwconv = nn.Conv2d(dim, dim, kernel_size=7, padding=3, groups=dim)
         self.norm = LayerNorm(dim, ops)
         self.fc1 = nn.Linear(dim, 4 * dim)
@@ -79,9 +79,14 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.dwconv(x).permute(0, 2, 3, 1)  # (B, H, W, C): a view, contiguous in channels_last
-        # LayerScale in the branch's dtype: under autocast the product stays bf16 instead of widening to fp32.
-        h = self.fc2(F.gelu(self.fc1(self.norm(h)))) * self.layer_scale.to(h.dtype)
-        return x + drop_path(h.permute(0, 3, 1, 2), self.drop_path, self.training)
+        h = self.fc1(self.norm(h))
+        # GELU, fc2, LayerScale, stochastic depth and the residual add in one registry op: the Triton
+        # backend applies GELU as fc2 loads its input and the rest as it stores, so neither the 4C-wide GELU
+        # output nor the scaled branch is ever written to memory.
+        residual = x.permute(0, 2, 3, 1)
+        out = self.ops.gelu_linear_residual(h, self.fc2.weight, self.fc2.bias, self.layer_scale, residual,
+                                            drop_path_scale(residual, self.drop_path, self.training))
+        return out.permute(0, 3, 1, 2)
 
 
 class ConvNeXt(nn.Module):

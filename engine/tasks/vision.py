@@ -21,7 +21,7 @@ from engine import distributed, registry
 from engine.config import ModelConfig, Recipe, RecipeError
 from engine.data.images import (ImageBatches, augmentation_seed, crop_and_flip, eval_indices, load_images,
                                 to_model_input)
-from engine.models.convnext import ConvNeXt, ConvNeXtConfig
+from engine.models.convnext import Block as ConvNeXtBlock, ConvNeXt, ConvNeXtConfig
 from engine.models.resnet import ResNet, ResNetConfig
 from engine.precision import autocast
 from engine.registry import Ops
@@ -42,7 +42,8 @@ def forward_flops(m: ModelConfig) -> float:
     """Forward FLOPs for one image: 2 per multiply-accumulate of every conv and linear layer.
 
     Counted with forward hooks on one pass of the model built on the meta device (shapes only: no memory,
-    no arithmetic), with the torch backend of every op.
+    no arithmetic), with the torch backend of every op. A ConvNeXt block's ``fc2`` runs inside the fused
+    ``gelu_linear_residual`` op rather than as a module call, so the block's own hook counts it.
     """
     macs = 0
 
@@ -50,13 +51,15 @@ def forward_flops(m: ModelConfig) -> float:
         nonlocal macs
         if isinstance(module, nn.Conv2d):
             macs += output.numel() * module.in_channels // module.groups * math.prod(module.kernel_size)
+        elif isinstance(module, ConvNeXtBlock):  # output (B, C, H, W): B * H * W rows through fc2
+            macs += output.numel() // module.fc2.out_features * module.fc2.in_features * module.fc2.out_features
         else:
             macs += output.numel() * module.in_features
 
     with torch.device("meta"):
         model = build_model(m, registry.resolve({op: "torch" for op in registry.OPS})).eval()
         for module in model.modules():
-            if isinstance(module, (nn.Conv2d, nn.Linear)):
+            if isinstance(module, (nn.Conv2d, nn.Linear, ConvNeXtBlock)):
                 module.register_forward_hook(count)
         model(torch.zeros((1, m.channels, m.image_size, m.image_size)))
     return 2.0 * macs

@@ -12,7 +12,7 @@ from engine import cli, registry
 from engine.bench import BenchError, gpu, ops, train
 
 # One small shape per op (the Triton interpreter runs these in about a second).
-TINY_SHAPES = ("attention=1x2x16x16:causal,layer_norm=8x32,rms_norm=8x32,cross_entropy=8x64,"
+TINY_SHAPES = ("attention=1x2x16x16:causal,layer_norm=8x32,rms_norm=8x32,mlp=10x8,cross_entropy=8x64,"
                "optimizer=1x16x64x16:clip")
 TINY_GPT = ["--model.preset=gpt-tiny", "--model.n_layer=1", "--model.d_model=32", "--model.n_head=2",
             "--model.context=16", "--train.seq_len=16", "--train.batch_size=2"]
@@ -67,6 +67,14 @@ def test_ops_triton_rows_through_the_interpreter(tmp_path):
             assert r["status"] == "not available" and "no Triton kernel" in r["note"]
 
 
+def test_ops_nondeterministic_triton_attention(tmp_path):
+    code, rows, _ = run_ops(tmp_path, "--op", "attention", "--backends", "torch,triton,triton-nondet",
+                            "--shapes", "1x2x40x16:causal")
+    assert code == 0
+    assert [r["backend"] for r in rows] == ["torch", "triton", "triton-nondet"]
+    assert all(r["status"] == "ok" for r in rows), rows
+
+
 def test_ops_peer_that_cannot_run_is_not_available(tmp_path):
     code, rows, _ = run_ops(tmp_path, "--op", "attention", "--backends", "torch,sdpa-cudnn",
                             "--shapes", "1x1x16x16:full")
@@ -101,6 +109,8 @@ def test_shape_syntax():
     default = ops.parse_shapes("default", list(ops.OPS))
     assert len(default["attention"]) == 12 and all(s.batch * s.seq == 16384 for s in default["attention"])
     assert len(default["optimizer"]) == 4 and len(default["layer_norm"]) == 4
+    assert default["mlp"][0] == ops.MatrixShape(128 * 56 * 56, 96)
+    assert ops.parse_shapes("mlp=100x24", ["mlp"])["mlp"] == [ops.MatrixShape(100, 24)]
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -22,6 +22,10 @@ def test_preset_then_recipe_then_overrides(tmp_path):
     assert r.train.compile is True and r.optim.lr == 0.01 and r.optim.betas == (0.9, 0.99)
     r = load_recipe(f, ["--optim.betas=0.8,0.9"])
     assert r.optim.betas == (0.8, 0.9)
+    r = load_recipe(f, ["--kernels.deterministic=false", "--kernels.mlp=torch"])
+    assert r.kernels.deterministic is False
+    assert r.kernels.backends() == {"attention": "auto", "layer_norm": "auto", "rms_norm": "auto", "mlp": "torch",
+                                    "cross_entropy": "auto", "optimizer": "auto"}
 
 
 def test_toml_ints_are_accepted_for_floats(tmp_path):
@@ -35,6 +39,8 @@ def test_toml_ints_are_accepted_for_floats(tmp_path):
     (["--nosuch.key=1"], "unknown recipe section [nosuch]"),
     (["--train.steps=ten"], "train.steps: expected an integer, got ten"),
     (["--train.compile=maybe"], "train.compile: expected true/false, got maybe"),
+    (["--kernels.deterministic=1.5"], "kernels.deterministic: expected true/false, got 1.5"),
+    (["--kernels.mlp=fast"], "kernels.mlp: unknown backend 'fast'"),
     (["--train.precision=fp8"], "train.precision: 'fp8' is not one of fp32, bf16, fp16"),
     (["--optim.lr=-1"], "optim.lr must be > 0, got -1.0"),
     (["--train.batch_size=0"], "train.batch_size must be > 0, got 0"),

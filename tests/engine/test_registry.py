@@ -16,7 +16,7 @@ def test_auto_is_torch_on_cpu():
 
 
 def test_unknown_op_and_backend_list_valid_names():
-    with pytest.raises(KernelSelectionError, match="valid ops: attention, layer_norm, rms_norm, cross_entropy, optimizer"):
+    with pytest.raises(KernelSelectionError, match="valid ops: attention, layer_norm, rms_norm, mlp, cross_entropy, optimizer"):
         resolve({"softmax": "torch"})
     with pytest.raises(KernelSelectionError, match="valid backends: auto, torch, triton"):
         resolve({"attention": "flash"})
@@ -93,3 +93,36 @@ def test_torch_lion_matches_its_formula():
         expected = expected * (1 - 0.1 * 0.5) - 0.1 * torch.sign(0.9 * m + 0.1 * g)
         m = 0.99 * m + 0.01 * g
     torch.testing.assert_close(p.detach(), expected)
+
+
+def test_gelu_linear_residual_reference():
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(2, 3, 5, 16, generator=g, dtype=torch.float64)
+    w, b, gamma = torch.randn(4, 16, generator=g, dtype=torch.float64), torch.randn(4, dtype=torch.float64), \
+        torch.rand(4, dtype=torch.float64)
+    res = torch.randn(2, 3, 5, 4, generator=g, dtype=torch.float64)
+    rows = torch.tensor([0.0, 2.0]).repeat_interleave(15).double()  # the first sample's branch dropped
+    gelu = 0.5 * h * (1 + torch.erf(h / math.sqrt(2)))
+    expect = res + rows.view(2, 3, 5, 1) * gamma * (gelu @ w.T + b)
+    out = registry.torch_gelu_linear_residual(h, w, b, gamma, res, rows)
+    torch.testing.assert_close(out, expect)
+    assert torch.equal(out[0], res[0])
+    torch.testing.assert_close(registry.torch_gelu_linear_residual(h, w), gelu @ w.T)
+
+
+def test_deterministic_reaches_the_triton_attention(monkeypatch):
+    seen = {}
+
+    class FakeKernels:
+        @staticmethod
+        def attention(q, k, v, **kw):
+            seen.update(kw)
+            return q
+
+    monkeypatch.setattr(registry, "_triton_kernels", lambda op: FakeKernels)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    q = torch.zeros(1, 1, 2, 16)
+    resolve({"attention": "triton"}, "cpu").attention(q, q, q)
+    assert seen["deterministic"] is True
+    resolve({"attention": "triton"}, "cpu", deterministic=False).attention(q, q, q, causal=False, window=2)
+    assert seen == {"causal": False, "scale": None, "window": 2, "deterministic": False}
