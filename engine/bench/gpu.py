@@ -1,17 +1,19 @@
 """The one command for a GPU machine: GPU tests, op benchmarks, a short training benchmark, one summary.
 
-    python -m engine.bench.gpu [--anchors DIR] [--out DIR] [--only STAGES] [--steps N] [--compile] [--budget S]
+    python -m engine.bench.gpu [--anchors DIR] [--out DIR] [--only STAGES] [--ops OPS] [--recipe TOML]
+                               [--steps N] [--compile] [--budget S]
 
 Run from the repository root of a plain checkout: nothing to install, and neither ``datasets`` nor
 ``wandb`` is needed. The stages run one after another, each in its own process (a kernel that faults
 cannot take the others down) with ``TRITON_INTERPRET=0`` and a time limit:
 
 1. ``tests``: ``pytest -m gpu`` (the tests that need CUDA).
-2. ``ops``: ``tritonforge bench ops`` at the default shapes in bf16 with every backend, FlexAttention at
-   S = 4096 only (it compiles per shape), do_bench with 10 ms warm-up and 40 ms of repetitions per timing.
+2. ``ops``: ``tritonforge bench ops`` at the default shapes in bf16 with every backend (``--ops`` narrows
+   the ops), FlexAttention at S = 4096 only (it compiles per shape), do_bench with 10 ms warm-up and 40 ms of repetitions per timing.
 3. ``train``: ``tritonforge bench train recipes/gpt2_124m.toml --kernels triton --vs torch`` for
    ``--steps`` steps (default 20) at the nanoGPT shape (batch 16 x 1024 tokens, one micro-batch per step,
-   bf16, fused AdamW, clipping at 1.0) on random GPT-2 tokens; ``--compile`` adds torch.compile runs.
+   bf16, fused AdamW, clipping at 1.0) on random GPT-2 tokens; ``--compile`` adds torch.compile runs;
+   ``--recipe recipes/convnext_tiny.toml`` benchmarks ConvNeXt-T instead.
 4. ``anchors``: the peers' scripts ``anchors_kernels.py`` and ``anchors_train.py`` from ``--anchors DIR``,
    when given, so that their figures are measured in the same call as the project's.
 
@@ -51,7 +53,8 @@ TIME_LIMITS = {"tests": 240, "ops": 330, "flex": 150, "train": 180, "anchors": 3
 MIN_STAGE_S = 20
 ANCHOR_SCRIPTS = ("anchors_kernels.py", "anchors_train.py")
 #: Every backend but FlexAttention, which runs in its own pass at S = 4096 only.
-OPS_BACKENDS = "torch,triton,sdpa-flash,sdpa-cudnn,sdpa-mem_eff,compile,liger,torch-fused,torch-foreach"
+OPS_BACKENDS = ("torch,triton,triton-nondet,sdpa-flash,sdpa-cudnn,sdpa-mem_eff,compile,liger,torch-fused,"
+                "torch-foreach")
 FLEX_SHAPES = "4x32x4096x64,4x16x4096x128"
 TRAIN_RECIPE = "recipes/gpt2_124m.toml"
 TIMING = ["--warmup-ms", "10", "--rep-ms", "40"]
@@ -166,11 +169,14 @@ def _plot_args(out: Path, name: str) -> list[str]:
     return ["--plot", str(out / f"{name}.png")]
 
 
-def stage_ops(out: Path, budget: Budget) -> StageResult:
+def stage_ops(out: Path, budget: Budget, ops: str = "all") -> StageResult:
     bench = [sys.executable, "-m", "engine", "bench", "ops"]
-    main = _stage("ops", bench + ["--backends", OPS_BACKENDS, "--json", str(out / "ops.json"),
+    main = _stage("ops", bench + ["--op", ops, "--backends", OPS_BACKENDS, "--json", str(out / "ops.json"),
                                   "--csv", str(out / "ops.csv")] + TIMING + _plot_args(out, "ops"),
                   out, TIME_LIMITS["ops"], budget)
+    if ops != "all" and "attention" not in ops.split(","):
+        main.outputs["json"] = str(out / "ops.json")
+        return main
     flex = _stage("ops_flex", bench + ["--op", "attention", "--backends", "torch,flex", "--shapes", FLEX_SHAPES,
                                        "--json", str(out / "ops_flex.json"), "--csv", str(out / "ops_flex.csv")]
                   + TIMING, out, TIME_LIMITS["flex"], budget)
@@ -183,8 +189,8 @@ def stage_ops(out: Path, budget: Budget) -> StageResult:
     return main
 
 
-def stage_train(out: Path, steps: int, compile_too: bool, budget: Budget) -> StageResult:
-    cmd = [sys.executable, "-m", "engine", "bench", "train", TRAIN_RECIPE, "--kernels", "triton", "--vs", "torch",
+def stage_train(out: Path, steps: int, compile_too: bool, budget: Budget, recipe: str = TRAIN_RECIPE) -> StageResult:
+    cmd = [sys.executable, "-m", "engine", "bench", "train", recipe, "--kernels", "triton", "--vs", "torch",
            "--steps", str(steps), "--train.grad_accum=1", "--json", str(out / "train.json"),
            "--csv", str(out / "train.csv")] + (["--compile"] if compile_too else [])
     result = _stage("train", cmd, out, TIME_LIMITS["train"] + (180 if compile_too else 0), budget)
@@ -327,6 +333,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=None, metavar="DIR",
                    help="where results go (default: $OUT if set, else ./bench-results)")
     p.add_argument("--only", default=",".join(STAGES), help=f"comma list of stages to run: {', '.join(STAGES)}")
+    p.add_argument("--ops", default="all", help="the ops stage's --op list (default: all)")
+    p.add_argument("--recipe", default=TRAIN_RECIPE, help=f"the train stage's recipe (default {TRAIN_RECIPE})")
     p.add_argument("--steps", type=int, default=20, help="timed training steps per run (default 20)")
     p.add_argument("--compile", action="store_true", help="also time training under torch.compile")
     p.add_argument("--budget", type=float, default=570, metavar="SECONDS",
@@ -370,9 +378,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "tests" in a.only:
         stages.append(stage_tests(out, budget))
     if "ops" in a.only:
-        stages.append(stage_ops(out, budget))
+        stages.append(stage_ops(out, budget, a.ops))
     if "train" in a.only:
-        stages.append(stage_train(out, a.steps, a.compile, budget))
+        stages.append(stage_train(out, a.steps, a.compile, budget, a.recipe))
     if "anchors" in a.only and a.anchors is not None:
         os.environ["OUT"] = str(out)  # the peers' scripts write their JSON to $OUT
         stages.append(stage_anchors(out, a.anchors.resolve(), budget))

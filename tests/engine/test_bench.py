@@ -266,6 +266,8 @@ def test_gpu_helpers(tmp_path):
     assert code is None and seconds < 20 and tail == ["started"]
     with pytest.raises(BenchError, match="--only: unknown stage 'bench'"):
         gpu.parse_args(["--only", "bench"])
+    a = gpu.parse_args(["--only", "ops,train", "--ops", "mlp", "--recipe", "recipes/convnext_tiny.toml"])
+    assert (a.only, a.ops, a.recipe) == (["ops", "train"], "mlp", "recipes/convnext_tiny.toml")
     assert gpu.main([]) == 2 or torch.cuda.is_available()
 
 
