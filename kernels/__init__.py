@@ -9,3 +9,4 @@ ahead of time for GPUs this machine does not have.
 from kernels.norm import LayerNorm, RMSNorm, add_layer_norm, add_rms_norm, layer_norm, rms_norm  # noqa: E402,F401
 from kernels.optim import SGD, AdamW, Lion  # noqa: E402,F401
 from kernels.attention import attention  # noqa: E402,F401
+from kernels.mlp import gelu_linear_residual  # noqa: E402,F401

@@ -1,0 +1,717 @@
+"""The second half of a ConvNeXt block as fused Triton GEMMs: GELU -> Linear -> LayerScale -> residual.
+
+``gelu_linear_residual(h, weight, bias, layer_scale, residual, row_scale=None)`` computes::
+
+    out = residual + row_scale[:, None] * layer_scale[None, :] * (gelu(h) @ weight.T + bias)
+
+with ``h`` the pre-activation output of the block's first Linear (``K = 4C`` features), ``weight``
+the second Linear's ``(N, K)`` matrix (``N = C``), ``layer_scale`` the LayerScale ``gamma`` and
+``row_scale`` drop-path's per-row factor (``keep / (1 - p)`` of the row's sample). ``gelu`` is the
+exact erf GELU, ``torch.nn.functional.gelu``'s default.
+
+Why fuse
+--------
+At the first ConvNeXt stages (C = 96 or 192) this half of the block is memory-bound: per row it does
+``8 C^2`` flops against ``14 C`` bytes (2-byte dtypes), an arithmetic intensity of ``0.57 C`` flop/byte,
+under the ~270 flop/byte an H100 needs to be compute-bound up to C ~ 470. Eager PyTorch writes and
+re-reads the GELU output (4x the activation), its gradient, and the LayerScale, drop-path and residual
+intermediates. Here the GELU output never exists in memory: it is computed from ``h`` in registers
+where a GEMM loads its operand tile, and the scales and the residual ride in the GEMM epilogues.
+
+Kernels and bytes moved (``e`` = bytes per element of the compute dtype, M rows)
+------------------------------------------------------------------------------
+Let ``g`` be the gradient of ``out`` and ``t = g * row_scale[:, None] * layer_scale[None, :]``.
+
+1. ``_fwd_kernel`` (M x N tiles, inner K): ``y = gelu(h) @ W^T + bias``; stores ``y`` (only when the
+   LayerScale needs a gradient) and ``out = residual + rs * gamma * y``. Reads h and the residual once,
+   writes out (and y): ``M K e + M N (e_res + e_out [+ e])`` bytes, plus W once per program (from L2).
+2. ``_dgrad_kernel`` (M x K tiles, inner N): ``d_h = (t @ W) * gelu'(h)``. Reads g once per K tile
+   (L2 after the first), h once, writes d_h: ``M N e_g + 2 M K e``.
+3. ``_wgrad_kernel`` (N x K tiles, the M reduction split over a second grid dimension):
+   ``dW = t^T @ gelu(h)`` as fp32 partials per split, summed by ``_sum_partials_kernel`` in a fixed
+   order. Reads g and h once per (N, K) tile column (L2 for the repeats): ``M N e_g + M K e``, plus
+   ``2 * splits * N K * 4`` bytes of partials (write + read).
+4. ``_colsum_kernel``: per-block fp32 column sums of ``t`` (d_bias) and ``g * rs * y`` (d_layer_scale),
+   then ``_sum_partials_kernel``. Reads g and y once: ``M N (e_g + e)``.
+
+``d_residual`` is ``g`` itself (cast when the residual's dtype differs). No atomics anywhere: every
+output element is summed by one program in a fixed order, so gradients are bitwise reproducible.
+
+Numerics
+--------
+GELU and its derivative are evaluated in fp32 and the GEMM operands rounded to the compute dtype
+(``h``'s dtype) before the dot, with fp32 accumulation. The epilogue adds bias and applies the scales
+in fp32 and rounds once to the output dtype (``promote_types(residual.dtype, h.dtype)``), so ``out``
+is at least as accurate as eager's chain of rounded ops. ``y`` is stored rounded to the compute dtype.
+Parameters (weight, bias, layer_scale) are loaded in their own dtype and converted in-kernel, so fp32
+master weights under autocast need no cast copies. In the dgrad the row scale multiplies the output
+rows after the dot (rows of d_h), in the wgrad the LayerScale multiplies the output rows of dW: each
+scale is applied where it is a per-output-row factor, only the other one goes into the operand.
+fp32 inputs are accepted for testing: their dots are exact in the Triton interpreter and tf32 on a GPU.
+
+Configurations (sm_90)
+----------------------
+One configuration per kernel and dtype class, reasoned for Hopper and checked with ``kernels.aot``
+(compiled for sm_90 and sm_80, no GPU at hand; see ``aot_variants``):
+
+* GEMMs, fp16/bf16, 8 warps (two warpgroups of 64 rows fill wgmma's M). The fp32 accumulator costs
+  BLOCK * BLOCK / 256 registers per thread and the operand computed on load (GELU of an h tile, or
+  the scaled g tile) needs fp32 temporaries for its elements beside it, so the tiles are sized to
+  stay well under 255 registers with no spills on sm_90 (and sm_80, untuned):
+  forward 128 x 128 (all of N = 96 or 128 in one tile, so GELU is computed once per h element
+  there), 32-deep steps, 4 stages: 146 registers (183 with an fp32 weight), 57 KiB shared memory;
+  dgrad 128 x 64 (the epilogue holds the h tile and gelu'(h) next to the accumulator), 64-deep
+  steps, 3 stages: 128 registers; wgrad 128 x 128, 32-deep steps, 4 stages: 154 registers.
+  Measured alternatives: 128 x 128 x 64 tiles took 186-255 registers and spilled in the dgrad.
+* GEMMs, fp32 (testing): 64 x 64 x 32 tiles, 4 warps, 2 stages.
+* Memory kernels: 128 x 32 tiles of the (M, N) gradients, 4 warps (128-bit loads of g and y); the
+  partial sums add 8 rows of 1024 columns per step (128-bit loads, 16 in flight per thread).
+
+The forward and dgrad kernels sit behind ``triton.autotune`` keyed on (N, K) (and, as always, the
+argument dtypes), pruned to the configs listed for the launch's dtype class, so that a measured
+second config per class is one line to add. The wgrad takes its tile from the same table in the
+launcher, because its split count (and so its workspace) depends on the tile count. In the Triton
+interpreter every GEMM runs one small 32 x 32 x 32 config so that the test shapes cross many tile
+boundaries.
+
+On CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1``, the Triton kernels run; on CPU
+tensors otherwise the same math runs as a differentiable torch composition in fp32.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from kernels.aot import Variant
+
+__all__ = ["gelu_linear_residual"]
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_INTERPRETER_SMS = 4  # stands in for the SM count when kernels run in the interpreter
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_WGRAD_WAVES = 2  # wgrad programs per SM the split count aims for
+_WORKSPACE_BYTES = 64 * 1024 * 1024  # bound on the wgrad's fp32 partials
+# Column reductions: a [_COL_BLOCK_M, _COL_BLOCK_N] tile per step; partial sums: _SUM_BLOCK_S rows of
+# _SUM_BLOCK_L columns per step.
+_COL_BLOCK_M, _COL_BLOCK_N, _COL_WARPS = 128, 32, 4
+_COL_PROGRAMS_PER_SM = 4
+_SUM_BLOCK_S, _SUM_BLOCK_L, _SUM_WARPS = 8, 1024, 4
+
+# ----------------------------------------------------------------------------------------------
+# Launch configurations
+# ----------------------------------------------------------------------------------------------
+# (BLOCK_a, BLOCK_b, BLOCK_inner, num_warps, num_stages) per GEMM and dtype class, for sm_90:
+# fwd: (BLOCK_M, BLOCK_N, BLOCK_K); dgrad: (BLOCK_M, BLOCK_K, BLOCK_N); wgrad: (BLOCK_N, BLOCK_K, BLOCK_M).
+_GPU_CONFIGS = {
+    ("fwd", "16-bit"): (128, 128, 32, 8, 4),
+    ("dgrad", "16-bit"): (128, 64, 64, 8, 3),
+    ("wgrad", "16-bit"): (128, 128, 32, 8, 4),
+    ("fwd", "fp32"): (64, 64, 32, 4, 2),
+    ("dgrad", "fp32"): (64, 64, 32, 4, 2),
+    ("wgrad", "fp32"): (64, 64, 32, 4, 2),
+}
+_INTERPRETER_CONFIG = (32, 32, 32, 4, 1)
+_BLOCK_NAMES = {"fwd": ("BLOCK_M", "BLOCK_N", "BLOCK_K"), "dgrad": ("BLOCK_M", "BLOCK_K", "BLOCK_N"),
+                "wgrad": ("BLOCK_N", "BLOCK_K", "BLOCK_M")}
+
+
+def _dtype_class(dtype: torch.dtype) -> str:
+    return "fp32" if dtype == torch.float32 else "16-bit"
+
+
+def _config(kernel: str, dtype: torch.dtype) -> tuple[int, int, int, int, int]:
+    return _INTERPRETER_CONFIG if _INTERPRET else _GPU_CONFIGS[(kernel, _dtype_class(dtype))]
+
+
+def _triton_config(kernel: str, cfg: tuple[int, int, int, int, int]) -> triton.Config:
+    *blocks, warps, stages = cfg
+    return triton.Config(dict(zip(_BLOCK_NAMES[kernel], blocks)), num_warps=warps, num_stages=stages)
+
+
+def _autotune_configs(kernel: str) -> list[triton.Config]:
+    if _INTERPRET:
+        return [_triton_config(kernel, _INTERPRETER_CONFIG)]
+    return [_triton_config(kernel, c) for (name, _), c in _GPU_CONFIGS.items() if name == kernel]
+
+
+def _pruner(kernel: str, dtype_arg: str):
+    """Keep the configs listed for the launch's dtype class (interpreter: the one config)."""
+
+    def prune(configs, named_args, **kwargs):
+        if _INTERPRET:
+            return configs
+        wanted = _triton_config(kernel, _config(kernel, {**named_args, **kwargs}[dtype_arg].dtype))
+        return [c for c in configs if c.all_kwargs() == wanted.all_kwargs()]
+
+    return prune
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------
+_SQRT1_2 = tl.constexpr(0.7071067811865476)  # 1 / sqrt(2)
+_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)  # 1 / sqrt(2 pi)
+
+
+@triton.jit
+def _gelu(x):
+    """Exact GELU of an fp32 tensor: x * Phi(x) = 0.5 x (1 + erf(x / sqrt 2))."""
+    return 0.5 * x * (1.0 + tl.math.erf(x * _SQRT1_2))
+
+
+@triton.jit
+def _gelu_grad(x):
+    """d gelu / dx of an fp32 tensor: Phi(x) + x phi(x)."""
+    cdf = 0.5 * (1.0 + tl.math.erf(x * _SQRT1_2))
+    return cdf + x * tl.exp(-0.5 * x * x) * _INV_SQRT_2PI
+
+
+@triton.autotune(configs=_autotune_configs("fwd"), key=["N", "K"],
+                 prune_configs_by={"early_config_prune": _pruner("fwd", "H")})
+@triton.jit
+def _fwd_kernel(
+    H,  # *[M, K] pre-activation, row stride stride_h, unit column stride; the compute dtype
+    W,  # *[N, K] weight, row stride stride_w, unit column stride; any float dtype
+    BIAS,  # *[N] (read only when HAS_BIAS)
+    GAMMA,  # *[N] layer scale (read only when HAS_GAMMA)
+    RS,  # *[M] row scale (read only when HAS_ROW_SCALE)
+    RES,  # *[M, N] residual, row stride stride_res
+    Y,  # *[M, N] branch output gelu(h) @ W^T + bias, contiguous, compute dtype (when STORE_Y)
+    OUT,  # *[M, N] output, contiguous, promote_types(residual, h)
+    M, N, K,
+    stride_h, stride_w, stride_res,
+    HAS_BIAS: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_ROW_SCALE: tl.constexpr,
+    STORE_Y: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """One BLOCK_M x BLOCK_N tile of y = gelu(h) @ W^T + bias and out = residual + rs * gamma * y.
+
+    The A operand is gelu(h tile), computed in fp32 registers after the load and rounded to the
+    compute dtype; B is the weight tile read transposed (K-major, wgmma's native B layout).
+    Memory: h and the residual read once per N tile (programs of one row block are adjacent, so
+    the repeats hit L2), y and out written once; the weight (N * K, small) stays in L2.
+    """
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(N, BLOCK_N)
+    pid_m = pid // num_n
+    pid_n = pid % num_n
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    rows = offs_m.to(tl.int64)
+    dtype = H.dtype.element_ty
+
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        h = tl.load(H + rows[:, None] * stride_h + offs_k[None, :],
+                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        a = _gelu(h.to(tl.float32)).to(dtype)  # gelu(0) = 0: the masked padding adds nothing
+        w = tl.load(W + offs_n[None, :] * stride_w + offs_k[:, None],
+                    mask=mask_n[None, :] & mask_k[:, None], other=0.0)
+        acc = tl.dot(a, w.to(dtype), acc)
+
+    y = acc
+    if HAS_BIAS:
+        y += tl.load(BIAS + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    mask = mask_m[:, None] & mask_n[None, :]
+    out_offs = rows[:, None] * N + offs_n[None, :]
+    if STORE_Y:
+        tl.store(Y + out_offs, y.to(Y.dtype.element_ty), mask=mask)
+    if HAS_GAMMA:
+        y *= tl.load(GAMMA + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    if HAS_ROW_SCALE:
+        y *= tl.load(RS + offs_m, mask=mask_m, other=0.0).to(tl.float32)[:, None]
+    res = tl.load(RES + rows[:, None] * stride_res + offs_n[None, :], mask=mask, other=0.0)
+    tl.store(OUT + out_offs, (res.to(tl.float32) + y).to(OUT.dtype.element_ty), mask=mask)
+
+
+@triton.autotune(configs=_autotune_configs("dgrad"), key=["N", "K"],
+                 prune_configs_by={"early_config_prune": _pruner("dgrad", "H")})
+@triton.jit
+def _dgrad_kernel(
+    G,  # *[M, N] gradient of out, row stride stride_g
+    GAMMA,  # *[N] layer scale (read only when HAS_GAMMA)
+    RS,  # *[M] row scale (read only when HAS_ROW_SCALE)
+    W,  # *[N, K] weight, row stride stride_w
+    H,  # *[M, K] pre-activation, row stride stride_h; the compute dtype
+    DH,  # *[M, K] gradient of h, contiguous, h's dtype
+    M, N, K,
+    stride_g, stride_w, stride_h,
+    HAS_GAMMA: tl.constexpr, HAS_ROW_SCALE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """One BLOCK_M x BLOCK_K tile of d_h = ((g * gamma) @ W) * rs[:, None] * gelu'(h).
+
+    The A operand is the g tile scaled by gamma in fp32 registers; the row scale multiplies the
+    accumulator rows, and the epilogue loads the h tile for gelu'(h) = Phi(h) + h phi(h).
+    Memory: g read once per K tile (adjacent programs, L2 for the repeats), h read once, d_h
+    written once; the weight stays in L2.
+    """
+    pid = tl.program_id(0)
+    num_k = tl.cdiv(K, BLOCK_K)
+    pid_m = pid // num_k
+    pid_k = pid % num_k
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_k = offs_k < K
+    rows = offs_m.to(tl.int64)
+    dtype = H.dtype.element_ty
+
+    acc = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        g = tl.load(G + rows[:, None] * stride_g + offs_n[None, :],
+                    mask=mask_m[:, None] & mask_n[None, :], other=0.0)
+        if HAS_GAMMA:
+            gamma = tl.load(GAMMA + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+            a = (g.to(tl.float32) * gamma[None, :]).to(dtype)
+        else:
+            a = g.to(dtype)
+        w = tl.load(W + offs_n[:, None] * stride_w + offs_k[None, :],
+                    mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+        acc = tl.dot(a, w.to(dtype), acc)
+
+    if HAS_ROW_SCALE:
+        acc *= tl.load(RS + offs_m, mask=mask_m, other=0.0).to(tl.float32)[:, None]
+    mask = mask_m[:, None] & mask_k[None, :]
+    h = tl.load(H + rows[:, None] * stride_h + offs_k[None, :], mask=mask, other=0.0)
+    dh = acc * _gelu_grad(h.to(tl.float32))
+    tl.store(DH + rows[:, None] * K + offs_k[None, :], dh.to(DH.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _wgrad_kernel(
+    G,  # *[M, N] gradient of out, row stride stride_g
+    GAMMA,  # *[N] layer scale (read only when HAS_GAMMA)
+    RS,  # *[M] row scale (read only when HAS_ROW_SCALE)
+    H,  # *[M, K] pre-activation, row stride stride_h; the compute dtype
+    PART,  # *[splits, N, K] fp32 partial sums of dW, contiguous
+    M, N, K,
+    stride_g, stride_h,
+    rows_per_split,  # rows of M reduced by each split, a multiple of BLOCK_M
+    HAS_GAMMA: tl.constexpr, HAS_ROW_SCALE: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """Split program_id(1)'s partial of one BLOCK_N x BLOCK_K tile of dW = t^T @ gelu(h).
+
+    Over the split's rows: A = (g * rs)^T, scaled in fp32 registers and transposed; B = gelu(h tile)
+    computed on load. gamma multiplies the accumulator rows (the N index) before the fp32 store.
+    Memory: the split's g and h rows read once per (N, K) tile (concurrent tiles of one split read
+    the same rows, so the repeats hit L2), N * K fp32 written per split.
+    """
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    num_k = tl.cdiv(K, BLOCK_K)
+    pid_n = pid // num_k
+    pid_k = pid % num_k
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask_n = offs_n < N
+    mask_k = offs_k < K
+    dtype = H.dtype.element_ty
+    row_start = split * rows_per_split
+    row_end = tl.minimum(row_start + rows_per_split, M)
+
+    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    for m0 in range(row_start, row_end, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < row_end
+        rows = offs_m.to(tl.int64)
+        g = tl.load(G + rows[:, None] * stride_g + offs_n[None, :],
+                    mask=mask_m[:, None] & mask_n[None, :], other=0.0)
+        if HAS_ROW_SCALE:
+            rs = tl.load(RS + offs_m, mask=mask_m, other=0.0).to(tl.float32)
+            g = g.to(tl.float32) * rs[:, None]
+        h = tl.load(H + rows[:, None] * stride_h + offs_k[None, :],
+                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        b = _gelu(h.to(tl.float32)).to(dtype)
+        acc = tl.dot(tl.trans(g.to(dtype)), b, acc)
+
+    if HAS_GAMMA:
+        acc *= tl.load(GAMMA + offs_n, mask=mask_n, other=0.0).to(tl.float32)[:, None]
+    part = PART + split.to(tl.int64) * N * K
+    tl.store(part + offs_n[:, None] * K + offs_k[None, :], acc,
+             mask=mask_n[:, None] & mask_k[None, :])
+
+
+@triton.jit
+def _colsum_kernel(
+    G,  # *[M, N] gradient of out, row stride stride_g
+    RS,  # *[M] row scale (read only when HAS_ROW_SCALE)
+    GAMMA,  # *[N] layer scale (read only when HAS_GAMMA)
+    Y,  # *[M, N] branch output saved by the forward, contiguous (read only when HAS_DGAMMA)
+    DB_PART,  # *[P, N] fp32 partial column sums of t (when HAS_DB)
+    DG_PART,  # *[P, N] fp32 partial column sums of g * rs * y (when HAS_DGAMMA)
+    M, N,
+    stride_g,
+    rows_per_program,  # a multiple of BLOCK_M
+    HAS_ROW_SCALE: tl.constexpr, HAS_GAMMA: tl.constexpr,
+    HAS_DB: tl.constexpr, HAS_DGAMMA: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Column sums over one contiguous range of rows, for one BLOCK_N column block.
+
+    Accumulates g * rs (and g * rs * y) in an fp32 [BLOCK_M, BLOCK_N] register tile, reduces it over
+    the rows once at the end and writes row program_id(0) of the partials; d_bias's partial is
+    multiplied by gamma. Memory: g (and y) read once; 4 * N bytes per partial per program.
+    """
+    pid = tl.program_id(0)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    row_start = pid * rows_per_program
+    row_end = tl.minimum(row_start + rows_per_program, M)
+
+    acc_db = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc_dg = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for m0 in range(row_start, row_end, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < row_end
+        rows = offs_m.to(tl.int64)
+        mask = mask_m[:, None] & mask_n[None, :]
+        g = tl.load(G + rows[:, None] * stride_g + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
+        if HAS_ROW_SCALE:
+            g *= tl.load(RS + offs_m, mask=mask_m, other=0.0).to(tl.float32)[:, None]
+        if HAS_DB:
+            acc_db += g
+        if HAS_DGAMMA:
+            y = tl.load(Y + rows[:, None] * N + offs_n[None, :], mask=mask, other=0.0)
+            acc_dg += g * y.to(tl.float32)
+
+    if HAS_DB:
+        db = tl.sum(acc_db, axis=0)
+        if HAS_GAMMA:
+            db *= tl.load(GAMMA + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        tl.store(DB_PART + pid * N + offs_n, db, mask=mask_n)
+    if HAS_DGAMMA:
+        tl.store(DG_PART + pid * N + offs_n, tl.sum(acc_dg, axis=0), mask=mask_n)
+
+
+@triton.jit
+def _sum_partials_kernel(
+    PART,  # *[S, L] fp32 partial sums, contiguous
+    OUT,  # *[L] the sum over S, in OUT's dtype
+    S, L,
+    BLOCK_S: tl.constexpr, BLOCK_L: tl.constexpr,
+):
+    """OUT[j] = sum_s PART[s, j] in fp32, in the same order on every run (BLOCK_S rows per step,
+    then a tree over those rows). Memory: the partials read once, L values written."""
+    offs_l = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
+    mask_l = offs_l < L
+    acc = tl.zeros([BLOCK_S, BLOCK_L], dtype=tl.float32)
+    for s0 in range(0, S, BLOCK_S):
+        offs_s = s0 + tl.arange(0, BLOCK_S)
+        mask = (offs_s < S)[:, None] & mask_l[None, :]
+        acc += tl.load(PART + offs_s.to(tl.int64)[:, None] * L + offs_l[None, :], mask=mask, other=0.0)
+    tl.store(OUT + offs_l, tl.sum(acc, axis=0).to(OUT.dtype.element_ty), mask=mask_l)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers (inputs already validated; 2-D tensors with unit column stride)
+# ----------------------------------------------------------------------------------------------
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return _INTERPRETER_SMS
+
+
+def _dummy(t: Optional[Tensor], like: Tensor) -> Tensor:
+    """The tensor, or a stand-in pointer for an argument the kernel does not read."""
+    return t if t is not None else like
+
+
+def _forward(h, weight, bias, layer_scale, residual, row_scale, store_y: bool):
+    """``(out, y)``: out in promote_types(residual, h), y in h's dtype (None unless store_y)."""
+    m, k = h.shape
+    n = weight.shape[0]
+    out = torch.empty((m, n), device=h.device, dtype=torch.promote_types(residual.dtype, h.dtype))
+    y = torch.empty((m, n), device=h.device, dtype=h.dtype) if store_y else None
+    if m == 0:
+        return out, y
+
+    def grid(meta):
+        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+
+    _fwd_kernel[grid](
+        h, weight, _dummy(bias, weight), _dummy(layer_scale, weight), _dummy(row_scale, h), residual,
+        _dummy(y, out), out, m, n, k, h.stride(0), weight.stride(0), residual.stride(0),
+        HAS_BIAS=bias is not None, HAS_GAMMA=layer_scale is not None, HAS_ROW_SCALE=row_scale is not None,
+        STORE_Y=store_y)
+    return out, y
+
+
+def _dgrad(g, layer_scale, row_scale, weight, h):
+    """d_h in h's dtype, contiguous."""
+    m, k = h.shape
+    n = weight.shape[0]
+    dh = torch.empty((m, k), device=h.device, dtype=h.dtype)
+    if m == 0:
+        return dh
+
+    def grid(meta):
+        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(k, meta["BLOCK_K"]),)
+
+    _dgrad_kernel[grid](
+        g, _dummy(layer_scale, weight), _dummy(row_scale, h), weight, h, dh, m, n, k,
+        g.stride(0), weight.stride(0), h.stride(0),
+        HAS_GAMMA=layer_scale is not None, HAS_ROW_SCALE=row_scale is not None)
+    return dh
+
+
+def _wgrad_splits(m: int, n: int, k: int, cfg, device: torch.device) -> int:
+    """Splits of the M reduction: enough programs for ~_WGRAD_WAVES waves of the SMs, at least one
+    row block per split, and a workspace of at most _WORKSPACE_BYTES."""
+    block_n, block_k, block_m = cfg[:3]
+    tiles = triton.cdiv(n, block_n) * triton.cdiv(k, block_k)
+    wanted = triton.cdiv(_WGRAD_WAVES * _sm_count(device), tiles)
+    return max(1, min(wanted, triton.cdiv(m, block_m), _WORKSPACE_BYTES // (n * k * 4)))
+
+
+def _wgrad(g, layer_scale, row_scale, h, weight, splits: Optional[int] = None):
+    """dW = t^T @ gelu(h) in weight's dtype, reduced deterministically over `splits` row ranges."""
+    m, k = h.shape
+    n = weight.shape[0]
+    cfg = _config("wgrad", h.dtype)
+    block_n, block_k, block_m, warps, stages = cfg
+    if m == 0:
+        return torch.zeros_like(weight, memory_format=torch.contiguous_format)
+    if splits is None:
+        splits = _wgrad_splits(m, n, k, cfg, h.device)
+    rows_per_split = triton.cdiv(triton.cdiv(m, splits), block_m) * block_m
+    splits = triton.cdiv(m, rows_per_split)  # no empty split
+    part = torch.empty((splits, n, k), device=h.device, dtype=torch.float32)
+    grid = (triton.cdiv(n, block_n) * triton.cdiv(k, block_k), splits)
+    _wgrad_kernel[grid](
+        g, _dummy(layer_scale, weight), _dummy(row_scale, h), h, part, m, n, k,
+        g.stride(0), h.stride(0), rows_per_split,
+        HAS_GAMMA=layer_scale is not None, HAS_ROW_SCALE=row_scale is not None,
+        BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_M=block_m, num_warps=warps, num_stages=stages)
+    return _sum_partials(part.view(splits, n * k), weight.dtype).view(n, k)
+
+
+def _sum_partials(part: Tensor, dtype: torch.dtype) -> Tensor:
+    s, length = part.shape
+    out = torch.empty(length, device=part.device, dtype=dtype)
+    _sum_partials_kernel[(triton.cdiv(length, _SUM_BLOCK_L),)](
+        part, out, s, length, BLOCK_S=_SUM_BLOCK_S, BLOCK_L=_SUM_BLOCK_L, num_warps=_SUM_WARPS)
+    return out
+
+
+def _colsums(g, row_scale, layer_scale, y, n, bias_dtype, gamma_dtype):
+    """(d_bias or None, d_layer_scale or None); a None dtype skips that sum."""
+    m = g.shape[0]
+    dev = g.device
+    if m == 0:
+        return tuple(torch.zeros(n, device=dev, dtype=dt) if dt is not None else None
+                     for dt in (bias_dtype, gamma_dtype))
+    col_blocks = triton.cdiv(n, _COL_BLOCK_N)
+    row_blocks = triton.cdiv(m, _COL_BLOCK_M)
+    programs = min(row_blocks, max(1, _COL_PROGRAMS_PER_SM * _sm_count(dev) // col_blocks))
+    rows_per_program = triton.cdiv(row_blocks, programs) * _COL_BLOCK_M
+    programs = triton.cdiv(m, rows_per_program)
+    has_db, has_dg = bias_dtype is not None, gamma_dtype is not None
+    part = torch.empty((has_db + has_dg, programs, n), device=dev, dtype=torch.float32)
+    _colsum_kernel[(programs, col_blocks)](
+        g, _dummy(row_scale, g), _dummy(layer_scale, g), _dummy(y, g), part[0], part[-1], m, n,
+        g.stride(0), rows_per_program,
+        HAS_ROW_SCALE=row_scale is not None, HAS_GAMMA=layer_scale is not None, HAS_DB=has_db,
+        HAS_DGAMMA=has_dg, BLOCK_M=_COL_BLOCK_M, BLOCK_N=_COL_BLOCK_N, num_warps=_COL_WARPS)
+    db = _sum_partials(part[0], bias_dtype) if has_db else None
+    dg = _sum_partials(part[-1], gamma_dtype) if has_dg else None
+    return db, dg
+
+
+# ----------------------------------------------------------------------------------------------
+# Autograd
+# ----------------------------------------------------------------------------------------------
+def _as_rows(t: Tensor, width: int) -> Tensor:
+    """t as (rows, width) with unit column stride: a view when the strides allow, else one copy."""
+    rows = t.reshape(-1, width)
+    return rows if rows.stride(-1) == 1 or width <= 1 else rows.contiguous()
+
+
+def _vector(t: Optional[Tensor]) -> Optional[Tensor]:
+    return t if t is None or t.stride(0) == 1 else t.contiguous()
+
+
+class _GeluLinearResidual(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, weight, bias, layer_scale, residual, row_scale):
+        k, n = h.shape[-1], weight.shape[0]
+        h2 = _as_rows(h, k)
+        w2 = weight if weight.stride(-1) == 1 else weight.contiguous()
+        bias, layer_scale = _vector(bias), _vector(layer_scale)
+        rs = _vector(row_scale.reshape(-1)) if row_scale is not None else None
+        store_y = layer_scale is not None and ctx.needs_input_grad[3]
+        out, y = _forward(h2, w2, bias, layer_scale, _as_rows(residual, n), rs, store_y)
+        ctx.save_for_backward(h2, w2, layer_scale, rs, y)
+        ctx.shapes = (h.shape, weight.shape)
+        ctx.dtypes = (bias.dtype if bias is not None else None, residual.dtype)
+        return out.view(*h.shape[:-1], n)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        h2, w2, layer_scale, rs, y = ctx.saved_tensors
+        h_shape, w_shape = ctx.shapes
+        bias_dtype, residual_dtype = ctx.dtypes
+        need_h, need_w, need_b, need_gamma, need_res, _ = ctx.needs_input_grad
+        g = _as_rows(grad_out, w_shape[0])
+        dh = _dgrad(g, layer_scale, rs, w2, h2).view(h_shape) if need_h else None
+        dw = _wgrad(g, layer_scale, rs, h2, w2) if need_w else None
+        db = dgamma = None
+        if need_b or need_gamma:
+            db, dgamma = _colsums(g, rs, layer_scale, y, w_shape[0], bias_dtype if need_b else None,
+                                  layer_scale.dtype if need_gamma else None)
+        dres = grad_out.to(residual_dtype) if need_res else None
+        return dh, dw, db, dgamma, dres, None
+
+
+def _reference(h, weight, bias, layer_scale, residual, row_scale):
+    """The same math as a differentiable torch composition in fp32 (the CPU path)."""
+    y = F.linear(F.gelu(h.float()), weight.float(), bias.float() if bias is not None else None)
+    if layer_scale is not None:
+        y = y * layer_scale.float()
+    if row_scale is not None:
+        y = y * row_scale.reshape(-1, 1).float().view(*h.shape[:-1], 1)
+    return (residual.float() + y).to(torch.promote_types(residual.dtype, h.dtype))
+
+
+# ----------------------------------------------------------------------------------------------
+# Public function
+# ----------------------------------------------------------------------------------------------
+def _shape(t: Tensor) -> str:
+    return str(tuple(t.shape))
+
+
+def _validate(h, weight, bias, layer_scale, residual, row_scale) -> None:
+    named = (("h", h), ("weight", weight), ("bias", bias), ("layer_scale", layer_scale),
+             ("residual", residual), ("row_scale", row_scale))
+    for name, t in named:
+        if t is None and name in ("h", "weight", "residual"):
+            raise TypeError(f"gelu_linear_residual: {name} must be a tensor, got None")
+        if t is not None and not isinstance(t, Tensor):
+            raise TypeError(f"gelu_linear_residual: {name} must be a tensor, got {type(t).__name__}")
+    for name, t in named:
+        if t is None:
+            continue
+        if t.dtype not in _DTYPES:
+            raise TypeError(f"gelu_linear_residual: {name} has dtype {t.dtype}; "
+                            "supported: float16, bfloat16, float32")
+        if t.device != h.device:
+            raise ValueError(f"gelu_linear_residual: {name} is on {t.device} but h is on {h.device}")
+    if h.dim() < 1 or h.shape[-1] == 0:
+        raise ValueError(f"gelu_linear_residual: h must have a non-empty last dim (K), got shape {_shape(h)}")
+    k = h.shape[-1]
+    if weight.dim() != 2 or weight.shape[1] != k or weight.shape[0] == 0:
+        raise ValueError(f"gelu_linear_residual: weight has shape {_shape(weight)} but must be (N, K) "
+                         f"with N > 0 and K = {k}, h's last dim")
+    n = weight.shape[0]
+    for name, t in (("bias", bias), ("layer_scale", layer_scale)):
+        if t is not None and tuple(t.shape) != (n,):
+            raise ValueError(f"gelu_linear_residual: {name} has shape {_shape(t)} but must be ({n},), "
+                             "weight's N")
+    expected = (*h.shape[:-1], n)
+    if tuple(residual.shape) != expected:
+        raise ValueError(f"gelu_linear_residual: residual has shape {_shape(residual)} but must be "
+                         f"{expected}: h's leading dims and weight's N")
+    if row_scale is not None:
+        m = h.numel() // k
+        if tuple(row_scale.shape) not in ((m,), tuple(h.shape[:-1])):
+            raise ValueError(f"gelu_linear_residual: row_scale has shape {_shape(row_scale)} but must be "
+                             f"({m},), one factor per row of h")
+        if row_scale.requires_grad:
+            raise ValueError("gelu_linear_residual: row_scale receives no gradient; pass it detached")
+
+
+def gelu_linear_residual(h: Tensor, weight: Tensor, bias: Optional[Tensor], layer_scale: Optional[Tensor],
+                         residual: Tensor, row_scale: Optional[Tensor] = None) -> Tensor:
+    """``residual + row_scale[:, None] * layer_scale * (gelu(h) @ weight.T + bias)``, fused.
+
+    Args:
+        h: (..., K) pre-activation (the first Linear's output); float16, bfloat16 or float32. Its
+            dtype is the compute dtype of the GEMMs (fp32 runs as tf32 on a GPU).
+        weight: (N, K), ``nn.Linear`` layout; any of the three dtypes (converted in-kernel).
+        bias: (N,) or None.
+        layer_scale: (N,) LayerScale gamma, or None for 1.
+        residual: (..., N) with h's leading dims; any of the three dtypes.
+        row_scale: None, or (M,) factors for the M = h.numel() // K rows (h's leading shape is also
+            accepted), e.g. drop-path's per-sample ``keep / (1 - p)``; receives no gradient.
+    Returns:
+        (..., N) in ``torch.promote_types(residual.dtype, h.dtype)``. Differentiable in h, weight,
+        bias, layer_scale and residual; each gradient comes back in its input's dtype.
+
+    Rows may be strided (e.g. NHWC views of channels_last activations) as long as the last dim has
+    unit stride and the leading dims merge into one row stride; otherwise one copy is made.
+    """
+    _validate(h, weight, bias, layer_scale, residual, row_scale)
+    if not (h.is_cuda or _INTERPRET):
+        return _reference(h, weight, bias, layer_scale, residual, row_scale)
+    return _GeluLinearResidual.apply(h, weight, bias, layer_scale, residual, row_scale)
+
+
+# ----------------------------------------------------------------------------------------------
+# Ahead-of-time variants
+# ----------------------------------------------------------------------------------------------
+# (compute dtype, parameter dtype): fp16 throughout, bf16 activations with fp32 parameters (autocast
+# training, the conversion path), fp32 throughout (testing).
+_AOT_DTYPES = (("fp16", "fp16"), ("bf16", "fp32"), ("fp32", "fp32"))
+_TORCH_DTYPE = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def _gemm_variant(kernel, name: str, signature: dict[str, str], switches: dict, dt: str, pdt: str) -> Variant:
+    *blocks, warps, stages = _GPU_CONFIGS[(name, _dtype_class(_TORCH_DTYPE[dt]))]
+    constexprs = {**switches, **dict(zip(_BLOCK_NAMES[name], blocks))}
+    label = f"{dt}{'' if pdt == dt else f' params={pdt}'} " + "x".join(map(str, blocks))
+    aligned = tuple(a for a, ty in signature.items() if ty.startswith("*") or a in ("N", "K", "rows_per_split")
+                    or a.startswith("stride_"))
+    return Variant(kernel=kernel, name=f"{label} w{warps} s{stages}",
+                   signature=signature, constexprs=constexprs, num_warps=warps, num_stages=stages,
+                   kind="dot", aligned=aligned)
+
+
+def aot_variants() -> list[Variant]:
+    """One variant per kernel and dtype pair of ``_AOT_DTYPES``, with every optional input present
+    (bias, layer scale, row scale): the configurations the launchers use on a GPU. Aligned: all
+    pointers, N, K and the row strides (multiples of 16 at ConvNeXt widths, C = 96 * 2^i)."""
+    variants = []
+    for dt, pdt in _AOT_DTYPES:
+        variants.append(_gemm_variant(_fwd_kernel.fn, "fwd", {
+            "H": f"*{dt}", "W": f"*{pdt}", "BIAS": f"*{pdt}", "GAMMA": f"*{pdt}", "RS": f"*{dt}",
+            "RES": f"*{dt}", "Y": f"*{dt}", "OUT": f"*{dt}", "M": "i32", "N": "i32", "K": "i32",
+            "stride_h": "i32", "stride_w": "i32", "stride_res": "i32"},
+            {"HAS_BIAS": True, "HAS_GAMMA": True, "HAS_ROW_SCALE": True, "STORE_Y": True}, dt, pdt))
+        variants.append(_gemm_variant(_dgrad_kernel.fn, "dgrad", {
+            "G": f"*{dt}", "GAMMA": f"*{pdt}", "RS": f"*{dt}", "W": f"*{pdt}", "H": f"*{dt}", "DH": f"*{dt}",
+            "M": "i32", "N": "i32", "K": "i32", "stride_g": "i32", "stride_w": "i32", "stride_h": "i32"},
+            {"HAS_GAMMA": True, "HAS_ROW_SCALE": True}, dt, pdt))
+        variants.append(_gemm_variant(_wgrad_kernel, "wgrad", {
+            "G": f"*{dt}", "GAMMA": f"*{pdt}", "RS": f"*{dt}", "H": f"*{dt}", "PART": "*fp32",
+            "M": "i32", "N": "i32", "K": "i32", "stride_g": "i32", "stride_h": "i32", "rows_per_split": "i32"},
+            {"HAS_GAMMA": True, "HAS_ROW_SCALE": True}, dt, pdt))
+        # Partial sums are one row per program: their stores are not 128-bit vectors (judged on loads).
+        variants.append(Variant(
+            kernel=_colsum_kernel, name=f"{dt} params={pdt} {_COL_BLOCK_M}x{_COL_BLOCK_N}",
+            signature={"G": f"*{dt}", "RS": f"*{dt}", "GAMMA": f"*{pdt}", "Y": f"*{dt}", "DB_PART": "*fp32",
+                       "DG_PART": "*fp32", "M": "i32", "N": "i32", "stride_g": "i32",
+                       "rows_per_program": "i32"},
+            constexprs={"HAS_ROW_SCALE": True, "HAS_GAMMA": True, "HAS_DB": True, "HAS_DGAMMA": True,
+                        "BLOCK_M": _COL_BLOCK_M, "BLOCK_N": _COL_BLOCK_N},
+            num_warps=_COL_WARPS, num_stages=3, kind="memory", vector_stores=False,
+            aligned=("G", "RS", "GAMMA", "Y", "DB_PART", "DG_PART", "N", "stride_g", "rows_per_program")))
+    for pdt in ("fp16", "bf16", "fp32"):
+        variants.append(Variant(
+            kernel=_sum_partials_kernel, name=f"{pdt} BLOCK_S={_SUM_BLOCK_S} BLOCK_L={_SUM_BLOCK_L}",
+            signature={"PART": "*fp32", "OUT": f"*{pdt}", "S": "i32", "L": "i32"},
+            constexprs={"BLOCK_S": _SUM_BLOCK_S, "BLOCK_L": _SUM_BLOCK_L}, num_warps=_SUM_WARPS,
+            num_stages=3, kind="memory", aligned=("PART", "OUT", "L")))
+    return variants
