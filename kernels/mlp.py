@@ -62,7 +62,10 @@ One configuration per kernel and dtype class, reasoned for Hopper and checked wi
   there), 32-deep steps, 4 stages: 146 registers (183 with an fp32 weight), 57 KiB shared memory;
   dgrad 128 x 64 (the epilogue holds the h tile and gelu'(h) next to the accumulator), 64-deep
   steps, 3 stages: 128 registers; wgrad 128 x 128, 32-deep steps, 4 stages: 154 registers.
-  Measured alternatives: 128 x 128 x 64 tiles took 186-255 registers and spilled in the dgrad.
+  Compiled alternatives: 128 x 128 x 64 tiles took 186-255 registers and spilled in the dgrad.
+  For the fp16 forward and dgrad ptxas notes that it serializes the wgmma instructions ("non wgmma
+  instructions defining accumulator registers"): the A operand is computed in registers inside
+  the pipelined loop. Whether that costs time at these memory-bound shapes is for a GPU to measure.
 * GEMMs, fp32 (testing): 64 x 64 x 32 tiles, 4 warps, 2 stages.
 * Memory kernels: 128 x 32 tiles of the (M, N) gradients, 4 warps (128-bit loads of g and y); the
   partial sums add 8 rows of 1024 columns per step (128-bit loads, 16 in flight per thread).

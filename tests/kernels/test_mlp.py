@@ -142,6 +142,12 @@ def test_fp32_parameters_with_fp16_activations():
     assert [t.grad.dtype for t in leaves[1:4]] == [torch.float32] * 3
 
 
+def test_broadcast_gradient_of_a_sum():
+    """``out.sum().backward()`` passes a stride-0 gradient: copied once, then the usual kernels."""
+    h, weight, bias, gamma, residual, rs, _ = make_inputs((19,), 24, 64, torch.float32, seed=11)
+    check(h, weight, bias, gamma, residual, rs, torch.ones(()).to(h).expand(19, 24), TOL[torch.float32])
+
+
 def test_row_scale_with_the_leading_shape():
     h, weight, bias, gamma, residual, rs, grad = make_inputs((3, 7), 8, 32, torch.float32, seed=7)
     check(h, weight, bias, gamma, residual, rs.view(3, 7), grad, TOL[torch.float32])
