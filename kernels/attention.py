@@ -45,10 +45,13 @@ inside ``tl.static_range(2)``: the first pass visits the boundary blocks and app
 sequence masks, the second visits the interior blocks with no mask at all, so the masking costs only on
 the O(1) boundary blocks per row block. Both passes compile from the same source.
 
-*Backward* (no atomics: every output element is reduced by exactly one program in a fixed order, so
-gradients are bitwise reproducible run to run):
+*Backward*: two variants, chosen with ``attention(..., deterministic=...)``. Both start with
 
 1. ``_attn_bwd_preprocess``: ``delta_i = sum_d dO[i, d] * O[i, d]`` (= ``sum_j P_ij dP_ij``).
+
+``deterministic=True`` (the default; no atomics: every output element is reduced by exactly one
+program in a fixed order, so gradients are bitwise reproducible run to run):
+
 2. ``_attn_bwd_dkdv``: one program per (key block, batch * kv head). It keeps K and V tiles and the
    fp32 dK, dV accumulators on chip and loops over the query heads of its kv head group (GQA/MQA: the
    group's contributions are summed in-program, in order) and over the query blocks that see the key
@@ -58,13 +61,33 @@ gradients are bitwise reproducible run to run):
    ``dS = P * (dO V^T - delta)``, ``dQ += dS K``.
    Both use the same boundary/interior split as the forward.
 
+That is 7 matmuls per visible (query block, key block) pair: 4 in the dK/dV kernel, and the dQ kernel
+computes ``Q K^T`` and ``dO V^T`` a second time before its ``dS K``.
+
+``deterministic=False`` (5 matmuls, as in FlashAttention-2):
+
+2. ``_attn_bwd_dkdv`` compiled with ``ATOMIC_DQ`` (launched through its own autotuner,
+   ``_attn_bwd_dkdvdq``): the program above, whose every loop step also forms the query block's share
+   of dQ from the ``dS^T`` it already holds, ``scale * K^T dS^T`` (fp32; transposed so that the dot's
+   M dimension is D), and adds it into a zeroed fp32 (B, H, S, D) buffer with relaxed
+   ``tl.atomic_add`` (128-bit ``red.global.add`` on sm_90), masked to the sequence and the head dim.
+   The launcher casts the buffer to q's dtype. No dQ kernel runs.
+
+The price of the two saved matmuls is the atomic traffic and reproducibility: the key blocks of a
+query block add into its dQ rows in whatever order their programs run, so dQ's fp32 sums round
+differently from run to run and the gradients are not bitwise reproducible. dK and dV are unaffected:
+the same code sums them in the same order, so with the same tiles they are bitwise those of the
+deterministic path (the interpreter, which runs one tiling for both, checks this).
+
 K, V, Q and dO tiles are plain pointer loads, which Triton pipelines through ``num_stages`` shared
 memory buffers (cp.async) on sm_80 and sm_90. Tensor descriptors (TMA) are not used: they could not be
 measured on a GPU while this was written, and pointer loads take any batch/head/sequence strides.
 
 Memory traffic: the forward reads Q once and K, V once per query block that sees them, and writes O
-and the fp32 log-sum-exp; the backward reads Q, dO, lse, delta once per key block and K, V once per
-query block. No S x S tensor exists anywhere.
+and the fp32 log-sum-exp; the backward reads Q, dO, lse, delta once per key block and, if
+deterministic, K, V once per query block; with atomic dQ it reads K, V only once but adds a BLOCK_M x D
+fp32 tile into the dQ buffer per visited block pair (the buffer is zeroed first and read once to cast
+it). No S x S tensor exists anywhere.
 
 Shapes, dtypes, layouts
 -----------------------
@@ -79,10 +102,11 @@ tensor whose last dimension is not contiguous is copied (once, in the launcher).
 
 Block shapes (sm_90). A small ``triton.autotune`` list per kernel, pruned to the configs listed for the
 launch's tile width and dtype, keyed on S, D and the band (the dtype is part of every autotune key).
-Every config was compiled for sm_90 with ``kernels.aot``: all use ``wgmma``, and the fp16/bf16 configs
-for D <= 128 do not spill. The register file (255 per thread at 8 warps, one CTA per SM) is the binding
-constraint, shared memory (227 KiB) the second. Masking the padding columns costs registers at the
-limit, so whether D is padded is a constexpr (``PAD_D``) and an unpadded tile carries no column mask.
+Every config was compiled for sm_90 with ``kernels.aot``: all use ``wgmma`` (beside ``mma.sync``
+where a dot has fewer than 64 rows, see below), and the fp16/bf16 configs for D <= 128 do not spill.
+The register file (255 per thread at 8 warps, one CTA per SM) is the binding constraint, shared memory
+(227 KiB) the second. Masking the padding columns costs registers at the limit, so whether D is padded
+is a constexpr (``PAD_D``) and an unpadded tile carries no column mask.
 
 * forward: 128 x 128 or 128 x 64 tiles on 8 warps: two warpgroups of 64 query rows fill the wgmma M
   dimension; the fp32 score tile costs BLOCK_M * BLOCK_N / 256 registers per thread, the accumulator
@@ -91,8 +115,16 @@ limit, so whether D is padded is a constexpr (``PAD_D``) and an unpadded tile ca
 * dK/dV: the two fp32 accumulators of BLOCK_N * D each dominate. D <= 64: 128 keys, query steps of 64
   or 32. D = 128: 128 keys x 16 queries or 64 x 32 (64-query steps spill). D = 256: no wgmma tiling
   fits the 2 x 64 x 256 fp32 accumulators; 64 x 16 spills the least (``_KEEP_REASONS``).
+* dK/dV with dQ atomics: as dK/dV, plus a transient fp32 dQ^T tile of D x BLOCK_M and its operands,
+  so the query steps stay short. D <= 64: 128 keys x 32 queries, 3 stages (234 registers at D = 64).
+  D = 128: 128 x 16, 2 stages (253-255 registers, no spill; 64 x 32 spills when D is padded, 64-query
+  steps always). D = 256: 64 x 16, which spills, like dK/dV. The dQ^T dot has D rows, so at D = 16
+  and 32 it runs on ``mma.sync`` (fewer than the 64 rows of a wgmma); computed untransposed, as
+  ``dS K``, it would have only BLOCK_M rows and never use wgmma at these step sizes.
 * dQ: 128 or 64 queries, key steps of 64 (64 x 32 for D = 256).
-* fp32 inputs (for testing): one small tf32 config per kernel; the dK/dV kernel and D = 256 spill.
+* fp32 inputs (for testing): one small tf32 config per kernel; the dK/dV kernels and D = 256 spill.
+  With dQ atomics at D = 256 even the smallest wgmma tiling (64 x 16) needs 241 KiB of shared memory,
+  so that config is 32 x 16 on ``mma.sync``.
 * sm_80 (not tuned): some configs spill there; each list keeps at least one that fits its 163 KiB.
 
 In the Triton interpreter (``TRITON_INTERPRET=1``) each kernel has exactly one small config
@@ -124,7 +156,8 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # ---------------------------------------------------------------------------------------------------
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, per tile width class, for sm_90.
 # "fwd"/"dq": BLOCK_M = query rows of the program, BLOCK_N = key rows per loop step.
-# "dkdv": BLOCK_N = key rows of the program, BLOCK_M = query rows per loop step.
+# "dkdv": BLOCK_N = key rows of the program, BLOCK_M = query rows per loop step; "dkdvdq" likewise, for
+# the same kernel with the dQ atomics (``deterministic=False``).
 _GPU_CONFIGS = {
     ("fwd", "d<=64"): [(128, 128, 8, 3), (128, 64, 8, 3)],
     ("fwd", "d128"): [(128, 128, 8, 3), (128, 64, 8, 3)],
@@ -136,6 +169,11 @@ _GPU_CONFIGS = {
     ("dkdv", "d256"): [(16, 64, 8, 2)],
     ("dkdv", "fp32"): [(16, 64, 8, 1)],
     ("dkdv", "fp32 d256"): [(16, 64, 8, 1)],
+    ("dkdvdq", "d<=64"): [(32, 128, 8, 3)],
+    ("dkdvdq", "d128"): [(16, 128, 8, 2)],
+    ("dkdvdq", "d256"): [(16, 64, 8, 2)],
+    ("dkdvdq", "fp32"): [(16, 64, 8, 1)],
+    ("dkdvdq", "fp32 d256"): [(16, 32, 8, 1)],
     ("dq", "d<=64"): [(128, 64, 8, 3), (64, 64, 4, 3)],
     ("dq", "d128"): [(128, 64, 8, 2), (64, 64, 4, 3)],
     ("dq", "d256"): [(64, 32, 4, 2)],
@@ -146,6 +184,9 @@ _GPU_CONFIGS = {
 _SM80_SPILLS = "tuned for sm_90, where it does not spill; on sm_80 (not tuned) it spills a little"
 _FP32_D256 = ("fp32 (for testing) at D = 256: spills on sm_90 and exceeds sm_80's shared memory, so this "
               "case runs on sm_90 only")
+_D256_ACCUMULATORS = ("D = 256: the dK and dV accumulators (2 x 64 x 256 fp32) exceed the registers at every "
+                      "wgmma tiling; this one spills the least")
+_FP32_SPILLS = "fp32 (for testing): the tf32 wgmma tiling spills at D = 128"
 _KEEP_REASONS = {
     ("fwd", "d128", (128, 128, 8, 3)): _SM80_SPILLS,
     ("fwd", "d128", (128, 64, 8, 3)): _SM80_SPILLS,
@@ -153,13 +194,20 @@ _KEEP_REASONS = {
     ("dkdv", "d<=64", (64, 128, 8, 2)): _SM80_SPILLS,
     ("dkdv", "d128", (16, 128, 8, 2)): _SM80_SPILLS,
     ("dq", "d128", (128, 64, 8, 2)): _SM80_SPILLS,
-    ("dkdv", "d256", (16, 64, 8, 2)): ("D = 256: the dK and dV accumulators (2 x 64 x 256 fp32) exceed the "
-                                       "registers at every wgmma tiling; this one spills the least"),
-    ("dkdv", "fp32", (16, 64, 8, 1)): "fp32 (for testing): the tf32 wgmma tiling spills at D = 128",
+    ("dkdv", "d256", (16, 64, 8, 2)): _D256_ACCUMULATORS,
+    ("dkdv", "fp32", (16, 64, 8, 1)): _FP32_SPILLS,
     ("dkdv", "fp32 d256", (16, 64, 8, 1)): _FP32_D256,
     ("dq", "fp32 d256", (64, 16, 4, 2)): _FP32_D256,
+    ("dkdvdq", "d<=64", (32, 128, 8, 3)): _SM80_SPILLS,
+    ("dkdvdq", "d128", (16, 128, 8, 2)): _SM80_SPILLS,
+    ("dkdvdq", "d256", (16, 64, 8, 2)): _D256_ACCUMULATORS,
+    ("dkdvdq", "fp32", (16, 64, 8, 1)): _FP32_SPILLS,
+    ("dkdvdq", "fp32 d256", (16, 32, 8, 1)): ("fp32 (for testing) at D = 256: the smallest wgmma tiling, "
+                                              "64 keys x 16 queries, exceeds sm_90's shared memory; this "
+                                              "mma.sync one fits both archs but spills on sm_80 (not tuned)"),
 }
-_INTERPRETER_CONFIGS = {"fwd": (32, 16, 4, 1), "dkdv": (16, 32, 4, 1), "dq": (32, 16, 4, 1)}
+_INTERPRETER_CONFIGS = {"fwd": (32, 16, 4, 1), "dkdv": (16, 32, 4, 1), "dq": (32, 16, 4, 1),
+                        "dkdvdq": (16, 32, 4, 1)}
 # Preprocess (memory-bound): rows per program so that a tile holds 8192 elements; 8 warps.
 _PRE_TILE_ELEMS = 8192
 _PRE_NUM_WARPS = 8
@@ -352,6 +400,7 @@ def _attn_bwd_dkdv(
     Q, K, V, DO,  # (B, H, S, D), (B, Hkv, S, D) x 2, (B, H, S, D); last dims contiguous
     LSE, Delta,  # (B, H, S) fp32 contiguous
     DK, DV,  # (B, Hkv, S, D) contiguous, outputs
+    DQAcc,  # (B, H, S, D) fp32 contiguous, zeroed: dQ summed with atomics (only with ATOMIC_DQ)
     stride_qb, stride_qh, stride_qs,
     stride_kb, stride_kh, stride_ks,
     stride_vb, stride_vh, stride_vs,
@@ -360,14 +409,20 @@ def _attn_bwd_dkdv(
     qk_scale,  # scale * log2(e)
     sm_scale,  # scale
     BLOCK_D: tl.constexpr, PAD_D: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr,  # also add each step's dQ share into DQAcc (the 5-matmul backward)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """dK, dV for one block of BLOCK_N keys of one (batch, kv head).
+    """dK, dV (and with ATOMIC_DQ, dQ) for one block of BLOCK_N keys of one (batch, kv head).
 
     For each query head of the group and each query block that sees these keys:
         P^T = 2^(qk_scale * K Q^T - lse);  dV += P^T dO;  dS^T = P^T * (V dO^T - delta);  dK += dS^T Q
     and finally dK *= scale. Reads K, V once; Q, dO, lse, delta once per visited query block of each
     head in the group; writes dK, dV once, so the group sum is in-program and deterministic.
+
+    With ATOMIC_DQ the same step also forms this key block's share of the query block's gradient,
+    scale * dS K (BLOCK_M x D, fp32), and adds it into DQAcc with ``tl.atomic_add``. Every key block
+    that the query block sees adds into the same rows, in whatever order the programs run, so dQ is
+    not bitwise reproducible; dK and dV are computed exactly as without the flag.
     """
     pid_n = tl.program_id(0)
     pid_bhk = tl.program_id(1)
@@ -437,12 +492,27 @@ def _attn_bwd_dkdv(
                     delta = tl.load(Delta + row_base + offs_qm, mask=mask_m, other=0.0)
                 else:
                     delta = tl.load(Delta + row_base + offs_qm)
-                ds_t = p_t * (tl.dot(v, tl.trans(do)) - delta[None, :])
-                dk = tl.dot(ds_t.to(q.dtype), q, dk)
+                ds_t = (p_t * (tl.dot(v, tl.trans(do)) - delta[None, :])).to(q.dtype)
+                dk = tl.dot(ds_t, q, dk)
+                if ATOMIC_DQ:
+                    # dQ^T = K^T dS^T (D x BLOCK_M): the head dim, not the few query rows of a step, is
+                    # the dot's M dimension, which wgmma needs to be a multiple of 64. Relaxed atomics:
+                    # only the sums at kernel exit matter, not the order of the additions.
+                    dq_t = tl.dot(tl.trans(k), ds_t) * sm_scale
+                    tl.atomic_add(DQAcc + (row_base + offs_qm[None, :]) * head_dim + offs_d[:, None], dq_t,
+                                  mask=tl.trans(mask_q), sem="relaxed")
 
     out_offs = (pid_bhk.to(tl.int64) * seqlen + offs_n[:, None]) * head_dim + offs_d[None, :]
     tl.store(DK + out_offs, (dk * sm_scale).to(DK.dtype.element_ty), mask=mask_nd)
     tl.store(DV + out_offs, dv.to(DV.dtype.element_ty), mask=mask_nd)
+
+
+# The 5-matmul backward: the same kernel compiled with ATOMIC_DQ=True, tuned over its own config list.
+# Autotuning runs the kernel once per candidate config, so the dQ accumulator is zeroed before each run
+# and after the last one.
+_attn_bwd_dkdvdq = triton.autotune(configs=_autotune_configs("dkdvdq"), key=_AUTOTUNE_KEY,
+                                   prune_configs_by={"early_config_prune": _pruner("dkdvdq")},
+                                   reset_to_zero=["DQAcc"])(_attn_bwd_dkdv.fn)
 
 
 @triton.autotune(configs=_autotune_configs("dq"), key=_AUTOTUNE_KEY,
@@ -580,16 +650,22 @@ def attention_forward(q, k, v, causal: bool, scale: float, window: int):
     return out, lse
 
 
-def attention_backward(do, q, k, v, out, lse, causal: bool, scale: float, window: int):
-    """Launch the three backward kernels. Returns ``(dq, dk, dv)``, contiguous, in the inputs' dtype."""
+def attention_backward(do, q, k, v, out, lse, causal: bool, scale: float, window: int,
+                       deterministic: bool = True):
+    """Launch the backward kernels. Returns ``(dq, dk, dv)``, contiguous, in the inputs' dtype.
+
+    ``deterministic=True``: the delta preprocess, the dK/dV kernel and the dQ kernel (7 matmuls per
+    block pair, no atomics, bitwise reproducible). ``deterministic=False``: the preprocess and one fused
+    kernel (5 matmuls) that adds dQ into a zeroed fp32 buffer with atomics; dQ's summation order then
+    varies from run to run.
+    """
     do, q, k, v = (_unit_last_stride(t) for t in (do, q, k, v))
     batch, num_heads, seqlen, head_dim = q.shape
     num_kv_heads = k.shape[1]
-    dq = q.new_empty(q.shape)
     dk = k.new_empty(k.shape)
     dv = v.new_empty(v.shape)
-    if dq.numel() == 0:
-        return dq, dk, dv
+    if q.numel() == 0:
+        return q.new_empty(q.shape), dk, dv
     left, right = _band(seqlen, causal, window)
     block_d = _block_d(head_dim)
     group_size = num_heads // num_kv_heads
@@ -602,16 +678,25 @@ def attention_backward(do, q, k, v, out, lse, causal: bool, scale: float, window
     )
     common = (*_bhs_strides(q), *_bhs_strides(k), *_bhs_strides(v), *_bhs_strides(do),
               num_heads, group_size, seqlen, head_dim, left, right, scale * _LOG2E, scale)
+    pad_d = block_d != head_dim
 
     def grid_dkdv(meta):
         return (triton.cdiv(seqlen, meta["BLOCK_N"]), batch * num_kv_heads)
 
-    pad_d = block_d != head_dim
-    _attn_bwd_dkdv[grid_dkdv](q, k, v, do, lse, delta, dk, dv, *common, BLOCK_D=block_d, PAD_D=pad_d)
+    if not deterministic:
+        dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        _attn_bwd_dkdvdq[grid_dkdv](q, k, v, do, lse, delta, dk, dv, dq_acc, *common,
+                                    BLOCK_D=block_d, PAD_D=pad_d, ATOMIC_DQ=True)
+        return dq_acc.to(q.dtype), dk, dv
+
+    # DQAcc is neither read nor written without ATOMIC_DQ: any fp32 tensor fills the slot.
+    _attn_bwd_dkdv[grid_dkdv](q, k, v, do, lse, delta, dk, dv, delta, *common,
+                              BLOCK_D=block_d, PAD_D=pad_d, ATOMIC_DQ=False)
 
     def grid_dq(meta):
         return (triton.cdiv(seqlen, meta["BLOCK_M"]), batch * num_heads)
 
+    dq = q.new_empty(q.shape)
     _attn_bwd_dq[grid_dq](q, k, v, do, lse, delta, dq, *common, BLOCK_D=block_d, PAD_D=pad_d)
     return dq, dk, dv
 
@@ -665,42 +750,46 @@ def _reference_backward(do, q, k, v, causal, scale, window):
 
 @torch.library.custom_op("tritonforge::attention_forward", mutates_args=())
 def _attention_forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float,
-                          window: int) -> tuple[torch.Tensor, torch.Tensor]:
+                          window: int, deterministic: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    # ``deterministic`` does not change the forward; it is an argument so that autograd's context
+    # (``_setup_context``) receives it and picks the backward.
     if _use_triton(q):
         return attention_forward(q, k, v, causal, scale, window)
     return _reference_forward(q, k, v, causal, scale, window)
 
 
 @_attention_forward_op.register_fake
-def _(q, k, v, causal, scale, window):
+def _(q, k, v, causal, scale, window, deterministic=True):
     return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 @torch.library.custom_op("tritonforge::attention_backward", mutates_args=())
 def _attention_backward_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                            out: torch.Tensor, lse: torch.Tensor, causal: bool, scale: float,
-                           window: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                           window: int, deterministic: bool = True
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if _use_triton(q):
-        return attention_backward(do, q, k, v, out, lse, causal, scale, window)
-    return _reference_backward(do, q, k, v, causal, scale, window)
+        return attention_backward(do, q, k, v, out, lse, causal, scale, window, deterministic)
+    return _reference_backward(do, q, k, v, causal, scale, window)  # exact either way
 
 
 @_attention_backward_op.register_fake
-def _(do, q, k, v, out, lse, causal, scale, window):
+def _(do, q, k, v, out, lse, causal, scale, window, deterministic=True):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, causal, scale, window = inputs
+    q, k, v, causal, scale, window, deterministic = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse)
-    ctx.causal, ctx.scale, ctx.window = causal, scale, window
+    ctx.causal, ctx.scale, ctx.window, ctx.deterministic = causal, scale, window, deterministic
 
 
 def _backward(ctx, grad_out, grad_lse):
     q, k, v, out, lse = ctx.saved_tensors
-    dq, dk, dv = _attention_backward_op(grad_out, q, k, v, out, lse, ctx.causal, ctx.scale, ctx.window)
-    return dq, dk, dv, None, None, None
+    dq, dk, dv = _attention_backward_op(grad_out, q, k, v, out, lse, ctx.causal, ctx.scale, ctx.window,
+                                        ctx.deterministic)
+    return dq, dk, dv, None, None, None, None
 
 
 _attention_forward_op.register_autograd(_backward, setup_context=_setup_context)
@@ -711,7 +800,7 @@ _attention_forward_op.register_autograd(_backward, setup_context=_setup_context)
 # ---------------------------------------------------------------------------------------------------
 
 
-def _validate(q, k, v, causal, scale, window) -> None:
+def _validate(q, k, v, causal, scale, window, deterministic) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -748,10 +837,13 @@ def _validate(q, k, v, causal, scale, window) -> None:
             raise TypeError(f"window must be an int or None, got {type(window).__name__}")
         if window < 1:
             raise ValueError(f"window must be >= 1, got {window}")
+    if not isinstance(deterministic, bool):
+        raise TypeError(f"deterministic must be a bool, got {type(deterministic).__name__}")
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
-              scale: float | None = None, window: int | None = None) -> torch.Tensor:
+              scale: float | None = None, window: int | None = None,
+              deterministic: bool = True) -> torch.Tensor:
     """Scaled dot-product attention, fused, differentiable in q, k and v.
 
     Args:
@@ -762,13 +854,17 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
         scale: multiplies ``q . k`` before the softmax; default ``1 / sqrt(D)``; must be > 0.
         window: int >= 1 or None. With ``causal=True``: the ``window`` most recent keys,
             ``i - window < j <= i``. With ``causal=False``: the symmetric window ``|i - j| < window``.
+        deterministic: True (default): the backward uses no atomics and its gradients are bitwise
+            reproducible run to run. False: a faster backward (5 matmuls instead of 7 per block pair)
+            that sums dq with fp32 atomics, so dq may differ in the last bits between runs; dk and dv
+            are still reduced in a fixed order. The forward is the same either way.
     Returns:
         (B, H, S, D) in q's dtype. D must be one of ``SUPPORTED_HEAD_DIMS``.
     """
-    _validate(q, k, v, causal, scale, window)
+    _validate(q, k, v, causal, scale, window, deterministic)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
-    out, _ = _attention_forward_op(q, k, v, causal, float(scale), window or 0)
+    out, _ = _attention_forward_op(q, k, v, causal, float(scale), window or 0, deterministic)
     return out
 
 
@@ -787,7 +883,9 @@ def _stride_args(*prefixes: str) -> list[str]:
 def aot_variants() -> list[Variant]:
     """Every configuration the launchers and autotune lists may use on a GPU: per kernel, tile width
     (D rounded up to a power of two), dtype and config. Aligned: all pointers, the batch/head/sequence
-    strides, H, S, D and the band ints (S or 0 at the benchmark shapes: hidden 2048, full or causal)."""
+    strides, H, S, D and the band ints (S or 0 at the benchmark shapes: hidden 2048, full or causal).
+    The dK/dV kernel is listed twice: with its own configs, and with ``ATOMIC_DQ`` and the "dkdvdq"
+    configs (the fused kernel of the ``deterministic=False`` backward)."""
     variants = []
     ints = ["num_heads", "group_size", "seqlen", "head_dim", "window_left", "window_right"]
     aligned_ints = ("num_heads", "seqlen", "head_dim", "window_left", "window_right")
@@ -809,22 +907,26 @@ def aot_variants() -> list[Variant]:
                         "Delta": "*fp32"}
             bwd_rest = {**dict.fromkeys(_stride_args("q", "k", "v", "do"), "i32"),
                         **dict.fromkeys(ints, "i32"), "qk_scale": "fp32", "sm_scale": "fp32"}
-            dkdv_sig = {**bwd_ptrs, "DK": f"*{ty}", "DV": f"*{ty}", **bwd_rest}
+            dkdv_sig = {**bwd_ptrs, "DK": f"*{ty}", "DV": f"*{ty}", "DQAcc": "*fp32", **bwd_rest}
             dq_sig = {**bwd_ptrs, "DQ": f"*{ty}", **bwd_rest}
             pads = sorted({_block_d(d) != d for d in SUPPORTED_HEAD_DIMS if _block_d(d) == block_d})
-            for (name, kernel, sig), pad_d in itertools.product(
-                    (("fwd", _attn_fwd, fwd_sig), ("dkdv", _attn_bwd_dkdv, dkdv_sig), ("dq", _attn_bwd_dq, dq_sig)),
-                    pads):
+            # (config list, kernel, signature, constexprs the launcher passes besides the tiles)
+            launches = (("fwd", _attn_fwd, fwd_sig, {}),
+                        ("dkdv", _attn_bwd_dkdv, dkdv_sig, {"ATOMIC_DQ": False}),
+                        ("dkdvdq", _attn_bwd_dkdv, dkdv_sig, {"ATOMIC_DQ": True}),
+                        ("dq", _attn_bwd_dq, dq_sig, {}))
+            for (name, kernel, sig, switches), pad_d in itertools.product(launches, pads):
                 pointers = tuple(n for n, t in sig.items() if t.startswith("*"))
                 strides = tuple(n for n in sig if n.startswith("stride_"))
                 config_class = _config_class(block_d, dtype)
                 for config in _configs_for(name, block_d, dtype):
                     block_m, block_n, warps, stages = config
                     label = f"{ty} BLOCK_D={block_d}{' padded' if pad_d else ''}"
+                    label += " atomic dQ" if switches.get("ATOMIC_DQ") else ""
                     variants.append(Variant(
                         kernel=kernel.fn, name=f"{label} {block_m}x{block_n} w{warps} s{stages}",
-                        signature=sig, constexprs={"BLOCK_D": block_d, "PAD_D": pad_d, "BLOCK_M": block_m,
-                                                   "BLOCK_N": block_n},
+                        signature=sig, constexprs={"BLOCK_D": block_d, "PAD_D": pad_d, **switches,
+                                                   "BLOCK_M": block_m, "BLOCK_N": block_n},
                         num_warps=warps, num_stages=stages, kind="dot", aligned=pointers + strides + aligned_ints,
                         keep_reason=_KEEP_REASONS.get((name, config_class, config), "")))
     return variants

@@ -3,6 +3,9 @@
 On the CPU the kernels run in the Triton interpreter, where fp16 dots and fp32 dots are exact IEEE
 products with fp32 accumulation, so fp32 is held to a tight tolerance. bf16 dots are wrong in the
 interpreter, so bf16 (and fp32, which a GPU runs as tf32) are checked by the GPU tests only.
+
+Gradients are checked for both backwards: ``deterministic=True`` (dK/dV and dQ kernels, no atomics)
+and ``deterministic=False`` (one fused kernel that sums dQ with atomics), to the same tolerances.
 """
 import importlib
 import inspect
@@ -60,10 +63,10 @@ def make_inputs(batch, heads, kv_heads, seqlen, head_dim, dtype, seed=0):
     return [t.to(DEVICE, dtype) for t in (q, k, v, do)]
 
 
-def check_against_reference(q, k, v, do, tol, **kwargs):
+def check_against_reference(q, k, v, do, tol, deterministic=True, **kwargs):
     """Run attention forward and backward on leaf copies of q, k, v; compare with float64."""
     leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-    out = attention(*leaves, **kwargs)
+    out = attention(*leaves, deterministic=deterministic, **kwargs)
     out.backward(do)
     ref_leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
     ref = reference(*ref_leaves, **kwargs)
@@ -94,16 +97,20 @@ CASES = [
     (1, 2, 2, 130, 64, torch.float32, {"window": 20}),
     (1, 2, 2, 50, 64, torch.float32, {"causal": True, "scale": 0.3}),
 ]
+# Both backwards: no atomics (the default), and dQ summed with atomics in the fused dK/dV/dQ kernel.
+BACKWARDS = pytest.mark.parametrize("deterministic", [True, False], ids=["deterministic", "atomic-dq"])
 
 
+@BACKWARDS
 @pytest.mark.parametrize("batch,heads,kv_heads,seqlen,head_dim,dtype,kwargs", CASES,
                          ids=lambda x: str(x).replace("torch.", "").replace(" ", ""))
-def test_matches_float64_reference(batch, heads, kv_heads, seqlen, head_dim, dtype, kwargs):
+def test_matches_float64_reference(batch, heads, kv_heads, seqlen, head_dim, dtype, kwargs, deterministic):
     q, k, v, do = make_inputs(batch, heads, kv_heads, seqlen, head_dim, dtype)
-    check_against_reference(q, k, v, do, TOLERANCES[dtype], **kwargs)
+    check_against_reference(q, k, v, do, TOLERANCES[dtype], deterministic=deterministic, **kwargs)
 
 
-def test_fused_qkv_views_and_strided_grad():
+@BACKWARDS
+def test_fused_qkv_views_and_strided_grad(deterministic):
     """q, k, v as views of one (B, S, 3 * H * D) projection; dO non-contiguous as a model passes it."""
     batch, heads, seqlen, head_dim = 2, 2, 45, 32
     gen = torch.Generator().manual_seed(1)
@@ -111,7 +118,7 @@ def test_fused_qkv_views_and_strided_grad():
     qkv.requires_grad_()
     q, k, v = qkv.view(batch, seqlen, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
     assert not q.is_contiguous()
-    out = attention(q, k, v, causal=True)
+    out = attention(q, k, v, causal=True, deterministic=deterministic)
     dy = torch.randn(batch, seqlen, heads * head_dim, generator=gen).to(DEVICE, torch.float16)
     out.transpose(1, 2).reshape(batch, seqlen, heads * head_dim).backward(dy)
 
@@ -123,14 +130,15 @@ def test_fused_qkv_views_and_strided_grad():
     torch.testing.assert_close(qkv.grad.double(), ref_qkv.grad, atol=TOL_FP16, rtol=TOL_FP16)
 
 
-def test_gqa_views_of_one_projection():
+@BACKWARDS
+def test_gqa_views_of_one_projection(deterministic):
     """Grouped-query heads split from one (B, S, (H + 2 Hkv) * D) projection and transposed."""
     batch, heads, kv_heads, seqlen, head_dim = 1, 4, 2, 40, 16
     gen = torch.Generator().manual_seed(2)
     proj = torch.randn(batch, seqlen, heads + 2 * kv_heads, head_dim, generator=gen).to(DEVICE)
     q, k, v = (t.transpose(1, 2) for t in proj.split([heads, kv_heads, kv_heads], dim=2))
     do = torch.randn(batch, heads, seqlen, head_dim, generator=gen).to(DEVICE)
-    check_against_reference(q, k, v, do, TOLERANCES[torch.float32], causal=True, window=9)
+    check_against_reference(q, k, v, do, TOLERANCES[torch.float32], deterministic, causal=True, window=9)
 
 
 def test_non_unit_last_strides_and_broadcast_grad():
@@ -154,11 +162,31 @@ def test_gradients_are_bitwise_reproducible():
 
     def grads():
         leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-        attention(*leaves, causal=True, window=30).backward(do)
+        attention(*leaves, causal=True, window=30, deterministic=True).backward(do)
         return [leaf.grad for leaf in leaves]
 
     for first, second in zip(grads(), grads()):
         assert torch.equal(first, second)
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="on a GPU the two dK/dV launches may tune to different "
+                                            "tiles, which changes the summation order")
+def test_atomic_dq_backward_computes_dk_dv_as_the_deterministic_one():
+    """The fused kernel is the dK/dV kernel plus the dQ atomics: with the same tiles (the interpreter
+    runs one config for both) dk and dv are bitwise those of the deterministic backward. dq is summed
+    in another order (by key block rather than per query block), so it only agrees to rounding."""
+    module = importlib.import_module("kernels.attention")
+    assert module._INTERPRETER_CONFIGS["dkdv"] == module._INTERPRETER_CONFIGS["dkdvdq"]
+    q, k, v, do = make_inputs(1, 4, 2, 77, 80, torch.float16, seed=12)
+
+    def grads(deterministic):
+        leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+        attention(*leaves, causal=True, window=40, deterministic=deterministic).backward(do)
+        return [leaf.grad for leaf in leaves]
+
+    (dq, dk, dv), (dq_atomic, dk_atomic, dv_atomic) = grads(True), grads(False)
+    assert torch.equal(dk, dk_atomic) and torch.equal(dv, dv_atomic)
+    torch.testing.assert_close(dq_atomic, dq, atol=TOL_FP16, rtol=TOL_FP16)
 
 
 def test_window_of_one_returns_values_and_large_window_is_no_window():
@@ -168,10 +196,11 @@ def test_window_of_one_returns_values_and_large_window_is_no_window():
     assert torch.equal(attention(q, k, v, causal=True, window=37 + 5), attention(q, k, v, causal=True))
 
 
+@BACKWARDS
 @pytest.mark.parametrize("shape", [(0, 2, 8, 16), (1, 2, 0, 16)], ids=["batch0", "seq0"])
-def test_empty_inputs(shape):
+def test_empty_inputs(shape, deterministic):
     q, k, v = (torch.randn(shape, device=DEVICE, dtype=torch.float16, requires_grad=True) for _ in range(3))
-    out = attention(q, k, v, causal=True)
+    out = attention(q, k, v, causal=True, deterministic=deterministic)
     assert out.shape == shape
     out.sum().backward()
     assert q.grad.shape == shape and k.grad.shape == shape
@@ -198,43 +227,55 @@ def _qkv(q_shape=(1, 2, 8, 16), kv_shape=None, dtype=torch.float16):
     (_qkv(), {"scale": -1.0}, ValueError, "scale must be a positive finite number"),
     (_qkv(), {"scale": float("nan")}, ValueError, "scale must be a positive finite number"),
     (_qkv(), {"causal": 1}, TypeError, "causal must be a bool"),
+    (_qkv(), {"deterministic": 0}, TypeError, "deterministic must be a bool, got int"),
+    (_qkv(), {"deterministic": None}, TypeError, "deterministic must be a bool, got NoneType"),
 ])
 def test_invalid_inputs_raise_naming_the_argument(args, kwargs, error, match):
     with pytest.raises(error, match=match):
         attention(*args, **kwargs)
 
 
-def test_custom_ops_pass_opcheck():
+@BACKWARDS
+def test_custom_ops_pass_opcheck(deterministic):
     q, k, v, do = make_inputs(1, 2, 1, 17, 16, torch.float32, seed=5)
     q, k, v = (t.requires_grad_() for t in (q, k, v))
-    torch.library.opcheck(torch.ops.tritonforge.attention_forward.default, (q, k, v, True, 0.25, 0))
+    # the forward's opcheck also runs the autograd registration, hence the backward the flag selects
+    torch.library.opcheck(torch.ops.tritonforge.attention_forward.default,
+                          (q, k, v, True, 0.25, 0, deterministic))
     with torch.no_grad():
-        out, lse = torch.ops.tritonforge.attention_forward(q, k, v, True, 0.25, 0)
+        out, lse = torch.ops.tritonforge.attention_forward(q, k, v, True, 0.25, 0, deterministic)
     torch.library.opcheck(torch.ops.tritonforge.attention_backward.default,
-                          (do, q.detach(), k.detach(), v.detach(), out, lse, True, 0.25, 0))
+                          (do, q.detach(), k.detach(), v.detach(), out, lse, True, 0.25, 0, deterministic))
 
 
-def test_torch_compile_fullgraph_forward_and_backward():
+@BACKWARDS
+def test_torch_compile_fullgraph_forward_and_backward(deterministic):
     q, k, v, do = make_inputs(1, 2, 2, 24, 16, torch.float32, seed=6)
 
     def loss(q, k, v):
-        return (attention(q, k, v, causal=True, window=7) * do).sum()
+        return (attention(q, k, v, causal=True, window=7, deterministic=deterministic) * do).sum()
 
     compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)
     leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
     compiled(*leaves).backward()
     eager_leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
     loss(*eager_leaves).backward()
-    for leaf, eager in zip(leaves, eager_leaves):
-        assert torch.equal(leaf.grad, eager.grad)
+    for name, leaf, eager in zip(("dq", "dk", "dv"), leaves, eager_leaves):
+        if deterministic or name != "dq":
+            assert torch.equal(leaf.grad, eager.grad), name
+        else:  # dq's atomic sum may run in another order
+            tol = TOLERANCES[torch.float32]
+            torch.testing.assert_close(leaf.grad, eager.grad, atol=tol, rtol=tol)
 
 
+@BACKWARDS
 @pytest.mark.skipif(DEVICE != "cpu", reason="the torch path serves CPU tensors only")
-def test_cpu_torch_path_matches_kernels(monkeypatch):
-    """Outside the interpreter, CPU tensors take a torch path: same out, lse and gradients."""
+def test_cpu_torch_path_matches_kernels(monkeypatch, deterministic):
+    """Outside the interpreter, CPU tensors take a torch path: same out, lse and gradients. The torch
+    path's backward is exact, whichever backward ``deterministic`` asks the kernels for."""
     module = importlib.import_module("kernels.attention")
     q, k, v, do = make_inputs(1, 4, 2, 40, 16, torch.float32, seed=10)
-    args = (q, k, v, True, 0.25, 9)
+    args = (q, k, v, True, 0.25, 9, deterministic)
     kernel_out, kernel_lse = torch.ops.tritonforge.attention_forward(*args)
     kernel_grads = torch.ops.tritonforge.attention_backward(do, q, k, v, kernel_out, kernel_lse, *args[3:])
     monkeypatch.setattr(module, "_INTERPRET", False)
@@ -249,10 +290,16 @@ def test_cpu_torch_path_matches_kernels(monkeypatch):
 
 def test_public_api_and_aot_variants_match_the_kernels():
     assert kernels.attention is attention
-    assert list(inspect.signature(attention).parameters) == ["q", "k", "v", "causal", "scale", "window"]
+    assert list(inspect.signature(attention).parameters) == [
+        "q", "k", "v", "causal", "scale", "window", "deterministic"]
     variants = aot_variants()
     names = {v.kernel.fn.__name__ if hasattr(v.kernel, "fn") else v.kernel.__name__ for v in variants}
     assert names == {"_attn_fwd", "_attn_bwd_preprocess", "_attn_bwd_dkdv", "_attn_bwd_dq"}
+    # the dK/dV kernel is listed with and without the dQ atomics, for every tile width and dtype
+    dkdv = [v for v in variants if v.kernel.fn.__name__ == "_attn_bwd_dkdv"]
+    assert {(v.signature["Q"], v.constexprs["BLOCK_D"], v.constexprs["ATOMIC_DQ"]) for v in dkdv} == {
+        (f"*{ty}", 1 << (d - 1).bit_length(), atomic)
+        for ty in ("fp16", "bf16", "fp32") for d in SUPPORTED_HEAD_DIMS for atomic in (False, True)}
     for variant in variants:
         params = list(inspect.signature(variant.kernel.fn).parameters)
         assert list(variant.signature) + list(variant.constexprs) == params, variant.name
@@ -269,13 +316,14 @@ def test_public_api_and_aot_variants_match_the_kernels():
 
 @pytest.mark.gpu
 @needs_compiler
+@BACKWARDS
 @pytest.mark.parametrize("head_dim", [64, 80, 128, 256])
 @pytest.mark.parametrize("kwargs", [{}, {"causal": True}, {"causal": True, "window": 100}, {"window": 64}],
                          ids=["full", "causal", "causal-window", "window"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
-def test_gpu_matches_float64_reference(head_dim, kwargs, dtype):
+def test_gpu_matches_float64_reference(head_dim, kwargs, dtype, deterministic):
     q, k, v, do = make_inputs(2, 4, 2, 333, head_dim, dtype, seed=7)
-    check_against_reference(q, k, v, do, TOLERANCES[dtype], **kwargs)
+    check_against_reference(q, k, v, do, TOLERANCES[dtype], deterministic, **kwargs)
 
 
 @pytest.mark.gpu
@@ -285,7 +333,7 @@ def test_gpu_gradients_are_bitwise_reproducible():
 
     def grads():
         leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-        attention(*leaves, causal=True).backward(do)
+        attention(*leaves, causal=True, deterministic=True).backward(do)
         return [leaf.grad for leaf in leaves]
 
     for first, second in zip(grads(), grads()):
@@ -294,12 +342,13 @@ def test_gpu_gradients_are_bitwise_reproducible():
 
 @pytest.mark.gpu
 @needs_compiler
+@BACKWARDS
 @pytest.mark.parametrize("causal", [False, True])
-def test_gpu_benchmark_shape_matches_sdpa(causal):
+def test_gpu_benchmark_shape_matches_sdpa(causal, deterministic):
     """bf16 at a benchmark shape (D = 128, S = 4096) against SDPA in fp32."""
     q, k, v, do = make_inputs(1, 4, 4, 4096, 128, torch.bfloat16, seed=9)
     leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-    out = attention(*leaves, causal=causal)
+    out = attention(*leaves, causal=causal, deterministic=deterministic)
     out.backward(do)
     ref_leaves = [t.detach().float().requires_grad_() for t in (q, k, v)]
     ref = torch.nn.functional.scaled_dot_product_attention(*ref_leaves, is_causal=causal)
