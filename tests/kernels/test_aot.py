@@ -1,5 +1,6 @@
 """Ahead-of-time compile checks: the report machinery on two sample kernels, then every variant
-that the kernel modules list, compiled for sm_90 and sm_80 on a CPU-only machine.
+that the kernel modules list, compiled for sm_90 (and for sm_80 all but the repeats ``_sweep`` names)
+on a CPU-only machine.
 
 The sample kernels below are compiled in worker processes, which import this file by path; keep
 its module level light (no discovery at import: parametrization happens in
@@ -323,16 +324,45 @@ _APPLIES = {
 }
 
 
+def _twin_key(variant: Variant, dtype: str) -> tuple:
+    signature = tuple((k, t.replace(dtype, "bf16")) for k, t in variant.signature.items())
+    return (aot.kernel_name(variant.kernel), signature, tuple(sorted(variant.constexprs.items())),
+            variant.num_warps, variant.num_stages)
+
+
+@functools.lru_cache(maxsize=None)
+def _sweep() -> tuple[tuple[int, str], ...]:
+    """(variant index, arch) pairs this suite compiles.
+
+    sm_90, the architecture the config lists are reasoned for, compiles every variant. sm_80 (not
+    tuned) skips two kinds whose check there would repeat another's: an fp16 variant whose bf16 twin
+    (same kernel, config and constexprs) is listed compiles to the same code but for its conversion
+    instructions, and fp32 dot variants exist for testing. ``python -m kernels.aot`` compiles them all.
+    """
+    variants = _discovery().variants
+    bf16 = {_twin_key(v, "bf16") for v in variants}
+    pairs = []
+    for index, variant in enumerate(variants):
+        types = " ".join(variant.signature.values())
+        for arch in aot.DEFAULT_ARCHS:
+            if arch == "sm_80" and ("*fp16" in types and _twin_key(variant, "fp16") in bf16
+                                    or variant.kind == "dot" and "*fp16" not in types and "*bf16" not in types):
+                continue
+            pairs.append((index, arch))
+    return tuple(pairs)
+
+
 def pytest_generate_tests(metafunc):
     if "discovered" not in metafunc.fixturenames:
         return
     applies = _APPLIES.get(metafunc.function.__name__, lambda v: True)
     cases, ids = [], []
-    for index, variant in enumerate(_discovery().variants):
+    variants = _discovery().variants
+    for index, arch in _sweep():
+        variant = variants[index]
         if applies(variant):
-            for arch in aot.DEFAULT_ARCHS:
-                cases.append((index, arch))
-                ids.append(f"{aot.kernel_name(variant.kernel)}[{variant.name}]-{arch}")
+            cases.append((index, arch))
+            ids.append(f"{aot.kernel_name(variant.kernel)}[{variant.name}]-{arch}")
     if not cases:
         reason = "no kernel module in kernels/ lists a variant of this kind in aot_variants() yet"
         cases, ids = [pytest.param(None, marks=pytest.mark.skip(reason=reason))], ["none"]
@@ -341,11 +371,13 @@ def pytest_generate_tests(metafunc):
 
 @pytest.fixture(scope="module")
 def discovered_rows():
-    """(variant index, arch) -> row for every discovered variant, compiled once per test run."""
+    """(variant index, arch) -> row for every pair of the sweep, compiled once per test run."""
     variants = _discovery().variants
-    rows = aot.compile_all(variants, aot.DEFAULT_ARCHS)
-    keys = [(i, a) for i in range(len(variants)) for a in aot.DEFAULT_ARCHS]
-    return dict(zip(keys, rows))
+    rows = {}
+    for arch in aot.DEFAULT_ARCHS:
+        indices = [i for i, a in _sweep() if a == arch]
+        rows.update(zip(((i, arch) for i in indices), aot.compile_all([variants[i] for i in indices], [arch])))
+    return rows
 
 
 @pytest.fixture
