@@ -77,8 +77,10 @@ launcher, because its split count (and so its workspace) depends on the tile cou
 interpreter every GEMM runs one small 32 x 32 x 32 config so that the test shapes cross many tile
 boundaries.
 
-On CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1``, the Triton kernels run; on CPU
-tensors otherwise the same math runs as a differentiable torch composition in fp32.
+On CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1``, the Triton kernels run, through
+two ``torch.library`` custom ops (``tritonforge::gelu_linear_residual_forward`` / ``_backward``, with
+their autograd registered) that ``torch.compile`` keeps whole, without a graph break; on CPU tensors
+otherwise the same math runs as a differentiable torch composition in fp32.
 """
 from __future__ import annotations
 
@@ -535,7 +537,7 @@ def _colsums(g, row_scale, layer_scale, y, n, bias_dtype, gamma_dtype):
 
 
 # ----------------------------------------------------------------------------------------------
-# Autograd
+# Custom ops and autograd
 # ----------------------------------------------------------------------------------------------
 def _as_rows(t: Tensor, width: int) -> Tensor:
     """t as (rows, width) with unit column stride: a view when the strides allow, else one copy."""
@@ -547,36 +549,82 @@ def _vector(t: Optional[Tensor]) -> Optional[Tensor]:
     return t if t is None or t.stride(0) == 1 else t.contiguous()
 
 
-class _GeluLinearResidual(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, h, weight, bias, layer_scale, residual, row_scale):
-        k, n = h.shape[-1], weight.shape[0]
-        h2 = _as_rows(h, k)
-        w2 = weight if weight.stride(-1) == 1 else weight.contiguous()
-        bias, layer_scale = _vector(bias), _vector(layer_scale)
-        rs = _vector(row_scale.reshape(-1)) if row_scale is not None else None
-        store_y = layer_scale is not None and ctx.needs_input_grad[3]
-        out, y = _forward(h2, w2, bias, layer_scale, _as_rows(residual, n), rs, store_y)
-        ctx.save_for_backward(h2, w2, layer_scale, rs, y)
-        ctx.shapes = (h.shape, weight.shape)
-        ctx.dtypes = (bias.dtype if bias is not None else None, residual.dtype)
-        return out.view(*h.shape[:-1], n)
+# The launchers as torch.library custom ops, so that torch.compile treats them as opaque (no graph break,
+# no tracing into the Triton launches). Optional outputs are empty (0,) tensors: a custom op returns
+# tensors only.
+_NONE = (0,)
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        h2, w2, layer_scale, rs, y = ctx.saved_tensors
-        h_shape, w_shape = ctx.shapes
-        bias_dtype, residual_dtype = ctx.dtypes
-        need_h, need_w, need_b, need_gamma, need_res, _ = ctx.needs_input_grad
-        g = _as_rows(grad_out, w_shape[0])
-        dh = _dgrad(g, layer_scale, rs, w2, h2).view(h_shape) if need_h else None
-        dw = _wgrad(g, layer_scale, rs, h2, w2) if need_w else None
-        db = dgamma = None
-        if need_b or need_gamma:
-            db, dgamma = _colsums(g, rs, layer_scale, y, w_shape[0], bias_dtype if need_b else None,
-                                  layer_scale.dtype if need_gamma else None)
-        dres = grad_out.to(residual_dtype) if need_res else None
-        return dh, dw, db, dgamma, dres, None
+
+@torch.library.custom_op("tritonforge::gelu_linear_residual_forward", mutates_args=())
+def _forward_op(h: Tensor, weight: Tensor, bias: Optional[Tensor], layer_scale: Optional[Tensor],
+                residual: Tensor, row_scale: Optional[Tensor], store_y: bool) -> tuple[Tensor, Tensor]:
+    """``(out, y)``: out shaped like residual; y (M, N) in h's dtype when ``store_y``, else empty."""
+    k, n = h.shape[-1], weight.shape[0]
+    w2 = weight if weight.stride(-1) == 1 else weight.contiguous()
+    rs = _vector(row_scale.reshape(-1)) if row_scale is not None else None
+    out, y = _forward(_as_rows(h, k), w2, _vector(bias), _vector(layer_scale), _as_rows(residual, n), rs,
+                      store_y and layer_scale is not None)
+    return out.view(*h.shape[:-1], n), (y if y is not None else h.new_empty(_NONE))
+
+
+@_forward_op.register_fake
+def _(h, weight, bias, layer_scale, residual, row_scale, store_y):
+    n = weight.shape[0]
+    out = h.new_empty((*h.shape[:-1], n), dtype=torch.promote_types(residual.dtype, h.dtype))
+    rows = h.numel() // h.shape[-1]
+    return out, h.new_empty((rows, n) if store_y and layer_scale is not None else _NONE)
+
+
+@torch.library.custom_op("tritonforge::gelu_linear_residual_backward", mutates_args=())
+def _backward_op(grad_out: Tensor, h: Tensor, weight: Tensor, layer_scale: Optional[Tensor],
+                 row_scale: Optional[Tensor], y: Tensor, need_h: bool, need_weight: bool,
+                 bias_dtype: Optional[torch.dtype], gamma_dtype: Optional[torch.dtype]
+                 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(d_h, d_weight, d_bias, d_layer_scale)``; each is empty unless asked for (``need_*``, or a
+    dtype for the column sums, which ``d_layer_scale`` computes from the saved ``y``)."""
+    k, n = h.shape[-1], weight.shape[0]
+    h2 = _as_rows(h, k)
+    w2 = weight if weight.stride(-1) == 1 else weight.contiguous()
+    layer_scale = _vector(layer_scale)
+    rs = _vector(row_scale.reshape(-1)) if row_scale is not None else None
+    g = _as_rows(grad_out, n)
+    dh = _dgrad(g, layer_scale, rs, w2, h2).view(h.shape) if need_h else None
+    dw = _wgrad(g, layer_scale, rs, h2, w2) if need_weight else None
+    db = dgamma = None
+    if bias_dtype is not None or gamma_dtype is not None:
+        db, dgamma = _colsums(g, rs, layer_scale, y if y.numel() else None, n, bias_dtype, gamma_dtype)
+    # an output never asked for is a fresh empty tensor (returns may not alias one another)
+    return tuple(t if t is not None else h.new_empty(_NONE) for t in (dh, dw, db, dgamma))
+
+
+@_backward_op.register_fake
+def _(grad_out, h, weight, layer_scale, row_scale, y, need_h, need_weight, bias_dtype, gamma_dtype):
+    n = weight.shape[0]
+    return (h.new_empty(h.shape if need_h else _NONE),
+            weight.new_empty(weight.shape) if need_weight else h.new_empty(_NONE),
+            h.new_empty((n,), dtype=bias_dtype) if bias_dtype is not None else h.new_empty(_NONE),
+            h.new_empty((n,), dtype=gamma_dtype) if gamma_dtype is not None else h.new_empty(_NONE))
+
+
+def _setup_context(ctx, inputs, output):
+    h, weight, bias, layer_scale, residual, row_scale, _ = inputs
+    ctx.save_for_backward(h, weight, layer_scale, row_scale, output[1])
+    ctx.dtypes = (bias.dtype if bias is not None else None, residual.dtype)
+
+
+def _backward(ctx, grad_out, _grad_y):
+    h, weight, layer_scale, row_scale, y = ctx.saved_tensors
+    bias_dtype, residual_dtype = ctx.dtypes
+    need_h, need_w, need_b, need_gamma, need_res = ctx.needs_input_grad[:5]
+    dh, dw, db, dgamma = _backward_op(grad_out, h, weight, layer_scale, row_scale, y, need_h, need_w,
+                                      bias_dtype if need_b else None,
+                                      layer_scale.dtype if need_gamma else None)
+    dres = grad_out.to(residual_dtype) if need_res else None
+    return (dh if need_h else None, dw if need_w else None, db if need_b else None,
+            dgamma if need_gamma else None, dres, None, None)
+
+
+_forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _reference(h, weight, bias, layer_scale, residual, row_scale):
@@ -659,7 +707,10 @@ def gelu_linear_residual(h: Tensor, weight: Tensor, bias: Optional[Tensor], laye
     _validate(h, weight, bias, layer_scale, residual, row_scale)
     if not (h.is_cuda or _INTERPRET):
         return _reference(h, weight, bias, layer_scale, residual, row_scale)
-    return _GeluLinearResidual.apply(h, weight, bias, layer_scale, residual, row_scale)
+    # y, the branch before its scales, is kept for the LayerScale's gradient only when there is one
+    store_y = layer_scale is not None and layer_scale.requires_grad and torch.is_grad_enabled()
+    out, _ = _forward_op(h, weight, bias, layer_scale, residual, row_scale, store_y)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
