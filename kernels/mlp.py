@@ -18,6 +18,13 @@ re-reads the GELU output (4x the activation), its gradient, and the LayerScale, 
 intermediates. Here the GELU output never exists in memory: it is computed from ``h`` in registers
 where a GEMM loads its operand tile, and the scales and the residual ride in the GEMM epilogues.
 
+The price is that each column tile of the forward and weight-gradient GEMMs evaluates erf again for
+its rows of ``h``. While that happens at most twice (``N <= 2 * BLOCK_N``: C <= 256, ConvNeXt's
+memory-bound first two stages) it costs less than writing and re-reading ``gelu(h)``; for wider N
+the forward materializes ``gelu(h)`` once (``F.gelu``, fp32 inside, rounded once like the in-kernel
+path) and both GEMMs read it (``GELU_ON_LOAD=False``), keeping it for the backward as eager does.
+The input gradient needs ``gelu'(h)`` once per element either way. See ``_gelu_on_load``.
+
 Kernels and bytes moved (``e`` = bytes per element of the compute dtype, M rows)
 ------------------------------------------------------------------------------
 Let ``g`` be the gradient of ``out`` and ``t = g * row_scale[:, None] * layer_scale[None, :]``.
@@ -102,6 +109,7 @@ _INTERPRETER_SMS = 4  # stands in for the SM count when kernels run in the inter
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _WGRAD_WAVES = 2  # wgrad programs per SM the split count aims for
 _WORKSPACE_BYTES = 64 * 1024 * 1024  # bound on the wgrad's fp32 partials
+_MAX_GELU_EVALUATIONS = 2  # column tiles that may each recompute GELU on load (see _gelu_on_load)
 # Column reductions: a [_COL_BLOCK_M, _COL_BLOCK_N] tile per step; partial sums: _SUM_BLOCK_S rows of
 # _SUM_BLOCK_L columns per step.
 _COL_BLOCK_M, _COL_BLOCK_N, _COL_WARPS = 128, 32, 4
@@ -193,12 +201,14 @@ def _fwd_kernel(
     stride_h, stride_w, stride_res,
     HAS_BIAS: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_ROW_SCALE: tl.constexpr,
     STORE_Y: tl.constexpr,
+    GELU_ON_LOAD: tl.constexpr,  # H holds h and the A operand is gelu(h); else H holds gelu(h) itself
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """One BLOCK_M x BLOCK_N tile of y = gelu(h) @ W^T + bias and out = residual + rs * gamma * y.
 
     The A operand is gelu(h tile), computed in fp32 registers after the load and rounded to the
-    compute dtype; B is the weight tile read transposed (K-major, wgmma's native B layout).
+    compute dtype (or, without GELU_ON_LOAD, loaded ready-made); B is the weight tile read
+    transposed (K-major, wgmma's native B layout).
     Memory: h and the residual read once per N tile (programs of one row block are adjacent, so
     the repeats hit L2), y and out written once; the weight (N * K, small) stays in L2.
     """
@@ -219,7 +229,10 @@ def _fwd_kernel(
         mask_k = offs_k < K
         h = tl.load(H + rows[:, None] * stride_h + offs_k[None, :],
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        a = _gelu(h.to(tl.float32)).to(dtype)  # gelu(0) = 0: the masked padding adds nothing
+        if GELU_ON_LOAD:
+            a = _gelu(h.to(tl.float32)).to(dtype)  # gelu(0) = 0: the masked padding adds nothing
+        else:
+            a = h
         w = tl.load(W + offs_n[None, :] * stride_w + offs_k[:, None],
                     mask=mask_n[None, :] & mask_k[:, None], other=0.0)
         acc = tl.dot(a, w.to(dtype), acc)
@@ -306,12 +319,13 @@ def _wgrad_kernel(
     stride_g, stride_h,
     rows_per_split,  # rows of M reduced by each split, a multiple of BLOCK_M
     HAS_GAMMA: tl.constexpr, HAS_ROW_SCALE: tl.constexpr,
+    GELU_ON_LOAD: tl.constexpr,  # H holds h and B is gelu(h); else H holds gelu(h) itself
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     """Split program_id(1)'s partial of one BLOCK_N x BLOCK_K tile of dW = t^T @ gelu(h).
 
     Over the split's rows: A = (g * rs)^T, scaled in fp32 registers and transposed; B = gelu(h tile)
-    computed on load. gamma multiplies the accumulator rows (the N index) before the fp32 store.
+    computed on load (or, without GELU_ON_LOAD, loaded ready-made). gamma multiplies the accumulator rows (the N index) before the fp32 store.
     Memory: the split's g and h rows read once per (N, K) tile (concurrent tiles of one split read
     the same rows, so the repeats hit L2), N * K fp32 written per split.
     """
@@ -340,7 +354,10 @@ def _wgrad_kernel(
             g = g.to(tl.float32) * rs[:, None]
         h = tl.load(H + rows[:, None] * stride_h + offs_k[None, :],
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        b = _gelu(h.to(tl.float32)).to(dtype)
+        if GELU_ON_LOAD:
+            b = _gelu(h.to(tl.float32)).to(dtype)
+        else:
+            b = h
         acc = tl.dot(tl.trans(g.to(dtype)), b, acc)
 
     if HAS_GAMMA:
@@ -435,8 +452,22 @@ def _dummy(t: Optional[Tensor], like: Tensor) -> Tensor:
     return t if t is not None else like
 
 
-def _forward(h, weight, bias, layer_scale, residual, row_scale, store_y: bool):
-    """``(out, y)``: out in promote_types(residual, h), y in h's dtype (None unless store_y)."""
+def _gelu_on_load(n: int, dtype: torch.dtype) -> bool:
+    """Whether the GEMMs compute GELU as they load h (True) or read a materialized gelu(h) (False).
+
+    On load, each of the forward's and the wgrad's ``cdiv(N, BLOCK_N)`` column tiles evaluates erf
+    for every element of h again. One evaluation costs about the issue time of ~15 fp32 instructions
+    (~0.45 ps per element on an H100's 33 T instructions/s); materializing gelu(h) costs writing and
+    reading it (4 bytes per element at 2 bytes each, ~1.2 ps at 3.35 TB/s) and keeping it for the
+    backward. So GELU rides in the load while it is evaluated at most twice (C <= 256 at ConvNeXt's
+    widths, the memory-bound stages) and is materialized once above that.
+    """
+    return triton.cdiv(n, _config("fwd", dtype)[1]) <= _MAX_GELU_EVALUATIONS
+
+
+def _forward(h, weight, bias, layer_scale, residual, row_scale, store_y: bool, gelu_on_load: bool = True):
+    """``(out, y)``: out in promote_types(residual, h), y in h's dtype (None unless store_y).
+    With ``gelu_on_load=False``, ``h`` holds gelu(h) already."""
     m, k = h.shape
     n = weight.shape[0]
     out = torch.empty((m, n), device=h.device, dtype=torch.promote_types(residual.dtype, h.dtype))
@@ -451,7 +482,7 @@ def _forward(h, weight, bias, layer_scale, residual, row_scale, store_y: bool):
         h, weight, _dummy(bias, weight), _dummy(layer_scale, weight), _dummy(row_scale, h), residual,
         _dummy(y, out), out, m, n, k, h.stride(0), weight.stride(0), residual.stride(0),
         HAS_BIAS=bias is not None, HAS_GAMMA=layer_scale is not None, HAS_ROW_SCALE=row_scale is not None,
-        STORE_Y=store_y)
+        STORE_Y=store_y, GELU_ON_LOAD=gelu_on_load)
     return out, y
 
 
@@ -482,8 +513,9 @@ def _wgrad_splits(m: int, n: int, k: int, cfg, device: torch.device) -> int:
     return max(1, min(wanted, triton.cdiv(m, block_m), _WORKSPACE_BYTES // (n * k * 4)))
 
 
-def _wgrad(g, layer_scale, row_scale, h, weight, splits: Optional[int] = None):
-    """dW = t^T @ gelu(h) in weight's dtype, reduced deterministically over `splits` row ranges."""
+def _wgrad(g, layer_scale, row_scale, h, weight, splits: Optional[int] = None, gelu_on_load: bool = True):
+    """dW = t^T @ gelu(h) in weight's dtype, reduced deterministically over `splits` row ranges.
+    With ``gelu_on_load=False``, ``h`` holds gelu(h) already."""
     m, k = h.shape
     n = weight.shape[0]
     cfg = _config("wgrad", h.dtype)
@@ -499,7 +531,7 @@ def _wgrad(g, layer_scale, row_scale, h, weight, splits: Optional[int] = None):
     _wgrad_kernel[grid](
         g, _dummy(layer_scale, weight), _dummy(row_scale, h), h, part, m, n, k,
         g.stride(0), h.stride(0), rows_per_split,
-        HAS_GAMMA=layer_scale is not None, HAS_ROW_SCALE=row_scale is not None,
+        HAS_GAMMA=layer_scale is not None, HAS_ROW_SCALE=row_scale is not None, GELU_ON_LOAD=gelu_on_load,
         BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_M=block_m, num_warps=warps, num_stages=stages)
     return _sum_partials(part.view(splits, n * k), weight.dtype).view(n, k)
 
@@ -557,31 +589,39 @@ _NONE = (0,)
 
 @torch.library.custom_op("tritonforge::gelu_linear_residual_forward", mutates_args=())
 def _forward_op(h: Tensor, weight: Tensor, bias: Optional[Tensor], layer_scale: Optional[Tensor],
-                residual: Tensor, row_scale: Optional[Tensor], store_y: bool) -> tuple[Tensor, Tensor]:
-    """``(out, y)``: out shaped like residual; y (M, N) in h's dtype when ``store_y``, else empty."""
+                residual: Tensor, row_scale: Optional[Tensor], store_y: bool
+                ) -> tuple[Tensor, Tensor, Tensor]:
+    """``(out, y, act)``: out shaped like residual; y (M, N) in h's dtype when ``store_y``, else
+    empty; act = gelu(h) (M, K) when it is materialized (wide N, see ``_gelu_on_load``), else empty."""
     k, n = h.shape[-1], weight.shape[0]
+    h2 = _as_rows(h, k)
     w2 = weight if weight.stride(-1) == 1 else weight.contiguous()
     rs = _vector(row_scale.reshape(-1)) if row_scale is not None else None
-    out, y = _forward(_as_rows(h, k), w2, _vector(bias), _vector(layer_scale), _as_rows(residual, n), rs,
-                      store_y and layer_scale is not None)
-    return out.view(*h.shape[:-1], n), (y if y is not None else h.new_empty(_NONE))
+    on_load = _gelu_on_load(n, h.dtype)
+    act = h2 if on_load else F.gelu(h2)  # fp32 internally, rounded once to h's dtype, as on load
+    out, y = _forward(act, w2, _vector(bias), _vector(layer_scale), _as_rows(residual, n), rs,
+                      store_y and layer_scale is not None, on_load)
+    return (out.view(*h.shape[:-1], n), y if y is not None else h.new_empty(_NONE),
+            h.new_empty(_NONE) if on_load else act)
 
 
 @_forward_op.register_fake
 def _(h, weight, bias, layer_scale, residual, row_scale, store_y):
-    n = weight.shape[0]
+    n, k = weight.shape
     out = h.new_empty((*h.shape[:-1], n), dtype=torch.promote_types(residual.dtype, h.dtype))
-    rows = h.numel() // h.shape[-1]
-    return out, h.new_empty((rows, n) if store_y and layer_scale is not None else _NONE)
+    rows = h.numel() // k
+    return (out, h.new_empty((rows, n) if store_y and layer_scale is not None else _NONE),
+            h.new_empty(_NONE if _gelu_on_load(n, h.dtype) else (rows, k)))
 
 
 @torch.library.custom_op("tritonforge::gelu_linear_residual_backward", mutates_args=())
 def _backward_op(grad_out: Tensor, h: Tensor, weight: Tensor, layer_scale: Optional[Tensor],
-                 row_scale: Optional[Tensor], y: Tensor, need_h: bool, need_weight: bool,
+                 row_scale: Optional[Tensor], y: Tensor, act: Tensor, need_h: bool, need_weight: bool,
                  bias_dtype: Optional[torch.dtype], gamma_dtype: Optional[torch.dtype]
                  ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(d_h, d_weight, d_bias, d_layer_scale)``; each is empty unless asked for (``need_*``, or a
-    dtype for the column sums, which ``d_layer_scale`` computes from the saved ``y``)."""
+    dtype for the column sums, which ``d_layer_scale`` computes from the saved ``y``). ``act`` is
+    the forward's materialized gelu(h), or empty when the GEMMs compute it on load."""
     k, n = h.shape[-1], weight.shape[0]
     h2 = _as_rows(h, k)
     w2 = weight if weight.stride(-1) == 1 else weight.contiguous()
@@ -589,7 +629,10 @@ def _backward_op(grad_out: Tensor, h: Tensor, weight: Tensor, layer_scale: Optio
     rs = _vector(row_scale.reshape(-1)) if row_scale is not None else None
     g = _as_rows(grad_out, n)
     dh = _dgrad(g, layer_scale, rs, w2, h2).view(h.shape) if need_h else None
-    dw = _wgrad(g, layer_scale, rs, h2, w2) if need_weight else None
+    if need_weight:
+        dw = _wgrad(g, layer_scale, rs, act if act.numel() else h2, w2, gelu_on_load=act.numel() == 0)
+    else:
+        dw = None
     db = dgamma = None
     if bias_dtype is not None or gamma_dtype is not None:
         db, dgamma = _colsums(g, rs, layer_scale, y if y.numel() else None, n, bias_dtype, gamma_dtype)
@@ -598,7 +641,7 @@ def _backward_op(grad_out: Tensor, h: Tensor, weight: Tensor, layer_scale: Optio
 
 
 @_backward_op.register_fake
-def _(grad_out, h, weight, layer_scale, row_scale, y, need_h, need_weight, bias_dtype, gamma_dtype):
+def _(grad_out, h, weight, layer_scale, row_scale, y, act, need_h, need_weight, bias_dtype, gamma_dtype):
     n = weight.shape[0]
     return (h.new_empty(h.shape if need_h else _NONE),
             weight.new_empty(weight.shape) if need_weight else h.new_empty(_NONE),
@@ -608,15 +651,15 @@ def _(grad_out, h, weight, layer_scale, row_scale, y, need_h, need_weight, bias_
 
 def _setup_context(ctx, inputs, output):
     h, weight, bias, layer_scale, residual, row_scale, _ = inputs
-    ctx.save_for_backward(h, weight, layer_scale, row_scale, output[1])
+    ctx.save_for_backward(h, weight, layer_scale, row_scale, output[1], output[2])
     ctx.dtypes = (bias.dtype if bias is not None else None, residual.dtype)
 
 
-def _backward(ctx, grad_out, _grad_y):
-    h, weight, layer_scale, row_scale, y = ctx.saved_tensors
+def _backward(ctx, grad_out, _grad_y, _grad_act):
+    h, weight, layer_scale, row_scale, y, act = ctx.saved_tensors
     bias_dtype, residual_dtype = ctx.dtypes
     need_h, need_w, need_b, need_gamma, need_res = ctx.needs_input_grad[:5]
-    dh, dw, db, dgamma = _backward_op(grad_out, h, weight, layer_scale, row_scale, y, need_h, need_w,
+    dh, dw, db, dgamma = _backward_op(grad_out, h, weight, layer_scale, row_scale, y, act, need_h, need_w,
                                       bias_dtype if need_b else None,
                                       layer_scale.dtype if need_gamma else None)
     dres = grad_out.to(residual_dtype) if need_res else None
@@ -709,8 +752,7 @@ def gelu_linear_residual(h: Tensor, weight: Tensor, bias: Optional[Tensor], laye
         return _reference(h, weight, bias, layer_scale, residual, row_scale)
     # y, the branch before its scales, is kept for the LayerScale's gradient only when there is one
     store_y = layer_scale is not None and layer_scale.requires_grad and torch.is_grad_enabled()
-    out, _ = _forward_op(h, weight, bias, layer_scale, residual, row_scale, store_y)
-    return out
+    return _forward_op(h, weight, bias, layer_scale, residual, row_scale, store_y)[0]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -726,6 +768,8 @@ def _gemm_variant(kernel, name: str, signature: dict[str, str], switches: dict, 
     *blocks, warps, stages = _GPU_CONFIGS[(name, _dtype_class(_TORCH_DTYPE[dt]))]
     constexprs = {**switches, **dict(zip(_BLOCK_NAMES[name], blocks))}
     label = f"{dt}{'' if pdt == dt else f' params={pdt}'} " + "x".join(map(str, blocks))
+    if "GELU_ON_LOAD" in switches:
+        label += " gelu-on-load" if switches["GELU_ON_LOAD"] else " gelu-read"
     aligned = tuple(a for a, ty in signature.items() if ty.startswith("*") or a in ("N", "K", "rows_per_split")
                     or a.startswith("stride_"))
     return Variant(kernel=kernel, name=f"{label} w{warps} s{stages}",
@@ -739,18 +783,21 @@ def aot_variants() -> list[Variant]:
     pointers, N, K and the row strides (multiples of 16 at ConvNeXt widths, C = 96 * 2^i)."""
     variants = []
     for dt, pdt in _AOT_DTYPES:
-        variants.append(_gemm_variant(_fwd_kernel.fn, "fwd", {
-            "H": f"*{dt}", "W": f"*{pdt}", "BIAS": f"*{pdt}", "GAMMA": f"*{pdt}", "RS": f"*{dt}",
-            "RES": f"*{dt}", "Y": f"*{dt}", "OUT": f"*{dt}", "M": "i32", "N": "i32", "K": "i32",
-            "stride_h": "i32", "stride_w": "i32", "stride_res": "i32"},
-            {"HAS_BIAS": True, "HAS_GAMMA": True, "HAS_ROW_SCALE": True, "STORE_Y": True}, dt, pdt))
+        for on_load in (True, False):  # GELU on the operand load (narrow N), or gelu(h) materialized
+            variants.append(_gemm_variant(_fwd_kernel.fn, "fwd", {
+                "H": f"*{dt}", "W": f"*{pdt}", "BIAS": f"*{pdt}", "GAMMA": f"*{pdt}", "RS": f"*{dt}",
+                "RES": f"*{dt}", "Y": f"*{dt}", "OUT": f"*{dt}", "M": "i32", "N": "i32", "K": "i32",
+                "stride_h": "i32", "stride_w": "i32", "stride_res": "i32"},
+                {"HAS_BIAS": True, "HAS_GAMMA": True, "HAS_ROW_SCALE": True, "STORE_Y": True,
+                 "GELU_ON_LOAD": on_load}, dt, pdt))
+            variants.append(_gemm_variant(_wgrad_kernel, "wgrad", {
+                "G": f"*{dt}", "GAMMA": f"*{pdt}", "RS": f"*{dt}", "H": f"*{dt}", "PART": "*fp32",
+                "M": "i32", "N": "i32", "K": "i32", "stride_g": "i32", "stride_h": "i32",
+                "rows_per_split": "i32"},
+                {"HAS_GAMMA": True, "HAS_ROW_SCALE": True, "GELU_ON_LOAD": on_load}, dt, pdt))
         variants.append(_gemm_variant(_dgrad_kernel.fn, "dgrad", {
             "G": f"*{dt}", "GAMMA": f"*{pdt}", "RS": f"*{dt}", "W": f"*{pdt}", "H": f"*{dt}", "DH": f"*{dt}",
             "M": "i32", "N": "i32", "K": "i32", "stride_g": "i32", "stride_w": "i32", "stride_h": "i32"},
-            {"HAS_GAMMA": True, "HAS_ROW_SCALE": True}, dt, pdt))
-        variants.append(_gemm_variant(_wgrad_kernel, "wgrad", {
-            "G": f"*{dt}", "GAMMA": f"*{pdt}", "RS": f"*{dt}", "H": f"*{dt}", "PART": "*fp32",
-            "M": "i32", "N": "i32", "K": "i32", "stride_g": "i32", "stride_h": "i32", "rows_per_split": "i32"},
             {"HAS_GAMMA": True, "HAS_ROW_SCALE": True}, dt, pdt))
         # Partial sums are one row per program: their stores are not 128-bit vectors (judged on loads).
         variants.append(Variant(

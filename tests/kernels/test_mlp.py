@@ -278,9 +278,9 @@ def test_custom_ops_pass_opcheck(store_y):
     # the forward's opcheck also runs the autograd registration, hence the backward op
     torch.library.opcheck(torch.ops.tritonforge.gelu_linear_residual_forward.default, (*leaves, rs, store_y))
     with torch.no_grad():
-        _, y = torch.ops.tritonforge.gelu_linear_residual_forward(*leaves, rs, store_y)
+        _, y, act = torch.ops.tritonforge.gelu_linear_residual_forward(*leaves, rs, store_y)
     torch.library.opcheck(torch.ops.tritonforge.gelu_linear_residual_backward.default,
-                          (grad, h.detach(), weight.detach(), gamma.detach(), rs, y, True, True,
+                          (grad, h.detach(), weight.detach(), gamma.detach(), rs, y, act, True, True,
                            torch.float32, torch.float32 if store_y else None))
 
 
@@ -300,3 +300,21 @@ def test_torch_compile_fullgraph_forward_and_backward():
         results.append([t.grad for t in leaves])
     for name, got, expected in zip(("h", "weight", "bias", "layer_scale", "residual"), *results):
         assert torch.equal(got, expected), name
+
+
+def test_wide_outputs_read_a_materialized_gelu():
+    """Past two column tiles the GEMMs read gelu(h) computed once instead of re-evaluating it per
+    tile: same results, and the activation is kept for the weight gradient."""
+    n = 3 * mlp._config("fwd", torch.float32)[1] - 5  # three column tiles, the last one ragged
+    assert mlp._gelu_on_load(24, torch.float32) and not mlp._gelu_on_load(n, torch.float32)
+    inputs = make_inputs((3, 7), n, 40, torch.float32, seed=13)
+    leaves = [t.detach().requires_grad_() for t in inputs[:5]]
+    out = gelu_linear_residual(*leaves, inputs[5])
+    assert out.grad_fn.saved_tensors[-1].shape == (21, 40)  # gelu(h), kept for dW
+    out.backward(inputs[6])
+    ref_leaves = [t.detach().double().requires_grad_() for t in inputs[:5]]
+    expected = reference(*ref_leaves, inputs[5].double())
+    expected.backward(inputs[6].double())
+    assert _rel_err(out, expected) <= TOL[torch.float32]
+    for got, ref in zip(leaves, ref_leaves):
+        assert _rel_err(got.grad, ref.grad) <= TOL[torch.float32]
