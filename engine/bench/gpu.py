@@ -258,9 +258,20 @@ def ops_summary(ops_rows: list[dict], flex_rows: list[dict]) -> list[dict]:
     return lines
 
 
+#: The peers' training figure for a recipe's model: (anchors_train.json key prefix, label), by model
+#: preset (or arch for the GPT).
+TRAIN_ANCHORS = {"gpt": ("gpt124m", "nanoGPT-style SDPA"), "convnext-tiny": ("convnext_tiny", "torchvision"),
+                 "resnet50": ("resnet50", "torchvision")}
+
+
 def train_summary(train: dict, anchors_train: dict) -> list[dict]:
     rows = train.get("rows", [])
-    name = train.get("recipe", {}).get("run", {}).get("name", "recipe")
+    recipe = train.get("recipe", {})
+    name = recipe.get("run", {}).get("name", "recipe")
+    model = recipe.get("model", {})
+    prefix, peer = TRAIN_ANCHORS.get("gpt" if model.get("arch", "gpt") == "gpt" else model.get("preset", ""),
+                                     (None, ""))
+    unit = next((f"{r['unit']}/s" for r in rows if r.get("unit")), "tok/s")
     lines = []
     for mode in ("eager", "compile"):
         by = {r["kernels"]: r for r in rows if r.get("mode") == mode}
@@ -275,11 +286,11 @@ def train_summary(train: dict, anchors_train: dict) -> list[dict]:
                 return r.get("status", "–")
             return f"{r['items_per_s']:,.0f} ({r['mfu']:.0f}% MFU)" if r.get("mfu") else f"{r['items_per_s']:,.0f}"
 
-        anchor = anchors_train.get(f"gpt124m.{mode}.tok_per_s")
+        anchor = anchors_train.get(f"{prefix}.{mode}.{unit.replace('/', '_per_')}") if prefix else None
         failed = [r["kernels"] for r in by.values() if r.get("status") == "FAILED"]
         lines.append({
-            "item": f"train {name} {mode}", "unit": "tok/s", "triton": rate(triton), "torch": rate(torch_row),
-            "best_peer": f"nanoGPT-style SDPA {anchor:,.0f}" if anchor else "–",
+            "item": f"train {name} {mode}", "unit": unit, "triton": rate(triton), "torch": rate(torch_row),
+            "best_peer": f"{peer} {anchor:,.0f}" if anchor else "–",
             "triton_vs_torch": f"{triton['vs']:.2f}" if triton and triton.get("vs") else "–",
             "note": f"FAILED: {', '.join(failed)}" if failed else "",
         })

@@ -257,6 +257,18 @@ def test_gpu_summary_from_stage_results(tmp_path):
     assert gpu.failed_anywhere(stages + [gpu.StageResult("train", "timed out")], payload)
 
 
+def test_gpu_train_summary_for_convnext():
+    train = {"recipe": {"run": {"name": "convnext-tiny"}, "model": {"arch": "convnext", "preset": "convnext-tiny"}},
+             "rows": [{"kernels": k, "mode": m, "status": "ok", "items_per_s": v, "unit": "img", "vs": 1.0}
+                      for k, m, v in (("triton", "eager", 3600.0), ("torch", "eager", 2500.0),
+                                      ("torch", "compile", 3500.0))]}
+    anchors = {"convnext_tiny.eager.img_per_s": 2529.0, "convnext_tiny.compile.img_per_s": 3546.0,
+               "gpt124m.eager.tok_per_s": 306904.0}
+    eager, compiled = gpu.train_summary(train, anchors)
+    assert eager["unit"] == "img/s" and eager["triton"] == "3,600" and eager["best_peer"] == "torchvision 2,529"
+    assert compiled["torch"] == "3,500" and compiled["best_peer"] == "torchvision 3,546"
+
+
 def test_gpu_helpers(tmp_path):
     assert gpu.parse_pytest_counts("...\n3 failed, 40 passed, 2 skipped in 9.1s") == {
         "failed": 3, "passed": 40, "skipped": 2}
