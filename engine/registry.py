@@ -190,9 +190,12 @@ class Ops:
     add_rms_norm: Callable[..., tuple[torch.Tensor, torch.Tensor]]
     gelu_linear_residual: Callable[..., torch.Tensor]
     cross_entropy: Callable[..., torch.Tensor]
+    #: False: kernels may trade bitwise reproducibility for speed (see :func:`resolve`).
+    deterministic: bool = True
 
     def describe(self) -> str:
-        return ", ".join(f"{op}={b}" for op, b in self.backends.items())
+        text = ", ".join(f"{op}={b}" for op, b in self.backends.items())
+        return text if self.deterministic else text + " (deterministic=false: atomics allowed)"
 
     def make_optimizer(self, name: str, param_groups: Iterable[dict[str, Any]] | Iterable[torch.Tensor], *,
                        lr: float, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
@@ -263,4 +266,5 @@ def resolve(choices: dict[str, str] | None = None, device: torch.device | str = 
         add_rms_norm=pick("rms_norm", torch_add_rms_norm, "add_rms_norm"),
         gelu_linear_residual=pick("mlp", torch_gelu_linear_residual, "gelu_linear_residual"),
         cross_entropy=pick("cross_entropy", torch_cross_entropy, "cross_entropy"),
+        deterministic=deterministic,
     )

@@ -126,3 +126,5 @@ def test_deterministic_reaches_the_triton_attention(monkeypatch):
     assert seen["deterministic"] is True
     resolve({"attention": "triton"}, "cpu", deterministic=False).attention(q, q, q, causal=False, window=2)
     assert seen == {"causal": False, "scale": None, "window": 2, "deterministic": False}
+    assert "deterministic=false" in resolve({}, "cpu", deterministic=False).describe()
+    assert "deterministic" not in resolve({}, "cpu").describe()
