@@ -169,9 +169,19 @@ def _plot_args(out: Path, name: str) -> list[str]:
     return ["--plot", str(out / f"{name}.png")]
 
 
+def backends_for(ops: str) -> str:
+    """The part of :data:`OPS_BACKENDS` that serves at least one of ``ops`` (a comma list or "all"):
+    ``bench ops`` rejects a backend that none of its ops has."""
+    from engine.bench.ops import BACKENDS, OPS
+
+    chosen = OPS if ops == "all" else ops.split(",")
+    known = {b for op in chosen for b in BACKENDS[op]}
+    return ",".join(b for b in OPS_BACKENDS.split(",") if b in known)
+
+
 def stage_ops(out: Path, budget: Budget, ops: str = "all") -> StageResult:
     bench = [sys.executable, "-m", "engine", "bench", "ops"]
-    main = _stage("ops", bench + ["--op", ops, "--backends", OPS_BACKENDS, "--json", str(out / "ops.json"),
+    main = _stage("ops", bench + ["--op", ops, "--backends", backends_for(ops), "--json", str(out / "ops.json"),
                                   "--csv", str(out / "ops.csv")] + TIMING + _plot_args(out, "ops"),
                   out, TIME_LIMITS["ops"], budget)
     if ops != "all" and "attention" not in ops.split(","):
@@ -357,6 +367,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         if s not in STAGES:
             raise BenchError(f"--only: unknown stage {s!r}; valid: {', '.join(STAGES)}")
     a.only = stages
+    from engine.bench.ops import OPS
+
+    if a.ops != "all":
+        for op in a.ops.split(","):
+            if op not in OPS:
+                raise BenchError(f"--ops: unknown op {op!r}; valid: {', '.join(OPS)} or all")
     if a.steps < 1:
         raise BenchError(f"--steps must be >= 1, got {a.steps}")
     if a.budget <= 0:

@@ -280,6 +280,12 @@ def test_gpu_helpers(tmp_path):
         gpu.parse_args(["--only", "bench"])
     a = gpu.parse_args(["--only", "ops,train", "--ops", "mlp", "--recipe", "recipes/convnext_tiny.toml"])
     assert (a.only, a.ops, a.recipe) == (["ops", "train"], "mlp", "recipes/convnext_tiny.toml")
+    with pytest.raises(BenchError, match="--ops: unknown op 'gemm'"):
+        gpu.parse_args(["--ops", "mlp,gemm"])
+    # the ops stage passes each op only backends it has: bench ops would reject the others
+    assert gpu.backends_for("mlp") == "torch,triton,compile"
+    assert "flex" not in gpu.backends_for("all") and "sdpa-flash" in gpu.backends_for("attention,mlp")
+    ops.parse_args(["--device", "cpu", "--op", "mlp", "--backends", gpu.backends_for("mlp")])
     assert gpu.main([]) == 2 or torch.cuda.is_available()
 
 
