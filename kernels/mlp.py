@@ -35,11 +35,11 @@ Let ``g`` be the gradient of ``out`` and ``t = g * row_scale[:, None] * layer_sc
 2. ``_dgrad_kernel`` (M x K tiles, inner N): ``d_h = (t @ W) * gelu'(h)``. Reads g once per K tile
    (L2 after the first), h once, writes d_h: ``M N e_g + 2 M K e``.
 3. ``_wgrad_kernel`` (N x K tiles, the M reduction split over a second grid dimension):
-   ``dW = t^T @ gelu(h)`` as fp32 partials per split, summed by ``_sum_partials_kernel`` in a fixed
-   order. Reads g and h once per (N, K) tile column (L2 for the repeats): ``M N e_g + M K e``, plus
+   ``dW = t^T @ gelu(h)`` as fp32 partials per split, summed in a fixed order by the norms'
+   ``_sum_partials_kernel`` (``kernels.norm``). Reads g and h once per (N, K) tile column (L2 for the repeats): ``M N e_g + M K e``, plus
    ``2 * splits * N K * 4`` bytes of partials (write + read).
 4. ``_colsum_kernel``: per-block fp32 column sums of ``t`` (d_bias) and ``g * rs * y`` (d_layer_scale),
-   then ``_sum_partials_kernel``. Reads g and y once: ``M N (e_g + e)``.
+   then one ``_sum_partials_kernel`` launch for both. Reads g and y once: ``M N (e_g + e)``.
 
 ``d_residual`` is ``g`` itself (cast when the residual's dtype differs). No atomics anywhere: every
 output element is summed by one program in a fixed order, so gradients are bitwise reproducible.
@@ -101,20 +101,23 @@ import triton.language as tl
 from torch import Tensor
 
 from kernels.aot import Variant
+# The deterministic fixed-order reduction of fp32 partial sums, and the SM count, shared with the norms.
+from kernels.norm import _SUM_BLOCK_G as _NORM_SUM_BLOCK_G, _SUM_BLOCK_N as _NORM_SUM_BLOCK_N
+from kernels.norm import _sm_count, _sum_partials_kernel
 
 __all__ = ["gelu_linear_residual"]
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-_INTERPRETER_SMS = 4  # stands in for the SM count when kernels run in the interpreter
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _WGRAD_WAVES = 2  # wgrad programs per SM the split count aims for
 _WORKSPACE_BYTES = 64 * 1024 * 1024  # bound on the wgrad's fp32 partials
 _MAX_GELU_EVALUATIONS = 2  # column tiles that may each recompute GELU on load (see _gelu_on_load)
-# Column reductions: a [_COL_BLOCK_M, _COL_BLOCK_N] tile per step; partial sums: _SUM_BLOCK_S rows of
-# _SUM_BLOCK_L columns per step.
+# Column reductions: a [_COL_BLOCK_M, _COL_BLOCK_N] tile per step. Their partials (many rows of N) are
+# summed by the norms' reduction at its own tile; the wgrad's (a few splits of N * K) with
+# _WSUM_BLOCK_G rows of _WSUM_BLOCK_N columns per step.
 _COL_BLOCK_M, _COL_BLOCK_N, _COL_WARPS = 128, 32, 4
 _COL_PROGRAMS_PER_SM = 4
-_SUM_BLOCK_S, _SUM_BLOCK_L, _SUM_WARPS = 8, 1024, 4
+_WSUM_BLOCK_G, _WSUM_BLOCK_N, _SUM_WARPS = 8, 1024, 4
 
 # ----------------------------------------------------------------------------------------------
 # Launch configurations
@@ -419,34 +422,9 @@ def _colsum_kernel(
         tl.store(DG_PART + pid * N + offs_n, tl.sum(acc_dg, axis=0), mask=mask_n)
 
 
-@triton.jit
-def _sum_partials_kernel(
-    PART,  # *[S, L] fp32 partial sums, contiguous
-    OUT,  # *[L] the sum over S, in OUT's dtype
-    S, L,
-    BLOCK_S: tl.constexpr, BLOCK_L: tl.constexpr,
-):
-    """OUT[j] = sum_s PART[s, j] in fp32, in the same order on every run (BLOCK_S rows per step,
-    then a tree over those rows). Memory: the partials read once, L values written."""
-    offs_l = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
-    mask_l = offs_l < L
-    acc = tl.zeros([BLOCK_S, BLOCK_L], dtype=tl.float32)
-    for s0 in range(0, S, BLOCK_S):
-        offs_s = s0 + tl.arange(0, BLOCK_S)
-        mask = (offs_s < S)[:, None] & mask_l[None, :]
-        acc += tl.load(PART + offs_s.to(tl.int64)[:, None] * L + offs_l[None, :], mask=mask, other=0.0)
-    tl.store(OUT + offs_l, tl.sum(acc, axis=0).to(OUT.dtype.element_ty), mask=mask_l)
-
-
 # ----------------------------------------------------------------------------------------------
 # Launchers (inputs already validated; 2-D tensors with unit column stride)
 # ----------------------------------------------------------------------------------------------
-def _sm_count(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return _INTERPRETER_SMS
-
-
 def _dummy(t: Optional[Tensor], like: Tensor) -> Tensor:
     """The tensor, or a stand-in pointer for an argument the kernel does not read."""
     return t if t is not None else like
@@ -533,15 +511,10 @@ def _wgrad(g, layer_scale, row_scale, h, weight, splits: Optional[int] = None, g
         g.stride(0), h.stride(0), rows_per_split,
         HAS_GAMMA=layer_scale is not None, HAS_ROW_SCALE=row_scale is not None, GELU_ON_LOAD=gelu_on_load,
         BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_M=block_m, num_warps=warps, num_stages=stages)
-    return _sum_partials(part.view(splits, n * k), weight.dtype).view(n, k)
-
-
-def _sum_partials(part: Tensor, dtype: torch.dtype) -> Tensor:
-    s, length = part.shape
-    out = torch.empty(length, device=part.device, dtype=dtype)
-    _sum_partials_kernel[(triton.cdiv(length, _SUM_BLOCK_L),)](
-        part, out, s, length, BLOCK_S=_SUM_BLOCK_S, BLOCK_L=_SUM_BLOCK_L, num_warps=_SUM_WARPS)
-    return out
+    dw = torch.empty((n, k), device=h.device, dtype=weight.dtype)
+    _sum_partials_kernel[(triton.cdiv(n * k, _WSUM_BLOCK_N), 1)](
+        part, dw, dw, splits, n * k, BLOCK_G=_WSUM_BLOCK_G, BLOCK_N=_WSUM_BLOCK_N, num_warps=_SUM_WARPS)
+    return dw
 
 
 def _colsums(g, row_scale, layer_scale, y, n, bias_dtype, gamma_dtype):
@@ -563,8 +536,12 @@ def _colsums(g, row_scale, layer_scale, y, n, bias_dtype, gamma_dtype):
         g.stride(0), rows_per_program,
         HAS_ROW_SCALE=row_scale is not None, HAS_GAMMA=layer_scale is not None, HAS_DB=has_db,
         HAS_DGAMMA=has_dg, BLOCK_M=_COL_BLOCK_M, BLOCK_N=_COL_BLOCK_N, num_warps=_COL_WARPS)
-    db = _sum_partials(part[0], bias_dtype) if has_db else None
-    dg = _sum_partials(part[-1], gamma_dtype) if has_dg else None
+    db = torch.empty(n, device=dev, dtype=bias_dtype) if has_db else None
+    dg = torch.empty(n, device=dev, dtype=gamma_dtype) if has_dg else None
+    sums = [t for t in (db, dg) if t is not None]
+    _sum_partials_kernel[(triton.cdiv(n, _NORM_SUM_BLOCK_N), len(sums))](
+        part, sums[0], sums[-1], programs, n, BLOCK_G=_NORM_SUM_BLOCK_G, BLOCK_N=_NORM_SUM_BLOCK_N,
+        num_warps=_SUM_WARPS)
     return db, dg
 
 
@@ -809,10 +786,11 @@ def aot_variants() -> list[Variant]:
                         "BLOCK_M": _COL_BLOCK_M, "BLOCK_N": _COL_BLOCK_N},
             num_warps=_COL_WARPS, num_stages=3, kind="memory", vector_stores=False,
             aligned=("G", "RS", "GAMMA", "Y", "DB_PART", "DG_PART", "N", "stride_g", "rows_per_program")))
+    # The norms' partial-sum reduction (kernels.norm lists it at its own tile) at the wgrad's tile.
     for pdt in ("fp16", "bf16", "fp32"):
         variants.append(Variant(
-            kernel=_sum_partials_kernel, name=f"{pdt} BLOCK_S={_SUM_BLOCK_S} BLOCK_L={_SUM_BLOCK_L}",
-            signature={"PART": "*fp32", "OUT": f"*{pdt}", "S": "i32", "L": "i32"},
-            constexprs={"BLOCK_S": _SUM_BLOCK_S, "BLOCK_L": _SUM_BLOCK_L}, num_warps=_SUM_WARPS,
-            num_stages=3, kind="memory", aligned=("PART", "OUT", "L")))
+            kernel=_sum_partials_kernel, name=f"{pdt} BLOCK_G={_WSUM_BLOCK_G} BLOCK_N={_WSUM_BLOCK_N} (wgrad)",
+            signature={"PART": "*fp32", "OUT0": f"*{pdt}", "OUT1": f"*{pdt}", "G": "i32", "N": "i32"},
+            constexprs={"BLOCK_G": _WSUM_BLOCK_G, "BLOCK_N": _WSUM_BLOCK_N}, num_warps=_SUM_WARPS,
+            num_stages=3, kind="memory", aligned=("PART", "OUT0", "OUT1", "N")))
     return variants
