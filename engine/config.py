@@ -179,7 +179,7 @@ class KernelsConfig:
     attention: str = "auto"
     layer_norm: str = "auto"
     rms_norm: str = "auto"
-    #: GELU -> Linear -> LayerScale -> residual, the second half of a ConvNeXt (or GPT) MLP block.
+    #: GELU -> Linear -> LayerScale -> stochastic depth -> residual: the tail of a ConvNeXt block.
     mlp: str = "auto"
     cross_entropy: str = "auto"
     optimizer: str = "auto"

@@ -5,7 +5,8 @@ object and call its methods; the choice per op comes from the recipe's ``[kernel
 command line (``--kernels.attention=torch``):
 
 - ``torch``: PyTorch's own implementation (SDPA, ``F.layer_norm``, ``F.rms_norm``, ``F.gelu`` +
-  ``F.linear`` for ``mlp``, ``F.cross_entropy``, ``torch.optim`` fused on CUDA). This is the reference every other backend is checked against.
+  ``F.linear`` for ``mlp``, ``F.cross_entropy``, ``torch.optim`` fused on CUDA). This is the reference
+  every other backend is checked against.
 - ``triton``: the project's fused kernels from the ``kernels`` package. Selecting it for an op that has
   no Triton kernel is an error, never a silent fallback.
 - ``auto``: ``triton`` on CUDA where a kernel exists, ``torch`` otherwise (on CPU, for instance).

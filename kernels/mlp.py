@@ -36,8 +36,8 @@ Let ``g`` be the gradient of ``out`` and ``t = g * row_scale[:, None] * layer_sc
    (L2 after the first), h once, writes d_h: ``M N e_g + 2 M K e``.
 3. ``_wgrad_kernel`` (N x K tiles, the M reduction split over a second grid dimension):
    ``dW = t^T @ gelu(h)`` as fp32 partials per split, summed in a fixed order by the norms'
-   ``_sum_partials_kernel`` (``kernels.norm``). Reads g and h once per (N, K) tile column (L2 for the repeats): ``M N e_g + M K e``, plus
-   ``2 * splits * N K * 4`` bytes of partials (write + read).
+   ``_sum_partials_kernel`` (``kernels.norm``). Reads g and h once per (N, K) tile column (L2 for
+   the repeats): ``M N e_g + M K e``, plus ``2 * splits * N K * 4`` bytes of partials (write + read).
 4. ``_colsum_kernel``: per-block fp32 column sums of ``t`` (d_bias) and ``g * rs * y`` (d_layer_scale),
    then one ``_sum_partials_kernel`` launch for both. Reads g and y once: ``M N (e_g + e)``.
 
@@ -328,7 +328,8 @@ def _wgrad_kernel(
     """Split program_id(1)'s partial of one BLOCK_N x BLOCK_K tile of dW = t^T @ gelu(h).
 
     Over the split's rows: A = (g * rs)^T, scaled in fp32 registers and transposed; B = gelu(h tile)
-    computed on load (or, without GELU_ON_LOAD, loaded ready-made). gamma multiplies the accumulator rows (the N index) before the fp32 store.
+    computed on load (or, without GELU_ON_LOAD, loaded ready-made). gamma multiplies the accumulator
+    rows (the N index) before the fp32 store.
     Memory: the split's g and h rows read once per (N, K) tile (concurrent tiles of one split read
     the same rows, so the repeats hit L2), N * K fp32 written per split.
     """
@@ -571,8 +572,7 @@ def _forward_op(h: Tensor, weight: Tensor, bias: Optional[Tensor], layer_scale: 
     """``(out, y, act)``: out shaped like residual; y (M, N) in h's dtype when ``store_y``, else
     empty; act = gelu(h) (M, K) when it is materialized (wide N, see ``_gelu_on_load``), else empty."""
     k, n = h.shape[-1], weight.shape[0]
-    h2 = _as_rows(h, k)
-    w2 = weight if weight.stride(-1) == 1 else weight.contiguous()
+    h2, w2 = _as_rows(h, k), _as_rows(weight, k)
     rs = _vector(row_scale.reshape(-1)) if row_scale is not None else None
     on_load = _gelu_on_load(n, h.dtype)
     act = h2 if on_load else F.gelu(h2)  # fp32 internally, rounded once to h's dtype, as on load
@@ -600,8 +600,7 @@ def _backward_op(grad_out: Tensor, h: Tensor, weight: Tensor, layer_scale: Optio
     dtype for the column sums, which ``d_layer_scale`` computes from the saved ``y``). ``act`` is
     the forward's materialized gelu(h), or empty when the GEMMs compute it on load."""
     k, n = h.shape[-1], weight.shape[0]
-    h2 = _as_rows(h, k)
-    w2 = weight if weight.stride(-1) == 1 else weight.contiguous()
+    h2, w2 = _as_rows(h, k), _as_rows(weight, k)
     layer_scale = _vector(layer_scale)
     rs = _vector(row_scale.reshape(-1)) if row_scale is not None else None
     g = _as_rows(grad_out, n)

@@ -9,7 +9,8 @@ cannot take the others down) with ``TRITON_INTERPRET=0`` and a time limit:
 
 1. ``tests``: ``pytest -m gpu`` (the tests that need CUDA).
 2. ``ops``: ``tritonforge bench ops`` at the default shapes in bf16 with every backend (``--ops`` narrows
-   the ops), FlexAttention at S = 4096 only (it compiles per shape), do_bench with 10 ms warm-up and 40 ms of repetitions per timing.
+   the ops), FlexAttention at S = 4096 only (it compiles per shape), do_bench with 10 ms warm-up and
+   40 ms of repetitions per timing.
 3. ``train``: ``tritonforge bench train recipes/gpt2_124m.toml --kernels triton --vs torch`` for
    ``--steps`` steps (default 20) at the nanoGPT shape (batch 16 x 1024 tokens, one micro-batch per step,
    bf16, fused AdamW, clipping at 1.0) on random GPT-2 tokens; ``--compile`` adds torch.compile runs;

@@ -18,9 +18,9 @@ a user might pick instead run when importable and are never required: ``sdpa-fla
 (FlexAttention under ``torch.compile``), ``compile`` (``torch.compile`` of the torch norm, mlp or
 cross-entropy, compiled afresh per shape with ``dynamic=False`` so no recompilation limit spoils it),
 ``liger`` (Liger-Kernel's LayerNorm/RMSNorm), ``triton-nondet`` (the triton attention with
-``kernels.deterministic = false``: dQ summed with atomics), ``torch-fused`` and ``torch-foreach`` (``torch.optim.AdamW``
-implementations; with ``:clip`` they run ``clip_grad_norm_`` first, as the ``torch`` backend does, while
-the ``triton`` optimizer clips inside its step).
+``kernels.deterministic = false``: dQ summed with atomics), ``torch-fused`` and ``torch-foreach``
+(``torch.optim.AdamW`` implementations; with ``:clip`` they run ``clip_grad_norm_`` first, as the
+``torch`` backend does, while the ``triton`` optimizer clips inside its step).
 
 Shapes (``--shapes``, a comma list; ``op=SPEC`` targets one op when ``--op`` names several; ``default``
 and ``tiny`` name the built-in sets):
@@ -43,10 +43,10 @@ optimizer          ``124M``, ``350M``, ``774M``,        124M and 1.5B, each with
 Work per call, for the rate columns (2-byte dtypes; ``s`` = bytes per element in general):
 attention fwd = 4·B·H·S²·D FLOPs (half when causal), bwd = 2.5 × fwd, fwd+bwd = 3.5 × fwd; norms fwd =
 2·M·N·s bytes (read x, write y), bwd = 3·M·N·s (read x and dy, write dx), fwd+bwd = 5·M·N·s (weight and
-bias traffic not counted); mlp (``residual + layer_scale * (gelu(h) @ W.T + b)``, h of
-M x 4C) fwd = 8·M·C² FLOPs (the linear), bwd = 2 × fwd (input and weight gradients); cross-entropy fwd = N·V·s (read the logits), bwd = 2·N·V·s (read them again,
-write their gradient); AdamW 28 bytes per fp32 parameter (read g, p, m, v; write p, m, v), 32 with
-clipping (the norm reads g once more).
+bias traffic not counted); mlp (``residual + layer_scale * (gelu(h) @ W.T + b)``, h of M x 4C) fwd =
+8·M·C² FLOPs (the linear), bwd = 2 × fwd (input and weight gradients); cross-entropy fwd = N·V·s (read
+the logits), bwd = 2·N·V·s (read them again, write their gradient); AdamW 28 bytes per fp32 parameter
+(read g, p, m, v; write p, m, v), 32 with clipping (the norm reads g once more).
 
 Table columns: op, backend, shape, dtype; ``err`` the largest relative error of the check; ``fwd ms``,
 ``bwd ms``, ``fwd+bwd ms``; ``fwd`` and ``fwd+bwd`` rates in ``unit`` (TFLOP/s or GB/s); ``% peak`` the
@@ -85,6 +85,8 @@ BACKENDS: dict[str, tuple[str, ...]] = {
     "optimizer": ("torch", "triton", "torch-fused", "torch-foreach"),
 }
 PROJECT_BACKENDS = ("torch", "triton")
+#: Backends served through the registry: the project's two, and triton with kernels.deterministic = false.
+REGISTRY_BACKENDS = PROJECT_BACKENDS + ("triton-nondet",)
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
@@ -505,7 +507,7 @@ _PEERS = {"sdpa-flash": _sdpa_runner, "sdpa-cudnn": _sdpa_runner, "sdpa-mem_eff"
 
 
 def build_runner(case: Case, backend: str) -> Runner:
-    if backend in PROJECT_BACKENDS or backend == "triton-nondet":
+    if backend in REGISTRY_BACKENDS:
         try:
             return _registry_runner(case, backend)
         except registry.KernelSelectionError as e:
@@ -570,7 +572,7 @@ def _fail(row: dict, message: str, log_err) -> None:
 def run_backend(case: Case, backend: str, s: Settings, log_err=print) -> dict:
     """Check ``backend`` on ``case``, then time it; the row describes what happened."""
     row = _new_row(case.op, backend, case.shape.label, case.dtype, case.unit, s.device)
-    project = backend in PROJECT_BACKENDS or backend == "triton-nondet"
+    project = backend in REGISTRY_BACKENDS
     stage = "build"
     try:
         runner = build_runner(case, backend)
