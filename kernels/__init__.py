@@ -10,3 +10,4 @@ from kernels.norm import LayerNorm, RMSNorm, add_layer_norm, add_rms_norm, layer
 from kernels.optim import SGD, AdamW, Lion  # noqa: E402,F401
 from kernels.attention import attention  # noqa: E402,F401
 from kernels.mlp import gelu_linear_residual  # noqa: E402,F401
+from kernels.dwconv import depthwise_conv2d  # noqa: E402,F401
