@@ -181,6 +181,8 @@ class KernelsConfig:
     rms_norm: str = "auto"
     #: GELU -> Linear -> LayerScale -> stochastic depth -> residual: the tail of a ConvNeXt block.
     mlp: str = "auto"
+    #: Depthwise convolution (stride 1): ConvNeXt's 7x7 token mixer.
+    dwconv: str = "auto"
     cross_entropy: str = "auto"
     optimizer: str = "auto"
     #: Bitwise reproducible gradients run to run. False lets kernels use atomics where faster (the

@@ -5,7 +5,7 @@ object and call its methods; the choice per op comes from the recipe's ``[kernel
 command line (``--kernels.attention=torch``):
 
 - ``torch``: PyTorch's own implementation (SDPA, ``F.layer_norm``, ``F.rms_norm``, ``F.gelu`` +
-  ``F.linear`` for ``mlp``, ``F.cross_entropy``, ``torch.optim`` fused on CUDA). This is the reference
+  ``F.linear`` for ``mlp``, ``F.conv2d`` with ``groups = C`` for ``dwconv``, ``F.cross_entropy``, ``torch.optim`` fused on CUDA). This is the reference
   every other backend is checked against.
 - ``triton``: the project's fused kernels from the ``kernels`` package. Selecting it for an op that has
   no Triton kernel is an error, never a silent fallback.
@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from engine.config import RecipeError
 
-OPS = ("attention", "layer_norm", "rms_norm", "mlp", "cross_entropy", "optimizer")
+OPS = ("attention", "layer_norm", "rms_norm", "mlp", "dwconv", "cross_entropy", "optimizer")
 BACKENDS = ("auto", "torch", "triton")
 
 #: The public ``kernels`` names each op needs from the triton backend.
@@ -32,6 +32,7 @@ _TRITON_NAMES = {
     "layer_norm": ("layer_norm", "add_layer_norm"),
     "rms_norm": ("rms_norm", "add_rms_norm"),
     "mlp": ("gelu_linear_residual",),
+    "dwconv": ("depthwise_conv2d",),
     "cross_entropy": ("cross_entropy",),
     "optimizer": ("AdamW", "SGD", "Lion"),
 }
@@ -137,6 +138,12 @@ def torch_gelu_linear_residual(h, weight, bias=None, layer_scale=None, residual=
     return branch if residual is None else residual + branch
 
 
+def torch_depthwise_conv2d(x, weight, bias=None, padding=0):
+    """Depthwise 2D convolution (one ``(KH, KW)`` filter per channel, stride 1): ``F.conv2d`` with
+    ``groups`` = the channels of ``x`` (N, C, H, W); ``weight`` is ``nn.Conv2d``'s (C, 1, KH, KW)."""
+    return F.conv2d(x, weight, bias, padding=padding, groups=x.shape[1])
+
+
 def torch_cross_entropy(logits, targets, ignore_index: int = -100):
     """Mean cross-entropy over all positions, computed in fp32 whatever the logits' dtype."""
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
@@ -190,6 +197,7 @@ class Ops:
     rms_norm: Callable[..., torch.Tensor]
     add_rms_norm: Callable[..., tuple[torch.Tensor, torch.Tensor]]
     gelu_linear_residual: Callable[..., torch.Tensor]
+    depthwise_conv2d: Callable[..., torch.Tensor]
     cross_entropy: Callable[..., torch.Tensor]
     #: False: kernels may trade bitwise reproducibility for speed (see :func:`resolve`).
     deterministic: bool = True
@@ -266,6 +274,7 @@ def resolve(choices: dict[str, str] | None = None, device: torch.device | str = 
         rms_norm=pick("rms_norm", torch_rms_norm, "rms_norm"),
         add_rms_norm=pick("rms_norm", torch_add_rms_norm, "add_rms_norm"),
         gelu_linear_residual=pick("mlp", torch_gelu_linear_residual, "gelu_linear_residual"),
+        depthwise_conv2d=pick("dwconv", torch_depthwise_conv2d, "depthwise_conv2d"),
         cross_entropy=pick("cross_entropy", torch_cross_entropy, "cross_entropy"),
         deterministic=deterministic,
     )

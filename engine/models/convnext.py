@@ -79,7 +79,10 @@ class Block(nn.Module):
         self.drop_path = drop_path
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.dwconv(x).permute(0, 2, 3, 1)  # (B, H, W, C): a view, contiguous in channels_last
+        # The depthwise conv goes through the registry (its parameters stay in the nn.Conv2d, whose state-dict
+        # keys they keep); the Triton backend reads and writes channels_last without layout copies.
+        h = self.ops.depthwise_conv2d(x, self.dwconv.weight, self.dwconv.bias, padding=self.dwconv.padding)
+        h = h.permute(0, 2, 3, 1)  # (B, H, W, C): a view, contiguous in channels_last
         h = self.fc1(self.norm(h))
         # GELU, fc2, LayerScale, stochastic depth and the residual add in one registry op: the Triton
         # backend applies GELU as fc2 loads its input and the rest as it stores, so neither the 4C-wide GELU

@@ -42,8 +42,9 @@ def forward_flops(m: ModelConfig) -> float:
     """Forward FLOPs for one image: 2 per multiply-accumulate of every conv and linear layer.
 
     Counted with forward hooks on one pass of the model built on the meta device (shapes only: no memory,
-    no arithmetic), with the torch backend of every op. A ConvNeXt block's ``fc2`` runs inside the fused
-    ``gelu_linear_residual`` op rather than as a module call, so the block's own hook counts it.
+    no arithmetic), with the torch backend of every op. A ConvNeXt block's depthwise conv and ``fc2`` run as
+    registry ops (``depthwise_conv2d``, ``gelu_linear_residual``) rather than as module calls, so the block's
+    own hook counts them.
     """
     macs = 0
 
@@ -51,7 +52,8 @@ def forward_flops(m: ModelConfig) -> float:
         nonlocal macs
         if isinstance(module, nn.Conv2d):
             macs += output.numel() * module.in_channels // module.groups * math.prod(module.kernel_size)
-        elif isinstance(module, ConvNeXtBlock):  # output (B, C, H, W): B * H * W rows through fc2
+        elif isinstance(module, ConvNeXtBlock):  # output (B, C, H, W), the dwconv's too: B * H * W rows through fc2
+            macs += output.numel() * math.prod(module.dwconv.kernel_size)  # one filter per channel
             macs += output.numel() // module.fc2.out_features * module.fc2.in_features * module.fc2.out_features
         else:
             macs += output.numel() * module.in_features

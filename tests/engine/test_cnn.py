@@ -233,10 +233,10 @@ def test_short_training_run_beats_chance(tmp_path):
 # ConvNeXt on the Triton kernels
 # ---------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("op", ["layer_norm", "mlp"])
+@pytest.mark.parametrize("op", ["layer_norm", "mlp", "dwconv"])
 def test_convnext_triton_ops_match_torch(op):
-    """ConvNeXt's LayerNorms or its fused block tails (GELU, fc2, LayerScale, stochastic depth, residual) on
-    the Triton kernels give the torch backend's outputs and gradients."""
+    """ConvNeXt's LayerNorms, its fused block tails (GELU, fc2, LayerScale, stochastic depth, residual) or its
+    depthwise convolutions on the Triton kernels give the torch backend's outputs and gradients."""
     if not registry.triton_available(op):
         pytest.skip(f"the Triton kernel for {op} is not in this build yet")
     triton_ops = registry.resolve({op: "triton"}, "cpu")
@@ -250,7 +250,8 @@ def test_convnext_triton_ops_match_torch(op):
                 p.uniform_(0.5, 1.5)
     tri = build_model(cfg, triton_ops).to(memory_format=torch.channels_last)
     tri.load_state_dict(ref.state_dict())
-    x = torch.randn(4, 3, 16, 16).contiguous(memory_format=torch.channels_last)
+    # two images for the depthwise convs, whose 7x7 filters are slow in the Triton interpreter
+    x = torch.randn(2 if op == "dwconv" else 4, 3, 16, 16).contiguous(memory_format=torch.channels_last)
     outs, grads = [], []
     for model in (ref, tri):
         torch.manual_seed(1)  # the same samples dropped by stochastic depth in both
