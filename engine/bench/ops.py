@@ -34,6 +34,9 @@ layer_norm,        ``MxN``                              32768x768, 32768x1024, 1
 rms_norm
 mlp                ``MxC`` (rows x channels, hidden 4C) ConvNeXt-T's stages at batch 128, 224²:
                                                         401408x96, 100352x192, 25088x384, 6272x768
+dwconv             ``NxCxHxW`` (a 7x7 depthwise filter,  ConvNeXt-T's stages at batch 128, 224²:
+                   padding 3, channels_last)            128x96x56x56, 128x192x28x28, 128x384x14x14,
+                                                        128x768x7x7
 cross_entropy      ``NxV`` (tokens x vocabulary)        16384x50304
 optimizer          ``124M``, ``350M``, ``774M``,        124M and 1.5B, each without and with clipping
                    ``1.5B`` or ``LxD[xV[xT]]`` (GPT-2
@@ -44,7 +47,8 @@ Work per call, for the rate columns (2-byte dtypes; ``s`` = bytes per element in
 attention fwd = 4·B·H·S²·D FLOPs (half when causal), bwd = 2.5 × fwd, fwd+bwd = 3.5 × fwd; norms fwd =
 2·M·N·s bytes (read x, write y), bwd = 3·M·N·s (read x and dy, write dx), fwd+bwd = 5·M·N·s (weight and
 bias traffic not counted); mlp (``residual + layer_scale * (gelu(h) @ W.T + b)``, h of M x 4C) fwd =
-8·M·C² FLOPs (the linear), bwd = 2 × fwd (input and weight gradients); cross-entropy fwd = N·V·s (read
+8·M·C² FLOPs (the linear), bwd = 2 × fwd (input and weight gradients); dwconv (P = N·C·H·W) fwd =
+2·P·s bytes (read x, write y), bwd = 3·P·s (read x and dy, write dx), fwd+bwd = 5·P·s; cross-entropy fwd = N·V·s (read
 the logits), bwd = 2·N·V·s (read them again, write their gradient); AdamW 28 bytes per fp32 parameter
 (read g, p, m, v; write p, m, v), 32 with clipping (the norm reads g once more).
 
@@ -73,7 +77,7 @@ from engine.bench import (ArgumentParser, BenchError, check_plot_support, descri
                           format_table, free_memory, measure_ceilings, pick_device, rel_error, time_ms, timer_label,
                           write_csv, write_json)
 
-OPS = ("attention", "layer_norm", "rms_norm", "mlp", "cross_entropy", "optimizer")
+OPS = ("attention", "layer_norm", "rms_norm", "mlp", "dwconv", "cross_entropy", "optimizer")
 
 #: The backends of each op: the project's own two first (through the registry), then the peers.
 BACKENDS: dict[str, tuple[str, ...]] = {
@@ -81,6 +85,8 @@ BACKENDS: dict[str, tuple[str, ...]] = {
     "layer_norm": ("torch", "triton", "compile", "liger"),
     "rms_norm": ("torch", "triton", "compile", "liger"),
     "mlp": ("torch", "triton", "compile"),
+    # torch.compile hands a convolution to cuDNN unchanged: its row would be the torch row again
+    "dwconv": ("torch", "triton"),
     "cross_entropy": ("torch", "triton", "compile"),
     "optimizer": ("torch", "triton", "torch-fused", "torch-foreach"),
 }
@@ -141,6 +147,24 @@ class MatrixShape:
 
 
 @dataclass(frozen=True)
+class ImageShape:
+    """An (N, C, H, W) activation."""
+
+    batch: int
+    channels: int
+    height: int
+    width: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.batch}x{self.channels}x{self.height}x{self.width}"
+
+
+#: The depthwise filter the dwconv benchmark runs (ConvNeXt's): 7x7, padding 3.
+DWCONV_KERNEL, DWCONV_PADDING = 7, 3
+
+
+@dataclass(frozen=True)
 class ParamSetShape:
     """The parameter tensors of a GPT-2-shaped model: ``layers`` blocks of width ``width``."""
 
@@ -181,6 +205,7 @@ SHAPE_SYNTAX = {
     "layer_norm": "MxN, e.g. 32768x768",
     "rms_norm": "MxN, e.g. 32768x768",
     "mlp": "MxC (rows x channels; the hidden width is 4C), e.g. 401408x96",
+    "dwconv": "NxCxHxW (the 7x7 filter's input), e.g. 128x96x56x56",
     "cross_entropy": "NxV (tokens x vocabulary), e.g. 16384x50304",
     "optimizer": f"{', '.join(GPT2_SIZES)} or LxD[xV[xT]] (GPT-2 shapes), then [:clip|:noclip], e.g. 124M:clip",
 }
@@ -206,6 +231,8 @@ SHAPE_SETS: dict[str, dict[str, list]] = {
         # ConvNeXt-T's four stages at batch 128, 224x224: B*H*W rows x C channels.
         "mlp": [MatrixShape(128 * 56 * 56, 96), MatrixShape(128 * 28 * 28, 192), MatrixShape(128 * 14 * 14, 384),
                 MatrixShape(128 * 7 * 7, 768)],
+        "dwconv": [ImageShape(128, 96, 56, 56), ImageShape(128, 192, 28, 28), ImageShape(128, 384, 14, 14),
+                   ImageShape(128, 768, 7, 7)],
         "cross_entropy": [MatrixShape(16384, 50304)],
         "optimizer": _both_clips(*GPT2_SIZES["124M"], name="124M") + _both_clips(*GPT2_SIZES["1.5B"], name="1.5B"),
     },
@@ -215,6 +242,7 @@ SHAPE_SETS: dict[str, dict[str, list]] = {
         "layer_norm": [MatrixShape(64, 256)],
         "rms_norm": [MatrixShape(64, 256)],
         "mlp": [MatrixShape(64, 32)],
+        "dwconv": [ImageShape(1, 8, 5, 5)],
         "cross_entropy": [MatrixShape(64, 512)],
         "optimizer": _both_clips(1, 64, vocab=512, context=64),
     },
@@ -242,6 +270,10 @@ def parse_shape(op: str, spec: str) -> list:
         if not re.fullmatch(r"\d+x\d+", spec):
             raise bad
         return [MatrixShape(*_positive_ints(spec, spec, op))]
+    if op == "dwconv":
+        if not re.fullmatch(r"\d+x\d+x\d+x\d+", spec):
+            raise bad
+        return [ImageShape(*_positive_ints(spec, spec, op))]
     assert op == "optimizer", op
     m = re.fullmatch(r"([^:]+?)(?::(clip|noclip))?", spec)
     if not m:
@@ -350,6 +382,15 @@ def make_case(op: str, shape, dtype: torch.dtype, device: torch.device) -> Case:
         return Case(op, shape, dtype, device, [h, w, b, gamma, res], torch.randn_like(res),
                     ("out", "dh", "dweight", "dbias", "dlayer_scale", "dresidual"),
                     {"fwd": flops, "bwd": 2 * flops, "fwdbwd": 3 * flops}, "TFLOP/s")
+    if op == "dwconv":
+        n, c, h, w = shape.batch, shape.channels, shape.height, shape.width
+        x = torch.randn(n, c, h, w, device=device).to(dtype).contiguous(memory_format=torch.channels_last)
+        k = DWCONV_KERNEL
+        weight = (torch.randn(c, 1, k, k, device=device) / k).to(dtype).requires_grad_()
+        bias = _random((c,), dtype, device)
+        p = n * c * h * w * size
+        return Case(op, shape, dtype, device, [x.requires_grad_(), weight, bias], torch.randn_like(x),
+                    ("y", "dx", "dweight", "dbias"), {"fwd": 2 * p, "bwd": 3 * p, "fwdbwd": 5 * p}, "GB/s")
     assert op == "cross_entropy", op
     n, v = shape.rows, shape.cols
     logits = (2 * torch.randn(n, v, device=device)).to(dtype).requires_grad_()
@@ -395,13 +436,18 @@ def _mlp_reference(case: Case) -> list[torch.Tensor]:
     return _backward_reference(case, registry.torch_gelu_linear_residual(*leaves), leaves)
 
 
+def _dwconv_reference(case: Case) -> list[torch.Tensor]:
+    leaves = _upcast(case)
+    return _backward_reference(case, registry.torch_depthwise_conv2d(*leaves, padding=DWCONV_PADDING), leaves)
+
+
 def _cross_entropy_reference(case: Case) -> list[torch.Tensor]:
     logits, targets = _upcast(case)
     return _backward_reference(case, F.cross_entropy(logits, targets), [logits])
 
 
 _REFERENCES = {"attention": _attention_reference, "layer_norm": _norm_reference, "rms_norm": _norm_reference,
-               "mlp": _mlp_reference,
+               "mlp": _mlp_reference, "dwconv": _dwconv_reference,
                "cross_entropy": _cross_entropy_reference}
 
 
@@ -433,6 +479,8 @@ def _registry_runner(case: Case, backend: str) -> Runner:
         return Runner(lambda: ops.rms_norm(x, w, RMS_NORM_EPS), [x, w])
     if case.op == "mlp":
         return Runner(lambda: ops.gelu_linear_residual(*case.inputs), list(case.inputs))
+    if case.op == "dwconv":
+        return Runner(lambda: ops.depthwise_conv2d(*case.inputs, padding=DWCONV_PADDING), list(case.inputs))
     logits, targets = case.inputs
     return Runner(lambda: ops.cross_entropy(logits, targets), [logits])
 

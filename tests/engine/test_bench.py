@@ -12,8 +12,8 @@ from engine import cli, registry
 from engine.bench import BenchError, gpu, ops, train
 
 # One small shape per op (the Triton interpreter runs these in about a second).
-TINY_SHAPES = ("attention=1x2x16x16:causal,layer_norm=8x32,rms_norm=8x32,mlp=10x8,cross_entropy=8x64,"
-               "optimizer=1x16x64x16:clip")
+TINY_SHAPES = ("attention=1x2x16x16:causal,layer_norm=8x32,rms_norm=8x32,mlp=10x8,dwconv=1x4x2x2,"
+               "cross_entropy=8x64,optimizer=1x16x64x16:clip")
 TINY_GPT = ["--model.preset=gpt-tiny", "--model.n_layer=1", "--model.d_model=32", "--model.n_head=2",
             "--model.context=16", "--train.seq_len=16", "--train.batch_size=2"]
 
@@ -111,6 +111,10 @@ def test_shape_syntax():
     assert len(default["optimizer"]) == 4 and len(default["layer_norm"]) == 4
     assert default["mlp"][0] == ops.MatrixShape(128 * 56 * 56, 96)
     assert ops.parse_shapes("mlp=100x24", ["mlp"])["mlp"] == [ops.MatrixShape(100, 24)]
+    assert default["dwconv"][0] == ops.ImageShape(128, 96, 56, 56)
+    assert ops.parse_shapes("dwconv=2x96x56x56", ["dwconv"])["dwconv"] == [ops.ImageShape(2, 96, 56, 56)]
+    with pytest.raises(BenchError, match="not a dwconv shape; expected NxCxHxW"):
+        ops.parse_shapes("dwconv=96x56x56", ["dwconv"])
 
 
 @pytest.mark.parametrize("argv, message", [
