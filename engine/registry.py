@@ -138,6 +138,23 @@ def torch_gelu_linear_residual(h, weight, bias=None, layer_scale=None, residual=
     return branch if residual is None else residual + branch
 
 
+def torch_mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, layer_scale=None, residual=None, row_scale=None):
+    """``residual + row_scale * layer_scale * fc2(gelu(fc1(x)))``: a whole MLP block (ConvNeXt's, from its
+    LayerNorm's output on); ``fc*_weight``/``fc*_bias`` are ``nn.Linear``'s."""
+    return torch_gelu_linear_residual(F.linear(x, fc1_weight, fc1_bias), fc2_weight, fc2_bias, layer_scale,
+                                      residual, row_scale)
+
+
+def triton_mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, layer_scale=None, residual=None, row_scale=None):
+    """:func:`torch_mlp` with fc1 as a bias-free matmul and the rest in the fused Triton op, which adds fc1's
+    bias as it loads fc1's output and returns its gradient from the input-gradient GEMM (no separate column
+    reduction over the 4C-wide gradient)."""
+    import kernels  # only reached when the triton backend was chosen
+
+    return kernels.gelu_linear_residual(F.linear(x, fc1_weight), fc2_weight, fc2_bias, layer_scale, residual,
+                                        row_scale, h_bias=fc1_bias)
+
+
 def torch_depthwise_conv2d(x, weight, bias=None, padding=0):
     """Depthwise 2D convolution (one ``(KH, KW)`` filter per channel, stride 1): ``F.conv2d`` with
     ``groups`` = the channels of ``x`` (N, C, H, W); ``weight`` is ``nn.Conv2d``'s (C, 1, KH, KW)."""
@@ -197,6 +214,8 @@ class Ops:
     rms_norm: Callable[..., torch.Tensor]
     add_rms_norm: Callable[..., tuple[torch.Tensor, torch.Tensor]]
     gelu_linear_residual: Callable[..., torch.Tensor]
+    #: The whole MLP block, fc1 included (see :func:`torch_mlp`); ``gelu_linear_residual`` is its second half.
+    mlp: Callable[..., torch.Tensor]
     depthwise_conv2d: Callable[..., torch.Tensor]
     cross_entropy: Callable[..., torch.Tensor]
     #: False: kernels may trade bitwise reproducibility for speed (see :func:`resolve`).
@@ -274,6 +293,7 @@ def resolve(choices: dict[str, str] | None = None, device: torch.device | str = 
         rms_norm=pick("rms_norm", torch_rms_norm, "rms_norm"),
         add_rms_norm=pick("rms_norm", torch_add_rms_norm, "add_rms_norm"),
         gelu_linear_residual=pick("mlp", torch_gelu_linear_residual, "gelu_linear_residual"),
+        mlp=triton_mlp if chosen["mlp"] == "triton" else torch_mlp,
         depthwise_conv2d=pick("dwconv", torch_depthwise_conv2d, "depthwise_conv2d"),
         cross_entropy=pick("cross_entropy", torch_cross_entropy, "cross_entropy"),
         deterministic=deterministic,

@@ -1,13 +1,16 @@
 """The second half of a ConvNeXt block as fused Triton GEMMs: GELU -> Linear -> LayerScale -> residual.
 
-``gelu_linear_residual(h, weight, bias, layer_scale, residual, row_scale=None)`` computes::
+``gelu_linear_residual(h, weight, bias, layer_scale, residual, row_scale=None, h_bias=None)`` computes::
 
-    out = residual + row_scale[:, None] * layer_scale[None, :] * (gelu(h) @ weight.T + bias)
+    out = residual + row_scale[:, None] * layer_scale[None, :] * (gelu(h + h_bias) @ weight.T + bias)
 
-with ``h`` the pre-activation output of the block's first Linear (``K = 4C`` features), ``weight``
-the second Linear's ``(N, K)`` matrix (``N = C``), ``layer_scale`` the LayerScale ``gamma`` and
-``row_scale`` drop-path's per-row factor (``keep / (1 - p)`` of the row's sample). ``gelu`` is the
-exact erf GELU, ``torch.nn.functional.gelu``'s default.
+with ``h`` the pre-activation output of the block's first Linear (``K = 4C`` features), ``h_bias``
+that Linear's bias when it runs without it, ``weight`` the second Linear's ``(N, K)`` matrix
+(``N = C``), ``layer_scale`` the LayerScale ``gamma`` and ``row_scale`` drop-path's per-row factor
+(``keep / (1 - p)`` of the row's sample). ``gelu`` is the exact erf GELU, ``torch.nn.functional.gelu``'s
+default. Taking the first Linear's bias here moves its gradient (the column sums of the 4C-wide
+gradient of h) into the input-gradient GEMM's epilogue: one fewer pass over the widest tensor of the
+backward.
 
 Why fuse
 --------
@@ -32,8 +35,10 @@ Let ``g`` be the gradient of ``out`` and ``t = g * row_scale[:, None] * layer_sc
 1. ``_fwd_kernel`` (M x N tiles, inner K): ``y = gelu(h) @ W^T + bias``; stores ``y`` (only when the
    LayerScale needs a gradient) and ``out = residual + rs * gamma * y``. Reads h and the residual once,
    writes out (and y): ``M K e + M N (e_res + e_out [+ e])`` bytes, plus W once per program (from L2).
-2. ``_dgrad_kernel`` (M x K tiles, inner N): ``d_h = (t @ W) * gelu'(h)``. Reads g once per K tile
-   (L2 after the first), h once, writes d_h: ``M N e_g + 2 M K e``.
+2. ``_dgrad_kernel`` (M x K tiles, inner N): ``d_h = (t @ W) * gelu'(h + h_bias)``. Reads g once per
+   K tile (L2 after the first), h once, writes d_h: ``M N e_g + 2 M K e``; with ``h_bias``, also the
+   column sums of its d_h tile as an fp32 partial per row block (``4 K`` bytes per 128 rows), which
+   the norms' ``_sum_partials_kernel`` adds in a fixed order into ``d_h_bias``.
 3. ``_wgrad_kernel`` (N x K tiles, the M reduction split over a second grid dimension):
    ``dW = t^T @ gelu(h)`` as fp32 partials per split, summed in a fixed order by the norms'
    ``_sum_partials_kernel`` (``kernels.norm``). Reads g and h once per (N, K) tile column (L2 for
@@ -68,7 +73,7 @@ One configuration per kernel and dtype class, reasoned for Hopper and checked wi
   forward 128 x 128 (all of N = 96 or 128 in one tile, so GELU is computed once per h element
   there), 32-deep steps, 4 stages: 146 registers (183 with an fp32 weight), 57 KiB shared memory;
   dgrad 128 x 64 (the epilogue holds the h tile and gelu'(h) next to the accumulator), 64-deep
-  steps, 3 stages: 128 registers; wgrad 128 x 128, 32-deep steps, 4 stages: 154 registers.
+  steps, 3 stages: 128 registers; wgrad 128 x 128, 32-deep steps, 4 stages: 159 registers.
   Compiled alternatives: 128 x 128 x 64 tiles took 186-255 registers and spilled in the dgrad.
   For the fp16 forward and dgrad ptxas notes that it serializes the wgmma instructions ("non wgmma
   instructions defining accumulator registers"): the A operand is computed in registers inside
@@ -193,6 +198,7 @@ def _gelu_grad(x):
 @triton.jit
 def _fwd_kernel(
     H,  # *[M, K] pre-activation, row stride stride_h, unit column stride; the compute dtype
+    HB,  # *[K] the first linear's bias, added to h before GELU (read only when HAS_HB)
     W,  # *[N, K] weight, row stride stride_w, unit column stride; any float dtype
     BIAS,  # *[N] (read only when HAS_BIAS)
     GAMMA,  # *[N] layer scale (read only when HAS_GAMMA)
@@ -204,7 +210,8 @@ def _fwd_kernel(
     stride_h, stride_w, stride_res,
     HAS_BIAS: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_ROW_SCALE: tl.constexpr,
     STORE_Y: tl.constexpr,
-    GELU_ON_LOAD: tl.constexpr,  # H holds h and the A operand is gelu(h); else H holds gelu(h) itself
+    GELU_ON_LOAD: tl.constexpr,  # H holds h and the A operand is gelu(h + hb); else H holds that itself
+    HAS_HB: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """One BLOCK_M x BLOCK_N tile of y = gelu(h) @ W^T + bias and out = residual + rs * gamma * y.
@@ -233,7 +240,10 @@ def _fwd_kernel(
         h = tl.load(H + rows[:, None] * stride_h + offs_k[None, :],
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         if GELU_ON_LOAD:
-            a = _gelu(h.to(tl.float32)).to(dtype)  # gelu(0) = 0: the masked padding adds nothing
+            hf = h.to(tl.float32)
+            if HAS_HB:  # padding rows get gelu(hb), but their outputs are never stored
+                hf += tl.load(HB + offs_k, mask=mask_k, other=0.0).to(tl.float32)[None, :]
+            a = _gelu(hf).to(dtype)  # gelu(0) = 0: the masked K padding adds nothing
         else:
             a = h
         w = tl.load(W + offs_n[None, :] * stride_w + offs_k[:, None],
@@ -264,10 +274,13 @@ def _dgrad_kernel(
     RS,  # *[M] row scale (read only when HAS_ROW_SCALE)
     W,  # *[N, K] weight, row stride stride_w
     H,  # *[M, K] pre-activation, row stride stride_h; the compute dtype
+    HB,  # *[K] the first linear's bias (read only when HAS_HB)
     DH,  # *[M, K] gradient of h, contiguous, h's dtype
+    DHB_PART,  # *[cdiv(M, BLOCK_M), K] fp32 column sums of each row block's d_h (when SUM_DH)
     M, N, K,
     stride_g, stride_w, stride_h,
     HAS_GAMMA: tl.constexpr, HAS_ROW_SCALE: tl.constexpr,
+    HAS_HB: tl.constexpr, SUM_DH: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One BLOCK_M x BLOCK_K tile of d_h = ((g * gamma) @ W) * rs[:, None] * gelu'(h).
@@ -306,9 +319,13 @@ def _dgrad_kernel(
     if HAS_ROW_SCALE:
         acc *= tl.load(RS + offs_m, mask=mask_m, other=0.0).to(tl.float32)[:, None]
     mask = mask_m[:, None] & mask_k[None, :]
-    h = tl.load(H + rows[:, None] * stride_h + offs_k[None, :], mask=mask, other=0.0)
-    dh = acc * _gelu_grad(h.to(tl.float32))
+    h = tl.load(H + rows[:, None] * stride_h + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_HB:
+        h += tl.load(HB + offs_k, mask=mask_k, other=0.0).to(tl.float32)[None, :]
+    dh = acc * _gelu_grad(h)  # padding rows: acc is 0 there
     tl.store(DH + rows[:, None] * K + offs_k[None, :], dh.to(DH.dtype.element_ty), mask=mask)
+    if SUM_DH:  # the first linear's bias gradient, one partial per row block: no extra pass over d_h
+        tl.store(DHB_PART + pid_m.to(tl.int64) * K + offs_k, tl.sum(dh, axis=0), mask=mask_k)
 
 
 @triton.jit
@@ -317,12 +334,14 @@ def _wgrad_kernel(
     GAMMA,  # *[N] layer scale (read only when HAS_GAMMA)
     RS,  # *[M] row scale (read only when HAS_ROW_SCALE)
     H,  # *[M, K] pre-activation, row stride stride_h; the compute dtype
+    HB,  # *[K] the first linear's bias (read only when HAS_HB)
     PART,  # *[splits, N, K] fp32 partial sums of dW, contiguous
     M, N, K,
     stride_g, stride_h,
     rows_per_split,  # rows of M reduced by each split, a multiple of BLOCK_M
     HAS_GAMMA: tl.constexpr, HAS_ROW_SCALE: tl.constexpr,
-    GELU_ON_LOAD: tl.constexpr,  # H holds h and B is gelu(h); else H holds gelu(h) itself
+    GELU_ON_LOAD: tl.constexpr,  # H holds h and B is gelu(h + hb); else H holds that itself
+    HAS_HB: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     """Split program_id(1)'s partial of one BLOCK_N x BLOCK_K tile of dW = t^T @ gelu(h).
@@ -359,7 +378,10 @@ def _wgrad_kernel(
         h = tl.load(H + rows[:, None] * stride_h + offs_k[None, :],
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         if GELU_ON_LOAD:
-            b = _gelu(h.to(tl.float32)).to(dtype)
+            hf = h.to(tl.float32)
+            if HAS_HB:  # rows past the split get gelu(hb), but their g rows are 0
+                hf += tl.load(HB + offs_k, mask=mask_k, other=0.0).to(tl.float32)[None, :]
+            b = _gelu(hf).to(dtype)
         else:
             b = h
         acc = tl.dot(tl.trans(g.to(dtype)), b, acc)
@@ -444,9 +466,10 @@ def _gelu_on_load(n: int, dtype: torch.dtype) -> bool:
     return triton.cdiv(n, _config("fwd", dtype)[1]) <= _MAX_GELU_EVALUATIONS
 
 
-def _forward(h, weight, bias, layer_scale, residual, row_scale, store_y: bool, gelu_on_load: bool = True):
+def _forward(h, weight, bias, layer_scale, residual, row_scale, store_y: bool, gelu_on_load: bool = True,
+             h_bias=None):
     """``(out, y)``: out in promote_types(residual, h), y in h's dtype (None unless store_y).
-    With ``gelu_on_load=False``, ``h`` holds gelu(h) already."""
+    With ``gelu_on_load=False``, ``h`` holds gelu(h + h_bias) already (and h_bias is not read)."""
     m, k = h.shape
     n = weight.shape[0]
     out = torch.empty((m, n), device=h.device, dtype=torch.promote_types(residual.dtype, h.dtype))
@@ -457,30 +480,44 @@ def _forward(h, weight, bias, layer_scale, residual, row_scale, store_y: bool, g
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
 
+    has_hb = h_bias is not None and gelu_on_load
     _fwd_kernel[grid](
-        h, weight, _dummy(bias, weight), _dummy(layer_scale, weight), _dummy(row_scale, h), residual,
+        h, _dummy(h_bias if has_hb else None, weight), weight, _dummy(bias, weight), _dummy(layer_scale, weight), _dummy(row_scale, h), residual,
         _dummy(y, out), out, m, n, k, h.stride(0), weight.stride(0), residual.stride(0),
         HAS_BIAS=bias is not None, HAS_GAMMA=layer_scale is not None, HAS_ROW_SCALE=row_scale is not None,
-        STORE_Y=store_y, GELU_ON_LOAD=gelu_on_load)
+        STORE_Y=store_y, GELU_ON_LOAD=gelu_on_load, HAS_HB=has_hb)
     return out, y
 
 
-def _dgrad(g, layer_scale, row_scale, weight, h):
-    """d_h in h's dtype, contiguous."""
+def _dgrad(g, layer_scale, row_scale, weight, h, h_bias=None, hb_dtype=None):
+    """``(d_h, d_h_bias)``: d_h in h's dtype, contiguous, the gradient of gelu's input h + h_bias; its
+    column sums d_h_bias (in ``hb_dtype``, None without one) from per-row-block partials that the GEMM's
+    epilogue writes, added in a fixed order."""
     m, k = h.shape
     n = weight.shape[0]
     dh = torch.empty((m, k), device=h.device, dtype=h.dtype)
     if m == 0:
-        return dh
+        return dh, (torch.zeros(k, device=h.device, dtype=hb_dtype) if hb_dtype is not None else None)
+    block_m = _config("dgrad", h.dtype)[0]
+    part = (torch.empty((triton.cdiv(m, block_m), k), device=h.device, dtype=torch.float32)
+            if hb_dtype is not None else None)
 
     def grid(meta):
+        assert meta["BLOCK_M"] == block_m  # the partials' row count assumes it
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(k, meta["BLOCK_K"]),)
 
     _dgrad_kernel[grid](
-        g, _dummy(layer_scale, weight), _dummy(row_scale, h), weight, h, dh, m, n, k,
-        g.stride(0), weight.stride(0), h.stride(0),
-        HAS_GAMMA=layer_scale is not None, HAS_ROW_SCALE=row_scale is not None)
-    return dh
+        g, _dummy(layer_scale, weight), _dummy(row_scale, h), weight, h, _dummy(h_bias, weight), dh,
+        _dummy(part, dh), m, n, k, g.stride(0), weight.stride(0), h.stride(0),
+        HAS_GAMMA=layer_scale is not None, HAS_ROW_SCALE=row_scale is not None, HAS_HB=h_bias is not None,
+        SUM_DH=part is not None)
+    if part is None:
+        return dh, None
+    dhb = torch.empty(k, device=h.device, dtype=hb_dtype)
+    _sum_partials_kernel[(triton.cdiv(k, _NORM_SUM_BLOCK_N), 1)](
+        part, dhb, dhb, part.shape[0], k, BLOCK_G=_NORM_SUM_BLOCK_G, BLOCK_N=_NORM_SUM_BLOCK_N,
+        num_warps=_SUM_WARPS)
+    return dh, dhb
 
 
 def _wgrad_splits(m: int, n: int, k: int, cfg, device: torch.device) -> int:
@@ -492,9 +529,10 @@ def _wgrad_splits(m: int, n: int, k: int, cfg, device: torch.device) -> int:
     return max(1, min(wanted, triton.cdiv(m, block_m), _WORKSPACE_BYTES // (n * k * 4)))
 
 
-def _wgrad(g, layer_scale, row_scale, h, weight, splits: Optional[int] = None, gelu_on_load: bool = True):
-    """dW = t^T @ gelu(h) in weight's dtype, reduced deterministically over `splits` row ranges.
-    With ``gelu_on_load=False``, ``h`` holds gelu(h) already."""
+def _wgrad(g, layer_scale, row_scale, h, weight, splits: Optional[int] = None, gelu_on_load: bool = True,
+           h_bias=None):
+    """dW = t^T @ gelu(h + h_bias) in weight's dtype, reduced deterministically over `splits` row ranges.
+    With ``gelu_on_load=False``, ``h`` holds gelu(h + h_bias) already (and h_bias is not read)."""
     m, k = h.shape
     n = weight.shape[0]
     cfg = _config("wgrad", h.dtype)
@@ -507,10 +545,12 @@ def _wgrad(g, layer_scale, row_scale, h, weight, splits: Optional[int] = None, g
     splits = triton.cdiv(m, rows_per_split)  # no empty split
     part = torch.empty((splits, n, k), device=h.device, dtype=torch.float32)
     grid = (triton.cdiv(n, block_n) * triton.cdiv(k, block_k), splits)
+    has_hb = h_bias is not None and gelu_on_load
     _wgrad_kernel[grid](
-        g, _dummy(layer_scale, weight), _dummy(row_scale, h), h, part, m, n, k,
-        g.stride(0), h.stride(0), rows_per_split,
+        g, _dummy(layer_scale, weight), _dummy(row_scale, h), h, _dummy(h_bias if has_hb else None, weight), part,
+        m, n, k, g.stride(0), h.stride(0), rows_per_split,
         HAS_GAMMA=layer_scale is not None, HAS_ROW_SCALE=row_scale is not None, GELU_ON_LOAD=gelu_on_load,
+        HAS_HB=has_hb,
         BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_M=block_m, num_warps=warps, num_stages=stages)
     dw = torch.empty((n, k), device=h.device, dtype=weight.dtype)
     _sum_partials_kernel[(triton.cdiv(n * k, _WSUM_BLOCK_N), 1)](
@@ -566,24 +606,29 @@ _NONE = (0,)
 
 
 @torch.library.custom_op("tritonforge::gelu_linear_residual_forward", mutates_args=())
-def _forward_op(h: Tensor, weight: Tensor, bias: Optional[Tensor], layer_scale: Optional[Tensor],
-                residual: Tensor, row_scale: Optional[Tensor], store_y: bool
+def _forward_op(h: Tensor, h_bias: Optional[Tensor], weight: Tensor, bias: Optional[Tensor],
+                layer_scale: Optional[Tensor], residual: Tensor, row_scale: Optional[Tensor], store_y: bool
                 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(out, y, act)``: out shaped like residual; y (M, N) in h's dtype when ``store_y``, else
-    empty; act = gelu(h) (M, K) when it is materialized (wide N, see ``_gelu_on_load``), else empty."""
+    empty; act = gelu(h + h_bias) (M, K) when it is materialized (wide N, see ``_gelu_on_load``),
+    else empty."""
     k, n = h.shape[-1], weight.shape[0]
     h2, w2 = _as_rows(h, k), _as_rows(weight, k)
     rs = _vector(row_scale.reshape(-1)) if row_scale is not None else None
+    h_bias = _vector(h_bias)
     on_load = _gelu_on_load(n, h.dtype)
-    act = h2 if on_load else F.gelu(h2)  # fp32 internally, rounded once to h's dtype, as on load
+    if on_load:
+        act = h2
+    else:  # GELU in fp32 internally, rounded once to h's dtype, as on load (the bias add rounds too)
+        act = F.gelu(h2 if h_bias is None else h2 + h_bias.to(h2.dtype))
     out, y = _forward(act, w2, _vector(bias), _vector(layer_scale), _as_rows(residual, n), rs,
-                      store_y and layer_scale is not None, on_load)
+                      store_y and layer_scale is not None, on_load, h_bias)
     return (out.view(*h.shape[:-1], n), y if y is not None else h.new_empty(_NONE),
             h.new_empty(_NONE) if on_load else act)
 
 
 @_forward_op.register_fake
-def _(h, weight, bias, layer_scale, residual, row_scale, store_y):
+def _(h, h_bias, weight, bias, layer_scale, residual, row_scale, store_y):
     n, k = weight.shape
     out = h.new_empty((*h.shape[:-1], n), dtype=torch.promote_types(residual.dtype, h.dtype))
     rows = h.numel() // k
@@ -592,63 +637,74 @@ def _(h, weight, bias, layer_scale, residual, row_scale, store_y):
 
 
 @torch.library.custom_op("tritonforge::gelu_linear_residual_backward", mutates_args=())
-def _backward_op(grad_out: Tensor, h: Tensor, weight: Tensor, layer_scale: Optional[Tensor],
-                 row_scale: Optional[Tensor], y: Tensor, act: Tensor, need_h: bool, need_weight: bool,
+def _backward_op(grad_out: Tensor, h: Tensor, h_bias: Optional[Tensor], weight: Tensor,
+                 layer_scale: Optional[Tensor], row_scale: Optional[Tensor], y: Tensor, act: Tensor,
+                 need_h: bool, need_weight: bool, h_bias_dtype: Optional[torch.dtype],
                  bias_dtype: Optional[torch.dtype], gamma_dtype: Optional[torch.dtype]
-                 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``(d_h, d_weight, d_bias, d_layer_scale)``; each is empty unless asked for (``need_*``, or a
-    dtype for the column sums, which ``d_layer_scale`` computes from the saved ``y``). ``act`` is
-    the forward's materialized gelu(h), or empty when the GEMMs compute it on load."""
+                 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(d_h, d_weight, d_bias, d_layer_scale, d_h_bias)``; each is empty unless asked for
+    (``need_*``, or a dtype for the column sums: ``d_layer_scale`` is computed from the saved ``y``,
+    ``d_h_bias`` in the input-gradient GEMM, which then runs even without ``need_h``). ``act`` is the
+    forward's materialized gelu(h + h_bias), or empty when the GEMMs compute it on load."""
     k, n = h.shape[-1], weight.shape[0]
     h2, w2 = _as_rows(h, k), _as_rows(weight, k)
     layer_scale = _vector(layer_scale)
+    h_bias = _vector(h_bias)
     rs = _vector(row_scale.reshape(-1)) if row_scale is not None else None
     g = _as_rows(grad_out, n)
-    dh = _dgrad(g, layer_scale, rs, w2, h2).view(h.shape) if need_h else None
+    dh = dhb = None
+    if need_h or h_bias_dtype is not None:
+        dh, dhb = _dgrad(g, layer_scale, rs, w2, h2, h_bias, h_bias_dtype)
+        dh = dh.view(h.shape) if need_h else None
     if need_weight:
-        dw = _wgrad(g, layer_scale, rs, act if act.numel() else h2, w2, gelu_on_load=act.numel() == 0)
+        dw = _wgrad(g, layer_scale, rs, act if act.numel() else h2, w2, gelu_on_load=act.numel() == 0,
+                    h_bias=h_bias)
     else:
         dw = None
     db = dgamma = None
     if bias_dtype is not None or gamma_dtype is not None:
         db, dgamma = _colsums(g, rs, layer_scale, y if y.numel() else None, n, bias_dtype, gamma_dtype)
     # an output never asked for is a fresh empty tensor (returns may not alias one another)
-    return tuple(t if t is not None else h.new_empty(_NONE) for t in (dh, dw, db, dgamma))
+    return tuple(t if t is not None else h.new_empty(_NONE) for t in (dh, dw, db, dgamma, dhb))
 
 
 @_backward_op.register_fake
-def _(grad_out, h, weight, layer_scale, row_scale, y, act, need_h, need_weight, bias_dtype, gamma_dtype):
-    n = weight.shape[0]
+def _(grad_out, h, h_bias, weight, layer_scale, row_scale, y, act, need_h, need_weight, h_bias_dtype,
+      bias_dtype, gamma_dtype):
+    n, k = weight.shape
     return (h.new_empty(h.shape if need_h else _NONE),
             weight.new_empty(weight.shape) if need_weight else h.new_empty(_NONE),
             h.new_empty((n,), dtype=bias_dtype) if bias_dtype is not None else h.new_empty(_NONE),
-            h.new_empty((n,), dtype=gamma_dtype) if gamma_dtype is not None else h.new_empty(_NONE))
+            h.new_empty((n,), dtype=gamma_dtype) if gamma_dtype is not None else h.new_empty(_NONE),
+            h.new_empty((k,), dtype=h_bias_dtype) if h_bias_dtype is not None else h.new_empty(_NONE))
 
 
 def _setup_context(ctx, inputs, output):
-    h, weight, bias, layer_scale, residual, row_scale, _ = inputs
-    ctx.save_for_backward(h, weight, layer_scale, row_scale, output[1], output[2])
+    h, h_bias, weight, bias, layer_scale, residual, row_scale, _ = inputs
+    ctx.save_for_backward(h, h_bias, weight, layer_scale, row_scale, output[1], output[2])
     ctx.dtypes = (bias.dtype if bias is not None else None, residual.dtype)
 
 
 def _backward(ctx, grad_out, _grad_y, _grad_act):
-    h, weight, layer_scale, row_scale, y, act = ctx.saved_tensors
+    h, h_bias, weight, layer_scale, row_scale, y, act = ctx.saved_tensors
     bias_dtype, residual_dtype = ctx.dtypes
-    need_h, need_w, need_b, need_gamma, need_res = ctx.needs_input_grad[:5]
-    dh, dw, db, dgamma = _backward_op(grad_out, h, weight, layer_scale, row_scale, y, act, need_h, need_w,
-                                      bias_dtype if need_b else None,
-                                      layer_scale.dtype if need_gamma else None)
+    need_h, need_hb, need_w, need_b, need_gamma, need_res = ctx.needs_input_grad[:6]
+    dh, dw, db, dgamma, dhb = _backward_op(grad_out, h, h_bias, weight, layer_scale, row_scale, y, act, need_h,
+                                           need_w, h_bias.dtype if need_hb else None,
+                                           bias_dtype if need_b else None,
+                                           layer_scale.dtype if need_gamma else None)
     dres = grad_out.to(residual_dtype) if need_res else None
-    return (dh if need_h else None, dw if need_w else None, db if need_b else None,
+    return (dh if need_h else None, dhb if need_hb else None, dw if need_w else None, db if need_b else None,
             dgamma if need_gamma else None, dres, None, None)
 
 
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _reference(h, weight, bias, layer_scale, residual, row_scale):
+def _reference(h, weight, bias, layer_scale, residual, row_scale, h_bias=None):
     """The same math as a differentiable torch composition in fp32 (the CPU path)."""
-    y = F.linear(F.gelu(h.float()), weight.float(), bias.float() if bias is not None else None)
+    a = h.float() if h_bias is None else h.float() + h_bias.float()
+    y = F.linear(F.gelu(a), weight.float(), bias.float() if bias is not None else None)
     if layer_scale is not None:
         y = y * layer_scale.float()
     if row_scale is not None:
@@ -663,9 +719,9 @@ def _shape(t: Tensor) -> str:
     return str(tuple(t.shape))
 
 
-def _validate(h, weight, bias, layer_scale, residual, row_scale) -> None:
+def _validate(h, weight, bias, layer_scale, residual, row_scale, h_bias) -> None:
     named = (("h", h), ("weight", weight), ("bias", bias), ("layer_scale", layer_scale),
-             ("residual", residual), ("row_scale", row_scale))
+             ("residual", residual), ("row_scale", row_scale), ("h_bias", h_bias))
     for name, t in named:
         if t is None and name in ("h", "weight", "residual"):
             raise TypeError(f"gelu_linear_residual: {name} must be a tensor, got None")
@@ -690,6 +746,9 @@ def _validate(h, weight, bias, layer_scale, residual, row_scale) -> None:
         if t is not None and tuple(t.shape) != (n,):
             raise ValueError(f"gelu_linear_residual: {name} has shape {_shape(t)} but must be ({n},), "
                              "weight's N")
+    if h_bias is not None and tuple(h_bias.shape) != (k,):
+        raise ValueError(f"gelu_linear_residual: h_bias has shape {_shape(h_bias)} but must be ({k},), h's "
+                         "last dim")
     expected = (*h.shape[:-1], n)
     if tuple(residual.shape) != expected:
         raise ValueError(f"gelu_linear_residual: residual has shape {_shape(residual)} but must be "
@@ -704,8 +763,9 @@ def _validate(h, weight, bias, layer_scale, residual, row_scale) -> None:
 
 
 def gelu_linear_residual(h: Tensor, weight: Tensor, bias: Optional[Tensor], layer_scale: Optional[Tensor],
-                         residual: Tensor, row_scale: Optional[Tensor] = None) -> Tensor:
-    """``residual + row_scale[:, None] * layer_scale * (gelu(h) @ weight.T + bias)``, fused.
+                         residual: Tensor, row_scale: Optional[Tensor] = None,
+                         h_bias: Optional[Tensor] = None) -> Tensor:
+    """``residual + row_scale[:, None] * layer_scale * (gelu(h + h_bias) @ weight.T + bias)``, fused.
 
     Args:
         h: (..., K) pre-activation (the first Linear's output); float16, bfloat16 or float32. Its
@@ -716,19 +776,23 @@ def gelu_linear_residual(h: Tensor, weight: Tensor, bias: Optional[Tensor], laye
         residual: (..., N) with h's leading dims; any of the three dtypes.
         row_scale: None, or (M,) factors for the M = h.numel() // K rows (h's leading shape is also
             accepted), e.g. drop-path's per-sample ``keep / (1 - p)``; receives no gradient.
+        h_bias: (K,) or None: the first Linear's bias, when that Linear runs without it
+            (``F.linear(x, W1)``). It is added as h loads, and its gradient (the column sums of
+            d(h + h_bias)) comes out of the input-gradient GEMM's epilogue instead of a separate
+            reduction over the 4C-wide gradient.
     Returns:
-        (..., N) in ``torch.promote_types(residual.dtype, h.dtype)``. Differentiable in h, weight,
-        bias, layer_scale and residual; each gradient comes back in its input's dtype.
+        (..., N) in ``torch.promote_types(residual.dtype, h.dtype)``. Differentiable in h, h_bias,
+        weight, bias, layer_scale and residual; each gradient comes back in its input's dtype.
 
     Rows may be strided (e.g. NHWC views of channels_last activations) as long as the last dim has
     unit stride and the leading dims merge into one row stride; otherwise one copy is made.
     """
-    _validate(h, weight, bias, layer_scale, residual, row_scale)
+    _validate(h, weight, bias, layer_scale, residual, row_scale, h_bias)
     if not (h.is_cuda or _INTERPRET):
-        return _reference(h, weight, bias, layer_scale, residual, row_scale)
+        return _reference(h, weight, bias, layer_scale, residual, row_scale, h_bias)
     # y, the branch before its scales, is kept for the LayerScale's gradient only when there is one
     store_y = layer_scale is not None and layer_scale.requires_grad and torch.is_grad_enabled()
-    return _forward_op(h, weight, bias, layer_scale, residual, row_scale, store_y)[0]
+    return _forward_op(h, h_bias, weight, bias, layer_scale, residual, row_scale, store_y)[0]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -755,26 +819,28 @@ def _gemm_variant(kernel, name: str, signature: dict[str, str], switches: dict, 
 
 def aot_variants() -> list[Variant]:
     """One variant per kernel and dtype pair of ``_AOT_DTYPES``, with every optional input present
-    (bias, layer scale, row scale): the configurations the launchers use on a GPU. Aligned: all
+    (bias, layer scale, row scale, the first Linear's bias where GELU is computed on load, and in
+    the dgrad with its column sums): the configurations the launchers use on a GPU. Aligned: all
     pointers, N, K and the row strides (multiples of 16 at ConvNeXt widths, C = 96 * 2^i)."""
     variants = []
     for dt, pdt in _AOT_DTYPES:
         for on_load in (True, False):  # GELU on the operand load (narrow N), or gelu(h) materialized
             variants.append(_gemm_variant(_fwd_kernel.fn, "fwd", {
-                "H": f"*{dt}", "W": f"*{pdt}", "BIAS": f"*{pdt}", "GAMMA": f"*{pdt}", "RS": f"*{dt}",
-                "RES": f"*{dt}", "Y": f"*{dt}", "OUT": f"*{dt}", "M": "i32", "N": "i32", "K": "i32",
+                "H": f"*{dt}", "HB": f"*{pdt}", "W": f"*{pdt}", "BIAS": f"*{pdt}", "GAMMA": f"*{pdt}",
+                "RS": f"*{dt}", "RES": f"*{dt}", "Y": f"*{dt}", "OUT": f"*{dt}", "M": "i32", "N": "i32", "K": "i32",
                 "stride_h": "i32", "stride_w": "i32", "stride_res": "i32"},
                 {"HAS_BIAS": True, "HAS_GAMMA": True, "HAS_ROW_SCALE": True, "STORE_Y": True,
-                 "GELU_ON_LOAD": on_load}, dt, pdt))
+                 "GELU_ON_LOAD": on_load, "HAS_HB": on_load}, dt, pdt))
             variants.append(_gemm_variant(_wgrad_kernel, "wgrad", {
-                "G": f"*{dt}", "GAMMA": f"*{pdt}", "RS": f"*{dt}", "H": f"*{dt}", "PART": "*fp32",
-                "M": "i32", "N": "i32", "K": "i32", "stride_g": "i32", "stride_h": "i32",
+                "G": f"*{dt}", "GAMMA": f"*{pdt}", "RS": f"*{dt}", "H": f"*{dt}", "HB": f"*{pdt}",
+                "PART": "*fp32", "M": "i32", "N": "i32", "K": "i32", "stride_g": "i32", "stride_h": "i32",
                 "rows_per_split": "i32"},
-                {"HAS_GAMMA": True, "HAS_ROW_SCALE": True, "GELU_ON_LOAD": on_load}, dt, pdt))
+                {"HAS_GAMMA": True, "HAS_ROW_SCALE": True, "GELU_ON_LOAD": on_load, "HAS_HB": on_load}, dt, pdt))
         variants.append(_gemm_variant(_dgrad_kernel.fn, "dgrad", {
-            "G": f"*{dt}", "GAMMA": f"*{pdt}", "RS": f"*{dt}", "W": f"*{pdt}", "H": f"*{dt}", "DH": f"*{dt}",
+            "G": f"*{dt}", "GAMMA": f"*{pdt}", "RS": f"*{dt}", "W": f"*{pdt}", "H": f"*{dt}", "HB": f"*{pdt}",
+            "DH": f"*{dt}", "DHB_PART": "*fp32",
             "M": "i32", "N": "i32", "K": "i32", "stride_g": "i32", "stride_w": "i32", "stride_h": "i32"},
-            {"HAS_GAMMA": True, "HAS_ROW_SCALE": True}, dt, pdt))
+            {"HAS_GAMMA": True, "HAS_ROW_SCALE": True, "HAS_HB": True, "SUM_DH": True}, dt, pdt))
         # Partial sums are one row per program: their stores are not 128-bit vectors (judged on loads).
         variants.append(Variant(
             kernel=_colsum_kernel, name=f"{dt} params={pdt} {_COL_BLOCK_M}x{_COL_BLOCK_N}",

@@ -32,11 +32,11 @@ attention          ``BxHxSxD[:causal|:full]`` (both if  hidden 2048 (D=64: H=32,
                    neither)                             S in 1024/4096/16384, B*S = 16384, both masks
 layer_norm,        ``MxN``                              32768x768, 32768x1024, 16384x4096, 8192x8192
 rms_norm
-mlp                ``MxC`` (rows x channels, hidden 4C) ConvNeXt-T's stages at batch 128, 224²:
-                                                        401408x96, 100352x192, 25088x384, 6272x768
-dwconv             ``NxCxHxW`` (a 7x7 depthwise filter,  ConvNeXt-T's stages at batch 128, 224²:
-                   padding 3, channels_last)            128x96x56x56, 128x192x28x28, 128x384x14x14,
-                                                        128x768x7x7
+mlp                ``MxC`` (rows x channels, hidden     ConvNeXt-T's stages at batch 128, 224²:
+                   4C: the whole MLP block)             401408x96, 100352x192, 25088x384, 6272x768
+dwconv             ``NxCxHxW`` (a 7x7 depthwise         ConvNeXt-T's stages at batch 128, 224²:
+                   filter, padding 3, channels_last)    128x96x56x56, 128x192x28x28,
+                                                        128x384x14x14, 128x768x7x7
 cross_entropy      ``NxV`` (tokens x vocabulary)        16384x50304
 optimizer          ``124M``, ``350M``, ``774M``,        124M and 1.5B, each without and with clipping
                    ``1.5B`` or ``LxD[xV[xT]]`` (GPT-2
@@ -46,8 +46,8 @@ optimizer          ``124M``, ``350M``, ``774M``,        124M and 1.5B, each with
 Work per call, for the rate columns (2-byte dtypes; ``s`` = bytes per element in general):
 attention fwd = 4·B·H·S²·D FLOPs (half when causal), bwd = 2.5 × fwd, fwd+bwd = 3.5 × fwd; norms fwd =
 2·M·N·s bytes (read x, write y), bwd = 3·M·N·s (read x and dy, write dx), fwd+bwd = 5·M·N·s (weight and
-bias traffic not counted); mlp (``residual + layer_scale * (gelu(h) @ W.T + b)``, h of M x 4C) fwd =
-8·M·C² FLOPs (the linear), bwd = 2 × fwd (input and weight gradients); dwconv (P = N·C·H·W) fwd =
+bias traffic not counted); mlp (``residual + layer_scale * fc2(gelu(fc1(x)))``, x of M x C, hidden 4C)
+fwd = 16·M·C² FLOPs (the two linears), bwd = 2 × fwd (input and weight gradients); dwconv (P = N·C·H·W) fwd =
 2·P·s bytes (read x, write y), bwd = 3·P·s (read x and dy, write dx), fwd+bwd = 5·P·s; cross-entropy fwd = N·V·s (read
 the logits), bwd = 2·N·V·s (read them again, write their gradient); AdamW 28 bytes per fp32 parameter
 (read g, p, m, v; write p, m, v), 32 with clipping (the norm reads g once more).
@@ -372,16 +372,18 @@ def make_case(op: str, shape, dtype: torch.dtype, device: torch.device) -> Case:
                     {"fwd": 2 * m * n * size, "bwd": 3 * m * n * size, "fwdbwd": 5 * m * n * size}, "GB/s")
     if op == "mlp":
         m, c = shape.rows, shape.cols
-        # h: the first linear's output (M, 4C); fc2 weight (C, 4C) at nn.Linear's init scale; LayerScale
-        # near 1 so that the branch, not the residual, dominates the compared output.
-        h = _random((m, 4 * c), dtype, device)
-        w = (torch.randn(c, 4 * c, device=device) / math.sqrt(4 * c)).to(dtype).requires_grad_()
-        b, gamma = _random((c,), dtype, device), (1 + 0.1 * torch.randn(c, device=device)).to(dtype).requires_grad_()
+        # x: the block's normalized input (M, C); fc1 (4C, C) and fc2 (C, 4C) at nn.Linear's init scale;
+        # LayerScale near 1 so that the branch, not the residual, dominates the compared output.
+        x = _random((m, c), dtype, device)
+        w1 = (torch.randn(4 * c, c, device=device) / math.sqrt(c)).to(dtype).requires_grad_()
+        w2 = (torch.randn(c, 4 * c, device=device) / math.sqrt(4 * c)).to(dtype).requires_grad_()
+        b1, b2 = _random((4 * c,), dtype, device), _random((c,), dtype, device)
+        gamma = (1 + 0.1 * torch.randn(c, device=device)).to(dtype).requires_grad_()
         res = _random((m, c), dtype, device)
-        flops = 2 * m * 4 * c * c
-        return Case(op, shape, dtype, device, [h, w, b, gamma, res], torch.randn_like(res),
-                    ("out", "dh", "dweight", "dbias", "dlayer_scale", "dresidual"),
-                    {"fwd": flops, "bwd": 2 * flops, "fwdbwd": 3 * flops}, "TFLOP/s")
+        flops = 2 * 2 * m * 4 * c * c  # the two linears
+        return Case(op, shape, dtype, device, [x, w1, b1, w2, b2, gamma, res], torch.randn_like(res),
+                    ("out", "dx", "dfc1_weight", "dfc1_bias", "dfc2_weight", "dfc2_bias", "dlayer_scale",
+                     "dresidual"), {"fwd": flops, "bwd": 2 * flops, "fwdbwd": 3 * flops}, "TFLOP/s")
     if op == "dwconv":
         n, c, h, w = shape.batch, shape.channels, shape.height, shape.width
         x = torch.randn(n, c, h, w, device=device).to(dtype).contiguous(memory_format=torch.channels_last)
@@ -433,7 +435,7 @@ def _norm_reference(case: Case) -> list[torch.Tensor]:
 
 def _mlp_reference(case: Case) -> list[torch.Tensor]:
     leaves = _upcast(case)
-    return _backward_reference(case, registry.torch_gelu_linear_residual(*leaves), leaves)
+    return _backward_reference(case, registry.torch_mlp(*leaves), leaves)
 
 
 def _dwconv_reference(case: Case) -> list[torch.Tensor]:
@@ -478,7 +480,7 @@ def _registry_runner(case: Case, backend: str) -> Runner:
         x, w = case.inputs
         return Runner(lambda: ops.rms_norm(x, w, RMS_NORM_EPS), [x, w])
     if case.op == "mlp":
-        return Runner(lambda: ops.gelu_linear_residual(*case.inputs), list(case.inputs))
+        return Runner(lambda: ops.mlp(*case.inputs), list(case.inputs))
     if case.op == "dwconv":
         return Runner(lambda: ops.depthwise_conv2d(*case.inputs, padding=DWCONV_PADDING), list(case.inputs))
     logits, targets = case.inputs
@@ -523,7 +525,7 @@ def _compile_runner(case: Case, backend: str) -> Runner:
     elif case.op == "rms_norm":
         fn, eps, n_leaves = registry.torch_rms_norm, (RMS_NORM_EPS,), 2
     elif case.op == "mlp":
-        fn, eps, n_leaves = registry.torch_gelu_linear_residual, (), 5
+        fn, eps, n_leaves = registry.torch_mlp, (), 7
     else:
         fn, eps, n_leaves = registry.torch_cross_entropy, (), 1
     compiled = torch.compile(fn, dynamic=False)

@@ -83,13 +83,12 @@ class Block(nn.Module):
         # keys they keep); the Triton backend reads and writes channels_last without layout copies.
         h = self.ops.depthwise_conv2d(x, self.dwconv.weight, self.dwconv.bias, padding=self.dwconv.padding)
         h = h.permute(0, 2, 3, 1)  # (B, H, W, C): a view, contiguous in channels_last
-        h = self.fc1(self.norm(h))
-        # GELU, fc2, LayerScale, stochastic depth and the residual add in one registry op: the Triton
-        # backend applies GELU as fc2 loads its input and the rest as it stores, so neither the 4C-wide GELU
-        # output nor the scaled branch is ever written to memory.
+        # fc1, GELU, fc2, LayerScale, stochastic depth and the residual add in one registry op: the Triton
+        # backend adds fc1's bias and applies GELU as fc2 loads fc1's output, and the rest as fc2 stores, so
+        # neither the 4C-wide GELU output nor the scaled branch is ever written to memory.
         residual = x.permute(0, 2, 3, 1)
-        out = self.ops.gelu_linear_residual(h, self.fc2.weight, self.fc2.bias, self.layer_scale, residual,
-                                            drop_path_scale(residual, self.drop_path, self.training))
+        out = self.ops.mlp(self.norm(h), self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias,
+                           self.layer_scale, residual, drop_path_scale(residual, self.drop_path, self.training))
         return out.permute(0, 3, 1, 2)
 
 

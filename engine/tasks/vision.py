@@ -42,9 +42,9 @@ def forward_flops(m: ModelConfig) -> float:
     """Forward FLOPs for one image: 2 per multiply-accumulate of every conv and linear layer.
 
     Counted with forward hooks on one pass of the model built on the meta device (shapes only: no memory,
-    no arithmetic), with the torch backend of every op. A ConvNeXt block's depthwise conv and ``fc2`` run as
-    registry ops (``depthwise_conv2d``, ``gelu_linear_residual``) rather than as module calls, so the block's
-    own hook counts them.
+    no arithmetic), with the torch backend of every op. A ConvNeXt block's depthwise conv and its MLP run as
+    registry ops (``depthwise_conv2d``, ``mlp``) rather than as module calls, so the block's own hook counts
+    them.
     """
     macs = 0
 
@@ -52,9 +52,11 @@ def forward_flops(m: ModelConfig) -> float:
         nonlocal macs
         if isinstance(module, nn.Conv2d):
             macs += output.numel() * module.in_channels // module.groups * math.prod(module.kernel_size)
-        elif isinstance(module, ConvNeXtBlock):  # output (B, C, H, W), the dwconv's too: B * H * W rows through fc2
+        elif isinstance(module, ConvNeXtBlock):  # output (B, C, H, W), the dwconv's too: B * H * W rows
+            rows = output.numel() // module.fc2.out_features
             macs += output.numel() * math.prod(module.dwconv.kernel_size)  # one filter per channel
-            macs += output.numel() // module.fc2.out_features * module.fc2.in_features * module.fc2.out_features
+            for fc in (module.fc1, module.fc2):
+                macs += rows * fc.in_features * fc.out_features
         else:
             macs += output.numel() * module.in_features
 

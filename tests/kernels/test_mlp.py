@@ -29,9 +29,9 @@ needs_compiler = pytest.mark.skipif(INTERPRET, reason="needs compiled kernels (T
                                                       "bf16 dots are wrong in the interpreter")
 
 
-def reference(h, weight, bias, layer_scale, residual, row_scale):
+def reference(h, weight, bias, layer_scale, residual, row_scale, h_bias=None):
     """float64 of the formula, on leaves that require grad."""
-    y = F.gelu(h) @ weight.T
+    y = F.gelu(h if h_bias is None else h + h_bias) @ weight.T
     if bias is not None:
         y = y + bias
     if layer_scale is not None:
@@ -69,21 +69,22 @@ def _rel_err(actual, expected):
     return ((actual.double() - expected).abs().max() / scale).item()
 
 
-def check(h, weight, bias, layer_scale, residual, row_scale, grad, tol):
+def check(h, weight, bias, layer_scale, residual, row_scale, grad, tol, h_bias=None):
     """Forward and the gradient of every tensor argument (but row_scale) against float64."""
-    inputs = [h, weight, bias, layer_scale, residual]
+    inputs = [h, weight, bias, layer_scale, residual, h_bias]
     # detach() keeps the caller's strides (clone() would make strided views contiguous).
     leaves = [t.detach().requires_grad_() if t is not None else None for t in inputs]
-    out = gelu_linear_residual(*leaves, row_scale)
+    out = gelu_linear_residual(*leaves[:5], row_scale, h_bias=leaves[5])
     out.backward(grad)
     ref_leaves = [t.detach().double().requires_grad_() if t is not None else None for t in inputs]
-    ref = reference(*ref_leaves, row_scale.double() if row_scale is not None else None)
+    ref = reference(*ref_leaves[:5], row_scale.double() if row_scale is not None else None, ref_leaves[5])
     ref.backward(grad.double())
 
     assert out.shape == residual.shape
     assert out.dtype == torch.promote_types(residual.dtype, h.dtype)
     assert _rel_err(out, ref) <= tol, ("out", _rel_err(out, ref))
-    for name, leaf, ref_leaf in zip(("h", "weight", "bias", "layer_scale", "residual"), leaves, ref_leaves):
+    for name, leaf, ref_leaf in zip(("h", "weight", "bias", "layer_scale", "residual", "h_bias"), leaves,
+                                    ref_leaves):
         if leaf is None:
             continue
         assert leaf.grad.dtype == leaf.dtype and leaf.grad.shape == leaf.shape, name
@@ -253,7 +254,9 @@ def test_aot_variants_cover_every_kernel():
                                                 (torch.float16, torch.float16), (torch.float32, torch.float32)])
 @pytest.mark.parametrize("lead, n", [((2, 56, 56), 96), ((3, 7, 7), 768), ((5, 13), 40)])
 def test_gpu_matches_float64_reference(dtype, param_dtype, lead, n):
-    check(*make_inputs(lead, n, 4 * n, dtype, param_dtype=param_dtype), TOL[dtype])
+    """With the first Linear's bias, as ConvNeXt's blocks call it."""
+    check(*make_inputs(lead, n, 4 * n, dtype, param_dtype=param_dtype), TOL[dtype],
+          h_bias=_h_bias(4 * n, param_dtype, 30))
 
 
 @pytest.mark.gpu
@@ -271,16 +274,21 @@ def test_gpu_gradients_are_bitwise_reproducible():
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("store_y", [True, False])
-def test_custom_ops_pass_opcheck(store_y):
+@pytest.mark.parametrize("store_y, with_h_bias", [(True, True), (False, False)])
+def test_custom_ops_pass_opcheck(store_y, with_h_bias):
     h, weight, bias, gamma, residual, rs, grad = make_inputs((2, 5), 8, 32, torch.float32, seed=11)
-    leaves = [t.requires_grad_() for t in (h, weight, bias, gamma, residual)]
+    h_bias = (0.5 * torch.randn(32, generator=torch.Generator().manual_seed(12))).to(h) if with_h_bias else None
+    h, weight, bias, gamma, residual = (t.requires_grad_() for t in (h, weight, bias, gamma, residual))
+    if h_bias is not None:
+        h_bias.requires_grad_()
+    args = (h, h_bias, weight, bias, gamma, residual, rs, store_y)
     # the forward's opcheck also runs the autograd registration, hence the backward op
-    torch.library.opcheck(torch.ops.tritonforge.gelu_linear_residual_forward.default, (*leaves, rs, store_y))
+    torch.library.opcheck(torch.ops.tritonforge.gelu_linear_residual_forward.default, args)
     with torch.no_grad():
-        _, y, act = torch.ops.tritonforge.gelu_linear_residual_forward(*leaves, rs, store_y)
+        _, y, act = torch.ops.tritonforge.gelu_linear_residual_forward(*args)
+    detached = [t.detach() if t is not None else None for t in (h, h_bias, weight, gamma)]
     torch.library.opcheck(torch.ops.tritonforge.gelu_linear_residual_backward.default,
-                          (grad, h.detach(), weight.detach(), gamma.detach(), rs, y, act, True, True,
+                          (grad, *detached, rs, y, act, True, True, torch.float32 if with_h_bias else None,
                            torch.float32, torch.float32 if store_y else None))
 
 
@@ -289,16 +297,18 @@ def test_torch_compile_fullgraph_forward_and_backward():
     inputs = make_inputs((3, 7), 8, 32, torch.float32, seed=12)
     grad = inputs[-1]
 
-    def loss(h, weight, bias, gamma, residual, rs):
-        return (gelu_linear_residual(h, weight, bias, gamma, residual, rs) * grad).sum()
+    h_bias = 0.5 * torch.randn(32, generator=torch.Generator().manual_seed(13)).to(inputs[0])
+
+    def loss(h, weight, bias, gamma, residual, h_bias, rs):
+        return (gelu_linear_residual(h, weight, bias, gamma, residual, rs, h_bias=h_bias) * grad).sum()
 
     compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)
     results = []
     for fn in (compiled, loss):
-        leaves = [t.detach().clone().requires_grad_() for t in inputs[:5]]
+        leaves = [t.detach().clone().requires_grad_() for t in (*inputs[:5], h_bias)]
         fn(*leaves, inputs[5]).backward()
         results.append([t.grad for t in leaves])
-    for name, got, expected in zip(("h", "weight", "bias", "layer_scale", "residual"), *results):
+    for name, got, expected in zip(("h", "weight", "bias", "layer_scale", "residual", "h_bias"), *results):
         assert torch.equal(got, expected), name
 
 
@@ -318,3 +328,59 @@ def test_wide_outputs_read_a_materialized_gelu():
     assert _rel_err(out, expected) <= TOL[torch.float32]
     for got, ref in zip(leaves, ref_leaves):
         assert _rel_err(got.grad, ref.grad) <= TOL[torch.float32]
+
+
+# ----------------------------------------------------------------------------------------------
+# The first Linear's bias, taken by the op (h_bias): added on load, its gradient from the dgrad
+# ----------------------------------------------------------------------------------------------
+def _h_bias(k, dtype, seed):
+    return (0.5 * torch.randn(k, generator=torch.Generator().manual_seed(seed))).to(DEVICE, dtype)
+
+
+# M = 300 is ten interpreter row blocks: ten partial sums of d_h_bias, added in a fixed order.
+@pytest.mark.parametrize("lead,n,k,dtype,param_dtype", [
+    ((17,), 24, 96, torch.float32, None),
+    ((300,), 40, 36, torch.float16, torch.float32),
+    ((2, 3, 5), 8, 32, torch.float16, None),
+], ids=["fp32", "fp16-fp32-params-ragged-k", "fp16-leading-dims"])
+def test_first_linear_bias_matches_float64_reference(lead, n, k, dtype, param_dtype):
+    inputs = make_inputs(lead, n, k, dtype, param_dtype=param_dtype, seed=20)
+    check(*inputs, TOL[dtype], h_bias=_h_bias(k, param_dtype or dtype, 21))
+
+
+def test_first_linear_bias_with_a_materialized_gelu():
+    """Wide N: gelu(h + h_bias) is computed once by torch and read by both GEMMs; the dgrad still adds
+    h_bias for gelu' and sums d_h's columns."""
+    n = 3 * mlp._config("fwd", torch.float32)[1] - 5
+    assert not mlp._gelu_on_load(n, torch.float32)
+    check(*make_inputs((3, 7), n, 40, torch.float32, seed=22), TOL[torch.float32],
+          h_bias=_h_bias(40, torch.float32, 23))
+
+
+def test_first_linear_bias_gradient_alone():
+    """Only h_bias requires a gradient: the dgrad runs for its column sums, d_h is not kept."""
+    h, weight, bias, gamma, residual, rs, grad = make_inputs((70,), 24, 64, torch.float32, seed=24)
+    hb = _h_bias(64, torch.float32, 25).requires_grad_()
+    gelu_linear_residual(h, weight, bias, gamma, residual, rs, h_bias=hb).backward(grad)
+    ref_hb = hb.detach().double().requires_grad_()
+    reference(h.double(), weight.double(), bias.double(), gamma.double(), residual.double(), rs.double(),
+              ref_hb).backward(grad.double())
+    assert hb.grad.dtype == torch.float32 and _rel_err(hb.grad, ref_hb.grad) <= TOL[torch.float32]
+
+
+def test_first_linear_bias_gradient_is_bitwise_reproducible():
+    h, weight, bias, gamma, residual, rs, grad = make_inputs((300,), 8, 32, torch.float16, seed=26)
+    hb = _h_bias(32, torch.float16, 27)
+
+    def grad_hb():
+        leaf = hb.detach().requires_grad_()
+        gelu_linear_residual(h, weight, bias, gamma, residual, rs, h_bias=leaf).backward(grad)
+        return leaf.grad
+
+    assert torch.equal(grad_hb(), grad_hb())
+
+
+def test_first_linear_bias_shape_is_checked():
+    h, weight, bias, gamma, residual, rs, _ = make_inputs((5,), 8, 32, torch.float32)
+    with pytest.raises(ValueError, match=r"h_bias has shape \(8,\) but must be \(32,\), h's last dim"):
+        gelu_linear_residual(h, weight, bias, gamma, residual, rs, h_bias=torch.zeros(8))
