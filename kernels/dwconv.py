@@ -454,12 +454,22 @@ _forward_op.register_autograd(_backward, setup_context=_setup_context)
 # ----------------------------------------------------------------------------------------------
 # Public function
 # ----------------------------------------------------------------------------------------------
-def _pair(padding, name: str) -> tuple[int, int]:
+def _pair(padding, name: str, kernel: tuple[int, int]) -> tuple[int, int]:
+    if padding == "valid":
+        return 0, 0
+    if padding == "same":  # F.conv2d's: symmetric for odd filters (asymmetric, for even ones, is not supported)
+        if kernel[0] % 2 == 0 or kernel[1] % 2 == 0:
+            raise ValueError(f"depthwise_conv2d: {name}='same' with the even filter {kernel[0]}x{kernel[1]} pads "
+                             "unequally on the two sides, which the Triton kernel does not; pass the padding "
+                             "as numbers or use torch.nn.functional.conv2d")
+        return (kernel[0] - 1) // 2, (kernel[1] - 1) // 2
     if isinstance(padding, bool) or not isinstance(padding, (int, tuple, list)):
-        raise TypeError(f"depthwise_conv2d: {name} must be an int or a pair of ints, got {padding!r}")
+        raise TypeError(f"depthwise_conv2d: {name} must be an int, a pair of ints, 'same' or 'valid', "
+                        f"got {padding!r}")
     pair = (padding, padding) if isinstance(padding, int) else tuple(padding)
     if len(pair) != 2 or not all(isinstance(p, int) and not isinstance(p, bool) for p in pair):
-        raise TypeError(f"depthwise_conv2d: {name} must be an int or a pair of ints, got {padding!r}")
+        raise TypeError(f"depthwise_conv2d: {name} must be an int, a pair of ints, 'same' or 'valid', "
+                        f"got {padding!r}")
     if min(pair) < 0:
         raise ValueError(f"depthwise_conv2d: {name} must be >= 0, got {padding!r}")
     return pair
@@ -489,7 +499,7 @@ def _validate(x, weight, bias, padding) -> tuple[int, int]:
                          "per side (use torch.nn.functional.conv2d for larger ones)")
     if bias is not None and tuple(bias.shape) != (c,):
         raise ValueError(f"depthwise_conv2d: bias has shape {tuple(bias.shape)} but must be ({c},)")
-    ph, pw = _pair(padding, "padding")
+    ph, pw = _pair(padding, "padding", (kh, kw))
     ho, wo = _out_size(x, weight, ph, pw)
     if ho <= 0 or wo <= 0:
         raise ValueError(f"depthwise_conv2d: a {kh}x{kw} filter with padding {(ph, pw)} does not fit the "
@@ -498,7 +508,7 @@ def _validate(x, weight, bias, padding) -> tuple[int, int]:
 
 
 def depthwise_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
-                     padding: Union[int, tuple[int, int]] = 0) -> Tensor:
+                     padding: Union[int, tuple[int, int], str] = 0) -> Tensor:
     """``F.conv2d(x, weight, bias, padding=padding, groups=C)``, stride 1, as Triton kernels.
 
     Args:
@@ -507,7 +517,8 @@ def depthwise_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
         weight: (C, 1, KH, KW), ``nn.Conv2d(C, C, (KH, KW), groups=C)``'s layout, up to 15 x 15; any
             of the three dtypes (read in it: fp32 master weights need no cast copy).
         bias: (C,) or None.
-        padding: zeros added on each side, an int or (ph, pw).
+        padding: zeros added on each side, an int or (ph, pw); or ``"valid"`` (none) or ``"same"``
+            (odd filters: the output keeps the input's size), as ``F.conv2d`` takes them.
     Returns:
         (N, C, H + 2 ph - KH + 1, W + 2 pw - KW + 1) in x's dtype and memory format. Differentiable in
         x, weight and bias; each gradient comes back in its input's dtype.

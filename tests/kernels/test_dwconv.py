@@ -205,6 +205,9 @@ def _f32(*shape):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(11)).to(DEVICE)
 
 
+BAD_PADDING = "padding must be an int, a pair of ints, 'same' or 'valid', got"
+
+
 @pytest.mark.parametrize("change, message", [
     (lambda a: {**a, "weight": _f32(5, 1, 3, 3)},
      r"weight has shape \(5, 1, 3, 3\) but must be \(C, 1, KH, KW\) with C = 4"),
@@ -217,10 +220,12 @@ def _f32(*shape):
     (lambda a: {**a, "weight": a["weight"].to(torch.int32)}, "weight has dtype torch.int32"),
     (lambda a: {**a, "padding": -1}, "padding must be >= 0, got -1"),
     (lambda a: {**a, "padding": (1, -1)}, r"padding must be >= 0, got \(1, -1\)"),
-    (lambda a: {**a, "padding": (1, 1, 1)}, r"padding must be an int or a pair of ints, got \(1, 1, 1\)"),
-    (lambda a: {**a, "padding": 1.0}, "padding must be an int or a pair of ints, got 1.0"),
-    (lambda a: {**a, "padding": (1.0, 1)}, r"padding must be an int or a pair of ints, got \(1.0, 1\)"),
-    (lambda a: {**a, "padding": True}, "padding must be an int or a pair of ints, got True"),
+    (lambda a: {**a, "padding": (1, 1, 1)}, BAD_PADDING + r" \(1, 1, 1\)"),
+    (lambda a: {**a, "padding": 1.0}, BAD_PADDING + " 1.0"),
+    (lambda a: {**a, "padding": (1.0, 1)}, BAD_PADDING + r" \(1.0, 1\)"),
+    (lambda a: {**a, "padding": True}, BAD_PADDING + " True"),
+    (lambda a: {**a, "padding": "full"}, BAD_PADDING + " 'full'"),
+    (lambda a: {**a, "weight": _f32(4, 1, 2, 3), "padding": "same"}, "padding='same' with the even filter 2x3"),
     (lambda a: {**a, "weight": _f32(4, 1, 17, 17), "padding": 8},
      r"filters of 17x17.*1 to 15.*torch\.nn\.functional\.conv2d"),
     (lambda a: {**a, "weight": _f32(4, 1, 7, 3), "padding": 0},
@@ -230,7 +235,7 @@ def _f32(*shape):
     (lambda a: {**a, "bias": [0.0] * 4}, "bias must be a tensor, got list"),
 ], ids=["weight-C", "weight-dim1", "weight-3d", "bias-shape", "x-3d", "x-no-channels", "x-float64",
         "weight-int32", "padding-negative", "padding-pair-negative", "padding-3-tuple", "padding-float",
-        "padding-float-pair", "padding-bool", "filter-17x17", "filter-does-not-fit", "x-None", "weight-None",
+        "padding-float-pair", "padding-bool", "padding-full", "padding-same-even", "filter-17x17", "filter-does-not-fit", "x-None", "weight-None",
         "bias-list"])
 def test_validation_errors_name_the_argument(change, message):
     x, weight, bias, _ = make_inputs((1, 4, 5, 6), (3, 3), 1, torch.float32)
@@ -330,3 +335,11 @@ def test_gpu_gradients_are_bitwise_reproducible():
 
     for name, a, b in zip(("out", "x", "weight", "bias"), run(), run()):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("padding", ["same", "valid"])
+def test_padding_strings_as_f_conv2d_takes_them(padding):
+    x, weight, bias, _ = make_inputs((1, 3, 5, 7), (3, 5), 0, torch.float32, seed=40)
+    out = depthwise_conv2d(x, weight, bias, padding)
+    expected = F.conv2d(x.double(), weight.double(), bias.double(), padding=padding, groups=3)
+    assert out.shape == expected.shape and _rel_err(out, expected) <= TOL[torch.float32]
