@@ -537,8 +537,8 @@ def depthwise_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
 # Ahead-of-time variants
 # ----------------------------------------------------------------------------------------------
 # (activation dtype, parameter dtype) of the variants compiled: bf16 activations with fp32 master weights
-# (autocast training), fp16 throughout, fp32 throughout (testing).
-_AOT_DTYPES = (("bf16", "fp32"), ("fp16", "fp16"), ("fp32", "fp32"))
+# (autocast training) and fp32 throughout (testing). fp16 compiles to the bf16 code but for its conversions.
+_AOT_DTYPES = (("bf16", "fp32"), ("fp32", "fp32"))
 # (output width, channels) of ConvNeXt-T's stages, one per tile shape (see _tile): 56 x 96, 14 x 384, 7 x 768
 _AOT_SHAPES = ((56, 96), (14, 384), (7, 768))
 
@@ -546,7 +546,7 @@ _AOT_SHAPES = ((56, 96), (14, 384), (7, 768))
 def aot_variants() -> list[Variant]:
     """ConvNeXt's 7 x 7 filter with bias: the forward and the input gradient (the rotated filter, no bias)
     at each tile shape for the autocast dtypes, the weight gradient likewise, and the forward and weight
-    gradient in fp16 and fp32 at one tile. Channels_last layout: the channel stride is 1 (specialized); pointers, C and the other
+    gradient in fp32 at one tile. Channels_last layout: the channel stride is 1 (specialized); pointers, C and the other
     strides are 16-aligned at ConvNeXt's widths (C = 96 * 2^i), the padding and W are not."""
     variants = []
     conv_strides = ("sxn", "sxh", "sxw", "syn", "syh", "syw")

@@ -250,8 +250,9 @@ def test_convnext_triton_ops_match_torch(op):
                 p.uniform_(0.5, 1.5)
     tri = build_model(cfg, triton_ops).to(memory_format=torch.channels_last)
     tri.load_state_dict(ref.state_dict())
-    # two images for the depthwise convs, whose 7x7 filters are slow in the Triton interpreter
-    x = torch.randn(2 if op == "dwconv" else 4, 3, 16, 16).contiguous(memory_format=torch.channels_last)
+    # one image for the depthwise convs, whose 7x7 filters are slow in the Triton interpreter (the kernel's
+    # own tests cover batches)
+    x = torch.randn(1 if op == "dwconv" else 4, 3, 16, 16).contiguous(memory_format=torch.channels_last)
     outs, grads = [], []
     for model in (ref, tri):
         torch.manual_seed(1)  # the same samples dropped by stochastic depth in both
