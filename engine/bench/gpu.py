@@ -305,6 +305,17 @@ def train_summary(train: dict, anchors_train: dict) -> list[dict]:
             "triton_vs_torch": f"{triton['vs']:.2f}" if triton and triton.get("vs") else "–",
             "note": f"FAILED: {', '.join(failed)}" if failed else "",
         })
+    # The CNN target: eager with the Triton kernels against torch.compile of the torch model, same run.
+    eager = next((r for r in rows if r.get("mode") == "eager" and r.get("kernels") == "triton"), None)
+    compiled = next((r for r in rows if r.get("mode") == "compile" and r.get("kernels") == "torch"), None)
+    if eager and compiled and eager.get("items_per_s") and compiled.get("items_per_s"):
+        ratio = eager["items_per_s"] / compiled["items_per_s"]
+        lines.append({
+            "item": f"train {name}: triton eager vs torch compile", "unit": unit,
+            "triton": f"{eager['items_per_s']:,.0f}", "torch": f"{compiled['items_per_s']:,.0f} (compile)",
+            "best_peer": "–", "triton_vs_torch": f"{ratio:.2f}",
+            "note": "at or above torch.compile" if ratio >= 1.0 else "below torch.compile",
+        })
     return lines
 
 

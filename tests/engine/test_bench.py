@@ -268,9 +268,13 @@ def test_gpu_train_summary_for_convnext():
                                       ("torch", "compile", 3500.0))]}
     anchors = {"convnext_tiny.eager.img_per_s": 2529.0, "convnext_tiny.compile.img_per_s": 3546.0,
                "gpt124m.eager.tok_per_s": 306904.0}
-    eager, compiled = gpu.train_summary(train, anchors)
+    eager, compiled, target = gpu.train_summary(train, anchors)
     assert eager["unit"] == "img/s" and eager["triton"] == "3,600" and eager["best_peer"] == "torchvision 2,529"
     assert compiled["torch"] == "3,500" and compiled["best_peer"] == "torchvision 3,546"
+    # eager with the Triton kernels against torch.compile of the torch model, measured in the same run
+    assert target["triton_vs_torch"] == f"{3600 / 3500:.2f}" and target["note"] == "at or above torch.compile"
+    train["rows"] = train["rows"][1:]  # no eager triton row: no target line
+    assert len(gpu.train_summary(train, anchors)) == 2
 
 
 def test_gpu_helpers(tmp_path):
