@@ -16,9 +16,10 @@ A depthwise convolution does ``KH * KW`` multiply-adds per output element agains
 one written: at 7x7 that is 49 FMAs per 4 bytes, close to the point where an H100's fp32 FMA units
 (about 33.5 T FMA/s) and its memory (3.35 TB/s) take the same time. The floor is therefore about the
 time to read and write the activation once, if each input element is fetched from memory once and
-from the L1 cache only a few times. cuDNN's grouped-convolution kernels have long been far slower
-than that for the weight gradient, and ``torch.compile`` hands convolutions to cuDNN unchanged, so
-this is the part of a ConvNeXt block that fusion alone cannot speed up.
+from the L1 cache only a few times. cuDNN's grouped-convolution weight gradient has been reported far
+from that floor (PyTorch issues 18631 and 34977), and ``torch.compile`` hands convolutions to cuDNN
+unchanged, so this is the part of a ConvNeXt block that fusion alone cannot speed up. How this kernel
+compares with cuDNN on a given GPU is what ``bench ops --op dwconv`` measures.
 
 Kernels and what they move (``e`` bytes per element, ``P = N * HO * WO`` output pixels)
 ------------------------------------------------------------------------------------
