@@ -193,6 +193,17 @@ def _gelu_grad(x):
     return cdf + x * tl.exp(-0.5 * x * x) * _INV_SQRT_2PI
 
 
+@triton.jit
+def _gelu_operand(h, HB, offs_k, mask_k, HAS_HB: tl.constexpr, dtype: tl.constexpr):
+    """gelu(h + hb) of a loaded [rows, BLOCK_K] h tile, in fp32 and rounded to the GEMM's dtype. Masked-off
+    columns (h = 0, hb = 0) give gelu(0) = 0; padding rows get gelu(hb), which callers never store or
+    multiply by a nonzero operand row."""
+    hf = h.to(tl.float32)
+    if HAS_HB:
+        hf += tl.load(HB + offs_k, mask=mask_k, other=0.0).to(tl.float32)[None, :]
+    return _gelu(hf).to(dtype)
+
+
 @triton.autotune(configs=_autotune_configs("fwd"), key=["N", "K"],
                  prune_configs_by={"early_config_prune": _pruner("fwd", "H")})
 @triton.jit
@@ -214,9 +225,9 @@ def _fwd_kernel(
     HAS_HB: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """One BLOCK_M x BLOCK_N tile of y = gelu(h) @ W^T + bias and out = residual + rs * gamma * y.
+    """One BLOCK_M x BLOCK_N tile of y = gelu(h + hb) @ W^T + bias and out = residual + rs * gamma * y.
 
-    The A operand is gelu(h tile), computed in fp32 registers after the load and rounded to the
+    The A operand is gelu(h tile + hb), computed in fp32 registers after the load and rounded to the
     compute dtype (or, without GELU_ON_LOAD, loaded ready-made); B is the weight tile read
     transposed (K-major, wgmma's native B layout).
     Memory: h and the residual read once per N tile (programs of one row block are adjacent, so
@@ -240,10 +251,7 @@ def _fwd_kernel(
         h = tl.load(H + rows[:, None] * stride_h + offs_k[None, :],
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         if GELU_ON_LOAD:
-            hf = h.to(tl.float32)
-            if HAS_HB:  # padding rows get gelu(hb), but their outputs are never stored
-                hf += tl.load(HB + offs_k, mask=mask_k, other=0.0).to(tl.float32)[None, :]
-            a = _gelu(hf).to(dtype)  # gelu(0) = 0: the masked K padding adds nothing
+            a = _gelu_operand(h, HB, offs_k, mask_k, HAS_HB, dtype)
         else:
             a = h
         w = tl.load(W + offs_n[None, :] * stride_w + offs_k[:, None],
@@ -283,10 +291,11 @@ def _dgrad_kernel(
     HAS_HB: tl.constexpr, SUM_DH: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """One BLOCK_M x BLOCK_K tile of d_h = ((g * gamma) @ W) * rs[:, None] * gelu'(h).
+    """One BLOCK_M x BLOCK_K tile of d_h = ((g * gamma) @ W) * rs[:, None] * gelu'(h + hb).
 
     The A operand is the g tile scaled by gamma in fp32 registers; the row scale multiplies the
-    accumulator rows, and the epilogue loads the h tile for gelu'(h) = Phi(h) + h phi(h).
+    accumulator rows, and the epilogue loads the h tile for gelu'(x) = Phi(x) + x phi(x) and, with
+    SUM_DH, writes the tile's column sums (the row block's share of hb's gradient).
     Memory: g read once per K tile (adjacent programs, L2 for the repeats), h read once, d_h
     written once; the weight stays in L2.
     """
@@ -344,7 +353,7 @@ def _wgrad_kernel(
     HAS_HB: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
-    """Split program_id(1)'s partial of one BLOCK_N x BLOCK_K tile of dW = t^T @ gelu(h).
+    """Split program_id(1)'s partial of one BLOCK_N x BLOCK_K tile of dW = t^T @ gelu(h + hb).
 
     Over the split's rows: A = (g * rs)^T, scaled in fp32 registers and transposed; B = gelu(h tile)
     computed on load (or, without GELU_ON_LOAD, loaded ready-made). gamma multiplies the accumulator
@@ -378,10 +387,7 @@ def _wgrad_kernel(
         h = tl.load(H + rows[:, None] * stride_h + offs_k[None, :],
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         if GELU_ON_LOAD:
-            hf = h.to(tl.float32)
-            if HAS_HB:  # rows past the split get gelu(hb), but their g rows are 0
-                hf += tl.load(HB + offs_k, mask=mask_k, other=0.0).to(tl.float32)[None, :]
-            b = _gelu(hf).to(dtype)
+            b = _gelu_operand(h, HB, offs_k, mask_k, HAS_HB, dtype)
         else:
             b = h
         acc = tl.dot(tl.trans(g.to(dtype)), b, acc)
