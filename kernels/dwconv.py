@@ -329,17 +329,20 @@ def _empty(shape, like: Tensor, dtype: torch.dtype) -> Tensor:
 
 def _conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], ph: int, pw: int, ho: int, wo: int,
           flip: bool, like: Tensor) -> Tensor:
-    """The convolution of x (N, C, H, W) to (N, C, ho, wo) in like's memory format and x's dtype."""
+    """The convolution of x (N, C, H, W) to (N, C, ho, wo) in like's memory format and dtype."""
     n, c, h, w = x.shape
     kh, kw = weight.shape[-2:]
-    y = _empty((n, c, ho, wo), like, x.dtype)
+    y = _empty((n, c, ho, wo), like, like.dtype)
     if y.numel() == 0:
         return y
     if bias is not None and bias.stride(0) != 1:
         bias = bias.contiguous()  # C values
-    # The (KH * KW, C) fp32 tap table (rotated 180 degrees for the input gradient): C * KH * KW values,
-    # so that each tap of a channel block is one contiguous vector load.
-    table = (weight.flip(2, 3) if flip else weight).reshape(c, kh * kw).t().to(torch.float32).contiguous()
+    # The (KH * KW, C) fp32 tap table, so that each tap of a channel block is one contiguous vector load:
+    # C * KH * KW values, cast and transposed in one copy. Rotating the filter by 180 degrees (the input
+    # gradient) reverses its flattened taps.
+    taps = weight.reshape(c, kh * kw)
+    table = torch.empty((kh * kw, c), device=x.device, dtype=torch.float32)
+    table.copy_((taps.flip(1) if flip else taps).t())
     block_w, block_c = _tile(wo, c)
     grid = (n * triton.cdiv(ho, _ROWS) * triton.cdiv(wo, block_w), triton.cdiv(c, block_c))
     _conv_kernel[grid](
@@ -419,8 +422,6 @@ def _backward_op(grad_out: Tensor, x: Tensor, weight: Tensor, ph: int, pw: int, 
     dx = dw = db = None
     if need_x:  # the forward kernel on grad_out with the flipped filter and the complementary padding
         dx = _conv(grad_out, weight, None, kh - 1 - ph, kw - 1 - pw, x.shape[2], x.shape[3], flip=True, like=x)
-        if dx.dtype != x.dtype:
-            dx = dx.to(x.dtype)
     if need_weight or bias_dtype is not None:
         dw, db = _wgrad(x, grad_out, kh, kw, ph, pw, weight.dtype, bias_dtype)
     return (dx if dx is not None else x.new_empty(_NONE), dw if need_weight else x.new_empty(_NONE),
