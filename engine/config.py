@@ -179,7 +179,7 @@ class KernelsConfig:
     attention: str = "auto"
     layer_norm: str = "auto"
     rms_norm: str = "auto"
-    #: GELU -> Linear -> LayerScale -> stochastic depth -> residual: the tail of a ConvNeXt block.
+    #: Linear -> GELU -> Linear -> LayerScale -> stochastic depth -> residual: a ConvNeXt block's MLP.
     mlp: str = "auto"
     #: Depthwise convolution (stride 1): ConvNeXt's 7x7 token mixer.
     dwconv: str = "auto"

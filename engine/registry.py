@@ -4,9 +4,9 @@ Models and the trainer never import a kernel module. They ask :func:`resolve` fo
 object and call its methods; the choice per op comes from the recipe's ``[kernels]`` table or the
 command line (``--kernels.attention=torch``):
 
-- ``torch``: PyTorch's own implementation (SDPA, ``F.layer_norm``, ``F.rms_norm``, ``F.gelu`` +
-  ``F.linear`` for ``mlp``, ``F.conv2d`` with ``groups = C`` for ``dwconv``, ``F.cross_entropy``, ``torch.optim`` fused on CUDA). This is the reference
-  every other backend is checked against.
+- ``torch``: PyTorch's own implementation (SDPA, ``F.layer_norm``, ``F.rms_norm``, ``F.linear`` +
+  ``F.gelu`` for ``mlp``, ``F.conv2d`` with ``groups = C`` for ``dwconv``, ``F.cross_entropy``,
+  ``torch.optim`` fused on CUDA). This is the reference every other backend is checked against.
 - ``triton``: the project's fused kernels from the ``kernels`` package. Selecting it for an op that has
   no Triton kernel is an error, never a silent fallback.
 - ``auto``: ``triton`` on CUDA where a kernel exists, ``torch`` otherwise (on CPU, for instance).
@@ -145,16 +145,6 @@ def torch_mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, layer_scale=None, r
                                       residual, row_scale)
 
 
-def triton_mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, layer_scale=None, residual=None, row_scale=None):
-    """:func:`torch_mlp` with fc1 as a bias-free matmul and the rest in the fused Triton op, which adds fc1's
-    bias as it loads fc1's output and returns its gradient from the input-gradient GEMM (no separate column
-    reduction over the 4C-wide gradient)."""
-    import kernels  # only reached when the triton backend was chosen
-
-    return kernels.gelu_linear_residual(F.linear(x, fc1_weight), fc2_weight, fc2_bias, layer_scale, residual,
-                                        row_scale, h_bias=fc1_bias)
-
-
 def torch_depthwise_conv2d(x, weight, bias=None, padding=0):
     """Depthwise 2D convolution (one ``(KH, KW)`` filter per channel, stride 1): ``F.conv2d`` with
     ``groups`` = the channels of ``x`` (N, C, H, W); ``weight`` is ``nn.Conv2d``'s (C, 1, KH, KW)."""
@@ -285,6 +275,16 @@ def resolve(choices: dict[str, str] | None = None, device: torch.device | str = 
         return _triton_kernels("attention").attention(q, k, v, causal=causal, scale=scale, window=window,
                                                       deterministic=deterministic)
 
+    def triton_mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, layer_scale=None, residual=None,
+                   row_scale=None):
+        """:func:`torch_mlp` with fc1 as a bias-free matmul and the rest in the fused Triton op, which adds
+        fc1's bias as it loads fc1's output and returns its gradient from the input-gradient GEMM (no
+        separate column reduction over the 4C-wide gradient)."""
+        return gelu_linear_residual(F.linear(x, fc1_weight), fc2_weight, fc2_bias, layer_scale, residual,
+                                    row_scale, h_bias=fc1_bias)
+
+    gelu_linear_residual = pick("mlp", torch_gelu_linear_residual, "gelu_linear_residual")
+
     return Ops(
         backends=chosen,
         attention=triton_attention if chosen["attention"] == "triton" else torch_attention,
@@ -292,7 +292,7 @@ def resolve(choices: dict[str, str] | None = None, device: torch.device | str = 
         add_layer_norm=pick("layer_norm", torch_add_layer_norm, "add_layer_norm"),
         rms_norm=pick("rms_norm", torch_rms_norm, "rms_norm"),
         add_rms_norm=pick("rms_norm", torch_add_rms_norm, "add_rms_norm"),
-        gelu_linear_residual=pick("mlp", torch_gelu_linear_residual, "gelu_linear_residual"),
+        gelu_linear_residual=gelu_linear_residual,
         mlp=triton_mlp if chosen["mlp"] == "triton" else torch_mlp,
         depthwise_conv2d=pick("dwconv", torch_depthwise_conv2d, "depthwise_conv2d"),
         cross_entropy=pick("cross_entropy", torch_cross_entropy, "cross_entropy"),
