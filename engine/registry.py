@@ -33,7 +33,7 @@ _TRITON_NAMES = {
     "rms_norm": ("rms_norm", "add_rms_norm"),
     "mlp": ("gelu_linear_residual",),
     "dwconv": ("depthwise_conv2d",),
-    "cross_entropy": ("cross_entropy",),
+    "cross_entropy": ("cross_entropy", "linear_cross_entropy"),
     "optimizer": ("AdamW", "SGD", "Lion"),
 }
 
@@ -151,10 +151,17 @@ def torch_depthwise_conv2d(x, weight, bias=None, padding=0):
     return F.conv2d(x, weight, bias, padding=padding, groups=x.shape[1])
 
 
-def torch_cross_entropy(logits, targets, ignore_index: int = -100):
+def torch_cross_entropy(logits, targets, ignore_index: int = -100, label_smoothing: float = 0.0):
     """Mean cross-entropy over all positions, computed in fp32 whatever the logits' dtype."""
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                           ignore_index=ignore_index)
+                           ignore_index=ignore_index, label_smoothing=label_smoothing)
+
+
+def torch_linear_cross_entropy(x, weight, targets, bias=None, ignore_index: int = -100,
+                               label_smoothing: float = 0.0):
+    """A classifier head and its loss, ``torch_cross_entropy(F.linear(x, weight, bias), targets)``: the
+    (positions, classes) logits are materialized, and copied to fp32."""
+    return torch_cross_entropy(F.linear(x, weight, bias), targets, ignore_index, label_smoothing)
 
 
 class TorchLion(torch.optim.Optimizer):
@@ -207,7 +214,11 @@ class Ops:
     #: The whole MLP block, fc1 included (see :func:`torch_mlp`); ``gelu_linear_residual`` is its second half.
     mlp: Callable[..., torch.Tensor]
     depthwise_conv2d: Callable[..., torch.Tensor]
+    #: ``(logits, targets, ignore_index=-100, label_smoothing=0.0)``: the mean loss (see :func:`torch_cross_entropy`).
     cross_entropy: Callable[..., torch.Tensor]
+    #: ``(x, weight, targets, bias=None, ignore_index=-100, label_smoothing=0.0)``: the head's matmul and the
+    #: mean loss; the Triton backend never holds more than a chunk of the logits.
+    linear_cross_entropy: Callable[..., torch.Tensor]
     #: False: kernels may trade bitwise reproducibility for speed (see :func:`resolve`).
     deterministic: bool = True
 
@@ -285,6 +296,18 @@ def resolve(choices: dict[str, str] | None = None, device: torch.device | str = 
 
     gelu_linear_residual = pick("mlp", torch_gelu_linear_residual, "gelu_linear_residual")
 
+    triton_ce = chosen["cross_entropy"] == "triton"
+    ce_kernels = _triton_kernels("cross_entropy") if triton_ce else None
+
+    def triton_cross_entropy(logits, targets, ignore_index=-100, label_smoothing=0.0):
+        return ce_kernels.cross_entropy(logits, targets, ignore_index=ignore_index, label_smoothing=label_smoothing)
+
+    def triton_linear_cross_entropy(x, weight, targets, bias=None, ignore_index=-100, label_smoothing=0.0):
+        """:func:`torch_linear_cross_entropy` a chunk of positions at a time, the gradients computed as the
+        forward goes (``kernels.linear_cross_entropy``)."""
+        return ce_kernels.linear_cross_entropy(x, weight, targets, bias, ignore_index=ignore_index,
+                                               label_smoothing=label_smoothing)
+
     return Ops(
         backends=chosen,
         attention=triton_attention if chosen["attention"] == "triton" else torch_attention,
@@ -295,6 +318,7 @@ def resolve(choices: dict[str, str] | None = None, device: torch.device | str = 
         gelu_linear_residual=gelu_linear_residual,
         mlp=triton_mlp if chosen["mlp"] == "triton" else torch_mlp,
         depthwise_conv2d=pick("dwconv", torch_depthwise_conv2d, "depthwise_conv2d"),
-        cross_entropy=pick("cross_entropy", torch_cross_entropy, "cross_entropy"),
+        cross_entropy=triton_cross_entropy if triton_ce else torch_cross_entropy,
+        linear_cross_entropy=triton_linear_cross_entropy if triton_ce else torch_linear_cross_entropy,
         deterministic=deterministic,
     )

@@ -214,10 +214,10 @@ class GPT(nn.Module):
         for block in self.blocks:
             x, delta = block(x, delta, rope)
         h, _ = self.ln_f.add(delta, x)
-        logits = self.lm_head(h)
         if targets is None:
-            return logits
-        return self.ops.cross_entropy(logits, targets)
+            return self.lm_head(h)
+        # The head and the loss in one registry op: the Triton backend never holds all the (B, T, V) logits.
+        return self.ops.linear_cross_entropy(h, self.lm_head.weight, targets, self.lm_head.bias)
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 0.8,

@@ -13,7 +13,7 @@ from engine.bench import BenchError, gpu, ops, train
 
 # One small shape per op (the Triton interpreter runs these in about a second).
 TINY_SHAPES = ("attention=1x2x16x16:causal,layer_norm=8x32,rms_norm=8x32,mlp=10x8,dwconv=1x4x2x2,"
-               "cross_entropy=8x64,optimizer=1x16x64x16:clip")
+               "cross_entropy=8x16x64,optimizer=1x16x64x16:clip")
 TINY_GPT = ["--model.preset=gpt-tiny", "--model.n_layer=1", "--model.d_model=32", "--model.n_head=2",
             "--model.context=16", "--train.seq_len=16", "--train.batch_size=2"]
 
@@ -173,15 +173,15 @@ def test_train_image_classifier_on_synthetic_images(tmp_path):
 
 
 def test_train_mismatched_loss_is_failed(tmp_path, monkeypatch):
-    def wrong_cross_entropy(logits, targets, ignore_index=-100):
-        return 2 * F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
+    def wrong_loss(x, weight, targets, bias=None, ignore_index=-100, label_smoothing=0.0):
+        return 2 * registry.torch_linear_cross_entropy(x, weight, targets, bias)
 
     real_resolve = registry.resolve
 
     def resolve(choices=None, device="cpu", deterministic=True):  # the --kernels set gets the wrong loss
         ops_ = real_resolve(choices, device, deterministic)
         if choices and choices.get("attention") == "auto":
-            return type(ops_)(**{**vars(ops_), "cross_entropy": wrong_cross_entropy})
+            return type(ops_)(**{**vars(ops_), "linear_cross_entropy": wrong_loss})
         return ops_
 
     monkeypatch.setattr(registry, "resolve", resolve)

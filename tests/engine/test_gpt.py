@@ -104,3 +104,27 @@ def test_state_dict_keys_do_not_depend_on_the_backend():
             resolve({"attention": "torch", "layer_norm": "torch"}, "cpu"))
     assert a.state_dict().keys() == b.state_dict().keys()
     assert "blocks.0.ln1.weight" in a.state_dict() and "blocks.0.ln1.bias" in a.state_dict()
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_triton_head_and_loss_match_torch(tie):
+    """The head and loss through the triton ``cross_entropy`` backend (the fused linear cross-entropy, in the
+    interpreter) give the torch backend's loss and every parameter's gradient (fp32: summation order only)."""
+    cfg = GPTConfig(n_layer=1, n_head=2, d_model=16, context=8, vocab_size=300, tie_embeddings=tie)
+    torch.manual_seed(0)
+    ref = GPT(cfg, resolve({"cross_entropy": "torch"}, "cpu"))
+    fused = GPT(cfg, resolve({"cross_entropy": "triton"}, "cpu"))
+    fused.load_state_dict(ref.state_dict())
+    idx = torch.randint(0, 300, (2, 8))
+    targets = torch.randint(0, 300, (2, 8))
+    losses = []
+    for model in (ref, fused):
+        loss = model(idx, targets)
+        loss.backward()
+        losses.append(loss.item())
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+    for (name, p), q in zip(ref.named_parameters(), fused.parameters()):
+        scale = p.grad.abs().max().item()
+        assert (q.grad - p.grad).abs().max().item() <= 1e-5 * max(scale, 1e-3), name
+    with torch.no_grad():  # evaluation goes through the same op, without computing gradients
+        assert fused(idx, targets).item() == pytest.approx(losses[0], rel=1e-5)
