@@ -16,8 +16,8 @@ them; ``triton`` for an op that has no kernel yet is reported "not available" an
 a user might pick instead run when importable and are never required: ``sdpa-flash``, ``sdpa-cudnn``,
 ``sdpa-mem_eff`` (one SDPA backend each, through ``torch.nn.attention.sdpa_kernel``), ``flex``
 (FlexAttention under ``torch.compile``), ``compile`` (``torch.compile`` of the torch norm, mlp or
-cross-entropy, compiled afresh per shape with ``dynamic=False`` so no recompilation limit spoils it),
-``liger`` (Liger-Kernel's LayerNorm/RMSNorm), ``triton-nondet`` (the triton attention with
+head and loss, compiled afresh per shape with ``dynamic=False`` so no recompilation limit spoils it),
+``liger`` (Liger-Kernel's LayerNorm/RMSNorm and fused linear cross-entropy), ``triton-nondet`` (the triton attention with
 ``kernels.deterministic = false``: dQ summed with atomics), ``torch-fused`` and ``torch-foreach``
 (``torch.optim.AdamW`` implementations; with ``:clip`` they run ``clip_grad_norm_`` first, as the
 ``torch`` backend does, while the ``triton`` optimizer clips inside its step).
@@ -37,7 +37,9 @@ mlp                ``MxC`` (rows x channels, hidden     ConvNeXt-T's stages at b
 dwconv             ``NxCxHxW`` (a 7x7 depthwise         ConvNeXt-T's stages at batch 128, 224²:
                    filter, padding 3, channels_last)    128x96x56x56, 128x192x28x28,
                                                         128x384x14x14, 128x768x7x7
-cross_entropy      ``NxV`` (tokens x vocabulary)        16384x50304
+cross_entropy      ``NxDxV`` (tokens x hidden x         16384x768x50304 (GPT-2 small's head)
+                   vocabulary: the head's matmul and
+                   the loss)
 optimizer          ``124M``, ``350M``, ``774M``,        124M and 1.5B, each without and with clipping
                    ``1.5B`` or ``LxD[xV[xT]]`` (GPT-2
                    shapes), ``[:clip|:noclip]``
@@ -48,15 +50,17 @@ attention fwd = 4·B·H·S²·D FLOPs (half when causal), bwd = 2.5 × fwd, fwd+
 2·M·N·s bytes (read x, write y), bwd = 3·M·N·s (read x and dy, write dx), fwd+bwd = 5·M·N·s (weight and
 bias traffic not counted); mlp (``residual + layer_scale * fc2(gelu(fc1(x)))``, x of M x C, hidden 4C)
 fwd = 16·M·C² FLOPs (the two linears), bwd = 2 × fwd (input and weight gradients); dwconv (P = N·C·H·W) fwd =
-2·P·s bytes (read x, write y), bwd = 3·P·s (read x and dy, write dx), fwd+bwd = 5·P·s; cross-entropy fwd = N·V·s (read
-the logits), bwd = 2·N·V·s (read them again, write their gradient); AdamW 28 bytes per fp32 parameter
+2·P·s bytes (read x, write y), bwd = 3·P·s (read x and dy, write dx), fwd+bwd = 5·P·s; cross-entropy (the head ``F.linear`` and the loss)
+fwd = 2·N·D·V FLOPs, bwd = 2 × fwd, fwd+bwd = 6·N·D·V (the fused triton op computes its gradients during the
+forward, so its fwd column holds most of its work); AdamW 28 bytes per fp32 parameter
 (read g, p, m, v; write p, m, v), 32 with clipping (the norm reads g once more).
 
 Table columns: op, backend, shape, dtype; ``err`` the largest relative error of the check; ``fwd ms``,
 ``bwd ms``, ``fwd+bwd ms``; ``fwd`` and ``fwd+bwd`` rates in ``unit`` (TFLOP/s or GB/s); ``% peak`` the
 fwd+bwd rate over the card's ceiling measured by this command (bf16 matmul for FLOPs, device copy for
 bytes); ``vs torch`` the torch backend's fwd+bwd time over this row's (above 1: faster than torch);
-``status`` ok, FAILED or "not available" (with the reason in the JSON/CSV ``note``).
+``peak MB`` the CUDA memory one fwd+bwd allocates at its peak beyond what was allocated before it
+(gradients included; – off CUDA); ``status`` ok, FAILED or "not available" (with the reason in the JSON/CSV ``note``).
 """
 from __future__ import annotations
 
@@ -87,7 +91,7 @@ BACKENDS: dict[str, tuple[str, ...]] = {
     "mlp": ("torch", "triton", "compile"),
     # torch.compile hands a convolution to cuDNN unchanged: its row would be the torch row again
     "dwconv": ("torch", "triton"),
-    "cross_entropy": ("torch", "triton", "compile"),
+    "cross_entropy": ("torch", "triton", "compile", "liger"),
     "optimizer": ("torch", "triton", "torch-fused", "torch-foreach"),
 }
 PROJECT_BACKENDS = ("torch", "triton")
@@ -110,7 +114,7 @@ MAX_GRAD_NORM = 1.0
 LAYER_NORM_EPS, RMS_NORM_EPS = 1e-5, 1e-6
 
 COLUMNS = ("op", "backend", "shape", "dtype", "status", "max_err", "fwd_ms", "bwd_ms", "fwdbwd_ms", "fwd_rate",
-           "fwdbwd_rate", "unit", "pct_peak", "vs_torch", "timer", "note")
+           "fwdbwd_rate", "unit", "pct_peak", "vs_torch", "peak_mb", "timer", "note")
 
 
 class NotAvailable(Exception):
@@ -136,7 +140,7 @@ class AttentionShape:
 
 @dataclass(frozen=True)
 class MatrixShape:
-    """Rows x columns: M x N for a norm, tokens x vocabulary for cross-entropy."""
+    """Rows x columns: M x N for a norm, M x C for the mlp."""
 
     rows: int
     cols: int
@@ -158,6 +162,19 @@ class ImageShape:
     @property
     def label(self) -> str:
         return f"{self.batch}x{self.channels}x{self.height}x{self.width}"
+
+
+@dataclass(frozen=True)
+class HeadShape:
+    """A classifier head and its loss: ``tokens`` rows of ``hidden`` features onto ``vocab`` classes."""
+
+    tokens: int
+    hidden: int
+    vocab: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.tokens}x{self.hidden}x{self.vocab}"
 
 
 #: The depthwise filter the dwconv benchmark runs (ConvNeXt's): 7x7, padding 3.
@@ -206,7 +223,7 @@ SHAPE_SYNTAX = {
     "rms_norm": "MxN, e.g. 32768x768",
     "mlp": "MxC (rows x channels; the hidden width is 4C), e.g. 401408x96",
     "dwconv": "NxCxHxW (the 7x7 filter's input), e.g. 128x96x56x56",
-    "cross_entropy": "NxV (tokens x vocabulary), e.g. 16384x50304",
+    "cross_entropy": "NxDxV (tokens x hidden x vocabulary), e.g. 16384x768x50304",
     "optimizer": f"{', '.join(GPT2_SIZES)} or LxD[xV[xT]] (GPT-2 shapes), then [:clip|:noclip], e.g. 124M:clip",
 }
 
@@ -233,7 +250,7 @@ SHAPE_SETS: dict[str, dict[str, list]] = {
                 MatrixShape(128 * 7 * 7, 768)],
         "dwconv": [ImageShape(128, 96, 56, 56), ImageShape(128, 192, 28, 28), ImageShape(128, 384, 14, 14),
                    ImageShape(128, 768, 7, 7)],
-        "cross_entropy": [MatrixShape(16384, 50304)],
+        "cross_entropy": [HeadShape(16384, 768, 50304)],
         "optimizer": _both_clips(*GPT2_SIZES["124M"], name="124M") + _both_clips(*GPT2_SIZES["1.5B"], name="1.5B"),
     },
     # Small enough for the Triton interpreter on a CPU (a second or so per row).
@@ -243,7 +260,7 @@ SHAPE_SETS: dict[str, dict[str, list]] = {
         "rms_norm": [MatrixShape(64, 256)],
         "mlp": [MatrixShape(64, 32)],
         "dwconv": [ImageShape(1, 8, 5, 5)],
-        "cross_entropy": [MatrixShape(64, 512)],
+        "cross_entropy": [HeadShape(64, 32, 512)],
         "optimizer": _both_clips(1, 64, vocab=512, context=64),
     },
 }
@@ -266,7 +283,7 @@ def parse_shape(op: str, spec: str) -> list:
         b, h, s, d = _positive_ints(m[1], spec, op)
         masks = (True, False) if m[2] is None else (m[2] == "causal",)
         return [AttentionShape(b, h, s, d, causal) for causal in masks]
-    if op in ("layer_norm", "rms_norm", "mlp", "cross_entropy"):
+    if op in ("layer_norm", "rms_norm", "mlp"):
         if not re.fullmatch(r"\d+x\d+", spec):
             raise bad
         return [MatrixShape(*_positive_ints(spec, spec, op))]
@@ -274,6 +291,10 @@ def parse_shape(op: str, spec: str) -> list:
         if not re.fullmatch(r"\d+x\d+x\d+x\d+", spec):
             raise bad
         return [ImageShape(*_positive_ints(spec, spec, op))]
+    if op == "cross_entropy":
+        if not re.fullmatch(r"\d+x\d+x\d+", spec):
+            raise bad
+        return [HeadShape(*_positive_ints(spec, spec, op))]
     assert op == "optimizer", op
     m = re.fullmatch(r"([^:]+?)(?::(clip|noclip))?", spec)
     if not m:
@@ -394,12 +415,16 @@ def make_case(op: str, shape, dtype: torch.dtype, device: torch.device) -> Case:
         return Case(op, shape, dtype, device, [x.requires_grad_(), weight, bias], torch.randn_like(x),
                     ("y", "dx", "dweight", "dbias"), {"fwd": 2 * p, "bwd": 3 * p, "fwdbwd": 5 * p}, "GB/s")
     assert op == "cross_entropy", op
-    n, v = shape.rows, shape.cols
-    logits = (2 * torch.randn(n, v, device=device)).to(dtype).requires_grad_()
+    n, d, v = shape.tokens, shape.hidden, shape.vocab
+    # hidden states of unit scale and a head at nn.Linear's init scale x 4: logits of a few units, a
+    # softmax neither flat nor one-hot
+    x = _random((n, d), dtype, device)
+    weight = (4 * torch.randn(v, d, device=device) / math.sqrt(d)).to(dtype).requires_grad_()
     targets = torch.randint(0, v, (n,), device=device)
     dout = torch.rand((), device=device) + 0.5
-    return Case(op, shape, dtype, device, [logits, targets], dout, ("loss", "dlogits"),
-                {"fwd": n * v * size, "bwd": 2 * n * v * size, "fwdbwd": 3 * n * v * size}, "GB/s")
+    flops = 2 * n * d * v
+    return Case(op, shape, dtype, device, [x, weight, targets], dout, ("loss", "dx", "dweight"),
+                {"fwd": flops, "bwd": 2 * flops, "fwdbwd": 3 * flops}, "TFLOP/s")
 
 
 def _upcast(case: Case) -> list[torch.Tensor]:
@@ -444,8 +469,8 @@ def _dwconv_reference(case: Case) -> list[torch.Tensor]:
 
 
 def _cross_entropy_reference(case: Case) -> list[torch.Tensor]:
-    logits, targets = _upcast(case)
-    return _backward_reference(case, F.cross_entropy(logits, targets), [logits])
+    x, weight, targets = _upcast(case)
+    return _backward_reference(case, F.cross_entropy(F.linear(x, weight), targets), [x, weight])
 
 
 _REFERENCES = {"attention": _attention_reference, "layer_norm": _norm_reference, "rms_norm": _norm_reference,
@@ -483,8 +508,8 @@ def _registry_runner(case: Case, backend: str) -> Runner:
         return Runner(lambda: ops.mlp(*case.inputs), list(case.inputs))
     if case.op == "dwconv":
         return Runner(lambda: ops.depthwise_conv2d(*case.inputs, padding=DWCONV_PADDING), list(case.inputs))
-    logits, targets = case.inputs
-    return Runner(lambda: ops.cross_entropy(logits, targets), [logits])
+    x, weight, targets = case.inputs
+    return Runner(lambda: ops.linear_cross_entropy(x, weight, targets), [x, weight])
 
 
 def _sdpa_runner(case: Case, backend: str) -> Runner:
@@ -527,7 +552,7 @@ def _compile_runner(case: Case, backend: str) -> Runner:
     elif case.op == "mlp":
         fn, eps, n_leaves = registry.torch_mlp, (), 7
     else:
-        fn, eps, n_leaves = registry.torch_cross_entropy, (), 1
+        fn, eps, n_leaves = registry.torch_linear_cross_entropy, (), 2
     compiled = torch.compile(fn, dynamic=False)
     args = case.inputs
     return Runner(lambda: compiled(*args, *eps), list(args[:n_leaves]))
@@ -538,6 +563,12 @@ def _liger_runner(case: Case, backend: str) -> Runner:
         from liger_kernel.transformers import LigerLayerNorm, LigerRMSNorm
     except ImportError:
         raise NotAvailable("liger-kernel is not installed (pip install liger-kernel)") from None
+    if case.op == "cross_entropy":
+        from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
+
+        loss = LigerFusedLinearCrossEntropyLoss()
+        x, weight, targets = case.inputs
+        return Runner(lambda: loss(weight, x, targets), [x, weight])
     x, *params = case.inputs
     n = x.shape[-1]
     if case.op == "layer_norm":
@@ -579,7 +610,8 @@ class Settings:
 def _new_row(op: str, backend: str, label: str, dtype: torch.dtype, unit: str, device: torch.device) -> dict:
     return {"op": op, "backend": backend, "shape": label, "dtype": DTYPE_NAMES[dtype], "status": "ok",
             "max_err": None, "errors": {}, "fwd_ms": None, "bwd_ms": None, "fwdbwd_ms": None, "fwd_rate": None,
-            "fwdbwd_rate": None, "unit": unit, "pct_peak": None, "vs_torch": None, "timer": timer_label(device),
+            "fwdbwd_rate": None, "unit": unit, "pct_peak": None, "vs_torch": None, "peak_mb": None,
+            "timer": timer_label(device),
             "note": ""}
 
 
@@ -596,9 +628,26 @@ def _check(case: Case, runner: Runner) -> dict[str, float]:
     return errors
 
 
+def _peak_mb(case: Case, runner: Runner, device: torch.device) -> float | None:
+    """CUDA memory one fwd+bwd allocates at its peak beyond what was allocated before it (its
+    gradients included), in MiB; None off CUDA."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    runner.forward().backward(case.dout)
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) - base
+    for t in runner.leaves:
+        t.grad = None
+    return peak / 2 ** 20
+
+
 def _time(case: Case, runner: Runner, s: Settings, row: dict) -> None:
     kw = dict(warmup_ms=s.warmup_ms, rep_ms=s.rep_ms)
     leaves = runner.leaves
+    row["peak_mb"] = _peak_mb(case, runner, s.device)
     row["fwd_ms"] = time_ms(runner.forward, s.device, **kw)
     row["fwdbwd_ms"] = time_ms(lambda: runner.forward().backward(case.dout), s.device, grad_to_none=leaves, **kw)
     out = runner.forward()
@@ -824,12 +873,13 @@ def _progress_line(row: dict) -> str:
 def table(rows: list[dict], device: torch.device) -> str:
     ms = " (CPU)" if device.type != "cuda" else ""
     header = ["op", "backend", "shape", "dtype", "err", f"fwd ms{ms}", f"bwd ms{ms}", f"fwd+bwd ms{ms}", "fwd",
-              "fwd+bwd", "unit", "% peak", "vs torch", "status"]
+              "fwd+bwd", "unit", "% peak", "vs torch", "peak MB", "status"]
     cells = []
     for r in rows:
         cells.append([r["op"], r["backend"], r["shape"], r["dtype"], fmt(r["max_err"], ".1e"), fmt(r["fwd_ms"]),
                       fmt(r["bwd_ms"]), fmt(r["fwdbwd_ms"]), fmt(r["fwd_rate"], ".4g"), fmt(r["fwdbwd_rate"], ".4g"),
-                      r["unit"], fmt(r["pct_peak"], ".0f"), fmt(r["vs_torch"], ".3g"), r["status"]])
+                      r["unit"], fmt(r["pct_peak"], ".0f"), fmt(r["vs_torch"], ".3g"), fmt(r["peak_mb"], ".0f"),
+                      r["status"]])
     return format_table(header, cells)
 
 
