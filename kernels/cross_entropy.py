@@ -272,7 +272,10 @@ def _lce_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, 
                                 grad=logits if grads else None, scale=scale)
         loss_rows[start:end] = rows
         if need_x:
-            dx[start:end] = logits @ w  # casts to x's dtype on the copy when x was cast for the matmul
+            if dx.dtype == compute_dtype:
+                torch.mm(logits, w, out=dx[start:end])
+            else:  # x was cast for the matmuls (autocast): its gradient goes back to x's dtype
+                dx[start:end] = logits @ w
         if need_weight:
             dw = _accumulate(dw, logits.t(), xc)
         if need_bias:
