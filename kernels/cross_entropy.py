@@ -261,7 +261,7 @@ def _lce_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, 
     b = bias.to(compute_dtype) if bias is not None else None
     grads = need_x or need_weight or need_bias
     loss_rows = torch.empty(n, device=x.device, dtype=torch.float32)
-    dx = torch.empty_like(x) if need_x else x.new_empty((0,))
+    dx = torch.empty(x.shape, device=x.device, dtype=x.dtype) if need_x else x.new_empty((0,))  # as the fake: contiguous
     dw = torch.zeros(weight.shape, device=x.device, dtype=torch.float32) if need_weight else x.new_empty((0,))
     db = torch.zeros(vocab, device=x.device, dtype=torch.float32) if need_bias else x.new_empty((0,))
     for start in range(0, n, chunk):
@@ -441,28 +441,27 @@ def linear_cross_entropy(x: Tensor, weight: Tensor, targets: Tensor, bias: Optio
 # Ahead-of-time variants
 # ----------------------------------------------------------------------------------------------
 def aot_variants() -> list[Variant]:
-    """The row kernels at GPT-2's vocabulary (4096-column blocks, 8 warps) for bf16 logits (autocast
-    training) and fp32 ones: the fused forward with its in-place gradient, the loss-only forward, and the
-    backward from the saved log-sum-exp; with label smoothing on (the more general code). Row strides
-    are 16-aligned at V = 50,304."""
-    variants = []
+    """The row kernels at GPT-2's vocabulary (4096-column blocks, 8 warps), with label smoothing on (the
+    more general code): for bf16 logits (autocast training) the fused forward with its in-place gradient
+    (linear_cross_entropy's), the loss-only forward and the backward from the saved log-sum-exp
+    (cross_entropy's); for fp32 logits the fused forward. Row strides are 16-aligned at V = 50,304."""
     block, warps = _BLOCK_V_GPU, 8
-    for dt in ("bf16", "fp32"):
-        for write in (True, False):
-            variants.append(Variant(
-                kernel=_forward_kernel, name=f"{dt} V-block={block}{' +grad in place' if write else ' loss only'}",
-                signature={"LOGITS": f"*{dt}", "GRAD": f"*{dt}", "TARGETS": "*i64", "LOSS": "*fp32", "LSE": "*fp32",
-                           "SCALE": "*fp32", "V": "i32", "stride_l": "i32", "stride_g": "i32",
-                           "ignore_index": "i32", "smoothing": "fp32"},
+    forward_signature = {"LOGITS": "*{dt}", "GRAD": "*{dt}", "TARGETS": "*i64", "LOSS": "*fp32", "LSE": "*fp32",
+                         "SCALE": "*fp32", "V": "i32", "stride_l": "i32", "stride_g": "i32", "ignore_index": "i32",
+                         "smoothing": "fp32"}
+    variants = [
+        Variant(kernel=_forward_kernel, name=f"{dt} V-block={block}{' +grad in place' if write else ' loss only'}",
+                signature={k: t.format(dt=dt) for k, t in forward_signature.items()},
                 constexprs={"HAS_SMOOTHING": True, "WRITE_GRAD": write, "BLOCK_V": block},
                 num_warps=warps, num_stages=1, kind="memory", vector_stores=write,
-                aligned=("LOGITS", "GRAD", "TARGETS", "LOSS", "LSE", "SCALE", "V", "stride_l", "stride_g")))
-        variants.append(Variant(
-            kernel=_backward_kernel, name=f"{dt} V-block={block} backward",
-            signature={"LOGITS": f"*{dt}", "GRAD": f"*{dt}", "TARGETS": "*i64", "LSE": "*fp32", "DLOSS": "*fp32",
-                       "V": "i32", "stride_l": "i32", "stride_g": "i32", "stride_d": "i32", "ignore_index": "i32",
-                       "smoothing": "fp32"},
-            constexprs={"HAS_SMOOTHING": True, "BLOCK_V": block},
-            num_warps=warps, num_stages=1, kind="memory",
-            aligned=("LOGITS", "GRAD", "TARGETS", "LSE", "DLOSS", "V", "stride_l", "stride_g")))
+                aligned=("LOGITS", "GRAD", "TARGETS", "LOSS", "LSE", "SCALE", "V", "stride_l", "stride_g"))
+        for dt, write in (("bf16", True), ("bf16", False), ("fp32", True))]
+    variants.append(Variant(
+        kernel=_backward_kernel, name=f"bf16 V-block={block} backward",
+        signature={"LOGITS": "*bf16", "GRAD": "*bf16", "TARGETS": "*i64", "LSE": "*fp32", "DLOSS": "*fp32",
+                   "V": "i32", "stride_l": "i32", "stride_g": "i32", "stride_d": "i32", "ignore_index": "i32",
+                   "smoothing": "fp32"},
+        constexprs={"HAS_SMOOTHING": True, "BLOCK_V": block},
+        num_warps=warps, num_stages=1, kind="memory",
+        aligned=("LOGITS", "GRAD", "TARGETS", "LSE", "DLOSS", "V", "stride_l", "stride_g")))
     return variants
