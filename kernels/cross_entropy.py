@@ -261,7 +261,8 @@ def _lce_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, 
     b = bias.to(compute_dtype) if bias is not None else None
     grads = need_x or need_weight or need_bias
     loss_rows = torch.empty(n, device=x.device, dtype=torch.float32)
-    dx = torch.empty(x.shape, device=x.device, dtype=x.dtype) if need_x else x.new_empty((0,))  # as the fake: contiguous
+    # contiguous like the fake implementation's
+    dx = torch.empty(x.shape, device=x.device, dtype=x.dtype) if need_x else x.new_empty((0,))
     dw = torch.zeros(weight.shape, device=x.device, dtype=torch.float32) if need_weight else x.new_empty((0,))
     db = torch.zeros(vocab, device=x.device, dtype=torch.float32) if need_bias else x.new_empty((0,))
     for start in range(0, n, chunk):
@@ -431,7 +432,8 @@ def linear_cross_entropy(x: Tensor, weight: Tensor, targets: Tensor, bias: Optio
     x2 = x.reshape(-1, x.shape[-1])
     chunk = chunk_size or default_chunk_size(vocab)
     need = torch.is_grad_enabled()
-    loss, *_ = _lce_op(x2, weight, bias, targets.reshape(-1).contiguous(), ignore_index, smoothing, reduction == "mean", chunk,
+    flat_targets = targets.reshape(-1).contiguous()  # the kernel reads one target per row, unit stride
+    loss, *_ = _lce_op(x2, weight, bias, flat_targets, ignore_index, smoothing, reduction == "mean", chunk,
                        compute, need and x.requires_grad, need and weight.requires_grad,
                        need and bias is not None and bias.requires_grad)
     return loss
