@@ -17,8 +17,8 @@ a user might pick instead run when importable and are never required: ``sdpa-fla
 ``sdpa-mem_eff`` (one SDPA backend each, through ``torch.nn.attention.sdpa_kernel``), ``flex``
 (FlexAttention under ``torch.compile``), ``compile`` (``torch.compile`` of the torch norm, mlp or
 head and loss, compiled afresh per shape with ``dynamic=False`` so no recompilation limit spoils it),
-``liger`` (Liger-Kernel's LayerNorm/RMSNorm and fused linear cross-entropy), ``triton-nondet`` (the triton attention with
-``kernels.deterministic = false``: dQ summed with atomics), ``torch-fused`` and ``torch-foreach``
+``liger`` (Liger-Kernel's LayerNorm/RMSNorm and fused linear cross-entropy), ``triton-nondet`` (the
+triton attention with ``kernels.deterministic = false``: dQ summed with atomics), ``torch-fused`` and ``torch-foreach``
 (``torch.optim.AdamW`` implementations; with ``:clip`` they run ``clip_grad_norm_`` first, as the
 ``torch`` backend does, while the ``triton`` optimizer clips inside its step).
 
@@ -49,18 +49,19 @@ Work per call, for the rate columns (2-byte dtypes; ``s`` = bytes per element in
 attention fwd = 4·B·H·S²·D FLOPs (half when causal), bwd = 2.5 × fwd, fwd+bwd = 3.5 × fwd; norms fwd =
 2·M·N·s bytes (read x, write y), bwd = 3·M·N·s (read x and dy, write dx), fwd+bwd = 5·M·N·s (weight and
 bias traffic not counted); mlp (``residual + layer_scale * fc2(gelu(fc1(x)))``, x of M x C, hidden 4C)
-fwd = 16·M·C² FLOPs (the two linears), bwd = 2 × fwd (input and weight gradients); dwconv (P = N·C·H·W) fwd =
-2·P·s bytes (read x, write y), bwd = 3·P·s (read x and dy, write dx), fwd+bwd = 5·P·s; cross-entropy (the head ``F.linear`` and the loss)
-fwd = 2·N·D·V FLOPs, bwd = 2 × fwd, fwd+bwd = 6·N·D·V (the fused triton op computes its gradients during the
-forward, so its fwd column holds most of its work); AdamW 28 bytes per fp32 parameter
-(read g, p, m, v; write p, m, v), 32 with clipping (the norm reads g once more).
+fwd = 16·M·C² FLOPs (the two linears), bwd = 2 × fwd (input and weight gradients); dwconv (P = N·C·H·W)
+fwd = 2·P·s bytes (read x, write y), bwd = 3·P·s (read x and dy, write dx), fwd+bwd = 5·P·s; cross-entropy
+(the head ``F.linear`` and the loss) fwd = 2·N·D·V FLOPs, bwd = 2 × fwd, fwd+bwd = 6·N·D·V (the fused triton
+op computes its gradients during the forward, so its fwd column holds most of its work); AdamW 28 bytes per
+fp32 parameter (read g, p, m, v; write p, m, v), 32 with clipping (the norm reads g once more).
 
 Table columns: op, backend, shape, dtype; ``err`` the largest relative error of the check; ``fwd ms``,
 ``bwd ms``, ``fwd+bwd ms``; ``fwd`` and ``fwd+bwd`` rates in ``unit`` (TFLOP/s or GB/s); ``% peak`` the
 fwd+bwd rate over the card's ceiling measured by this command (bf16 matmul for FLOPs, device copy for
 bytes); ``vs torch`` the torch backend's fwd+bwd time over this row's (above 1: faster than torch);
 ``peak MB`` the CUDA memory one fwd+bwd allocates at its peak beyond what was allocated before it
-(gradients included; – off CUDA); ``status`` ok, FAILED or "not available" (with the reason in the JSON/CSV ``note``).
+(gradients included; – off CUDA); ``status`` ok, FAILED or "not available" (with the reason in the
+JSON/CSV ``note``).
 """
 from __future__ import annotations
 
