@@ -1,6 +1,6 @@
-"""Ahead-of-time compile checks: the report machinery on two sample kernels, then every variant
-that the kernel modules list, compiled for sm_90 (and for sm_80 all but the repeats ``_sweep`` names)
-on a CPU-only machine.
+"""Ahead-of-time compile checks: the report machinery on two sample kernels, then the variants that
+the kernel modules list, compiled for sm_90 and sm_80 on a CPU-only machine (all but the repeats
+``_sweep`` names).
 
 The sample kernels below are compiled in worker processes, which import this file by path; keep
 its module level light (no discovery at import: parametrization happens in
@@ -334,21 +334,27 @@ def _twin_key(variant: Variant, dtype: str) -> tuple:
 def _sweep() -> tuple[tuple[int, str], ...]:
     """(variant index, arch) pairs this suite compiles.
 
-    sm_90, the architecture the config lists are reasoned for, compiles every variant. sm_80 (not
-    tuned) compiles the memory kernels, whose 128-bit accesses matter on both, except an fp16 variant
-    whose bf16 twin (same kernel, config and constexprs) is listed: it compiles to the same code but
-    for its conversion instructions. The dot kernels' sm_80 builds are left to
-    ``python -m kernels.aot``, which compiles every pair: they are not tuned there, and they are
-    the slowest compiles of the suite.
+    An fp16 variant whose bf16 twin (same kernel, config and constexprs) is listed compiles to the
+    same code but for its 16-bit types and conversions: sm_90 compiles the first such twin of each
+    kernel (so every kernel's fp16 build is checked) and skips the rest. Otherwise sm_90, the
+    architecture the config lists are reasoned for, compiles every variant. sm_80 (not tuned)
+    compiles the memory kernels, whose 128-bit accesses matter on both, without fp16 twins. The
+    skipped pairs are left to ``python -m kernels.aot``, which compiles every pair: the dot kernels'
+    builds are the slowest compiles of the suite.
     """
     variants = _discovery().variants
     bf16 = {_twin_key(v, "bf16") for v in variants}
-    pairs = []
+    pairs, fp16_checked = [], set()
     for index, variant in enumerate(variants):
-        types = " ".join(variant.signature.values())
+        twin = "*fp16" in " ".join(variant.signature.values()) and _twin_key(variant, "fp16") in bf16
         for arch in aot.DEFAULT_ARCHS:
-            if arch == "sm_80" and (variant.kind == "dot" or "*fp16" in types and _twin_key(variant, "fp16") in bf16):
+            if arch == "sm_80" and (variant.kind == "dot" or twin):
                 continue
+            if arch == "sm_90" and twin:
+                name = aot.kernel_name(variant.kernel)
+                if name in fp16_checked:
+                    continue
+                fp16_checked.add(name)
             pairs.append((index, arch))
     return tuple(pairs)
 
