@@ -159,22 +159,20 @@ def _check_targets(targets: Tensor, vocab: int, ignore_index: int) -> None:
                          f"and not ignore_index ({ignore_index})")
 
 
-def _forward_rows(logits: Tensor, targets: Tensor, ignore_index: int, smoothing: float,
-                  grad: Optional[Tensor] = None, scale: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
-    """Per-row losses and log-sum-exps (fp32) of 2-D ``logits`` (unit column stride); with ``grad``
-    (may be ``logits``) also the rows' gradients times ``scale[0]``."""
+def _forward_rows(logits: Tensor, targets: Tensor, ignore_index: int, smoothing: float, loss: Tensor, lse: Tensor,
+                  grad: Optional[Tensor] = None, scale: Optional[Tensor] = None) -> None:
+    """Write the per-row losses and log-sum-exps (fp32, one per row) of 2-D ``logits`` (unit column
+    stride) to ``loss`` and ``lse``; with ``grad`` (may be ``logits``) also the rows' gradients times
+    ``scale[0]``."""
     n, vocab = logits.shape
-    loss = torch.empty(n, device=logits.device, dtype=torch.float32)
-    lse = torch.empty(n, device=logits.device, dtype=torch.float32)
     if n == 0:
-        return loss, lse
+        return
     block, warps = _block_v(vocab)
     write = grad is not None
     _forward_kernel[(n,)](
         logits, grad if write else logits, targets, loss, lse, scale if write else loss, vocab, logits.stride(0),
         grad.stride(0) if write else 0, ignore_index, smoothing,
         HAS_SMOOTHING=smoothing != 0.0, WRITE_GRAD=write, BLOCK_V=block, num_warps=warps)
-    return loss, lse
 
 
 # ----------------------------------------------------------------------------------------------
@@ -184,7 +182,11 @@ def _forward_rows(logits: Tensor, targets: Tensor, ignore_index: int, smoothing:
 def _ce_forward_op(logits: Tensor, targets: Tensor, ignore_index: int, smoothing: float) -> tuple[Tensor, Tensor]:
     """(per-row loss, per-row log-sum-exp), fp32, for 2-D logits."""
     _check_targets(targets, logits.shape[1], ignore_index)
-    return _forward_rows(logits, targets, ignore_index, smoothing)
+    n = logits.shape[0]
+    loss = torch.empty(n, device=logits.device, dtype=torch.float32)
+    lse = torch.empty(n, device=logits.device, dtype=torch.float32)
+    _forward_rows(logits, targets, ignore_index, smoothing, loss, lse)
+    return loss, lse
 
 
 @_ce_forward_op.register_fake
@@ -261,6 +263,7 @@ def _lce_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, 
     b = bias.to(compute_dtype) if bias is not None else None
     grads = need_x or need_weight or need_bias
     loss_rows = torch.empty(n, device=x.device, dtype=torch.float32)
+    lse = torch.empty(n, device=x.device, dtype=torch.float32)  # written by the row kernel, not needed after
     # contiguous like the fake implementation's
     dx = torch.empty(x.shape, device=x.device, dtype=x.dtype) if need_x else x.new_empty((0,))
     dw = torch.zeros(weight.shape, device=x.device, dtype=torch.float32) if need_weight else x.new_empty((0,))
@@ -269,9 +272,8 @@ def _lce_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, 
         end = min(n, start + chunk)
         xc = xc_all[start:end]
         logits = F.linear(xc, w, b)
-        rows, _ = _forward_rows(logits, targets[start:end], ignore_index, smoothing,
-                                grad=logits if grads else None, scale=scale)
-        loss_rows[start:end] = rows
+        _forward_rows(logits, targets[start:end], ignore_index, smoothing, loss_rows[start:end], lse[start:end],
+                      grad=logits if grads else None, scale=scale)
         if need_x:
             if dx.dtype == compute_dtype:
                 torch.mm(logits, w, out=dx[start:end])
