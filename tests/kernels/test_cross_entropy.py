@@ -68,6 +68,17 @@ def make_targets(lead, v, *, ignore=(), ignore_index=-100, dtype=torch.int64, se
     return t.to(device, dtype)
 
 
+def assert_nothing_counted(loss, reduction, shape):
+    """The loss when no position counts, as torch: "mean" nan (0 / 0), "sum" 0, "none" of ``shape``."""
+    assert loss.dtype == torch.float32
+    if reduction == "mean":
+        assert loss.shape == () and math.isnan(loss.item())
+    elif reduction == "sum":
+        assert loss.shape == () and loss.item() == 0.0
+    else:
+        assert loss.shape == shape
+
+
 def reference(logits64, targets, **kw):
     """float64 F.cross_entropy over the flattened positions; "none" reshaped to targets' shape."""
     v = logits64.shape[-1]
@@ -184,13 +195,9 @@ def test_all_positions_ignored(reduction, label_smoothing):
     logits = make_logits((4,), 129, seed=11).requires_grad_()
     targets = torch.full((4,), -100, device=DEVICE)
     loss = cross_entropy(logits, targets, reduction=reduction, label_smoothing=label_smoothing)
-    assert loss.dtype == torch.float32
-    if reduction == "mean":
-        assert loss.shape == () and math.isnan(loss.item())
-    elif reduction == "sum":
-        assert loss.shape == () and loss.item() == 0.0
-    else:
-        assert loss.shape == (4,) and torch.all(loss == 0)
+    assert_nothing_counted(loss, reduction, (4,))
+    if reduction == "none":
+        assert torch.all(loss == 0)
     loss.backward(torch.ones_like(loss))
     assert torch.equal(logits.grad, torch.zeros_like(logits)), logits.grad
 
@@ -281,13 +288,7 @@ def test_empty_input(reduction, lead):
     logits = make_logits(lead, 7, seed=22).requires_grad_()
     targets = torch.zeros(lead, dtype=torch.int64, device=DEVICE)
     loss = cross_entropy(logits, targets, reduction=reduction)
-    assert loss.dtype == torch.float32
-    if reduction == "mean":
-        assert loss.shape == () and math.isnan(loss.item())
-    elif reduction == "sum":
-        assert loss.shape == () and loss.item() == 0.0
-    else:
-        assert loss.shape == lead
+    assert_nothing_counted(loss, reduction, lead)
     loss.backward(torch.ones_like(loss))
     assert logits.grad.shape == logits.shape and logits.grad.dtype == logits.dtype
 
