@@ -82,6 +82,10 @@ class ModelConfig:
     stem: str = "cifar"
     #: Stochastic depth of ConvNeXt blocks: the drop probability of the last block (rising linearly from 0).
     drop_path: float = 0.0
+    # Recurrent networks (arch "lstm" or "gru") also read n_layer, d_model (the embedding width), dropout
+    # (between layers), vocab_size and tie_embeddings.
+    #: Width of the recurrent state; 0 means d_model. Tied embeddings with hidden != d_model add a projection.
+    hidden: int = 0
 
 
 @dataclass
@@ -118,6 +122,11 @@ class DataConfig:
     augment: bool = True
     #: Padding of the random crop, in pixels of the stored images (0: flips only).
     crop_padding: int = 4
+    # Time series (train.task = "forecast"): source "series" (built in, generated) or a .csv/.parquet file.
+    #: Comma-separated columns to forecast; "" takes every numeric column.
+    columns: str = ""
+    #: Season length in steps, for the seasonal-naive baseline (the built-in series repeat every 24 steps).
+    season: int = 24
 
 
 @dataclass
@@ -150,6 +159,14 @@ class TrainConfig:
     label_smoothing: float = 0.0
     #: Decay of an exponential moving average of the weights used for evaluation (image models; 0: off).
     ema_decay: float = 0.0
+    #: "auto" (the architecture's own task: language modelling or image classification) or "forecast"
+    #: (time series: train.seq_len steps of context predict the next train.horizon steps).
+    task: str = "auto"
+    #: Steps a forecast predicts.
+    horizon: int = 24
+    #: Truncated backpropagation through time (arch "lstm"/"gru"): each batch row reads consecutive windows
+    #: and the recurrent state carries over between steps, detached.
+    carry_state: bool = False
 
 
 @dataclass
@@ -469,6 +486,7 @@ def validate(r: Recipe) -> None:
                 f"(model.context = {m.context})")
     if m.arch in IMAGE_ARCHS:
         _validate_image_classifier(r, positive)
+    _validate_sequence_models(r, positive)
 
 
 #: Architectures trained on images by the image classification task.
@@ -526,3 +544,43 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     raise TypeError(f"cannot write {value!r} as TOML")
+
+
+#: Recurrent architectures, trained by the language-modelling and forecasting tasks.
+RNN_ARCHS = ("lstm", "gru")
+
+
+def _validate_sequence_models(r: Recipe, positive) -> None:
+    """Recurrent networks, truncated BPTT and the forecasting task."""
+    m, d, t = r.model, r.data, r.train
+    if t.task not in ("auto", "forecast"):
+        raise RecipeError(f"train.task: {t.task!r} is not one of auto, forecast")
+    if m.arch in RNN_ARCHS:
+        positive("model.n_layer", m.n_layer)
+        positive("model.d_model", m.d_model)
+        positive("model.hidden", m.hidden, allow_zero=True)
+        positive("model.vocab_size", m.vocab_size, allow_zero=True)
+        if not 0.0 <= m.dropout < 1.0:
+            raise RecipeError(f"model.dropout must be in [0, 1), got {m.dropout}")
+        if r.parallel.strategy == "fsdp":
+            raise RecipeError(f"parallel.strategy = 'fsdp' does not shard model.arch = {m.arch!r} (nn.{m.arch.upper()} "
+                              f"keeps its weights in one flat cuDNN buffer); use 'ddp'")
+    if t.carry_state and (m.arch not in RNN_ARCHS or t.task != "auto"):
+        raise RecipeError(f"train.carry_state needs a recurrent language model (model.arch = 'lstm' or 'gru', "
+                          f"train.task = 'auto'), got model.arch = {m.arch!r}, train.task = {t.task!r}")
+    if t.task != "forecast":
+        return
+    if m.arch not in ("gpt", *RNN_ARCHS):
+        raise RecipeError(f"train.task = 'forecast' trains model.arch = 'gpt', 'lstm' or 'gru', not {m.arch!r}")
+    positive("train.horizon", t.horizon)
+    positive("data.season", d.season)
+    if d.season > t.seq_len:
+        raise RecipeError(f"data.season ({d.season}) is longer than the context (train.seq_len = {t.seq_len}); "
+                          f"the seasonal-naive forecast repeats the context's last season")
+    if d.source != "series":
+        path = Path(d.source).expanduser()
+        if path.suffix not in (".csv", ".parquet"):
+            raise RecipeError(f"data.source: a forecast reads 'series' (built in) or a .csv/.parquet file, "
+                              f"got {d.source!r}")
+        if not path.is_file():
+            raise RecipeError(f"data.source: no such file: {path}")

@@ -287,3 +287,38 @@ class TokenWindows:
             rng = np.random.default_rng([self.seed, 1 << 40, i])
             starts = rng.integers(0, len(self.tokens) - self.seq_len, size=self.world * self.batch_size)
             yield self._gather(starts[rank * self.batch_size:(rank + 1) * self.batch_size])
+
+
+class StreamWindows(TokenWindows):
+    """Consecutive windows for each batch row: the sampler of truncated backpropagation through time.
+
+    The training tokens are cut into one contiguous stream per row of the global batch
+    (``grad_accum · world · batch_size`` rows, numbered like :class:`TokenWindows`' slices). At step ``s``
+    row ``r`` reads window ``s mod n`` of its stream, where ``n`` windows of ``seq_len`` fit in a stream
+    after an offset; so a row's window at step ``s + 1`` starts where its window at step ``s`` ended. Every
+    ``n`` steps a new pass starts, at an offset in [0, seq_len) drawn from (seed, pass), and the task resets
+    the carried state (:meth:`starts_pass`). Everything is a pure function of (seed, step).
+    """
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, grad_accum: int, seed: int,
+                 world: int = 1):
+        super().__init__(tokens, seq_len, batch_size, grad_accum, seed, world)
+        rows = grad_accum * world * batch_size
+        self.stream_len = len(tokens) // rows
+        self.windows_per_pass = self.stream_len // seq_len - 1  # the offset may take up to one window
+        if self.windows_per_pass < 1:
+            raise RecipeError(
+                f"train.carry_state: {len(tokens)} training tokens cut into {rows} streams (train.batch_size x "
+                f"train.grad_accum x processes) leave {self.stream_len} tokens per stream, fewer than "
+                f"2 x train.seq_len ({2 * seq_len}); lower train.batch_size or train.seq_len")
+
+    def starts_pass(self, step: int) -> bool:
+        """True when ``step`` begins a new pass over the streams (the carried state starts from zero)."""
+        return step % self.windows_per_pass == 0
+
+    def batch(self, step: int, micro: int = 0, rank: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        pass_index, window = divmod(step, self.windows_per_pass)
+        offset = int(np.random.default_rng([self.seed, pass_index]).integers(0, self.seq_len))
+        first = (micro * self.world + rank) * self.batch_size
+        rows = np.arange(first, first + self.batch_size)
+        return self._gather(rows * self.stream_len + offset + window * self.seq_len)
