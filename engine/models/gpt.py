@@ -8,6 +8,8 @@ backend; an add followed by a norm with the torch backend — the same math).
 
 Options cover both GPT-2 and the newer Llama-style block: learned or rotary positions, LayerNorm or
 RMSNorm, GELU or SwiGLU MLP, grouped-query attention, tied embeddings, a sliding attention window.
+With ``input_dim > 0`` the model reads continuous vectors (B, T, input_dim) through a linear projection
+instead of token ids, and its head is an untied linear layer of ``vocab_size`` outputs (a forecaster's).
 """
 from __future__ import annotations
 
@@ -38,6 +40,7 @@ class GPTConfig:
     tie_embeddings: bool = True
     dropout: float = 0.0
     window: int = 0  # 0: full causal attention
+    input_dim: int = 0  # > 0: continuous inputs of this width instead of token ids
 
     @property
     def head_dim(self) -> int:
@@ -160,7 +163,7 @@ class GPT(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.ops = ops
-        self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.wte = nn.Linear(cfg.input_dim, cfg.d_model) if cfg.input_dim else nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.wpe = nn.Embedding(cfg.context, cfg.d_model) if cfg.pos == "learned" else None
         if cfg.pos == "rope":
             cos, sin = rotary_tables(cfg.head_dim, cfg.context, cfg.rope_base)
@@ -170,7 +173,7 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, ops) for _ in range(cfg.n_layer))
         self.ln_f = Norm(cfg.d_model, cfg.norm, cfg.bias, ops)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        if cfg.tie_embeddings:
+        if cfg.tie_embeddings and not cfg.input_dim:
             # The input embedding and the output projection share one matrix (GPT-2; saves V·d params).
             self.lm_head.weight = self.wte.weight
         self.apply(self._init_weights)
@@ -202,7 +205,7 @@ class GPT(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, T, V) for ``idx`` (B, T); with ``targets``, the mean cross-entropy loss instead."""
-        B, T = idx.shape
+        T = idx.shape[1]
         if T > self.cfg.context:
             raise ValueError(f"sequence of length {T} is longer than the model's context {self.cfg.context}")
         x = self.wte(idx)

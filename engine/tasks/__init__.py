@@ -1,7 +1,8 @@
 """Tasks: what the trainer trains. A task owns its model, its data and how both meet.
 
 The trainer runs the same loop for every task; a task supplies the pieces that differ between language
-modelling and image classification (see :class:`Task`). :func:`build_task` picks one by ``model.arch``.
+modelling and image classification (see :class:`Task`). :func:`build_task` picks one by ``model.arch``,
+or the forecasting task when ``train.task = "forecast"``.
 """
 from __future__ import annotations
 
@@ -18,8 +19,8 @@ from engine.registry import Ops
 class Task:
     """The interface the trainer relies on.
 
-    Attributes set by subclasses: ``model`` (the nn.Module), ``unit`` ("tok" or "img": what throughput
-    counts), ``items_per_micro_batch`` (tokens or images per micro-batch on one process).
+    Attributes set by subclasses: ``model`` (the nn.Module), ``unit`` ("tok", "img" or "win": what throughput
+    counts), ``items_per_micro_batch`` (tokens, images or windows per micro-batch on one process).
     """
 
     model: nn.Module
@@ -71,6 +72,10 @@ def register(arch: str):
 
 
 def build_task(recipe: Recipe, ops: Ops, device: torch.device, rank: int = 0, world: int = 1, log=print) -> Task:
+    if recipe.train.task == "forecast":
+        from engine.tasks.forecast import ForecastTask
+
+        return ForecastTask(recipe, ops, device, rank, world, log)
     for module in _TASK_MODULES:  # each registers its architectures on import
         importlib.import_module(module)
     if recipe.model.arch not in _BUILDERS:
