@@ -182,6 +182,8 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("attn.proj.weight") or name.endswith("mlp.proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+        if cfg.input_dim:  # unit-variance inputs, unit-variance features: the series outweighs the positions at init
+            nn.init.normal_(self.wte.weight, mean=0.0, std=1.0 / math.sqrt(cfg.input_dim))
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:

@@ -83,7 +83,8 @@ class ForecastTask(Task):
         """Inputs (B, context, C) and the horizon after every position: targets (B, context, horizon, C)."""
         t = self.recipe.train
         rng = np.random.default_rng([self.recipe.run.seed, step])
-        starts = rng.integers(0, self.split - self.context - self.horizon + 1, size=t.grad_accum * self.world * t.batch_size)
+        total = t.grad_accum * self.world * t.batch_size
+        starts = rng.integers(0, self.split - self.context - self.horizon + 1, size=total)
         first = (micro * self.world + self.rank) * t.batch_size
         w = self._windows(starts[first:first + t.batch_size])
         targets = w[:, 1:].unfold(1, self.horizon, 1)[:, :self.context].transpose(2, 3)

@@ -16,7 +16,8 @@ from engine.trainer import Trainer
 from support import Sink, tiny_corpus
 
 OPS = resolve({}, "cpu")
-SHAPES = [dict(cell="lstm"), dict(cell="gru"), dict(cell="lstm", hidden=24), dict(cell="gru", hidden=24, tie_embeddings=False)]
+SHAPES = [dict(cell="lstm"), dict(cell="gru"), dict(cell="lstm", hidden=24),
+          dict(cell="gru", hidden=24, tie_embeddings=False)]
 TINY = ["--model.arch=lstm", "--model.n_layer=2", "--model.d_model=16", "--model.hidden=24", "--model.dropout=0.1",
         "--train.seq_len=8", "--train.batch_size=3", "--train.grad_accum=2", "--train.eval_batches=1",
         "--train.eval_every=0", "--train.log_every=1", "--train.sample_tokens=4", "--optim.lr=1e-2",
@@ -29,7 +30,8 @@ def data(tmp_path_factory):
 
 
 def train_losses(run_dir) -> list[tuple]:
-    return [(m["kind"], m["step"], m.get("loss", m.get("val_loss"))) for m in read_metrics(Path(run_dir) / "metrics.jsonl")]
+    records = read_metrics(Path(run_dir) / "metrics.jsonl")
+    return [(m["kind"], m["step"], m.get("loss", m.get("val_loss"))) for m in records]
 
 
 @pytest.mark.parametrize("opts", SHAPES, ids=[",".join(f"{k}={v}" for k, v in o.items()) for o in SHAPES])
