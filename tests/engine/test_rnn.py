@@ -1,5 +1,8 @@
 """Recurrent language models: shapes, training, the carry_state sampler, and exact resume with a carried state."""
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -147,3 +150,26 @@ def test_bad_recurrent_recipes_name_the_field(args, message):
 def test_streams_too_short_for_carry_state_are_refused():
     with pytest.raises(RecipeError, match=r"train.carry_state: 100 training tokens cut into 12 streams"):
         StreamWindows(np.zeros(100, dtype=np.uint16), seq_len=8, batch_size=3, grad_accum=2, seed=0, world=2)
+
+
+@pytest.mark.slow
+def test_a_carried_state_saved_by_two_processes_resumes_in_one(data, tmp_path):
+    """DDP under torchrun: the ranks gather their rows' state into the checkpoint; one process resumes it."""
+    root = Path(__file__).resolve().parents[2]
+    args = TINY + data + ["--train.carry_state=true", "--train.sample_tokens=0", "--train.grad_accum=1",
+                          "--model.dropout=0", "--run.device=cpu"]  # dropout masks depend on the world size
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+
+    def train(*extra, nproc=1):
+        launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] \
+            if nproc > 1 else [sys.executable]
+        recipe = str(root / "recipes" / "lstm_cpu.toml")
+        proc = subprocess.run([*launch, "-m", "engine.train", recipe, *args, *extra], cwd=root, env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    train("--train.batch_size=4", "--train.steps=6", f"--run.dir={tmp_path / 'one'}")
+    train("--train.batch_size=2", "--train.steps=3", f"--run.dir={tmp_path / 'two'}", nproc=2)
+    train("--train.batch_size=4", "--train.steps=6", f"--run.dir={tmp_path / 'two'}", "--checkpoint.resume=latest")
+    one, two = ([loss for kind, _, loss in train_losses(tmp_path / d) if kind == "train"] for d in ("one", "two"))
+    assert len(two) == 6 and two == pytest.approx(one, rel=1e-5, abs=1e-6)
