@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -28,6 +29,18 @@ def _positive(where: str, value: float, allow_zero: bool = False) -> None:
         raise RecipeError(f"{where} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
 
 
+def parse_duration(where: str, text: str) -> float:
+    """Seconds in ``"90s"``, ``"4m"``, ``"1h30m"``, ``"2.5m"`` or a bare number of seconds."""
+    parts = re.fullmatch(r"\s*(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?\s*(?:(\d+(?:\.\d+)?)s?)?\s*", text)
+    if not text.strip() or parts is None or not any(parts.groups()):
+        raise RecipeError(f"{where}: {text!r} is not a duration; write e.g. \"4m\", \"90s\" or \"1h30m\"")
+    h, m, sec = (float(g) if g else 0.0 for g in parts.groups())
+    seconds = 3600 * h + 60 * m + sec
+    if seconds <= 0:
+        raise RecipeError(f"{where} must be > 0, got {text!r}")
+    return seconds
+
+
 def _fraction(where: str, value: float) -> None:
     """``value`` in [0, 1)."""
     if not 0.0 <= value < 1.0:
@@ -35,6 +48,8 @@ def _fraction(where: str, value: float) -> None:
 
 
 Arch = Literal["gpt", "resnet", "convnext"]
+#: Fewest warmup steps a time-budgeted run times before it fixes its step count.
+BUDGET_MIN_WARMUP = 5
 #: Architectures trained on images by the image classification task.
 IMAGE_ARCHS = ("resnet", "convnext")
 
@@ -205,6 +220,10 @@ class TrainConfig:
     """The training loop."""
 
     steps: int = 1000
+    #: Wall time the run may take, e.g. "4m", "90s", "1h30m" ("" for none): the run measures its speed over
+    #: its first steps (the warmup), then fixes ``steps`` to what fits (at most the value above), records it
+    #: and schedules the learning rate over it. Counted from the start of the run, evaluations included.
+    time_budget: str = ""
     #: Sequences per micro-batch on each process.
     batch_size: int = 16
     #: Sequence length of a training sample (at most model.context).
@@ -231,7 +250,12 @@ class TrainConfig:
     #: Decay of an exponential moving average of the weights used for evaluation (image models; 0: off).
     ema_decay: float = 0.0
 
+    def budget_seconds(self) -> float | None:
+        """``time_budget`` in seconds, None when unset."""
+        return parse_duration("train.time_budget", self.time_budget) if self.time_budget else None
+
     def validate(self) -> None:
+        self.budget_seconds()
         for key in ("steps", "batch_size", "seq_len", "grad_accum", "eval_batches", "log_every"):
             _positive(f"train.{key}", getattr(self, key))
         for key in ("grad_clip", "eval_every", "sample_tokens", "max_bad_steps"):
@@ -517,6 +541,11 @@ def validate(r: Recipe) -> None:
     if r.model.arch == "gpt" and r.train.seq_len > r.model.context:
         raise RecipeError(f"train.seq_len ({r.train.seq_len}) is longer than the model supports "
                           f"(model.context = {r.model.context})")
+    if r.train.time_budget and r.optim.schedule != "constant" and r.optim.warmup_steps < BUDGET_MIN_WARMUP:
+        raise RecipeError(
+            f"train.time_budget: the step count is fixed after timing the warmup steps, whose learning rate does "
+            f"not depend on it; with optim.schedule = {r.optim.schedule!r}, optim.warmup_steps must be >= "
+            f"{BUDGET_MIN_WARMUP} (got {r.optim.warmup_steps})")
     if r.model.arch in IMAGE_ARCHS and r.data.source == "stdlib":
         raise RecipeError("data.source: 'stdlib' is text; image models read 'shapes' (generated, no download), "
                           "'hf:NAME[:CONFIG]' or a local image folder or parquet file")

@@ -29,7 +29,7 @@ from torch.distributed.tensor import DTensor
 
 from engine import checkpoint, distributed, registry
 from engine.checkpoint import CheckpointError
-from engine.config import Recipe, RecipeError, dump_toml
+from engine.config import BUDGET_MIN_WARMUP, Recipe, RecipeError, dump_toml
 from engine.metrics import RunLogger, environment, format_duration, peak_flops
 from engine.precision import LossScaler, autocast
 from engine.tasks import Task, build_task
@@ -71,6 +71,9 @@ def lr_at(step: int, recipe: Recipe) -> float:
     progress = min(1.0, (step - o.warmup_steps) / max(1, total - o.warmup_steps))
     return o.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (o.lr - o.min_lr)
 
+
+#: Share added to the measured step time when a time budget fixes the step count (machines vary while they run).
+BUDGET_MARGIN = 0.06
 
 _STAMP = re.compile(r"-\d{8}-\d{6}(-\d+)?$")
 
@@ -317,6 +320,86 @@ def masked_step(optimizer, apply: torch.Tensor) -> None:
                     t.copy_(torch.where(apply, t, torch.zeros_like(t)))
 
 
+class _BudgetClock:
+    """Fixes a time-budgeted run's step count once its warmup steps are timed.
+
+    The steps before the count is fixed are warmup steps, whose learning rate does not depend on the count,
+    so fixing it changes nothing that already ran. The count fits the budget (counted from the trainer's
+    start) with the periodic and final evaluations, the end-of-run sample, and a margin of
+    :data:`BUDGET_MARGIN` on the measured step time. Timing needs the device idle at the two ends of the
+    window: the only host syncs a budget adds.
+    """
+
+    def __init__(self, trainer: "Trainer"):
+        self.trainer = trainer
+        r = trainer.recipe
+        warmup = r.optim.warmup_steps
+        self.window_end = max(BUDGET_MIN_WARMUP, min(warmup, 50)) if r.optim.schedule == "constant" \
+            else min(warmup, 50)
+        self.window_start: float | None = None
+        self.paused = 0.0
+
+    def after_step(self) -> bool:
+        """Called after each step; returns True once the count is fixed."""
+        t = self.trainer
+        if t.step == 1 or self.window_start is None:  # the first step pays one-time costs: not timed
+            _sync(t.device)
+            self.window_start, self.start_step, self.paused = time.perf_counter(), t.step, 0.0
+            return False
+        if t.step < max(self.window_end, self.start_step + 2):
+            return False
+        _sync(t.device)
+        per_step = (time.perf_counter() - self.window_start - self.paused) / (t.step - self.start_step)
+        forward = self._forward_seconds()
+        steps = self.fit(per_step, forward)
+        t._fix_steps(steps)
+        r = t.recipe.train
+        left = r.budget_seconds() - (time.perf_counter() - t._t_created)
+        t.log.print(f"time budget {r.time_budget}: {steps} steps fit ({1e3 * per_step:.0f} ms/step measured over "
+                    f"steps {self.start_step + 1}-{t.step}, {left:.0f} s left); the learning rate is scheduled "
+                    f"over them")
+        t.log.record({"kind": "budget", "step": t.step, "steps": steps, "step_ms": 1e3 * per_step,
+                      "eval_forward_ms": 1e3 * forward, "seconds_left": left})
+        if t.dist.is_main:
+            (t.run_dir / "recipe.toml").write_text(dump_toml(t.resolved))
+        return True
+
+    def _forward_seconds(self) -> float:
+        """One evaluation-sized forward (no gradients, eval mode) of a training batch, timed."""
+        t = self.trainer
+        model = t.forward_model
+        inputs, targets = t.task.batch(0, 0)
+        was_training = model.training
+        model.eval()
+        with torch.no_grad(), autocast(t.recipe.train.precision, t.device):
+            begin = time.perf_counter()
+            t.task.loss(model, inputs, targets)
+            _sync(t.device)
+            seconds = time.perf_counter() - begin
+        model.train(was_training)
+        return seconds
+
+    def fit(self, per_step: float, forward: float) -> int:
+        """The step count that fits what is left of the budget, at ``per_step`` seconds a step and
+        ``forward`` seconds an evaluation batch."""
+        t = self.trainer
+        r = t.recipe.train
+        left = r.budget_seconds() - (time.perf_counter() - t._t_created)
+        per_step *= 1 + BUDGET_MARGIN
+        fixed = forward * (t.task.eval_batches(final=True) + r.sample_tokens / r.batch_size)
+        steps = t.step
+        for _ in range(3):  # the periodic evaluations depend on the count
+            evals = (steps // r.eval_every) if r.eval_every else 0
+            cost = fixed + evals * forward * t.task.eval_batches(final=False)
+            steps = t.step + max(0, int((left - cost) / per_step))
+        return min(steps, r.steps)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 class Trainer:
     """One training run: build everything from the recipe, check it, then :meth:`fit`.
 
@@ -328,6 +411,7 @@ class Trainer:
     """
 
     def __init__(self, recipe: Recipe, stream=None):
+        self._t_created = time.perf_counter()  # a time budget counts from here
         self.recipe = r = recipe
         self.dist = distributed.init("cuda" if r.run.device != "cpu" and torch.cuda.is_available() else "cpu")
         self.device = resolve_device(r.run.device, self.dist.local_rank)
@@ -367,6 +451,8 @@ class Trainer:
         self.last_checkpoint: Path | None = None
         self.last_eval: dict[str, float] = {}
         self._signal: int | None = None
+        #: The step count a time budget fixed (None: not fixed yet, or no budget).
+        self.budget_steps: int | None = None
         state = self._load(resume_from) if resume_from is not None else {}
 
         # Everything is checked: from here on the run writes.
@@ -406,7 +492,8 @@ class Trainer:
     def state_dict(self) -> dict:
         """The replicated part of a checkpoint (the model and optimizer go in :meth:`sharded_state_dict`)."""
         state = {"step": self.step, "scaler": self.scaler.state_dict(), "rng": _rng_state(self.device),
-                 "bad_steps": self.bad_steps, "recipe": self.resolved.to_dict(), "wandb_id": self.log.wandb_id}
+                 "bad_steps": self.bad_steps, "recipe": self.resolved.to_dict(), "wandb_id": self.log.wandb_id,
+                 "budget_steps": self.budget_steps}
         if hasattr(self.task, "state_dict"):
             state["task"] = self.task.state_dict()
         return state
@@ -433,6 +520,8 @@ class Trainer:
     def _load(self, path: Path) -> dict:
         """Load and apply a checkpoint (all but the RNG states); returns it."""
         state = checkpoint.load(path, map_location=self.device)
+        if state.get("budget_steps"):  # the count the time budget fixed: the resumed run keeps it
+            self._fix_steps(state["budget_steps"])
         changes = _recipe_changes(state["recipe"], self.resolved.to_dict())
         model_changes = [c for c in changes if c.startswith("model.")]
         if model_changes:
@@ -516,8 +605,9 @@ class Trainer:
         t_start = t_last = time.perf_counter()
         steps_since, first_step = 0, self.step
         pending: list[StepResult] = []
+        budget = _BudgetClock(self) if r.train.time_budget and self.budget_steps is None else None
         try:
-            while self.step < total:
+            while self.step < r.train.steps:
                 if self.dist.world == 1 or self.step % r.train.log_every == 0:
                     signum = self._signalled()
                     if signum is not None:
@@ -531,6 +621,9 @@ class Trainer:
                 steps_since += 1
                 self.task.on_step_end(self.step)
                 pending.append(out)
+                if budget is not None and budget.after_step():
+                    budget = None
+                total = r.train.steps
                 log_now = self.step % r.train.log_every == 0 or self.step == total
                 eval_now = bool(r.train.eval_every) and self.step % r.train.eval_every == 0 and self.step != total
                 save_now = bool(r.checkpoint.every) and self.step % r.checkpoint.every == 0 and self.step != total
@@ -541,12 +634,15 @@ class Trainer:
                 if log_now:
                     self._log(out, t_last, steps_since, t_start, first_step)
                     t_last, steps_since = time.perf_counter(), 0
+                paused = time.perf_counter()
                 if eval_now:
                     self.evaluate()
                 if save_now:
                     self.save()
                 if eval_now or save_now:  # throughput counts training steps only
                     t_last, steps_since = time.perf_counter(), 0
+                    if budget is not None:
+                        budget.paused += t_last - paused
             self.evaluate()
             self.save()
         finally:
@@ -568,6 +664,11 @@ class Trainer:
         self.log.record(record)
         self.log.eval_line(record)
         return metrics
+
+    def _fix_steps(self, steps: int) -> None:
+        """Set the run's step count (the time budget's choice): the schedule, the loop and the records follow it."""
+        self.budget_steps = steps
+        self.recipe.train.steps = self.resolved.train.steps = steps
 
     def _log(self, out: StepResult, t_last: float, steps: int, t_start: float, first_step: int) -> None:
         """The progress line and metrics record of a logging step (reads the step's loss: a host sync), timing

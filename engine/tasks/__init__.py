@@ -37,6 +37,10 @@ class Task:
         """Validation metrics (averaged over processes), e.g. {"val_loss": ...}."""
         raise NotImplementedError
 
+    def eval_batches(self, final: bool) -> int:
+        """Batches one evaluation runs (the final one, or a periodic one): what a time budget reserves."""
+        return self.recipe.train.eval_batches
+
     def flops_per_item(self) -> float | None:
         """Training FLOPs per token/image, for TFLOP/s and MFU; None if unknown."""
         return None
