@@ -119,8 +119,6 @@ def _blocks(m: int, f: int) -> tuple[int, int]:
 
 
 def _launch(kernel, m: int, f: int, *args) -> None:
-    if m == 0 or f == 0:
-        return
     block_m, block_f = _blocks(m, f)
     grid = (triton.cdiv(m, block_m), triton.cdiv(f, block_f))
     kernel[grid](*args, m, f, *[a.stride(0) for a in args], BLOCK_M=block_m, BLOCK_F=block_f,
@@ -140,6 +138,8 @@ def _swiglu_fwd_op(h: Tensor) -> Tensor:
     if not (h.is_cuda or _INTERPRET):
         gate, up = _split(h)
         return out.copy_(torch.sigmoid(gate) * gate * up)
+    if out.numel() == 0:
+        return out
     rows = _as_rows(h)
     _launch(_swiglu_fwd_kernel, rows.shape[0], f, rows, out.view(-1, f))
     return out
@@ -159,6 +159,8 @@ def _swiglu_bwd_op(dout: Tensor, h: Tensor) -> Tensor:
         gate, up = _split(h)
         s, g = torch.sigmoid(gate), dout.float()
         return dh.copy_(torch.cat((g * up * s * (1 + gate * (1 - s)), g * gate * s), dim=-1))
+    if dh.numel() == 0:
+        return dh
     rows = _as_rows(h)
     _launch(_swiglu_bwd_kernel, rows.shape[0], f, rows, _as_rows(dout), dh.view(-1, 2 * f))
     return dh
