@@ -5,24 +5,23 @@
 
     y[i] = x[i] cos[p, i] - x[i + D/2] sin[p, i],   y[i + D/2] = x[i + D/2] cos[p, i] + x[i] sin[p, i]
 
-with cos/sin the (positions, D/2) tables of ``engine.models.gpt.rotary_tables``. The backward is the
-rotation by -angle (sin negated), the same kernel with ``INVERSE``: one pass over dq and dk.
+with cos/sin (positions, D/2) tables (the GPT's ``rotary_tables``). The backward is the rotation by
+-angle (sin negated), the same kernel with ``INVERSE``: one pass over dq and dk.
 
-Memory, per element of q and k (``e`` bytes each): read once, write once, 2e bytes, which is the floor.
-q and k are strided views of the (B, T, H + 2 Hkv, D) projection output: the kernel takes their batch,
-head and position strides, so nothing is copied. cos/sin come from the table rather than being computed
-in-kernel: a program loads the [BLOCK_T, D/2] fp32 rows of its positions once and applies them to all
-its heads, 8 bytes per pair per position against 2e * 2 bytes per pair per head, i.e. 2 / (e * heads)
-extra (1.25% for bf16 at H + Hkv = 40), mostly from L2 when several programs share positions. Computing
-them in-kernel would save that but costs a sin and a cos per pair per position, and an fp32 angle
-p * inv_freq loses ~p * 2^-24 rad (1e-3 at p = 8k) against the float64-made table, so the results would
-differ from the torch path's; the table also serves any frequency scheme the caller built.
+Memory per element of q and k (``e`` bytes): read once, written once, 2e bytes, the floor (eager torch
+moves 9e: four products, two sums and a cat). q and k are strided views of the (B, T, H + 2 Hkv, D)
+projection output; the kernel takes their strides, nothing is copied. cos/sin are read from the table,
+not computed: a program loads the fp32 rows of its BLOCK_T positions once for all its heads, 8 bytes
+per pair per position against 4e per pair per head, 2 / (e * heads) extra (2.5% for bf16 at
+H + Hkv = 40), from L2 where head groups share positions. In-kernel sin/cos would save that but cost
+two transcendentals per pair, and an fp32 angle p * inv_freq is off by ~p * 2^-24 rad (5e-4 at
+p = 8k) from the float64-made table, so results would differ from the torch path's; a table also
+serves any frequency scheme the caller builds.
 
-Math in fp32 (the table's values as given), rounded once to q's dtype. Outputs are contiguous
-(B, H, T, D) and (B, Hkv, T, D). On CUDA, and on CPU under ``TRITON_INTERPRET=1``, the Triton kernel
-runs inside the ``tritonforge::rope`` custom op (opaque to ``torch.compile``); on a CPU without the
-interpreter it runs the same fp32 math in torch. Positions outside the table raise on CPU and give NaN
-rows on CUDA (checking there would synchronize).
+Math in fp32, rounded once to q's dtype; outputs contiguous. On CUDA, and on CPU under
+``TRITON_INTERPRET=1``, the kernel runs inside the ``tritonforge::rope`` custom op (opaque to
+``torch.compile``); on a CPU without the interpreter the op runs the same fp32 math in torch. Positions
+outside the table raise on CPU and give NaN rows on CUDA (checking there would synchronize).
 """
 from __future__ import annotations
 
