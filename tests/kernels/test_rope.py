@@ -107,16 +107,18 @@ def test_backward_is_the_inverse_rotation(dtype):
     assert ref_qkv.grad.view(B, T, H + 2 * Hkv, D)[:, :, H + Hkv:].abs().max() == 0  # v gets no gradient
 
 
-def test_matches_the_torch_rotation_convention():
-    """Same pairs and tables as ``engine.models.gpt.apply_rotary``: interchangeable in fp32."""
-    from engine.models.gpt import apply_rotary, rotary_tables
+def test_matches_the_torch_reference_convention():
+    """Same pairs and tables as the registry's torch ``rope`` (the GPT's): interchangeable in fp32."""
+    from engine.models.gpt import rotary_tables
+    from engine.registry import torch_rope
 
     B, H, Hkv, T, D = 2, 2, 2, 9, 16
     _, q, k = fused_qk(B, H, Hkv, T, D, seed=4)
     cos, sin = rotary_tables(D, P, 10000.0)
-    qo, ko = rope(q, k, cos, sin)
-    torch.testing.assert_close(qo, apply_rotary(q, cos[:T], sin[:T]), atol=1e-6, rtol=1e-6)
-    torch.testing.assert_close(ko, apply_rotary(k, cos[:T], sin[:T]), atol=1e-6, rtol=1e-6)
+    pos = torch.randint(0, P, (B, T), generator=torch.Generator().manual_seed(5))
+    for position_ids in (None, pos):
+        for ours, theirs in zip(rope(q, k, cos, sin, position_ids), torch_rope(q, k, cos, sin, position_ids)):
+            torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=1e-6)
 
 
 def test_unit_stride_is_not_required_along_d():
