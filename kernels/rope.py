@@ -25,8 +25,6 @@ outside the table raise on CPU and give NaN rows on CUDA (checking there would s
 """
 from __future__ import annotations
 
-import functools
-import os
 from typing import Optional
 
 import torch
@@ -34,18 +32,17 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from kernels._common import INTERPRET, sm_count, use_triton
 from kernels.aot import Variant
 
 __all__ = ["rope"]
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Elements of one half-head tile [BLOCK_T, D/2] per program step: 2048 on a GPU (4 warps, two 128-bit
 # loads of each half per thread in 16-bit dtypes), 64 in the interpreter so small tests cross blocks.
 _TILE_GPU, _TILE_INTERPRET = 2048, 64
 _WARPS = 4
 _PROGRAMS_PER_SM = 4  # programs wanted per SM before the heads are split over programs
-_INTERPRETER_SMS = 1  # stands in for the SM count in the interpreter
 
 
 # ----------------------------------------------------------------------------------------------
@@ -122,20 +119,14 @@ def _rope_kernel(
 # ----------------------------------------------------------------------------------------------
 # Launcher and the torch fallback
 # ----------------------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _config(batch: int, seq: int, heads: int, half: int, device: torch.device) -> dict:
     """Block sizes and the grid: BLOCK_T positions x next_pow2(D/2) per tile; the heads are split over
     a third grid axis only when the positions alone give fewer than 4 programs per SM."""
     block_half = triton.next_power_of_2(half)
-    tile = _TILE_INTERPRET if _INTERPRET else _TILE_GPU
+    tile = _TILE_INTERPRET if INTERPRET else _TILE_GPU
     block_t = max(1, min(triton.next_power_of_2(seq), tile // block_half))
     t_blocks = triton.cdiv(seq, block_t)
-    sms = _sm_count(device.index or 0) if device.type == "cuda" else _INTERPRETER_SMS
-    groups = min(heads, max(1, triton.cdiv(_PROGRAMS_PER_SM * sms, batch * t_blocks)))
+    groups = min(heads, max(1, triton.cdiv(_PROGRAMS_PER_SM * sm_count(device), batch * t_blocks)))
     per_program = triton.cdiv(heads, groups)
     return {"BLOCK_T": block_t, "BLOCK_HALF": block_half, "heads_per_program": per_program,
             "grid": (t_blocks, batch, triton.cdiv(heads, per_program))}
@@ -153,7 +144,7 @@ def _rope_triton(q, k, qo, ko, cos, sin, position_ids, inverse):
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         qo.stride(0), qo.stride(1), qo.stride(2), ko.stride(0), ko.stride(1), ko.stride(2),
         HALF=D // 2, BLOCK_T=cfg["BLOCK_T"], BLOCK_HALF=cfg["BLOCK_HALF"], HAS_POS=position_ids is not None,
-        INVERSE=inverse, num_warps=1 if _INTERPRET else _WARPS)
+        INVERSE=inverse, num_warps=1 if INTERPRET else _WARPS)
 
 
 def _rope_reference(x: Tensor, cos: Tensor, sin: Tensor, position_ids: Optional[Tensor], inverse: bool) -> Tensor:
@@ -178,7 +169,7 @@ def _rope_op(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, position_ids: Optio
     """(q, k) rotated by +angle (-angle when ``inverse``), contiguous, in their dtype."""
     qo = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     ko = torch.empty(k.shape, device=k.device, dtype=k.dtype)
-    if q.is_cuda or _INTERPRET:
+    if use_triton(q):
         _rope_triton(q, k, qo, ko, cos, sin, position_ids, inverse)
     else:
         qo.copy_(_rope_reference(q, cos, sin, position_ids, inverse))

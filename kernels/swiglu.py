@@ -22,18 +22,16 @@ same fp32 math in torch.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
+from kernels._common import INTERPRET, use_triton
 from kernels.aot import Variant
 
 __all__ = ["swiglu"]
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Output columns and elements per program: on a GPU 1024 and 4096; in the interpreter 32 and 128, so that
 # small tests cross column and row blocks.
@@ -113,7 +111,7 @@ def _as_rows(t: Tensor) -> Tensor:
 
 
 def _blocks(m: int, f: int) -> tuple[int, int]:
-    block_f_max, tile = (_BLOCK_F_INTERPRET, _TILE_INTERPRET) if _INTERPRET else (_BLOCK_F_GPU, _TILE_GPU)
+    block_f_max, tile = (_BLOCK_F_INTERPRET, _TILE_INTERPRET) if INTERPRET else (_BLOCK_F_GPU, _TILE_GPU)
     block_f = min(block_f_max, triton.next_power_of_2(f))
     return max(1, min(triton.next_power_of_2(m), tile // block_f)), block_f
 
@@ -122,7 +120,7 @@ def _launch(kernel, m: int, f: int, *args) -> None:
     block_m, block_f = _blocks(m, f)
     grid = (triton.cdiv(m, block_m), triton.cdiv(f, block_f))
     kernel[grid](*args, m, f, *[a.stride(0) for a in args], BLOCK_M=block_m, BLOCK_F=block_f,
-                 num_warps=1 if _INTERPRET else _WARPS)
+                 num_warps=1 if INTERPRET else _WARPS)
 
 
 def _split(h: Tensor) -> tuple[Tensor, Tensor]:
@@ -135,7 +133,7 @@ def _swiglu_fwd_op(h: Tensor) -> Tensor:
     """silu(h[..., :F]) * h[..., F:] of h (..., 2F), contiguous, in h's dtype."""
     f = h.shape[-1] // 2
     out = torch.empty((*h.shape[:-1], f), device=h.device, dtype=h.dtype)
-    if not (h.is_cuda or _INTERPRET):
+    if not use_triton(h):
         gate, up = _split(h)
         return out.copy_(torch.sigmoid(gate) * gate * up)
     if out.numel() == 0:
@@ -155,7 +153,7 @@ def _swiglu_bwd_op(dout: Tensor, h: Tensor) -> Tensor:
     """(dgate | dup) of shape h.shape, contiguous, in h's dtype."""
     f = h.shape[-1] // 2
     dh = torch.empty(h.shape, device=h.device, dtype=h.dtype)
-    if not (h.is_cuda or _INTERPRET):
+    if not use_triton(h):
         gate, up = _split(h)
         s, g = torch.sigmoid(gate), dout.float()
         return dh.copy_(torch.cat((g * up * s * (1 + gate * (1 - s)), g * gate * s), dim=-1))

@@ -1,10 +1,10 @@
 """rope (kernels.rope) against a float64 rotation of the same values: forward, backward, position ids.
 
 In the interpreter a tile is 64 elements, so D = 16 (8 pairs) gives BLOCK_T = 8 and T = 13 crosses a
-position block with a ragged end; D = 10 has 5 pairs in a block of 8 (masked columns). With one stand-in
-SM the kernel wants 4 programs, so a short sequence splits its heads over programs, and B = 1, T = 5,
-H = Hkv = 3 puts q and k heads in one program. q and k are views of a fused (B, T, H + 2 Hkv, D)
-projection output, as the GPT makes them.
+position block with a ragged end; D = 10 has 5 pairs in a block of 8 (masked columns). At the
+interpreter's stand-in SM count of 4 the kernel wants 16 programs, so a short sequence splits its heads
+over programs: B = 1, T = 3, H = 11, Hkv = 9 gives 10 programs of 2 heads, one with a q and a k head.
+q and k are views of a fused (B, T, H + 2 Hkv, D) projection output, as the GPT makes them.
 
 Tolerances (elementwise ``atol + rtol * |reference|``): fp32 1e-6 (fp32 products of exact inputs);
 fp16 1e-3 (one rounding to fp16, 2^-11); bf16 1e-2 (one rounding to bf16, truncated in the interpreter).
@@ -58,7 +58,7 @@ def assert_close(actual, expected, dtype):
 SHAPES = [  # B, H, Hkv, T, D
     (1, 1, 1, 1, 2),  # one position, one pair
     (2, 4, 2, 13, 16),  # GQA, past one position block
-    (1, 3, 3, 5, 8),  # heads split over programs across the q/k boundary
+    (1, 11, 9, 3, 8),  # 20 heads over 10 programs, one holding the last q and the first k head
     (2, 2, 1, 7, 10),  # MQA, 5 pairs in a block of 8
 ]
 
@@ -151,7 +151,7 @@ def test_positions_outside_the_table_give_nan_rows_in_the_kernel():
 
 
 def test_torch_fallback_without_the_interpreter(monkeypatch):
-    monkeypatch.setattr(rope_mod, "_INTERPRET", False)
+    monkeypatch.setattr(rope_mod, "use_triton", lambda t: False)
     qkv, q, k = fused_qk(2, 2, 1, 6, 8, torch.bfloat16, requires_grad=True)
     cos, sin = tables(8)
     pos = torch.tensor([[0, 1, 2, 0, 1, 2], [3, 4, 5, 6, 7, 8]])

@@ -95,7 +95,7 @@ def test_empty(shape):
 
 
 def test_torch_fallback_without_the_interpreter(monkeypatch):
-    monkeypatch.setattr(swiglu_mod, "_INTERPRET", False)
+    monkeypatch.setattr(swiglu_mod, "use_triton", lambda t: False)
     h = make((4, 3, 18), torch.bfloat16).requires_grad_(True)
     out = swiglu(h)
     assert_close(out, reference(h), torch.bfloat16)
