@@ -15,7 +15,7 @@ Backends. ``torch`` and ``triton`` go through :func:`engine.registry.resolve`, e
 them; ``triton`` for an op that has no kernel yet is reported "not available" and the run goes on. Peers
 a user might pick instead run when importable and are never required: ``sdpa-flash``, ``sdpa-cudnn``,
 ``sdpa-mem_eff`` (one SDPA backend each, through ``torch.nn.attention.sdpa_kernel``), ``flex``
-(FlexAttention under ``torch.compile``), ``compile`` (``torch.compile`` of the torch norm, mlp or
+(FlexAttention under ``torch.compile``), ``compile`` (``torch.compile`` of the torch norm, mlp, rope, swiglu or
 head and loss, compiled afresh per shape with ``dynamic=False`` so no recompilation limit spoils it),
 ``liger`` (Liger-Kernel's LayerNorm/RMSNorm, fused linear cross-entropy, RoPE and SwiGLU), ``triton-nondet`` (the
 triton attention with ``kernels.deterministic = false``: dQ summed with atomics), ``torch-fused`` and ``torch-foreach``
@@ -101,8 +101,8 @@ BACKENDS: dict[str, tuple[str, ...]] = {
     "dwconv": ("torch", "triton"),
     "cross_entropy": ("torch", "triton", "compile", "liger"),
     "optimizer": ("torch", "triton", "torch-fused", "torch-foreach"),
-    "rope": ("torch", "triton", "liger"),
-    "swiglu": ("torch", "triton", "liger"),
+    "rope": ("torch", "triton", "compile", "liger"),
+    "swiglu": ("torch", "triton", "compile", "liger"),
 }
 PROJECT_BACKENDS = ("torch", "triton")
 
@@ -669,12 +669,19 @@ def _flex_runner(case: Case, backend: str) -> Runner:
 
 def _compile_runner(case: Case, backend: str) -> Runner:
     torch._dynamo.reset()
+    if case.op == "rope":
+        qkv, cos, sin = case.inputs
+        rope = torch.compile(lambda qkv, cos, sin: torch.cat(registry.torch_rope(*_rope_views(qkv, case.shape), cos, sin),
+                                                             dim=1), dynamic=False)
+        return Runner(lambda: rope(qkv, cos, sin), [qkv])
     if case.op == "layer_norm":
         fn, eps, n_leaves = registry.torch_layer_norm, (LAYER_NORM_EPS,), 3
     elif case.op == "rms_norm":
         fn, eps, n_leaves = registry.torch_rms_norm, (RMS_NORM_EPS,), 2
     elif case.op == "mlp":
         fn, eps, n_leaves = registry.torch_mlp, (), 7
+    elif case.op == "swiglu":
+        fn, eps, n_leaves = registry.torch_swiglu, (), 1
     else:
         fn, eps, n_leaves = registry.torch_linear_cross_entropy, (), 2
     compiled = torch.compile(fn, dynamic=False)
