@@ -67,6 +67,33 @@ def torch_add_rms_norm(x, residual, weight=None, eps: float = 1e-6):
     return F.rms_norm(residual, (x.shape[-1],), weight, eps), residual
 
 
+def _rotate_pairs(x, cos, sin):
+    """Rotate pairs (x[i], x[i + D/2]) of x (B, H, T, D) by the angles whose cos/sin broadcast over it."""
+    x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+def torch_rope(q, k, cos, sin, position_ids=None):
+    """Rotary position embedding of q (B, H, T, D) and k (B, Hkv, T, D): ``(q_rot, k_rot)``.
+
+    ``cos``/``sin`` are (positions, D/2) tables; position ``t`` (or ``position_ids[b, t]``, a (B, T) integer
+    tensor) picks a row. The math runs in the inputs' dtype, the tables cast to it.
+    """
+    if position_ids is None:
+        cos, sin = cos[:q.shape[2]], sin[:q.shape[2]]
+    else:
+        cos, sin = cos[position_ids][:, None], sin[position_ids][:, None]
+    return _rotate_pairs(q, cos, sin), _rotate_pairs(k, cos, sin)
+
+
+def torch_swiglu(h):
+    """``silu(gate) * up`` with ``gate, up = h.chunk(2, dim=-1)``: a SwiGLU MLP's activation of its fused
+    gate/up projection output h (..., 2F)."""
+    gate, up = h.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
 def torch_gelu_linear_residual(h, weight, bias=None, layer_scale=None, residual=None, row_scale=None):
     """``residual + row_scale * layer_scale * (gelu(h) @ weight.T + bias)``: the second half of an MLP block.
 
@@ -225,6 +252,10 @@ TABLE: list[Op] = [
        {"cross_entropy": (torch_cross_entropy, _triton_cross_entropy),
         "linear_cross_entropy": (torch_linear_cross_entropy, _triton_linear_cross_entropy)},
        kernel_names=("cross_entropy", "linear_cross_entropy")),
+    Op("rope", "rotary position embedding of q and k, read from the QKV projection output, with position ids",
+       {"rope": (torch_rope, "rope")}),
+    Op("swiglu", "SwiGLU's silu(gate) * up on the fused gate/up projection output",
+       {"swiglu": (torch_swiglu, "swiglu")}),
     Op("optimizer", "the optimizer step (optim.name), with clipping, loss-scale unscaling and overflow skips",
        {}, kernel_names=tuple(name for _, name in OPTIMIZERS.values())),
 ]

@@ -58,13 +58,6 @@ def rotary_tables(head_dim: int, context: int, base: float) -> tuple[torch.Tenso
     return angles.cos().float(), angles.sin().float()
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (x[i], x[i + D/2]) of x (B, H, T, D) by position-dependent angles."""
-    x1, x2 = x.chunk(2, dim=-1)
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-
-
 class Attention(nn.Module):
     def __init__(self, cfg: GPTConfig, ops: Ops):
         super().__init__()
@@ -79,16 +72,16 @@ class Attention(nn.Module):
         H, Hkv, D = self.cfg.n_head, self.cfg.kv_heads, self.cfg.head_dim
         qkv = self.qkv(x).view(B, T, H + 2 * Hkv, D).transpose(1, 2)  # (B, H + 2·Hkv, T, D), a view
         q, k, v = qkv.split((H, Hkv, Hkv), dim=1)
-        if rope is not None:
-            cos, sin = rope[0][:T], rope[1][:T]
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if rope is not None:  # rotate pairs (x[i], x[i + D/2]) of q and k by the angle of position t
+            q, k = self.ops.rope(q, k, rope[0], rope[1])
         y = self.ops.attention(q, k, v, causal=True, window=self.cfg.window or None)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: GPTConfig):
+    def __init__(self, cfg: GPTConfig, ops: Ops):
         super().__init__()
+        self.ops = ops
         self.swiglu = cfg.mlp == "swiglu"
         width = 2 * cfg.ff_dim if self.swiglu else cfg.ff_dim
         self.fc = nn.Linear(cfg.d_model, width, bias=cfg.bias)
@@ -97,8 +90,7 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.fc(x)
         if self.swiglu:
-            gate, up = h.chunk(2, dim=-1)
-            return self.proj(F.silu(gate) * up)
+            return self.proj(self.ops.swiglu(h))  # silu(gate) * up, gate and up the halves of h
         return self.proj(F.gelu(h, approximate="tanh"))
 
 
@@ -114,7 +106,7 @@ class Block(nn.Module):
         self.ln1 = Norm(cfg.d_model, cfg.norm, cfg.bias, ops)
         self.attn = Attention(cfg, ops)
         self.ln2 = Norm(cfg.d_model, cfg.norm, cfg.bias, ops)
-        self.mlp = MLP(cfg)
+        self.mlp = MLP(cfg, ops)
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x, delta, rope):
