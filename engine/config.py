@@ -220,15 +220,15 @@ class TrainConfig:
     """The training loop."""
 
     steps: int = 1000
-    #: Wall time the run may take, e.g. "4m", "90s", "1h30m" ("" for none): the run measures its speed over
-    #: its first steps (the warmup), then fixes ``steps`` to what fits (at most the value above), records it
-    #: and schedules the learning rate over it. Counted from the start of the run, evaluations included.
-    time_budget: str = ""
     #: Sequences per micro-batch on each process.
     batch_size: int = 16
     #: Sequence length of a training sample (at most model.context).
     seq_len: int = 128
     grad_accum: int = 1
+    #: Wall time the run may take, e.g. "4m", "90s", "1h30m" ("" for none): the run measures its speed over
+    #: its first steps (the warmup), then fixes ``steps`` to what fits (at most ``steps``), records it
+    #: and schedules the learning rate over it. Counted from the start of the run, evaluations included.
+    time_budget: str = ""
     #: "bf16" runs under autocast; "fp16" adds dynamic loss scaling.
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     #: Clip the global gradient norm to this (0 disables).
