@@ -1,0 +1,458 @@
+"""``tritonforge kernels check``: every op's kernels against an upcast reference, on this machine.
+
+For each op of the registry and each of its backends (``torch``, ``triton``; for attention also
+``triton-nondet``, the backward that sums dQ with atomics), dtype and shape, the op runs forward and
+backward (a random upstream gradient; the gradient of every input) and each result is compared with the
+same computation on upcast inputs: ``‖out − ref‖ / ‖ref‖`` must stay within :data:`TOLERANCE` of the
+dtype. The optimizer (AdamW, SGD with Nesterov momentum, Lion) takes :data:`OPTIMIZER_STEPS` steps on
+fp32 parameters; its parameter update and every state tensor are compared with torch's optimizers run
+in float64 (:data:`OPTIMIZER_TOLERANCE`). One table, exit status 1 if any row fails.
+
+Shapes: ``small`` (``bench ops --shapes tiny``), ``odd`` (sizes no block divides: 67 keys, head dim 80,
+1000 columns, 11 channels, a vocabulary of 1001...) and, on a GPU, ``real`` (the ``bench ops`` defaults:
+attention at hidden 2048 up to S = 16384, norms up to 8192x8192, ConvNeXt-T's stages at batch 128,
+GPT-2 small's head, the GPT-2 124M and 1.5B parameter sets). The reference is float64, but for
+attention on a GPU and every ``real`` shape on a GPU, where it is float32 (SDPA's float32 kernel; an
+S x S matrix in float64 would not fit). bf16 is checked on a GPU only for the ops built on ``tl.dot``
+(attention, mlp, cross_entropy): the interpreter's bf16 dot is wrong.
+
+Without a CUDA device the kernels run through the Triton interpreter on the CPU at the small and odd
+shapes: the command sets ``TRITON_INTERPRET=1`` itself (it must be set before the kernels are imported)
+and says so. Time on one H100, estimated, not measured: the real shapes' arithmetic is about 1.3e14
+FLOPs and 0.5 TB of memory traffic for the three dtypes together (under 2 s at 40% of the card's
+rates, float32 references included); the first run's Triton compilation and autotuning of every kernel
+dominates, a few tens of seconds with an empty cache.
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, fields
+from typing import Callable, Sequence
+
+import torch
+
+from engine import registry
+from engine.bench import ArgumentParser, BenchError, environment, fmt, format_table, free_memory, pick_device, \
+    rel_error, write_json
+from engine.bench import ops as bench_ops
+from engine.bench.ops import (AttentionShape, HeadShape, ImageShape, MatrixShape, NotAvailable, ParamSetShape,
+                              TOLERANCE)
+
+DTYPES = bench_ops.DTYPES
+DTYPE_NAMES = bench_ops.DTYPE_NAMES
+#: Largest relative error of the parameter update and of each state tensor after the steps (fp32).
+OPTIMIZER_TOLERANCE = bench_ops.OPTIMIZER_TOLERANCE
+OPTIMIZER_STEPS = 3
+#: The optimizers of the ``optimizer`` op, with the settings they are checked at, and their state tensors.
+OPTIMIZERS = {
+    "adamw": (dict(lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1), ("exp_avg", "exp_avg_sq")),
+    "sgd": (dict(lr=1e-2, momentum=0.9, nesterov=True, weight_decay=0.1), ("momentum_buffer",)),
+    "lion": (dict(lr=1e-4, betas=(0.9, 0.99), weight_decay=0.1), ("exp_avg",)),
+}
+MAX_GRAD_NORM = bench_ops.MAX_GRAD_NORM
+INIT_STD = 0.02
+#: The ops whose kernels multiply with ``tl.dot``: their bf16 rows are checked on a GPU only.
+DOT_OPS = frozenset({"attention", "mlp", "cross_entropy"})
+BACKENDS = {"attention": ("torch", "triton", "triton-nondet")}
+DEFAULT_BACKENDS = ("torch", "triton")
+SIZES = ("small", "odd", "real")
+
+#: Shapes whose sizes no block size divides, past one block where a kernel tiles.
+ODD_SHAPES: dict[str, list] = {
+    "attention": [AttentionShape(2, 3, 67, 80, causal) for causal in (True, False)],
+    "layer_norm": [MatrixShape(1, 1000), MatrixShape(37, 1000)],
+    "rms_norm": [MatrixShape(1, 1000), MatrixShape(37, 1000)],
+    "mlp": [MatrixShape(37, 24)],
+    "dwconv": [ImageShape(1, 11, 5, 7)],
+    "cross_entropy": [HeadShape(37, 40, 1001)],
+    "optimizer": [ParamSetShape(1, 40, vocab=101, context=13, clip=True)],
+}
+
+
+def shapes_for(op: str, size: str) -> list:
+    if size == "small":
+        return bench_ops.SHAPE_SETS["tiny"][op]
+    if size == "odd":
+        return ODD_SHAPES[op]
+    return bench_ops.SHAPE_SETS["default"][op]
+
+
+def backends_for(op: str) -> tuple[str, ...]:
+    return BACKENDS.get(op, DEFAULT_BACKENDS)
+
+
+def checkable(op: str) -> bool:
+    """Whether this module knows how to build ``op``'s inputs and reference."""
+    return op == "optimizer" or op in ODD_SHAPES and op in bench_ops.OPS
+
+
+class CheckError(BenchError):
+    """The check cannot run as asked (a bad option, or the interpreter cannot be switched on)."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# One row: an op, backend, shape and dtype
+# ---------------------------------------------------------------------------------------------------
+
+def _new_row(op: str, backend: str, size: str, shape: str, dtype: str, reference: str, tolerance: float) -> dict:
+    return {"op": op, "backend": backend, "size": size, "shape": shape, "dtype": dtype, "reference": reference,
+            "errors": {}, "forward": None, "backward": None, "worst": "", "tolerance": tolerance, "status": "ok",
+            "note": "", "seconds": 0.0}
+
+
+def _judge(row: dict, forward_names: int = 1) -> None:
+    """Fill the forward/backward columns from ``row["errors"]`` and mark the row FAIL past the tolerance."""
+    errors = row["errors"]
+    names = list(errors)
+    row["forward"] = max(errors[n] for n in names[:forward_names])
+    if names[forward_names:]:
+        row["backward"] = max(errors[n] for n in names[forward_names:])
+    bad = {n: e for n, e in errors.items() if not e <= row["tolerance"]}  # NaN fails
+    if bad:
+        row["status"] = "FAIL"
+        row["worst"] = max(bad, key=lambda n: -1 if math.isnan(bad[n]) else bad[n])
+        row["note"] = "above the tolerance: " + ", ".join(f"{n} {e:.2e}" for n, e in bad.items())
+    elif errors:
+        row["worst"] = max(errors, key=errors.get)
+
+
+class _Upcast64(bench_ops.Case):
+    """A bench case whose reference is float64 on any device."""
+
+    @property
+    def ref_dtype(self) -> torch.dtype:
+        return torch.float64
+
+
+def _make_case(op: str, shape, dtype: torch.dtype, device: torch.device, size: str) -> bench_ops.Case:
+    case = bench_ops.make_case(op, shape, dtype, device)
+    if device.type == "cuda" and (size == "real" or op == "attention"):
+        return case  # float32 reference (see the module docstring)
+    return _Upcast64(**{f.name: getattr(case, f.name) for f in fields(case)})
+
+
+def _run_op_row(case: bench_ops.Case, backend: str, size: str, log_err) -> dict:
+    row = _new_row(case.op, backend, size, case.shape.label, DTYPE_NAMES[case.dtype],
+                   DTYPE_NAMES.get(case.ref_dtype, "fp64"), TOLERANCE[case.dtype])
+    start = time.perf_counter()
+    try:
+        runner = bench_ops.build_runner(case, backend)
+        row["errors"] = bench_ops._check(case, runner)
+        _judge(row)
+    except NotAvailable as e:
+        row["status"], row["note"] = "not available", str(e)
+    except torch.OutOfMemoryError:
+        row["status"], row["note"] = "not available", "out of memory at this shape on this card"
+    except Exception as e:  # noqa: BLE001  (a kernel that raises on this card fails the check)
+        _raised(row, e)
+    finally:
+        for t in case.inputs:
+            t.grad = None
+    row["seconds"] = time.perf_counter() - start
+    _report(row, log_err)
+    return row
+
+
+def _raised(row: dict, e: Exception) -> None:
+    message = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:300]
+    if row["backend"] == "torch":  # PyTorch lacks this dtype here (fp16 on some CPUs): nothing of ours
+        row["status"], row["note"] = "not available", message
+    else:
+        row["status"], row["note"] = "FAIL", f"raised {message}"
+
+
+def _report(row: dict, log_err) -> None:
+    if row["status"] == "FAIL":
+        log_err(f"!!! FAIL {row['op']} / {row['backend']} / {row['shape']} / {row['dtype']}: {row['note']}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# The optimizer: a few steps over a parameter set, parameters and state against float64 torch
+# ---------------------------------------------------------------------------------------------------
+
+def _grad(step: int, index: int, like: torch.Tensor) -> torch.Tensor:
+    """The gradient of tensor ``index`` at ``step``: random, regenerated on demand rather than stored."""
+    gen = torch.Generator(device=like.device).manual_seed(7919 * step + index)
+    return torch.randn(like.shape, generator=gen, device=like.device, dtype=torch.float32)
+
+
+def _clip_coefs(p0: list[torch.Tensor], clip: bool) -> list[float]:
+    """``clip_grad_norm_``'s factor per step, from the float64 global norm of that step's gradients."""
+    coefs = []
+    for step in range(OPTIMIZER_STEPS):
+        if not clip:
+            coefs.append(1.0)
+            continue
+        norm = math.sqrt(sum(float(_grad(step, i, p).double().square().sum()) for i, p in enumerate(p0)))
+        coefs.append(min(1.0, MAX_GRAD_NORM / (norm + 1e-6)))
+    return coefs
+
+
+def _reference_optimizer(name: str, param: torch.Tensor):
+    settings, _ = OPTIMIZERS[name]
+    if name == "adamw":
+        return torch.optim.AdamW([param], **settings, foreach=False)
+    if name == "sgd":
+        return torch.optim.SGD([param], **settings, foreach=False)
+    return registry.TorchLion([param], **settings)
+
+
+def _optimizer_errors(name: str, params: list[torch.Tensor], state: dict, p0: list[torch.Tensor],
+                      coefs: list[float]) -> dict[str, float]:
+    """Relative errors of the update ``p − p0`` and of each state tensor, over all tensors together,
+    against torch's optimizer in float64 run tensor by tensor (so the reference never holds a second copy
+    of the whole set)."""
+    keys = OPTIMIZERS[name][1]
+    sums = {k: [0.0, 0.0] for k in ("update",) + keys}
+
+    def add(key: str, got: torch.Tensor | None, ref: torch.Tensor) -> None:
+        if got is None:
+            sums[key][0] = math.inf
+            return
+        sums[key][0] += float((got.double() - ref).square().sum())
+        sums[key][1] += float(ref.square().sum())
+
+    for i, (p, start) in enumerate(zip(params, p0)):
+        ref = start.detach().double().clone().requires_grad_()
+        opt = _reference_optimizer(name, ref)
+        for step, coef in enumerate(coefs):
+            ref.grad = _grad(step, i, start).double() * coef
+            opt.step()
+        add("update", p.detach() - start, (ref.detach() - start.double()))
+        for key in keys:
+            add(key, state.get(p, {}).get(key), opt.state[ref][key])
+    return {k: math.sqrt(num / den) if den > 0 else math.sqrt(num) for k, (num, den) in sums.items()}
+
+
+def _run_optimizer_row(name: str, shape: ParamSetShape, backend: str, size: str, p0: list[torch.Tensor],
+                       coefs: list[float], device: torch.device, log_err) -> dict:
+    row = _new_row("optimizer", backend, size, f"{name} {shape.label}", "fp32", "fp64", OPTIMIZER_TOLERANCE)
+    start = time.perf_counter()
+    params: list[torch.Tensor] = []
+    try:
+        try:
+            ops = registry.resolve({"optimizer": backend}, device)
+        except registry.KernelSelectionError as e:
+            raise NotAvailable(str(e)) from None
+        params = [p.clone().requires_grad_() for p in p0]
+        settings, _ = OPTIMIZERS[name]
+        max_norm = MAX_GRAD_NORM if shape.clip else 0.0
+        opt, clips_in_step = ops.make_optimizer(name, params, **settings, max_grad_norm=max_norm, device=device)
+        for step in range(OPTIMIZER_STEPS):
+            for i, p in enumerate(params):
+                p.grad = _grad(step, i, p)
+            if shape.clip and not clips_in_step:
+                torch.nn.utils.clip_grad_norm_(params, max_norm)
+            opt.step()
+        for p in params:
+            p.grad = None
+        row["errors"] = _optimizer_errors(name, params, opt.state, p0, coefs)
+        _judge(row)
+    except NotAvailable as e:
+        row["status"], row["note"] = "not available", str(e)
+    except torch.OutOfMemoryError:
+        row["status"], row["note"] = "not available", "out of memory at this shape on this card"
+    except Exception as e:  # noqa: BLE001
+        _raised(row, e)
+    del params
+    free_memory(device)
+    row["seconds"] = time.perf_counter() - start
+    _report(row, log_err)
+    return row
+
+
+def _optimizer_rows(shape: ParamSetShape, size: str, device: torch.device, log, log_err) -> list[dict]:
+    torch.manual_seed(0)
+    # at GPT-2's init scale: a parameter's own rounding stays well below the few steps' update
+    p0 = [INIT_STD * torch.randn(s, device=device) for s in shape.tensor_shapes()]
+    coefs = _clip_coefs(p0, shape.clip)
+    rows = []
+    for name in OPTIMIZERS:
+        for backend in backends_for("optimizer"):
+            rows.append(_run_optimizer_row(name, shape, backend, size, p0, coefs, device, log_err))
+            log(_progress_line(rows[-1]))
+    del p0
+    free_memory(device)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------
+# The whole check
+# ---------------------------------------------------------------------------------------------------
+
+@dataclass
+class CheckArgs:
+    ops: list[str]
+    dtypes: list[torch.dtype]
+    sizes: list[str]
+    device: torch.device
+    json: str | None = None
+
+
+def _op_rows(op: str, dtype: torch.dtype, size: str, device: torch.device, log, log_err) -> list[dict]:
+    rows = []
+    for shape in shapes_for(op, size):
+        case = _make_case(op, shape, dtype, device, size)
+        for backend in backends_for(op):
+            if backend != "torch" and dtype == torch.bfloat16 and op in DOT_OPS and device.type != "cuda":
+                row = _new_row(op, backend, size, shape.label, "bf16", "–", TOLERANCE[dtype])
+                row["status"] = "not checked"
+                row["note"] = "bf16 tl.dot is wrong in the Triton interpreter: checked on a GPU only"
+            else:
+                row = _run_op_row(case, backend, size, log_err)
+            rows.append(row)
+            log(_progress_line(row))
+        del case
+        free_memory(device)
+    return rows
+
+
+def run(args: CheckArgs, log=print, log_err=None) -> dict:
+    """Every row; returns (and writes, as it goes) ``{"env", "tolerances", "rows", "seconds"}``."""
+    log_err = log_err or (lambda text: print(text, file=sys.stderr, flush=True))
+    start = time.perf_counter()
+    result = {"env": environment(args.device), "tolerances": tolerances(), "rows": [], "seconds": 0.0}
+    for op in args.ops:
+        if not checkable(op):
+            row = _new_row(op, "–", "–", "–", "–", "–", math.nan)
+            row["status"], row["note"] = "not checked", "this command has no inputs and reference for this op yet"
+            result["rows"].append(row)
+            continue
+        for size in args.sizes:
+            if op == "optimizer":
+                for shape in shapes_for(op, size):
+                    result["rows"] += _optimizer_rows(shape, size, args.device, log, log_err)
+                continue
+            for dtype in args.dtypes:
+                result["rows"] += _op_rows(op, dtype, size, args.device, log, log_err)
+        result["seconds"] = time.perf_counter() - start
+        if args.json:
+            write_json(args.json, result)
+    result["seconds"] = time.perf_counter() - start
+    if args.json:
+        write_json(args.json, result)
+    return result
+
+
+def tolerances() -> dict[str, float]:
+    return {**{DTYPE_NAMES[d]: t for d, t in TOLERANCE.items()}, "optimizer (fp32)": OPTIMIZER_TOLERANCE}
+
+
+def _progress_line(row: dict) -> str:
+    head = f"  {row['op']:<13} {row['backend']:<13} {row['shape']:<28} {row['dtype']:<5}"
+    if row["errors"]:
+        return f"{head} fwd {fmt(row['forward'], '.1e')} bwd {fmt(row['backward'], '.1e')}  {row['status']}"
+    return f"{head} {row['status']}: {row['note']}"
+
+
+def table(rows: list[dict]) -> str:
+    header = ["op", "backend", "size", "shape", "dtype", "ref", "forward", "backward", "worst", "tolerance",
+              "status"]
+    cells = [[r["op"], r["backend"], r["size"], r["shape"], r["dtype"], r["reference"], fmt(r["forward"], ".1e"),
+              fmt(r["backward"], ".1e"), r["worst"], fmt(r["tolerance"], "g"), r["status"]] for r in rows]
+    return format_table(header, cells)
+
+
+LEGEND = ("forward: relative error ‖out − ref‖ / ‖ref‖ of the output (optimizer: of the parameter update after "
+          f"{OPTIMIZER_STEPS} steps); backward: the largest over the input gradients (optimizer: over the state "
+          "tensors); worst: the tensor with the largest error; ref: the reference's dtype")
+
+ADVICE = ("A FAIL row means that kernel computes wrong results on this machine. Train with the torch backend for "
+          "that op (--kernels.OP=torch on the command line, or OP = \"torch\" under [kernels] in the recipe; the "
+          "`auto` backend would pick triton on a GPU) and report the table above (--json FILE writes it) with "
+          "your GPU, driver, torch and triton versions.")
+
+
+# ---------------------------------------------------------------------------------------------------
+# The command
+# ---------------------------------------------------------------------------------------------------
+
+def _parser() -> ArgumentParser:
+    p = ArgumentParser(prog="tritonforge kernels check", allow_abbrev=False,
+                       description="Check every op's Triton kernel and torch backend, forward and backward, "
+                                   "against an upcast reference on this machine; exit 1 on any failure.")
+    p.add_argument("--op", default="all", help=f"comma list of {', '.join(registry.OPS)} (default: all)")
+    p.add_argument("--dtype", default="bf16,fp16,fp32",
+                   help="comma list of bf16, fp16, fp32 (default: all three); the optimizer runs fp32")
+    p.add_argument("--sizes", default=None,
+                   help="comma list of small, odd, real (default: all three on CUDA, small,odd on CPU)")
+    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda[:N]")
+    p.add_argument("--json", default=None, metavar="FILE", help="write every row, its errors and the tolerances")
+    return p
+
+
+def _comma_list(text: str, option: str, valid: Sequence[str]) -> list[str]:
+    items = list(dict.fromkeys(s.strip() for s in text.split(",")))
+    for item in items:
+        if item not in valid:
+            raise CheckError(f"{option}: unknown name {item!r}; valid: {', '.join(valid)}")
+    return items
+
+
+def parse_args(argv: Sequence[str]) -> CheckArgs:
+    a = _parser().parse_args(list(argv))
+    device = pick_device(a.device)
+    ops = list(registry.OPS) if a.op == "all" else _comma_list(a.op, "--op", registry.OPS)
+    dtypes = [DTYPES[n] for n in _comma_list(a.dtype, "--dtype", tuple(DTYPES))]
+    cuda = device.type == "cuda"
+    sizes = _comma_list(a.sizes, "--sizes", SIZES) if a.sizes else list(SIZES if cuda else SIZES[:2])
+    if "real" in sizes and not cuda:
+        raise CheckError("--sizes: 'real' needs a CUDA device (the interpreter would take hours); "
+                         "use small,odd on a CPU")
+    return CheckArgs(ops, dtypes, [s for s in SIZES if s in sizes], device, a.json)
+
+
+def prepare_kernels(device: torch.device) -> str | None:
+    """Make the kernels run where the check runs; returns a line to print when that is the interpreter.
+
+    ``TRITON_INTERPRET`` is read when the kernel modules are imported, so it is set here before that, or
+    the check refuses to run with a mismatched setting.
+    """
+    interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    if device.type == "cuda":
+        if interpret:
+            raise CheckError("TRITON_INTERPRET=1 is set: the kernels would run through the interpreter, not on "
+                             "the GPU; unset it to check the compiled kernels, or pass --device cpu")
+        return None
+    if not interpret:
+        loaded = sorted(m for m in sys.modules if m == "kernels" or m.startswith("kernels."))
+        if loaded:
+            raise CheckError("the kernels were imported before the Triton interpreter could be switched on; run "
+                             "`TRITON_INTERPRET=1 tritonforge kernels check`")
+        os.environ["TRITON_INTERPRET"] = "1"
+    return ("no CUDA device: the Triton kernels run through the Triton interpreter on the CPU "
+            "(TRITON_INTERPRET=1), at the small and odd shapes; bf16 matrix products are checked on a GPU only")
+
+
+def main(argv: Sequence[str]) -> int:
+    try:
+        args = parse_args(argv)
+        note = prepare_kernels(args.device)
+    except BenchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if note:
+        print(note)
+    result = run(args)
+    rows = result["rows"]
+    env = result["env"]
+    print()
+    print(table(rows))
+    print(LEGEND)
+    print("tolerances: " + ", ".join(f"{k} {v:g}" for k, v in result["tolerances"].items()))
+    counts = {s: sum(r["status"] == s for r in rows) for s in dict.fromkeys(r["status"] for r in rows)}
+    print(f"{len(rows)} rows ({', '.join(f'{n} {s}' for s, n in counts.items())}) in {result['seconds']:.0f} s on "
+          f"{env.get('gpu') or 'CPU'}, torch {env.get('torch', '?')}, triton {env.get('triton', '?')}")
+    if args.json:
+        print(f"wrote {args.json}")
+    failed = [r for r in rows if r["status"] == "FAIL"]
+    if failed:
+        print(f"\n{len(failed)} row(s) FAILED:", file=sys.stderr)
+        for r in failed:
+            print(f"  {r['op']} / {r['backend']} / {r['shape']} / {r['dtype']}: {r['note']}", file=sys.stderr)
+        print(ADVICE, file=sys.stderr)
+        return 1
+    return 0
