@@ -14,7 +14,8 @@ attention at hidden 2048 up to S = 16384, norms up to 8192x8192, ConvNeXt-T's st
 GPT-2 small's head, the GPT-2 124M and 1.5B parameter sets). The reference is float64, but for
 attention on a GPU and every ``real`` shape on a GPU, where it is float32 (SDPA's float32 kernel; an
 S x S matrix in float64 would not fit). bf16 is checked on a GPU only for the ops built on ``tl.dot``
-(attention, mlp, cross_entropy): the interpreter's bf16 dot is wrong.
+(attention, mlp, cross_entropy; see :data:`DOT_FREE_OPS`): the interpreter's bf16 dot is wrong. A new
+row of the registry's table is checked through its ``OpBench`` with no edit here.
 
 Without a CUDA device the kernels run through the Triton interpreter on the CPU at the small and odd
 shapes: the command sets ``TRITON_INTERPRET=1`` itself (it must be set before the kernels are imported)
@@ -54,8 +55,9 @@ OPTIMIZERS = {
 }
 MAX_GRAD_NORM = bench_ops.MAX_GRAD_NORM
 INIT_STD = 0.02
-#: The ops whose kernels multiply with ``tl.dot``: their bf16 rows are checked on a GPU only.
-DOT_OPS = frozenset({"attention", "mlp", "cross_entropy"})
+#: The ops whose kernels never multiply with ``tl.dot``: their bf16 rows are checked in the interpreter too.
+#: Every other op's bf16 Triton rows wait for a GPU (the interpreter's bf16 dot is wrong).
+DOT_FREE_OPS = frozenset({"layer_norm", "rms_norm", "dwconv"})
 BACKENDS = {"attention": ("torch", "triton", "triton-nondet")}
 DEFAULT_BACKENDS = ("torch", "triton")
 SIZES = ("small", "odd", "real")
@@ -73,11 +75,13 @@ ODD_SHAPES: dict[str, list] = {
 
 
 def shapes_for(op: str, size: str) -> list:
-    if size == "small":
-        return bench_ops.SHAPE_SETS["tiny"][op]
-    if size == "odd":
-        return ODD_SHAPES[op]
-    return bench_ops.SHAPE_SETS["default"][op]
+    """An op with a built-in ``bench ops`` case: the sets above; any other row of the registry's table: its
+    ``OpBench``'s ``tiny``, ``odd`` (when it has one) and ``default`` shapes."""
+    if op in ODD_SHAPES:
+        sets = {"small": bench_ops.SHAPE_SETS["tiny"], "odd": ODD_SHAPES, "real": bench_ops.SHAPE_SETS["default"]}
+        return sets[size][op]
+    shapes = registry.find(op).bench.shapes
+    return shapes.get({"small": "tiny", "odd": "odd", "real": "default"}[size], [])
 
 
 def backends_for(op: str) -> tuple[str, ...]:
@@ -86,7 +90,7 @@ def backends_for(op: str) -> tuple[str, ...]:
 
 def checkable(op: str) -> bool:
     """Whether this module knows how to build ``op``'s inputs and reference."""
-    return op == "optimizer" or op in ODD_SHAPES and op in bench_ops.OPS
+    return op in ODD_SHAPES or registry.find(op).bench is not None
 
 
 class CheckError(BenchError):
@@ -297,7 +301,7 @@ def _op_rows(op: str, dtype: torch.dtype, size: str, device: torch.device, log, 
     for shape in shapes_for(op, size):
         case = _make_case(op, shape, dtype, device, size)
         for backend in backends_for(op):
-            if backend != "torch" and dtype == torch.bfloat16 and op in DOT_OPS and device.type != "cuda":
+            if backend != "torch" and dtype == torch.bfloat16 and op not in DOT_FREE_OPS and device.type != "cuda":
                 row = _new_row(op, backend, size, shape.label, "bf16", "–", TOLERANCE[dtype])
                 row["status"] = "not checked"
                 row["note"] = "bf16 tl.dot is wrong in the Triton interpreter: checked on a GPU only"
@@ -374,7 +378,7 @@ def _parser() -> ArgumentParser:
     p = ArgumentParser(prog="tritonforge kernels check", allow_abbrev=False,
                        description="Check every op's Triton kernel and torch backend, forward and backward, "
                                    "against an upcast reference on this machine; exit 1 on any failure.")
-    p.add_argument("--op", default="all", help=f"comma list of {', '.join(registry.OPS)} (default: all)")
+    p.add_argument("--op", default="all", help=f"comma list of {', '.join(registry.op_names())} (default: all)")
     p.add_argument("--dtype", default="bf16,fp16,fp32",
                    help="comma list of bf16, fp16, fp32 (default: all three); the optimizer runs fp32")
     p.add_argument("--sizes", default=None,
@@ -395,7 +399,7 @@ def _comma_list(text: str, option: str, valid: Sequence[str]) -> list[str]:
 def parse_args(argv: Sequence[str]) -> CheckArgs:
     a = _parser().parse_args(list(argv))
     device = pick_device(a.device)
-    ops = list(registry.OPS) if a.op == "all" else _comma_list(a.op, "--op", registry.OPS)
+    ops = list(registry.op_names()) if a.op == "all" else _comma_list(a.op, "--op", registry.op_names())
     dtypes = [DTYPES[n] for n in _comma_list(a.dtype, "--dtype", tuple(DTYPES))]
     cuda = device.type == "cuda"
     sizes = _comma_list(a.sizes, "--sizes", SIZES) if a.sizes else list(SIZES if cuda else SIZES[:2])

@@ -13,6 +13,7 @@ import torch
 import kernels
 from engine import cli, registry
 from engine.bench import BenchError, check, gpu
+from engine.bench import ops as bench_ops
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -80,11 +81,36 @@ def test_the_command_switches_the_interpreter_on_itself():
                            "--dtype", "fp32"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "through the Triton interpreter" in proc.stdout and "TRITON_INTERPRET=1" in proc.stdout
-    assert "2 rows (2 ok)" in proc.stdout
+    assert "4 rows (4 ok)" in proc.stdout
+
+
+def _doubling_row() -> registry.Op:
+    """A stand-in row of the op table, ``x * 2``, with the OpBench a new op brings."""
+    def case(shape, dtype, device):
+        x = torch.randn(shape.rows, shape.cols, dtype=dtype, device=device, requires_grad=True)
+        return bench_ops.Case("double", shape, dtype, device, [x], torch.randn_like(x), ("y", "dx"), {}, "GB/s")
+
+    def reference(case):
+        leaves = bench_ops._upcast(case)
+        return bench_ops._backward_reference(case, 2 * leaves[0], leaves)
+
+    bench = bench_ops.OpBench("MxN", lambda spec: [], {"tiny": [bench_ops.MatrixShape(3, 5)], "default": []}, case,
+                              lambda ops, case: ops.double(case.inputs[0]), reference)
+    return registry.Op("double", "x * 2", {"double": (lambda x: 2 * x, lambda kernels, det: lambda x: x + x)},
+                       bench=bench)
+
+
+def test_a_new_row_of_the_op_table_is_checked(tmp_path, monkeypatch):
+    monkeypatch.setattr(registry, "TABLE", registry.TABLE + [_doubling_row()])
+    code, rows = run_check(tmp_path, "--op", "double", "--dtype", "fp32")
+    assert code == 0
+    assert [(r["backend"], r["size"], r["shape"], r["status"]) for r in rows] == [
+        ("torch", "small", "3x5", "ok"), ("triton", "small", "3x5", "ok")]
 
 
 def test_every_registry_op_has_a_check_and_options_are_validated(monkeypatch):
-    assert all(check.checkable(op) for op in registry.OPS)
+    assert all(check.checkable(op) for op in registry.op_names())
+    assert set(registry.OPTIMIZERS) <= set(check.OPTIMIZERS)
     assert check.parse_args(["--device", "cpu"]).sizes == ["small", "odd"]
     with pytest.raises(BenchError, match="--op: unknown name 'gemm'"):
         check.parse_args(["--device", "cpu", "--op", "gemm"])
