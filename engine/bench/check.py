@@ -1,28 +1,25 @@
 """``tritonforge kernels check``: every op's kernels against an upcast reference, on this machine.
 
-For each op of the registry and each of its backends (``torch``, ``triton``; for attention also
-``triton-nondet``, the backward that sums dQ with atomics), dtype and shape, the op runs forward and
-backward (a random upstream gradient; the gradient of every input) and each result is compared with the
-same computation on upcast inputs: ``‖out − ref‖ / ‖ref‖`` must stay within :data:`TOLERANCE` of the
-dtype. The optimizer (AdamW, SGD with Nesterov momentum, Lion) takes :data:`OPTIMIZER_STEPS` steps on
-fp32 parameters; its parameter update and every state tensor are compared with torch's optimizers run
-in float64 (:data:`OPTIMIZER_TOLERANCE`). One table, exit status 1 if any row fails.
+Each op of the registry's table runs through each backend (``torch``, ``triton``; attention also
+``triton-nondet``, the backward that sums dQ with atomics), dtype and shape, forward and backward (a random
+upstream gradient, the gradient of every input), and ``‖out − ref‖ / ‖ref‖`` against the same computation
+on upcast inputs must stay within the dtype's :data:`TOLERANCE`. The optimizer (AdamW, SGD with Nesterov
+momentum, Lion) takes :data:`OPTIMIZER_STEPS` steps on fp32 parameters; its update and every state tensor
+are compared with torch's optimizers in float64. One table; exit status 1 if any row fails.
 
-Shapes: ``small`` (``bench ops --shapes tiny``), ``odd`` (sizes no block divides: 67 keys, head dim 80,
-1000 columns, 11 channels, a vocabulary of 1001...) and, on a GPU, ``real`` (the ``bench ops`` defaults:
-attention at hidden 2048 up to S = 16384, norms up to 8192x8192, ConvNeXt-T's stages at batch 128,
-GPT-2 small's head, the GPT-2 124M and 1.5B parameter sets). The reference is float64, but for
-attention on a GPU and every ``real`` shape on a GPU, where it is float32 (SDPA's float32 kernel; an
-S x S matrix in float64 would not fit). bf16 is checked on a GPU only for the ops built on ``tl.dot``
-(attention, mlp, cross_entropy; see :data:`DOT_FREE_OPS`): the interpreter's bf16 dot is wrong. A new
-row of the registry's table is checked through its ``OpBench`` with no edit here.
+Shapes: ``small`` (``bench ops``' tiny set), ``odd`` (sizes no block divides: 67 keys, head dim 80, 1000
+columns, 11 channels, 1001 classes...) and, on a GPU, ``real`` (the ``bench ops`` defaults, up to S = 16384,
+8192x8192 norms, GPT-2's head and its 124M and 1.5B parameter sets). The reference is float64, except on a
+GPU for attention and the real shapes: float32 (no S x S matrix in float64). Without CUDA the kernels run
+through the Triton interpreter at the small and odd shapes (the command sets ``TRITON_INTERPRET=1`` itself,
+before the kernels are imported, and says so); the Triton bf16 rows of ops built on ``tl.dot`` then wait for
+a GPU (see :data:`DOT_FREE_OPS`). A new row of the table is checked through its ``OpBench``.
 
-Without a CUDA device the kernels run through the Triton interpreter on the CPU at the small and odd
-shapes: the command sets ``TRITON_INTERPRET=1`` itself (it must be set before the kernels are imported)
-and says so. Time on one H100, estimated, not measured: the real shapes' arithmetic is about 1.3e14
-FLOPs and 0.5 TB of memory traffic for the three dtypes together (under 2 s at 40% of the card's
-rates, float32 references included); the first run's Triton compilation and autotuning of every kernel
-dominates, a few tens of seconds with an empty cache.
+Time on one H100, estimated from the work, not measured: per dtype and backend the real shapes hold ~35 TFLOP
+of matrix products (attention 30), ~5 s per dtype with the float32 attention reference (SDPA without tensor
+cores, ~20 TFLOP/s) the slowest part; ~8 TB of memory traffic (the optimizer: 3.4B parameters, three
+optimizers, two backends, float64 references), ~3 s; about 20 s in all. Compiling and autotuning the kernels
+with an empty Triton cache comes on top (not measured; tens of seconds).
 """
 from __future__ import annotations
 
