@@ -128,19 +128,91 @@ class _Upcast64(bench_ops.Case):
         return torch.float64
 
 
+def _upcast_to_64(op: str, device: torch.device, size: str) -> bool:
+    return not (device.type == "cuda" and (size == "real" or op == "attention"))  # else float32 (see above)
+
+
 def _make_case(op: str, shape, dtype: torch.dtype, device: torch.device, size: str) -> bench_ops.Case:
     case = bench_ops.make_case(op, shape, dtype, device)
-    if device.type == "cuda" and (size == "real" or op == "attention"):
-        return case  # float32 reference (see the module docstring)
+    if not _upcast_to_64(op, device, size):
+        return case
     return _Upcast64(**{f.name: getattr(case, f.name) for f in fields(case)})
 
 
-def _run_op_row(case: bench_ops.Case, backend: str, size: str, log_err) -> dict:
-    row = _new_row(case.op, backend, size, case.shape.label, DTYPE_NAMES[case.dtype],
+# ---------------------------------------------------------------------------------------------------
+# The op's other functions: the fused residual add of the norms, cross-entropy of given logits
+# ---------------------------------------------------------------------------------------------------
+
+def _variant_case(function: str, op: str, shape, dtype: torch.dtype, device: torch.device, size: str):
+    """The case (inputs, upstream gradient, names) and reference of one of ``op``'s other functions."""
+    torch.manual_seed(0)
+    cls = _Upcast64 if _upcast_to_64(op, device, size) else bench_ops.Case
+    rand = lambda *s: torch.randn(*s, dtype=dtype, device=device).requires_grad_()  # noqa: E731
+    if function == "cross_entropy":
+        n, v = shape.tokens, shape.vocab
+        logits = (3 * torch.randn(n, v, device=device)).to(dtype).requires_grad_()
+        targets = torch.randint(0, v, (n,), device=device)
+        targets[::7] = -100  # ignored positions count in neither the sum nor the mean
+        case = cls(op, shape, dtype, device, [logits, targets], torch.rand((), device=device) + 0.5,
+                   ("loss", "dlogits"), {}, "")
+        ref = [t.detach().to(case.ref_dtype).requires_grad_() if t.is_floating_point() else t for t in case.inputs]
+        out = torch.nn.functional.cross_entropy(ref[0], ref[1], ignore_index=-100)
+        case._reference = bench_ops._backward_reference(case, out, ref[:1])
+        return case
+    m, n = shape.rows, shape.cols
+    inputs = [rand(m, n), rand(m, n), rand(n)] + ([rand(n)] if op == "layer_norm" else [])
+    names = ("y|sum", "dx", "dresidual", "dw") + (("db",) if op == "layer_norm" else ())
+    case = cls(op, shape, dtype, device, inputs, torch.randn(2 * m * n, dtype=dtype, device=device), names, {}, "")
+    ref = bench_ops._upcast(case)
+    case._reference = bench_ops._backward_reference(case, _joined(getattr(registry, f"torch_{function}"), ref), ref)
+    return case
+
+
+def _joined(fn: Callable, inputs: list[torch.Tensor]) -> torch.Tensor:
+    """A fused add + norm's two outputs (the normalized sum, the sum) as one tensor, for one backward."""
+    y, total = fn(*inputs)
+    return torch.cat([y.reshape(-1), total.reshape(-1)])
+
+
+def _variant_runner(function: str):
+    def build(case: bench_ops.Case, backend: str) -> bench_ops.Runner:
+        try:
+            ops = registry.resolve({case.op: backend}, case.device)
+        except registry.KernelSelectionError as e:
+            raise NotAvailable(str(e)) from None
+        fn = getattr(ops, function)
+        if function == "cross_entropy":
+            logits, targets = case.inputs
+            return bench_ops.Runner(lambda: fn(logits, targets, ignore_index=-100), [logits])
+        return bench_ops.Runner(lambda: _joined(fn, case.inputs), list(case.inputs))
+    return build
+
+
+#: The function ``bench ops`` times, where the op has several (see :data:`VARIANTS`).
+MAIN_FUNCTION = {"cross_entropy": "linear_cross_entropy"}
+#: An op's functions beyond the one ``bench ops`` times (all without ``tl.dot``: bf16 checks in the interpreter).
+VARIANTS = {"layer_norm": ("add_layer_norm",), "rms_norm": ("add_rms_norm",), "cross_entropy": ("cross_entropy",)}
+
+
+def _variant_rows(op: str, shape, dtype: torch.dtype, size: str, device: torch.device, log, log_err) -> list[dict]:
+    rows = []
+    for function in VARIANTS.get(op, ()):
+        case = _variant_case(function, op, shape, dtype, device, size)
+        label = f"{function} {shape.tokens}x{shape.vocab}" if function == "cross_entropy" else f"{function} {shape.label}"
+        for backend in backends_for(op):
+            rows.append(_run_op_row(case, backend, size, log_err, label, _variant_runner(function)))
+            log(_progress_line(rows[-1]))
+        del case
+    return rows
+
+
+def _run_op_row(case: bench_ops.Case, backend: str, size: str, log_err, label: str | None = None,
+                build: Callable = bench_ops.build_runner) -> dict:
+    row = _new_row(case.op, backend, size, label or case.shape.label, DTYPE_NAMES[case.dtype],
                    DTYPE_NAMES.get(case.ref_dtype, "fp64"), TOLERANCE[case.dtype])
     start = time.perf_counter()
     try:
-        runner = bench_ops.build_runner(case, backend)
+        runner = build(case, backend)
         row["errors"] = bench_ops._check(case, runner)
         _judge(row)
     except NotAvailable as e:
@@ -297,16 +369,18 @@ def _op_rows(op: str, dtype: torch.dtype, size: str, device: torch.device, log, 
     rows = []
     for shape in shapes_for(op, size):
         case = _make_case(op, shape, dtype, device, size)
+        label = f"{MAIN_FUNCTION[op]} {shape.label}" if op in MAIN_FUNCTION else shape.label
         for backend in backends_for(op):
             if backend != "torch" and dtype == torch.bfloat16 and op not in DOT_FREE_OPS and device.type != "cuda":
-                row = _new_row(op, backend, size, shape.label, "bf16", "–", TOLERANCE[dtype])
+                row = _new_row(op, backend, size, label, "bf16", "–", TOLERANCE[dtype])
                 row["status"] = "not checked"
                 row["note"] = "bf16 tl.dot is wrong in the Triton interpreter: checked on a GPU only"
             else:
-                row = _run_op_row(case, backend, size, log_err)
+                row = _run_op_row(case, backend, size, log_err, label)
             rows.append(row)
             log(_progress_line(row))
         del case
+        rows += _variant_rows(op, shape, dtype, size, device, log, log_err)
         free_memory(device)
     return rows
 

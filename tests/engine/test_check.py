@@ -29,7 +29,8 @@ def test_every_op_and_backend_passes_on_cpu(tmp_path, capsys):
     assert code == 0
     assert {(r["op"], r["backend"]) for r in rows} == {(op, b) for op in ("rms_norm", "optimizer")
                                                        for b in ("torch", "triton")}
-    assert {r["shape"] for r in rows if r["op"] == "rms_norm"} == {"1x1000", "37x1000"}
+    assert {r["shape"] for r in rows if r["op"] == "rms_norm"} == {
+        "1x1000", "37x1000", "add_rms_norm 1x1000", "add_rms_norm 37x1000"}
     assert {r["dtype"] for r in rows if r["op"] == "rms_norm"} == {"fp32", "bf16"}
     assert {r["shape"].split()[0] for r in rows if r["op"] == "optimizer"} == set(check.OPTIMIZERS)
     for r in rows:
@@ -37,6 +38,8 @@ def test_every_op_and_backend_passes_on_cpu(tmp_path, capsys):
         assert 0 < r["forward"] <= r["tolerance"] and 0 < r["backward"] <= r["tolerance"]
     norm = next(r for r in rows if r["op"] == "rms_norm" and r["dtype"] == "bf16")
     assert set(norm["errors"]) == {"y", "dx", "dw"} and norm["tolerance"] == check.TOLERANCE[torch.bfloat16]
+    fused = next(r for r in rows if r["shape"].startswith("add_rms_norm"))
+    assert set(fused["errors"]) == {"y|sum", "dx", "dresidual", "dw"}
     adamw = next(r for r in rows if r["shape"].startswith("adamw"))
     assert set(adamw["errors"]) == {"update", "exp_avg", "exp_avg_sq"}
     out = capsys.readouterr().out
@@ -52,7 +55,8 @@ def test_a_wrong_kernel_fails_the_check(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(kernels, "layer_norm", wrong)
     code, rows = run_check(tmp_path, "--op", "layer_norm", "--dtype", "fp32", "--sizes", "small")
     assert code == 1
-    by_backend = {r["backend"]: r for r in rows}
+    assert [r["status"] for r in rows if r["shape"].startswith("add_layer_norm")] == ["ok", "ok"]
+    by_backend = {r["backend"]: r for r in rows if r["shape"] == "64x256"}
     assert by_backend["torch"]["status"] == "ok"
     bad = by_backend["triton"]
     assert bad["status"] == "FAIL" and "above the tolerance: y 1.00e-02, dx" in bad["note"]
@@ -77,7 +81,7 @@ def test_a_kernel_that_raises_fails_and_bf16_dots_wait_for_a_gpu(tmp_path, monke
 def test_the_command_switches_the_interpreter_on_itself():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["CUDA_VISIBLE_DEVICES"] = ""
-    proc = subprocess.run([sys.executable, "-m", "engine", "kernels", "check", "--op", "rms_norm", "--sizes", "odd",
+    proc = subprocess.run([sys.executable, "-m", "engine", "kernels", "check", "--op", "rms_norm", "--sizes", "small",
                            "--dtype", "fp32"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "through the Triton interpreter" in proc.stdout and "TRITON_INTERPRET=1" in proc.stdout
