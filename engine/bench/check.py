@@ -33,8 +33,8 @@ from typing import Callable, Sequence
 import torch
 
 from engine import registry
-from engine.bench import ArgumentParser, BenchError, environment, fmt, format_table, free_memory, pick_device, \
-    rel_error, write_json
+from engine.bench import (ArgumentParser, BenchError, environment, fmt, format_table, free_memory, pick_device,
+                          write_json)
 from engine.bench import ops as bench_ops
 from engine.bench.ops import (AttentionShape, HeadShape, ImageShape, MatrixShape, NotAvailable, ParamSetShape,
                               TOLERANCE)
@@ -114,7 +114,7 @@ def _judge(row: dict, forward_names: int = 1) -> None:
     bad = {n: e for n, e in errors.items() if not e <= row["tolerance"]}  # NaN fails
     if bad:
         row["status"] = "FAIL"
-        row["worst"] = max(bad, key=lambda n: -1 if math.isnan(bad[n]) else bad[n])
+        row["worst"] = max(bad, key=lambda n: math.inf if math.isnan(bad[n]) else bad[n])
         row["note"] = "above the tolerance: " + ", ".join(f"{n} {e:.2e}" for n, e in bad.items())
     elif errors:
         row["worst"] = max(errors, key=errors.get)
@@ -198,7 +198,8 @@ def _variant_rows(op: str, shape, dtype: torch.dtype, size: str, device: torch.d
     rows = []
     for function in VARIANTS.get(op, ()):
         case = _variant_case(function, op, shape, dtype, device, size)
-        label = f"{function} {shape.tokens}x{shape.vocab}" if function == "cross_entropy" else f"{function} {shape.label}"
+        size_label = f"{shape.tokens}x{shape.vocab}" if function == "cross_entropy" else shape.label
+        label = f"{function} {size_label}"
         for backend in backends_for(op):
             rows.append(_run_op_row(case, backend, size, log_err, label, _variant_runner(function)))
             log(_progress_line(rows[-1]))
