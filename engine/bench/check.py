@@ -306,6 +306,7 @@ def _run_optimizer_row(name: str, shape: ParamSetShape, backend: str, size: str,
     row = _new_row("optimizer", backend, size, f"{name} {shape.label}", "fp32", "fp64", OPTIMIZER_TOLERANCE)
     start = time.perf_counter()
     params: list[torch.Tensor] = []
+    opt = None
     try:
         try:
             ops = registry.resolve({"optimizer": backend}, device)
@@ -331,7 +332,7 @@ def _run_optimizer_row(name: str, shape: ParamSetShape, backend: str, size: str,
         row["status"], row["note"] = "not available", "out of memory at this shape on this card"
     except Exception as e:  # noqa: BLE001
         _raised(row, e)
-    del params
+    del params, opt  # the parameters and their state, before the next row allocates its own
     free_memory(device)
     row["seconds"] = time.perf_counter() - start
     _report(row, log_err)
