@@ -104,13 +104,14 @@ def _new_row(op: str, backend: str, size: str, shape: str, dtype: str, reference
             "note": "", "seconds": 0.0}
 
 
-def _judge(row: dict, forward_names: int = 1) -> None:
-    """Fill the forward/backward columns from ``row["errors"]`` and mark the row FAIL past the tolerance."""
+def _judge(row: dict) -> None:
+    """Fill the forward (the first error) and backward (the largest of the others) columns from
+    ``row["errors"]`` and mark the row FAIL past the tolerance."""
     errors = row["errors"]
-    names = list(errors)
-    row["forward"] = max(errors[n] for n in names[:forward_names])
-    if names[forward_names:]:
-        row["backward"] = max(errors[n] for n in names[forward_names:])
+    first, *rest = errors
+    row["forward"] = errors[first]
+    if rest:
+        row["backward"] = max((errors[n] for n in rest), key=lambda e: math.inf if math.isnan(e) else e)
     bad = {n: e for n, e in errors.items() if not e <= row["tolerance"]}  # NaN fails
     if bad:
         row["status"] = "FAIL"
@@ -425,11 +426,15 @@ def _progress_line(row: dict) -> str:
     return f"{head} {row['status']}: {row['note']}"
 
 
+def _error_cell(value: float | None) -> str:
+    return "nan" if isinstance(value, float) and math.isnan(value) else fmt(value, ".1e")
+
+
 def table(rows: list[dict]) -> str:
     header = ["op", "backend", "size", "shape", "dtype", "ref", "forward", "backward", "worst", "tolerance",
               "status"]
-    cells = [[r["op"], r["backend"], r["size"], r["shape"], r["dtype"], r["reference"], fmt(r["forward"], ".1e"),
-              fmt(r["backward"], ".1e"), r["worst"], fmt(r["tolerance"], "g"), r["status"]] for r in rows]
+    cells = [[r["op"], r["backend"], r["size"], r["shape"], r["dtype"], r["reference"], _error_cell(r["forward"]),
+              _error_cell(r["backward"]), r["worst"], fmt(r["tolerance"], "g"), r["status"]] for r in rows]
     return format_table(header, cells)
 
 

@@ -172,3 +172,11 @@ def test_gpu_command_runs_the_check_first_and_no_benchmark_after_a_failure(tmp_p
     assert [(s.name, s.status) for s in stages] == [("check", "FAILED"), ("tests", "ok"), ("ops", "not run"),
                                                     ("train", "not run")]
     assert "kernels check failed" in stages[2].note
+
+
+def test_a_nan_is_the_worst_error_and_fails():
+    row = check._new_row("rms_norm", "triton", "small", "8x32", "fp32", "fp64", 2e-3)
+    row["errors"] = {"y": 1e-7, "dx": float("nan"), "dw": 5e-3}
+    check._judge(row)
+    assert row["status"] == "FAIL" and row["worst"] == "dx" and row["forward"] == 1e-7
+    assert "| nan " in check.table([row])
