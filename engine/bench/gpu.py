@@ -31,7 +31,7 @@ Budget: the stages are sized for about 9 minutes on one H100 without ``--anchors
 ops ~4, train ~1; estimates, not measurements). Each stage has its own time limit, and ``--budget`` (default
 570 s) caps them together: a stage that would start with too little time left is reported "not run", so
 the summary is always printed within a 10-minute call. The peers' scripts add about 4 minutes: run
-``--only tests,ops,train`` and ``--only anchors --anchors DIR`` as two calls. The device machine does not
+``--only check,tests,ops,train`` and ``--only anchors --anchors DIR`` as two calls. The device machine does not
 see folders outside the checkout: copy the peers' scripts into an ignored folder of the repository first.
 """
 from __future__ import annotations
