@@ -5,7 +5,8 @@ Each op of the registry's table runs through each backend (``torch``, ``triton``
 upstream gradient, the gradient of every input), and ``‖out − ref‖ / ‖ref‖`` against the same computation
 on upcast inputs must stay within the dtype's :data:`TOLERANCE`. The optimizer (AdamW, SGD with Nesterov
 momentum, Lion) takes :data:`OPTIMIZER_STEPS` steps on fp32 parameters; its update and every state tensor
-are compared with torch's optimizers in float64. One table; exit status 1 if any row fails.
+are compared with torch's optimizers in float64. :data:`VARIANTS` adds the fused residual add + norm,
+cross-entropy of given logits and windowed multi-query attention. One table; exit status 1 on a failure.
 
 Shapes: ``small`` (``bench ops``' tiny set), ``odd`` (sizes no block divides: 67 keys, head dim 80, 1000
 columns, 11 channels, 1001 classes...) and, on a GPU, ``real`` (the ``bench ops`` defaults, up to S = 16384,
@@ -149,6 +150,14 @@ def _variant_case(function: str, op: str, shape, dtype: torch.dtype, device: tor
     torch.manual_seed(0)
     cls = _Upcast64 if _upcast_to_64(op, device, size) else bench_ops.Case
     rand = lambda *s: torch.randn(*s, dtype=dtype, device=device).requires_grad_()  # noqa: E731
+    if function == WINDOWED_GQA:
+        b, h, seq, d = shape.batch, shape.heads, shape.seq, shape.head_dim
+        q, k, v = rand(b, h, seq, d), rand(b, 1, seq, d), rand(b, 1, seq, d)
+        case = cls(op, shape, dtype, device, [q, k, v], torch.randn_like(q), ("out", "dq", "dk", "dv"), {}, "")
+        ref = bench_ops._upcast(case)
+        out = registry.torch_attention(*ref, causal=True, window=WINDOW)
+        case._reference = bench_ops._backward_reference(case, out, ref)
+        return case
     if function == "cross_entropy":
         n, v = shape.tokens, shape.vocab
         logits = (3 * torch.randn(n, v, device=device)).to(dtype).requires_grad_()
@@ -177,10 +186,14 @@ def _joined(fn: Callable, inputs: list[torch.Tensor]) -> torch.Tensor:
 
 def _variant_runner(function: str):
     def build(case: bench_ops.Case, backend: str) -> bench_ops.Runner:
-        try:
-            ops = registry.resolve({case.op: backend}, case.device)
+        try:  # "triton-nondet": the triton backend with kernels.deterministic = false
+            ops = registry.resolve({case.op: backend.removesuffix("-nondet")}, case.device,
+                                   deterministic=backend != "triton-nondet")
         except registry.KernelSelectionError as e:
             raise NotAvailable(str(e)) from None
+        if function == WINDOWED_GQA:
+            q, k, v = case.inputs
+            return bench_ops.Runner(lambda: ops.attention(q, k, v, causal=True, window=WINDOW), [q, k, v])
         fn = getattr(ops, function)
         if function == "cross_entropy":
             logits, targets = case.inputs
@@ -191,18 +204,42 @@ def _variant_runner(function: str):
 
 #: The function ``bench ops`` times, where the op has several (see :data:`VARIANTS`).
 MAIN_FUNCTION = {"cross_entropy": "linear_cross_entropy"}
-#: An op's functions beyond the one ``bench ops`` times (all without ``tl.dot``: bf16 checks in the interpreter).
-VARIANTS = {"layer_norm": ("add_layer_norm",), "rms_norm": ("add_rms_norm",), "cross_entropy": ("cross_entropy",)}
+#: Attention with one key/value head for all query heads (the extreme of grouped-query attention) and a
+#: causal sliding window of :data:`WINDOW` keys, at the small and odd causal shapes.
+WINDOWED_GQA = "gqa+window"
+WINDOW = 16
+#: An op's functions beyond the one ``bench ops`` times, or its options that take another code path.
+VARIANTS = {"attention": (WINDOWED_GQA,), "layer_norm": ("add_layer_norm",), "rms_norm": ("add_rms_norm",),
+            "cross_entropy": ("cross_entropy",)}
+#: The variants whose kernels never use ``tl.dot`` (checked in bf16 by the interpreter too).
+DOT_FREE_VARIANTS = frozenset({"add_layer_norm", "add_rms_norm", "cross_entropy"})
+
+
+def _interpreter_cannot_check(name: str, dot_free: frozenset, backend: str, dtype: torch.dtype,
+                              device: torch.device) -> bool:
+    return backend != "torch" and dtype == torch.bfloat16 and name not in dot_free and device.type != "cuda"
+
+
+def _not_checked(op: str, backend: str, size: str, label: str, dtype: torch.dtype) -> dict:
+    row = _new_row(op, backend, size, label, DTYPE_NAMES[dtype], "–", TOLERANCE[dtype])
+    row["status"] = "not checked"
+    row["note"] = "bf16 tl.dot is wrong in the Triton interpreter: checked on a GPU only"
+    return row
 
 
 def _variant_rows(op: str, shape, dtype: torch.dtype, size: str, device: torch.device, log, log_err) -> list[dict]:
     rows = []
     for function in VARIANTS.get(op, ()):
+        if function == WINDOWED_GQA and (size == "real" or not shape.causal):
+            continue  # the window's boolean mask in the reference would be S x S at the real shapes
         case = _variant_case(function, op, shape, dtype, device, size)
         size_label = f"{shape.tokens}x{shape.vocab}" if function == "cross_entropy" else shape.label
         label = f"{function} {size_label}"
         for backend in backends_for(op):
-            rows.append(_run_op_row(case, backend, size, log_err, label, _variant_runner(function)))
+            if _interpreter_cannot_check(function, DOT_FREE_VARIANTS, backend, dtype, device):
+                rows.append(_not_checked(op, backend, size, label, dtype))
+            else:
+                rows.append(_run_op_row(case, backend, size, log_err, label, _variant_runner(function)))
             log(_progress_line(rows[-1]))
         del case
     return rows
@@ -374,10 +411,8 @@ def _op_rows(op: str, dtype: torch.dtype, size: str, device: torch.device, log, 
         case = _make_case(op, shape, dtype, device, size)
         label = f"{MAIN_FUNCTION[op]} {shape.label}" if op in MAIN_FUNCTION else shape.label
         for backend in backends_for(op):
-            if backend != "torch" and dtype == torch.bfloat16 and op not in DOT_FREE_OPS and device.type != "cuda":
-                row = _new_row(op, backend, size, label, "bf16", "–", TOLERANCE[dtype])
-                row["status"] = "not checked"
-                row["note"] = "bf16 tl.dot is wrong in the Triton interpreter: checked on a GPU only"
+            if _interpreter_cannot_check(op, DOT_FREE_OPS, backend, dtype, device):
+                row = _not_checked(op, backend, size, label, dtype)
             else:
                 row = _run_op_row(case, backend, size, log_err, label)
             rows.append(row)
