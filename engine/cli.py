@@ -3,6 +3,7 @@
     tritonforge train RECIPE [--resume [PATH]] [--section.key=value ...]
     tritonforge plot RUN_DIR [RUN_DIR ...] [-o OUT.png] [--x steps|tokens]
     tritonforge kernels report [--arch sm_90,sm_80] [--kernel NAME] [--json PATH]
+    tritonforge kernels check [--op OPS] [--dtype bf16,fp16,fp32] [--json FILE]
     tritonforge bench ops|train ...
 
 ``python -m engine.train RECIPE ...`` is the same as ``tritonforge train RECIPE ...`` (and is what
@@ -20,6 +21,7 @@ commands:
   train RECIPE [--resume [PATH]] [--section.key=value ...]   train from a TOML recipe
   plot RUN_DIR [RUN_DIR ...] [-o OUT.png] [--x steps|tokens]  draw the runs' loss curves into a PNG
   kernels report [--arch sm_90,sm_80] [--kernel NAME]         compile every Triton kernel for GPUs, report resources
+  kernels check [--op OPS] [--dtype bf16,fp16,fp32]           check every kernel on this machine against a reference
   bench ops [--op OPS] [--backends NAMES] [--shapes SPECS]   check and time each op's backends side by side
   bench train RECIPE [--kernels SET] [--vs SET] [--steps N]  train a recipe's model per kernel set, compare speed
 """
@@ -76,13 +78,21 @@ def train_main(argv: list[str]) -> int:
     return 0
 
 
-def kernels_main(argv: list[str]) -> int:
-    if not argv or argv[0] != "report":
-        print("usage: tritonforge kernels report [--arch sm_90,sm_80] [--kernel NAME] [--json PATH]", file=sys.stderr)
-        return 2
-    from kernels import aot
+KERNELS_USAGE = """usage: tritonforge kernels report [--arch sm_90,sm_80] [--kernel NAME] [--json PATH]
+       tritonforge kernels check [--op OPS] [--dtype bf16,fp16,fp32] [--sizes small,odd,real] [--json FILE]"""
 
-    return aot.main(argv[1:])
+
+def kernels_main(argv: list[str]) -> int:
+    if argv and argv[0] == "report":
+        from kernels import aot
+
+        return aot.main(argv[1:])
+    if argv and argv[0] == "check":
+        from engine.bench import check  # imports no kernel module: the check may switch the interpreter on
+
+        return check.main(argv[1:])
+    print(KERNELS_USAGE, file=sys.stderr)
+    return 2
 
 
 def plot_main(argv: list[str]) -> int:
