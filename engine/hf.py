@@ -83,12 +83,11 @@ def _gpt2_fields(hf: dict) -> dict:
 def _llama_fields(hf: dict) -> dict:
     if hf.get("hidden_act", "silu") != "silu":
         raise _refuse(f"hidden_act = {hf['hidden_act']!r}", "the SwiGLU MLP gates with SiLU")
-    rope = hf.get("rope_parameters") or {}
-    scaling = hf.get("rope_scaling")
-    rope_type = (scaling or {}).get("rope_type", (scaling or {}).get("type")) if scaling else rope.get("rope_type", "default")
-    if rope_type not in (None, "default"):
+    rope = hf.get("rope_scaling") or hf.get("rope_parameters") or {}  # transformers 4 / 5 spell it so
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type != "default":
         raise _refuse(f"RoPE scaling {rope_type!r}", "rotary positions are unscaled")
-    theta = float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    theta = float((hf.get("rope_parameters") or {}).get("rope_theta", hf.get("rope_theta", 10000.0)))
     d, heads = hf["hidden_size"], hf["num_attention_heads"]
     kv = hf.get("num_key_value_heads") or heads
     if d % heads or (hf.get("head_dim") or d // heads) != d // heads:
