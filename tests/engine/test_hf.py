@@ -12,7 +12,7 @@ from engine.models.gpt import GPT, GPTConfig
 
 #: fp32 logits of the same tiny model computed by two implementations (different op order).
 FP32_ATOL = 1e-5
-TORCH_OPS = registry.resolve({op: "torch" for op in registry.OPS})
+TORCH_OPS = registry.resolve({op: "torch" for op in registry.op_names()})
 
 
 def _randomize(model: torch.nn.Module, seed: int) -> None:
