@@ -141,6 +141,8 @@ class GPT(nn.Module):
         if cfg.tie_embeddings:
             # The input embedding and the output projection share one matrix (GPT-2; saves V·d params).
             self.lm_head.weight = self.wte.weight
+        #: The registry ops the forward calls.
+        self.ops_used = ("attention", "layer_norm" if cfg.norm == "layernorm" else "rms_norm", "cross_entropy")
         self.apply(self._init_weights)
         # Residual branches end in a projection added to the stream: scale their init by 1/sqrt(2·L)
         # so the stream's variance does not grow with depth (GPT-2 paper, section 2.3).

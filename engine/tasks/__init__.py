@@ -49,6 +49,11 @@ class Task:
                 (decay if p.dim() >= 2 else no_decay).append(p)
         return [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
 
+    def ops_used(self) -> tuple[str, ...]:
+        """The registry ops this task's model and loss call (the run prints and records their backends):
+        the model's ``ops_used`` and the optimizer."""
+        return (*getattr(self.model, "ops_used", ()), "optimizer")
+
     def on_step_end(self, step: int) -> None:
         """Called after each optimizer step (``step`` steps done), e.g. to update a weight EMA."""
 

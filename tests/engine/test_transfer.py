@@ -49,7 +49,7 @@ def test_init_from_starts_at_step_0_where_the_source_ended(corpus, source, tmp_p
     assert tuned.evaluate()["val_loss"] == summary["val_loss"]
     with torch.no_grad():
         expected = src.task.loss(src.task.model, *src.task.batch(0, 0)).item()
-    assert tuned.train_step(0)["loss"] == expected
+    assert tuned.train_step(0).loss.item() == expected
     tuned.close()
 
 
@@ -79,7 +79,7 @@ def test_freeze_keeps_parameters_bit_identical(corpus, source, tmp_path):
     trained = sum(p.numel() for n, p in model.named_parameters() if n not in frozen)
     total = sum(p.numel() for p in model.parameters())
     assert f"freeze: 13 tensors fixed; training {trained:,} of {total:,} parameters" in sink.text
-    assert sum(p.numel() for p in tuned.params) == trained
+    assert sum(p.numel() for p in tuned.step_fn.params) == trained
     tuned.fit()
     tuned.close()
     for name, p in model.named_parameters():
