@@ -171,3 +171,20 @@ def test_find_checkpoint_takes_a_run_a_folder_or_a_file(source):
     ckpt = sorted((run_dir / "checkpoints").glob("ckpt-*.pt"))[-1]
     for where in (run_dir, run_dir / "checkpoints", ckpt):
         assert transfer.find_checkpoint(where, "x") == ckpt
+
+
+def test_a_frozen_run_resumes_frozen(corpus, tmp_path):
+    """Resuming freezes again (requires_grad is not in a checkpoint) so the optimizer state fits."""
+    common = ["--train.freeze=blocks.0.*"]
+    first = Trainer(gpt_recipe(corpus, tmp_path / "r", *common, "--train.steps=1"), stream=Sink())
+    first.fit()
+    first.close()
+    frozen = first.task.model.blocks[0].attn.qkv.weight.detach().clone()
+    sink = Sink()
+    resumed = Trainer(gpt_recipe(corpus, tmp_path / "r", *common, "--train.steps=2", "--checkpoint.resume=latest"),
+                      stream=sink)
+    assert "freeze: 12 tensors fixed" in sink.text and "init_from" not in sink.text
+    resumed.fit()
+    resumed.close()
+    assert torch.equal(resumed.task.model.blocks[0].attn.qkv.weight, frozen)
+    assert not torch.equal(resumed.task.model.blocks[1].attn.qkv.weight, first.task.model.blocks[1].attn.qkv.weight)
