@@ -5,6 +5,7 @@
     tritonforge kernels report [--arch sm_90,sm_80] [--kernel NAME] [--json PATH]
     tritonforge kernels check [--op OPS] [--dtype bf16,fp16,fp32] [--json FILE]
     tritonforge bench ops|train ...
+    tritonforge export CHECKPOINT OUT_DIR
 
 ``python -m engine.train RECIPE ...`` is the same as ``tritonforge train RECIPE ...`` (and is what
 ``torchrun`` launches).
@@ -24,6 +25,7 @@ commands:
   kernels check [--op OPS] [--dtype bf16,fp16,fp32]           check every kernel on this machine against a reference
   bench ops [--op OPS] [--backends NAMES] [--shapes SPECS]   check and time each op's backends side by side
   bench train RECIPE [--kernels SET] [--vs SET] [--steps N]  train a recipe's model per kernel set, compare speed
+  export CHECKPOINT OUT_DIR                                   write a run's GPT as a Hugging Face GPT-2/Llama folder
 """
 
 
@@ -107,7 +109,29 @@ def bench_main(argv: list[str]) -> int:
     return bench.main(argv)
 
 
-COMMANDS = {"train": train_main, "plot": plot_main, "kernels": kernels_main, "bench": bench_main}
+def export_main(argv: list[str]) -> int:
+    usage = ("usage: tritonforge export CHECKPOINT OUT_DIR\n  CHECKPOINT: a run directory, its checkpoints folder "
+             "or a checkpoint file; OUT_DIR: a new folder for config.json and model.safetensors")
+    if argv[:1] in (["-h"], ["--help"]):
+        print(usage)
+        return 0
+    if len(argv) != 2:
+        print(usage, file=sys.stderr)
+        return 2
+    from engine.checkpoint import CheckpointError
+    from engine.config import RecipeError
+    from engine.transfer import export
+
+    try:
+        export(argv[0], argv[1])
+    except (RecipeError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+COMMANDS = {"train": train_main, "plot": plot_main, "kernels": kernels_main, "bench": bench_main,
+            "export": export_main}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -103,6 +103,8 @@ class ModelConfig:
     dropout: float = 0.0
     #: Sliding attention window in tokens (0: full causal attention).
     window: int = 0
+    #: Epsilon of the GPT's norms; 0 means 1e-5 for LayerNorm and 1e-6 for RMSNorm.
+    norm_eps: float = 0.0
     #: Classes of an image classifier (arch "resnet" or "convnext").
     num_classes: int = 10
     #: Side of the square images an image classifier sees; batches are resized on the device if the stored
@@ -147,7 +149,7 @@ class ModelConfig:
     def _validate_gpt(self) -> None:
         for key in ("n_layer", "n_head", "d_model", "context"):
             _positive(f"model.{key}", getattr(self, key))
-        for key in ("vocab_size", "n_kv_head", "window", "d_ff"):
+        for key in ("vocab_size", "n_kv_head", "window", "d_ff", "norm_eps"):
             _positive(f"model.{key}", getattr(self, key), allow_zero=True)
         _fraction("model.dropout", self.dropout)
         if self.d_model % self.n_head:
@@ -249,6 +251,13 @@ class TrainConfig:
     label_smoothing: float = 0.0
     #: Decay of an exponential moving average of the weights used for evaluation (image models; 0: off).
     ema_decay: float = 0.0
+    #: Start from these weights (fresh optimizer, schedule and step 0): a run directory, its checkpoints
+    #: folder, a checkpoint, or a local Hugging Face GPT-2/Llama folder. "" trains from scratch.
+    init_from: str = ""
+    #: With init_from: parameters present on only one side are an error (true) or left as initialised (false).
+    init_strict: bool = True
+    #: Glob patterns over parameter names ("blocks.0.*") whose parameters stay fixed.
+    freeze: tuple[str, ...] = ()
 
     def budget_seconds(self) -> float | None:
         """``time_budget`` in seconds, None when unset."""
@@ -447,6 +456,10 @@ def _coerce(where: str, value: Any, typ: Any, from_cli: bool) -> Any:
     if typing.get_origin(typ) is tuple:
         args = typing.get_args(typ)
         items = value.split(",") if from_cli and isinstance(value, str) else value
+        if len(args) == 2 and args[1] is Ellipsis:  # any length, one item type
+            if not isinstance(items, (list, tuple)):
+                raise bad()
+            return tuple(_coerce(where, v, args[0], from_cli) for v in items if not (from_cli and v == ""))
         if not isinstance(items, (list, tuple)) or len(items) != len(args):
             raise bad()
         return tuple(_coerce(where, v, t, from_cli) for v, t in zip(items, args))
@@ -456,6 +469,8 @@ def _coerce(where: str, value: Any, typ: Any, from_cli: bool) -> Any:
 def _type_name(typ: Any) -> str:
     if get_origin(typ) is Literal:
         return "one of " + ", ".join(get_args(typ))
+    if get_origin(typ) is tuple and get_args(typ)[1:] == (Ellipsis,):
+        return f"a list of {_type_name(get_args(typ)[0])}s"
     if get_origin(typ) is tuple:
         return "a list of " + ", ".join(_type_name(t) for t in typing.get_args(typ))
     return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(typ, str(typ))

@@ -27,7 +27,7 @@ import torch.nn as nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.tensor import DTensor
 
-from engine import checkpoint, distributed, registry
+from engine import checkpoint, distributed, registry, transfer
 from engine.checkpoint import CheckpointError
 from engine.config import BUDGET_MIN_WARMUP, Recipe, RecipeError, dump_toml
 from engine.metrics import RunLogger, environment, format_duration, peak_flops
@@ -423,17 +423,19 @@ class Trainer:
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
+        self.log = RunLogger(stream=stream, enabled=self.dist.is_main, wandb_mode=r.logging.wandb)
+        transfer.adopt_hf_config(r, log=self.log.print)  # a Hugging Face folder sets the model's architecture
         # What the run is, as written to recipe.toml and checkpoints: resuming does not change the run.
         self.resolved = copy.deepcopy(r)
         self.resolved.checkpoint.resume = ""
 
-        self.log = RunLogger(stream=stream, enabled=self.dist.is_main, wandb_mode=r.logging.wandb)
         self.run_dir, resume_from = self._locate_run()
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.ops = registry.resolve(r.kernels.backends(), self.device, r.kernels.deterministic)
         self.log.print(f"device: {self.device} | world: {self.dist.world} | precision: {r.train.precision}")
         self.task: Task = build_task(r, self.ops, self.device, self.dist.rank, self.dist.world, log=self.log.print)
         self.log.print(f"kernels: {self.ops.describe(self.task.ops_used())}")
+        transfer.apply(r, self.task, log=self.log.print, load=resume_from is None)  # before the optimizer
         self.model: nn.Module = distributed.wrap(self.task.model, r, self.device) if self.dist.world > 1 else self.task.model
         self.forward_model = torch.compile(self.model) if r.train.compile else self.model
         o = r.optim

@@ -31,11 +31,11 @@ class Norm(nn.Module):
     do not depend on the backend.
     """
 
-    def __init__(self, d: int, kind: str, bias: bool, ops: Ops):
+    def __init__(self, d: int, kind: str, bias: bool, ops: Ops, eps: float = 0.0):
         super().__init__()
         self.kind = kind
         self.ops = ops
-        self.eps = 1e-5 if kind == "layernorm" else 1e-6
+        self.eps = eps or (1e-5 if kind == "layernorm" else 1e-6)
         self.weight = nn.Parameter(torch.ones(d))
         self.bias = nn.Parameter(torch.zeros(d)) if bias and kind == "layernorm" else None
 
@@ -103,9 +103,9 @@ class Block(nn.Module):
 
     def __init__(self, cfg: GPTConfig, ops: Ops):
         super().__init__()
-        self.ln1 = Norm(cfg.d_model, cfg.norm, cfg.bias, ops)
+        self.ln1 = Norm(cfg.d_model, cfg.norm, cfg.bias, ops, cfg.norm_eps)
         self.attn = Attention(cfg, ops)
-        self.ln2 = Norm(cfg.d_model, cfg.norm, cfg.bias, ops)
+        self.ln2 = Norm(cfg.d_model, cfg.norm, cfg.bias, ops, cfg.norm_eps)
         self.mlp = MLP(cfg, ops)
         self.drop = nn.Dropout(cfg.dropout)
 
@@ -128,13 +128,14 @@ class GPT(nn.Module):
             self.register_buffer("rope_sin", sin, persistent=False)
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, ops) for _ in range(cfg.n_layer))
-        self.ln_f = Norm(cfg.d_model, cfg.norm, cfg.bias, ops)
+        self.ln_f = Norm(cfg.d_model, cfg.norm, cfg.bias, ops, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             # The input embedding and the output projection share one matrix (GPT-2; saves V·d params).
             self.lm_head.weight = self.wte.weight
         #: The registry ops the forward calls.
-        self.ops_used = ("attention", "layer_norm" if cfg.norm == "layernorm" else "rms_norm", "cross_entropy")
+        self.ops_used = ("attention", "layer_norm" if cfg.norm == "layernorm" else "rms_norm", "cross_entropy",
+                         *(("rope",) if cfg.pos == "rope" else ()), *(("swiglu",) if cfg.mlp == "swiglu" else ()))
         self.apply(self._init_weights)
         # Residual branches end in a projection added to the stream: scale their init by 1/sqrt(2·L)
         # so the stream's variance does not grow with depth (GPT-2 paper, section 2.3).
