@@ -35,15 +35,16 @@ BACKENDS: tuple[str, ...] = get_args(Backend)
 # The torch reference implementations.
 # ---------------------------------------------------------------------------------------------------
 
-def _window_mask(s_q: int, s_k: int, window: int, device: torch.device) -> torch.Tensor:
-    """Boolean mask, True where query i may attend key j: causal and within the last ``window`` keys."""
+def _window_mask(s_q: int, s_k: int, window: int, causal: bool, device: torch.device) -> torch.Tensor:
+    """Boolean mask, True where query i may attend key j: within the last ``window`` keys, and causal or
+    within the next ``window - 1`` (the kernels' band, i - window < j <= i + right)."""
     i = torch.arange(s_q, device=device)[:, None]
     j = torch.arange(s_k, device=device)[None, :]
-    return (j <= i) & (j > i - window)
+    return (j > i - window) & (j <= i if causal else j < i + window)
 
 
 def torch_attention(q, k, v, causal: bool = True, window: int | None = None, scale: float | None = None):
-    mask = _window_mask(q.shape[-2], k.shape[-2], window, q.device) if window else None
+    mask = _window_mask(q.shape[-2], k.shape[-2], window, causal, q.device) if window else None
     return F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, is_causal=causal and mask is None, scale=scale,
         enable_gqa=q.shape[1] != k.shape[1])

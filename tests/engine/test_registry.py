@@ -48,12 +48,15 @@ def _reference_attention(q, k, v, causal, window):
     allowed = torch.ones(S, S, dtype=torch.bool)
     if causal:
         allowed &= j <= i
-    if window:
+    if window:  # the kernels' band: the last `window` keys, and the next `window - 1` when not causal
         allowed &= j > i - window
+        if not causal:
+            allowed &= j < i + window
     return s.masked_fill(~allowed, float("-inf")).softmax(-1) @ v
 
 
-@pytest.mark.parametrize("causal, window, hkv", [(True, None, 4), (False, None, 4), (True, 3, 4), (True, None, 2),
+@pytest.mark.parametrize("causal, window, hkv", [(True, None, 4), (False, None, 4), (True, 3, 4), (False, 3, 4),
+                                                 (True, None, 2),
                                                  (True, 2, 1)])
 def test_torch_attention_matches_reference(causal, window, hkv):
     g = torch.Generator().manual_seed(0)
