@@ -12,9 +12,11 @@ RMSNorm, GELU or SwiGLU MLP, grouped-query attention, tied embeddings, a sliding
 from __future__ import annotations
 
 import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from einops import rearrange
 
 from engine.config import ModelConfig
 from engine.registry import Ops
@@ -68,14 +70,13 @@ class Attention(nn.Module):
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
-        B, T, C = x.shape
         H, Hkv, D = self.cfg.n_head, self.cfg.kv_heads, self.cfg.head_dim
-        qkv = self.qkv(x).view(B, T, H + 2 * Hkv, D).transpose(1, 2)  # (B, H + 2·Hkv, T, D), a view
+        qkv = rearrange(self.qkv(x), "b t (heads d) -> b heads t d", d=D)  # a strided view, no copy
         q, k, v = qkv.split((H, Hkv, Hkv), dim=1)
         if rope is not None:  # rotate pairs (x[i], x[i + D/2]) of q and k by the angle of position t
             q, k = self.ops.rope(q, k, rope[0], rope[1])
         y = self.ops.attention(q, k, v, causal=True, window=self.cfg.window or None)
-        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+        return self.proj(rearrange(y, "b h t d -> b t (h d)"))
 
 
 class MLP(nn.Module):
