@@ -28,7 +28,8 @@ Timing: ``--warmup`` steps (default 5, 8 with ``--compile``; 1 on CPU) are run a
 allocated over the run; ``TFLOP/s`` the model's training FLOPs per item (the task's ``flops_per_item``:
 6·N + 6·L·T·d per token for a GPT, 3x the forward's conv and linear FLOPs per image) times items/s;
 ``MFU`` that over the card's datasheet bf16 peak; ``% matmul`` over the bf16 matmul rate measured here;
-``loss@0`` the first step's loss, which must agree between the sets (same weights, same batch) within
+``GPU idle %`` the share of a few back-to-back steps in which the GPU ran nothing, waiting for the host
+(:func:`gpu_idle_share`; not measured on a CPU); ``loss@0`` the first step's loss, which must agree between the sets (same weights, same batch) within
 :data:`LOSS_TOLERANCE`, or the row is FAILED and the command exits with status 1; ``vs`` the
 ratio of this row's throughput to the ``--vs`` set's in the same mode. On CPU the timings are labelled CPU.
 """
@@ -59,7 +60,7 @@ LOSS_TOLERANCE = {"fp32": 1e-3, "bf16": 2e-2, "fp16": 1e-2}
 SYNTHETIC_BATCHES = 4
 
 COLUMNS = ("kernels", "mode", "status", "unit", "items_per_s", "step_ms", "step_ms_mean", "peak_gb", "tflops", "mfu",
-           "pct_matmul", "first_loss", "last_loss", "vs", "backends", "timer", "note")
+           "pct_matmul", "gpu_idle_pct", "first_loss", "last_loss", "vs", "backends", "timer", "note")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -188,6 +189,40 @@ class TrainArgs:
     overrides: list[str] = field(default_factory=list)
 
 
+def gpu_idle_share(step, first: int, steps: int, device: torch.device) -> tuple[float | None, str]:
+    """Percent of ``steps`` back-to-back steps' GPU time in which no kernel or copy ran: the GPU waiting for
+    the host. From the CUDA activity the profiler records (kernel and copy start and end times), over the
+    span from the first to the last; profiling adds some host overhead, so this errs high. ``(None, why)``
+    where it cannot be measured (on a CPU: not measured)."""
+    if device.type != "cuda":
+        return None, ""
+    try:
+        from torch.autograd import DeviceType
+        from torch.profiler import ProfilerActivity, profile
+
+        _sync(device)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for i in range(first, first + steps):
+                step(i)
+            _sync(device)
+        spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
+                       if e.device_type == DeviceType.CUDA)
+    except Exception as e:  # noqa: BLE001  (no CUPTI, an old profiler: the other figures stand)
+        return None, f"GPU idle share not measured: {type(e).__name__}: {e}"[:200]
+    if not spans:
+        return None, "GPU idle share not measured: the profiler recorded no CUDA activity"
+    busy, (cur_start, cur_end) = 0.0, spans[0]
+    for start, end in spans[1:]:  # the union of the intervals
+        if start > cur_end:
+            busy += cur_end - cur_start
+            cur_start, cur_end = start, end
+        else:
+            cur_end = max(cur_end, end)
+    busy += cur_end - cur_start
+    total = spans[-1][1] - spans[0][0]
+    return (100.0 * (1.0 - busy / total) if total > 0 else None), ""
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -242,6 +277,9 @@ def run_one(args: TrainArgs, kernel_set, compiled: bool, ceilings: dict) -> dict
     if device.type == "cuda":
         times_ms = [b.elapsed_time(e) for b, e in times_ms]
         row["peak_gb"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
+    row["gpu_idle_pct"], idle_note = gpu_idle_share(step, warmup + args.steps, min(args.steps, 5), device)
+    if idle_note:
+        row["note"] = idle_note
     row["first_loss"], row["last_loss"] = float(first_loss), float(loss)
     row["step_ms"] = statistics.median(times_ms)
     row["step_ms_mean"] = statistics.fmean(times_ms)
@@ -338,10 +376,11 @@ def table(result: dict, args: TrainArgs) -> str:
     unit = next((r["unit"] for r in rows if r.get("unit")), "item")
     ms = " (CPU)" if args.device.type != "cuda" else ""
     header = ["kernels", "mode", f"{unit}/s{ms}", f"step ms{ms}", "peak GB", "TFLOP/s", "MFU %", "% matmul",
-              "loss@0", f"vs {kernel_set_label(args.vs)}", "status"]
+              "GPU idle %", "loss@0", f"vs {kernel_set_label(args.vs)}", "status"]
     cells = [[r["kernels"], r["mode"], fmt(r.get("items_per_s"), ",.0f"), fmt(r.get("step_ms"), ".1f"),
               fmt(r.get("peak_gb"), ".1f"), fmt(r.get("tflops"), ".3g"), fmt(r.get("mfu"), ".1f"),
-              fmt(r.get("pct_matmul"), ".1f"), fmt(r.get("first_loss"), ".4f"), fmt(r.get("vs"), ".3f"), r["status"]]
+              fmt(r.get("pct_matmul"), ".1f"), fmt(r.get("gpu_idle_pct"), ".1f"), fmt(r.get("first_loss"), ".4f"),
+              fmt(r.get("vs"), ".3f"), r["status"]]
              for r in rows]
     lines = [format_table(header, cells)]
     for r in rows:

@@ -139,3 +139,25 @@ def test_steps_that_do_not_log_never_read_the_device(tmp_path, monkeypatch, extr
     trainer.fit()
     trainer.close()
     assert reads == []
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernels_set", ["torch", "triton"])
+def test_steps_run_under_cuda_sync_debug_error(tmp_path, kernels_set):
+    """On a GPU, steps that neither log, evaluate nor checkpoint make no synchronizing call at all:
+    ``torch.cuda.set_sync_debug_mode("error")`` turns any into an exception."""
+    r = tiny_recipe(tmp_path, "--run.device=cuda", "--train.steps=6", "--train.log_every=6", "--train.eval_every=0",
+                    "--train.precision=bf16", "--train.sample_tokens=0", *(
+                        [f"--kernels.{op}={kernels_set}" for op in ("attention", "layer_norm", "cross_entropy",
+                                                                   "optimizer")]))
+    trainer = Trainer(r, stream=Sink())
+    for step in range(2):  # first steps allocate, autotune and compile
+        trainer.train_step(step)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for step in range(2, 5):
+            trainer.train_step(step)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    trainer.close()
