@@ -37,8 +37,8 @@ from engine import registry
 from engine.bench import (ArgumentParser, BenchError, environment, fmt, format_table, free_memory, pick_device,
                           write_json)
 from engine.bench import ops as bench_ops
-from engine.bench.ops import (AttentionShape, HeadShape, ImageShape, MatrixShape, NotAvailable, ParamSetShape,
-                              TOLERANCE)
+from engine.bench.ops import (TOLERANCE, AttentionShape, HeadShape, ImageShape, MatrixShape, NotAvailable,
+                              ParamSetShape, RopeShape)
 
 DTYPES = bench_ops.DTYPES
 DTYPE_NAMES = bench_ops.DTYPE_NAMES
@@ -55,7 +55,7 @@ MAX_GRAD_NORM = bench_ops.MAX_GRAD_NORM
 INIT_STD = 0.02
 #: The ops whose kernels never multiply with ``tl.dot``: their bf16 rows are checked in the interpreter too.
 #: Every other op's bf16 Triton rows wait for a GPU (the interpreter's bf16 dot is wrong).
-DOT_FREE_OPS = frozenset({"layer_norm", "rms_norm", "dwconv"})
+DOT_FREE_OPS = frozenset({"layer_norm", "rms_norm", "dwconv", "rope", "swiglu"})
 BACKENDS = {"attention": ("torch", "triton", "triton-nondet")}
 DEFAULT_BACKENDS = ("torch", "triton")
 SIZES = ("small", "odd", "real")
@@ -69,6 +69,8 @@ ODD_SHAPES: dict[str, list] = {
     "dwconv": [ImageShape(1, 11, 5, 7)],
     "cross_entropy": [HeadShape(37, 40, 1001)],
     "optimizer": [ParamSetShape(1, 40, vocab=101, context=13, clip=True)],
+    "rope": [RopeShape(2, 3, 1, 37, 18)],
+    "swiglu": [MatrixShape(37, 1000)],
 }
 
 
