@@ -55,7 +55,7 @@ class ModelConfig:
     rope_base: float = 10000.0
     #: "layernorm" or "rmsnorm".
     norm: str = "layernorm"
-    #: "gelu" or "swiglu".
+    #: "gelu", "swiglu" or "relu2" (ReLU squared).
     mlp: str = "gelu"
     #: MLP hidden width; 0 means 4·d_model for GELU and the 8/3·d_model (rounded to 64) for SwiGLU.
     d_ff: int = 0
@@ -64,6 +64,12 @@ class ModelConfig:
     dropout: float = 0.0
     #: Sliding attention window in tokens (0: full causal attention).
     window: int = 0
+    #: RMSNorm (with a learned gain) of each head's queries and keys before attention.
+    qk_norm: bool = False
+    #: Start the attention and MLP output projections at zero, so each block begins as the identity.
+    zero_init_proj: bool = False
+    #: Soft-cap the logits to (-c, c) as c·tanh(logits / c) (0: off).
+    logit_softcap: float = 0.0
     #: Classes of an image classifier (arch "resnet" or "convnext").
     num_classes: int = 10
     #: Side of the square images an image classifier sees; batches are resized on the device if the stored
@@ -135,8 +141,11 @@ class TrainConfig:
     #: Clip the global gradient norm to this (0 disables).
     grad_clip: float = 1.0
     eval_every: int = 200
-    #: Batches per evaluation.
+    #: Batches per periodic evaluation: the same windows every time, spread evenly over the validation split.
     eval_batches: int = 20
+    #: The final evaluation covers the whole validation split (non-overlapping windows) when it holds at most
+    #: this many tokens; larger splits, or 0, keep the periodic sample.
+    final_eval_tokens: int = 1_000_000
     log_every: int = 10
     #: Wrap the model in torch.compile.
     compile: bool = False
@@ -270,7 +279,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.pos": ("learned", "rope"),
     "model.norm": ("layernorm", "rmsnorm"),
-    "model.mlp": ("gelu", "swiglu"),
+    "model.mlp": ("gelu", "swiglu", "relu2"),
     "model.block": ("basic", "bottleneck"),
     "model.stem": ("cifar", "imagenet"),
     "data.tokenizer": ("byte", "gpt2"),
@@ -421,6 +430,7 @@ def validate(r: Recipe) -> None:
     positive("train.grad_clip", r.train.grad_clip, allow_zero=True)
     positive("train.eval_every", r.train.eval_every, allow_zero=True)
     positive("train.eval_batches", r.train.eval_batches)
+    positive("train.final_eval_tokens", r.train.final_eval_tokens, allow_zero=True)
     positive("train.log_every", r.train.log_every)
     positive("train.sample_tokens", r.train.sample_tokens, allow_zero=True)
     positive("train.max_bad_steps", r.train.max_bad_steps, allow_zero=True)
@@ -456,6 +466,8 @@ def validate(r: Recipe) -> None:
         positive("model.window", m.window, allow_zero=True)
         if not 0.0 <= m.dropout < 1.0:
             raise RecipeError(f"model.dropout must be in [0, 1), got {m.dropout}")
+        if not 0.0 <= m.logit_softcap < float("inf"):
+            raise RecipeError(f"model.logit_softcap must be a finite number >= 0 (0: off), got {m.logit_softcap}")
         if m.d_model % m.n_head:
             raise RecipeError(f"model.d_model ({m.d_model}) must be divisible by model.n_head ({m.n_head})")
         kv = m.n_kv_head or m.n_head

@@ -151,17 +151,22 @@ def torch_depthwise_conv2d(x, weight, bias=None, padding=0):
     return F.conv2d(x, weight, bias, padding=padding, groups=x.shape[1])
 
 
-def torch_cross_entropy(logits, targets, ignore_index: int = -100, label_smoothing: float = 0.0):
-    """Mean cross-entropy over all positions, computed in fp32 whatever the logits' dtype."""
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+def torch_cross_entropy(logits, targets, ignore_index: int = -100, label_smoothing: float = 0.0,
+                        softcap: float = 0.0):
+    """Mean cross-entropy over all positions, computed in fp32 whatever the logits' dtype; a nonzero
+    ``softcap`` c takes the loss of ``c * tanh(logits / c)``."""
+    logits = logits.float()
+    if softcap:
+        logits = softcap * torch.tanh(logits / softcap)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
                            ignore_index=ignore_index, label_smoothing=label_smoothing)
 
 
 def torch_linear_cross_entropy(x, weight, targets, bias=None, ignore_index: int = -100,
-                               label_smoothing: float = 0.0):
+                               label_smoothing: float = 0.0, softcap: float = 0.0):
     """A classifier head and its loss, ``torch_cross_entropy(F.linear(x, weight, bias), targets)``: the
     (positions, classes) logits are materialized, and copied to fp32."""
-    return torch_cross_entropy(F.linear(x, weight, bias), targets, ignore_index, label_smoothing)
+    return torch_cross_entropy(F.linear(x, weight, bias), targets, ignore_index, label_smoothing, softcap)
 
 
 class TorchLion(torch.optim.Optimizer):
@@ -214,10 +219,11 @@ class Ops:
     #: The whole MLP block, fc1 included (see :func:`torch_mlp`); ``gelu_linear_residual`` is its second half.
     mlp: Callable[..., torch.Tensor]
     depthwise_conv2d: Callable[..., torch.Tensor]
-    #: ``(logits, targets, ignore_index=-100, label_smoothing=0.0)``: the mean loss (see :func:`torch_cross_entropy`).
+    #: ``(logits, targets, ignore_index=-100, label_smoothing=0.0, softcap=0.0)``: the mean loss (see
+    #: :func:`torch_cross_entropy`).
     cross_entropy: Callable[..., torch.Tensor]
-    #: ``(x, weight, targets, bias=None, ignore_index=-100, label_smoothing=0.0)``: the head's matmul and the
-    #: mean loss; the Triton backend never holds more than a chunk of the logits.
+    #: ``(x, weight, targets, bias=None, ignore_index=-100, label_smoothing=0.0, softcap=0.0)``: the head's
+    #: matmul and the mean loss; the Triton backend never holds more than a chunk of the logits.
     linear_cross_entropy: Callable[..., torch.Tensor]
     #: False: kernels may trade bitwise reproducibility for speed (see :func:`resolve`).
     deterministic: bool = True
@@ -299,14 +305,16 @@ def resolve(choices: dict[str, str] | None = None, device: torch.device | str = 
     triton_ce = chosen["cross_entropy"] == "triton"
     ce_kernels = _triton_kernels("cross_entropy") if triton_ce else None
 
-    def triton_cross_entropy(logits, targets, ignore_index=-100, label_smoothing=0.0):
-        return ce_kernels.cross_entropy(logits, targets, ignore_index=ignore_index, label_smoothing=label_smoothing)
+    def triton_cross_entropy(logits, targets, ignore_index=-100, label_smoothing=0.0, softcap=0.0):
+        return ce_kernels.cross_entropy(logits, targets, ignore_index=ignore_index, label_smoothing=label_smoothing,
+                                        softcap=softcap)
 
-    def triton_linear_cross_entropy(x, weight, targets, bias=None, ignore_index=-100, label_smoothing=0.0):
+    def triton_linear_cross_entropy(x, weight, targets, bias=None, ignore_index=-100, label_smoothing=0.0,
+                                    softcap=0.0):
         """:func:`torch_linear_cross_entropy` a chunk of positions at a time, the gradients computed as the
         forward goes (``kernels.linear_cross_entropy``)."""
         return ce_kernels.linear_cross_entropy(x, weight, targets, bias, ignore_index=ignore_index,
-                                               label_smoothing=label_smoothing)
+                                               label_smoothing=label_smoothing, softcap=softcap)
 
     return Ops(
         backends=chosen,
