@@ -18,7 +18,8 @@ vocabulary (no dataset, tokenizer or download); for an image classifier, Gaussia
 ``model.image_size`` (channels_last on CUDA) and random labels. A step is the trainer's: ``train.grad_accum``
 micro-batches under the recipe's precision (autocast; loss scaling for fp16), gradient clipping at
 ``train.grad_clip`` (inside the Triton optimizer's step, or ``clip_grad_norm_`` for torch's), the recipe's
-optimizer, ``zero_grad``; at a constant learning rate and with no per-step host read of the loss.
+optimizer, ``zero_grad``: the very :class:`~engine.trainer.TrainStep` the trainer runs, at the recipe's peak
+learning rate.
 ``--compile`` adds a ``torch.compile`` run of each set.
 
 Timing: ``--warmup`` steps (default 5, 8 with ``--compile``; 1 on CPU) are run and excluded, then each of
@@ -42,15 +43,15 @@ from typing import Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from engine import registry
 from engine.bench import (ArgumentParser, BenchError, describe_ceilings, environment, fmt, format_table, free_memory,
                           measure_ceilings, pick_device, timer_label, write_csv, write_json)
 from engine.config import Recipe, RecipeError, load_recipe
-from engine.precision import LossScaler, autocast
+from engine.precision import LossScaler
 from engine.registry import KernelSelectionError, Ops
 from engine.tasks import Task
+from engine.trainer import TrainStep
 
 #: Largest relative difference of the first step's loss between two kernel sets, by precision.
 LOSS_TOLERANCE = {"fp32": 1e-3, "bf16": 2e-2, "fp16": 1e-2}
@@ -97,18 +98,18 @@ def resolve_set(kernel_set: str | dict[str, str], recipe: Recipe, device: torch.
     """The registry's ops for a kernel set (see the module docstring for what each set means)."""
     if kernel_set == "triton":
         choices = {}
-        for op in registry.OPS:
+        for op in registry.op_names():
             try:
                 registry.resolve({op: "triton"}, device)
                 choices[op] = "triton"
             except KernelSelectionError:
                 choices[op] = "torch"
     elif kernel_set in ("torch", "auto"):
-        choices = {op: kernel_set for op in registry.OPS}
+        choices = {op: kernel_set for op in registry.op_names()}
     elif kernel_set == "recipe":
         choices = recipe.kernels.backends()
     else:
-        choices = {op: "torch" for op in registry.OPS} | dict(kernel_set)
+        choices = {op: "torch" for op in registry.op_names()} | dict(kernel_set)
     return registry.resolve(choices, device, recipe.kernels.deterministic)
 
 
@@ -120,7 +121,7 @@ class SyntheticTask(Task):
     """The recipe's model on random inputs of the recipe's shapes: no dataset, tokenizer or download."""
 
     def __init__(self, recipe: Recipe, ops: Ops, device: torch.device):
-        self.recipe, self.device = recipe, device
+        self.recipe, self.device, self.ops = recipe, device, ops
         m, t = recipe.model, recipe.train
         # Inputs come from their own generator so that every kernel set sees the same batches.
         gen = torch.Generator().manual_seed(recipe.run.seed)
@@ -159,10 +160,13 @@ class SyntheticTask(Task):
     def loss(self, model: nn.Module, inputs, targets):
         if self.unit == "tok":
             return model(inputs, targets)
-        return F.cross_entropy(model(inputs).float(), targets, label_smoothing=self.recipe.train.label_smoothing)
+        return self.ops.cross_entropy(model(inputs), targets, label_smoothing=self.recipe.train.label_smoothing)
 
     def flops_per_item(self) -> float:
         return self._flops
+
+    def ops_used(self) -> tuple[str, ...]:
+        return (*super().ops_used(), "cross_entropy") if self.unit == "img" else super().ops_used()
 
 
 
@@ -184,35 +188,6 @@ class TrainArgs:
     overrides: list[str] = field(default_factory=list)
 
 
-def _train_step(task: SyntheticTask, forward_model: nn.Module, optimizer, clips_in_step: bool, scaler: LossScaler,
-                params: list[torch.Tensor], recipe: Recipe):
-    t = recipe.train
-
-    def step(i: int) -> torch.Tensor:
-        loss_sum = torch.zeros((), device=task.device)
-        for micro in range(t.grad_accum):
-            inputs, targets = task.batch(i, micro)
-            with autocast(t.precision, task.device):
-                loss = task.loss(forward_model, inputs, targets)
-            scaler.scale_loss(loss / t.grad_accum).backward()
-            loss_sum += loss.detach().float()
-        if clips_in_step:
-            optimizer.grad_scale = scaler.scale
-            optimizer.step()
-            found_inf = optimizer.found_inf
-        else:
-            found_inf = scaler.unscale_(params)
-            if t.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
-            if not (scaler.enabled and found_inf.item()):  # fp16 skips an overflowed step, as the trainer does
-                optimizer.step()
-        scaler.update(found_inf)
-        optimizer.zero_grad(set_to_none=True)
-        return loss_sum / t.grad_accum
-
-    return step
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -228,17 +203,19 @@ def run_one(args: TrainArgs, kernel_set, compiled: bool, ceilings: dict) -> dict
         torch._dynamo.reset()
     torch.manual_seed(r.run.seed)
     ops = resolve_set(kernel_set, r, device)
-    row["backends"] = dict(ops.backends)
     task = SyntheticTask(r, ops, device)
+    row["backends"] = {op: b for op, b in ops.backends.items() if op in task.ops_used()}
     row["unit"] = task.unit
     forward_model = torch.compile(task.model) if compiled else task.model
     o = r.optim
     optimizer, clips_in_step = ops.make_optimizer(
         o.name, task.param_groups(o.weight_decay), lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay,
         momentum=o.momentum, nesterov=o.nesterov, max_grad_norm=r.train.grad_clip, device=device)
-    params = [p for g in optimizer.param_groups for p in g["params"]]
     scaler = LossScaler(device, enabled=r.train.precision == "fp16")
-    step = _train_step(task, forward_model, optimizer, clips_in_step, scaler, params, r)
+    train_step = TrainStep(task, task.model, forward_model, optimizer, clips_in_step, scaler, r, device)
+
+    def step(i: int) -> torch.Tensor:  # the trainer's step, at the recipe's peak learning rate
+        return train_step(i, o.lr).loss
     warmup = args.warmup if args.warmup is not None else (1 if device.type != "cuda" else 8 if compiled else 5)
 
     if device.type == "cuda":
@@ -278,7 +255,7 @@ def run_one(args: TrainArgs, kernel_set, compiled: bool, ceilings: dict) -> dict
     row["pct_matmul"] = 100 * row["tflops"] / ceilings["matmul_tflops"] if ceilings else None
     if not (math.isfinite(row["first_loss"]) and math.isfinite(row["last_loss"])):
         row["status"], row["note"] = "FAILED", f"non-finite loss (first {row['first_loss']}, last {row['last_loss']})"
-    del task, forward_model, optimizer, params, step
+    del task, forward_model, optimizer, train_step, step
     free_memory(device)
     return row
 

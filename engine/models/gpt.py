@@ -14,51 +14,16 @@ Every option's default is GPT-2's.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from engine.config import ModelConfig
 from engine.registry import Ops
 
 
-@dataclass
-class GPTConfig:
-    n_layer: int = 4
-    n_head: int = 4
-    n_kv_head: int = 0  # 0: same as n_head
-    d_model: int = 192
-    context: int = 256
-    vocab_size: int = 256
-    pos: str = "learned"  # "learned" | "rope"
-    rope_base: float = 10000.0
-    norm: str = "layernorm"  # "layernorm" | "rmsnorm"
-    mlp: str = "gelu"  # "gelu" | "swiglu" | "relu2"
-    d_ff: int = 0  # 0: 4·d for GELU and ReLU², 8/3·d rounded up to 64 for SwiGLU (same parameter count)
-    bias: bool = True
-    tie_embeddings: bool = True
-    dropout: float = 0.0
-    window: int = 0  # 0: full causal attention
-    qk_norm: bool = False  # RMSNorm of each head's queries and keys before attention
-    zero_init_proj: bool = False  # attention and MLP output projections start at zero
-    logit_softcap: float = 0.0  # 0: off; else logits -> c·tanh(logits / c)
-
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_head
-
-    @property
-    def kv_heads(self) -> int:
-        return self.n_kv_head or self.n_head
-
-    @property
-    def ff_dim(self) -> int:
-        if self.d_ff:
-            return self.d_ff
-        if self.mlp == "swiglu":
-            return (8 * self.d_model // 3 + 63) // 64 * 64
-        return 4 * self.d_model
+#: A GPT is configured by the recipe's model section itself (``vocab_size`` resolved to the tokenizer's).
+GPTConfig = ModelConfig
 
 
 class Norm(nn.Module):
@@ -68,11 +33,11 @@ class Norm(nn.Module):
     do not depend on the backend.
     """
 
-    def __init__(self, d: int, kind: str, bias: bool, ops: Ops):
+    def __init__(self, d: int, kind: str, bias: bool, ops: Ops, eps: float = 0.0):
         super().__init__()
         self.kind = kind
         self.ops = ops
-        self.eps = 1e-5 if kind == "layernorm" else 1e-6
+        self.eps = eps or (1e-5 if kind == "layernorm" else 1e-6)
         self.weight = nn.Parameter(torch.ones(d))
         self.bias = nn.Parameter(torch.zeros(d)) if bias and kind == "layernorm" else None
 
@@ -95,13 +60,6 @@ def rotary_tables(head_dim: int, context: int, base: float) -> tuple[torch.Tenso
     return angles.cos().float(), angles.sin().float()
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (x[i], x[i + D/2]) of x (B, H, T, D) by position-dependent angles."""
-    x1, x2 = x.chunk(2, dim=-1)
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-
-
 class Attention(nn.Module):
     def __init__(self, cfg: GPTConfig, ops: Ops):
         super().__init__()
@@ -122,16 +80,16 @@ class Attention(nn.Module):
         q, k, v = qkv.split((H, Hkv, Hkv), dim=1)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        if rope is not None:
-            cos, sin = rope[0][:T], rope[1][:T]
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if rope is not None:  # rotate pairs (x[i], x[i + D/2]) of q and k by the angle of position t
+            q, k = self.ops.rope(q, k, rope[0], rope[1])
         y = self.ops.attention(q, k, v, causal=True, window=self.cfg.window or None)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: GPTConfig):
+    def __init__(self, cfg: GPTConfig, ops: Ops):
         super().__init__()
+        self.ops = ops
         self.kind = cfg.mlp
         self.swiglu = cfg.mlp == "swiglu"
         width = 2 * cfg.ff_dim if self.swiglu else cfg.ff_dim
@@ -141,8 +99,7 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.fc(x)
         if self.swiglu:
-            gate, up = h.chunk(2, dim=-1)
-            return self.proj(F.silu(gate) * up)
+            return self.proj(self.ops.swiglu(h))  # silu(gate) * up, gate and up the halves of h
         if self.kind == "relu2":
             return self.proj(F.relu(h).square())
         return self.proj(F.gelu(h, approximate="tanh"))
@@ -157,10 +114,10 @@ class Block(nn.Module):
 
     def __init__(self, cfg: GPTConfig, ops: Ops):
         super().__init__()
-        self.ln1 = Norm(cfg.d_model, cfg.norm, cfg.bias, ops)
+        self.ln1 = Norm(cfg.d_model, cfg.norm, cfg.bias, ops, cfg.norm_eps)
         self.attn = Attention(cfg, ops)
-        self.ln2 = Norm(cfg.d_model, cfg.norm, cfg.bias, ops)
-        self.mlp = MLP(cfg)
+        self.ln2 = Norm(cfg.d_model, cfg.norm, cfg.bias, ops, cfg.norm_eps)
+        self.mlp = MLP(cfg, ops)
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x, delta, rope):
@@ -182,11 +139,15 @@ class GPT(nn.Module):
             self.register_buffer("rope_sin", sin, persistent=False)
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, ops) for _ in range(cfg.n_layer))
-        self.ln_f = Norm(cfg.d_model, cfg.norm, cfg.bias, ops)
+        self.ln_f = Norm(cfg.d_model, cfg.norm, cfg.bias, ops, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             # The input embedding and the output projection share one matrix (GPT-2; saves V·d params).
             self.lm_head.weight = self.wte.weight
+        #: The registry ops the forward calls.
+        self.ops_used = ("attention", "layer_norm" if cfg.norm == "layernorm" else "rms_norm", "cross_entropy",
+                         *(("rope",) if cfg.pos == "rope" else ()), *(("swiglu",) if cfg.mlp == "swiglu" else ()),
+                         *(("rms_norm",) if cfg.qk_norm and cfg.norm != "rmsnorm" else ()))
         self.apply(self._init_weights)
         # Residual branches end in a projection added to the stream: scale their init by 1/sqrt(2·L)
         # so the stream's variance does not grow with depth (GPT-2 paper, section 2.3).

@@ -38,6 +38,10 @@ class Task:
         run (a task may then evaluate more thoroughly)."""
         raise NotImplementedError
 
+    def eval_batches(self, final: bool) -> int:
+        """Batches one evaluation runs (the final one, or a periodic one): what a time budget reserves."""
+        return self.recipe.train.eval_batches
+
     def flops_per_item(self) -> float | None:
         """Training FLOPs per token/image, for TFLOP/s and MFU; None if unknown."""
         return None
@@ -49,6 +53,11 @@ class Task:
             if p.requires_grad:
                 (decay if p.dim() >= 2 else no_decay).append(p)
         return [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
+
+    def ops_used(self) -> tuple[str, ...]:
+        """The registry ops this task's model and loss call (the run prints and records their backends):
+        the model's ``ops_used`` and the optimizer."""
+        return (*getattr(self.model, "ops_used", ()), "optimizer")
 
     def on_step_end(self, step: int) -> None:
         """Called after each optimizer step (``step`` steps done), e.g. to update a weight EMA."""
