@@ -251,8 +251,9 @@ def test_per_sequence_losses_average_to_the_batch_loss():
     torch.testing.assert_close(per[1], model(idx[1:2], targets[1:2]))
 
 
-SPEEDRUN_OPTIONS = [dict(qk_norm=True), dict(mlp="relu2"), dict(zero_init_proj=True), dict(logit_softcap=3.0),
-                    dict(qk_norm=True, mlp="relu2", zero_init_proj=True, logit_softcap=3.0, tie_embeddings=False)]
+# Each option's own behaviour is tested above; training is checked with all of them on at once (and alone
+# in the README's measurements).
+SPEEDRUN_OPTIONS = [dict(qk_norm=True, mlp="relu2", zero_init_proj=True, logit_softcap=3.0, tie_embeddings=False)]
 
 
 @pytest.mark.parametrize("opts", SPEEDRUN_OPTIONS, ids=[",".join(f"{k}={v}" for k, v in o.items())
