@@ -95,8 +95,9 @@ class ModelConfig:
     pos: Literal["learned", "rope"] = "learned"
     rope_base: float = 10000.0
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
-    mlp: Literal["gelu", "swiglu"] = "gelu"
-    #: MLP hidden width; 0 means 4·d_model for GELU and the 8/3·d_model (rounded to 64) for SwiGLU.
+    #: "relu2" is ReLU squared.
+    mlp: Literal["gelu", "swiglu", "relu2"] = "gelu"
+    #: MLP hidden width; 0 means 4·d_model for GELU and ReLU², 8/3·d_model (rounded to 64) for SwiGLU.
     d_ff: int = 0
     bias: bool = True
     tie_embeddings: bool = True
@@ -105,6 +106,12 @@ class ModelConfig:
     window: int = 0
     #: Epsilon of the GPT's norms; 0 means 1e-5 for LayerNorm and 1e-6 for RMSNorm.
     norm_eps: float = 0.0
+    #: RMSNorm (with a learned gain) of each head's queries and keys before attention.
+    qk_norm: bool = False
+    #: Start the attention and MLP output projections at zero, so each block begins as the identity.
+    zero_init_proj: bool = False
+    #: Soft-cap the logits to (-c, c) as c·tanh(logits / c) (0: off).
+    logit_softcap: float = 0.0
     #: Classes of an image classifier (arch "resnet" or "convnext").
     num_classes: int = 10
     #: Side of the square images an image classifier sees; batches are resized on the device if the stored
@@ -152,6 +159,8 @@ class ModelConfig:
         for key in ("vocab_size", "n_kv_head", "window", "d_ff", "norm_eps"):
             _positive(f"model.{key}", getattr(self, key), allow_zero=True)
         _fraction("model.dropout", self.dropout)
+        if not 0.0 <= self.logit_softcap < float("inf"):
+            raise RecipeError(f"model.logit_softcap must be a finite number >= 0 (0: off), got {self.logit_softcap}")
         if self.d_model % self.n_head:
             raise RecipeError(f"model.d_model ({self.d_model}) must be divisible by model.n_head ({self.n_head})")
         if self.n_head % self.kv_heads:
@@ -236,8 +245,11 @@ class TrainConfig:
     #: Clip the global gradient norm to this (0 disables).
     grad_clip: float = 1.0
     eval_every: int = 200
-    #: Batches per evaluation.
+    #: Batches per periodic evaluation: the same windows every time, spread evenly over the validation split.
     eval_batches: int = 20
+    #: The final evaluation covers the whole validation split (non-overlapping windows) when it holds at most
+    #: this many tokens; larger splits, or 0, keep the periodic sample.
+    final_eval_tokens: int = 1_000_000
     log_every: int = 10
     #: Wrap the model in torch.compile.
     compile: bool = False
@@ -267,7 +279,7 @@ class TrainConfig:
         self.budget_seconds()
         for key in ("steps", "batch_size", "seq_len", "grad_accum", "eval_batches", "log_every"):
             _positive(f"train.{key}", getattr(self, key))
-        for key in ("grad_clip", "eval_every", "sample_tokens", "max_bad_steps"):
+        for key in ("grad_clip", "eval_every", "final_eval_tokens", "sample_tokens", "max_bad_steps"):
             _positive(f"train.{key}", getattr(self, key), allow_zero=True)
         _fraction("train.label_smoothing", self.label_smoothing)
         _fraction("train.ema_decay", self.ema_decay)

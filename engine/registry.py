@@ -123,17 +123,22 @@ def torch_depthwise_conv2d(x, weight, bias=None, padding=0):
     return F.conv2d(x, weight, bias, padding=padding, groups=x.shape[1])
 
 
-def torch_cross_entropy(logits, targets, ignore_index: int = -100, label_smoothing: float = 0.0):
-    """Mean cross-entropy over all positions, computed in fp32 whatever the logits' dtype."""
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+def torch_cross_entropy(logits, targets, ignore_index: int = -100, label_smoothing: float = 0.0,
+                        softcap: float = 0.0):
+    """Mean cross-entropy over all positions, computed in fp32 whatever the logits' dtype; a nonzero
+    ``softcap`` c takes the loss of ``c * tanh(logits / c)``."""
+    logits = logits.float()
+    if softcap:
+        logits = softcap * torch.tanh(logits / softcap)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
                            ignore_index=ignore_index, label_smoothing=label_smoothing)
 
 
 def torch_linear_cross_entropy(x, weight, targets, bias=None, ignore_index: int = -100,
-                               label_smoothing: float = 0.0):
+                               label_smoothing: float = 0.0, softcap: float = 0.0):
     """A classifier head and its loss, ``torch_cross_entropy(F.linear(x, weight, bias), targets)``: the
     (positions, classes) logits are materialized, and copied to fp32."""
-    return torch_cross_entropy(F.linear(x, weight, bias), targets, ignore_index, label_smoothing)
+    return torch_cross_entropy(F.linear(x, weight, bias), targets, ignore_index, label_smoothing, softcap)
 
 
 class TorchLion(torch.optim.Optimizer):
@@ -190,17 +195,18 @@ def _triton_mlp(kernels, deterministic: bool):
 
 
 def _triton_cross_entropy(kernels, deterministic: bool):
-    def cross_entropy(logits, targets, ignore_index=-100, label_smoothing=0.0):
-        return kernels.cross_entropy(logits, targets, ignore_index=ignore_index, label_smoothing=label_smoothing)
+    def cross_entropy(logits, targets, ignore_index=-100, label_smoothing=0.0, softcap=0.0):
+        return kernels.cross_entropy(logits, targets, ignore_index=ignore_index, label_smoothing=label_smoothing,
+                                     softcap=softcap)
     return cross_entropy
 
 
 def _triton_linear_cross_entropy(kernels, deterministic: bool):
-    def linear_cross_entropy(x, weight, targets, bias=None, ignore_index=-100, label_smoothing=0.0):
+    def linear_cross_entropy(x, weight, targets, bias=None, ignore_index=-100, label_smoothing=0.0, softcap=0.0):
         """:func:`torch_linear_cross_entropy` a chunk of positions at a time, the gradients computed as the
         forward goes (``kernels.linear_cross_entropy``)."""
         return kernels.linear_cross_entropy(x, weight, targets, bias, ignore_index=ignore_index,
-                                            label_smoothing=label_smoothing)
+                                            label_smoothing=label_smoothing, softcap=softcap)
     return linear_cross_entropy
 
 

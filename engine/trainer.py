@@ -645,7 +645,7 @@ class Trainer:
                     t_last, steps_since = time.perf_counter(), 0
                     if budget is not None:
                         budget.paused += t_last - paused
-            self.evaluate()
+            self.evaluate(final=True)
             self.save()
         finally:
             for sig, old in handlers.items():
@@ -658,9 +658,9 @@ class Trainer:
                        + "".join(f" | {k} {v:.4f}" for k, v in self.last_eval.items()))
         return {"steps": self.step, "run_dir": str(self.run_dir), "seconds": elapsed, **self.last_eval}
 
-    def evaluate(self) -> dict[str, float]:
+    def evaluate(self, final: bool = False) -> dict[str, float]:
         with self._oom_hint(f"evaluating at step {self.step}"):
-            metrics = self.task.evaluate(self.forward_model)
+            metrics = self.task.evaluate(self.forward_model, final=final)
         self.last_eval = metrics
         record = {"kind": "eval", "step": self.step, "items": self.step * self.items_per_step, **metrics}
         self.log.record(record)

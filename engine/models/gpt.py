@@ -7,7 +7,9 @@ which adds it to the residual stream and normalizes in one call (one pass over m
 backend; an add followed by a norm with the torch backend — the same math).
 
 Options cover both GPT-2 and the newer Llama-style block: learned or rotary positions, LayerNorm or
-RMSNorm, GELU or SwiGLU MLP, grouped-query attention, tied embeddings, a sliding attention window.
+RMSNorm, GELU, SwiGLU or ReLU² MLP, grouped-query attention, tied embeddings, a sliding attention window;
+and what the GPT-2 speedruns found to pay: QK-norm, zero-initialised output projections, logit soft-capping.
+Every option's default is GPT-2's.
 """
 from __future__ import annotations
 
@@ -68,11 +70,17 @@ class Attention(nn.Module):
         # One projection for q, k and v: the kernels read q, k and v as strided views of its output.
         self.qkv = nn.Linear(cfg.d_model, (cfg.n_head + 2 * cfg.kv_heads) * cfg.head_dim, bias=cfg.bias)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
+        # QK-norm bounds the attention logits whatever the weights grow to, which lets a higher learning
+        # rate train stably (Dehghani et al., 2023; the GPT-2 speedruns).
+        self.q_norm = Norm(cfg.head_dim, "rmsnorm", False, ops) if cfg.qk_norm else None
+        self.k_norm = Norm(cfg.head_dim, "rmsnorm", False, ops) if cfg.qk_norm else None
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
         H, Hkv, D = self.cfg.n_head, self.cfg.kv_heads, self.cfg.head_dim
         qkv = rearrange(self.qkv(x), "b t (heads d) -> b heads t d", d=D)  # a strided view, no copy
         q, k, v = qkv.split((H, Hkv, Hkv), dim=1)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:  # rotate pairs (x[i], x[i + D/2]) of q and k by the angle of position t
             q, k = self.ops.rope(q, k, rope[0], rope[1])
         y = self.ops.attention(q, k, v, causal=True, window=self.cfg.window or None)
@@ -83,6 +91,7 @@ class MLP(nn.Module):
     def __init__(self, cfg: GPTConfig, ops: Ops):
         super().__init__()
         self.ops = ops
+        self.kind = cfg.mlp
         self.swiglu = cfg.mlp == "swiglu"
         width = 2 * cfg.ff_dim if self.swiglu else cfg.ff_dim
         self.fc = nn.Linear(cfg.d_model, width, bias=cfg.bias)
@@ -92,6 +101,8 @@ class MLP(nn.Module):
         h = self.fc(x)
         if self.swiglu:
             return self.proj(self.ops.swiglu(h))  # silu(gate) * up, gate and up the halves of h
+        if self.kind == "relu2":
+            return self.proj(F.relu(h).square())
         return self.proj(F.gelu(h, approximate="tanh"))
 
 
@@ -136,13 +147,17 @@ class GPT(nn.Module):
             self.lm_head.weight = self.wte.weight
         #: The registry ops the forward calls.
         self.ops_used = ("attention", "layer_norm" if cfg.norm == "layernorm" else "rms_norm", "cross_entropy",
-                         *(("rope",) if cfg.pos == "rope" else ()), *(("swiglu",) if cfg.mlp == "swiglu" else ()))
+                         *(("rope",) if cfg.pos == "rope" else ()), *(("swiglu",) if cfg.mlp == "swiglu" else ()),
+                         *(("rms_norm",) if cfg.qk_norm and cfg.norm != "rmsnorm" else ()))
         self.apply(self._init_weights)
         # Residual branches end in a projection added to the stream: scale their init by 1/sqrt(2·L)
         # so the stream's variance does not grow with depth (GPT-2 paper, section 2.3).
         for name, p in self.named_parameters():
             if name.endswith("attn.proj.weight") or name.endswith("mlp.proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+                if cfg.zero_init_proj:  # every block starts as the identity; the gradient still reaches it
+                    nn.init.zeros_(p)
+                else:
+                    nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -164,8 +179,10 @@ class GPT(nn.Module):
         """Training FLOPs per token: 6·N for the matmuls plus causal attention (6·L·T·d)."""
         return 6 * self.num_params() + 6 * self.cfg.n_layer * seq_len * self.cfg.d_model
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits (B, T, V) for ``idx`` (B, T); with ``targets``, the mean cross-entropy loss instead."""
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
+                per_sequence: bool = False) -> torch.Tensor:
+        """Logits (B, T, V) for ``idx`` (B, T); with ``targets``, the mean cross-entropy loss instead, or
+        with ``per_sequence`` each sequence's mean loss (B,) (for an evaluation's standard error)."""
         B, T = idx.shape
         if T > self.cfg.context:
             raise ValueError(f"sequence of length {T} is longer than the model's context {self.cfg.context}")
@@ -178,10 +195,16 @@ class GPT(nn.Module):
         for block in self.blocks:
             x, delta = block(x, delta, rope)
         h, _ = self.ln_f.add(delta, x)
+        cap = self.cfg.logit_softcap
         if targets is None:
-            return self.lm_head(h)
+            logits = self.lm_head(h)
+            return cap * torch.tanh(logits / cap) if cap else logits
         # The head and the loss in one registry op: the Triton backend never holds all the (B, T, V) logits.
-        return self.ops.linear_cross_entropy(h, self.lm_head.weight, targets, self.lm_head.bias)
+        w, b = self.lm_head.weight, self.lm_head.bias
+        if per_sequence:
+            return torch.stack([self.ops.linear_cross_entropy(h[i], w, targets[i], b, softcap=cap)
+                                for i in range(B)])
+        return self.ops.linear_cross_entropy(h, w, targets, b, softcap=cap)
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 0.8,

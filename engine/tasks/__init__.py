@@ -33,8 +33,9 @@ class Task:
     def loss(self, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def evaluate(self, model: nn.Module) -> dict[str, float]:
-        """Validation metrics (averaged over processes), e.g. {"val_loss": ...}."""
+    def evaluate(self, model: nn.Module, final: bool = False) -> dict[str, float]:
+        """Validation metrics (averaged over processes), e.g. {"val_loss": ...}; ``final`` at the end of the
+        run (a task may then evaluate more thoroughly)."""
         raise NotImplementedError
 
     def eval_batches(self, final: bool) -> int:

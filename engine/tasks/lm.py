@@ -32,6 +32,7 @@ class LanguageModelingTask(Task):
         t = recipe.train
         gpt_config(recipe, get_tokenizer(recipe.data.tokenizer).vocab_size)  # refuse a bad vocab before tokenizing
         data = distributed.main_first(lambda: load_tokens(recipe.data, log=log), rank, world)
+        self.data, self.log = data, log
         self.tokenizer = data.tokenizer
         self.cfg = gpt_config(recipe, data.tokenizer.vocab_size)
         self.model = GPT(self.cfg, ops).to(device)
@@ -56,18 +57,36 @@ class LanguageModelingTask(Task):
         return model(inputs, targets)
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module) -> dict[str, float]:
-        was_training = model.training
-        model.eval()
-        total = torch.zeros((), device=self.device, dtype=torch.float64)
-        n = 0
-        for x, y in self.val_windows.eval_batches(self.recipe.train.eval_batches, self.rank):
+    def _window_losses(self, model: nn.Module, starts) -> tuple[float, float, int]:
+        """(mean, standard error of the mean, count) of the per-window mean losses of the validation
+        windows at ``starts``, over all processes."""
+        sums = torch.zeros(3, device=self.device, dtype=torch.float64)  # count, sum, sum of squares
+        for x, y, count in self.val_windows.eval_batches(starts, self.rank):
             x, y = self._to_device(x, y)
             with autocast(self.recipe.train.precision, self.device):
-                total += model(x, y).double()
-            n += 1
+                losses = model(x, y, per_sequence=True)[:count].double()
+            sums += torch.stack([losses.new_tensor(count), losses.sum(), losses.square().sum()])
+        n, total, squares = (distributed.mean(sums) * self.world).tolist()
+        mean = total / n
+        var = max(squares - n * mean * mean, 0.0) / (n - 1) if n > 1 else 0.0
+        return mean, (var / n) ** 0.5, int(n)
+
+    def evaluate(self, model: nn.Module, final: bool = False) -> dict[str, float]:
+        """The mean loss of ``train.eval_batches`` batches of windows spread evenly over the validation split
+        (the same windows every time) with its standard error; at the end of a run, the loss of the whole
+        split when it holds at most ``train.final_eval_tokens`` tokens, logged beside the sample's."""
+        t = self.recipe.train
+        was_training = model.training
+        model.eval()
+        mean, se, _ = self._window_losses(model, self.val_windows.spread_starts(t.eval_batches * t.batch_size))
+        metrics = {"val_loss": mean, "val_loss_se": se}
+        if final and 0 < len(self.data.val) <= t.final_eval_tokens:
+            whole, whole_se, n = self._window_losses(model, self.val_windows.tiling_starts())
+            self.log(f"final evaluation: the whole validation split, {n:,} windows of {t.seq_len} tokens")
+            metrics = {"val_loss": whole, "val_loss_se": whole_se, "val_loss_sample": mean,
+                       "val_loss_sample_se": se}
         model.train(was_training)
-        return {"val_loss": distributed.mean(total / n).item()}
+        return metrics
 
     def flops_per_item(self) -> float:
         return self.model.flops_per_token(self.recipe.train.seq_len)

@@ -126,7 +126,7 @@ class ImageClassificationTask(Task):
         return self.ops.cross_entropy(logits, targets, label_smoothing=self.recipe.train.label_smoothing)
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module) -> dict[str, float]:
+    def evaluate(self, model: nn.Module, final: bool = False) -> dict[str, float]:
         """Loss and top-1 accuracy on the validation images (of the weight EMA when there is one)."""
         model = self.ema if self.ema is not None else model
         was_training = model.training

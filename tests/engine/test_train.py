@@ -161,3 +161,24 @@ def test_steps_run_under_cuda_sync_debug_error(tmp_path, kernels_set):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     trainer.close()
+
+
+def test_evaluation_is_fixed_with_a_standard_error_and_the_final_one_covers_the_whole_split(tmp_path):
+    r = tiny_recipe(tmp_path, "--train.steps=1", "--data.val_fraction=0.03")
+    trainer = Trainer(r, stream=Sink())
+    task, model = trainer.task, trainer.model
+    periodic = task.evaluate(model)
+    assert set(periodic) == {"val_loss", "val_loss_se"} and 0 < periodic["val_loss_se"] < 0.1 * periodic["val_loss"]
+    assert task.evaluate(model) == periodic  # the same windows every time
+    final = task.evaluate(model, final=True)
+    assert final["val_loss_sample"] == periodic["val_loss"]
+    # the whole split in non-overlapping windows, here as one batch (all windows have T tokens)
+    val, T = torch.from_numpy(task.data.val.astype("int64")), r.train.seq_len
+    n = (len(val) - 1) // T
+    assert n >= 10
+    with torch.no_grad():
+        whole = model(val[:n * T].view(n, T), val[1:n * T + 1].view(n, T)).item()
+    assert abs(final["val_loss"] - whole) < 1e-5
+    trainer.close()
+    r.train.final_eval_tokens = len(val) - 1  # a split larger than the limit keeps the sample
+    assert task.evaluate(model, final=True) == periodic
