@@ -88,6 +88,15 @@ class LanguageModelingTask(Task):
         model.train(was_training)
         return metrics
 
+    def eval_batches(self, final: bool) -> int:
+        """Batches of one evaluation on this process: the sample, plus the whole split at the end."""
+        t = self.recipe.train
+        batches = t.eval_batches
+        if final and 0 < len(self.data.val) <= t.final_eval_tokens:
+            windows = len(self.val_windows.tiling_starts())
+            batches += -(-windows // (t.batch_size * self.world))
+        return batches
+
     def flops_per_item(self) -> float:
         return self.model.flops_per_token(self.recipe.train.seq_len)
 
