@@ -142,6 +142,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import _compat
 from kernels.aot import Variant
 
 __all__ = ["attention", "attention_forward", "attention_backward", "SUPPORTED_HEAD_DIMS"]
@@ -180,6 +181,17 @@ _GPU_CONFIGS = {
     ("dq", "fp32"): [(64, 16, 4, 2)],
     ("dq", "fp32 d256"): [(64, 16, 4, 2)],
 }
+# Older Tritons allocate more registers to the backward kernels (sm_90, measured with kernels.aot), so
+# some of the configs above spill there; these replace them, from each version on. D = 256 dQ: 64 x 32 on
+# 4 warps spills 128 B on 3.6 and 3.7; on 8 warps (204 registers on 3.6) it does not. D <= 64 dK/dV:
+# 32 x 128 with 3 stages reaches 255 registers and spills 16 B on 3.6, 64 x 128 spills 48 B; 32 x 128
+# with 2 stages (234 registers) and 32 x 64 with 3 (253) do not.
+_GPU_CONFIGS = _compat.by_version("attention", {
+    (3, 6): {**_GPU_CONFIGS, ("dkdv", "d<=64"): [(32, 128, 8, 2), (32, 64, 8, 3)],
+             ("dq", "d256"): [(64, 32, 8, 2)]},
+    (3, 7): {**_GPU_CONFIGS, ("dq", "d256"): [(64, 32, 8, 2)]},
+    (3, 9): _GPU_CONFIGS,
+})
 # Configs that spill or exceed shared memory somewhere (measured with kernels.aot), and why they stay.
 _SM80_SPILLS = "tuned for sm_90, where it does not spill; on sm_80 (not tuned) it spills a little"
 _FP32_D256 = ("fp32 (for testing) at D = 256: spills on sm_90 and exceeds sm_80's shared memory, so this "
