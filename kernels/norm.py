@@ -37,13 +37,15 @@ Design (chosen without a GPU; the reasoning is written down so that a measuremen
   flight per SM; at 3 TB/s and ~1 us of loaded latency an SM needs ~23 KB in flight (Little's law).
 * Backward: ``_BWD_TILE`` = 4096 elements per loop iteration, warps such that each thread holds
   32 bytes (two 128-bit loads) of each of x and dy beside two fp32 dw/db accumulators: 8 warps for
-  bf16 (16 at N = 8192, whose row is the smallest tile), 16 for fp32. That is 100-128 registers per
-  thread without spills, so an SM holds 16 warps of it. Each program loops over its rows and the
+  bf16 (16 at N = 8192, whose row is the smallest tile), 16 for fp32 (32 at N = 8192: on 16 warps
+  its residual-add variant takes 128 registers and spills on Triton 3.6 and 3.7, on 32 it takes 64
+  on each version). That is 100-128 registers per thread without spills (64 at 32 warps), so an SM
+  holds 16 warps of it (32 at 64 registers). Each program loops over its rows and the
   loop is software-pipelined (``tl.range(num_stages=NUM_STAGES)``: cp.async prefetch of the next
   two tiles into shared memory, 32-96 KB per program; one tile where two would not fit sm_80),
   which keeps loads in flight while a tile is reduced.
 * Backward grid and dw/db. G = min(row tiles, co-resident programs) persistent programs
-  (``_bwd_grid``: 2 per SM at 8 warps, 1 at 16), each owning one contiguous range of rows and
+  (``_bwd_grid``: 2 per SM at 8 warps, 1 at 16 or 32), each owning one contiguous range of rows and
   accumulating dw/db partials in fp32 registers; the [G, N] partials are summed in a fixed order by
   ``_sum_partials_kernel``. No atomics: the same inputs on the same device give bitwise the same
   gradients. On an H100 (132 SMs) G is 256, 256, 261 and 131 at the four bf16 benchmark shapes, so
@@ -504,15 +506,15 @@ def _bwd_config(m: int, n: int, max_block_n: int, elem_size: int, bytes_per_col:
 
 
 def _warps(tile: int, per_thread: int) -> int:
-    """Warps so that each thread holds about `per_thread` elements of the tile, 1 to 16."""
-    return min(16, max(1, tile // (32 * per_thread)))
+    """Warps so that each thread holds about `per_thread` elements of the tile, 1 to 32."""
+    return min(32, max(1, tile // (32 * per_thread)))
 
 
 def _bwd_grid(m: int, block_m: int, num_warps: int, sm_count: int) -> tuple[int, int]:
     """(G programs, rows per program): a persistent grid of as many programs as are co-resident.
 
     The backward kernels use up to ~128 registers per thread, so an SM holds 16 warps of them:
-    2 programs of 8 warps or 1 of 16. More programs would only run in a second wave and grow the
+    2 programs of 8 warps or 1 of 16 (or 1 of 32 at 64 registers). More programs would only run in a second wave and grow the
     dw/db partial buffer.
     """
     programs_per_sm = max(1, _BWD_WARPS_PER_SM // num_warps)
