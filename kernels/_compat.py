@@ -1,9 +1,9 @@
 """The Triton versions this package supports, and every choice or API that differs between them.
 
 Supported: Triton 3.6 to 3.9, i.e. PyTorch 2.11 and newer (torch's CUDA wheels pin Triton: 2.11 ->
-3.6.0, 2.13 -> 3.7.1). On each, every launch configuration the kernel modules list compiles for
-sm_90 without spills and with the same matrix instructions (``python -m kernels.aot``). Where a
-configuration holds only on some versions, the module lists its configs per version through
+3.6.0, 2.13 -> 3.7.1). On 3.6 (in CI) and 3.9 every launch configuration the kernel modules list
+compiles for sm_90 without spills and with the same matrix instructions (``python -m kernels.aot``).
+Where a configuration holds only on some versions, the module lists its configs per version through
 ``by_version``, with the reason next to the table. Older Tritons are not supported: 3.4 spills in
 the attention kernels and the looped norm forward; 3.2/3.3 cannot even import the kernels without a
 GPU (their autotuner asks for a driver at import) and lack ``triton.knobs``.
@@ -16,7 +16,8 @@ GPU (their autotuner asks for a driver at import) and lack ``triton.knobs``.
 - ``jit_types()``: the classes of ``@triton.jit`` functions, compiled and interpreted (the
   interpreter's is no ``KernelInterface`` on 3.4).
 - ``compiler_knobs(force)``, ``tool_path(name)``, ``cache_dir()``: what ``kernels.aot`` needs from
-  ``triton.knobs``: keep ptxas's log, bypass the cache, find ``cuobjdump``, the cache directory.
+  ``triton.knobs``: keep ptxas's log, bypass the cache, find ``cuobjdump``, the cache directory;
+  ``version_tag()``: the version stored with each cached analysis.
 """
 from __future__ import annotations
 
