@@ -141,6 +141,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import _compat
 from kernels._common import INTERPRET, TL_DTYPES, use_triton
 from kernels.aot import Variant
 
@@ -179,6 +180,20 @@ _GPU_CONFIGS = {
     ("dq", "fp32"): [(64, 16, 4, 2)],
     ("dq", "fp32 d256"): [(64, 16, 4, 2)],
 }
+# Older Tritons allocate more registers to the backward kernels (sm_90, measured with kernels.aot), so
+# some of the configs above spill there; these replace them, from each version on. D = 256 dQ: 64 x 32 on
+# 4 warps spills 128 B on 3.6 and 3.7; on 8 warps (204 registers on 3.6) it does not. D <= 64 dK/dV:
+# 32 x 128 with 3 stages reaches 255 registers and spills 16 B on 3.6, 64 x 128 spills 48 B; 32 x 128
+# with 2 stages (234 registers) and 32 x 64 with 3 (253) do not. With dQ atomics on 3.6, 32 x 128 with 3
+# stages spills 48 B at D <= 64 and 16 x 128 16 B at D = 128; 32 x 128 with 2 stages (252 registers) and
+# 16 x 64 with 2 (237) do not.
+_GPU_CONFIGS = _compat.by_version("attention", {
+    (3, 6): {**_GPU_CONFIGS, ("dkdv", "d<=64"): [(32, 128, 8, 2), (32, 64, 8, 3)],
+             ("dkdvdq", "d<=64"): [(32, 128, 8, 2)], ("dkdvdq", "d128"): [(16, 64, 8, 2)],
+             ("dq", "d256"): [(64, 32, 8, 2)]},
+    (3, 7): {**_GPU_CONFIGS, ("dq", "d256"): [(64, 32, 8, 2)]},
+    (3, 9): _GPU_CONFIGS,
+})
 # Configs that spill or exceed shared memory somewhere (measured with kernels.aot), and why they stay.
 _SM80_SPILLS = "tuned for sm_90, where it does not spill; on sm_80 (not tuned) it spills a little"
 _FP32_D256 = ("fp32 (for testing) at D = 256: spills on sm_90 and exceeds sm_80's shared memory, so this "

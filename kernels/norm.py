@@ -427,15 +427,15 @@ def _bwd_config(m: int, n: int, max_block_n: int, elem_size: int, bytes_per_col:
 
 
 def _warps(tile: int, per_thread: int) -> int:
-    """Warps so that each thread holds about `per_thread` elements of the tile, 1 to 16."""
-    return min(16, max(1, tile // (32 * per_thread)))
+    """Warps so that each thread holds about `per_thread` elements of the tile, 1 to 32."""
+    return min(32, max(1, tile // (32 * per_thread)))
 
 
 def _bwd_grid(m: int, block_m: int, num_warps: int, sm_count: int) -> tuple[int, int]:
     """(G programs, rows per program): a persistent grid of as many programs as are co-resident.
 
     The backward kernels use up to ~128 registers per thread, so an SM holds 16 warps of them:
-    2 programs of 8 warps or 1 of 16. More programs would only run in a second wave and grow the
+    2 programs of 8 warps or 1 of 16 (or 1 of 32 at 64 registers). More programs would only run in a second wave and grow the
     dw/db partial buffer.
     """
     programs_per_sm = max(1, _BWD_WARPS_PER_SM // num_warps)

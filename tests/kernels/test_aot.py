@@ -215,6 +215,20 @@ def test_damaged_cache_entries_are_recompiled(tmp_path, monkeypatch):
         assert third[key] == first[key]
 
 
+def test_an_analysis_stored_by_another_triton_is_not_reused(tmp_path, monkeypatch):
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    (first,) = aot.compile_all([COPY], ["sm_80"], jobs=1)
+    (sidecar,) = tmp_path.glob("tritonforge_aot/*.json")
+    stored = json.loads(sidecar.read_text())
+    assert stored["triton"] == triton.__version__
+    # As if another Triton had written a (wrong) analysis under the same name.
+    stored["triton"], stored["analysis"]["registers"] = "3.0.0", 1
+    sidecar.write_text(json.dumps(stored))
+    (second,) = aot.compile_all([COPY], ["sm_80"], jobs=1)
+    assert second["cached"] is False and second["registers"] == first["registers"] > 1
+    assert json.loads(sidecar.read_text())["triton"] == triton.__version__
+
+
 def test_coverage_follows_calls_and_names_unlisted_kernels():
     module = sys.modules[_copy_scale_kernel.fn.__module__]
     found = aot.Discovery(variants=[COPY, MATMUL], jit_functions=aot._module_jit_functions(module),
@@ -298,7 +312,10 @@ def test_cli_filters_writes_json_and_rejects_unknown_archs(tmp_path, capsys):
     out = tmp_path / "report.json"
     assert aot.main(["--arch", "sm_90", "--kernel", "no_such_kernel", "--json", str(out)]) == 1
     assert json.loads(out.read_text())["rows"] == []
-    assert "no kernel variants match" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "no kernel variants match" in printed
+    assert f"triton {triton.__version__} (supported " in printed
+    assert json.loads(out.read_text())["triton"] == triton.__version__
     with pytest.raises(SystemExit):
         aot.main(["--arch", "sm_70"])
 
