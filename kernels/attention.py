@@ -136,12 +136,12 @@ from __future__ import annotations
 
 import itertools
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from kernels._common import INTERPRET, TL_DTYPES, use_triton
 from kernels.aot import Variant
 
 __all__ = ["attention", "attention_forward", "attention_backward", "SUPPORTED_HEAD_DIMS"]
@@ -149,7 +149,6 @@ __all__ = ["attention", "attention_forward", "attention_backward", "SUPPORTED_HE
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 80, 96, 128, 256)
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _LOG2E = 1.4426950408889634
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 # ---------------------------------------------------------------------------------------------------
 # Launch configurations
@@ -231,7 +230,7 @@ def _configs_for(kernel: str, block_d: int, dtype: torch.dtype) -> list[tuple[in
 
 
 def _autotune_configs(kernel: str) -> list[triton.Config]:
-    if _INTERPRET:
+    if INTERPRET:
         tuples = [_INTERPRETER_CONFIGS[kernel]]
     else:
         tuples = sorted({c for (name, _), cs in _GPU_CONFIGS.items() if name == kernel for c in cs})
@@ -242,7 +241,7 @@ def _pruner(kernel: str):
     """Keep only the configs listed for the launch's tile width and dtype (interpreter: the one config)."""
 
     def prune(configs, named_args, **kwargs):
-        if _INTERPRET:
+        if INTERPRET:
             return configs
         args = {**named_args, **kwargs}
         allowed = set(_configs_for(kernel, args["BLOCK_D"], args["Q"].dtype))
@@ -706,10 +705,6 @@ def attention_backward(do, q, k, v, out, lse, causal: bool, scale: float, window
 # ---------------------------------------------------------------------------------------------------
 
 
-def _use_triton(t: torch.Tensor) -> bool:
-    return t.is_cuda or _INTERPRET
-
-
 def _reference_scores(q, k, causal: bool, scale: float, window: int) -> torch.Tensor:
     """fp32 masked scores (B, H, S, S); k already expanded to H heads."""
     seqlen = q.shape[2]
@@ -753,7 +748,7 @@ def _attention_forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cau
                           window: int, deterministic: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     # ``deterministic`` does not change the forward; it is an argument so that autograd's context
     # (``_setup_context``) receives it and picks the backward.
-    if _use_triton(q):
+    if use_triton(q):
         return attention_forward(q, k, v, causal, scale, window)
     return _reference_forward(q, k, v, causal, scale, window)
 
@@ -768,7 +763,7 @@ def _attention_backward_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v
                            out: torch.Tensor, lse: torch.Tensor, causal: bool, scale: float,
                            window: int, deterministic: bool = True
                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    if _use_triton(q):
+    if use_triton(q):
         return attention_backward(do, q, k, v, out, lse, causal, scale, window, deterministic)
     return _reference_backward(do, q, k, v, causal, scale, window)  # exact either way
 
@@ -872,7 +867,6 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
 # Ahead-of-time variants
 # ---------------------------------------------------------------------------------------------------
 
-_TL_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 _STRIDES = ("stride_{}b", "stride_{}h", "stride_{}s")
 
 
@@ -889,7 +883,8 @@ def aot_variants() -> list[Variant]:
     variants = []
     ints = ["num_heads", "group_size", "seqlen", "head_dim", "window_left", "window_right"]
     aligned_ints = ("num_heads", "seqlen", "head_dim", "window_left", "window_right")
-    for dtype, ty in _TL_DTYPES.items():
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        ty = TL_DTYPES[dtype]
         for block_d in sorted({_block_d(d) for d in SUPPORTED_HEAD_DIMS}):
             pre_sig = {"Out": f"*{ty}", "DO": f"*{ty}", "Delta": "*fp32",
                        **dict.fromkeys(_stride_args("do"), "i32"),
