@@ -26,6 +26,7 @@ from typing import Any, Optional
 
 import torch
 from torch import Tensor
+from torch.distributed.tensor import DTensor
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 ADJUST_LR_FNS = ("original", "match_rms_adamw")
@@ -72,6 +73,10 @@ def _check_group(group: dict[str, Any], name: str) -> None:
             raise ValueError(f"{name}: invalid adjust_lr_fn {group['adjust_lr_fn']!r}; expected one of "
                              f"{', '.join(ADJUST_LR_FNS)} or None")
         for p in group["params"]:
+            if isinstance(p, DTensor):
+                raise ValueError(f"{name}: use_muon=True groups do not take DTensor (FSDP2-sharded) "
+                                 "parameters: the Newton-Schulz iterations need whole matrices; use "
+                                 "Muon with DDP or a single process, or AdamW under FSDP2")
             if p.ndim != 2:
                 raise ValueError(f"{name}: a use_muon=True group holds a parameter of shape "
                                  f"{tuple(p.shape)}; Muon takes 2-D matrices, put the others in a "

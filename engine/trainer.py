@@ -216,9 +216,9 @@ class Trainer:
         self.forward_model = torch.compile(self.model) if r.train.compile else self.model
         o = r.optim
         self.optimizer, self.clips_in_step = self.ops.make_optimizer(
-            o.name, self.task.param_groups(o.weight_decay), lr=o.lr, betas=o.betas, eps=o.eps,
-            weight_decay=o.weight_decay, momentum=o.momentum, nesterov=o.nesterov,
-            max_grad_norm=r.train.grad_clip, device=self.device)
+            o.name, self.task.param_groups(o.weight_decay, muon=o.name == "muon"), lr=o.lr, betas=o.betas,
+            eps=o.eps, weight_decay=o.weight_decay, momentum=o.momentum, nesterov=o.nesterov,
+            muon_momentum=o.muon_momentum, max_grad_norm=r.train.grad_clip, device=self.device)
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
         self.scaler = LossScaler(self.device, enabled=r.train.precision == "fp16")
         self.items_per_step = self.task.items_per_micro_batch * r.train.grad_accum * self.dist.world

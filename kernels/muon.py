@@ -36,11 +36,12 @@ import triton.language as tl
 from torch import Tensor
 from torch.distributed.tensor import DTensor
 
+from kernels._common import TL_DTYPES
 from kernels.aot import Variant
 from kernels.optim import (_ADAMW, _COL_GRAD, _COL_INDEX, _COL_MASTER, _COL_NUMEL, _COL_PARAM,
                            _COL_STATE1, _COL_STATE2, _DTYPES, _H_BETA1, _H_BETA2, _H_LR, _H_WD,
                            _HYPER_COLS, _S_CLIP, _S_FOUND_INF, _S_INV_SCALE, _TABLE_COLS,
-                           _TRITON_DTYPE, CHUNK, UPDATE_BLOCK, UPDATE_WARPS, _adamw_update_kernel,
+                           CHUNK, UPDATE_BLOCK, UPDATE_WARPS, _adamw_update_kernel,
                            _check_betas, _FusedOptimizer, _fp32_like, _launch, _make_buckets, _Plan,
                            _round_to, _to_device)
 
@@ -422,7 +423,7 @@ def aot_variants() -> list[Variant]:
     """The momentum and update kernels per parameter dtype and alignment, bf16 iterations (CUDA)."""
     variants = []
     for dtype in _DTYPES:
-        ty = _TRITON_DTYPE[dtype]
+        ty = TL_DTYPES[dtype]
         for aligned in (True, False):
             tag = f"{ty} {'aligned' if aligned else 'unaligned'}"
             common = {"tensor_table": "*i64", "chunk_table": "*i64", "info_ptr": "*fp64",

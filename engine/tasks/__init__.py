@@ -60,9 +60,13 @@ class Task:
         return [dict(params=matrices, weight_decay=weight_decay, use_muon=True), *groups]
 
     def muon_params(self) -> list[nn.Parameter]:
-        """The hidden 2-D weights that Muon updates (``optim.name = "muon"``); AdamW takes the rest."""
-        raise RecipeError(f'optim.name = "muon" is not supported by {type(self).__name__}; it needs a '
-                          'model whose hidden matrices are known (model.arch = "gpt")')
+        """The hidden 2-D weights that Muon updates (``optim.name = "muon"``): the model's
+        ``hidden_matrices()``; AdamW takes the rest."""
+        hidden = getattr(self.model, "hidden_matrices", None)
+        if hidden is None:
+            raise RecipeError(f'optim.name = "muon" needs a model that names its hidden matrices '
+                              f'(model.arch = "gpt"); {type(self.model).__name__} does not')
+        return hidden()
 
     def on_step_end(self, step: int) -> None:
         """Called after each optimizer step (``step`` steps done), e.g. to update a weight EMA."""

@@ -55,10 +55,6 @@ class LanguageModelingTask(Task):
     def loss(self, model: nn.Module, inputs, targets):
         return model(inputs, targets)
 
-    def muon_params(self) -> list[nn.Parameter]:
-        """The blocks' matrices (attention and MLP projections); embeddings and the head stay AdamW."""
-        return [p for p in self.model.blocks.parameters() if p.requires_grad and p.dim() == 2]
-
     @torch.no_grad()
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         was_training = model.training
