@@ -15,8 +15,8 @@ Muon step for a matrix W (m x n) with gradient G, momentum mu, Newton-Schulz coe
 ``adjust_lr_fn = "match_rms_adamw"`` scales Muon's update to AdamW's typical RMS (Moonshot's rule),
 so one learning rate and one schedule serve both kinds of group; ``"original"`` (s = sqrt(max(1,
 m/n)), Keller Jordan's) is what ``torch.optim.Muon`` does by default and needs a larger lr for the
-matrices. The iterations run in bf16 on CUDA (as torch's do) and in the parameter's precision, at
-least fp32, elsewhere. Tensors of other ranks (conv kernels included) are refused in Muon groups:
+matrices. The iterations run in bf16 on CUDA (as torch's do) and in fp32 elsewhere; float64
+parameters iterate in float64 on any device (the reference). Tensors of other ranks (conv kernels included) are refused in Muon groups:
 put them in a ``use_muon=False`` group.
 """
 from __future__ import annotations
@@ -44,7 +44,10 @@ def newton_schulz(update: Tensor, coefficients: tuple[float, float, float], step
                   eps: float) -> Tensor:
     """``steps`` quintic Newton-Schulz iterations toward the orthogonal factor of ``update``."""
     a, b, c = coefficients
-    dtype = torch.bfloat16 if update.is_cuda else torch.promote_types(update.dtype, torch.float32)
+    if update.dtype == torch.float64:
+        dtype = torch.float64
+    else:
+        dtype = torch.bfloat16 if update.is_cuda else torch.float32
     x = update.to(dtype)
     tall = x.shape[0] > x.shape[1]
     if tall:
