@@ -16,7 +16,7 @@ FP32_RTOL = 1e-5  # interpreted kernels vs the torch backend, both iterating in 
 def gpt_task(untied=False):
     torch.manual_seed(0)
     task = Task()
-    task.model = GPT(GPTConfig(n_layer=2, n_head=2, d_model=16, context=8, vocab_size=24,
+    task.model = GPT(GPTConfig(n_layer=1, n_head=2, d_model=16, context=8, vocab_size=24,
                                tie_embeddings=not untied), resolve({}, "cpu"))
     return task
 
@@ -35,7 +35,7 @@ def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
     assert all("use_muon" not in g for g in task.param_groups(0.1))
 
 
-def test_torch_and_triton_backends_take_the_same_first_steps():
+def test_torch_and_triton_backends_take_the_same_first_step():
     tasks = [gpt_task(), gpt_task()]
     x = torch.randint(0, 24, (2, 8))
     opts = []
@@ -47,14 +47,12 @@ def test_torch_and_triton_backends_take_the_same_first_steps():
         assert clips is (backend == "triton")
         assert opt.param_groups[0]["momentum"] == 0.9 and opt.param_groups[1]["betas"] == (0.9, 0.95)
         opts.append(opt)
-    for _ in range(2):
-        for task, opt, clips in zip(tasks, opts, (False, True)):
-            opt.zero_grad()
-            logits = task.model(x)
-            logits = logits[0] if isinstance(logits, tuple) else logits
-            logits.float().square().mean().backward()
-            if not clips:
-                torch.nn.utils.clip_grad_norm_(task.model.parameters(), 1.0)
-            opt.step()
+    for task, opt, clips in zip(tasks, opts, (False, True)):
+        logits = task.model(x)
+        logits = logits[0] if isinstance(logits, tuple) else logits
+        (100 * logits.float().square().mean()).backward()  # a gradient norm above the clip
+        if not clips:
+            assert torch.nn.utils.clip_grad_norm_(task.model.parameters(), 1.0) > 1.0
+        opt.step()
     for p, q in zip(tasks[1].model.parameters(), tasks[0].model.parameters()):
         torch.testing.assert_close(p, q, rtol=FP32_RTOL, atol=FP32_RTOL * q.abs().max().item())
