@@ -6,6 +6,7 @@ what breaks naive code: two matrices of one shape (one batched stack), a wide an
 are not 16-byte aligned (the unaligned bucket), and a vector and a bias in AdamW groups.
 """
 import copy
+import os
 
 import pytest
 import torch
@@ -213,3 +214,51 @@ def test_bf16_params_with_master_weights_track_fp32_run():
 def test_bad_arguments_name_the_argument(make, words):
     with pytest.raises(ValueError, match=words.replace("(", r"\(").replace(")", r"\)")):
         make(make_params())
+
+
+needs_gpu = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1" or not torch.cuda.is_available(),
+                               reason="needs a CUDA device and compiled kernels (TRITON_INTERPRET=0)")
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_gpu_bf16_iterations_track_the_float64_reference():
+    """Compiled kernels, bf16 iterations on the GPT-like shapes, clipping: the update vs float64."""
+    torch.manual_seed(0)
+    shapes = [(768, 256), (256, 256), (1024, 256), (256, 1024), (256, 1024), (1, 256), (256,), (7,)]
+    ours = [torch.randn(s, device="cuda").requires_grad_() for s in shapes]
+    ref = [p.detach().double().requires_grad_() for p in ours]
+    start = [p.detach().double() for p in ours]
+    opt = kernels.Muon(mixed_groups(ours), lr=0.01, max_grad_norm=1.0)
+    opt_ref = TorchMuon(mixed_groups(ref), lr=0.01)
+    for step in range(5):
+        grads = [torch.randn_like(p) for p in ref]
+        set_grads(ours, grads)
+        set_grads(ref, grads)
+        torch.nn.utils.clip_grad_norm_(ref, 1.0)
+        opt.step()
+        opt_ref.step()
+    assert opt._plan.ns_dtype == torch.bfloat16
+    assert_close([p.detach() - s for p, s in zip(ours, start)], [p.detach() - s for p, s in zip(ref, start)],
+                 BF16_ITER_RTOL)
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_gpu_step_never_waits_for_the_device():
+    """Table building, a changing lr, loss scaling, clipping and the iterations: no synchronizing call."""
+    params = [torch.randn(s, device="cuda").requires_grad_() for s in SHAPES]
+    opt = kernels.Muon(mixed_groups(params), lr=1e-3, max_grad_norm=1.0)
+    opt.grad_scale = torch.tensor(1024.0, device="cuda")
+    for p in params:
+        p.grad = torch.randn_like(p)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for step in range(3):
+            for group in opt.param_groups:
+                group["lr"] = 1e-3 * (step + 1)
+            opt.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert opt.found_inf.item() == 0.0
