@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -28,6 +29,18 @@ def _positive(where: str, value: float, allow_zero: bool = False) -> None:
         raise RecipeError(f"{where} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
 
 
+def parse_duration(where: str, text: str) -> float:
+    """Seconds in ``"90s"``, ``"4m"``, ``"1h30m"``, ``"2.5m"`` or a bare number of seconds."""
+    parts = re.fullmatch(r"\s*(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?\s*(?:(\d+(?:\.\d+)?)s?)?\s*", text)
+    if not text.strip() or parts is None or not any(parts.groups()):
+        raise RecipeError(f"{where}: {text!r} is not a duration; write e.g. \"4m\", \"90s\" or \"1h30m\"")
+    h, m, sec = (float(g) if g else 0.0 for g in parts.groups())
+    seconds = 3600 * h + 60 * m + sec
+    if seconds <= 0:
+        raise RecipeError(f"{where} must be > 0, got {text!r}")
+    return seconds
+
+
 def _fraction(where: str, value: float) -> None:
     """``value`` in [0, 1)."""
     if not 0.0 <= value < 1.0:
@@ -35,6 +48,8 @@ def _fraction(where: str, value: float) -> None:
 
 
 Arch = Literal["gpt", "resnet", "convnext"]
+#: Fewest warmup steps a time-budgeted run times before it fixes its step count.
+BUDGET_MIN_WARMUP = 5
 #: Architectures trained on images by the image classification task.
 IMAGE_ARCHS = ("resnet", "convnext")
 
@@ -88,6 +103,8 @@ class ModelConfig:
     dropout: float = 0.0
     #: Sliding attention window in tokens (0: full causal attention).
     window: int = 0
+    #: Epsilon of the GPT's norms; 0 means 1e-5 for LayerNorm and 1e-6 for RMSNorm.
+    norm_eps: float = 0.0
     #: Classes of an image classifier (arch "resnet" or "convnext").
     num_classes: int = 10
     #: Side of the square images an image classifier sees; batches are resized on the device if the stored
@@ -132,7 +149,7 @@ class ModelConfig:
     def _validate_gpt(self) -> None:
         for key in ("n_layer", "n_head", "d_model", "context"):
             _positive(f"model.{key}", getattr(self, key))
-        for key in ("vocab_size", "n_kv_head", "window", "d_ff"):
+        for key in ("vocab_size", "n_kv_head", "window", "d_ff", "norm_eps"):
             _positive(f"model.{key}", getattr(self, key), allow_zero=True)
         _fraction("model.dropout", self.dropout)
         if self.d_model % self.n_head:
@@ -210,6 +227,10 @@ class TrainConfig:
     #: Sequence length of a training sample (at most model.context).
     seq_len: int = 128
     grad_accum: int = 1
+    #: Wall time the run may take, e.g. "4m", "90s", "1h30m" ("" for none): the run measures its speed over
+    #: its first steps (the warmup), then fixes ``steps`` to what fits (at most ``steps``), records it
+    #: and schedules the learning rate over it. Counted from the start of the run, evaluations included.
+    time_budget: str = ""
     #: "bf16" runs under autocast; "fp16" adds dynamic loss scaling.
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     #: Clip the global gradient norm to this (0 disables).
@@ -230,8 +251,20 @@ class TrainConfig:
     label_smoothing: float = 0.0
     #: Decay of an exponential moving average of the weights used for evaluation (image models; 0: off).
     ema_decay: float = 0.0
+    #: Start from these weights (fresh optimizer, schedule and step 0): a run directory, its checkpoints
+    #: folder, a checkpoint, or a local Hugging Face GPT-2/Llama folder. "" trains from scratch.
+    init_from: str = ""
+    #: With init_from: parameters present on only one side are an error (true) or left as initialised (false).
+    init_strict: bool = True
+    #: Glob patterns over parameter names ("blocks.0.*") whose parameters stay fixed.
+    freeze: tuple[str, ...] = ()
+
+    def budget_seconds(self) -> float | None:
+        """``time_budget`` in seconds, None when unset."""
+        return parse_duration("train.time_budget", self.time_budget) if self.time_budget else None
 
     def validate(self) -> None:
+        self.budget_seconds()
         for key in ("steps", "batch_size", "seq_len", "grad_accum", "eval_batches", "log_every"):
             _positive(f"train.{key}", getattr(self, key))
         for key in ("grad_clip", "eval_every", "sample_tokens", "max_bad_steps"):
@@ -431,6 +464,10 @@ def _coerce(where: str, value: Any, typ: Any, from_cli: bool) -> Any:
     if typing.get_origin(typ) is tuple:
         args = typing.get_args(typ)
         items = value.split(",") if from_cli and isinstance(value, str) else value
+        if len(args) == 2 and args[1] is Ellipsis:  # any length, one item type
+            if not isinstance(items, (list, tuple)):
+                raise bad()
+            return tuple(_coerce(where, v, args[0], from_cli) for v in items if not (from_cli and v == ""))
         if not isinstance(items, (list, tuple)) or len(items) != len(args):
             raise bad()
         return tuple(_coerce(where, v, t, from_cli) for v, t in zip(items, args))
@@ -440,6 +477,8 @@ def _coerce(where: str, value: Any, typ: Any, from_cli: bool) -> Any:
 def _type_name(typ: Any) -> str:
     if get_origin(typ) is Literal:
         return "one of " + ", ".join(get_args(typ))
+    if get_origin(typ) is tuple and get_args(typ)[1:] == (Ellipsis,):
+        return f"a list of {_type_name(get_args(typ)[0])}s"
     if get_origin(typ) is tuple:
         return "a list of " + ", ".join(_type_name(t) for t in typing.get_args(typ))
     return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(typ, str(typ))
@@ -528,6 +567,11 @@ def validate(r: Recipe) -> None:
     if r.optim.name == "muon" and r.parallel.strategy == "fsdp":
         raise RecipeError('optim.name = "muon" runs in one process or under parallel.strategy = "ddp": '
                           "FSDP shards the matrices that Muon orthogonalizes whole")
+    if r.train.time_budget and r.optim.schedule != "constant" and r.optim.warmup_steps < BUDGET_MIN_WARMUP:
+        raise RecipeError(
+            f"train.time_budget: the step count is fixed after timing the warmup steps, whose learning rate does "
+            f"not depend on it; with optim.schedule = {r.optim.schedule!r}, optim.warmup_steps must be >= "
+            f"{BUDGET_MIN_WARMUP} (got {r.optim.warmup_steps})")
     if r.model.arch in IMAGE_ARCHS and r.data.source == "stdlib":
         raise RecipeError("data.source: 'stdlib' is text; image models read 'shapes' (generated, no download), "
                           "'hf:NAME[:CONFIG]' or a local image folder or parquet file")

@@ -166,17 +166,16 @@ class TorchMuon(torch.optim.Optimizer):
 
     def _adamw_step(self, p: Tensor, group: dict[str, Any]) -> None:
         state = self.state[p]
-        if "step" not in state:
-            state["step"] = torch.zeros((), dtype=torch.float32)
+        if "step" not in state:  # on the parameter's device: no host sync, and a masked step restores it
+            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         beta1, beta2 = group["betas"]
         lr, grad = group["lr"], p.grad
         state["step"] += 1
-        t = state["step"].item()
+        t = state["step"].to(p.dtype)
         p.mul_(1 - lr * group["weight_decay"])
         state["exp_avg"].lerp_(grad, 1 - beta1)
         state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        bias2_sqrt = math.sqrt(1 - beta2 ** t)
-        denom = (state["exp_avg_sq"].sqrt() / bias2_sqrt).add_(group["eps"])
-        p.addcdiv_(state["exp_avg"], denom, value=-lr / (1 - beta1 ** t))
+        denom = (state["exp_avg_sq"].sqrt() / (1 - beta2 ** t).sqrt()).add_(group["eps"])
+        p.addcdiv_(state["exp_avg"] / (1 - beta1 ** t), denom, value=-lr)

@@ -36,15 +36,16 @@ BACKENDS: tuple[str, ...] = get_args(Backend)
 # The torch reference implementations.
 # ---------------------------------------------------------------------------------------------------
 
-def _window_mask(s_q: int, s_k: int, window: int, device: torch.device) -> torch.Tensor:
-    """Boolean mask, True where query i may attend key j: causal and within the last ``window`` keys."""
+def _window_mask(s_q: int, s_k: int, window: int, causal: bool, device: torch.device) -> torch.Tensor:
+    """Boolean mask, True where query i may attend key j: within the last ``window`` keys, and causal or
+    within the next ``window - 1`` (the kernels' band, i - window < j <= i + right)."""
     i = torch.arange(s_q, device=device)[:, None]
     j = torch.arange(s_k, device=device)[None, :]
-    return (j <= i) & (j > i - window)
+    return (j > i - window) & (j <= i if causal else j < i + window)
 
 
 def torch_attention(q, k, v, causal: bool = True, window: int | None = None, scale: float | None = None):
-    mask = _window_mask(q.shape[-2], k.shape[-2], window, q.device) if window else None
+    mask = _window_mask(q.shape[-2], k.shape[-2], window, causal, q.device) if window else None
     return F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, is_causal=causal and mask is None, scale=scale,
         enable_gqa=q.shape[1] != k.shape[1])
@@ -66,6 +67,33 @@ def torch_rms_norm(x, weight=None, eps: float = 1e-6):
 def torch_add_rms_norm(x, residual, weight=None, eps: float = 1e-6):
     residual = (residual + x).to(residual.dtype)
     return F.rms_norm(residual, (x.shape[-1],), weight, eps), residual
+
+
+def _rotate_pairs(x, cos, sin):
+    """Rotate pairs (x[i], x[i + D/2]) of x (B, H, T, D) by the angles whose cos/sin broadcast over it."""
+    x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+def torch_rope(q, k, cos, sin, position_ids=None):
+    """Rotary position embedding of q (B, H, T, D) and k (B, Hkv, T, D): ``(q_rot, k_rot)``.
+
+    ``cos``/``sin`` are (positions, D/2) tables; position ``t`` (or ``position_ids[b, t]``, a (B, T) integer
+    tensor) picks a row. The math runs in the inputs' dtype, the tables cast to it.
+    """
+    if position_ids is None:
+        cos, sin = cos[:q.shape[2]], sin[:q.shape[2]]
+    else:
+        cos, sin = cos[position_ids][:, None], sin[position_ids][:, None]
+    return _rotate_pairs(q, cos, sin), _rotate_pairs(k, cos, sin)
+
+
+def torch_swiglu(h):
+    """``silu(gate) * up`` with ``gate, up = h.chunk(2, dim=-1)``: a SwiGLU MLP's activation of its fused
+    gate/up projection output h (..., 2F)."""
+    gate, up = h.chunk(2, dim=-1)
+    return F.silu(gate) * up
 
 
 def torch_gelu_linear_residual(h, weight, bias=None, layer_scale=None, residual=None, row_scale=None):
@@ -227,6 +255,10 @@ TABLE: list[Op] = [
        {"cross_entropy": (torch_cross_entropy, _triton_cross_entropy),
         "linear_cross_entropy": (torch_linear_cross_entropy, _triton_linear_cross_entropy)},
        kernel_names=("cross_entropy", "linear_cross_entropy")),
+    Op("rope", "rotary position embedding of q and k, read from the QKV projection output, with position ids",
+       {"rope": (torch_rope, "rope")}),
+    Op("swiglu", "SwiGLU's silu(gate) * up on the fused gate/up projection output",
+       {"swiglu": (torch_swiglu, "swiglu")}),
     Op("optimizer", "the optimizer step (optim.name), with clipping, loss-scale unscaling and overflow skips",
        {}, kernel_names=tuple(name for _, name in OPTIMIZERS.values())),
 ]

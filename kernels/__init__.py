@@ -15,3 +15,5 @@ from kernels.attention import attention  # noqa: E402,F401
 from kernels.mlp import gelu_linear_residual  # noqa: E402,F401
 from kernels.dwconv import depthwise_conv2d  # noqa: E402,F401
 from kernels.cross_entropy import cross_entropy, linear_cross_entropy  # noqa: E402,F401
+from kernels.rope import rope  # noqa: E402,F401
+from kernels.swiglu import swiglu  # noqa: E402,F401

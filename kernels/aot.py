@@ -189,7 +189,7 @@ def _is_jit(obj: Any) -> bool:
 
 
 def kernel_name(kernel: Any) -> str:
-    """``"<module>.<function>"`` with the module's last component, e.g. ``"norm._layer_norm_fwd"``."""
+    """``"<module>.<function>"`` with the module's last component, e.g. ``"norm._norm_fwd_kernel"``."""
     fn = _unwrap(kernel).fn
     return f"{fn.__module__.rpartition('.')[2]}.{fn.__name__}"
 

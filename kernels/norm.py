@@ -1,73 +1,29 @@
 """LayerNorm and RMSNorm over the last dimension: fused Triton forward and backward.
 
-Public API: ``layer_norm``, ``rms_norm``, ``add_layer_norm``, ``add_rms_norm`` (functions) and the
-``LayerNorm`` / ``RMSNorm`` modules (drop-in subclasses of ``torch.nn.LayerNorm`` / ``torch.nn.RMSNorm``).
-The file follows the usual kernel-family split: ``@triton.jit`` kernels, then the launchers that choose
-block sizes, then the ``torch.library`` custom ops with their autograd, then the public functions and
-modules, then ``aot_variants()``.
+API: ``layer_norm``, ``rms_norm``, ``add_layer_norm``, ``add_rms_norm`` and the ``LayerNorm`` / ``RMSNorm``
+modules (drop-in subclasses of torch's, same state dicts). For one row x of length N (the add variants
+normalize s = x + residual, rounded to residual's dtype, and also return s as the new residual stream):
 
-Math, for one row x of length N (the add variants normalize s = x + residual, rounded to residual's
-dtype, and also return s as the new residual stream):
+    LayerNorm: mean = sum(x)/N,  rstd = 1/sqrt(sum((x - mean)^2)/N + eps),  y = (x - mean)·rstd·w + b
+    RMSNorm:   rstd = 1/sqrt(sum(x^2)/N + eps),  y = x·rstd·w
+    backward, g = w·dy, xhat the normalized x, c1 = sum(xhat·g)/N, c2 = sum(g)/N:
+    dx = rstd·(g - xhat·c1 - c2)  (RMSNorm: without c2);  dw = sum_rows dy·xhat,  db = sum_rows dy
 
-    LayerNorm: mean = sum(x) / N,  rstd = 1 / sqrt(sum((x - mean)^2) / N + eps),
-               xhat = (x - mean) * rstd,  y = xhat * w + b
-    RMSNorm:   rstd = 1 / sqrt(sum(x^2) / N + eps),  xhat = x * rstd,  y = xhat * w
+Memory traffic is the whole cost: the forward reads x once and writes y once (4·M·N bytes at 2 bytes per
+element), the backward reads x and dy and writes dx (6·M·N). Design:
 
-    backward, with g = w * dy,  c1 = sum(xhat * g) / N,  c2 = sum(g) / N:
-    LayerNorm: dx = rstd * (g - xhat * c1 - c2)        RMSNorm: dx = rstd * (g - xhat * c1)
-               dw = sum over rows of dy * xhat,  db = sum over rows of dy
-    add variants: d(new_residual) = dx + dresidual_out, returned as both dx and dresidual.
-
-Design (chosen without a GPU; the reasoning is written down so that a measurement can check it):
-
-* Memory traffic is the whole cost. The forward reads x (and residual) once and writes y (and the
-  new residual) once: 4*M*N bytes for 2-byte dtypes; mean and rstd add 8 bytes per row. The backward
-  reads x and dy once and writes dx once (6*M*N bytes); dw/db add a [G, N] fp32 partial buffer with G
-  programs, written once and read once by a second small kernel.
-* Row tiles. A program holds whole rows in registers when next_pow2(N) <= ``MAX_BLOCK_N`` (8192, the
-  largest benchmark width). Rows are loaded as a [BLOCK_M, BLOCK_N] tile so that small N still gives
-  each program enough bytes in flight. Masks on N vectorize when N is a multiple of 16 (Triton
-  specializes it), so the benchmark widths get 128-bit loads and stores; other widths are correct
-  with narrower accesses. Statistics are fp32 whatever the dtype; the mean is subtracted before
-  squaring (no E[x^2] - mean^2 cancellation).
-* Forward: ``_FWD_TILE`` = 8192 elements per program, one tile per program, a grid of
-  cdiv(M, BLOCK_M) programs, and warps such that each thread holds 64 bytes of x (four 128-bit
-  loads): 8 warps for bf16/fp16, 16 for fp32. Compiled for sm_90 the bf16 tile kernels take 59-80
-  registers per thread, so 3-4 programs (24-32 warps) share an SM and 48-64 KB of loads are in
-  flight per SM; at 3 TB/s and ~1 us of loaded latency an SM needs ~23 KB in flight (Little's law).
-* Backward: ``_BWD_TILE`` = 4096 elements per loop iteration, warps such that each thread holds
-  32 bytes (two 128-bit loads) of each of x and dy beside two fp32 dw/db accumulators: 8 warps for
-  bf16 (16 at N = 8192, whose row is the smallest tile), 16 for fp32. That is 100-128 registers per
-  thread without spills, so an SM holds 16 warps of it. Each program loops over its rows and the
-  loop is software-pipelined (``tl.range(num_stages=NUM_STAGES)``: cp.async prefetch of the next
-  two tiles into shared memory, 32-96 KB per program; one tile where two would not fit sm_80),
-  which keeps loads in flight while a tile is reduced.
-* Backward grid and dw/db. G = min(row tiles, co-resident programs) persistent programs
-  (``_bwd_grid``: 2 per SM at 8 warps, 1 at 16), each owning one contiguous range of rows and
-  accumulating dw/db partials in fp32 registers; the [G, N] partials are summed in a fixed order by
-  ``kernels._common.sum_partials_kernel``. No atomics: the same inputs on the same device give bitwise the same
-  gradients. On an H100 (132 SMs) G is 256, 256, 261 and 131 at the four bf16 benchmark shapes, so
-  the partials cost (write + read, dw and db) 2% of the backward traffic at N = 768 and 1024 and 4%
-  at 16384x4096 and 8192x8192 (17 MB against 403 MB).
-* Large N (next_pow2(N) > MAX_BLOCK_N, up to 65536 and beyond) takes looped kernels: the forward
-  reads the row in chunks of MAX_BLOCK_N to get mean/variance (chunk statistics combined with Chan's
-  parallel formula, stable in fp32), then reads it again (mostly from L2) to write y. The backward
-  first computes each row's c1/c2 chunk by chunk, then walks column chunks (MAX_BLOCK_N / 2, as it
-  holds five chunk-long arrays) outermost so that the dw/db partials of a chunk stay in registers:
-  it reads x and dy twice (10*N bytes per row instead of 6). Widths beyond the benchmark are
-  correct and reasonably fast, not at the memory limit.
-* Strides. Rows may be strided (the row stride is a kernel argument; a row stride of 0, as produced
-  by ``expand``, works too). The last dimension must have unit stride: if it does not, the launcher
-  makes ONE explicit copy of that tensor (``_as_rows``); the same happens when the leading
-  dimensions cannot be merged into a single row stride (e.g. a transposed batch). A strided
-  weight/bias view is copied (N elements). Outputs are contiguous.
-* Dtypes. x, residual, weight and bias may each be fp32, fp16 or bf16; y has x's dtype, the new
-  residual residual's dtype, dw/db the dtype of weight/bias. The ops are ``torch.library`` custom
-  ops without an autocast rule, so under ``torch.autocast`` a bf16 input stays bf16 (where
-  ``F.layer_norm`` would run in fp32).
-* Custom ops. ``tritonforge::norm_fwd`` / ``tritonforge::norm_bwd`` are opaque to ``torch.compile``
-  (no graph break). On CUDA tensors, and on CPU tensors when ``TRITON_INTERPRET=1``, they run the
-  Triton kernels; on CPU tensors otherwise they run an fp32 torch reference with the same outputs.
+* Rows up to ``MAX_BLOCK_N`` wide are held whole in registers as [BLOCK_M, BLOCK_N] tiles sized so each
+  thread issues 128-bit loads (``_fwd_config``, ``_bwd_config``); wider rows (65536 and beyond) take looped
+  kernels that combine chunk statistics with Chan's formula. Statistics are fp32, the mean subtracted
+  before squaring.
+* The backward runs a persistent grid (``_bwd_grid``), each program looping over a contiguous range of
+  rows with its loads software-pipelined into shared memory, and accumulating dw/db partials in fp32
+  registers; ``kernels._common.sum_partials_kernel`` adds the [G, N] partials in a fixed order. No atomics:
+  gradients are bitwise reproducible.
+* Rows may be strided (row stride 0 too); a non-unit last stride costs one explicit copy (``_as_rows``).
+  x, residual, weight and bias may each be fp32/fp16/bf16 (y in x's dtype); the custom ops
+  ``tritonforge::norm_fwd`` / ``norm_bwd`` have no autocast rule, so bf16 stays bf16 under autocast. Off
+  CUDA, without ``TRITON_INTERPRET=1``, they run an fp32 torch reference.
 """
 from __future__ import annotations
 

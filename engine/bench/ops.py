@@ -15,9 +15,9 @@ Backends. ``torch`` and ``triton`` go through :func:`engine.registry.resolve`, e
 them; ``triton`` for an op that has no kernel yet is reported "not available" and the run goes on. Peers
 a user might pick instead run when importable and are never required: ``sdpa-flash``, ``sdpa-cudnn``,
 ``sdpa-mem_eff`` (one SDPA backend each, through ``torch.nn.attention.sdpa_kernel``), ``flex``
-(FlexAttention under ``torch.compile``), ``compile`` (``torch.compile`` of the torch norm, mlp or
+(FlexAttention under ``torch.compile``), ``compile`` (``torch.compile`` of the torch norm, mlp, rope, swiglu or
 head and loss, compiled afresh per shape with ``dynamic=False`` so no recompilation limit spoils it),
-``liger`` (Liger-Kernel's LayerNorm/RMSNorm and fused linear cross-entropy), ``triton-nondet`` (the
+``liger`` (Liger-Kernel's LayerNorm/RMSNorm, fused linear cross-entropy, RoPE and SwiGLU), ``triton-nondet`` (the
 triton attention with ``kernels.deterministic = false``: dQ summed with atomics), ``torch-fused`` and ``torch-foreach``
 (``torch.optim.AdamW`` implementations; with ``:clip`` they run ``clip_grad_norm_`` first, as the
 ``torch`` backend does, while the ``triton`` optimizer clips inside its step), ``torch-muon`` and
@@ -45,6 +45,10 @@ cross_entropy      ``NxDxV`` (tokens x hidden x         16384x768x50304 (GPT-2 s
 optimizer          ``124M``, ``350M``, ``774M``,        124M and 1.5B, each without and with clipping
                    ``1.5B`` or ``LxD[xV[xT]]`` (GPT-2
                    shapes), ``[:clip|:noclip]``
+rope               ``BxHxHkvxTxD`` (q and k heads of a  4x32x8x4096x128 (Llama-3-8B's heads),
+                   fused QKV output)                    16x12x12x1024x64
+swiglu             ``MxF`` (rows x output width; h is   16384x11008 (Llama-7B's MLP), 16384x2048
+                   M x 2F)
 =================  ===================================  ============================================
 
 Work per call, for the rate columns (2-byte dtypes; ``s`` = bytes per element in general):
@@ -55,7 +59,10 @@ fwd = 16·M·C² FLOPs (the two linears), bwd = 2 × fwd (input and weight gradi
 fwd = 2·P·s bytes (read x, write y), bwd = 3·P·s (read x and dy, write dx), fwd+bwd = 5·P·s; cross-entropy
 (the head ``F.linear`` and the loss) fwd = 2·N·D·V FLOPs, bwd = 2 × fwd, fwd+bwd = 6·N·D·V (the fused triton
 op computes its gradients during the forward, so its fwd column holds most of its work); AdamW 28 bytes per
-fp32 parameter (read g, p, m, v; write p, m, v), 32 with clipping (the norm reads g once more).
+fp32 parameter (read g, p, m, v; write p, m, v), 32 with clipping (the norm reads g once more); rope
+(E = B·(H+Hkv)·T·D) fwd = bwd = 2·E·s (read and write q and k), fwd+bwd = 4·E·s, its output the rotated q and
+k concatenated over heads (one copy of 2·E·s more in every backend's time); swiglu fwd = 3·M·F·s (read gate,
+up; write out), bwd = 5·M·F·s (read gate, up, dout; write dgate, dup), fwd+bwd = 8·M·F·s.
 
 Table columns: op, backend, shape, dtype; ``err`` the largest relative error of the check; ``fwd ms``,
 ``bwd ms``, ``fwd+bwd ms``; ``fwd`` and ``fwd+bwd`` rates in ``unit`` (TFLOP/s or GB/s); ``% peak`` the
@@ -80,6 +87,7 @@ import torch
 import torch.nn.functional as F
 
 from engine import registry
+from engine.models.gpt import rotary_tables
 from engine.bench import (ArgumentParser, BenchError, check_plot_support, describe_ceilings, environment, fmt,
                           format_table, free_memory, measure_ceilings, pick_device, rel_error, time_ms, timer_label,
                           write_csv, write_json)
@@ -95,6 +103,8 @@ BACKENDS: dict[str, tuple[str, ...]] = {
     "dwconv": ("torch", "triton"),
     "cross_entropy": ("torch", "triton", "compile", "liger"),
     "optimizer": ("torch", "triton", "torch-fused", "torch-foreach", "torch-muon", "triton-muon"),
+    "rope": ("torch", "triton", "compile", "liger"),
+    "swiglu": ("torch", "triton", "compile", "liger"),
 }
 PROJECT_BACKENDS = ("torch", "triton")
 
@@ -197,6 +207,21 @@ class HeadShape:
         return f"{self.tokens}x{self.hidden}x{self.vocab}"
 
 
+@dataclass(frozen=True)
+class RopeShape:
+    """q (B, H, T, D) and k (B, Hkv, T, D), views of a fused (B, T, (H + 2 Hkv) D) projection output."""
+
+    batch: int
+    heads: int
+    kv_heads: int
+    seq: int
+    head_dim: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.batch}x{self.heads}x{self.kv_heads}x{self.seq}x{self.head_dim}"
+
+
 #: The depthwise filter the dwconv benchmark runs (ConvNeXt's): 7x7, padding 3.
 DWCONV_KERNEL, DWCONV_PADDING = 7, 3
 
@@ -245,6 +270,8 @@ SHAPE_SYNTAX = {
     "dwconv": "NxCxHxW (the 7x7 filter's input), e.g. 128x96x56x56",
     "cross_entropy": "NxDxV (tokens x hidden x vocabulary), e.g. 16384x768x50304",
     "optimizer": f"{', '.join(GPT2_SIZES)} or LxD[xV[xT]] (GPT-2 shapes), then [:clip|:noclip], e.g. 124M:clip",
+    "rope": "BxHxHkvxTxD (q heads, k heads, an even head dim), e.g. 4x32x8x4096x128",
+    "swiglu": "MxF (rows x output width; h is M x 2F), e.g. 16384x11008",
 }
 
 
@@ -272,6 +299,8 @@ SHAPE_SETS: dict[str, dict[str, list]] = {
                    ImageShape(128, 768, 7, 7)],
         "cross_entropy": [HeadShape(16384, 768, 50304)],
         "optimizer": _both_clips(*GPT2_SIZES["124M"], name="124M") + _both_clips(*GPT2_SIZES["1.5B"], name="1.5B"),
+        "rope": [RopeShape(4, 32, 8, 4096, 128), RopeShape(16, 12, 12, 1024, 64)],
+        "swiglu": [MatrixShape(16384, 11008), MatrixShape(16384, 2048)],
     },
     # Small enough for the Triton interpreter on a CPU (a second or so per row).
     "tiny": {
@@ -282,6 +311,8 @@ SHAPE_SETS: dict[str, dict[str, list]] = {
         "dwconv": [ImageShape(1, 8, 5, 5)],
         "cross_entropy": [HeadShape(64, 32, 512)],
         "optimizer": _both_clips(1, 64, vocab=512, context=64),
+        "rope": [RopeShape(1, 2, 1, 16, 16)],
+        "swiglu": [MatrixShape(16, 48)],
     },
 }
 
@@ -309,10 +340,17 @@ def parse_shape(op: str, spec: str) -> list:
         b, h, s, d = _positive_ints(m[1], spec, op)
         masks = (True, False) if m[2] is None else (m[2] == "causal",)
         return [AttentionShape(b, h, s, d, causal) for causal in masks]
-    if op in ("layer_norm", "rms_norm", "mlp"):
+    if op in ("layer_norm", "rms_norm", "mlp", "swiglu"):
         if not re.fullmatch(r"\d+x\d+", spec):
             raise bad
         return [MatrixShape(*_positive_ints(spec, spec, op))]
+    if op == "rope":
+        if not re.fullmatch(r"\d+x\d+x\d+x\d+x\d+", spec):
+            raise bad
+        shape = RopeShape(*_positive_ints(spec, spec, op))
+        if shape.head_dim % 2:
+            raise BenchError(f"--shapes: {spec!r}: the rope head dim must be even")
+        return [shape]
     if op == "dwconv":
         if not re.fullmatch(r"\d+x\d+x\d+x\d+", spec):
             raise bad
@@ -463,6 +501,19 @@ def make_case(op: str, shape, dtype: torch.dtype, device: torch.device) -> Case:
         p = n * c * h * w * size
         return Case(op, shape, dtype, device, [x.requires_grad_(), weight, bias], torch.randn_like(x),
                     ("y", "dx", "dweight", "dbias"), {"fwd": 2 * p, "bwd": 3 * p, "fwdbwd": 5 * p}, "GB/s")
+    if op == "rope":
+        b, t, d = shape.batch, shape.seq, shape.head_dim
+        heads = shape.heads + shape.kv_heads
+        qkv = _random((b, t, (heads + shape.kv_heads) * d), dtype, device)
+        cos, sin = (table.to(device) for table in rotary_tables(d, t, 10000.0))
+        moved = 2 * b * heads * t * d * size
+        return Case(op, shape, dtype, device, [qkv, cos, sin], torch.randn(b, heads, t, d, dtype=dtype, device=device),
+                    ("out", "dqkv"), {"fwd": moved, "bwd": moved, "fwdbwd": 2 * moved}, "GB/s")
+    if op == "swiglu":
+        m, f = shape.rows, shape.cols
+        h = _random((m, 2 * f), dtype, device)
+        return Case(op, shape, dtype, device, [h], torch.randn(m, f, dtype=dtype, device=device), ("out", "dh"),
+                    {"fwd": 3 * m * f * size, "bwd": 5 * m * f * size, "fwdbwd": 8 * m * f * size}, "GB/s")
     assert op == "cross_entropy", op
     n, d, v = shape.tokens, shape.hidden, shape.vocab
     # hidden states of unit scale and a head at nn.Linear's init scale x 4: logits of a few units, a
@@ -522,9 +573,29 @@ def _cross_entropy_reference(case: Case) -> list[torch.Tensor]:
     return _backward_reference(case, F.cross_entropy(F.linear(x, weight), targets), [x, weight])
 
 
+def _rope_views(qkv: torch.Tensor, shape: RopeShape) -> tuple[torch.Tensor, torch.Tensor]:
+    """q and k as the GPT takes them: strided views of the fused projection output."""
+    h, hkv = shape.heads, shape.kv_heads
+    heads = qkv.view(shape.batch, shape.seq, h + 2 * hkv, shape.head_dim).transpose(1, 2)
+    q, k, _ = heads.split((h, hkv, hkv), dim=1)
+    return q, k
+
+
+def _rope_reference(case: Case) -> list[torch.Tensor]:
+    qkv = case.inputs[0].detach().to(case.ref_dtype).requires_grad_()
+    cos, sin = (t.to(case.ref_dtype) for t in case.inputs[1:])
+    out = torch.cat(registry.torch_rope(*_rope_views(qkv, case.shape), cos, sin), dim=1)
+    return _backward_reference(case, out, [qkv])
+
+
+def _swiglu_reference(case: Case) -> list[torch.Tensor]:
+    leaves = _upcast(case)
+    return _backward_reference(case, registry.torch_swiglu(leaves[0]), leaves)
+
+
 _REFERENCES = {"attention": _attention_reference, "layer_norm": _norm_reference, "rms_norm": _norm_reference,
                "mlp": _mlp_reference, "dwconv": _dwconv_reference,
-               "cross_entropy": _cross_entropy_reference}
+               "cross_entropy": _cross_entropy_reference, "rope": _rope_reference, "swiglu": _swiglu_reference}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -560,6 +631,11 @@ def _registry_runner(case: Case, backend: str) -> Runner:
         return Runner(lambda: ops.mlp(*case.inputs), list(case.inputs))
     if case.op == "dwconv":
         return Runner(lambda: ops.depthwise_conv2d(*case.inputs, padding=DWCONV_PADDING), list(case.inputs))
+    if case.op == "rope":
+        qkv, cos, sin = case.inputs
+        return Runner(lambda: torch.cat(ops.rope(*_rope_views(qkv, case.shape), cos, sin), dim=1), [qkv])
+    if case.op == "swiglu":
+        return Runner(lambda: ops.swiglu(case.inputs[0]), list(case.inputs))
     x, weight, targets = case.inputs
     return Runner(lambda: ops.linear_cross_entropy(x, weight, targets), [x, weight])
 
@@ -597,12 +673,19 @@ def _flex_runner(case: Case, backend: str) -> Runner:
 
 def _compile_runner(case: Case, backend: str) -> Runner:
     torch._dynamo.reset()
+    if case.op == "rope":
+        qkv, cos, sin = case.inputs
+        rope = torch.compile(lambda qkv, cos, sin: torch.cat(registry.torch_rope(*_rope_views(qkv, case.shape), cos, sin),
+                                                             dim=1), dynamic=False)
+        return Runner(lambda: rope(qkv, cos, sin), [qkv])
     if case.op == "layer_norm":
         fn, eps, n_leaves = registry.torch_layer_norm, (LAYER_NORM_EPS,), 3
     elif case.op == "rms_norm":
         fn, eps, n_leaves = registry.torch_rms_norm, (RMS_NORM_EPS,), 2
     elif case.op == "mlp":
         fn, eps, n_leaves = registry.torch_mlp, (), 7
+    elif case.op == "swiglu":
+        fn, eps, n_leaves = registry.torch_swiglu, (), 1
     else:
         fn, eps, n_leaves = registry.torch_linear_cross_entropy, (), 2
     compiled = torch.compile(fn, dynamic=False)
@@ -610,7 +693,25 @@ def _compile_runner(case: Case, backend: str) -> Runner:
     return Runner(lambda: compiled(*args, *eps), list(args[:n_leaves]))
 
 
+def _liger_llama_runner(case: Case) -> Runner:
+    """Liger's RoPE (Hugging Face's convention: (1, T, D) tables, each half's angles repeated) and SwiGLU
+    (gate and up as two tensors: the halves of h, which Liger makes contiguous)."""
+    try:
+        from liger_kernel.ops.swiglu import LigerSiLUMulFunction
+        from liger_kernel.transformers.rope import liger_rotary_pos_emb
+    except ImportError:
+        raise NotAvailable("liger-kernel is not installed (pip install liger-kernel)") from None
+    if case.op == "swiglu":
+        (h,) = case.inputs
+        return Runner(lambda: LigerSiLUMulFunction.apply(*h.chunk(2, dim=-1)), [h])
+    qkv, cos, sin = case.inputs
+    cos2, sin2 = (torch.cat((t, t), dim=-1)[None].to(case.dtype) for t in (cos, sin))
+    return Runner(lambda: torch.cat(liger_rotary_pos_emb(*_rope_views(qkv, case.shape), cos2, sin2), dim=1), [qkv])
+
+
 def _liger_runner(case: Case, backend: str) -> Runner:
+    if case.op in ("rope", "swiglu"):
+        return _liger_llama_runner(case)
     try:
         from liger_kernel.transformers import LigerLayerNorm, LigerRMSNorm
     except ImportError:

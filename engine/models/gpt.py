@@ -12,9 +12,11 @@ RMSNorm, GELU or SwiGLU MLP, grouped-query attention, tied embeddings, a sliding
 from __future__ import annotations
 
 import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from einops import rearrange
 
 from engine.config import ModelConfig
 from engine.registry import Ops
@@ -31,11 +33,11 @@ class Norm(nn.Module):
     do not depend on the backend.
     """
 
-    def __init__(self, d: int, kind: str, bias: bool, ops: Ops):
+    def __init__(self, d: int, kind: str, bias: bool, ops: Ops, eps: float = 0.0):
         super().__init__()
         self.kind = kind
         self.ops = ops
-        self.eps = 1e-5 if kind == "layernorm" else 1e-6
+        self.eps = eps or (1e-5 if kind == "layernorm" else 1e-6)
         self.weight = nn.Parameter(torch.ones(d))
         self.bias = nn.Parameter(torch.zeros(d)) if bias and kind == "layernorm" else None
 
@@ -58,13 +60,6 @@ def rotary_tables(head_dim: int, context: int, base: float) -> tuple[torch.Tenso
     return angles.cos().float(), angles.sin().float()
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (x[i], x[i + D/2]) of x (B, H, T, D) by position-dependent angles."""
-    x1, x2 = x.chunk(2, dim=-1)
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-
-
 class Attention(nn.Module):
     def __init__(self, cfg: GPTConfig, ops: Ops):
         super().__init__()
@@ -75,20 +70,19 @@ class Attention(nn.Module):
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
-        B, T, C = x.shape
         H, Hkv, D = self.cfg.n_head, self.cfg.kv_heads, self.cfg.head_dim
-        qkv = self.qkv(x).view(B, T, H + 2 * Hkv, D).transpose(1, 2)  # (B, H + 2·Hkv, T, D), a view
+        qkv = rearrange(self.qkv(x), "b t (heads d) -> b heads t d", d=D)  # a strided view, no copy
         q, k, v = qkv.split((H, Hkv, Hkv), dim=1)
-        if rope is not None:
-            cos, sin = rope[0][:T], rope[1][:T]
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if rope is not None:  # rotate pairs (x[i], x[i + D/2]) of q and k by the angle of position t
+            q, k = self.ops.rope(q, k, rope[0], rope[1])
         y = self.ops.attention(q, k, v, causal=True, window=self.cfg.window or None)
-        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+        return self.proj(rearrange(y, "b h t d -> b t (h d)"))
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: GPTConfig):
+    def __init__(self, cfg: GPTConfig, ops: Ops):
         super().__init__()
+        self.ops = ops
         self.swiglu = cfg.mlp == "swiglu"
         width = 2 * cfg.ff_dim if self.swiglu else cfg.ff_dim
         self.fc = nn.Linear(cfg.d_model, width, bias=cfg.bias)
@@ -97,8 +91,7 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.fc(x)
         if self.swiglu:
-            gate, up = h.chunk(2, dim=-1)
-            return self.proj(F.silu(gate) * up)
+            return self.proj(self.ops.swiglu(h))  # silu(gate) * up, gate and up the halves of h
         return self.proj(F.gelu(h, approximate="tanh"))
 
 
@@ -111,10 +104,10 @@ class Block(nn.Module):
 
     def __init__(self, cfg: GPTConfig, ops: Ops):
         super().__init__()
-        self.ln1 = Norm(cfg.d_model, cfg.norm, cfg.bias, ops)
+        self.ln1 = Norm(cfg.d_model, cfg.norm, cfg.bias, ops, cfg.norm_eps)
         self.attn = Attention(cfg, ops)
-        self.ln2 = Norm(cfg.d_model, cfg.norm, cfg.bias, ops)
-        self.mlp = MLP(cfg)
+        self.ln2 = Norm(cfg.d_model, cfg.norm, cfg.bias, ops, cfg.norm_eps)
+        self.mlp = MLP(cfg, ops)
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x, delta, rope):
@@ -136,11 +129,14 @@ class GPT(nn.Module):
             self.register_buffer("rope_sin", sin, persistent=False)
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, ops) for _ in range(cfg.n_layer))
-        self.ln_f = Norm(cfg.d_model, cfg.norm, cfg.bias, ops)
+        self.ln_f = Norm(cfg.d_model, cfg.norm, cfg.bias, ops, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             # The input embedding and the output projection share one matrix (GPT-2; saves V·d params).
             self.lm_head.weight = self.wte.weight
+        #: The registry ops the forward calls.
+        self.ops_used = ("attention", "layer_norm" if cfg.norm == "layernorm" else "rms_norm", "cross_entropy",
+                         *(("rope",) if cfg.pos == "rope" else ()), *(("swiglu",) if cfg.mlp == "swiglu" else ()))
         self.apply(self._init_weights)
         # Residual branches end in a projection added to the stream: scale their init by 1/sqrt(2·L)
         # so the stream's variance does not grow with depth (GPT-2 paper, section 2.3).

@@ -37,6 +37,10 @@ class Task:
         """Validation metrics (averaged over processes), e.g. {"val_loss": ...}."""
         raise NotImplementedError
 
+    def eval_batches(self, final: bool) -> int:
+        """Batches one evaluation runs (the final one, or a periodic one): what a time budget reserves."""
+        return self.recipe.train.eval_batches
+
     def flops_per_item(self) -> float | None:
         """Training FLOPs per token/image, for TFLOP/s and MFU; None if unknown."""
         return None
@@ -67,6 +71,11 @@ class Task:
             raise RecipeError(f'optim.name = "muon" needs a model that names its hidden matrices '
                               f'(model.arch = "gpt"); {type(self.model).__name__} does not')
         return hidden()
+
+    def ops_used(self) -> tuple[str, ...]:
+        """The registry ops this task's model and loss call (the run prints and records their backends):
+        the model's ``ops_used`` and the optimizer."""
+        return (*getattr(self.model, "ops_used", ()), "optimizer")
 
     def on_step_end(self, step: int) -> None:
         """Called after each optimizer step (``step`` steps done), e.g. to update a weight EMA."""

@@ -118,6 +118,9 @@ class ImageClassificationTask(Task):
     def _input(self, images: torch.Tensor) -> torch.Tensor:
         return to_model_input(images, self.mean, self.std, self.recipe.model.image_size, self.memory_format)
 
+    def ops_used(self) -> tuple[str, ...]:
+        return (*super().ops_used(), "cross_entropy")
+
     def loss(self, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         logits = model(inputs)
         return self.ops.cross_entropy(logits, targets, label_smoothing=self.recipe.train.label_smoothing)

@@ -25,7 +25,8 @@ def test_preset_then_recipe_then_overrides(tmp_path):
     r = load_recipe(f, ["--kernels.deterministic=false", "--kernels.mlp=torch"])
     assert r.kernels.deterministic is False
     assert r.kernels.backends() == {"attention": "auto", "layer_norm": "auto", "rms_norm": "auto", "mlp": "torch",
-                                    "dwconv": "auto", "cross_entropy": "auto", "optimizer": "auto"}
+                                    "dwconv": "auto", "cross_entropy": "auto", "rope": "auto", "swiglu": "auto",
+                                    "optimizer": "auto"}
 
 
 def test_toml_ints_are_accepted_for_floats(tmp_path):

@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from engine.models.gpt import GPT, GPTConfig, apply_rotary, rotary_tables
-from engine.registry import resolve
+from engine.models.gpt import GPT, GPTConfig, rotary_tables
+from engine.registry import resolve, torch_rope
 
 OPS = resolve({}, "cpu")
 OPTIONS = [
@@ -81,7 +81,7 @@ def test_causality():
 def test_rotary_is_a_rotation():
     cos, sin = rotary_tables(8, 16, 10000.0)
     x = torch.randn(1, 2, 16, 8)
-    y = apply_rotary(x, cos, sin)
+    y, _ = torch_rope(x, x, cos, sin)
     torch.testing.assert_close(y.norm(dim=-1), x.norm(dim=-1))
     torch.testing.assert_close(y[:, :, 0], x[:, :, 0])  # position 0 is not rotated
 
@@ -128,3 +128,55 @@ def test_triton_head_and_loss_match_torch(tie):
         assert (q.grad - p.grad).abs().max().item() <= 1e-5 * max(scale, 1e-3), name
     with torch.no_grad():  # evaluation goes through the same op, without computing gradients
         assert fused(idx, targets).item() == pytest.approx(losses[0], rel=1e-5)
+
+
+def _rotate_inline(x, cos, sin):
+    """The GPT's rotation as it was written inline before it became the registry's ``rope`` op."""
+    x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+def _llama_tiny_cfg(n_layer=2):
+    return GPTConfig(n_layer=n_layer, n_head=4, n_kv_head=2, d_model=32, context=16, vocab_size=64, pos="rope",
+                     norm="rmsnorm", mlp="swiglu", bias=False)
+
+
+def test_torch_rope_and_swiglu_are_bitwise_the_inline_math():
+    inline = OPS.replace(
+        rope=lambda q, k, cos, sin: (_rotate_inline(q, cos[:q.shape[2]], sin[:q.shape[2]]),
+                                     _rotate_inline(k, cos[:q.shape[2]], sin[:q.shape[2]])),
+        swiglu=lambda h: torch.nn.functional.silu(h.chunk(2, dim=-1)[0]) * h.chunk(2, dim=-1)[1])
+    torch.manual_seed(0)
+    ref = GPT(_llama_tiny_cfg(), inline)
+    model = GPT(_llama_tiny_cfg(), OPS)
+    model.load_state_dict(ref.state_dict())
+    idx, targets = torch.randint(0, 64, (2, 16)), torch.randint(0, 64, (2, 16))
+    for dtype in (torch.float32, torch.bfloat16):
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+            losses = [m(idx, targets) for m in (ref, model)]
+        for m, loss in zip((ref, model), losses):
+            m.zero_grad()
+            loss.backward()
+        assert torch.equal(losses[0], losses[1])
+        for (name, p), q in zip(ref.named_parameters(), model.parameters()):
+            assert torch.equal(p.grad, q.grad), name
+
+
+def test_triton_rope_and_swiglu_match_torch():
+    """The llama-style block with the rope and swiglu kernels (interpreter) against the torch backend: the
+    same loss and gradients up to fp32 rounding (the kernels round once, torch after every op)."""
+    torch.manual_seed(0)
+    ref = GPT(_llama_tiny_cfg(n_layer=1), resolve({"rope": "torch", "swiglu": "torch"}, "cpu"))
+    fused = GPT(_llama_tiny_cfg(n_layer=1), resolve({"rope": "triton", "swiglu": "triton"}, "cpu"))
+    fused.load_state_dict(ref.state_dict())
+    idx, targets = torch.randint(0, 64, (1, 12)), torch.randint(0, 64, (1, 12))
+    losses = []
+    for model in (ref, fused):
+        loss = model(idx, targets)
+        loss.backward()
+        losses.append(loss.item())
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+    for (name, p), q in zip(ref.named_parameters(), fused.parameters()):
+        scale = p.grad.abs().max().item()
+        assert (q.grad - p.grad).abs().max().item() <= 1e-5 * max(scale, 1e-3), name

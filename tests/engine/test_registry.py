@@ -16,7 +16,7 @@ def test_auto_is_torch_on_cpu():
 
 
 def test_unknown_op_and_backend_list_valid_names():
-    valid = "valid ops: attention, layer_norm, rms_norm, mlp, dwconv, cross_entropy, optimizer"
+    valid = "valid ops: attention, layer_norm, rms_norm, mlp, dwconv, cross_entropy, rope, swiglu, optimizer"
     with pytest.raises(KernelSelectionError, match=valid):
         resolve({"softmax": "torch"})
     with pytest.raises(KernelSelectionError, match="valid backends: auto, torch, triton"):
@@ -48,12 +48,15 @@ def _reference_attention(q, k, v, causal, window):
     allowed = torch.ones(S, S, dtype=torch.bool)
     if causal:
         allowed &= j <= i
-    if window:
+    if window:  # the kernels' band: the last `window` keys, and the next `window - 1` when not causal
         allowed &= j > i - window
+        if not causal:
+            allowed &= j < i + window
     return s.masked_fill(~allowed, float("-inf")).softmax(-1) @ v
 
 
-@pytest.mark.parametrize("causal, window, hkv", [(True, None, 4), (False, None, 4), (True, 3, 4), (True, None, 2),
+@pytest.mark.parametrize("causal, window, hkv", [(True, None, 4), (False, None, 4), (True, 3, 4), (False, 3, 4),
+                                                 (True, None, 2),
                                                  (True, 2, 1)])
 def test_torch_attention_matches_reference(causal, window, hkv):
     g = torch.Generator().manual_seed(0)
