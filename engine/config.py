@@ -289,7 +289,9 @@ class TrainConfig:
 class OptimConfig:
     """Optimizer and learning-rate schedule."""
 
-    name: Literal["adamw", "sgd", "lion"] = "adamw"
+    #: "muon": Muon for the blocks' matrices and AdamW (``betas``, ``eps``) for the rest, one ``lr`` for
+    #: both (Muon's update is scaled to AdamW's RMS); single process or DDP.
+    name: Literal["adamw", "sgd", "lion", "muon"] = "adamw"
     lr: float = 1e-3
     #: Floor of the cosine schedule.
     min_lr: float = 1e-4
@@ -300,8 +302,12 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
     weight_decay: float = 0.1
+    #: SGD's momentum.
     momentum: float = 0.9
+    #: Nesterov momentum, for SGD and Muon.
     nesterov: bool = True
+    #: Muon's momentum.
+    muon_momentum: float = 0.95
 
     def validate(self) -> None:
         _positive("optim.lr", self.lr)
@@ -311,6 +317,8 @@ class OptimConfig:
         for i, beta in enumerate(self.betas):
             if not 0.0 <= beta < 1.0:
                 raise RecipeError(f"optim.betas[{i}] must be in [0, 1), got {beta}")
+        if not 0.0 <= self.muon_momentum < 1.0:
+            raise RecipeError(f"optim.muon_momentum must be in [0, 1), got {self.muon_momentum}")
         if self.min_lr > self.lr:
             raise RecipeError(f"optim.min_lr ({self.min_lr}) must not exceed optim.lr ({self.lr})")
 
@@ -568,6 +576,9 @@ def validate(r: Recipe) -> None:
     if r.model.arch == "gpt" and r.train.seq_len > r.model.context:
         raise RecipeError(f"train.seq_len ({r.train.seq_len}) is longer than the model supports "
                           f"(model.context = {r.model.context})")
+    if r.optim.name == "muon" and r.parallel.strategy == "fsdp":
+        raise RecipeError('optim.name = "muon" runs in one process or under parallel.strategy = "ddp": '
+                          "FSDP shards the matrices that Muon orthogonalizes whole")
     if r.train.time_budget and r.optim.schedule != "constant" and r.optim.warmup_steps < BUDGET_MIN_WARMUP:
         raise RecipeError(
             f"train.time_budget: the step count is fixed after timing the warmup steps, whose learning rate does "

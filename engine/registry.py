@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.errors import KernelSelectionError
+from engine.optim_muon import TorchMuon
 
 Backend = Literal["auto", "torch", "triton"]
 BACKENDS: tuple[str, ...] = get_args(Backend)
@@ -242,6 +243,7 @@ OPTIMIZERS: dict[str, tuple[Callable, str]] = {
     "adamw": (torch.optim.AdamW, "AdamW"),
     "sgd": (torch.optim.SGD, "SGD"),
     "lion": (TorchLion, "Lion"),
+    "muon": (TorchMuon, "Muon"),
 }
 
 TABLE: list[Op] = [
@@ -358,7 +360,7 @@ class Ops:
     def make_optimizer(self, name: str, param_groups: Iterable[dict[str, Any]] | Iterable[torch.Tensor], *,
                        lr: float, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
                        momentum: float = 0.0, nesterov: bool = False, max_grad_norm: float = 0.0,
-                       device: torch.device | None = None):
+                       muon_momentum: float = 0.95, device: torch.device | None = None):
         """Build the optimizer ``optim.name`` names; returns ``(optimizer, clips_in_step)``.
 
         ``clips_in_step`` is True when the optimizer applies ``max_grad_norm`` inside its own step (the
@@ -368,11 +370,12 @@ class Ops:
             raise KernelSelectionError(f"optim.name: unknown optimizer {name!r}; valid: {', '.join(OPTIMIZERS)}")
         torch_cls, triton_name = OPTIMIZERS[name]
         kw = {"adamw": dict(betas=betas, eps=eps), "sgd": dict(momentum=momentum, nesterov=nesterov),
-              "lion": dict(betas=betas)}[name]
+              "lion": dict(betas=betas),
+              "muon": dict(momentum=muon_momentum, nesterov=nesterov, adamw_betas=betas, adamw_eps=eps)}[name]
         if self.backends["optimizer"] == "triton":
             cls = getattr(_kernels_module(), triton_name)
             return cls(param_groups, lr=lr, weight_decay=weight_decay, max_grad_norm=max_grad_norm or None, **kw), True
-        if torch_cls is not TorchLion:  # torch's fused implementations, where the device has them
+        if torch_cls in (torch.optim.AdamW, torch.optim.SGD):  # torch's fused ones, where the device has them
             kw["fused"] = (device is not None and device.type == "cuda") or None
         return torch_cls(param_groups, lr=lr, weight_decay=weight_decay, **kw), False
 

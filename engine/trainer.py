@@ -440,9 +440,9 @@ class Trainer:
         self.forward_model = torch.compile(self.model) if r.train.compile else self.model
         o = r.optim
         self.optimizer, self.clips_in_step = self.ops.make_optimizer(
-            o.name, self.task.param_groups(o.weight_decay), lr=o.lr, betas=o.betas, eps=o.eps,
-            weight_decay=o.weight_decay, momentum=o.momentum, nesterov=o.nesterov,
-            max_grad_norm=r.train.grad_clip, device=self.device)
+            o.name, self.task.param_groups(o.weight_decay, muon=o.name == "muon"), lr=o.lr, betas=o.betas,
+            eps=o.eps, weight_decay=o.weight_decay, momentum=o.momentum, nesterov=o.nesterov,
+            muon_momentum=o.muon_momentum, max_grad_norm=r.train.grad_clip, device=self.device)
         self.scaler = LossScaler(self.device, enabled=r.train.precision == "fp16")
         self.prefetcher = Prefetcher(self.task, r.train.grad_accum, self.device)
         self.step_fn = TrainStep(self.task, self.model, self.forward_model, self.optimizer, self.clips_in_step,

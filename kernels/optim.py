@@ -765,6 +765,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
                 BLOCK_T=FINALIZE_BLOCK_T, num_warps=FINALIZE_WARPS, num_stages=1)
         for b in plan.buckets:
             self._launch_update(b, plan, scalars, device)
+        self._after_updates(plan, scalars, device)
         self.grad_norm = scalars[0] if has_norm else None
         self.found_inf = scalars[1]
         return loss
@@ -789,6 +790,9 @@ class _FusedOptimizer(torch.optim.Optimizer):
         _launch(self._update_kernel, (b.n_chunks,), b.tensor_table, b.chunk_table, plan.coefs,
                 scalars, self._like(b.dtype, device), **switches, BLOCK=UPDATE_BLOCK,
                 CHUNK=plan.chunk, num_warps=UPDATE_WARPS, num_stages=1)
+
+    def _after_updates(self, plan: _Plan, scalars: Tensor, device: torch.device) -> None:
+        """Work a subclass launches after the per-bucket updates (Muon: its iterations and update)."""
 
     def _like(self, dtype: torch.dtype, device: torch.device) -> Tensor:
         """A small aligned tensor of ``dtype``: the kernels take its pointer type, never its data."""
@@ -838,58 +842,68 @@ class _FusedOptimizer(torch.optim.Optimizer):
             self._plan = self._build_plan(entries, key)
         return self._plan
 
-    def _build_plan(self, entries: list[tuple[int, Tensor, Tensor]], key: tuple) -> _Plan:
+    def _table_row(self, index: int, gi: int, p: Tensor, g: Tensor) -> tuple[tuple, Optional[Tensor], bool]:
+        """Check one (parameter, gradient), create its state; returns its tensor-table row (``index``
+        in the last column), its step counter and whether all its addresses are 16-byte aligned."""
         name = type(self).__name__
+        if g.is_sparse:
+            raise ValueError(f"{name} does not support sparse gradients")
+        if g.dtype != p.dtype or g.device != p.device:
+            raise ValueError(f"{name}: a gradient must have its parameter's dtype and device, got "
+                             f"{g.dtype} on {g.device} for {p.dtype} on {p.device}")
+        p_full = p
+        p, g = _local(p), _local(g)
+        if not _is_dense(p) or not _same_layout(p, g):
+            raise ValueError(f"{name}: parameters must be dense (contiguous in some dimension "
+                             "order) and their gradients must have the same strides")
+        group = self.param_groups[gi]
+        state = self.state[p_full]
+        self._init_state(p_full, group, state)
+        if p.dtype != torch.float32 and "master_param" not in state:
+            state["master_param"] = _fp32_like(p_full, p_full)
+        master = _local(state.get("master_param")) if p.dtype != torch.float32 else None
+        s1, s2 = (_local(t) for t in self._state_tensors(p_full, group, state))
+        addresses = [t.data_ptr() if t is not None else 0 for t in (p, g, s1, s2, master)]
+        aligned = all(a % 16 == 0 for a in addresses)
+        return (*addresses, p.numel(), index), self._counter(p_full, state), aligned
+
+    def _build_plan(self, entries: list[tuple[int, Tensor, Tensor]], key: tuple) -> _Plan:
         device = entries[0][1].device
         info, bucket_rows = [], {}
         for index, (gi, p, g) in enumerate(entries):
-            if g.is_sparse:
-                raise ValueError(f"{name} does not support sparse gradients")
-            if g.dtype != p.dtype or g.device != p.device:
-                raise ValueError(f"{name}: a gradient must have its parameter's dtype and device, got "
-                                 f"{g.dtype} on {g.device} for {p.dtype} on {p.device}")
-            p_full = p
-            p, g = _local(p), _local(g)
-            if not _is_dense(p) or not _same_layout(p, g):
-                raise ValueError(f"{name}: parameters must be dense (contiguous in some dimension "
-                                 "order) and their gradients must have the same strides")
-            group = self.param_groups[gi]
-            state = self.state[p_full]
-            self._init_state(p_full, group, state)
-            if p.dtype != torch.float32 and "master_param" not in state:
-                state["master_param"] = _fp32_like(p_full, p_full)
-            master = _local(state.get("master_param")) if p.dtype != torch.float32 else None
-            s1, s2 = (_local(t) for t in self._state_tensors(p_full, group, state))
-            counter = self._counter(p_full, state)
+            row, counter, aligned = self._table_row(index, gi, p, g)
             info.append((0 if counter is None else counter.data_ptr(), gi))
-            addresses = [t.data_ptr() if t is not None else 0 for t in (p, g, s1, s2, master)]
-            aligned = all(a % 16 == 0 for a in addresses)
-            momentum = self._has_momentum(group)
-            bucket_rows.setdefault((p.dtype, aligned, momentum), []).append(
-                (*addresses, p.numel(), index))
+            momentum = self._has_momentum(self.param_groups[gi])
+            bucket_rows.setdefault((p.dtype, aligned, momentum), []).append(row)
 
-        chunk = CHUNK
-        assert chunk % UPDATE_BLOCK == 0 and chunk % NORM_BLOCK == 0, "CHUNK must hold whole blocks"
-        buckets, n_chunks = [], 0
-        for (dtype, aligned, momentum), rows in bucket_rows.items():
-            table = torch.tensor(rows, dtype=torch.int64)
-            per_tensor = (table[:, _COL_NUMEL.value] + chunk - 1) // chunk
-            owner = torch.repeat_interleave(torch.arange(len(rows)), per_tensor)
-            first = torch.cumsum(per_tensor, 0) - per_tensor
-            starts = (torch.arange(owner.numel()) - first[owner]) * chunk
-            chunks = torch.stack([owner, starts], dim=1).to(torch.int64)
-            buckets.append(_Bucket(dtype=dtype, aligned=aligned, momentum=momentum,
-                                   tensor_table=_to_device(table, device),
-                                   chunk_table=_to_device(chunks.contiguous(), device),
-                                   n_chunks=chunks.shape[0], chunk_offset=n_chunks))
-            n_chunks += chunks.shape[0]
-        buckets = [b for b in buckets if b.n_chunks > 0]
-        return _Plan(key=key, device=device, chunk=chunk, buckets=buckets,
+        buckets, n_chunks = _make_buckets(bucket_rows, device)
+        return _Plan(key=key, device=device, chunk=CHUNK, buckets=buckets,
                      shard_group=_shard_group(p for _, p, _ in entries),
                      tensor_info=_to_device(torch.tensor(info, dtype=torch.int64), device),
                      n_tensors=len(entries), n_chunks=n_chunks,
                      coefs=torch.empty(len(entries), _COEF_COLS.value, dtype=torch.float32, device=device),
                      partials=torch.zeros(max(2 * n_chunks, 2), dtype=torch.float32, device=device))
+
+
+def _make_buckets(bucket_rows: dict[tuple, list[tuple]], device: torch.device,
+                  first_chunk: int = 0) -> tuple[list[_Bucket], int]:
+    """Device tables of each bucket (key ``(dtype, aligned, switch)``, rows of ``_TABLE_COLS``
+    values) and the chunk count so far: chunks are numbered from ``first_chunk`` across buckets."""
+    assert CHUNK % UPDATE_BLOCK == 0 and CHUNK % NORM_BLOCK == 0, "CHUNK must hold whole blocks"
+    buckets, n_chunks = [], first_chunk
+    for (dtype, aligned, switch), rows in bucket_rows.items():
+        table = torch.tensor(rows, dtype=torch.int64)
+        per_tensor = (table[:, _COL_NUMEL.value] + CHUNK - 1) // CHUNK
+        owner = torch.repeat_interleave(torch.arange(len(rows)), per_tensor)
+        first = torch.cumsum(per_tensor, 0) - per_tensor
+        starts = (torch.arange(owner.numel()) - first[owner]) * CHUNK
+        chunks = torch.stack([owner, starts], dim=1).to(torch.int64)
+        buckets.append(_Bucket(dtype=dtype, aligned=aligned, momentum=switch,
+                               tensor_table=_to_device(table, device),
+                               chunk_table=_to_device(chunks.contiguous(), device),
+                               n_chunks=chunks.shape[0], chunk_offset=n_chunks))
+        n_chunks += chunks.shape[0]
+    return [b for b in buckets if b.n_chunks > 0], n_chunks
 
 
 def _check_betas(betas: Iterable[float]) -> None:

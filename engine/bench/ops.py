@@ -20,7 +20,9 @@ head and loss, compiled afresh per shape with ``dynamic=False`` so no recompilat
 ``liger`` (Liger-Kernel's LayerNorm/RMSNorm, fused linear cross-entropy, RoPE and SwiGLU), ``triton-nondet`` (the
 triton attention with ``kernels.deterministic = false``: dQ summed with atomics), ``torch-fused`` and ``torch-foreach``
 (``torch.optim.AdamW`` implementations; with ``:clip`` they run ``clip_grad_norm_`` first, as the
-``torch`` backend does, while the ``triton`` optimizer clips inside its step).
+``torch`` backend does, while the ``triton`` optimizer clips inside its step), ``torch-muon`` and
+``triton-muon`` (``optim.name = "muon"`` through the registry: Muon for the blocks' matrices, AdamW for the
+rest, checked against a float64 Muon; their rates count AdamW's bytes, so they compare as times).
 
 Shapes (``--shapes``, a comma list; ``op=SPEC`` targets one op when ``--op`` names several; ``default``
 and ``tiny`` name the built-in sets):
@@ -100,7 +102,7 @@ BACKENDS: dict[str, tuple[str, ...]] = {
     # torch.compile hands a convolution to cuDNN unchanged: its row would be the torch row again
     "dwconv": ("torch", "triton"),
     "cross_entropy": ("torch", "triton", "compile", "liger"),
-    "optimizer": ("torch", "triton", "torch-fused", "torch-foreach"),
+    "optimizer": ("torch", "triton", "torch-fused", "torch-foreach", "torch-muon", "triton-muon"),
     "rope": ("torch", "triton", "compile", "liger"),
     "swiglu": ("torch", "triton", "compile", "liger"),
 }
@@ -133,6 +135,8 @@ TOLERANCE = {torch.float32: 2e-3, torch.float16: 5e-3, torch.bfloat16: 2e-2}
 #: Largest relative error of the parameter update after :data:`OPTIMIZER_CHECK_STEPS` AdamW steps (fp32).
 OPTIMIZER_TOLERANCE = 1e-3
 OPTIMIZER_CHECK_STEPS = 2
+#: The same for Muon on CUDA, whose Newton-Schulz iterations run in bf16 (fp32 on CPU: OPTIMIZER_TOLERANCE).
+MUON_CUDA_TOLERANCE = 5e-2
 #: AdamW settings of the optimizer benchmark (a GPT-2-like recipe's).
 ADAMW = dict(lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
 MAX_GRAD_NORM = 1.0
@@ -904,6 +908,13 @@ def _optimizer_step(backend: str, params: list[torch.Tensor], clip: bool, device
         except registry.KernelSelectionError as e:
             raise NotAvailable(str(e)) from None
         opt, clips_in_step = ops.make_optimizer("adamw", params, **ADAMW, max_grad_norm=max_norm, device=device)
+    elif backend.endswith("-muon"):
+        try:
+            ops = registry.resolve({"optimizer": backend.removesuffix("-muon")}, device)
+        except registry.KernelSelectionError as e:
+            raise NotAvailable(str(e)) from None
+        opt, clips_in_step = ops.make_optimizer("muon", _muon_groups(params), **ADAMW, nesterov=True,
+                                                max_grad_norm=max_norm, device=device)
     else:
         impl = {"torch-fused": dict(fused=True), "torch-foreach": dict(foreach=True)}[backend]
         opt = torch.optim.AdamW(params, **ADAMW, **impl)
@@ -913,6 +924,27 @@ def _optimizer_step(backend: str, params: list[torch.Tensor], clip: bool, device
             opt.step()
         return step
     return opt.step
+
+
+def _muon_groups(params: list[torch.Tensor]) -> list[dict]:
+    """The blocks' matrices (every 2-D tensor after the two embeddings) for Muon, the rest for AdamW."""
+    hidden = [p for p in params[2:] if p.dim() == 2]
+    rest = params[:2] + [p for p in params[2:] if p.dim() != 2]
+    return [dict(params=hidden, use_muon=True), dict(params=rest, use_muon=False)]
+
+
+def _muon_reference_deltas(p0: list[torch.Tensor], grads: list[list[torch.Tensor]], clip: bool) -> list[torch.Tensor]:
+    """Parameter change after len(grads) Muon/AdamW steps of the registry's torch Muon in float64 (which
+    iterates in float64), on the parameters' device."""
+    params = [p.double().requires_grad_() for p in p0]
+    opt, _ = registry.resolve({"optimizer": "torch"}, "cpu").make_optimizer(
+        "muon", _muon_groups(params), **ADAMW, nesterov=True)
+    for step_grads in grads:
+        _set_grads(params, [g.double() for g in step_grads])
+        if clip:
+            torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
+        opt.step()
+    return [(p.detach() - start.double()).float() for p, start in zip(params, p0)]
 
 
 def _adamw_reference_deltas(p0: list[torch.Tensor], grads: list[list[torch.Tensor]], clip: bool) -> list[torch.Tensor]:
@@ -962,7 +994,7 @@ def run_optimizer_case(shape: ParamSetShape, backends: Sequence[str], s: Setting
     torch.manual_seed(0)
     p0 = [torch.randn(t, device=device) for t in shape.tensor_shapes()]
     grads = [[torch.randn_like(p) for p in p0] for _ in range(OPTIMIZER_CHECK_STEPS)]
-    deltas = None
+    deltas, muon_deltas = None, None
     numel = shape.numel
     work = {"fwdbwd": (32 if shape.clip else 28) * numel}
     rows = []
@@ -977,12 +1009,16 @@ def run_optimizer_case(shape: ParamSetShape, backends: Sequence[str], s: Setting
             for step_grads in grads:
                 _set_grads(params, step_grads)
                 step()
-            if deltas is None:
+            muon = backend.endswith("-muon")
+            if muon and muon_deltas is None:
+                muon_deltas = _muon_reference_deltas(p0, grads, shape.clip)
+            if not muon and deltas is None:
                 deltas = _adamw_reference_deltas(p0, grads, shape.clip)
-            err = _delta_error(params, p0, deltas)
+            err = _delta_error(params, p0, muon_deltas if muon else deltas)
             row["errors"], row["max_err"] = {"update": err}, err
-            if not err <= OPTIMIZER_TOLERANCE:
-                _fail(row, f"relative error of the update {err:.2e} above {OPTIMIZER_TOLERANCE:g} after "
+            tolerance = MUON_CUDA_TOLERANCE if muon and device.type == "cuda" else OPTIMIZER_TOLERANCE
+            if not err <= tolerance:
+                _fail(row, f"relative error of the update {err:.2e} above {tolerance:g} after "
                            f"{OPTIMIZER_CHECK_STEPS} steps; timing skipped", log_err)
             else:
                 stage = "timing"
@@ -994,7 +1030,7 @@ def run_optimizer_case(shape: ParamSetShape, backends: Sequence[str], s: Setting
             row["status"], row["note"] = "not available", f"out of memory ({stage})"
         except Exception as e:  # noqa: BLE001
             message = f"{type(e).__name__}: {str(e).strip()[:300]}"
-            if backend in PROJECT_BACKENDS:
+            if backend in PROJECT_BACKENDS or backend.endswith("-muon"):
                 _fail(row, f"{stage} raised {message}", log_err)
             else:
                 row["status"], row["note"] = "not available", message

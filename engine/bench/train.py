@@ -244,8 +244,9 @@ def run_one(args: TrainArgs, kernel_set, compiled: bool, ceilings: dict) -> dict
     forward_model = torch.compile(task.model) if compiled else task.model
     o = r.optim
     optimizer, clips_in_step = ops.make_optimizer(
-        o.name, task.param_groups(o.weight_decay), lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay,
-        momentum=o.momentum, nesterov=o.nesterov, max_grad_norm=r.train.grad_clip, device=device)
+        o.name, task.param_groups(o.weight_decay, muon=o.name == "muon"), lr=o.lr, betas=o.betas, eps=o.eps,
+        weight_decay=o.weight_decay, momentum=o.momentum, nesterov=o.nesterov, muon_momentum=o.muon_momentum,
+        max_grad_norm=r.train.grad_clip, device=device)
     scaler = LossScaler(device, enabled=r.train.precision == "fp16")
     train_step = TrainStep(task, task.model, forward_model, optimizer, clips_in_step, scaler, r, device)
 

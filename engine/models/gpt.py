@@ -168,6 +168,11 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
+    def hidden_matrices(self) -> list[nn.Parameter]:
+        """The blocks' 2-D weights (attention and MLP projections), which Muon orthogonalizes; the
+        embeddings and the head are not hidden layers and stay with AdamW."""
+        return [p for p in self.blocks.parameters() if p.dim() == 2]
+
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameter count; by default without position embeddings (they cost no matmul FLOPs)."""
         n = sum(p.numel() for p in self.parameters())

@@ -46,13 +46,32 @@ class Task:
         """Training FLOPs per token/image, for TFLOP/s and MFU; None if unknown."""
         return None
 
-    def param_groups(self, weight_decay: float) -> list[dict]:
-        """Decay matrices and conv kernels; leave 1-D parameters (norms, biases, LayerScale) undecayed."""
-        decay, no_decay = [], []
+    def param_groups(self, weight_decay: float, muon: bool = False) -> list[dict]:
+        """Decay matrices and conv kernels; leave 1-D parameters (norms, biases, LayerScale) undecayed.
+
+        With ``muon``, the :meth:`muon_params` come first in a ``use_muon=True`` group and the other
+        groups are marked ``use_muon=False`` (AdamW).
+        """
+        hidden = {id(p) for p in self.muon_params()} if muon else set()
+        matrices, decay, no_decay = [], [], []
         for p in self.model.parameters():
             if p.requires_grad:
-                (decay if p.dim() >= 2 else no_decay).append(p)
-        return [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
+                (matrices if id(p) in hidden else decay if p.dim() >= 2 else no_decay).append(p)
+        groups = [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
+        if not muon:
+            return groups
+        for group in groups:
+            group["use_muon"] = False
+        return [dict(params=matrices, weight_decay=weight_decay, use_muon=True), *groups]
+
+    def muon_params(self) -> list[nn.Parameter]:
+        """The hidden 2-D weights that Muon updates (``optim.name = "muon"``): the model's
+        ``hidden_matrices()``; AdamW takes the rest."""
+        hidden = getattr(self.model, "hidden_matrices", None)
+        if hidden is None:
+            raise RecipeError(f'optim.name = "muon" needs a model that names its hidden matrices '
+                              f'(model.arch = "gpt"); {type(self.model).__name__} does not')
+        return hidden()
 
     def ops_used(self) -> tuple[str, ...]:
         """The registry ops this task's model and loss call (the run prints and records their backends):

@@ -66,6 +66,16 @@ def test_ops_triton_rows_through_the_interpreter(tmp_path):
         assert r["status"] == "ok" and r["fwdbwd_ms"] > 0, r
 
 
+def test_ops_muon_rows_beside_adamw(tmp_path):
+    """Both Muon backends are checked against the float64 Muon and timed beside torch's AdamW row."""
+    code, rows, _ = run_ops(tmp_path, "--op", "optimizer", "--backends", "torch,torch-muon,triton-muon",
+                            "--shapes", "1x16x64x16:clip")
+    assert code == 0
+    assert [r["backend"] for r in rows] == ["torch", "torch-muon", "triton-muon"]
+    for r in rows:
+        assert r["status"] == "ok" and r["max_err"] < ops.OPTIMIZER_TOLERANCE and r["fwdbwd_ms"] > 0, r
+
+
 def test_ops_nondeterministic_triton_attention(tmp_path):
     code, rows, _ = run_ops(tmp_path, "--op", "attention", "--backends", "torch,triton,triton-nondet",
                             "--shapes", "1x1x20x16:causal")

@@ -97,6 +97,21 @@ def test_resume_at_another_world_size(corpus, tmp_path, strategy):
     assert_same_losses(losses(one_to_two), losses(two), range(4, 7))
 
 
+def test_muon_under_ddp_matches_one_process_and_resumes_in_one(corpus, tmp_path):
+    """optim.name = "muon": two DDP processes take one process's steps, and their checkpoint resumes there."""
+    muon = ["--optim.name=muon", "--checkpoint.every=3", "--checkpoint.keep=5"]
+    single = tmp_path / "single"
+    run(common(corpus, 5) + muon + ["--train.batch_size=8", f"--run.dir={single}"])
+    multi = tmp_path / "multi"
+    run(common(corpus, 5) + muon + ["--train.batch_size=2", "--train.grad_accum=2", "--parallel.strategy=ddp",
+                                    f"--run.dir={multi}"], nproc=2)
+    assert_same_losses(losses(single), losses(multi), range(1, 6))
+    resumed = tmp_path / "resumed"
+    _copy_until(multi, resumed, step=3)
+    run(common(corpus, 5) + muon + ["--train.batch_size=8", f"--run.dir={resumed}", "--checkpoint.resume=latest"])
+    assert_same_losses(losses(resumed), losses(single), range(4, 6))
+
+
 def _copy_until(src: Path, dst: Path, step: int) -> None:
     """A copy of run ``src`` as it was right after the checkpoint of ``step`` (later checkpoints dropped)."""
     shutil.copytree(src, dst)
