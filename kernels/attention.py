@@ -259,6 +259,31 @@ _AUTOTUNE_KEY = ["seqlen", "head_dim", "window_left", "window_right"]
 # ---------------------------------------------------------------------------------------------------
 
 
+@triton.jit
+def _band_blocks(start, last, seqlen, left, right, BLOCK: tl.constexpr):
+    """The blocks of BLOCK columns that rows [start, last] visit under the band
+    ``i - left < j <= i + right`` (columns past the sequence excluded): ``[lo, hi)`` in all, of which
+    ``[inner_lo, inner_hi)`` are interior (every pair visible, inside the sequence). lo, inner_lo and
+    inner_hi are multiples of BLOCK (inner_lo may also be hi); lo <= inner_lo <= inner_hi <= hi."""
+    lo = tl.maximum(start - left + 1, 0) // BLOCK * BLOCK
+    hi = tl.minimum(last + right + 1, seqlen)
+    inner_lo = tl.minimum(tl.cdiv(tl.maximum(last - left + 1, 0), BLOCK) * BLOCK, hi)
+    inner_hi = tl.minimum((start + right + 1) // BLOCK, seqlen // BLOCK) * BLOCK
+    inner_hi = tl.maximum(inner_hi, inner_lo)
+    return lo, hi, inner_lo, inner_hi
+
+
+@triton.jit
+def _block_start(it, lo, inner_lo, inner_hi, num_lower, BLOCK: tl.constexpr, BOUNDARY: tl.constexpr):
+    """First column of loop step ``it``. Boundary pass: the lower boundary blocks [lo, inner_lo), then,
+    jumping over the interior, the upper ones [inner_hi, hi). Interior pass: [inner_lo, inner_hi)."""
+    if BOUNDARY:
+        start = lo + it * BLOCK + (it >= num_lower).to(tl.int32) * (inner_hi - inner_lo)
+    else:
+        start = inner_lo + it * BLOCK
+    return start
+
+
 @triton.autotune(configs=_autotune_configs("fwd"), key=_AUTOTUNE_KEY,
                  prune_configs_by={"early_config_prune": _pruner("fwd")})
 @triton.jit
@@ -313,11 +338,7 @@ def _attn_fwd(
     # Visible keys of rows [start_m, last_m]: [lo, hi). Interior blocks [inner_lo, inner_hi) are visible
     # from every row of the block and lie inside the sequence; the rest of [lo, hi) is boundary.
     last_m = tl.minimum(start_m + BLOCK_M, seqlen) - 1
-    lo = tl.maximum(start_m - window_left + 1, 0) // BLOCK_N * BLOCK_N
-    hi = tl.minimum(last_m + window_right + 1, seqlen)
-    inner_lo = tl.minimum(tl.cdiv(tl.maximum(last_m - window_left + 1, 0), BLOCK_N) * BLOCK_N, hi)
-    inner_hi = tl.minimum((start_m + window_right + 1) // BLOCK_N, seqlen // BLOCK_N) * BLOCK_N
-    inner_hi = tl.maximum(inner_hi, inner_lo)
+    lo, hi, inner_lo, inner_hi = _band_blocks(start_m, last_m, seqlen, window_left, window_right, BLOCK_N)
     num_lower = tl.cdiv(inner_lo - lo, BLOCK_N)  # boundary blocks below the interior ...
     num_upper = tl.cdiv(hi - inner_hi, BLOCK_N)  # ... and above it
     # per row: the last visible key, and the last key before the visible ones
@@ -330,11 +351,7 @@ def _attn_fwd(
         else:
             num_blocks = (inner_hi - inner_lo) // BLOCK_N
         for it in range(num_blocks):
-            if boundary == 0:
-                # the lower boundary blocks [lo, inner_lo), then jump over the interior to [inner_hi, hi)
-                start_n = lo + it * BLOCK_N + (it >= num_lower).to(tl.int32) * (inner_hi - inner_lo)
-            else:
-                start_n = inner_lo + it * BLOCK_N
+            start_n = _block_start(it, lo, inner_lo, inner_hi, num_lower, BLOCK_N, boundary == 0)
             offs_kn = start_n + offs_n
             if boundary == 0:
                 mask_kv = (offs_kn < seqlen)[:, None] & mask_d[None, :]
@@ -449,11 +466,9 @@ def _attn_bwd_dkdv(
     # Queries that see keys [start_n, last_n]: [lo, hi); interior query blocks [inner_lo, inner_hi) see
     # every key of the block and lie inside the sequence. Keys past the sequence are never stored.
     last_n = tl.minimum(start_n + BLOCK_N, seqlen) - 1
-    lo = tl.maximum(start_n - window_right, 0) // BLOCK_M * BLOCK_M
-    hi = tl.minimum(last_n + window_left, seqlen)
-    inner_lo = tl.minimum(tl.cdiv(tl.maximum(last_n - window_right, 0), BLOCK_M) * BLOCK_M, hi)
-    inner_hi = tl.minimum((start_n + window_left) // BLOCK_M, seqlen // BLOCK_M) * BLOCK_M
-    inner_hi = tl.maximum(inner_hi, inner_lo)
+    # the transposed band: query i sees key j iff j - (right + 1) < i <= j + (left - 1)
+    lo, hi, inner_lo, inner_hi = _band_blocks(start_n, last_n, seqlen, window_right + 1, window_left - 1,
+                                              BLOCK_M)
     num_lower = tl.cdiv(inner_lo - lo, BLOCK_M)
     num_upper = tl.cdiv(hi - inner_hi, BLOCK_M)
 
@@ -468,10 +483,7 @@ def _attn_bwd_dkdv(
             else:
                 num_blocks = (inner_hi - inner_lo) // BLOCK_M
             for it in range(num_blocks):
-                if boundary == 0:
-                    start_m = lo + it * BLOCK_M + (it >= num_lower).to(tl.int32) * (inner_hi - inner_lo)
-                else:
-                    start_m = inner_lo + it * BLOCK_M
+                start_m = _block_start(it, lo, inner_lo, inner_hi, num_lower, BLOCK_M, boundary == 0)
                 offs_qm = start_m + offs_m
                 if boundary == 0:
                     mask_m = offs_qm < seqlen
@@ -566,11 +578,7 @@ def _attn_bwd_dq(
 
     # Same key ranges as the forward.
     last_m = tl.minimum(start_m + BLOCK_M, seqlen) - 1
-    lo = tl.maximum(start_m - window_left + 1, 0) // BLOCK_N * BLOCK_N
-    hi = tl.minimum(last_m + window_right + 1, seqlen)
-    inner_lo = tl.minimum(tl.cdiv(tl.maximum(last_m - window_left + 1, 0), BLOCK_N) * BLOCK_N, hi)
-    inner_hi = tl.minimum((start_m + window_right + 1) // BLOCK_N, seqlen // BLOCK_N) * BLOCK_N
-    inner_hi = tl.maximum(inner_hi, inner_lo)
+    lo, hi, inner_lo, inner_hi = _band_blocks(start_m, last_m, seqlen, window_left, window_right, BLOCK_N)
     num_lower = tl.cdiv(inner_lo - lo, BLOCK_N)
     num_upper = tl.cdiv(hi - inner_hi, BLOCK_N)
     key_last = tl.minimum(offs_m + window_right, seqlen - 1)
@@ -582,10 +590,7 @@ def _attn_bwd_dq(
         else:
             num_blocks = (inner_hi - inner_lo) // BLOCK_N
         for it in range(num_blocks):
-            if boundary == 0:
-                start_n = lo + it * BLOCK_N + (it >= num_lower).to(tl.int32) * (inner_hi - inner_lo)
-            else:
-                start_n = inner_lo + it * BLOCK_N
+            start_n = _block_start(it, lo, inner_lo, inner_hi, num_lower, BLOCK_N, boundary == 0)
             offs_kn = start_n + offs_n
             if boundary == 0:
                 mask_kv = (offs_kn < seqlen)[:, None] & mask_d[None, :]
