@@ -1,9 +1,11 @@
 """Recipes: typed dataclasses read from TOML, overridable from the command line.
 
 A recipe is a TOML file whose tables are the sections below. Every field has a typed default, so a
-recipe names only what it changes. Overrides use the same names: ``--train.lr=3e-4``. Parsing and
-validation happen here, in one place, before any work starts: an unknown section or key, or a value of
-the wrong type, raises :class:`RecipeError` naming the culprit and the valid choices.
+recipe names only what it changes; a ``Literal`` type lists a field's choices. Overrides use the same
+names: ``--optim.lr=3e-4``. Parsing and validation happen here, before any work starts: an unknown section
+or key, a value of the wrong type or out of range raises :class:`RecipeError` naming the field and what
+is valid. Each section validates itself (``validate``); :func:`validate` adds the checks that span sections.
+The ``[kernels]`` keys are the ops of the registry's table (:mod:`engine.registry`).
 """
 from __future__ import annotations
 
@@ -13,11 +15,28 @@ import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args, get_origin
+
+from engine import registry
+from engine.errors import RecipeError
+
+__all__ = ["RecipeError", "Recipe", "load_recipe", "dump_toml", "parse_overrides", "PRESETS", "IMAGE_ARCHS"]
 
 
-class RecipeError(ValueError):
-    """A recipe or override is invalid. The message names the field."""
+def _positive(where: str, value: float, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise RecipeError(f"{where} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+def _fraction(where: str, value: float) -> None:
+    """``value`` in [0, 1)."""
+    if not 0.0 <= value < 1.0:
+        raise RecipeError(f"{where} must be in [0, 1), got {value}")
+
+
+Arch = Literal["gpt", "resnet", "convnext"]
+#: Architectures trained on images by the image classification task.
+IMAGE_ARCHS = ("resnet", "convnext")
 
 
 @dataclass
@@ -33,12 +52,20 @@ class RunConfig:
     #: CPU threads for intra-op parallelism; 0 keeps torch's default.
     threads: int = 0
 
+    def validate(self) -> None:
+        _positive("run.threads", self.threads, allow_zero=True)
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise RecipeError(f"run.device: {self.device!r} is not one of auto, cpu, cuda, cuda:N")
+
 
 @dataclass
 class ModelConfig:
-    """The network. ``arch`` picks the family; the other fields configure it."""
+    """The network. ``arch`` picks the family; the other fields configure it.
 
-    arch: str = "gpt"
+    A GPT (``engine.models.gpt``) takes this section itself as its config, once ``vocab_size`` is resolved.
+    """
+
+    arch: Arch = "gpt"
     #: A named preset ("gpt2-124m", "gpt-tiny", ...) whose values apply before this table's own.
     preset: str = ""
     n_layer: int = 4
@@ -50,13 +77,10 @@ class ModelConfig:
     context: int = 256
     #: 0 means the tokenizer's vocabulary size, rounded up to a multiple of 64.
     vocab_size: int = 0
-    #: "learned" or "rope".
-    pos: str = "learned"
+    pos: Literal["learned", "rope"] = "learned"
     rope_base: float = 10000.0
-    #: "layernorm" or "rmsnorm".
-    norm: str = "layernorm"
-    #: "gelu" or "swiglu".
-    mlp: str = "gelu"
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    mlp: Literal["gelu", "swiglu"] = "gelu"
     #: MLP hidden width; 0 means 4·d_model for GELU and the 8/3·d_model (rounded to 64) for SwiGLU.
     d_ff: int = 0
     bias: bool = True
@@ -75,13 +99,63 @@ class ModelConfig:
     width: int = 64
     #: Blocks in each of a CNN's four stages.
     depths: tuple[int, int, int, int] = (2, 2, 2, 2)
-    #: ResNet block: "basic" (two 3x3 convs: ResNet-18/34) or "bottleneck" (1x1, 3x3, 1x1: ResNet-50 and up).
-    block: str = "basic"
+    #: ResNet block: two 3x3 convs (ResNet-18/34) or 1x1, 3x3, 1x1 (ResNet-50 and up).
+    block: Literal["basic", "bottleneck"] = "basic"
     #: CNN stem: "cifar" for small images (a 3x3 stride-1 conv for ResNet, 2x2 patches for ConvNeXt) or
     #: "imagenet" (7x7 stride-2 conv and max-pool for ResNet, 4x4 patches for ConvNeXt).
-    stem: str = "cifar"
+    stem: Literal["cifar", "imagenet"] = "cifar"
     #: Stochastic depth of ConvNeXt blocks: the drop probability of the last block (rising linearly from 0).
     drop_path: float = 0.0
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head or self.n_head
+
+    @property
+    def ff_dim(self) -> int:
+        if self.d_ff:
+            return self.d_ff
+        if self.mlp == "swiglu":
+            return (8 * self.d_model // 3 + 63) // 64 * 64
+        return 4 * self.d_model
+
+    def validate(self) -> None:
+        if self.arch == "gpt":
+            self._validate_gpt()
+        if self.arch in IMAGE_ARCHS:
+            self._validate_image_classifier()
+
+    def _validate_gpt(self) -> None:
+        for key in ("n_layer", "n_head", "d_model", "context"):
+            _positive(f"model.{key}", getattr(self, key))
+        for key in ("vocab_size", "n_kv_head", "window", "d_ff"):
+            _positive(f"model.{key}", getattr(self, key), allow_zero=True)
+        _fraction("model.dropout", self.dropout)
+        if self.d_model % self.n_head:
+            raise RecipeError(f"model.d_model ({self.d_model}) must be divisible by model.n_head ({self.n_head})")
+        if self.n_head % self.kv_heads:
+            raise RecipeError(f"model.n_head ({self.n_head}) must be divisible by model.n_kv_head ({self.kv_heads})")
+        if self.pos == "rope" and self.head_dim % 2:
+            raise RecipeError(f"model.pos = 'rope' needs an even head dim, got {self.head_dim}")
+
+    def _validate_image_classifier(self) -> None:
+        for key in ("num_classes", "image_size", "width"):
+            _positive(f"model.{key}", getattr(self, key))
+        for i, depth in enumerate(self.depths):
+            _positive(f"model.depths[{i}]", depth)
+        if self.channels not in (1, 3):
+            raise RecipeError(f"model.channels must be 1 or 3, got {self.channels}")
+        _fraction("model.drop_path", self.drop_path)
+        # The stem and three stride-2 stages shrink the image by this factor.
+        stride = {("resnet", "cifar"): 8, ("resnet", "imagenet"): 32, ("convnext", "cifar"): 16,
+                  ("convnext", "imagenet"): 32}[self.arch, self.stem]
+        if self.image_size % stride:
+            raise RecipeError(f"model.image_size ({self.image_size}) must be a multiple of {stride} for "
+                              f"model.arch = {self.arch!r} with model.stem = {self.stem!r}")
 
 
 @dataclass
@@ -95,7 +169,7 @@ class DataConfig:
 
     source: str = "stdlib"
     #: "byte" (built in, vocabulary 256) or "gpt2" (BPE through tiktoken).
-    tokenizer: str = "byte"
+    tokenizer: Literal["byte", "gpt2"] = "byte"
     #: Column holding the text for datasets and JSON/parquet files.
     text_field: str = "text"
     #: Dataset split to read for ``hf:`` sources.
@@ -119,6 +193,12 @@ class DataConfig:
     #: Padding of the random crop, in pixels of the stored images (0: flips only).
     crop_padding: int = 4
 
+    def validate(self) -> None:
+        _fraction("data.val_fraction", self.val_fraction)
+        _positive("data.image_size", self.image_size, allow_zero=True)
+        _positive("data.num_images", self.num_images)
+        _positive("data.crop_padding", self.crop_padding, allow_zero=True)
+
 
 @dataclass
 class TrainConfig:
@@ -130,8 +210,8 @@ class TrainConfig:
     #: Sequence length of a training sample (at most model.context).
     seq_len: int = 128
     grad_accum: int = 1
-    #: "fp32", "bf16" (autocast) or "fp16" (autocast with dynamic loss scaling).
-    precision: str = "fp32"
+    #: "bf16" runs under autocast; "fp16" adds dynamic loss scaling.
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     #: Clip the global gradient norm to this (0 disables).
     grad_clip: float = 1.0
     eval_every: int = 200
@@ -143,27 +223,34 @@ class TrainConfig:
     #: Bytes/tokens of text generated at the end of the run (0 to skip).
     sample_tokens: int = 256
     sample_prompt: str = "def "
-    #: What to do when the loss is NaN/inf: "skip" the step (up to max_bad_steps times in a row) or "stop".
-    on_nan: str = "skip"
+    #: A NaN/inf loss or gradient: "skip" the step (up to max_bad_steps times in a row) or "stop".
+    on_nan: Literal["skip", "stop"] = "skip"
     max_bad_steps: int = 5
     #: Label smoothing of the classification loss (image models).
     label_smoothing: float = 0.0
     #: Decay of an exponential moving average of the weights used for evaluation (image models; 0: off).
     ema_decay: float = 0.0
 
+    def validate(self) -> None:
+        for key in ("steps", "batch_size", "seq_len", "grad_accum", "eval_batches", "log_every"):
+            _positive(f"train.{key}", getattr(self, key))
+        for key in ("grad_clip", "eval_every", "sample_tokens", "max_bad_steps"):
+            _positive(f"train.{key}", getattr(self, key), allow_zero=True)
+        _fraction("train.label_smoothing", self.label_smoothing)
+        _fraction("train.ema_decay", self.ema_decay)
+
 
 @dataclass
 class OptimConfig:
     """Optimizer and learning-rate schedule."""
 
-    #: "adamw", "sgd" or "lion".
-    name: str = "adamw"
+    name: Literal["adamw", "sgd", "lion"] = "adamw"
     lr: float = 1e-3
     #: Floor of the cosine schedule.
     min_lr: float = 1e-4
     #: "cosine" (warmup then cosine decay to min_lr), "constant" (warmup then flat), "onecycle" (warmup
     #: then a linear decay to min_lr).
-    schedule: str = "cosine"
+    schedule: Literal["cosine", "constant", "onecycle"] = "cosine"
     warmup_steps: int = 100
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
@@ -171,35 +258,52 @@ class OptimConfig:
     momentum: float = 0.9
     nesterov: bool = True
 
+    def validate(self) -> None:
+        _positive("optim.lr", self.lr)
+        _positive("optim.eps", self.eps)
+        for key in ("min_lr", "warmup_steps", "weight_decay"):
+            _positive(f"optim.{key}", getattr(self, key), allow_zero=True)
+        for i, beta in enumerate(self.betas):
+            if not 0.0 <= beta < 1.0:
+                raise RecipeError(f"optim.betas[{i}] must be in [0, 1), got {beta}")
+        if self.min_lr > self.lr:
+            raise RecipeError(f"optim.min_lr ({self.min_lr}) must not exceed optim.lr ({self.lr})")
+
+
+def _all_auto() -> dict[str, str]:
+    return {op: "auto" for op in registry.op_names()}
+
 
 @dataclass
 class KernelsConfig:
-    """Which implementation serves each op: "auto", "torch" or "triton"."""
+    """Which implementation serves each op: one key per op of the registry's table (``attention``,
+    ``layer_norm``, ...), each "auto", "torch" or "triton" (see :mod:`engine.registry`), and
+    ``deterministic``."""
 
-    attention: str = "auto"
-    layer_norm: str = "auto"
-    rms_norm: str = "auto"
-    #: Linear -> GELU -> Linear -> LayerScale -> stochastic depth -> residual: a ConvNeXt block's MLP.
-    mlp: str = "auto"
-    #: Depthwise convolution (stride 1): ConvNeXt's 7x7 token mixer.
-    dwconv: str = "auto"
-    cross_entropy: str = "auto"
-    optimizer: str = "auto"
+    #: op -> backend for every op of the table; in TOML and on the command line, one key per op.
+    ops: dict[str, registry.Backend] = field(default_factory=_all_auto)
     #: Bitwise reproducible gradients run to run. False lets kernels use atomics where faster (the
     #: Triton attention backward); the torch backends are unaffected.
     deterministic: bool = True
 
     def backends(self) -> dict[str, str]:
-        """op -> backend, without the non-op settings."""
-        return {op: b for op, b in dataclasses.asdict(self).items() if op != "deterministic"}
+        """op -> backend."""
+        return dict(self.ops)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.ops, "deterministic": self.deterministic}
+
+    def validate(self) -> None:
+        for op, backend in self.ops.items():
+            registry.check_backend_name(op, backend)
 
 
 @dataclass
 class LoggingConfig:
     """Where progress goes."""
 
-    #: "off", "offline" (no network or account needed) or "online".
-    wandb: str = "off"
+    #: "offline" needs no network or account.
+    wandb: Literal["off", "offline", "online"] = "off"
     wandb_project: str = "tritonforge"
 
 
@@ -214,13 +318,17 @@ class CheckpointConfig:
     #: "" (fresh run), "latest" (newest checkpoint in the run directory) or a checkpoint path.
     resume: str = ""
 
+    def validate(self) -> None:
+        _positive("checkpoint.every", self.every, allow_zero=True)
+        _positive("checkpoint.keep", self.keep)
+
 
 @dataclass
 class ParallelConfig:
     """Multi-process training under torchrun (a plain ``python`` launch stays single-process)."""
 
     #: "ddp" (DistributedDataParallel) or "fsdp" (FSDP2 ``fully_shard`` per block).
-    strategy: str = "ddp"
+    strategy: Literal["ddp", "fsdp"] = "ddp"
 
 
 @dataclass
@@ -238,7 +346,9 @@ class Recipe:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
-        return dataclasses.asdict(self)
+        """Every section as a flat table, as TOML holds it."""
+        return {f.name: (section.to_dict() if hasattr(section, "to_dict") else dataclasses.asdict(section))
+                for f in dataclasses.fields(self) for section in [getattr(self, f.name)]}
 
 
 #: Named model presets: values applied before the recipe's own [model] table.
@@ -265,23 +375,6 @@ PRESETS: dict[str, dict[str, Any]] = {
     "convnext-cifar": dict(arch="convnext", stem="cifar", width=64, depths=(2, 2, 6, 2), drop_path=0.1,
                            num_classes=10, image_size=32),
 }
-
-#: Fields whose value must be one of these strings.
-CHOICES: dict[str, tuple[str, ...]] = {
-    "model.pos": ("learned", "rope"),
-    "model.norm": ("layernorm", "rmsnorm"),
-    "model.mlp": ("gelu", "swiglu"),
-    "model.block": ("basic", "bottleneck"),
-    "model.stem": ("cifar", "imagenet"),
-    "data.tokenizer": ("byte", "gpt2"),
-    "train.precision": ("fp32", "bf16", "fp16"),
-    "train.on_nan": ("skip", "stop"),
-    "optim.name": ("adamw", "sgd", "lion"),
-    "optim.schedule": ("cosine", "constant", "onecycle"),
-    "logging.wandb": ("off", "offline", "online"),
-    "parallel.strategy": ("ddp", "fsdp"),
-}
-
 
 def _field_types(cls: type) -> dict[str, Any]:
     hints = typing.get_type_hints(cls)
@@ -323,6 +416,10 @@ def _coerce(where: str, value: Any, typ: Any, from_cli: bool) -> Any:
         if isinstance(value, str):
             return value
         raise bad()
+    if get_origin(typ) is Literal:
+        if isinstance(value, str) and value in get_args(typ):
+            return value
+        raise RecipeError(f"{where}: {value!r} is not one of {', '.join(get_args(typ))}")
     if typing.get_origin(typ) is tuple:
         args = typing.get_args(typ)
         items = value.split(",") if from_cli and isinstance(value, str) else value
@@ -333,7 +430,9 @@ def _coerce(where: str, value: Any, typ: Any, from_cli: bool) -> Any:
 
 
 def _type_name(typ: Any) -> str:
-    if typing.get_origin(typ) is tuple:
+    if get_origin(typ) is Literal:
+        return "one of " + ", ".join(get_args(typ))
+    if get_origin(typ) is tuple:
         return "a list of " + ", ".join(_type_name(t) for t in typing.get_args(typ))
     return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(typ, str(typ))
 
@@ -344,6 +443,12 @@ def _apply(recipe: Recipe, section: str, key: str, value: Any, from_cli: bool) -
         raise RecipeError(f"unknown recipe section [{section}]; valid sections: {', '.join(sorted(sections))}")
     sub = getattr(recipe, section)
     types = _field_types(type(sub))
+    if section == "kernels" and key in sub.ops:  # one key per op of the registry's table
+        sub.ops[key] = _coerce(f"kernels.{key}", value, str, from_cli)
+        registry.check_backend_name(key, sub.ops[key])
+        return
+    if section == "kernels":
+        types = {**sub.ops, **{k: t for k, t in types.items() if k != "ops"}}
     if key not in types:
         raise RecipeError(f"unknown key {section}.{key}; valid keys of [{section}]: {', '.join(types)}")
     setattr(sub, key, _coerce(f"{section}.{key}", value, types[key], from_cli))
@@ -403,105 +508,18 @@ def load_recipe(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
 
 
 def validate(r: Recipe) -> None:
-    """Check values that types alone cannot, so a bad recipe stops before any work."""
-    for where, allowed in CHOICES.items():
-        section, key = where.split(".")
-        value = getattr(getattr(r, section), key)
-        if value not in allowed:
-            raise RecipeError(f"{where}: {value!r} is not one of {', '.join(allowed)}")
-
-    def positive(where: str, value: float, allow_zero: bool = False) -> None:
-        if value < 0 or (value == 0 and not allow_zero):
-            raise RecipeError(f"{where} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
-
-    positive("train.steps", r.train.steps)
-    positive("train.batch_size", r.train.batch_size)
-    positive("train.seq_len", r.train.seq_len)
-    positive("train.grad_accum", r.train.grad_accum)
-    positive("train.grad_clip", r.train.grad_clip, allow_zero=True)
-    positive("train.eval_every", r.train.eval_every, allow_zero=True)
-    positive("train.eval_batches", r.train.eval_batches)
-    positive("train.log_every", r.train.log_every)
-    positive("train.sample_tokens", r.train.sample_tokens, allow_zero=True)
-    positive("train.max_bad_steps", r.train.max_bad_steps, allow_zero=True)
-    positive("optim.lr", r.optim.lr)
-    positive("optim.min_lr", r.optim.min_lr, allow_zero=True)
-    positive("optim.warmup_steps", r.optim.warmup_steps, allow_zero=True)
-    positive("optim.eps", r.optim.eps)
-    positive("optim.weight_decay", r.optim.weight_decay, allow_zero=True)
-    for i, beta in enumerate(r.optim.betas):
-        if not 0.0 <= beta < 1.0:
-            raise RecipeError(f"optim.betas[{i}] must be in [0, 1), got {beta}")
-    if r.optim.min_lr > r.optim.lr:
-        raise RecipeError(f"optim.min_lr ({r.optim.min_lr}) must not exceed optim.lr ({r.optim.lr})")
-    positive("checkpoint.every", r.checkpoint.every, allow_zero=True)
-    positive("checkpoint.keep", r.checkpoint.keep)
-    positive("run.threads", r.run.threads, allow_zero=True)
-    if not (r.run.device in ("auto", "cpu", "cuda") or r.run.device.startswith("cuda:")):
-        raise RecipeError(f"run.device: {r.run.device!r} is not one of auto, cpu, cuda, cuda:N")
-    if not 0.0 <= r.data.val_fraction < 1.0:
-        raise RecipeError(f"data.val_fraction must be in [0, 1), got {r.data.val_fraction}")
-    from engine import registry  # the registry owns the names of ops and backends
-
-    for op, backend in r.kernels.backends().items():
-        registry.check_backend_name(op, backend)
-    m = r.model
-    if m.arch == "gpt":
-        positive("model.n_layer", m.n_layer)
-        positive("model.n_head", m.n_head)
-        positive("model.d_model", m.d_model)
-        positive("model.context", m.context)
-        positive("model.vocab_size", m.vocab_size, allow_zero=True)
-        positive("model.n_kv_head", m.n_kv_head, allow_zero=True)
-        positive("model.window", m.window, allow_zero=True)
-        if not 0.0 <= m.dropout < 1.0:
-            raise RecipeError(f"model.dropout must be in [0, 1), got {m.dropout}")
-        if m.d_model % m.n_head:
-            raise RecipeError(f"model.d_model ({m.d_model}) must be divisible by model.n_head ({m.n_head})")
-        kv = m.n_kv_head or m.n_head
-        if m.n_head % kv:
-            raise RecipeError(f"model.n_head ({m.n_head}) must be divisible by model.n_kv_head ({kv})")
-        if m.pos == "rope" and (m.d_model // m.n_head) % 2:
-            raise RecipeError(f"model.pos = 'rope' needs an even head dim, got {m.d_model // m.n_head}")
-        if r.train.seq_len > m.context:
-            raise RecipeError(
-                f"train.seq_len ({r.train.seq_len}) is longer than the model supports "
-                f"(model.context = {m.context})")
-    if m.arch in IMAGE_ARCHS:
-        _validate_image_classifier(r, positive)
-
-
-#: Architectures trained on images by the image classification task.
-IMAGE_ARCHS = ("resnet", "convnext")
-
-
-def _validate_image_classifier(r: Recipe, positive) -> None:
-    m, d = r.model, r.data
-    positive("model.num_classes", m.num_classes)
-    positive("model.image_size", m.image_size)
-    positive("model.width", m.width)
-    for i, depth in enumerate(m.depths):
-        positive(f"model.depths[{i}]", depth)
-    if m.channels not in (1, 3):
-        raise RecipeError(f"model.channels must be 1 or 3, got {m.channels}")
-    if not 0.0 <= m.drop_path < 1.0:
-        raise RecipeError(f"model.drop_path must be in [0, 1), got {m.drop_path}")
-    # The stem and three stride-2 stages shrink the image by this factor.
-    stride = {("resnet", "cifar"): 8, ("resnet", "imagenet"): 32, ("convnext", "cifar"): 16,
-              ("convnext", "imagenet"): 32}[m.arch, m.stem]
-    if m.image_size % stride:
-        raise RecipeError(f"model.image_size ({m.image_size}) must be a multiple of {stride} for "
-                          f"model.arch = {m.arch!r} with model.stem = {m.stem!r}")
-    if d.source == "stdlib":
+    """Check values that types alone cannot, so a bad recipe stops before any work: each section's own
+    ranges, then what spans sections."""
+    for f in dataclasses.fields(r):
+        section = getattr(r, f.name)
+        if hasattr(section, "validate"):
+            section.validate()
+    if r.model.arch == "gpt" and r.train.seq_len > r.model.context:
+        raise RecipeError(f"train.seq_len ({r.train.seq_len}) is longer than the model supports "
+                          f"(model.context = {r.model.context})")
+    if r.model.arch in IMAGE_ARCHS and r.data.source == "stdlib":
         raise RecipeError("data.source: 'stdlib' is text; image models read 'shapes' (generated, no download), "
                           "'hf:NAME[:CONFIG]' or a local image folder or parquet file")
-    positive("data.image_size", d.image_size, allow_zero=True)
-    positive("data.num_images", d.num_images)
-    positive("data.crop_padding", d.crop_padding, allow_zero=True)
-    if not 0.0 <= r.train.label_smoothing < 1.0:
-        raise RecipeError(f"train.label_smoothing must be in [0, 1), got {r.train.label_smoothing}")
-    if not 0.0 <= r.train.ema_decay < 1.0:
-        raise RecipeError(f"train.ema_decay must be in [0, 1), got {r.train.ema_decay}")
 
 
 def dump_toml(recipe: Recipe) -> str:

@@ -1,9 +1,11 @@
-"""tritonforge kernels: fused Triton kernels with their launchers and autograd functions.
+"""tritonforge kernels: fused Triton kernels with their launchers and autograd.
 
 This package does not import ``engine``; it can be used on its own. Each module holds one kernel
-family (its ``@triton.jit`` kernels, the Python launchers, the ``torch.autograd.Function``) and lists
-the configurations it may launch with in ``aot_variants()`` so that ``kernels.aot`` can compile them
-ahead of time for GPUs this machine does not have.
+family: its ``@triton.jit`` kernels, the Python launchers, and the autograd as ``torch.library``
+custom ops (``custom_op`` + ``register_autograd``, with a CPU implementation that calls the torch
+reference, so ``torch.compile`` traces them without a graph break). Each lists the configurations it
+may launch with in ``aot_variants()`` so that ``kernels.aot`` can compile them ahead of time for GPUs
+this machine does not have. ``kernels._common`` holds what several modules share.
 """
 
 from kernels.norm import LayerNorm, RMSNorm, add_layer_norm, add_rms_norm, layer_norm, rms_norm  # noqa: E402,F401

@@ -151,12 +151,12 @@ from __future__ import annotations
 
 import itertools
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from kernels._common import INTERPRET, TL_DTYPES, use_triton
 from kernels.aot import Variant
 
 __all__ = ["attention", "attention_varlen", "attention_forward", "attention_backward", "SUPPORTED_HEAD_DIMS"]
@@ -164,7 +164,6 @@ __all__ = ["attention", "attention_varlen", "attention_forward", "attention_back
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 80, 96, 128, 256)
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _LOG2E = 1.4426950408889634
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 # ---------------------------------------------------------------------------------------------------
 # Launch configurations
@@ -246,7 +245,7 @@ def _configs_for(kernel: str, block_d: int, dtype: torch.dtype) -> list[tuple[in
 
 
 def _autotune_configs(kernel: str) -> list[triton.Config]:
-    if _INTERPRET:
+    if INTERPRET:
         tuples = [_INTERPRETER_CONFIGS[kernel]]
     else:
         tuples = sorted({c for (name, _), cs in _GPU_CONFIGS.items() if name == kernel for c in cs})
@@ -257,7 +256,7 @@ def _pruner(kernel: str):
     """Keep only the configs listed for the launch's tile width and dtype (interpreter: the one config)."""
 
     def prune(configs, named_args, **kwargs):
-        if _INTERPRET:
+        if INTERPRET:
             return configs
         args = {**named_args, **kwargs}
         allowed = set(_configs_for(kernel, args["BLOCK_D"], args["Q"].dtype))
@@ -820,10 +819,6 @@ def attention_backward(do, q, k, v, out, lse, causal: bool, scale: float, window
 # ---------------------------------------------------------------------------------------------------
 
 
-def _use_triton(t: torch.Tensor) -> bool:
-    return t.is_cuda or _INTERPRET
-
-
 def _reference_mask(seqlen: int, causal: bool, window: int, segment_ids, device) -> torch.Tensor:
     """Boolean visibility, (S, S) or with segments (B, 1, S, S): True where query i sees key j."""
     left, right = _band(seqlen, causal, window)
@@ -875,7 +870,7 @@ def _attention_forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cau
                           ) -> tuple[torch.Tensor, torch.Tensor]:
     # ``deterministic`` does not change the forward; it is an argument so that autograd's context
     # (``_setup_context``) receives it and picks the backward.
-    if _use_triton(q):
+    if use_triton(q):
         return attention_forward(q, k, v, causal, scale, window, segment_ids)
     return _reference_forward(q, k, v, causal, scale, window, segment_ids)
 
@@ -891,7 +886,7 @@ def _attention_backward_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v
                            window: int, deterministic: bool = True,
                            segment_ids: torch.Tensor | None = None
                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    if _use_triton(q):
+    if use_triton(q):
         return attention_backward(do, q, k, v, out, lse, causal, scale, window, deterministic, segment_ids)
     return _reference_backward(do, q, k, v, causal, scale, window, segment_ids)  # exact either way
 
@@ -1062,7 +1057,6 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
 # Ahead-of-time variants
 # ---------------------------------------------------------------------------------------------------
 
-_TL_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 _STRIDES = ("stride_{}b", "stride_{}h", "stride_{}s")
 
 
@@ -1080,7 +1074,8 @@ def aot_variants() -> list[Variant]:
     variants = []
     ints = ["num_heads", "group_size", "seqlen", "head_dim", "window_left", "window_right"]
     aligned_ints = ("num_heads", "seqlen", "head_dim", "window_left", "window_right")
-    for dtype, ty in _TL_DTYPES.items():
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        ty = TL_DTYPES[dtype]
         for block_d in sorted({_block_d(d) for d in SUPPORTED_HEAD_DIMS}):
             pre_sig = {"Out": f"*{ty}", "DO": f"*{ty}", "Delta": "*fp32",
                        **dict.fromkeys(_stride_args("do"), "i32"),

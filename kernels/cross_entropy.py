@@ -37,7 +37,6 @@ both functions fall back to the PyTorch composition.
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
@@ -46,11 +45,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from kernels._common import INTERPRET
 from kernels.aot import Variant
 
 __all__ = ["cross_entropy", "linear_cross_entropy"]
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _REDUCTIONS = ("mean", "sum", "none")
 # Columns a program handles per step on a GPU, and in the interpreter (small, so that small tests cross
@@ -142,7 +141,7 @@ def _backward_kernel(LOGITS, GRAD, TARGETS, LSE, DLOSS, V, stride_l, stride_g, s
 def _block_v(vocab: int) -> tuple[int, int]:
     """(BLOCK_V, num_warps): up to 4096 columns a step, 16 per thread at 8 warps (two 128-bit bf16
     loads each); small vocabularies get one block of their own size."""
-    if _INTERPRET:
+    if INTERPRET:
         return min(_BLOCK_V_INTERPRET, triton.next_power_of_2(vocab)), 1
     block = min(_BLOCK_V_GPU, triton.next_power_of_2(vocab))
     return block, max(1, min(8, block // 512))
@@ -363,7 +362,7 @@ def cross_entropy(logits: Tensor, targets: Tensor, *, ignore_index: int = -100, 
         raise ValueError(f"cross_entropy: logits has an empty last dimension (shape {tuple(logits.shape)}): "
                          "there are no classes")
     smoothing = float(label_smoothing)
-    if not (logits.is_cuda or _INTERPRET):
+    if not (logits.is_cuda or INTERPRET):
         _check_targets(targets, vocab, ignore_index)
         out = F.cross_entropy(logits.float().reshape(-1, vocab), targets.reshape(-1).long(),
                               ignore_index=ignore_index, label_smoothing=smoothing, reduction=reduction)
@@ -426,7 +425,7 @@ def linear_cross_entropy(x: Tensor, weight: Tensor, targets: Tensor, bias: Optio
         compute = torch.get_autocast_dtype(x.device.type)
     else:
         compute = x.dtype
-    if not (x.is_cuda or _INTERPRET):
+    if not (x.is_cuda or INTERPRET):
         _check_targets(targets, vocab, ignore_index)
         logits = F.linear(x.to(compute), weight.to(compute), bias.to(compute) if bias is not None else None)
         return F.cross_entropy(logits.float().reshape(-1, vocab), targets.reshape(-1).long(),

@@ -39,7 +39,7 @@ Kernels and what they move (``e`` bytes per element, ``P = N * HO * WO`` output 
    column shifts, and accumulates ``x * dy`` per shift in registers (``KW`` accumulators of a
    ``BLOCK_W x BLOCK_C`` tile); the sum over columns happens once at the end. Each split writes fp32
    partials of its ``KW`` taps per channel (and of the bias gradient), which ``kernels.norm``'s
-   ``_sum_partials_kernel`` adds in a fixed order: no atomics, bitwise reproducible gradients.
+   ``kernels._common.sum_partials_kernel`` adds in a fixed order: no atomics, bitwise reproducible gradients.
    Memory: ``dy`` is read ``KH`` times (L2 after the first) and ``x`` once per filter row:
    ``2 * KH * P C e`` from L2, ``2 P C e`` from HBM when the ``KH`` programs of a channel block
    run close together, which the grid order (filter row fastest) favours.
@@ -75,7 +75,6 @@ registered) that ``torch.compile`` keeps whole; on CPU tensors otherwise the fun
 """
 from __future__ import annotations
 
-import os
 from typing import Optional, Union
 
 import torch
@@ -84,18 +83,17 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from kernels._common import SUM_BLOCK_G, SUM_BLOCK_N, INTERPRET, sm_count, sum_partials_kernel
 from kernels.aot import Variant
-from kernels.norm import _SUM_BLOCK_G, _SUM_BLOCK_N, _sm_count, _sum_partials_kernel
 
 __all__ = ["depthwise_conv2d"]
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_KERNEL = 15
 # Output rows per forward program (at most 4: one accumulator each), BLOCK_W * BLOCK_C and the widest
 # BLOCK_W: on a GPU, and in the Triton interpreter (small, so that small tests cross every tile edge).
 _GPU_ROWS, _GPU_TILE, _GPU_MAX_W = 4, 1024, 32
-_ROWS = 2 if _INTERPRET else _GPU_ROWS
+_ROWS = 2 if INTERPRET else _GPU_ROWS
 _CONV_WARPS = 4
 _WGRAD_WARPS = 4
 _WGRAD_PROGRAMS_PER_SM = 4
@@ -103,7 +101,7 @@ _SUM_WARPS = 4
 _PART_BYTES = 64 * 1024 * 1024  # bound on the weight gradient's fp32 partials
 
 
-def _tile(width: int, channels: int, interpret: bool = _INTERPRET) -> tuple[int, int]:
+def _tile(width: int, channels: int, interpret: bool = INTERPRET) -> tuple[int, int]:
     """(BLOCK_W, BLOCK_C) for an output ``width`` wide: BLOCK_W covers the width with the least padding
     from 8 up to 32 columns (8 in the interpreter); BLOCK_C fills the tile of 1024 elements (128 in the
     interpreter), capped at the channels' power of two."""
@@ -355,7 +353,7 @@ def _conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], ph: int, pw: int, h
 def _wgrad_splits(rows: int, programs_per_split: int, partial_row_bytes: int, device: torch.device) -> int:
     """Splits of the N * HO output rows: about _WGRAD_PROGRAMS_PER_SM programs per SM, at least one row
     each, and at most _PART_BYTES of partials."""
-    wanted = triton.cdiv(_WGRAD_PROGRAMS_PER_SM * _sm_count(device), programs_per_split)
+    wanted = triton.cdiv(_WGRAD_PROGRAMS_PER_SM * sm_count(device), programs_per_split)
     return max(1, min(wanted, rows, _PART_BYTES // partial_row_bytes, 65535))
 
 
@@ -382,13 +380,13 @@ def _wgrad(x: Tensor, dy: Tensor, kh: int, kw: int, ph: int, pw: int, weight_dty
         x, dy, part, db_part, c, h, w, ho, wo, ph, pw, *x.stride(), *dy.stride(), rows, rows_per_split,
         KH=kh, KW=kw, HAS_BIAS=has_db, BLOCK_W=block_w, BLOCK_C=block_c, num_warps=_WGRAD_WARPS)
     dw = torch.empty((c, 1, kh, kw), device=x.device, dtype=weight_dtype)
-    _sum_partials_kernel[(triton.cdiv(c * taps, _SUM_BLOCK_N), 1)](
-        part, dw, dw, splits, c * taps, BLOCK_G=_SUM_BLOCK_G, BLOCK_N=_SUM_BLOCK_N, num_warps=_SUM_WARPS)
+    sum_partials_kernel[(triton.cdiv(c * taps, SUM_BLOCK_N), 1)](
+        part, dw, dw, splits, c * taps, BLOCK_G=SUM_BLOCK_G, BLOCK_N=SUM_BLOCK_N, num_warps=_SUM_WARPS)
     db = None
     if has_db:
         db = torch.empty(c, device=x.device, dtype=bias_dtype)
-        _sum_partials_kernel[(triton.cdiv(c, _SUM_BLOCK_N), 1)](
-            db_part, db, db, splits, c, BLOCK_G=_SUM_BLOCK_G, BLOCK_N=_SUM_BLOCK_N, num_warps=_SUM_WARPS)
+        sum_partials_kernel[(triton.cdiv(c, SUM_BLOCK_N), 1)](
+            db_part, db, db, splits, c, BLOCK_G=SUM_BLOCK_G, BLOCK_N=SUM_BLOCK_N, num_warps=_SUM_WARPS)
     return dw, db
 
 
@@ -528,7 +526,7 @@ def depthwise_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
     ph, pw = _validate(x, weight, bias, padding)
     if x.dtype == torch.float32 and torch.is_autocast_enabled(x.device.type):
         x = x.to(torch.get_autocast_dtype(x.device.type))
-    if not (x.is_cuda or _INTERPRET):
+    if not (x.is_cuda or INTERPRET):
         y = F.conv2d(x.float(), weight.float(), bias.float() if bias is not None else None,
                      padding=(ph, pw), groups=x.shape[1])
         return y.to(x.dtype)

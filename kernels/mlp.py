@@ -38,13 +38,13 @@ Let ``g`` be the gradient of ``out`` and ``t = g * row_scale[:, None] * layer_sc
 2. ``_dgrad_kernel`` (M x K tiles, inner N): ``d_h = (t @ W) * gelu'(h + h_bias)``. Reads g once per
    K tile (L2 after the first), h once, writes d_h: ``M N e_g + 2 M K e``; with ``h_bias``, also the
    column sums of its d_h tile as an fp32 partial per row block (``4 K`` bytes per 128 rows), which
-   the norms' ``_sum_partials_kernel`` adds in a fixed order into ``d_h_bias``.
+   ``kernels._common.sum_partials_kernel`` adds in a fixed order into ``d_h_bias``.
 3. ``_wgrad_kernel`` (N x K tiles, the M reduction split over a second grid dimension):
    ``dW = t^T @ gelu(h)`` as fp32 partials per split, summed in a fixed order by the norms'
-   ``_sum_partials_kernel`` (``kernels.norm``). Reads g and h once per (N, K) tile column (L2 for
+   ``kernels._common.sum_partials_kernel``. Reads g and h once per (N, K) tile column (L2 for
    the repeats): ``M N e_g + M K e``, plus ``2 * splits * N K * 4`` bytes of partials (write + read).
 4. ``_colsum_kernel``: per-block fp32 column sums of ``t`` (d_bias) and ``g * rs * y`` (d_layer_scale),
-   then one ``_sum_partials_kernel`` launch for both. Reads g and y once: ``M N (e_g + e)``.
+   then one ``sum_partials_kernel`` launch for both. Reads g and y once: ``M N (e_g + e)``.
 
 ``d_residual`` is ``g`` itself (cast when the residual's dtype differs). No atomics anywhere: every
 output element is summed by one program in a fixed order, so gradients are bitwise reproducible.
@@ -96,7 +96,6 @@ otherwise the same math runs as a differentiable torch composition in fp32.
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
@@ -105,14 +104,12 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from kernels._common import SUM_BLOCK_G, SUM_BLOCK_N, INTERPRET, sm_count, sum_partials_kernel, sum_partials_variant
 from kernels.aot import Variant
 # The deterministic fixed-order reduction of fp32 partial sums, and the SM count, shared with the norms.
-from kernels.norm import _SUM_BLOCK_G as _NORM_SUM_BLOCK_G, _SUM_BLOCK_N as _NORM_SUM_BLOCK_N
-from kernels.norm import _sm_count, _sum_partials_kernel
 
 __all__ = ["gelu_linear_residual"]
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _WGRAD_WAVES = 2  # wgrad programs per SM the split count aims for
 _WORKSPACE_BYTES = 64 * 1024 * 1024  # bound on the wgrad's fp32 partials
@@ -147,7 +144,7 @@ def _dtype_class(dtype: torch.dtype) -> str:
 
 
 def _config(kernel: str, dtype: torch.dtype) -> tuple[int, int, int, int, int]:
-    return _INTERPRETER_CONFIG if _INTERPRET else _GPU_CONFIGS[(kernel, _dtype_class(dtype))]
+    return _INTERPRETER_CONFIG if INTERPRET else _GPU_CONFIGS[(kernel, _dtype_class(dtype))]
 
 
 def _triton_config(kernel: str, cfg: tuple[int, int, int, int, int]) -> triton.Config:
@@ -156,7 +153,7 @@ def _triton_config(kernel: str, cfg: tuple[int, int, int, int, int]) -> triton.C
 
 
 def _autotune_configs(kernel: str) -> list[triton.Config]:
-    if _INTERPRET:
+    if INTERPRET:
         return [_triton_config(kernel, _INTERPRETER_CONFIG)]
     return [_triton_config(kernel, c) for (name, _), c in _GPU_CONFIGS.items() if name == kernel]
 
@@ -165,7 +162,7 @@ def _pruner(kernel: str, dtype_arg: str):
     """Keep the configs listed for the launch's dtype class (interpreter: the one config)."""
 
     def prune(configs, named_args, **kwargs):
-        if _INTERPRET:
+        if INTERPRET:
             return configs
         wanted = _triton_config(kernel, _config(kernel, {**named_args, **kwargs}[dtype_arg].dtype))
         return [c for c in configs if c.all_kwargs() == wanted.all_kwargs()]
@@ -520,8 +517,8 @@ def _dgrad(g, layer_scale, row_scale, weight, h, h_bias=None, hb_dtype=None):
     if part is None:
         return dh, None
     dhb = torch.empty(k, device=h.device, dtype=hb_dtype)
-    _sum_partials_kernel[(triton.cdiv(k, _NORM_SUM_BLOCK_N), 1)](
-        part, dhb, dhb, part.shape[0], k, BLOCK_G=_NORM_SUM_BLOCK_G, BLOCK_N=_NORM_SUM_BLOCK_N,
+    sum_partials_kernel[(triton.cdiv(k, SUM_BLOCK_N), 1)](
+        part, dhb, dhb, part.shape[0], k, BLOCK_G=SUM_BLOCK_G, BLOCK_N=SUM_BLOCK_N,
         num_warps=_SUM_WARPS)
     return dh, dhb
 
@@ -531,7 +528,7 @@ def _wgrad_splits(m: int, n: int, k: int, cfg, device: torch.device) -> int:
     row block per split, and a workspace of at most _WORKSPACE_BYTES."""
     block_n, block_k, block_m = cfg[:3]
     tiles = triton.cdiv(n, block_n) * triton.cdiv(k, block_k)
-    wanted = triton.cdiv(_WGRAD_WAVES * _sm_count(device), tiles)
+    wanted = triton.cdiv(_WGRAD_WAVES * sm_count(device), tiles)
     return max(1, min(wanted, triton.cdiv(m, block_m), _WORKSPACE_BYTES // (n * k * 4)))
 
 
@@ -559,7 +556,7 @@ def _wgrad(g, layer_scale, row_scale, h, weight, splits: Optional[int] = None, g
         HAS_HB=has_hb,
         BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_M=block_m, num_warps=warps, num_stages=stages)
     dw = torch.empty((n, k), device=h.device, dtype=weight.dtype)
-    _sum_partials_kernel[(triton.cdiv(n * k, _WSUM_BLOCK_N), 1)](
+    sum_partials_kernel[(triton.cdiv(n * k, _WSUM_BLOCK_N), 1)](
         part, dw, dw, splits, n * k, BLOCK_G=_WSUM_BLOCK_G, BLOCK_N=_WSUM_BLOCK_N, num_warps=_SUM_WARPS)
     return dw
 
@@ -573,7 +570,7 @@ def _colsums(g, row_scale, layer_scale, y, n, bias_dtype, gamma_dtype):
                      for dt in (bias_dtype, gamma_dtype))
     col_blocks = triton.cdiv(n, _COL_BLOCK_N)
     row_blocks = triton.cdiv(m, _COL_BLOCK_M)
-    programs = min(row_blocks, max(1, _COL_PROGRAMS_PER_SM * _sm_count(dev) // col_blocks))
+    programs = min(row_blocks, max(1, _COL_PROGRAMS_PER_SM * sm_count(dev) // col_blocks))
     rows_per_program = triton.cdiv(row_blocks, programs) * _COL_BLOCK_M
     programs = triton.cdiv(m, rows_per_program)
     has_db, has_dg = bias_dtype is not None, gamma_dtype is not None
@@ -586,8 +583,8 @@ def _colsums(g, row_scale, layer_scale, y, n, bias_dtype, gamma_dtype):
     db = torch.empty(n, device=dev, dtype=bias_dtype) if has_db else None
     dg = torch.empty(n, device=dev, dtype=gamma_dtype) if has_dg else None
     sums = [t for t in (db, dg) if t is not None]
-    _sum_partials_kernel[(triton.cdiv(n, _NORM_SUM_BLOCK_N), len(sums))](
-        part, sums[0], sums[-1], programs, n, BLOCK_G=_NORM_SUM_BLOCK_G, BLOCK_N=_NORM_SUM_BLOCK_N,
+    sum_partials_kernel[(triton.cdiv(n, SUM_BLOCK_N), len(sums))](
+        part, sums[0], sums[-1], programs, n, BLOCK_G=SUM_BLOCK_G, BLOCK_N=SUM_BLOCK_N,
         num_warps=_SUM_WARPS)
     return db, dg
 
@@ -794,7 +791,7 @@ def gelu_linear_residual(h: Tensor, weight: Tensor, bias: Optional[Tensor], laye
     unit stride and the leading dims merge into one row stride; otherwise one copy is made.
     """
     _validate(h, weight, bias, layer_scale, residual, row_scale, h_bias)
-    if not (h.is_cuda or _INTERPRET):
+    if not (h.is_cuda or INTERPRET):
         return _reference(h, weight, bias, layer_scale, residual, row_scale, h_bias)
     # y, the branch before its scales, is kept for the LayerScale's gradient only when there is one
     store_y = layer_scale is not None and layer_scale.requires_grad and torch.is_grad_enabled()
@@ -857,11 +854,8 @@ def aot_variants() -> list[Variant]:
                         "BLOCK_M": _COL_BLOCK_M, "BLOCK_N": _COL_BLOCK_N},
             num_warps=_COL_WARPS, num_stages=3, kind="memory", vector_stores=False,
             aligned=("G", "RS", "GAMMA", "Y", "DB_PART", "DG_PART", "N", "stride_g", "rows_per_program")))
-    # The norms' partial-sum reduction (kernels.norm lists it at its own tile) at the wgrad's tile.
+    # The partial-sum reduction (kernels._common lists its default tile) at the wgrad's tile.
     for pdt in ("fp16", "bf16", "fp32"):
-        variants.append(Variant(
-            kernel=_sum_partials_kernel, name=f"{pdt} BLOCK_G={_WSUM_BLOCK_G} BLOCK_N={_WSUM_BLOCK_N} (wgrad)",
-            signature={"PART": "*fp32", "OUT0": f"*{pdt}", "OUT1": f"*{pdt}", "G": "i32", "N": "i32"},
-            constexprs={"BLOCK_G": _WSUM_BLOCK_G, "BLOCK_N": _WSUM_BLOCK_N}, num_warps=_SUM_WARPS,
-            num_stages=3, kind="memory", aligned=("PART", "OUT0", "OUT1", "N")))
+        variants.append(sum_partials_variant(pdt, _WSUM_BLOCK_G, _WSUM_BLOCK_N, _SUM_WARPS, " (wgrad)",
+                                             vector_stores=True))
     return variants

@@ -45,7 +45,7 @@ Design (chosen without a GPU; the reasoning is written down so that a measuremen
 * Backward grid and dw/db. G = min(row tiles, co-resident programs) persistent programs
   (``_bwd_grid``: 2 per SM at 8 warps, 1 at 16), each owning one contiguous range of rows and
   accumulating dw/db partials in fp32 registers; the [G, N] partials are summed in a fixed order by
-  ``_sum_partials_kernel``. No atomics: the same inputs on the same device give bitwise the same
+  ``kernels._common.sum_partials_kernel``. No atomics: the same inputs on the same device give bitwise the same
   gradients. On an H100 (132 SMs) G is 256, 256, 261 and 131 at the four bf16 benchmark shapes, so
   the partials cost (write + read, dw and db) 2% of the backward traffic at N = 768 and 1024 and 4%
   at 16384x4096 and 8192x8192 (17 MB against 403 MB).
@@ -81,6 +81,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from kernels._common import SUM_BLOCK_G, SUM_BLOCK_N, SUM_WARPS, sm_count, sum_partials_kernel, use_triton
 from kernels.aot import Variant
 
 __all__ = ["layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm", "LayerNorm", "RMSNorm"]
@@ -92,9 +93,6 @@ _FWD_BYTES_PER_THREAD = 64  # of x per thread in the forward: four 128-bit loads
 _BWD_BYTES_PER_THREAD = 32  # of each of x and dy per thread in the backward: two 128-bit loads
 _BWD_PREFETCH_BYTES = 96 * 1024  # shared memory the backward tile loop may use for prefetching
 _BWD_WARPS_PER_SM = 16  # warps of ~128 registers/thread that fit one SM's 64K-register file
-_SUM_BLOCK_G, _SUM_BLOCK_N, _SUM_WARPS = 128, 32, 4  # partial-sum reduction tile
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-_INTERPRETER_SMS = 4  # stands in for the SM count when kernels run in the interpreter
 _NUM_STAGES = 3  # launch option (Triton's default, passed explicitly); loops set their own depth
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -433,37 +431,6 @@ def _norm_bwd_looped_kernel(
             tl.store(DB_PART + pid.to(tl.int64) * N + cols, db_acc, mask=mask)
 
 
-@triton.jit
-def _sum_partials_kernel(
-    PART,  # *[P, G, N] fp32 partial sums, contiguous; P = 1 or 2 (dw and/or db)
-    OUT0,  # *[N] sum over G of PART[0], in its parameter's dtype
-    OUT1,  # *[N] sum over G of PART[1] (when P = 2)
-    G,  # number of partial rows
-    N,
-    BLOCK_G: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
-    """OUT_p[n] = sum_g PART[p, g, n], program (column block, p), in a fixed order (deterministic).
-
-    Memory: reads P*G*N fp32 once, writes P*N values.
-    """
-    pid_n = tl.program_id(0)
-    part = tl.program_id(1)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
-    base = PART + part.to(tl.int64) * G * N
-    acc = tl.zeros((BLOCK_G, BLOCK_N), dtype=tl.float32)
-    for g_start in range(0, G, BLOCK_G):
-        offs_g = g_start + tl.arange(0, BLOCK_G)
-        mask = (offs_g < G)[:, None] & mask_n[None, :]
-        acc += tl.load(base + offs_g.to(tl.int64)[:, None] * N + offs_n[None, :], mask=mask, other=0.0)
-    total = tl.sum(acc, axis=0)
-    if part == 0:
-        tl.store(OUT0 + offs_n, total.to(OUT0.dtype.element_ty), mask=mask_n)
-    else:
-        tl.store(OUT1 + offs_n, total.to(OUT1.dtype.element_ty), mask=mask_n)
-
-
 # ----------------------------------------------------------------------------------------------
 # Launch configuration (shared by the launchers and aot_variants)
 # ----------------------------------------------------------------------------------------------
@@ -521,17 +488,6 @@ def _bwd_grid(m: int, block_m: int, num_warps: int, sm_count: int) -> tuple[int,
     return triton.cdiv(m, rows_per_program), rows_per_program
 
 
-def _sm_count(device: torch.device) -> int:
-    if device.type == "cuda":
-        return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    return _INTERPRETER_SMS
-
-
-@functools.lru_cache(maxsize=None)
-def _cuda_sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 # ----------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------
@@ -548,10 +504,6 @@ def _as_rows(t: Tensor) -> Tensor:
         return t.view(-1, n)
     except RuntimeError:
         return t.reshape(-1, n)
-
-
-def _use_triton(t: Tensor) -> bool:
-    return t.is_cuda or _INTERPRET
 
 
 def _param(p: Optional[Tensor]) -> Optional[Tensor]:
@@ -609,7 +561,7 @@ def _norm_bwd_triton(dy, dres_out, xin, weight, bias, mean, rstd, rms, max_block
         dres2 = _as_rows(dres_out) if dres_out is not None else None
         bytes_per_col = xin.element_size() + dy.element_size() + (dres_out.element_size() if dres_out is not None else 0)
         cfg = _bwd_config(m, n, max_block_n, xin.element_size(), bytes_per_col)
-        programs, rows_per_program = _bwd_grid(m, cfg["BLOCK_M"], cfg["num_warps"], _sm_count(xin.device))
+        programs, rows_per_program = _bwd_grid(m, cfg["BLOCK_M"], cfg["num_warps"], sm_count(xin.device))
         part = torch.empty((max(len(params), 1), programs, n), device=xin.device, dtype=torch.float32)
         dw_part = part[0]
         db_part = part[len(params) - 1] if bias is not None else part[0]
@@ -631,9 +583,9 @@ def _norm_bwd_triton(dy, dres_out, xin, weight, bias, mean, rstd, rms, max_block
                 _norm_bwd_kernel[(programs,)](*head, *tail, **flags, BLOCK_M=cfg["BLOCK_M"],
                                               NUM_STAGES=cfg["NUM_STAGES"])
             if grads:
-                grid = (triton.cdiv(n, _SUM_BLOCK_N), len(grads))
-                _sum_partials_kernel[grid](part, grads[0], grads[-1], programs, n, BLOCK_G=_SUM_BLOCK_G,
-                                           BLOCK_N=_SUM_BLOCK_N, num_warps=_SUM_WARPS, num_stages=_NUM_STAGES)
+                grid = (triton.cdiv(n, SUM_BLOCK_N), len(grads))
+                sum_partials_kernel[grid](part, grads[0], grads[-1], programs, n, BLOCK_G=SUM_BLOCK_G,
+                                          BLOCK_N=SUM_BLOCK_N, num_warps=SUM_WARPS, num_stages=_NUM_STAGES)
     dw = grads[0] if weight is not None else xin.new_empty(0)
     db = grads[-1] if bias is not None else xin.new_empty(0)
     return dx.view(xin.shape), dw, db
@@ -696,7 +648,7 @@ def _norm_fwd_op(
     eps: float, rms: bool, max_block_n: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(y, new residual or empty, mean (LayerNorm) or empty, rstd); mean/rstd fp32 of x.shape[:-1]."""
-    if _use_triton(x):
+    if use_triton(x):
         return _norm_fwd_triton(x, residual, weight, bias, eps, rms, max_block_n)
     return _norm_fwd_reference(x, residual, weight, bias, eps, rms)
 
@@ -716,7 +668,7 @@ def _norm_bwd_op(
     mean: Tensor, rstd: Tensor, rms: bool, max_block_n: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(d xin in xin's dtype, dweight or empty, dbias or empty); xin is the normalized input."""
-    if _use_triton(xin):
+    if use_triton(xin):
         return _norm_bwd_triton(dy, dres_out, xin, weight, bias, mean, rstd, rms, max_block_n)
     return _norm_bwd_reference(dy, dres_out, xin, weight, bias, mean, rstd, rms)
 
@@ -870,7 +822,6 @@ def _check_last_dim(cls: str, x: Tensor, n: int):
 # ----------------------------------------------------------------------------------------------
 _BENCH_SHAPES = ((32768, 768), (32768, 1024), (16384, 4096), (8192, 8192))  # M, N
 _LOOPED_SHAPE = (4096, 65536)
-_TRITON_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
 def aot_variants() -> list[Variant]:
@@ -893,15 +844,6 @@ def aot_variants() -> list[Variant]:
             mixed = p_dt != x_dt  # the looped path is not listed for mixed parameter dtypes
             variants += [_fwd_variant(c, norm, rms, x_dt, p_dt, add) for c in fwd if not (mixed and c["looped"])]
             variants += [_bwd_variant(c, norm, rms, x_dt, p_dt, add) for c in bwd if not (mixed and c["looped"])]
-    # The partial-sum reduction writes N values in all (its loads are 128-bit); 128-bit stores would
-    # need >= 8 output columns per thread, i.e. few wide programs that read G rows serially, so its
-    # 32-column programs trade store width (irrelevant at N values) for parallelism.
-    for dt in ("fp32", "fp16", "bf16"):
-        variants.append(Variant(
-            kernel=_sum_partials_kernel, name=f"{dt} BLOCK_G={_SUM_BLOCK_G} BLOCK_N={_SUM_BLOCK_N}",
-            signature={"PART": "*fp32", "OUT0": f"*{dt}", "OUT1": f"*{dt}", "G": "i32", "N": "i32"},
-            constexprs={"BLOCK_G": _SUM_BLOCK_G, "BLOCK_N": _SUM_BLOCK_N}, num_warps=_SUM_WARPS, num_stages=_NUM_STAGES,
-            kind="memory", aligned=("PART", "OUT0", "OUT1", "N"), vector_stores=False))
     return variants
 
 

@@ -93,6 +93,7 @@ import triton.language as tl
 from torch import Tensor
 from torch.distributed.tensor import DTensor
 
+from kernels._common import TL_DTYPES
 from kernels.aot import Variant
 
 __all__ = ["AdamW", "SGD", "Lion"]
@@ -1047,7 +1048,6 @@ class Lion(_FusedOptimizer):
 # ----------------------------------------------------------------------------------------------
 # Ahead-of-time variants
 # ----------------------------------------------------------------------------------------------
-_TRITON_DTYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 def aot_variants() -> list[Variant]:
@@ -1058,7 +1058,7 @@ def aot_variants() -> list[Variant]:
     variants = []
     table_ptrs = ("tensor_table", "chunk_table")
     for dtype in _DTYPES:
-        ty = _TRITON_DTYPE[dtype]
+        ty = TL_DTYPES[dtype]
         for aligned in (True, False):
             tag = f"{ty} {'aligned' if aligned else 'unaligned'}"
             variants.append(Variant(

@@ -173,10 +173,10 @@ def _plot_args(out: Path, name: str) -> list[str]:
 def backends_for(ops: str) -> str:
     """The part of :data:`OPS_BACKENDS` that serves at least one of ``ops`` (a comma list or "all"):
     ``bench ops`` rejects a backend that none of its ops has."""
-    from engine.bench.ops import BACKENDS, OPS
+    from engine.bench.ops import backends_of, bench_ops
 
-    chosen = OPS if ops == "all" else ops.split(",")
-    known = {b for op in chosen for b in BACKENDS[op]}
+    chosen = bench_ops() if ops == "all" else ops.split(",")
+    known = {b for op in chosen for b in backends_of(op)}
     return ",".join(b for b in OPS_BACKENDS.split(",") if b in known)
 
 
@@ -379,12 +379,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         if s not in STAGES:
             raise BenchError(f"--only: unknown stage {s!r}; valid: {', '.join(STAGES)}")
     a.only = stages
-    from engine.bench.ops import OPS
+    from engine.bench.ops import bench_ops
 
     if a.ops != "all":
         for op in a.ops.split(","):
-            if op not in OPS:
-                raise BenchError(f"--ops: unknown op {op!r}; valid: {', '.join(OPS)} or all")
+            if op not in bench_ops():
+                raise BenchError(f"--ops: unknown op {op!r}; valid: {', '.join(bench_ops())} or all")
     if a.steps < 1:
         raise BenchError(f"--steps must be >= 1, got {a.steps}")
     if a.budget <= 0:

@@ -82,9 +82,8 @@ from engine.bench import (ArgumentParser, BenchError, check_plot_support, descri
                           format_table, free_memory, measure_ceilings, pick_device, rel_error, time_ms, timer_label,
                           write_csv, write_json)
 
-OPS = ("attention", "layer_norm", "rms_norm", "mlp", "dwconv", "cross_entropy", "optimizer")
-
-#: The backends of each op: the project's own two first (through the registry), then the peers.
+#: The backends of each built-in op: the project's own two first (through the registry), then the peers. An op
+#: of the registry's table with an :class:`OpBench` has the project's two.
 BACKENDS: dict[str, tuple[str, ...]] = {
     "attention": ("torch", "triton", "triton-nondet", "sdpa-flash", "sdpa-cudnn", "sdpa-mem_eff", "flex"),
     "layer_norm": ("torch", "triton", "compile", "liger"),
@@ -96,6 +95,22 @@ BACKENDS: dict[str, tuple[str, ...]] = {
     "optimizer": ("torch", "triton", "torch-fused", "torch-foreach"),
 }
 PROJECT_BACKENDS = ("torch", "triton")
+
+
+def bench_ops() -> tuple[str, ...]:
+    """Every op of the registry's table: each has a built-in benchmark here or an :class:`OpBench` in its row."""
+    return registry.op_names()
+
+
+def backends_of(op: str) -> tuple[str, ...]:
+    return BACKENDS.get(op, PROJECT_BACKENDS)
+
+
+def _op_bench(op: str) -> "OpBench":
+    bench = registry.find(op).bench
+    if bench is None:
+        raise BenchError(f"--op: {op!r} has neither a built-in benchmark nor an OpBench in its registry row")
+    return bench
 #: Backends served through the registry: the project's two, and triton with kernels.deterministic = false.
 REGISTRY_BACKENDS = PROJECT_BACKENDS + ("triton-nondet",)
 
@@ -276,6 +291,12 @@ def _positive_ints(text: str, spec: str, op: str) -> list[int]:
 
 def parse_shape(op: str, spec: str) -> list:
     """The shapes one spec names for ``op`` (attention without a mask suffix gives both masks)."""
+    if op not in SHAPE_SYNTAX:
+        bench = _op_bench(op)
+        try:
+            return list(bench.parse(spec))
+        except ValueError:
+            raise BenchError(f"--shapes: {spec!r} is not a {op} shape; expected {bench.syntax}") from None
     bad = BenchError(f"--shapes: {spec!r} is not a {op} shape; expected {SHAPE_SYNTAX[op]}")
     if op == "attention":
         m = re.fullmatch(r"(\d+x\d+x\d+x\d+)(?::(causal|full))?", spec)
@@ -320,14 +341,14 @@ def parse_shapes(text: str, ops: Sequence[str]) -> dict[str, list]:
         targets, spec = list(ops), item
         if "=" in item:
             op, spec = (s.strip() for s in item.split("=", 1))
-            if op not in OPS:
-                raise BenchError(f"--shapes: unknown op {op!r} in {item!r}; valid ops: {', '.join(OPS)}")
+            if op not in bench_ops():
+                raise BenchError(f"--shapes: unknown op {op!r} in {item!r}; valid ops: {', '.join(bench_ops())}")
             if op not in ops:
                 raise BenchError(f"--shapes: {item!r} is for {op}, which --op does not select")
             targets = [op]
         for op in targets:
             if spec in SHAPE_SETS:
-                chosen[op] += SHAPE_SETS[spec][op]
+                chosen[op] += SHAPE_SETS[spec].get(op) or _op_bench(op).shapes[spec]
                 continue
             try:
                 chosen[op] += parse_shape(op, spec)
@@ -366,8 +387,29 @@ class Case:
     def reference(self) -> list[torch.Tensor]:
         """Output and gradients on upcast inputs, computed once."""
         if self._reference is None:
-            self._reference = _REFERENCES[self.op](self)
+            reference = _REFERENCES.get(self.op) or _op_bench(self.op).reference
+            self._reference = reference(self)
         return self._reference
+
+
+@dataclass(frozen=True)
+class OpBench:
+    """How ``bench ops`` (and ``kernels check``) exercise an op that has no built-in case here; an op's
+    registry row carries one (``Op(..., bench=OpBench(...))``), so a new op needs no edit of this module.
+
+    ``syntax`` describes a shape spec; ``parse(spec)`` returns the shapes it names (each with a ``label``)
+    or raises ValueError; ``shapes`` holds the ``default`` (GPU) and ``tiny`` (CPU) sets;
+    ``make_case(shape, dtype, device)`` builds the :class:`Case` (inputs, upstream gradient, names, work);
+    ``call(ops, case)`` runs the op through a resolved :class:`~engine.registry.Ops`; ``reference(case)``
+    returns the output and the gradients on upcast inputs (see :func:`_upcast` and :func:`_backward_reference`).
+    """
+
+    syntax: str
+    parse: Callable[[str], list]
+    shapes: dict[str, list]
+    make_case: Callable[[Any, torch.dtype, torch.device], "Case"]
+    call: Callable[[Any, "Case"], torch.Tensor]
+    reference: Callable[["Case"], list[torch.Tensor]]
 
 
 def _random(shape, dtype, device, requires_grad=True) -> torch.Tensor:
@@ -376,6 +418,8 @@ def _random(shape, dtype, device, requires_grad=True) -> torch.Tensor:
 
 def make_case(op: str, shape, dtype: torch.dtype, device: torch.device) -> Case:
     torch.manual_seed(0)
+    if op not in SHAPE_SYNTAX:
+        return _op_bench(op).make_case(shape, dtype, device)
     size = torch.tensor([], dtype=dtype).element_size()
     if op == "attention":
         b, h, s, d = shape.batch, shape.heads, shape.seq, shape.head_dim
@@ -496,6 +540,9 @@ def _registry_runner(case: Case, backend: str) -> Runner:
     deterministic = backend != "triton-nondet"
     ops = registry.resolve({case.op: backend.removesuffix("-nondet")}, case.device,
                            deterministic)  # KernelSelectionError: not available
+    if case.op not in SHAPE_SYNTAX:
+        bench = _op_bench(case.op)
+        return Runner(lambda: bench.call(ops, case), [t for t in case.inputs if t.requires_grad])
     if case.op == "attention":
         q, k, v = case.inputs
         return Runner(lambda: ops.attention(q, k, v, causal=case.shape.causal), [q, k, v])
@@ -906,7 +953,7 @@ def _parser() -> ArgumentParser:
                        epilog="Shapes: " + "; ".join(f"{op}: {syn}" for op, syn in SHAPE_SYNTAX.items())
                        + ". Prefix a spec with 'op=' when --op names several ops; 'default' and 'tiny' name the "
                        "built-in sets (default on CUDA, tiny on CPU).")
-    p.add_argument("--op", default="all", help=f"comma list of {', '.join(OPS)} (default: all)")
+    p.add_argument("--op", default="all", help=f"comma list of {', '.join(bench_ops())} (default: all)")
     p.add_argument("--backends", default=None,
                    help="comma list (default: every backend of each op on CUDA; torch,triton on CPU). Known: "
                         + ", ".join(dict.fromkeys(b for bs in BACKENDS.values() for b in bs)))
@@ -933,22 +980,22 @@ def parse_args(argv: Sequence[str]) -> OpsArgs:
     a = _parser().parse_args(list(argv))
     device = pick_device(a.device)
     cuda = device.type == "cuda"
-    ops = list(OPS) if a.op == "all" else _comma_list(a.op, "--op")
+    ops = list(bench_ops()) if a.op == "all" else _comma_list(a.op, "--op")
     for op in ops:
-        if op not in OPS:
-            raise BenchError(f"--op: unknown op {op!r}; valid ops: {', '.join(OPS)}")
+        if op not in bench_ops():
+            raise BenchError(f"--op: unknown op {op!r}; valid ops: {', '.join(bench_ops())}")
     if a.backends is None:
-        backends = {op: list(BACKENDS[op] if cuda else PROJECT_BACKENDS) for op in ops}
+        backends = {op: list(backends_of(op) if cuda else PROJECT_BACKENDS) for op in ops}
     else:
         names = _comma_list(a.backends, "--backends")
-        known = {b for op in ops for b in BACKENDS[op]}
+        known = {b for op in ops for b in backends_of(op)}
         for name in names:
             if name not in known:
                 raise BenchError(f"--backends: {name!r} is not a backend of {', '.join(ops)}; valid: "
-                                 f"{', '.join(dict.fromkeys(b for op in ops for b in BACKENDS[op]))}")
+                                 f"{', '.join(dict.fromkeys(b for op in ops for b in backends_of(op)))}")
         # "torch" first, so every row of a case can be compared with it.
         names = sorted(names, key=lambda b: b != "torch")
-        backends = {op: [b for b in names if b in BACKENDS[op]] for op in ops}
+        backends = {op: [b for b in names if b in backends_of(op)] for op in ops}
     dtype_names = _comma_list(a.dtype, "--dtype") if a.dtype else ["bf16" if cuda else "fp32"]
     for name in dtype_names:
         if name not in DTYPES:

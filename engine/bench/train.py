@@ -97,18 +97,18 @@ def resolve_set(kernel_set: str | dict[str, str], recipe: Recipe, device: torch.
     """The registry's ops for a kernel set (see the module docstring for what each set means)."""
     if kernel_set == "triton":
         choices = {}
-        for op in registry.OPS:
+        for op in registry.op_names():
             try:
                 registry.resolve({op: "triton"}, device)
                 choices[op] = "triton"
             except KernelSelectionError:
                 choices[op] = "torch"
     elif kernel_set in ("torch", "auto"):
-        choices = {op: kernel_set for op in registry.OPS}
+        choices = {op: kernel_set for op in registry.op_names()}
     elif kernel_set == "recipe":
         choices = recipe.kernels.backends()
     else:
-        choices = {op: "torch" for op in registry.OPS} | dict(kernel_set)
+        choices = {op: "torch" for op in registry.op_names()} | dict(kernel_set)
     return registry.resolve(choices, device, recipe.kernels.deterministic)
 
 

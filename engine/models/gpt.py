@@ -12,48 +12,16 @@ RMSNorm, GELU or SwiGLU MLP, grouped-query attention, tied embeddings, a sliding
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from engine.config import ModelConfig
 from engine.registry import Ops
 
 
-@dataclass
-class GPTConfig:
-    n_layer: int = 4
-    n_head: int = 4
-    n_kv_head: int = 0  # 0: same as n_head
-    d_model: int = 192
-    context: int = 256
-    vocab_size: int = 256
-    pos: str = "learned"  # "learned" | "rope"
-    rope_base: float = 10000.0
-    norm: str = "layernorm"  # "layernorm" | "rmsnorm"
-    mlp: str = "gelu"  # "gelu" | "swiglu"
-    d_ff: int = 0  # 0: 4·d for GELU, 8/3·d rounded up to 64 for SwiGLU (same parameter count)
-    bias: bool = True
-    tie_embeddings: bool = True
-    dropout: float = 0.0
-    window: int = 0  # 0: full causal attention
-
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_head
-
-    @property
-    def kv_heads(self) -> int:
-        return self.n_kv_head or self.n_head
-
-    @property
-    def ff_dim(self) -> int:
-        if self.d_ff:
-            return self.d_ff
-        if self.mlp == "swiglu":
-            return (8 * self.d_model // 3 + 63) // 64 * 64
-        return 4 * self.d_model
+#: A GPT is configured by the recipe's model section itself (``vocab_size`` resolved to the tokenizer's).
+GPTConfig = ModelConfig
 
 
 class Norm(nn.Module):

@@ -21,10 +21,7 @@ def gpt_config(recipe: Recipe, tokenizer_vocab: int) -> GPTConfig:
     if vocab < tokenizer_vocab:
         raise RecipeError(f"model.vocab_size ({vocab}) is smaller than the {recipe.data.tokenizer} tokenizer's "
                           f"vocabulary ({tokenizer_vocab})")
-    fields = {f.name for f in dataclasses.fields(GPTConfig)}
-    values = {k: v for k, v in dataclasses.asdict(m).items() if k in fields}
-    values["vocab_size"] = vocab
-    return GPTConfig(**values)
+    return dataclasses.replace(m, vocab_size=vocab)
 
 
 class LanguageModelingTask(Task):

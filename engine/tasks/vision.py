@@ -61,7 +61,7 @@ def forward_flops(m: ModelConfig) -> float:
             macs += output.numel() * module.in_features
 
     with torch.device("meta"):
-        model = build_model(m, registry.resolve({op: "torch" for op in registry.OPS})).eval()
+        model = build_model(m, registry.resolve({op: "torch" for op in registry.op_names()})).eval()
         for module in model.modules():
             if isinstance(module, (nn.Conv2d, nn.Linear, ConvNeXtBlock)):
                 module.register_forward_hook(count)

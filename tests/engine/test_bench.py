@@ -27,7 +27,7 @@ def run_ops(tmp_path, *args):
 def test_ops_torch_backend_checks_and_times_every_op(tmp_path, capsys):
     code, rows, csv_rows = run_ops(tmp_path, "--backends", "torch", "--shapes", TINY_SHAPES)
     assert code == 0
-    assert [r["op"] for r in rows] == list(ops.OPS)
+    assert [r["op"] for r in rows] == list(ops.bench_ops())
     for r in rows:
         assert r["status"] == "ok", r
         assert r["max_err"] < ops.TOLERANCE[torch.float32]
@@ -44,7 +44,7 @@ def test_ops_wrong_backend_fails_loudly_and_is_not_timed(tmp_path, monkeypatch, 
     def wrong_layer_norm(x, weight=None, bias=None, eps=1e-5):
         return F.layer_norm(x, (x.shape[-1],), weight, bias, eps) * 1.1
 
-    monkeypatch.setattr(registry, "torch_layer_norm", wrong_layer_norm)
+    monkeypatch.setitem(registry.find("layer_norm").functions, "layer_norm", (wrong_layer_norm, "layer_norm"))
     code, rows, csv_rows = run_ops(tmp_path, "--op", "layer_norm,rms_norm", "--backends", "torch",
                                    "--shapes", "8x32")
     assert code == 1
@@ -57,14 +57,13 @@ def test_ops_wrong_backend_fails_loudly_and_is_not_timed(tmp_path, monkeypatch, 
 
 
 def test_ops_triton_rows_through_the_interpreter(tmp_path):
-    """Every op whose Triton kernel exists is checked through the interpreter; the others say why not."""
+    """Every op has a Triton kernel, checked through the interpreter."""
     code, rows, _ = run_ops(tmp_path, "--backends", "torch,triton", "--shapes", TINY_SHAPES)
     assert code == 0
-    for r in (r for r in rows if r["backend"] == "triton"):
-        if registry.triton_available(r["op"]):
-            assert r["status"] == "ok" and r["fwdbwd_ms"] > 0, r
-        else:
-            assert r["status"] == "not available" and "no Triton kernel" in r["note"]
+    triton_rows = [r for r in rows if r["backend"] == "triton"]
+    assert {r["op"] for r in triton_rows} == set(ops.bench_ops())
+    for r in triton_rows:
+        assert r["status"] == "ok" and r["fwdbwd_ms"] > 0, r
 
 
 def test_ops_nondeterministic_triton_attention(tmp_path):
@@ -106,7 +105,7 @@ def test_shape_syntax():
     assert opt[0].name == "124M" and opt[0].clip and 124e6 < opt[0].numel < 125e6
     assert [(s.layers, s.width, s.vocab, s.context, s.clip) for s in opt[1:]] == [(2, 64, 512, 32, False),
                                                                                     (2, 64, 512, 32, True)]
-    default = ops.parse_shapes("default", list(ops.OPS))
+    default = ops.parse_shapes("default", list(ops.bench_ops()))
     assert len(default["attention"]) == 12 and all(s.batch * s.seq == 16384 for s in default["attention"])
     assert len(default["optimizer"]) == 4 and len(default["layer_norm"]) == 4
     assert default["mlp"][0] == ops.MatrixShape(128 * 56 * 56, 96)
@@ -181,7 +180,7 @@ def test_train_mismatched_loss_is_failed(tmp_path, monkeypatch):
     def resolve(choices=None, device="cpu", deterministic=True):  # the --kernels set gets the wrong loss
         ops_ = real_resolve(choices, device, deterministic)
         if choices and choices.get("attention") == "auto":
-            return type(ops_)(**{**vars(ops_), "linear_cross_entropy": wrong_loss})
+            return ops_.replace(linear_cross_entropy=wrong_loss)
         return ops_
 
     monkeypatch.setattr(registry, "resolve", resolve)
@@ -199,11 +198,11 @@ def test_kernel_sets(monkeypatch):
     recipe = train.load_recipe("recipes/gpt_cpu.toml")
     cpu = torch.device("cpu")
     explicit = train.resolve_set({"layer_norm": "auto"}, recipe, cpu).backends
-    assert explicit == {op: "torch" for op in registry.OPS}  # unnamed ops on torch, auto is torch on CPU
+    assert explicit == {op: "torch" for op in registry.op_names()}  # unnamed ops on torch, auto is torch on CPU
     lenient = train.resolve_set("triton", recipe, cpu).backends  # the interpreter is on in the tests
-    assert all(b == ("triton" if registry.triton_available(op) else "torch") for op, b in lenient.items())
-    monkeypatch.setattr(registry, "_triton_kernels", lambda op: None)
-    with pytest.raises(registry.KernelSelectionError, match="no Triton kernel"):
+    assert lenient == {op: "triton" for op in registry.op_names()}
+    monkeypatch.setattr(registry, "_kernels_module", lambda: None)
+    with pytest.raises(registry.KernelSelectionError, match="the kernels package cannot be imported"):
         train.resolve_set({"attention": "triton"}, recipe, cpu)
 
 

@@ -10,7 +10,7 @@ from engine.registry import KernelSelectionError, resolve
 
 def test_auto_is_torch_on_cpu():
     ops = resolve({}, "cpu")
-    assert set(ops.backends) == set(registry.OPS)
+    assert set(ops.backends) == set(registry.op_names())
     assert all(b == "torch" for b in ops.backends.values())
     assert "attention=torch" in ops.describe()
 
@@ -24,14 +24,14 @@ def test_unknown_op_and_backend_list_valid_names():
 
 
 def test_triton_without_a_kernel_is_an_error_not_a_fallback(monkeypatch):
-    monkeypatch.setattr(registry, "_triton_kernels", lambda op: None)
-    with pytest.raises(KernelSelectionError, match="no Triton kernel for 'layer_norm'"):
+    monkeypatch.setattr(registry, "_kernels_module", lambda: None)  # e.g. no triton on this platform
+    with pytest.raises(KernelSelectionError, match="kernels.layer_norm = 'triton': the kernels package cannot be"):
         resolve({"layer_norm": "triton"}, "cpu")
     assert resolve({"layer_norm": "auto"}, "cpu").backends["layer_norm"] == "torch"
 
 
 def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
-    monkeypatch.setattr(registry, "_triton_kernels", lambda op: object())
+    monkeypatch.setattr(registry, "triton_available", lambda op: True)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(KernelSelectionError, match="needs a CUDA device"):
         resolve({"attention": "triton"}, "cpu")
@@ -120,7 +120,7 @@ def test_deterministic_reaches_the_triton_attention(monkeypatch):
             seen.update(kw)
             return q
 
-    monkeypatch.setattr(registry, "_triton_kernels", lambda op: FakeKernels)
+    monkeypatch.setattr(registry, "_kernels_module", lambda: FakeKernels)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     q = torch.zeros(1, 1, 2, 16)
     resolve({"attention": "triton"}, "cpu").attention(q, q, q)

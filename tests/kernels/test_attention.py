@@ -280,7 +280,7 @@ def test_cpu_torch_path_matches_kernels(monkeypatch, deterministic):
     args = (q, k, v, True, 0.25, 9, deterministic)
     kernel_out, kernel_lse = torch.ops.tritonforge.attention_forward(*args)
     kernel_grads = torch.ops.tritonforge.attention_backward(do, q, k, v, kernel_out, kernel_lse, *args[3:])
-    monkeypatch.setattr(module, "_INTERPRET", False)
+    monkeypatch.setattr(module, "use_triton", lambda t: t.is_cuda)  # the interpreter off
     torch_out, torch_lse = torch.ops.tritonforge.attention_forward(*args)
     torch_grads = torch.ops.tritonforge.attention_backward(do, q, k, v, torch_out, torch_lse, *args[3:])
     tol = TOL_FP32_INTERPRETER
@@ -463,7 +463,7 @@ def test_segment_custom_ops_pass_opcheck_and_match_the_torch_path(monkeypatch):
         grads = torch.ops.tritonforge.attention_backward(do, q, k, v, out, lse, *args[3:])
     if DEVICE != "cpu":
         return
-    monkeypatch.setattr(module, "_INTERPRET", False)
+    monkeypatch.setattr(module, "use_triton", lambda t: t.is_cuda)  # the interpreter off
     with torch.no_grad():
         torch_out, torch_lse = torch.ops.tritonforge.attention_forward(*args)
         torch_grads = torch.ops.tritonforge.attention_backward(do, q, k, v, torch_out, torch_lse, *args[3:])
