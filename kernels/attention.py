@@ -58,7 +58,8 @@ documents of their (banded) squares, not S^2; blocks stay interior only when eve
 and the block inside it; the boundary blocks also compare ids. An id that recurs (not packing's
 output) stays exact: its span covers the documents between its runs, whose blocks are then masked
 rather than skipped. The dK/dV kernel bounds its query blocks by the keys' spans (visibility by id
-is symmetric).
+is symmetric). The id compares cost a few registers, so three configs at the register limit have
+spill-free replacements for the segment variants (``_SEGMENT_CONFIGS``).
 
 *Backward*: two variants, chosen with ``attention(..., deterministic=...)``. Both start with
 
@@ -220,6 +221,13 @@ _KEEP_REASONS = {
                                               "64 keys x 16 queries, exceeds sm_90's shared memory; this "
                                               "mma.sync one fits both archs but spills on sm_80 (not tuned)"),
 }
+# With SEGMENTS the id compares cost a few registers: these configs, at the register limit without
+# segments, spill 8-16 B on sm_90 with them, so the segment variants use these lists instead.
+_SEGMENT_CONFIGS = {
+    ("fwd", "d128"): [(128, 64, 8, 3)],
+    ("dkdv", "d<=64"): [(32, 128, 8, 3)],
+    ("dkdvdq", "d128"): [(16, 64, 8, 2), (32, 64, 8, 2)],
+}
 _INTERPRETER_CONFIGS = {"fwd": (32, 16, 4, 1), "dkdv": (16, 32, 4, 1), "dq": (32, 16, 4, 1),
                         "dkdvdq": (16, 32, 4, 1)}
 # Preprocess (memory-bound): rows per program so that a tile holds 8192 elements; 8 warps.
@@ -239,16 +247,19 @@ def _config_class(block_d: int, dtype: torch.dtype) -> str:
     return "d128" if block_d == 128 else "d256"
 
 
-def _configs_for(kernel: str, block_d: int, dtype: torch.dtype) -> list[tuple[int, int, int, int]]:
+def _configs_for(kernel: str, block_d: int, dtype: torch.dtype,
+                 segments: bool = False) -> list[tuple[int, int, int, int]]:
     """The (BLOCK_M, BLOCK_N, num_warps, num_stages) a launch may use on a GPU."""
-    return _GPU_CONFIGS[(kernel, _config_class(block_d, dtype))]
+    key = (kernel, _config_class(block_d, dtype))
+    return _SEGMENT_CONFIGS.get(key, _GPU_CONFIGS[key]) if segments else _GPU_CONFIGS[key]
 
 
 def _autotune_configs(kernel: str) -> list[triton.Config]:
     if INTERPRET:
         tuples = [_INTERPRETER_CONFIGS[kernel]]
     else:
-        tuples = sorted({c for (name, _), cs in _GPU_CONFIGS.items() if name == kernel for c in cs})
+        tuples = sorted({c for table in (_GPU_CONFIGS, _SEGMENT_CONFIGS)
+                         for (name, _), cs in table.items() if name == kernel for c in cs})
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in tuples]
 
 
@@ -259,7 +270,7 @@ def _pruner(kernel: str):
         if INTERPRET:
             return configs
         args = {**named_args, **kwargs}
-        allowed = set(_configs_for(kernel, args["BLOCK_D"], args["Q"].dtype))
+        allowed = set(_configs_for(kernel, args["BLOCK_D"], args["Q"].dtype, args["SEGMENTS"]))
         return [c for c in configs
                 if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in allowed]
 
@@ -1107,7 +1118,7 @@ def aot_variants() -> list[Variant]:
                 pointers = tuple(n for n, t in sig.items() if t.startswith("*"))
                 strides = tuple(n for n in sig if n.startswith("stride_"))
                 config_class = _config_class(block_d, dtype)
-                for config in _configs_for(name, block_d, dtype):
+                for config in _configs_for(name, block_d, dtype, segments):
                     block_m, block_n, warps, stages = config
                     label = f"{ty} BLOCK_D={block_d}{' padded' if pad_d else ''}"
                     label += " segments" if segments else ""
