@@ -58,7 +58,7 @@ documents of their (banded) squares, not S^2; blocks stay interior only when eve
 and the block inside it; the boundary blocks also compare ids. An id that recurs (not packing's
 output) stays exact: its span covers the documents between its runs, whose blocks are then masked
 rather than skipped. The dK/dV kernel bounds its query blocks by the keys' spans (visibility by id
-is symmetric). The id compares cost a few registers, so three configs at the register limit have
+is symmetric). The id compares cost a few registers, so the configs at the register limit have
 spill-free replacements for the segment variants (``_SEGMENT_CONFIGS``).
 
 *Backward*: two variants, chosen with ``attention(..., deterministic=...)``. Both start with
@@ -221,12 +221,14 @@ _KEEP_REASONS = {
                                               "64 keys x 16 queries, exceeds sm_90's shared memory; this "
                                               "mma.sync one fits both archs but spills on sm_80 (not tuned)"),
 }
-# With SEGMENTS the id compares cost a few registers: these configs, at the register limit without
-# segments, spill 8-16 B on sm_90 with them, so the segment variants use these lists instead.
+# With SEGMENTS the id compares cost a few registers: where a config at the register limit without
+# segments spills 8-40 B on sm_90 with them, the segment variants use these lists instead.
 _SEGMENT_CONFIGS = {
     ("fwd", "d128"): [(128, 64, 8, 3)],
+    ("fwd", "d256"): [(64, 64, 8, 2)],
     ("dkdv", "d<=64"): [(32, 128, 8, 3)],
-    ("dkdvdq", "d128"): [(16, 64, 8, 2), (32, 64, 8, 2)],
+    ("dkdvdq", "d128"): [(16, 64, 8, 2)],
+    ("dq", "d256"): [(64, 16, 4, 2)],
 }
 _INTERPRETER_CONFIGS = {"fwd": (32, 16, 4, 1), "dkdv": (16, 32, 4, 1), "dq": (32, 16, 4, 1),
                         "dkdvdq": (16, 32, 4, 1)}
