@@ -1,152 +1,30 @@
 """Fused scaled-dot-product attention (FlashAttention-2 style): forward, backward, custom op.
 
-``attention(q, k, v, causal=False, scale=None, window=None)`` computes, for every batch ``b`` and
-query head ``h`` (served by key/value head ``h // (H // Hkv)``)::
+``attention(q, k, v, causal=False, scale=None, window=None, deterministic=True, segment_ids=None)``, for
+each batch b and query head h (served by key/value head hk = h // (H // Hkv), so GQA/MQA)::
 
     out[b, h, i] = sum_j softmax_j(scale * q[b, h, i] . k[b, hk, j] | j visible from i) * v[b, hk, j]
 
-without ever holding the S x S score matrix in memory.
+Every mask is one band, key j visible from query i iff i - left < j <= i + right: full (S, S), causal
+(S, 0), causal with window w (w, 0), non-causal window w (w, w - 1). ``segment_ids`` (B, S) (packed
+documents) also require equal ids; a query always sees its own key. ``attention_varlen`` takes
+FlashAttention's (total tokens, H, D) layout with ``cu_seqlens``; (B, H, S, D) with ids is the fast layout.
 
-Which keys a query sees
------------------------
-Every mask is one *band*: key ``j`` is visible from query ``i`` iff ``i - left < j <= i + right``.
-
-==========================  ==========  ==========
-arguments                   left        right
-==========================  ==========  ==========
-full (default)              S           S
-``causal=True``             S           0
-``causal=True, window=w``   w           0
-``causal=False, window=w``  w           w - 1
-==========================  ==========  ==========
-
-So with ``causal=True`` a window ``w`` keeps the ``w`` most recent keys, the query's own position
-included (``i - w < j <= i``). With ``causal=False`` it is the symmetric local window
-``|i - j| < w``: the query's own key and the ``w - 1`` nearest on each side. ``w >= S`` is the same as
-no window. ``segment_ids`` (B, S) (packed documents) further require equal ids: key ``j`` is visible
-from query ``i`` iff it is in the band and ``segment_ids[b, i] == segment_ids[b, j]``. Every query
-sees at least its own key, so no softmax row is ever empty.
-
-``attention_varlen(q, k, v, cu_seqlens)`` takes FlashAttention's (total tokens, H, D) layout and runs
-as one sequence of all tokens with segment ids from ``cu_seqlens``.
-
-Design
-------
-*Forward* (``_attn_fwd``): one program per (query block of ``BLOCK_M`` rows, batch * head). The query
-tile stays in registers/shared memory while key/value tiles of ``BLOCK_N`` rows stream through an online
-softmax in fp32: the running row maximum ``m`` and sum ``l`` rescale the accumulator whenever the
-maximum grows. ``log2(e)`` is folded into the score scale so the exponentials are ``exp2`` and the
-rescaling needs no extra multiply. The kernel writes the output and the row log-sum-exp ``m + log2(l)``
-(base 2, in units of the scaled scores), which is all the backward needs to rebuild the
-probabilities. Programs take the query blocks in reverse order, so that under a causal mask the longest
-rows start first and the short ones fill the tail of the grid.
-
-*Key ranges*: for a block of queries the visible keys lie in one contiguous range. Key blocks that lie
-outside it are never visited (causal halves the work; a window makes it O(S * w)). Inside the range,
-blocks where every (query, key) pair is visible and inside the sequence are *interior*; the others
-(the diagonal of a causal mask, the lower edge of a window, the ragged last block of a sequence whose
-length is not a multiple of the block) are *boundary* blocks. The loop over key blocks is written once
-inside ``tl.static_range(2)``: the first pass visits the boundary blocks and applies the band and
-sequence masks, the second visits the interior blocks with no mask at all, so the masking costs only on
-the O(1) boundary blocks per row block. Both passes compile from the same source.
-
-*Segments* (the constexpr ``SEGMENTS``; without it the kernels are the unsegmented ones). The launcher
-turns the ids into a (B, 5, S) int32 table (``_segment_table``): per position, the id, the span
-``[first, last + 1)`` of its id and the contiguous run of equal ids around it. A block of rows visits
-only the band's blocks inside the union of its ids' spans, so packed documents cost the sum over
-documents of their (banded) squares, not S^2; blocks stay interior only when every row lies in one run
-and the block inside it; the boundary blocks also compare ids. An id that recurs (not packing's
-output) stays exact: its span covers the documents between its runs, whose blocks are then masked
-rather than skipped. The dK/dV kernel bounds its query blocks by the keys' spans (visibility by id
-is symmetric). The id compares cost a few registers, so the configs at the register limit have
-spill-free replacements for the segment variants (``_SEGMENT_CONFIGS``).
-
-*Backward*: two variants, chosen with ``attention(..., deterministic=...)``. Both start with
-
-1. ``_attn_bwd_preprocess``: ``delta_i = sum_d dO[i, d] * O[i, d]`` (= ``sum_j P_ij dP_ij``).
-
-``deterministic=True`` (the default; no atomics: every output element is reduced by exactly one
-program in a fixed order, so gradients are bitwise reproducible run to run):
-
-2. ``_attn_bwd_dkdv``: one program per (key block, batch * kv head). It keeps K and V tiles and the
-   fp32 dK, dV accumulators on chip and loops over the query heads of its kv head group (GQA/MQA: the
-   group's contributions are summed in-program, in order) and over the query blocks that see the key
-   block, rebuilding ``P^T = exp2(scale2 * K Q^T - lse)``; ``dV += P^T dO``,
-   ``dS^T = P^T * (V dO^T - delta)``, ``dK += dS^T Q``.
-3. ``_attn_bwd_dq``: one program per (query block, batch * head), looping over its key blocks:
-   ``dS = P * (dO V^T - delta)``, ``dQ += dS K``.
-   Both use the same boundary/interior split as the forward.
-
-That is 7 matmuls per visible (query block, key block) pair: 4 in the dK/dV kernel, and the dQ kernel
-computes ``Q K^T`` and ``dO V^T`` a second time before its ``dS K``.
-
-``deterministic=False`` (5 matmuls, as in FlashAttention-2):
-
-2. ``_attn_bwd_dkdv`` compiled with ``ATOMIC_DQ`` (launched through its own autotuner,
-   ``_attn_bwd_dkdvdq``): the program above, whose every loop step also forms the query block's share
-   of dQ from the ``dS^T`` it already holds, ``scale * K^T dS^T`` (fp32; transposed so that the dot's
-   M dimension is D), and adds it into a zeroed fp32 (B, H, S, D) buffer with relaxed
-   ``tl.atomic_add`` (128-bit ``red.global.add`` on sm_90), masked to the sequence and the head dim.
-   The launcher casts the buffer to q's dtype. No dQ kernel runs.
-
-The price of the two saved matmuls is the atomic traffic and reproducibility: the key blocks of a
-query block add into its dQ rows in whatever order their programs run, so dQ's fp32 sums round
-differently from run to run and the gradients are not bitwise reproducible. dK and dV are unaffected:
-the same code sums them in the same order, so with the same tiles they are bitwise those of the
-deterministic path (the interpreter, which runs one tiling for both, checks this).
-
-K, V, Q and dO tiles are plain pointer loads, which Triton pipelines through ``num_stages`` shared
-memory buffers (cp.async) on sm_80 and sm_90. Tensor descriptors (TMA) are not used: they could not be
-measured on a GPU while this was written, and pointer loads take any batch/head/sequence strides.
-
-Memory traffic: the forward reads Q once and K, V once per query block that sees them, and writes O
-and the fp32 log-sum-exp; the backward reads Q, dO, lse, delta once per key block and, if
-deterministic, K, V once per query block; with atomic dQ it reads K, V only once but adds a BLOCK_M x D
-fp32 tile into the dQ buffer per visited block pair (the buffer is zeroed first and read once to cast
-it). No S x S tensor exists anywhere.
-
-Shapes, dtypes, layouts
------------------------
-Head dims 16, 32, 64, 80, 96, 128, 256; 80 and 96 run in 128-wide tiles whose padding columns are
-masked on load and store (``offs_d < head_dim``; D is a run-time argument, so the kernels compile
-once per tile width and dtype). fp16 and bf16 use tensor-core dots with fp32
-accumulation; P and dS are rounded to the input dtype before their dots, as in FlashAttention. fp32 is
-accepted (for testing): in the interpreter its dots are exact fp32, on a GPU they run as tf32 (Triton's
-default). q, k, v are read through their batch/head/sequence strides, so the views a fused QKV
-projection produces (``qkv.view(B, S, 3, H, D).permute(2, 0, 3, 1, 4)``) are used in place. Only a
-tensor whose last dimension is not contiguous is copied (once, in the launcher).
-
-Block shapes (sm_90). A small ``triton.autotune`` list per kernel, pruned to the configs listed for the
-launch's tile width and dtype, keyed on S, D and the band (the dtype is part of every autotune key).
-Every config was compiled for sm_90 with ``kernels.aot``: all use ``wgmma`` (beside ``mma.sync``
-where a dot has fewer than 64 rows, see below), and the fp16/bf16 configs for D <= 128 do not spill.
-The register file (255 per thread at 8 warps, one CTA per SM) is the binding constraint, shared memory
-(227 KiB) the second. Masking the padding columns costs registers at the limit, so whether D is padded
-is a constexpr (``PAD_D``) and an unpadded tile carries no column mask.
-
-* forward: 128 x 128 or 128 x 64 tiles on 8 warps: two warpgroups of 64 query rows fill the wgmma M
-  dimension; the fp32 score tile costs BLOCK_M * BLOCK_N / 256 registers per thread, the accumulator
-  BLOCK_M * D / 256. 3 stages of K and V tiles keep the copies ahead of the dots (D = 128: 225 KiB at
-  128 x 128, sm_90 only, 129 KiB at 128 x 64). D = 256: 128 x 64 or 64 x 64, 2 stages.
-* dK/dV: the two fp32 accumulators of BLOCK_N * D each dominate. D <= 64: 128 keys, query steps of 64
-  or 32. D = 128: 128 keys x 16 queries or 64 x 32 (64-query steps spill). D = 256: no wgmma tiling
-  fits the 2 x 64 x 256 fp32 accumulators; 64 x 16 spills the least (``_KEEP_REASONS``).
-* dK/dV with dQ atomics: as dK/dV, plus a transient fp32 dQ^T tile of D x BLOCK_M and its operands,
-  so the query steps stay short. D <= 64: 128 keys x 32 queries, 3 stages (234 registers at D = 64).
-  D = 128: 128 x 16, 2 stages (253-255 registers, no spill; 64 x 32 spills when D is padded, 64-query
-  steps always). D = 256: 64 x 16, which spills, like dK/dV. The dQ^T dot has D rows, so at D = 16
-  and 32 it runs on ``mma.sync`` (fewer than the 64 rows of a wgmma); computed untransposed, as
-  ``dS K``, it would have only BLOCK_M rows and never use wgmma at these step sizes.
-* dQ: 128 or 64 queries, key steps of 64 (64 x 32 for D = 256).
-* fp32 inputs (for testing): one small tf32 config per kernel; the dK/dV kernels and D = 256 spill.
-  With dQ atomics at D = 256 even the smallest wgmma tiling (64 x 16) needs 241 KiB of shared memory,
-  so that config is 32 x 16 on ``mma.sync``.
-* sm_80 (not tuned): some configs spill there; each list keeps at least one that fits its 163 KiB.
-
-In the Triton interpreter (``TRITON_INTERPRET=1``) each kernel has exactly one small config
-(``_INTERPRETER_CONFIGS``): block sizes are launch parameters that do not change the math, one config
-avoids autotuning on the CPU, and blocks of 16/32 rows make the tiny test shapes cross many block and
-band boundaries.
+* Forward: one program per (query block, batch·head) streams key/value tiles through an online softmax in
+  fp32 (exp2, log2(e) folded into the scale) and writes O and the log-sum-exp; never an S x S matrix. Key
+  blocks outside the band (and, with ``SEGMENTS``, outside the block's documents) are never visited, so
+  causal halves the work, a window makes it O(S·w) and packed documents cost the sum of their squares.
+  The loop (``_band_blocks``, ``_block_start``) visits the few boundary blocks masked, the interior ones
+  unmasked; an id that recurs out of order stays exact, only its skipping shrinks.
+* Backward, ``deterministic=True``: dK/dV (one program per key block, looping over the kv group's query
+  heads and blocks) then dQ: 7 matmuls per block pair, no atomics, bitwise reproducible. ``False``: the
+  dK/dV kernel also adds dQ with fp32 atomics (5 matmuls, as FlashAttention-2; dQ's rounding then varies
+  run to run, dK and dV do not).
+* Head dims 16-256 (80 and 96 in padded 128 tiles); fp16/bf16 dots with fp32 accumulation (fp32, for
+  tests, is tf32 on a GPU); strided q/k/v from a fused QKV projection read in place. Small autotune lists
+  per kernel and head-dim class (``_GPU_CONFIGS``, per Triton version via ``kernels._compat``;
+  ``_SEGMENT_CONFIGS``), each compiled spill-free with wgmma by ``tritonforge kernels report`` or kept
+  with a reason (``_KEEP_REASONS``). The interpreter runs one small config so tests cross block edges.
 """
 from __future__ import annotations
 

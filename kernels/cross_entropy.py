@@ -1,42 +1,25 @@
 """Cross-entropy over a vocabulary as Triton kernels, and the language-model head fused with it.
 
-``cross_entropy(logits, targets)`` computes what ``F.cross_entropy(logits.float(), targets)`` does
-(mean, sum or per-position losses; ``ignore_index``; ``label_smoothing``) without the fp32 copy of the
-logits that calling it on bf16 logits makes, and with its gradient written straight in the logits' dtype.
+``cross_entropy(logits, targets, ignore_index=-100, label_smoothing=0.0, reduction="mean", softcap=0.0)``
+is ``F.cross_entropy(logits.float(), targets)`` without the fp32 copy of bf16/fp16 logits: one program per
+row (online log-sum-exp in fp32), its gradient written in the logits' dtype. ``softcap`` c > 0 scores the
+soft-capped logits c·tanh(z / c), applied as the raw logits load (gradient times 1 - tanh²).
 
-Both take ``softcap`` c (0: off): the loss is then that of the soft-capped logits ``c * tanh(z / c)``,
-computed as the kernels load the raw logits z, the gradient multiplied by ``1 - tanh(z / c)^2``.
+``linear_cross_entropy(x, weight, targets, bias=None, ...)`` is ``cross_entropy(F.linear(x, weight, bias),
+targets)`` for a language model's head, whose logits are the largest activation (1.6 GB of bf16 at GPT-2's
+vocabulary and 16k tokens). It holds at most ``chunk_size`` rows of logits; per chunk it
 
-``linear_cross_entropy(x, weight, targets, bias=None)`` is ``cross_entropy(F.linear(x, weight, bias),
-targets)`` for the head of a language model, where the logits are by far the largest activation: at
-GPT-2's vocabulary of 50,304 and 16,384 tokens a step, bf16 logits take 1.6 GB, and the fp32 copy, the
-fp32 softmax gradient and its bf16 cast several more. It never holds more than ``chunk_size`` rows of
-logits. For each chunk of rows it
+1. computes the logits with one matmul (cuBLAS),
+2. runs the row kernel: the loss, then the row's gradient softmax - (1 - eps)·onehot - eps / V written
+   over the logits in place,
+3. turns that into the input gradient and adds the weight gradient (fp32 accumulator) and bias gradient.
 
-1. computes the chunk's logits with one matmul (cuBLAS),
-2. runs one Triton program per row over them: the log-sum-exp by an online max-and-sum pass, the loss,
-   then the row's gradient ``softmax - (1 - eps) * onehot - eps / V`` written over the logits in place,
-3. turns that gradient into the chunk's input gradient (``dlogits @ W``) and adds its share of the weight
-   gradient (``dlogits^T @ x``, fp32 accumulator) and the bias gradient.
-
-The gradients are therefore computed during the forward, where the logits are at hand; the backward
-only scales them by the upstream gradient. The loss and gradients match the unfused composition up to
-summation order (see the tests for the tolerances).
-
-Cost, at GPT-2 small's head (16,384 tokens, d = 768, V = 50,304, bf16): the three matmuls are
-6 * N * d * V = 3.8 TFLOP, about 5 ms at an H100's ~750 dense bf16 TFLOP/s; the row kernel reads each
-chunk's logits twice and writes them once, 4.9 GB in all, about 1.5 ms at 3.35 TB/s, mostly from L2 for
-the second read. Chunks of ``2**26 / V`` rows (1024 here: 103 MB of bf16 logits) keep the matmuls large
-and the fp32 weight-gradient accumulator's read-modify-write (155 MB a chunk) at 16 passes.
-Speed on a GPU: not measured.
-
-Targets outside ``[0, V)`` that are not ``ignore_index`` raise a ``ValueError`` on CPU tensors; on CUDA
-(where checking would cost a device synchronization every step) their loss is NaN, which the trainer's
-non-finite-loss check reports.
-
-On CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1``, the Triton kernels run (registered as
-``torch.library`` custom ops, so ``torch.compile`` keeps them whole); on a CPU without the interpreter
-both functions fall back to the PyTorch composition.
+The gradients are computed during the forward, where the logits are at hand; the backward only scales
+them by the upstream gradient. At GPT-2 small's head the matmuls are 6·N·d·V FLOPs and the row kernel
+reads each chunk's logits twice and writes them once. Targets outside [0, V) that are not ignored raise on
+CPU tensors; on CUDA (a check would cost a sync every step) their loss is NaN, which the trainer reports.
+The custom ops keep ``torch.compile`` whole; off CUDA without ``TRITON_INTERPRET=1`` both functions run
+the PyTorch composition.
 """
 from __future__ import annotations
 

@@ -1,85 +1,28 @@
 """Fused multi-tensor optimizer steps: AdamW, SGD (momentum, Nesterov) and Lion.
 
-Public API: ``AdamW``, ``SGD``, ``Lion``: ``torch.optim.Optimizer`` subclasses that take their torch
-counterpart's arguments (Lion: the paper's) and write state dicts with torch's keys, plus two
-keyword-only extras:
-
-* ``max_grad_norm``: global L2 gradient clipping, computed on the device and applied inside the
-  update with ``clip = min(1, max_grad_norm / (norm + 1e-6))`` (``torch.nn.utils.clip_grad_norm_``);
-* ``master_weights``: bf16/fp16 parameters with an fp32 copy (``state["master_param"]``) that the
-  update reads and writes, writing the rounded parameter in the same pass. fp32 parameters are their
-  own master; bf16/fp16 parameters are only accepted with ``master_weights=True``.
-
-Loss scaling and clipping contract (nothing in ``step()`` waits for the device):
-
-* before ``step()`` the trainer may set ``opt.grad_scale`` to a one-element fp32 device tensor, the
-  loss scale the gradients carry; the kernels multiply gradients by ``1 / grad_scale`` (an IEEE fp32
-  reciprocal: ``GradScaler.unscale_``'s value for power-of-two scales). ``None`` means no scaling.
-  The attribute is kept across steps until changed.
-* after ``step()``: ``opt.grad_norm`` is the 0-dim fp32 global L2 norm of the unscaled gradients
-  before clipping when ``max_grad_norm`` or ``grad_scale`` is set, else ``None``; ``opt.found_inf``
-  is a 0-dim fp32 tensor, 1.0 when a gradient held inf/NaN (checked whenever the norm is computed),
-  in which case nothing was written: parameters, moments and step counts are unchanged. Both are
-  fresh tensors each step, so a logger may keep them.
-
-Math per element (g the gradient times 1/grad_scale, times the clip factor, negated for maximize):
+``AdamW``, ``SGD``, ``Lion`` take their torch counterparts' arguments (Lion: the paper's) and write state
+dicts with torch's keys, plus ``max_grad_norm`` (global L2 clipping inside the step, as
+``clip_grad_norm_``) and ``master_weights`` (bf16/fp16 parameters with an fp32 copy in the same pass).
+Nothing in ``step()`` waits for the device: the trainer may set ``opt.grad_scale`` (the loss scale the
+gradients carry); afterwards ``opt.grad_norm`` (before clipping) and ``opt.found_inf`` are device
+tensors, and when a gradient held inf/NaN nothing was written. Per element, g unscaled and clipped:
 
     AdamW: p *= 1 - lr*wd;  m = lerp(m, g, 1-b1);  v = b2*v + (1-b2)*g*g
            p += -(lr / (1-b1^t)) * m / (sqrt(v) / sqrt(1-b2^t) + eps)
-    SGD:   d = g + wd*p;  buf = momentum*buf + (1-dampening)*d  (buf = d on its first step)
-           d = d + momentum*buf (Nesterov) or buf;  p += -lr*d
+    SGD:   d = g + wd*p;  buf = momentum*buf + (1-dampening)*d;  d = d + momentum*buf (Nesterov) or buf
     Lion:  c = b1*m + (1-b1)*g;  p = p*(1 - lr*wd) - lr*sign(c);  m = b2*m + (1-b2)*g
 
-Launches per step, whatever the number of tensors (a "bucket" is the tensors sharing a parameter
-dtype, alignment and, for SGD, having momentum; normally there is one):
-
-1. ``_grad_sumsq_kernel`` (one per bucket, only with clipping or loss scaling): each program sums the
-   squares of one chunk of unscaled gradients and flags non-finite values, writing 2 scalars;
-2. ``_finalize_kernel`` (one program): reduces the partials to the norm, found_inf and the clip
-   factor, advances every tensor's step count unless found_inf, and turns the per-group
-   hyperparameters (device fp64 table) and step counts into per-tensor fp32 coefficients (bias
-   corrections in fp64);
-3. ``_<opt>_update_kernel`` (one per bucket): each program updates one chunk of one tensor; all of
-   it is skipped when found_inf is set.
-
-Multi-tensor design: int64 device tables hold each tensor's addresses (parameter, gradient, state,
-master copy), its size and its row in the coefficient table; a chunk table lists (tensor, first
-element) per program. Kernels load an address and cast it to a typed pointer. The tables are rebuilt
-only when the set of parameters with gradients, or any of their addresses, changes (checked on the
-host from ``data_ptr()`` each step; a gradient re-allocated elsewhere by ``zero_grad`` triggers a
-rebuild). Learning rates and other hyperparameters are Python floats copied to the device (pinned,
-non-blocking) only when they change; a CUDA-tensor ``lr`` is copied device-to-device each step, which
-keeps a captured CUDA graph's lr live. Step counts live in each parameter's ``state["step"]`` (fp32,
-on the parameter's device, like torch's fused/capturable AdamW).
-
-Design of the sweep (chosen without a GPU; reasoning written down so a measurement can check it):
-
-* Floor. AdamW with clipping moves 4 bytes/param for the norm pass (read g) plus 28 for the update
-  (read g, p, m, v; write p, m, v): 32 B/param, 1.32 ms for GPT-2 124M at 3.0 TB/s. With master
-  weights (bf16 params): 2 + (2 + 4*3 read, 4*3 + 2 written) = 30 B/param. The norm cannot be fused
-  into the update without changing the clip semantics (it needs every gradient first).
-* 128-bit accesses. The kernels mark the cast pointers ``tl.multiple_of(ptr, 16)`` (checked on sm_90:
-  a hint on the integer before the cast is lost, on the pointer after it gives ``ld.global.v4``), and
-  chunk starts as multiples of ``CHUNK``. Tensors whose storage is not 16-byte aligned (views into a
-  flat buffer) go to an ``ALIGNED=False`` bucket without the hints. Masks with a run-time bound
-  cannot be vectorized, so each chunk runs its full blocks unmasked and only its last partial block
-  masked (a ``tl.static_range(2)`` over the two cases keeps one copy of the loop body).
-* Block shapes. The update's ``UPDATE_BLOCK`` = 1024 elements with 4 warps gives each thread 8
-  elements: two 128-bit accesses per fp32 stream, one per bf16 stream (8 is the least that makes bf16
-  accesses 128-bit). Compiled for sm_90 the fp32 AdamW update takes 64 registers per thread, so 8
-  programs share an SM with up to 128 KB of loads in flight, against the ~25 KB that Little's law
-  asks for at 3 TB/s and ~1 us latency (bf16 with master weights: 95 registers, 5 programs, 70 KB).
-  The norm pass reads one stream, so it takes ``NORM_BLOCK`` = 2048 (16 elements per thread).
-* Chunks. ``CHUNK`` = 16384 elements per program: 16 update iterations, ~460 KB of fp32 traffic, so
-  the per-program prologue (three dependent table loads, ~2 us) is under 1%, while 124M parameters
-  still make ~7.7k programs (several waves over 132 SMs, so the last wave's imbalance is small).
-  Tensors smaller than a chunk (biases, norms) take one program each.
-* The finalize kernel is one program (a latency-bound few microseconds): partials are reduced in
-  ``FINALIZE_BLOCK_C`` = 4096 slices (24 iterations at 1.5B parameters), tensors in slices of 256.
-* AdamW's denominator uses the fast square root and division (a few ulp from torch's IEEE ones, and
-  1/sqrt(1-b2^t) multiplied rather than divided): compiled for sm_90, IEEE ``div_rn``/``sqrt_rn``
-  take 96 registers per thread (20 resident warps per SM) and twice the instructions, against 64
-  registers (32 warps) here; the update's rounding differs from torch's by a few ulp of the step.
+* A constant number of launches per step, whatever the number of tensors: the gradients' sum of squares
+  and inf/NaN flags per chunk (only when clipping or unscaling), one finalize program (norm, clip factor,
+  step counts, per-tensor coefficients with fp64 bias corrections), one update per bucket (tensors
+  sharing a dtype and alignment). Int64 device tables hold each tensor's addresses; they are rebuilt
+  only when a parameter's or gradient's address changes, and hyperparameters are copied to the device
+  only when they change.
+* The floor is the bytes: AdamW with clipping moves 32 B/param (4 for the norm pass, 28 for the update).
+  Aligned buckets get ``tl.multiple_of`` hints so every stream is 128-bit; each chunk runs its full blocks
+  unmasked and only its last block masked. Chunks of ``CHUNK`` elements amortize the table lookups.
+* AdamW's denominator uses the fast square root and division (a few ulp from torch's IEEE ones, at far
+  fewer registers).
 """
 from __future__ import annotations
 
