@@ -123,6 +123,15 @@ _SEGMENT_CONFIGS = {
     ("dkdvdq", "d128"): [(16, 64, 8, 2)],
     ("dq", "d256"): [(64, 16, 4, 2)],
 }
+# Triton 3.6 (and, unmeasured, 3.7-3.8, which get the same lists) takes more registers for the segment
+# variants: on 3.6 the D <= 64 forward at 128 x 128, the D <= 64 dK/dV at 32 x 128, the D = 128 dK/dV at
+# 16 x 128 and dQ at 64 x 64, and the D = 256 dQ at 64 x 16 spill 8-64 B on sm_90; these smaller tiles do not.
+_SEGMENT_CONFIGS = _compat.by_version("attention segments", {
+    (3, 6): {**_SEGMENT_CONFIGS, ("fwd", "d<=64"): [(128, 64, 8, 3)], ("dkdv", "d<=64"): [(32, 64, 8, 2)],
+             ("dkdv", "d128"): [(16, 64, 8, 2)], ("dq", "d128"): [(64, 32, 4, 2)],
+             ("dq", "d256"): [(64, 16, 8, 2)]},
+    (3, 9): _SEGMENT_CONFIGS,
+})
 _INTERPRETER_CONFIGS = {"fwd": (32, 16, 4, 1), "dkdv": (16, 32, 4, 1), "dq": (32, 16, 4, 1),
                         "dkdvdq": (16, 32, 4, 1)}
 # Preprocess (memory-bound): rows per program so that a tile holds 8192 elements; 8 warps.

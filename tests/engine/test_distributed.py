@@ -31,7 +31,8 @@ def corpus(tmp_path_factory):
 def common(corpus: Path, steps: int) -> list[str]:
     return ["--model.n_layer=2", "--model.d_model=32", "--model.n_head=2", "--model.context=32",
             "--train.seq_len=32", "--train.eval_batches=2", "--train.sample_tokens=0", "--train.log_every=1",
-            "--train.eval_every=0", f"--train.steps={steps}", "--run.threads=1", "--run.device=cpu",
+            "--train.eval_every=0", f"--train.steps={steps}", "--train.time_budget=", "--optim.name=adamw",
+            "--run.threads=1", "--run.device=cpu",
             f"--data.source={corpus / 'corpus.jsonl'}", f"--data.cache_dir={corpus / 'cache'}",
             "--data.val_fraction=0.1", "--optim.lr=1e-2", "--optim.warmup_steps=2"]
 

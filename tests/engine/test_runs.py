@@ -25,7 +25,8 @@ ROOT = Path(__file__).resolve().parents[2]
 TINY = ["--model.n_layer=1", "--model.d_model=32", "--model.n_head=2", "--model.context=16", "--model.dropout=0.1",
         "--train.seq_len=16", "--train.batch_size=4", "--train.eval_batches=2", "--train.eval_every=0",
         "--train.log_every=1", "--train.sample_tokens=0", "--optim.lr=1e-2", "--optim.warmup_steps=2",
-        "--data.val_fraction=0.2", "--run.name=tiny", "--run.threads=1"]
+        "--data.val_fraction=0.2", "--run.name=tiny", "--run.threads=1",
+        "--train.time_budget=", "--optim.name=adamw"]  # the main job's recipe, as a fixed-step AdamW run
 
 
 @pytest.fixture
