@@ -3,13 +3,16 @@
     tritonforge train RECIPE [--resume [PATH]] [--section.key=value ...]
     tritonforge plot RUN_DIR [RUN_DIR ...] [-o OUT.png] [--x steps|tokens]
     tritonforge kernels report [--arch sm_90,sm_80] [--kernel NAME] [--json PATH]
+    tritonforge kernels check [--op OPS] [--dtype bf16,fp16,fp32] [--json FILE]
     tritonforge bench ops|train ...
+    tritonforge export CHECKPOINT OUT_DIR
 
 ``python -m engine.train RECIPE ...`` is the same as ``tritonforge train RECIPE ...`` (and is what
 ``torchrun`` launches).
 """
 from __future__ import annotations
 
+import os
 import signal
 import sys
 
@@ -19,8 +22,10 @@ commands:
   train RECIPE [--resume [PATH]] [--section.key=value ...]   train from a TOML recipe
   plot RUN_DIR [RUN_DIR ...] [-o OUT.png] [--x steps|tokens]  draw the runs' loss curves into a PNG
   kernels report [--arch sm_90,sm_80] [--kernel NAME]         compile every Triton kernel for GPUs, report resources
+  kernels check [--op OPS] [--dtype bf16,fp16,fp32]           check every kernel on this machine against a reference
   bench ops [--op OPS] [--backends NAMES] [--shapes SPECS]   check and time each op's backends side by side
   bench train RECIPE [--kernels SET] [--vs SET] [--steps N]  train a recipe's model per kernel set, compare speed
+  export CHECKPOINT OUT_DIR                                   write a run's GPT as a Hugging Face GPT-2/Llama folder
 """
 
 
@@ -75,13 +80,21 @@ def train_main(argv: list[str]) -> int:
     return 0
 
 
-def kernels_main(argv: list[str]) -> int:
-    if not argv or argv[0] != "report":
-        print("usage: tritonforge kernels report [--arch sm_90,sm_80] [--kernel NAME] [--json PATH]", file=sys.stderr)
-        return 2
-    from kernels import aot
+KERNELS_USAGE = """usage: tritonforge kernels report [--arch sm_90,sm_80] [--kernel NAME] [--json PATH]
+       tritonforge kernels check [--op OPS] [--dtype bf16,fp16,fp32] [--sizes small,odd,real] [--json FILE]"""
 
-    return aot.main(argv[1:])
+
+def kernels_main(argv: list[str]) -> int:
+    if argv and argv[0] == "report":
+        from kernels import aot
+
+        return aot.main(argv[1:])
+    if argv and argv[0] == "check":
+        from engine.bench import check  # imports no kernel module: the check may switch the interpreter on
+
+        return check.main(argv[1:])
+    print(KERNELS_USAGE, file=sys.stderr)
+    return 2
 
 
 def plot_main(argv: list[str]) -> int:
@@ -96,11 +109,42 @@ def bench_main(argv: list[str]) -> int:
     return bench.main(argv)
 
 
-COMMANDS = {"train": train_main, "plot": plot_main, "kernels": kernels_main, "bench": bench_main}
+def export_main(argv: list[str]) -> int:
+    usage = ("usage: tritonforge export CHECKPOINT OUT_DIR\n  CHECKPOINT: a run directory, its checkpoints folder "
+             "or a checkpoint file; OUT_DIR: a new folder for config.json and model.safetensors")
+    if argv[:1] in (["-h"], ["--help"]):
+        print(usage)
+        return 0
+    if len(argv) != 2:
+        print(usage, file=sys.stderr)
+        return 2
+    from engine.checkpoint import CheckpointError
+    from engine.config import RecipeError
+    from engine.transfer import export
+
+    try:
+        export(argv[0], argv[1])
+    except (RecipeError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+COMMANDS = {"train": train_main, "plot": plot_main, "kernels": kernels_main, "bench": bench_main,
+            "export": export_main}
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    try:
+        return _dispatch(sys.argv[1:] if argv is None else argv)
+    except BrokenPipeError:
+        # The reader went away (``tritonforge --help | head``): stop quietly, as other command-line tools do.
+        # stdout is pointed at /dev/null so that the interpreter's final flush does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a tool killed by a closed pipe
+
+
+def _dispatch(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0 if argv else 2
@@ -112,5 +156,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     sys.exit(main())

@@ -1,23 +1,59 @@
 """Recipes: typed dataclasses read from TOML, overridable from the command line.
 
 A recipe is a TOML file whose tables are the sections below. Every field has a typed default, so a
-recipe names only what it changes. Overrides use the same names: ``--train.lr=3e-4``. Parsing and
-validation happen here, in one place, before any work starts: an unknown section or key, or a value of
-the wrong type, raises :class:`RecipeError` naming the culprit and the valid choices.
+recipe names only what it changes; a ``Literal`` type lists a field's choices. Overrides use the same
+names: ``--optim.lr=3e-4``. Parsing and validation happen here, before any work starts: an unknown section
+or key, a value of the wrong type or out of range raises :class:`RecipeError` naming the field and what
+is valid. Each section validates itself (``validate``); :func:`validate` adds the checks that span sections.
+The ``[kernels]`` keys are the ops of the registry's table (:mod:`engine.registry`).
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args, get_origin
+
+from engine import registry
+from engine.errors import RecipeError
+
+__all__ = ["RecipeError", "Recipe", "load_recipe", "dump_toml", "parse_overrides", "PRESETS", "IMAGE_ARCHS", "RNN_ARCHS"]
 
 
-class RecipeError(ValueError):
-    """A recipe or override is invalid. The message names the field."""
+def _positive(where: str, value: float, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise RecipeError(f"{where} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+def parse_duration(where: str, text: str) -> float:
+    """Seconds in ``"90s"``, ``"4m"``, ``"1h30m"``, ``"2.5m"`` or a bare number of seconds."""
+    parts = re.fullmatch(r"\s*(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?\s*(?:(\d+(?:\.\d+)?)s?)?\s*", text)
+    if not text.strip() or parts is None or not any(parts.groups()):
+        raise RecipeError(f"{where}: {text!r} is not a duration; write e.g. \"4m\", \"90s\" or \"1h30m\"")
+    h, m, sec = (float(g) if g else 0.0 for g in parts.groups())
+    seconds = 3600 * h + 60 * m + sec
+    if seconds <= 0:
+        raise RecipeError(f"{where} must be > 0, got {text!r}")
+    return seconds
+
+
+def _fraction(where: str, value: float) -> None:
+    """``value`` in [0, 1)."""
+    if not 0.0 <= value < 1.0:
+        raise RecipeError(f"{where} must be in [0, 1), got {value}")
+
+
+Arch = Literal["gpt", "resnet", "convnext", "lstm", "gru"]
+#: Fewest warmup steps a time-budgeted run times before it fixes its step count.
+BUDGET_MIN_WARMUP = 5
+#: Architectures trained on images by the image classification task.
+IMAGE_ARCHS = ("resnet", "convnext")
+#: Recurrent architectures, trained by the language-modelling and forecasting tasks.
+RNN_ARCHS = ("lstm", "gru")
 
 
 @dataclass
@@ -33,12 +69,20 @@ class RunConfig:
     #: CPU threads for intra-op parallelism; 0 keeps torch's default.
     threads: int = 0
 
+    def validate(self) -> None:
+        _positive("run.threads", self.threads, allow_zero=True)
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise RecipeError(f"run.device: {self.device!r} is not one of auto, cpu, cuda, cuda:N")
+
 
 @dataclass
 class ModelConfig:
-    """The network. ``arch`` picks the family; the other fields configure it."""
+    """The network. ``arch`` picks the family; the other fields configure it.
 
-    arch: str = "gpt"
+    A GPT (``engine.models.gpt``) takes this section itself as its config, once ``vocab_size`` is resolved.
+    """
+
+    arch: Arch = "gpt"
     #: A named preset ("gpt2-124m", "gpt-tiny", ...) whose values apply before this table's own.
     preset: str = ""
     n_layer: int = 4
@@ -50,20 +94,26 @@ class ModelConfig:
     context: int = 256
     #: 0 means the tokenizer's vocabulary size, rounded up to a multiple of 64.
     vocab_size: int = 0
-    #: "learned" or "rope".
-    pos: str = "learned"
+    pos: Literal["learned", "rope"] = "learned"
     rope_base: float = 10000.0
-    #: "layernorm" or "rmsnorm".
-    norm: str = "layernorm"
-    #: "gelu" or "swiglu".
-    mlp: str = "gelu"
-    #: MLP hidden width; 0 means 4·d_model for GELU and the 8/3·d_model (rounded to 64) for SwiGLU.
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    #: "relu2" is ReLU squared.
+    mlp: Literal["gelu", "swiglu", "relu2"] = "gelu"
+    #: MLP hidden width; 0 means 4·d_model for GELU and ReLU², 8/3·d_model (rounded to 64) for SwiGLU.
     d_ff: int = 0
     bias: bool = True
     tie_embeddings: bool = True
     dropout: float = 0.0
     #: Sliding attention window in tokens (0: full causal attention).
     window: int = 0
+    #: Epsilon of the GPT's norms; 0 means 1e-5 for LayerNorm and 1e-6 for RMSNorm.
+    norm_eps: float = 0.0
+    #: RMSNorm (with a learned gain) of each head's queries and keys before attention.
+    qk_norm: bool = False
+    #: Start the attention and MLP output projections at zero, so each block begins as the identity.
+    zero_init_proj: bool = False
+    #: Soft-cap the logits to (-c, c) as c·tanh(logits / c) (0: off).
+    logit_softcap: float = 0.0
     #: Classes of an image classifier (arch "resnet" or "convnext").
     num_classes: int = 10
     #: Side of the square images an image classifier sees; batches are resized on the device if the stored
@@ -75,17 +125,69 @@ class ModelConfig:
     width: int = 64
     #: Blocks in each of a CNN's four stages.
     depths: tuple[int, int, int, int] = (2, 2, 2, 2)
-    #: ResNet block: "basic" (two 3x3 convs: ResNet-18/34) or "bottleneck" (1x1, 3x3, 1x1: ResNet-50 and up).
-    block: str = "basic"
+    #: ResNet block: two 3x3 convs (ResNet-18/34) or 1x1, 3x3, 1x1 (ResNet-50 and up).
+    block: Literal["basic", "bottleneck"] = "basic"
     #: CNN stem: "cifar" for small images (a 3x3 stride-1 conv for ResNet, 2x2 patches for ConvNeXt) or
     #: "imagenet" (7x7 stride-2 conv and max-pool for ResNet, 4x4 patches for ConvNeXt).
-    stem: str = "cifar"
+    stem: Literal["cifar", "imagenet"] = "cifar"
     #: Stochastic depth of ConvNeXt blocks: the drop probability of the last block (rising linearly from 0).
     drop_path: float = 0.0
     # Recurrent networks (arch "lstm" or "gru") also read n_layer, d_model (the embedding width), dropout
     # (between layers), vocab_size and tie_embeddings.
     #: Width of the recurrent state; 0 means d_model. Tied embeddings with hidden != d_model add a projection.
     hidden: int = 0
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head or self.n_head
+
+    @property
+    def ff_dim(self) -> int:
+        if self.d_ff:
+            return self.d_ff
+        if self.mlp == "swiglu":
+            return (8 * self.d_model // 3 + 63) // 64 * 64
+        return 4 * self.d_model
+
+    def validate(self) -> None:
+        if self.arch == "gpt":
+            self._validate_gpt()
+        if self.arch in IMAGE_ARCHS:
+            self._validate_image_classifier()
+
+    def _validate_gpt(self) -> None:
+        for key in ("n_layer", "n_head", "d_model", "context"):
+            _positive(f"model.{key}", getattr(self, key))
+        for key in ("vocab_size", "n_kv_head", "window", "d_ff", "norm_eps"):
+            _positive(f"model.{key}", getattr(self, key), allow_zero=True)
+        _fraction("model.dropout", self.dropout)
+        if not 0.0 <= self.logit_softcap < float("inf"):
+            raise RecipeError(f"model.logit_softcap must be a finite number >= 0 (0: off), got {self.logit_softcap}")
+        if self.d_model % self.n_head:
+            raise RecipeError(f"model.d_model ({self.d_model}) must be divisible by model.n_head ({self.n_head})")
+        if self.n_head % self.kv_heads:
+            raise RecipeError(f"model.n_head ({self.n_head}) must be divisible by model.n_kv_head ({self.kv_heads})")
+        if self.pos == "rope" and self.head_dim % 2:
+            raise RecipeError(f"model.pos = 'rope' needs an even head dim, got {self.head_dim}")
+
+    def _validate_image_classifier(self) -> None:
+        for key in ("num_classes", "image_size", "width"):
+            _positive(f"model.{key}", getattr(self, key))
+        for i, depth in enumerate(self.depths):
+            _positive(f"model.depths[{i}]", depth)
+        if self.channels not in (1, 3):
+            raise RecipeError(f"model.channels must be 1 or 3, got {self.channels}")
+        _fraction("model.drop_path", self.drop_path)
+        # The stem and three stride-2 stages shrink the image by this factor.
+        stride = {("resnet", "cifar"): 8, ("resnet", "imagenet"): 32, ("convnext", "cifar"): 16,
+                  ("convnext", "imagenet"): 32}[self.arch, self.stem]
+        if self.image_size % stride:
+            raise RecipeError(f"model.image_size ({self.image_size}) must be a multiple of {stride} for "
+                              f"model.arch = {self.arch!r} with model.stem = {self.stem!r}")
 
 
 @dataclass
@@ -99,7 +201,7 @@ class DataConfig:
 
     source: str = "stdlib"
     #: "byte" (built in, vocabulary 256) or "gpt2" (BPE through tiktoken).
-    tokenizer: str = "byte"
+    tokenizer: Literal["byte", "gpt2"] = "byte"
     #: Column holding the text for datasets and JSON/parquet files.
     text_field: str = "text"
     #: Dataset split to read for ``hf:`` sources.
@@ -128,6 +230,12 @@ class DataConfig:
     #: Season length in steps, for the seasonal-naive baseline (the built-in series repeat every 24 steps).
     season: int = 24
 
+    def validate(self) -> None:
+        _fraction("data.val_fraction", self.val_fraction)
+        _positive("data.image_size", self.image_size, allow_zero=True)
+        _positive("data.num_images", self.num_images)
+        _positive("data.crop_padding", self.crop_padding, allow_zero=True)
+
 
 @dataclass
 class TrainConfig:
@@ -139,21 +247,28 @@ class TrainConfig:
     #: Sequence length of a training sample (at most model.context).
     seq_len: int = 128
     grad_accum: int = 1
-    #: "fp32", "bf16" (autocast) or "fp16" (autocast with dynamic loss scaling).
-    precision: str = "fp32"
+    #: Wall time the run may take, e.g. "4m", "90s", "1h30m" ("" for none): the run measures its speed over
+    #: its first steps (the warmup), then fixes ``steps`` to what fits (at most ``steps``), records it
+    #: and schedules the learning rate over it. Counted from the start of the run, evaluations included.
+    time_budget: str = ""
+    #: "bf16" runs under autocast; "fp16" adds dynamic loss scaling.
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     #: Clip the global gradient norm to this (0 disables).
     grad_clip: float = 1.0
     eval_every: int = 200
-    #: Batches per evaluation.
+    #: Batches per periodic evaluation: the same windows every time, spread evenly over the validation split.
     eval_batches: int = 20
+    #: The final evaluation covers the whole validation split (non-overlapping windows) when it holds at most
+    #: this many tokens; larger splits, or 0, keep the periodic sample.
+    final_eval_tokens: int = 1_000_000
     log_every: int = 10
     #: Wrap the model in torch.compile.
     compile: bool = False
     #: Bytes/tokens of text generated at the end of the run (0 to skip).
     sample_tokens: int = 256
     sample_prompt: str = "def "
-    #: What to do when the loss is NaN/inf: "skip" the step (up to max_bad_steps times in a row) or "stop".
-    on_nan: str = "skip"
+    #: A NaN/inf loss or gradient: "skip" the step (up to max_bad_steps times in a row) or "stop".
+    on_nan: Literal["skip", "stop"] = "skip"
     max_bad_steps: int = 5
     #: Label smoothing of the classification loss (image models).
     label_smoothing: float = 0.0
@@ -161,62 +276,106 @@ class TrainConfig:
     ema_decay: float = 0.0
     #: "auto" (the architecture's own task: language modelling or image classification) or "forecast"
     #: (time series: train.seq_len steps of context predict the next train.horizon steps).
-    task: str = "auto"
+    task: Literal["auto", "forecast"] = "auto"
     #: Steps a forecast predicts.
     horizon: int = 24
     #: Truncated backpropagation through time (arch "lstm"/"gru"): each batch row reads consecutive windows
     #: and the recurrent state carries over between steps, detached.
     carry_state: bool = False
+    #: Start from these weights (fresh optimizer, schedule and step 0): a run directory, its checkpoints
+    #: folder, a checkpoint, or a local Hugging Face GPT-2/Llama folder. "" trains from scratch.
+    init_from: str = ""
+    #: With init_from: parameters present on only one side are an error (true) or left as initialised (false).
+    init_strict: bool = True
+    #: Glob patterns over parameter names ("blocks.0.*") whose parameters stay fixed.
+    freeze: tuple[str, ...] = ()
+
+    def budget_seconds(self) -> float | None:
+        """``time_budget`` in seconds, None when unset."""
+        return parse_duration("train.time_budget", self.time_budget) if self.time_budget else None
+
+    def validate(self) -> None:
+        self.budget_seconds()
+        for key in ("steps", "batch_size", "seq_len", "grad_accum", "eval_batches", "log_every"):
+            _positive(f"train.{key}", getattr(self, key))
+        for key in ("grad_clip", "eval_every", "final_eval_tokens", "sample_tokens", "max_bad_steps"):
+            _positive(f"train.{key}", getattr(self, key), allow_zero=True)
+        _fraction("train.label_smoothing", self.label_smoothing)
+        _fraction("train.ema_decay", self.ema_decay)
 
 
 @dataclass
 class OptimConfig:
     """Optimizer and learning-rate schedule."""
 
-    #: "adamw", "sgd" or "lion".
-    name: str = "adamw"
+    #: "muon": Muon for the blocks' matrices and AdamW (``betas``, ``eps``) for the rest, one ``lr`` for
+    #: both (Muon's update is scaled to AdamW's RMS); single process or DDP.
+    name: Literal["adamw", "sgd", "lion", "muon"] = "adamw"
     lr: float = 1e-3
     #: Floor of the cosine schedule.
     min_lr: float = 1e-4
     #: "cosine" (warmup then cosine decay to min_lr), "constant" (warmup then flat), "onecycle" (warmup
     #: then a linear decay to min_lr).
-    schedule: str = "cosine"
+    schedule: Literal["cosine", "constant", "onecycle"] = "cosine"
     warmup_steps: int = 100
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
     weight_decay: float = 0.1
+    #: SGD's momentum.
     momentum: float = 0.9
+    #: Nesterov momentum, for SGD and Muon.
     nesterov: bool = True
+    #: Muon's momentum.
+    muon_momentum: float = 0.95
+
+    def validate(self) -> None:
+        _positive("optim.lr", self.lr)
+        _positive("optim.eps", self.eps)
+        for key in ("min_lr", "warmup_steps", "weight_decay"):
+            _positive(f"optim.{key}", getattr(self, key), allow_zero=True)
+        for i, beta in enumerate(self.betas):
+            if not 0.0 <= beta < 1.0:
+                raise RecipeError(f"optim.betas[{i}] must be in [0, 1), got {beta}")
+        if not 0.0 <= self.muon_momentum < 1.0:
+            raise RecipeError(f"optim.muon_momentum must be in [0, 1), got {self.muon_momentum}")
+        if self.min_lr > self.lr:
+            raise RecipeError(f"optim.min_lr ({self.min_lr}) must not exceed optim.lr ({self.lr})")
+
+
+def _all_auto() -> dict[str, str]:
+    return {op: "auto" for op in registry.op_names()}
 
 
 @dataclass
 class KernelsConfig:
-    """Which implementation serves each op: "auto", "torch" or "triton"."""
+    """Which implementation serves each op: one key per op of the registry's table (``attention``,
+    ``layer_norm``, ...), each "auto", "torch" or "triton" (see :mod:`engine.registry`), and
+    ``deterministic``."""
 
-    attention: str = "auto"
-    layer_norm: str = "auto"
-    rms_norm: str = "auto"
-    #: Linear -> GELU -> Linear -> LayerScale -> stochastic depth -> residual: a ConvNeXt block's MLP.
-    mlp: str = "auto"
-    #: Depthwise convolution (stride 1): ConvNeXt's 7x7 token mixer.
-    dwconv: str = "auto"
-    cross_entropy: str = "auto"
-    optimizer: str = "auto"
+    #: op -> backend for every op of the table; in TOML and on the command line, one key per op.
+    ops: dict[str, registry.Backend] = field(default_factory=_all_auto)
     #: Bitwise reproducible gradients run to run. False lets kernels use atomics where faster (the
     #: Triton attention backward); the torch backends are unaffected.
     deterministic: bool = True
 
     def backends(self) -> dict[str, str]:
-        """op -> backend, without the non-op settings."""
-        return {op: b for op, b in dataclasses.asdict(self).items() if op != "deterministic"}
+        """op -> backend."""
+        return dict(self.ops)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.ops, "deterministic": self.deterministic}
+
+    def validate(self) -> None:
+        for op, backend in self.ops.items():
+            registry.check_backend_name(op, backend)
 
 
 @dataclass
 class LoggingConfig:
     """Where progress goes."""
 
-    #: "off", "offline" (no network or account needed) or "online".
-    wandb: str = "off"
+    #: "offline" needs no network or account.
+    wandb: Literal["off", "offline", "online"] = "off"
     wandb_project: str = "tritonforge"
 
 
@@ -231,13 +390,17 @@ class CheckpointConfig:
     #: "" (fresh run), "latest" (newest checkpoint in the run directory) or a checkpoint path.
     resume: str = ""
 
+    def validate(self) -> None:
+        _positive("checkpoint.every", self.every, allow_zero=True)
+        _positive("checkpoint.keep", self.keep)
+
 
 @dataclass
 class ParallelConfig:
     """Multi-process training under torchrun (a plain ``python`` launch stays single-process)."""
 
     #: "ddp" (DistributedDataParallel) or "fsdp" (FSDP2 ``fully_shard`` per block).
-    strategy: str = "ddp"
+    strategy: Literal["ddp", "fsdp"] = "ddp"
 
 
 @dataclass
@@ -255,7 +418,9 @@ class Recipe:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
-        return dataclasses.asdict(self)
+        """Every section as a flat table, as TOML holds it."""
+        return {f.name: (section.to_dict() if hasattr(section, "to_dict") else dataclasses.asdict(section))
+                for f in dataclasses.fields(self) for section in [getattr(self, f.name)]}
 
 
 #: Named model presets: values applied before the recipe's own [model] table.
@@ -282,23 +447,6 @@ PRESETS: dict[str, dict[str, Any]] = {
     "convnext-cifar": dict(arch="convnext", stem="cifar", width=64, depths=(2, 2, 6, 2), drop_path=0.1,
                            num_classes=10, image_size=32),
 }
-
-#: Fields whose value must be one of these strings.
-CHOICES: dict[str, tuple[str, ...]] = {
-    "model.pos": ("learned", "rope"),
-    "model.norm": ("layernorm", "rmsnorm"),
-    "model.mlp": ("gelu", "swiglu"),
-    "model.block": ("basic", "bottleneck"),
-    "model.stem": ("cifar", "imagenet"),
-    "data.tokenizer": ("byte", "gpt2"),
-    "train.precision": ("fp32", "bf16", "fp16"),
-    "train.on_nan": ("skip", "stop"),
-    "optim.name": ("adamw", "sgd", "lion"),
-    "optim.schedule": ("cosine", "constant", "onecycle"),
-    "logging.wandb": ("off", "offline", "online"),
-    "parallel.strategy": ("ddp", "fsdp"),
-}
-
 
 def _field_types(cls: type) -> dict[str, Any]:
     hints = typing.get_type_hints(cls)
@@ -340,9 +488,17 @@ def _coerce(where: str, value: Any, typ: Any, from_cli: bool) -> Any:
         if isinstance(value, str):
             return value
         raise bad()
+    if get_origin(typ) is Literal:
+        if isinstance(value, str) and value in get_args(typ):
+            return value
+        raise RecipeError(f"{where}: {value!r} is not one of {', '.join(get_args(typ))}")
     if typing.get_origin(typ) is tuple:
         args = typing.get_args(typ)
         items = value.split(",") if from_cli and isinstance(value, str) else value
+        if len(args) == 2 and args[1] is Ellipsis:  # any length, one item type
+            if not isinstance(items, (list, tuple)):
+                raise bad()
+            return tuple(_coerce(where, v, args[0], from_cli) for v in items if not (from_cli and v == ""))
         if not isinstance(items, (list, tuple)) or len(items) != len(args):
             raise bad()
         return tuple(_coerce(where, v, t, from_cli) for v, t in zip(items, args))
@@ -350,7 +506,11 @@ def _coerce(where: str, value: Any, typ: Any, from_cli: bool) -> Any:
 
 
 def _type_name(typ: Any) -> str:
-    if typing.get_origin(typ) is tuple:
+    if get_origin(typ) is Literal:
+        return "one of " + ", ".join(get_args(typ))
+    if get_origin(typ) is tuple and get_args(typ)[1:] == (Ellipsis,):
+        return f"a list of {_type_name(get_args(typ)[0])}s"
+    if get_origin(typ) is tuple:
         return "a list of " + ", ".join(_type_name(t) for t in typing.get_args(typ))
     return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(typ, str(typ))
 
@@ -361,6 +521,12 @@ def _apply(recipe: Recipe, section: str, key: str, value: Any, from_cli: bool) -
         raise RecipeError(f"unknown recipe section [{section}]; valid sections: {', '.join(sorted(sections))}")
     sub = getattr(recipe, section)
     types = _field_types(type(sub))
+    if section == "kernels" and key in sub.ops:  # one key per op of the registry's table
+        sub.ops[key] = _coerce(f"kernels.{key}", value, str, from_cli)
+        registry.check_backend_name(key, sub.ops[key])
+        return
+    if section == "kernels":
+        types = {**sub.ops, **{k: t for k, t in types.items() if k != "ops"}}
     if key not in types:
         raise RecipeError(f"unknown key {section}.{key}; valid keys of [{section}]: {', '.join(types)}")
     setattr(sub, key, _coerce(f"{section}.{key}", value, types[key], from_cli))
@@ -420,106 +586,27 @@ def load_recipe(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
 
 
 def validate(r: Recipe) -> None:
-    """Check values that types alone cannot, so a bad recipe stops before any work."""
-    for where, allowed in CHOICES.items():
-        section, key = where.split(".")
-        value = getattr(getattr(r, section), key)
-        if value not in allowed:
-            raise RecipeError(f"{where}: {value!r} is not one of {', '.join(allowed)}")
-
-    def positive(where: str, value: float, allow_zero: bool = False) -> None:
-        if value < 0 or (value == 0 and not allow_zero):
-            raise RecipeError(f"{where} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
-
-    positive("train.steps", r.train.steps)
-    positive("train.batch_size", r.train.batch_size)
-    positive("train.seq_len", r.train.seq_len)
-    positive("train.grad_accum", r.train.grad_accum)
-    positive("train.grad_clip", r.train.grad_clip, allow_zero=True)
-    positive("train.eval_every", r.train.eval_every, allow_zero=True)
-    positive("train.eval_batches", r.train.eval_batches)
-    positive("train.log_every", r.train.log_every)
-    positive("train.sample_tokens", r.train.sample_tokens, allow_zero=True)
-    positive("train.max_bad_steps", r.train.max_bad_steps, allow_zero=True)
-    positive("optim.lr", r.optim.lr)
-    positive("optim.min_lr", r.optim.min_lr, allow_zero=True)
-    positive("optim.warmup_steps", r.optim.warmup_steps, allow_zero=True)
-    positive("optim.eps", r.optim.eps)
-    positive("optim.weight_decay", r.optim.weight_decay, allow_zero=True)
-    for i, beta in enumerate(r.optim.betas):
-        if not 0.0 <= beta < 1.0:
-            raise RecipeError(f"optim.betas[{i}] must be in [0, 1), got {beta}")
-    if r.optim.min_lr > r.optim.lr:
-        raise RecipeError(f"optim.min_lr ({r.optim.min_lr}) must not exceed optim.lr ({r.optim.lr})")
-    positive("checkpoint.every", r.checkpoint.every, allow_zero=True)
-    positive("checkpoint.keep", r.checkpoint.keep)
-    positive("run.threads", r.run.threads, allow_zero=True)
-    if not (r.run.device in ("auto", "cpu", "cuda") or r.run.device.startswith("cuda:")):
-        raise RecipeError(f"run.device: {r.run.device!r} is not one of auto, cpu, cuda, cuda:N")
-    if not 0.0 <= r.data.val_fraction < 1.0:
-        raise RecipeError(f"data.val_fraction must be in [0, 1), got {r.data.val_fraction}")
-    from engine import registry  # the registry owns the names of ops and backends
-
-    for op, backend in r.kernels.backends().items():
-        registry.check_backend_name(op, backend)
-    m = r.model
-    if m.arch == "gpt":
-        positive("model.n_layer", m.n_layer)
-        positive("model.n_head", m.n_head)
-        positive("model.d_model", m.d_model)
-        positive("model.context", m.context)
-        positive("model.vocab_size", m.vocab_size, allow_zero=True)
-        positive("model.n_kv_head", m.n_kv_head, allow_zero=True)
-        positive("model.window", m.window, allow_zero=True)
-        if not 0.0 <= m.dropout < 1.0:
-            raise RecipeError(f"model.dropout must be in [0, 1), got {m.dropout}")
-        if m.d_model % m.n_head:
-            raise RecipeError(f"model.d_model ({m.d_model}) must be divisible by model.n_head ({m.n_head})")
-        kv = m.n_kv_head or m.n_head
-        if m.n_head % kv:
-            raise RecipeError(f"model.n_head ({m.n_head}) must be divisible by model.n_kv_head ({kv})")
-        if m.pos == "rope" and (m.d_model // m.n_head) % 2:
-            raise RecipeError(f"model.pos = 'rope' needs an even head dim, got {m.d_model // m.n_head}")
-        if r.train.seq_len > m.context:
-            raise RecipeError(
-                f"train.seq_len ({r.train.seq_len}) is longer than the model supports "
-                f"(model.context = {m.context})")
-    if m.arch in IMAGE_ARCHS:
-        _validate_image_classifier(r, positive)
-    _validate_sequence_models(r, positive)
-
-
-#: Architectures trained on images by the image classification task.
-IMAGE_ARCHS = ("resnet", "convnext")
-
-
-def _validate_image_classifier(r: Recipe, positive) -> None:
-    m, d = r.model, r.data
-    positive("model.num_classes", m.num_classes)
-    positive("model.image_size", m.image_size)
-    positive("model.width", m.width)
-    for i, depth in enumerate(m.depths):
-        positive(f"model.depths[{i}]", depth)
-    if m.channels not in (1, 3):
-        raise RecipeError(f"model.channels must be 1 or 3, got {m.channels}")
-    if not 0.0 <= m.drop_path < 1.0:
-        raise RecipeError(f"model.drop_path must be in [0, 1), got {m.drop_path}")
-    # The stem and three stride-2 stages shrink the image by this factor.
-    stride = {("resnet", "cifar"): 8, ("resnet", "imagenet"): 32, ("convnext", "cifar"): 16,
-              ("convnext", "imagenet"): 32}[m.arch, m.stem]
-    if m.image_size % stride:
-        raise RecipeError(f"model.image_size ({m.image_size}) must be a multiple of {stride} for "
-                          f"model.arch = {m.arch!r} with model.stem = {m.stem!r}")
-    if d.source == "stdlib":
+    """Check values that types alone cannot, so a bad recipe stops before any work: each section's own
+    ranges, then what spans sections."""
+    for f in dataclasses.fields(r):
+        section = getattr(r, f.name)
+        if hasattr(section, "validate"):
+            section.validate()
+    if r.model.arch == "gpt" and r.train.seq_len > r.model.context:
+        raise RecipeError(f"train.seq_len ({r.train.seq_len}) is longer than the model supports "
+                          f"(model.context = {r.model.context})")
+    if r.optim.name == "muon" and r.parallel.strategy == "fsdp":
+        raise RecipeError('optim.name = "muon" runs in one process or under parallel.strategy = "ddp": '
+                          "FSDP shards the matrices that Muon orthogonalizes whole")
+    if r.train.time_budget and r.optim.schedule != "constant" and r.optim.warmup_steps < BUDGET_MIN_WARMUP:
+        raise RecipeError(
+            f"train.time_budget: the step count is fixed after timing the warmup steps, whose learning rate does "
+            f"not depend on it; with optim.schedule = {r.optim.schedule!r}, optim.warmup_steps must be >= "
+            f"{BUDGET_MIN_WARMUP} (got {r.optim.warmup_steps})")
+    if r.model.arch in IMAGE_ARCHS and r.data.source == "stdlib":
         raise RecipeError("data.source: 'stdlib' is text; image models read 'shapes' (generated, no download), "
                           "'hf:NAME[:CONFIG]' or a local image folder or parquet file")
-    positive("data.image_size", d.image_size, allow_zero=True)
-    positive("data.num_images", d.num_images)
-    positive("data.crop_padding", d.crop_padding, allow_zero=True)
-    if not 0.0 <= r.train.label_smoothing < 1.0:
-        raise RecipeError(f"train.label_smoothing must be in [0, 1), got {r.train.label_smoothing}")
-    if not 0.0 <= r.train.ema_decay < 1.0:
-        raise RecipeError(f"train.ema_decay must be in [0, 1), got {r.train.ema_decay}")
+    _validate_sequence_models(r)
 
 
 def dump_toml(recipe: Recipe) -> str:
@@ -546,22 +633,15 @@ def _toml_value(value: Any) -> str:
     raise TypeError(f"cannot write {value!r} as TOML")
 
 
-#: Recurrent architectures, trained by the language-modelling and forecasting tasks.
-RNN_ARCHS = ("lstm", "gru")
-
-
-def _validate_sequence_models(r: Recipe, positive) -> None:
+def _validate_sequence_models(r: Recipe) -> None:
     """Recurrent networks, truncated BPTT and the forecasting task."""
     m, d, t = r.model, r.data, r.train
-    if t.task not in ("auto", "forecast"):
-        raise RecipeError(f"train.task: {t.task!r} is not one of auto, forecast")
     if m.arch in RNN_ARCHS:
-        positive("model.n_layer", m.n_layer)
-        positive("model.d_model", m.d_model)
-        positive("model.hidden", m.hidden, allow_zero=True)
-        positive("model.vocab_size", m.vocab_size, allow_zero=True)
-        if not 0.0 <= m.dropout < 1.0:
-            raise RecipeError(f"model.dropout must be in [0, 1), got {m.dropout}")
+        _positive("model.n_layer", m.n_layer)
+        _positive("model.d_model", m.d_model)
+        _positive("model.hidden", m.hidden, allow_zero=True)
+        _positive("model.vocab_size", m.vocab_size, allow_zero=True)
+        _fraction("model.dropout", m.dropout)
         if r.parallel.strategy == "fsdp":
             raise RecipeError(f"parallel.strategy = 'fsdp' does not shard model.arch = {m.arch!r} (nn.{m.arch.upper()} "
                               f"keeps its weights in one flat cuDNN buffer); use 'ddp'")
@@ -572,8 +652,8 @@ def _validate_sequence_models(r: Recipe, positive) -> None:
         return
     if m.arch not in ("gpt", *RNN_ARCHS):
         raise RecipeError(f"train.task = 'forecast' trains model.arch = 'gpt', 'lstm' or 'gru', not {m.arch!r}")
-    positive("train.horizon", t.horizon)
-    positive("data.season", d.season)
+    _positive("train.horizon", t.horizon)
+    _positive("data.season", d.season)
     if d.season > t.seq_len:
         raise RecipeError(f"data.season ({d.season}) is longer than the context (train.seq_len = {t.seq_len}); "
                           f"the seasonal-naive forecast repeats the context's last season")

@@ -1,105 +1,59 @@
-"""The kernel registry: one place decides which implementation serves each op.
+"""The kernel registry: one table of ops, and the one place that decides which implementation serves each.
 
-Models and the trainer never import a kernel module. They ask :func:`resolve` for an :class:`Ops`
-object and call its methods; the choice per op comes from the recipe's ``[kernels]`` table or the
-command line (``--kernels.attention=torch``):
+Models and the trainer never import a kernel module. They ask :func:`resolve` for an :class:`Ops` object and
+call its functions; the backend per op comes from the recipe's ``[kernels]`` table or the command line
+(``--kernels.attention=torch``):
 
-- ``torch``: PyTorch's own implementation (SDPA, ``F.layer_norm``, ``F.rms_norm``, ``F.linear`` +
-  ``F.gelu`` for ``mlp``, ``F.conv2d`` with ``groups = C`` for ``dwconv``, ``F.cross_entropy``,
-  ``torch.optim`` fused on CUDA). This is the reference every other backend is checked against.
-- ``triton``: the project's fused kernels from the ``kernels`` package. Selecting it for an op that has
-  no Triton kernel is an error, never a silent fallback.
-- ``auto``: ``triton`` on CUDA where a kernel exists, ``torch`` otherwise (on CPU, for instance).
+- ``torch``: PyTorch's own implementation (the ``torch_*`` functions below). The reference every other
+  backend is checked against.
+- ``triton``: the project's fused kernels from the ``kernels`` package. Selecting it for an op whose kernel
+  this build lacks, or on a CPU without ``TRITON_INTERPRET=1``, is an error, never a silent fallback.
+- ``auto``: ``triton`` on CUDA, ``torch`` elsewhere. If ``tritonforge kernels check`` fails for an op on
+  your card, select ``torch`` for that op (``--kernels.OP=torch``) and report the check's table.
+
+Each op is one :class:`Op` row of :data:`TABLE`: its recipe name, the :class:`Ops` functions it provides
+with their torch reference and Triton entry point. The recipe's ``[kernels]`` keys, :func:`resolve`,
+``bench ops`` and ``kernels check`` all read the table, so a new op is a row here plus its kernel module
+and tests.
 """
 from __future__ import annotations
 
 import importlib
 import os
-from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Literal, get_args
 
 import torch
 import torch.nn.functional as F
 
-from engine.config import RecipeError
+from engine.errors import KernelSelectionError
+from engine.optim_muon import TorchMuon
 
-OPS = ("attention", "layer_norm", "rms_norm", "mlp", "dwconv", "cross_entropy", "optimizer")
-BACKENDS = ("auto", "torch", "triton")
-
-#: The public ``kernels`` names each op needs from the triton backend.
-_TRITON_NAMES = {
-    "attention": ("attention",),
-    "layer_norm": ("layer_norm", "add_layer_norm"),
-    "rms_norm": ("rms_norm", "add_rms_norm"),
-    "mlp": ("gelu_linear_residual",),
-    "dwconv": ("depthwise_conv2d",),
-    "cross_entropy": ("cross_entropy", "linear_cross_entropy"),
-    "optimizer": ("AdamW", "SGD", "Lion"),
-}
-
-
-class KernelSelectionError(RecipeError):
-    """An op or backend name is unknown, or a backend cannot serve an op here."""
-
-
-def check_backend_name(op: str, backend: str) -> None:
-    if op not in OPS:
-        raise KernelSelectionError(f"unknown op {op!r}; valid ops: {', '.join(OPS)}")
-    if backend not in BACKENDS:
-        raise KernelSelectionError(
-            f"kernels.{op}: unknown backend {backend!r}; valid backends: {', '.join(BACKENDS)}")
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _triton_kernels(op: str):
-    """The ``kernels`` module if it provides every name ``op`` needs, else None."""
-    try:
-        kernels = importlib.import_module("kernels")
-    except ImportError:  # triton missing on this platform
-        return None
-    if all(hasattr(kernels, name) for name in _TRITON_NAMES[op]):
-        return kernels
-    return None
-
-
-def triton_available(op: str) -> bool:
-    return _triton_kernels(op) is not None
-
-
-def _choose(op: str, backend: str, device: torch.device) -> str:
-    check_backend_name(op, backend)
-    if backend == "torch":
-        return "torch"
-    has_kernel = triton_available(op)
-    if backend == "auto":
-        return "triton" if has_kernel and device.type == "cuda" else "torch"
-    if not has_kernel:
-        raise KernelSelectionError(
-            f"kernels.{op} = 'triton': this build has no Triton kernel for {op!r} yet; "
-            f"use 'torch' or 'auto'")
-    if device.type != "cuda" and not _interpreting():
-        raise KernelSelectionError(
-            f"kernels.{op} = 'triton' needs a CUDA device (this run is on {device.type}); set "
-            f"TRITON_INTERPRET=1 before starting to run the kernels through the Triton interpreter on CPU")
-    return "triton"
-
+Backend = Literal["auto", "torch", "triton"]
+BACKENDS: tuple[str, ...] = get_args(Backend)
 
 # ---------------------------------------------------------------------------------------------------
 # The torch reference implementations.
 # ---------------------------------------------------------------------------------------------------
 
-def _window_mask(s_q: int, s_k: int, window: int, device: torch.device) -> torch.Tensor:
-    """Boolean mask, True where query i may attend key j: causal and within the last ``window`` keys."""
+def _window_mask(s_q: int, s_k: int, window: int, causal: bool, device: torch.device) -> torch.Tensor:
+    """Boolean mask, True where query i may attend key j: within the last ``window`` keys, and causal or
+    within the next ``window - 1`` (the kernels' band, i - window < j <= i + right)."""
     i = torch.arange(s_q, device=device)[:, None]
     j = torch.arange(s_k, device=device)[None, :]
-    return (j <= i) & (j > i - window)
+    return (j > i - window) & (j <= i if causal else j < i + window)
 
 
-def torch_attention(q, k, v, causal: bool = True, window: int | None = None, scale: float | None = None):
-    mask = _window_mask(q.shape[-2], k.shape[-2], window, q.device) if window else None
+def torch_attention(q, k, v, causal: bool = True, window: int | None = None, scale: float | None = None,
+                    segment_ids: torch.Tensor | None = None):
+    """SDPA. ``segment_ids`` (B, S) (packed documents): key j visible from query i only if both carry the
+    same id, as a dense (B, 1, S, S) boolean mask combined with the causal/window one."""
+    mask = _window_mask(q.shape[-2], k.shape[-2], window, causal, q.device) if window else None
+    if segment_ids is not None:
+        same = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
+        if mask is None and causal:
+            mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
+        mask = same if mask is None else mask & same
     return F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, is_causal=causal and mask is None, scale=scale,
         enable_gqa=q.shape[1] != k.shape[1])
@@ -121,6 +75,33 @@ def torch_rms_norm(x, weight=None, eps: float = 1e-6):
 def torch_add_rms_norm(x, residual, weight=None, eps: float = 1e-6):
     residual = (residual + x).to(residual.dtype)
     return F.rms_norm(residual, (x.shape[-1],), weight, eps), residual
+
+
+def _rotate_pairs(x, cos, sin):
+    """Rotate pairs (x[i], x[i + D/2]) of x (B, H, T, D) by the angles whose cos/sin broadcast over it."""
+    x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+def torch_rope(q, k, cos, sin, position_ids=None):
+    """Rotary position embedding of q (B, H, T, D) and k (B, Hkv, T, D): ``(q_rot, k_rot)``.
+
+    ``cos``/``sin`` are (positions, D/2) tables; position ``t`` (or ``position_ids[b, t]``, a (B, T) integer
+    tensor) picks a row. The math runs in the inputs' dtype, the tables cast to it.
+    """
+    if position_ids is None:
+        cos, sin = cos[:q.shape[2]], sin[:q.shape[2]]
+    else:
+        cos, sin = cos[position_ids][:, None], sin[position_ids][:, None]
+    return _rotate_pairs(q, cos, sin), _rotate_pairs(k, cos, sin)
+
+
+def torch_swiglu(h):
+    """``silu(gate) * up`` with ``gate, up = h.chunk(2, dim=-1)``: a SwiGLU MLP's activation of its fused
+    gate/up projection output h (..., 2F)."""
+    gate, up = h.chunk(2, dim=-1)
+    return F.silu(gate) * up
 
 
 def torch_gelu_linear_residual(h, weight, bias=None, layer_scale=None, residual=None, row_scale=None):
@@ -151,17 +132,22 @@ def torch_depthwise_conv2d(x, weight, bias=None, padding=0):
     return F.conv2d(x, weight, bias, padding=padding, groups=x.shape[1])
 
 
-def torch_cross_entropy(logits, targets, ignore_index: int = -100, label_smoothing: float = 0.0):
-    """Mean cross-entropy over all positions, computed in fp32 whatever the logits' dtype."""
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+def torch_cross_entropy(logits, targets, ignore_index: int = -100, label_smoothing: float = 0.0,
+                        softcap: float = 0.0):
+    """Mean cross-entropy over all positions, computed in fp32 whatever the logits' dtype; a nonzero
+    ``softcap`` c takes the loss of ``c * tanh(logits / c)``."""
+    logits = logits.float()
+    if softcap:
+        logits = softcap * torch.tanh(logits / softcap)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
                            ignore_index=ignore_index, label_smoothing=label_smoothing)
 
 
 def torch_linear_cross_entropy(x, weight, targets, bias=None, ignore_index: int = -100,
-                               label_smoothing: float = 0.0):
+                               label_smoothing: float = 0.0, softcap: float = 0.0):
     """A classifier head and its loss, ``torch_cross_entropy(F.linear(x, weight, bias), targets)``: the
     (positions, classes) logits are materialized, and copied to fp32."""
-    return torch_cross_entropy(F.linear(x, weight, bias), targets, ignore_index, label_smoothing)
+    return torch_cross_entropy(F.linear(x, weight, bias), targets, ignore_index, label_smoothing, softcap)
 
 
 class TorchLion(torch.optim.Optimizer):
@@ -196,72 +182,212 @@ class TorchLion(torch.optim.Optimizer):
         return loss
 
 
+
+# ---------------------------------------------------------------------------------------------------
+# The Triton entry points that need adapting to the torch reference's signature.
+# ---------------------------------------------------------------------------------------------------
+
+def _triton_attention(kernels, deterministic: bool):
+    def attention(q, k, v, causal=True, window=None, scale=None, segment_ids=None):
+        return kernels.attention(q, k, v, causal=causal, scale=scale, window=window, deterministic=deterministic,
+                                 segment_ids=segment_ids)
+    return attention
+
+
+def _triton_mlp(kernels, deterministic: bool):
+    def mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, layer_scale=None, residual=None, row_scale=None):
+        """:func:`torch_mlp` with fc1 as a bias-free matmul and the rest in the fused Triton op, which adds
+        fc1's bias as it loads fc1's output and returns its gradient from the input-gradient GEMM (no
+        separate column reduction over the 4C-wide gradient)."""
+        return kernels.gelu_linear_residual(F.linear(x, fc1_weight), fc2_weight, fc2_bias, layer_scale, residual,
+                                            row_scale, h_bias=fc1_bias)
+    return mlp
+
+
+def _triton_cross_entropy(kernels, deterministic: bool):
+    def cross_entropy(logits, targets, ignore_index=-100, label_smoothing=0.0, softcap=0.0):
+        return kernels.cross_entropy(logits, targets, ignore_index=ignore_index, label_smoothing=label_smoothing,
+                                     softcap=softcap)
+    return cross_entropy
+
+
+def _triton_linear_cross_entropy(kernels, deterministic: bool):
+    def linear_cross_entropy(x, weight, targets, bias=None, ignore_index=-100, label_smoothing=0.0, softcap=0.0):
+        """:func:`torch_linear_cross_entropy` a chunk of positions at a time, the gradients computed as the
+        forward goes (``kernels.linear_cross_entropy``)."""
+        return kernels.linear_cross_entropy(x, weight, targets, bias, ignore_index=ignore_index,
+                                            label_smoothing=label_smoothing, softcap=softcap)
+    return linear_cross_entropy
+
+
+# ---------------------------------------------------------------------------------------------------
+# The op table.
+# ---------------------------------------------------------------------------------------------------
+
+#: A Triton entry point: the name of a public ``kernels`` function, or a factory
+#: ``(kernels_module, deterministic) -> function`` where the call needs adapting.
+TritonEntry = str | Callable[[Any, bool], Callable]
+
+
+@dataclass(frozen=True)
+class Op:
+    """One row of the op table: a recipe key under ``[kernels]`` and the functions it serves."""
+
+    name: str
+    summary: str
+    #: :class:`Ops` attribute -> (torch reference, Triton entry point).
+    functions: dict[str, tuple[Callable, TritonEntry]]
+    #: Public ``kernels`` names the Triton backend needs (default: the functions' string entries).
+    kernel_names: tuple[str, ...] = ()
+    #: How ``bench ops`` and ``kernels check`` exercise the op when they have no built-in case for it (an
+    #: ``engine.bench.ops.OpBench``).
+    bench: Any = field(default=None, compare=False)
+
+    def needs(self) -> tuple[str, ...]:
+        return self.kernel_names or tuple(e for _, e in self.functions.values() if isinstance(e, str))
+
+
+#: Optimizers by ``optim.name``: the torch class and the name of the Triton one in ``kernels``.
+OPTIMIZERS: dict[str, tuple[Callable, str]] = {
+    "adamw": (torch.optim.AdamW, "AdamW"),
+    "sgd": (torch.optim.SGD, "SGD"),
+    "lion": (TorchLion, "Lion"),
+    "muon": (TorchMuon, "Muon"),
+}
+
+TABLE: list[Op] = [
+    Op("attention", "scaled dot-product attention: causal, full or sliding window; grouped-query; "
+                    "packed documents (segment ids)",
+       {"attention": (torch_attention, _triton_attention)}, kernel_names=("attention",)),
+    Op("layer_norm", "LayerNorm over the last dim, and the pre-norm block's fused residual add + LayerNorm",
+       {"layer_norm": (torch_layer_norm, "layer_norm"), "add_layer_norm": (torch_add_layer_norm, "add_layer_norm")}),
+    Op("rms_norm", "RMSNorm over the last dim, and the fused residual add + RMSNorm",
+       {"rms_norm": (torch_rms_norm, "rms_norm"), "add_rms_norm": (torch_add_rms_norm, "add_rms_norm")}),
+    Op("mlp", "a ConvNeXt block's MLP: Linear -> GELU -> Linear -> LayerScale -> stochastic depth -> residual",
+       {"mlp": (torch_mlp, _triton_mlp)}, kernel_names=("gelu_linear_residual",)),
+    Op("dwconv", "depthwise conv2d at stride 1 (ConvNeXt's 7x7 token mixer)",
+       {"depthwise_conv2d": (torch_depthwise_conv2d, "depthwise_conv2d")}),
+    Op("cross_entropy", "cross-entropy of logits, and a classifier head's matmul with its loss",
+       {"cross_entropy": (torch_cross_entropy, _triton_cross_entropy),
+        "linear_cross_entropy": (torch_linear_cross_entropy, _triton_linear_cross_entropy)},
+       kernel_names=("cross_entropy", "linear_cross_entropy")),
+    Op("rope", "rotary position embedding of q and k, read from the QKV projection output, with position ids",
+       {"rope": (torch_rope, "rope")}),
+    Op("swiglu", "SwiGLU's silu(gate) * up on the fused gate/up projection output",
+       {"swiglu": (torch_swiglu, "swiglu")}),
+    Op("optimizer", "the optimizer step (optim.name), with clipping, loss-scale unscaling and overflow skips",
+       {}, kernel_names=tuple(name for _, name in OPTIMIZERS.values())),
+]
+
+
+def op_names() -> tuple[str, ...]:
+    return tuple(op.name for op in TABLE)
+
+
+def find(name: str) -> Op:
+    for op in TABLE:
+        if op.name == name:
+            return op
+    raise KernelSelectionError(f"unknown op {name!r}; valid ops: {', '.join(op_names())}")
+
+
+def check_backend_name(op: str, backend: str) -> None:
+    find(op)
+    if backend not in BACKENDS:
+        raise KernelSelectionError(
+            f"kernels.{op}: unknown backend {backend!r}; valid backends: {', '.join(BACKENDS)}")
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _kernels_module():
+    """The ``kernels`` package, or None where it cannot be imported (no triton on this platform)."""
+    try:
+        return importlib.import_module("kernels")
+    except ImportError:
+        return None
+
+
+def triton_available(op: str) -> bool:
+    """This build's ``kernels`` package provides everything ``op``'s Triton backend needs."""
+    kernels = _kernels_module()
+    return kernels is not None and all(hasattr(kernels, name) for name in find(op).needs())
+
+
+def _choose(op: str, backend: str, device: torch.device) -> str:
+    check_backend_name(op, backend)
+    if backend == "torch":
+        return "torch"
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and triton_available(op) else "torch"
+    if not triton_available(op):
+        raise KernelSelectionError(
+            f"kernels.{op} = 'triton': the kernels package cannot be imported here or lacks "
+            f"{', '.join(find(op).needs())}; use 'torch' or 'auto'")
+    if device.type != "cuda" and not _interpreting():
+        raise KernelSelectionError(
+            f"kernels.{op} = 'triton' needs a CUDA device (this run is on {device.type}); set "
+            f"TRITON_INTERPRET=1 before starting to run the kernels through the Triton interpreter on CPU")
+    return "triton"
+
+
 # ---------------------------------------------------------------------------------------------------
 # The resolved selection handed to models and the trainer.
 # ---------------------------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
 class Ops:
-    """The implementations chosen for one model. Call its methods; never a kernel directly."""
+    """The implementations chosen for one model: one attribute per function of the op table (``ops.attention``,
+    ``ops.add_rms_norm``, ...). Call them; never a kernel directly."""
 
-    backends: dict[str, str]
-    attention: Callable[..., torch.Tensor]
-    layer_norm: Callable[..., torch.Tensor]
-    add_layer_norm: Callable[..., tuple[torch.Tensor, torch.Tensor]]
-    rms_norm: Callable[..., torch.Tensor]
-    add_rms_norm: Callable[..., tuple[torch.Tensor, torch.Tensor]]
-    gelu_linear_residual: Callable[..., torch.Tensor]
-    #: The whole MLP block, fc1 included (see :func:`torch_mlp`); ``gelu_linear_residual`` is its second half.
-    mlp: Callable[..., torch.Tensor]
-    depthwise_conv2d: Callable[..., torch.Tensor]
-    #: ``(logits, targets, ignore_index=-100, label_smoothing=0.0)``: the mean loss (see :func:`torch_cross_entropy`).
-    cross_entropy: Callable[..., torch.Tensor]
-    #: ``(x, weight, targets, bias=None, ignore_index=-100, label_smoothing=0.0)``: the head's matmul and the
-    #: mean loss; the Triton backend never holds more than a chunk of the logits.
-    linear_cross_entropy: Callable[..., torch.Tensor]
-    #: False: kernels may trade bitwise reproducibility for speed (see :func:`resolve`).
-    deterministic: bool = True
+    def __init__(self, backends: dict[str, str], functions: dict[str, Callable], deterministic: bool = True):
+        #: op -> "torch" or "triton", for every op of the table.
+        self.backends = dict(backends)
+        #: False: kernels may trade bitwise reproducibility for speed (see :func:`resolve`).
+        self.deterministic = deterministic
+        self._functions = dict(functions)
 
-    def describe(self) -> str:
-        text = ", ".join(f"{op}={b}" for op, b in self.backends.items())
+    def __getattr__(self, name: str) -> Callable:
+        functions = self.__dict__.get("_functions", {})
+        if name in functions:
+            return functions[name]
+        raise AttributeError(f"Ops has no function {name!r}; the op table provides {', '.join(functions)}")
+
+    def replace(self, **functions: Callable) -> "Ops":
+        """A copy with some functions swapped (tests, experiments); the names must be the table's."""
+        unknown = set(functions) - set(self._functions)
+        if unknown:
+            raise AttributeError(f"Ops has no function {', '.join(sorted(unknown))}")
+        return Ops(self.backends, {**self._functions, **functions}, self.deterministic)
+
+    def describe(self, used: Iterable[str] | None = None) -> str:
+        """``op=backend`` for the ops in ``used`` (all by default), in table order."""
+        used = set(self.backends if used is None else used)
+        text = ", ".join(f"{op}={b}" for op, b in self.backends.items() if op in used)
         return text if self.deterministic else text + " (deterministic=false: atomics allowed)"
 
     def make_optimizer(self, name: str, param_groups: Iterable[dict[str, Any]] | Iterable[torch.Tensor], *,
                        lr: float, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
                        momentum: float = 0.0, nesterov: bool = False, max_grad_norm: float = 0.0,
-                       device: torch.device | None = None):
-        """Build the optimizer; returns ``(optimizer, clips_in_step)``.
+                       muon_momentum: float = 0.95, device: torch.device | None = None):
+        """Build the optimizer ``optim.name`` names; returns ``(optimizer, clips_in_step)``.
 
         ``clips_in_step`` is True when the optimizer applies ``max_grad_norm`` inside its own step (the
         Triton optimizers fuse it); otherwise the trainer clips with ``clip_grad_norm_`` first.
         """
-        on_cuda = device is not None and device.type == "cuda"
+        if name not in OPTIMIZERS:
+            raise KernelSelectionError(f"optim.name: unknown optimizer {name!r}; valid: {', '.join(OPTIMIZERS)}")
+        torch_cls, triton_name = OPTIMIZERS[name]
+        kw = {"adamw": dict(betas=betas, eps=eps), "sgd": dict(momentum=momentum, nesterov=nesterov),
+              "lion": dict(betas=betas),
+              "muon": dict(momentum=muon_momentum, nesterov=nesterov, adamw_betas=betas, adamw_eps=eps)}[name]
         if self.backends["optimizer"] == "triton":
-            import kernels  # only reached when the triton backend was chosen
-            clip = max_grad_norm or None
-            if name == "adamw":
-                opt = kernels.AdamW(param_groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                                    max_grad_norm=clip)
-            elif name == "sgd":
-                opt = kernels.SGD(param_groups, lr=lr, momentum=momentum, nesterov=nesterov,
-                                  weight_decay=weight_decay, max_grad_norm=clip)
-            elif name == "lion":
-                opt = kernels.Lion(param_groups, lr=lr, betas=betas, weight_decay=weight_decay,
-                                   max_grad_norm=clip)
-            else:
-                raise KernelSelectionError(f"optim.name: unknown optimizer {name!r}")
-            return opt, True
-        if name == "adamw":
-            opt = torch.optim.AdamW(param_groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                                    fused=on_cuda or None)
-        elif name == "sgd":
-            opt = torch.optim.SGD(param_groups, lr=lr, momentum=momentum, nesterov=nesterov,
-                                  weight_decay=weight_decay, fused=on_cuda or None)
-        elif name == "lion":
-            opt = TorchLion(param_groups, lr=lr, betas=betas, weight_decay=weight_decay)
-        else:
-            raise KernelSelectionError(f"optim.name: unknown optimizer {name!r}")
-        return opt, False
+            cls = getattr(_kernels_module(), triton_name)
+            return cls(param_groups, lr=lr, weight_decay=weight_decay, max_grad_norm=max_grad_norm or None, **kw), True
+        if torch_cls in (torch.optim.AdamW, torch.optim.SGD):  # torch's fused ones, where the device has them
+            kw["fused"] = (device is not None and device.type == "cuda") or None
+        return torch_cls(param_groups, lr=lr, weight_decay=weight_decay, **kw), False
 
 
 def resolve(choices: dict[str, str] | None = None, device: torch.device | str = "cpu",
@@ -273,52 +399,16 @@ def resolve(choices: dict[str, str] | None = None, device: torch.device | str = 
     """
     device = torch.device(device)
     choices = dict(choices or {})
-    for op in choices:
-        check_backend_name(op, choices[op])
-    chosen = {op: _choose(op, choices.get(op, "auto"), device) for op in OPS}
-
-    def pick(op: str, torch_fn: Callable, kernel_name: str) -> Callable:
-        if chosen[op] == "triton":
-            return getattr(_triton_kernels(op), kernel_name)
-        return torch_fn
-
-    def triton_attention(q, k, v, causal=True, window=None, scale=None):
-        return _triton_kernels("attention").attention(q, k, v, causal=causal, scale=scale, window=window,
-                                                      deterministic=deterministic)
-
-    def triton_mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, layer_scale=None, residual=None,
-                   row_scale=None):
-        """:func:`torch_mlp` with fc1 as a bias-free matmul and the rest in the fused Triton op, which adds
-        fc1's bias as it loads fc1's output and returns its gradient from the input-gradient GEMM (no
-        separate column reduction over the 4C-wide gradient)."""
-        return gelu_linear_residual(F.linear(x, fc1_weight), fc2_weight, fc2_bias, layer_scale, residual,
-                                    row_scale, h_bias=fc1_bias)
-
-    gelu_linear_residual = pick("mlp", torch_gelu_linear_residual, "gelu_linear_residual")
-
-    triton_ce = chosen["cross_entropy"] == "triton"
-    ce_kernels = _triton_kernels("cross_entropy") if triton_ce else None
-
-    def triton_cross_entropy(logits, targets, ignore_index=-100, label_smoothing=0.0):
-        return ce_kernels.cross_entropy(logits, targets, ignore_index=ignore_index, label_smoothing=label_smoothing)
-
-    def triton_linear_cross_entropy(x, weight, targets, bias=None, ignore_index=-100, label_smoothing=0.0):
-        """:func:`torch_linear_cross_entropy` a chunk of positions at a time, the gradients computed as the
-        forward goes (``kernels.linear_cross_entropy``)."""
-        return ce_kernels.linear_cross_entropy(x, weight, targets, bias, ignore_index=ignore_index,
-                                               label_smoothing=label_smoothing)
-
-    return Ops(
-        backends=chosen,
-        attention=triton_attention if chosen["attention"] == "triton" else torch_attention,
-        layer_norm=pick("layer_norm", torch_layer_norm, "layer_norm"),
-        add_layer_norm=pick("layer_norm", torch_add_layer_norm, "add_layer_norm"),
-        rms_norm=pick("rms_norm", torch_rms_norm, "rms_norm"),
-        add_rms_norm=pick("rms_norm", torch_add_rms_norm, "add_rms_norm"),
-        gelu_linear_residual=gelu_linear_residual,
-        mlp=triton_mlp if chosen["mlp"] == "triton" else torch_mlp,
-        depthwise_conv2d=pick("dwconv", torch_depthwise_conv2d, "depthwise_conv2d"),
-        cross_entropy=triton_cross_entropy if triton_ce else torch_cross_entropy,
-        linear_cross_entropy=triton_linear_cross_entropy if triton_ce else torch_linear_cross_entropy,
-        deterministic=deterministic,
-    )
+    for op, backend in choices.items():
+        check_backend_name(op, backend)
+    backends = {op.name: _choose(op.name, choices.get(op.name, "auto"), device) for op in TABLE}
+    functions: dict[str, Callable] = {}
+    for op in TABLE:
+        for attr, (torch_fn, entry) in op.functions.items():
+            if backends[op.name] == "torch":
+                functions[attr] = torch_fn
+            elif isinstance(entry, str):
+                functions[attr] = getattr(_kernels_module(), entry)
+            else:
+                functions[attr] = entry(_kernels_module(), deterministic)
+    return Ops(backends, functions, deterministic)

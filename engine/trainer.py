@@ -3,7 +3,8 @@
 :class:`Trainer` assembles the pieces a recipe names (device, kernels, task with its model and data,
 optimizer, precision, logging, checkpoints) and :meth:`Trainer.fit` runs the loop. One optimizer step is
 :meth:`Trainer.train_step`: forward and backward over the micro-batches, then clipping, the update and
-the loss-scale update, with one host synchronisation to read the loss and the overflow flag.
+the loss-scale update, with no host synchronisation: the step's figures stay on the device until a
+logging, evaluation or checkpoint step reads them (see :class:`TrainStep`).
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import re
 import signal
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,9 +27,9 @@ import torch.nn as nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.tensor import DTensor
 
-from engine import checkpoint, distributed, registry
+from engine import checkpoint, distributed, registry, transfer
 from engine.checkpoint import CheckpointError
-from engine.config import Recipe, RecipeError, dump_toml
+from engine.config import BUDGET_MIN_WARMUP, Recipe, RecipeError, dump_toml
 from engine.metrics import RunLogger, environment, format_duration, peak_flops
 from engine.precision import LossScaler, autocast
 from engine.tasks import Task, build_task
@@ -69,6 +71,9 @@ def lr_at(step: int, recipe: Recipe) -> float:
     progress = min(1.0, (step - o.warmup_steps) / max(1, total - o.warmup_steps))
     return o.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (o.lr - o.min_lr)
 
+
+#: Share added to the measured step time when a time budget fixes the step count (machines vary while they run).
+BUDGET_MARGIN = 0.06
 
 _STAMP = re.compile(r"-\d{8}-\d{6}(-\d+)?$")
 
@@ -178,6 +183,223 @@ def _recipe_changes(saved: dict, current: dict) -> list[str]:
     return changes
 
 
+@dataclass
+class StepResult:
+    """What one optimizer step leaves behind, as device tensors: reading them is the only host sync."""
+
+    step: int
+    lr: float
+    #: Mean loss over the micro-batches (this process's).
+    loss: torch.Tensor
+    #: Global gradient norm before clipping, or None when nothing computed it.
+    grad_norm: torch.Tensor | None
+    #: The loss or the gradients were not finite and the update was not applied (fp16 overflow excepted).
+    bad: torch.Tensor
+    #: fp16 gradients overflowed: the loss scaler skipped the update and backs off.
+    scaler_skip: torch.Tensor
+
+
+class Prefetcher:
+    """Micro-batches one optimizer step ahead: while step N computes, step N + 1's batches are already on
+    their way to the device (the task pins them and copies with ``non_blocking=True``; on CUDA the copies
+    are queued on a side stream, so they overlap step N's kernels). On a CPU there is nothing to copy: the
+    batches are built when asked for. Batches are a pure function of the step, so prefetching changes
+    nothing a run computes."""
+
+    def __init__(self, task: Task, grad_accum: int, device: torch.device):
+        self.task, self.grad_accum = task, grad_accum
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._ahead: tuple[int, list] | None = None
+
+    def _fetch(self, step: int) -> list:
+        return [self.task.batch(step, micro) for micro in range(self.grad_accum)]
+
+    def batches(self, step: int) -> list:
+        if self.stream is None:
+            return self._fetch(step)
+        current = torch.cuda.current_stream(self.stream.device)
+        if self._ahead is not None and self._ahead[0] == step:
+            current.wait_stream(self.stream)
+            batches = self._ahead[1]
+            for pair in batches:  # the side stream's memory is now also the compute stream's
+                for t in pair:
+                    t.record_stream(current)
+        else:
+            batches = self._fetch(step)
+        with torch.cuda.stream(self.stream):
+            self._ahead = (step + 1, self._fetch(step + 1))
+        return batches
+
+
+class TrainStep:
+    """One optimizer step: forward and backward over the micro-batches, clipping, the update, the loss-scale
+    update and ``zero_grad``, deciding everything on the device. The trainer runs it and ``bench train``
+    times it.
+
+    No host synchronisation: a non-finite loss or gradient masks the update on the device (the Triton and
+    torch's fused optimizers skip on their ``found_inf``; others restore the parameters and state they had)
+    and is reported from the :class:`StepResult` when the trainer next reads it. ``batches(step)`` yields the
+    ``(inputs, targets)`` micro-batches of a step, already on the device.
+    """
+
+    def __init__(self, task: Task, model: nn.Module, forward_model: nn.Module, optimizer, clips_in_step: bool,
+                 scaler: LossScaler, recipe: Recipe, device: torch.device, batches=None):
+        self.task, self.model, self.forward_model = task, model, forward_model
+        self.optimizer, self.clips_in_step, self.scaler = optimizer, clips_in_step, scaler
+        self.recipe, self.device = recipe, device
+        self.params = [p for g in optimizer.param_groups for p in g["params"]]
+        self.batches = batches or (lambda step: [task.batch(step, m) for m in range(recipe.train.grad_accum)])
+        # torch's fused optimizers skip the update when their ``found_inf`` is set, on the device.
+        self._fused_skip = not clips_in_step and bool(optimizer.defaults.get("fused"))
+
+    def __call__(self, step: int, lr: float) -> StepResult:
+        t = self.recipe.train
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = torch.zeros((), device=self.device)
+        for micro, (inputs, targets) in enumerate(self.batches(step)):
+            # Only the last micro-batch reduces gradients across processes.
+            with distributed.no_sync(self.model, skip=micro < t.grad_accum - 1):
+                with autocast(t.precision, self.device):
+                    loss = self.task.loss(self.forward_model, inputs, targets)
+                self.scaler.scale_loss(loss / t.grad_accum).backward()
+            loss_sum += loss.detach().float()
+        loss_mean = loss_sum / t.grad_accum
+        loss_ok = torch.isfinite(loss_mean)
+
+        grad_norm = None
+        if self.clips_in_step:
+            # The fused optimizer unscales, clips, detects inf/NaN and skips on the device.
+            self.optimizer.grad_scale = self.scaler.scale
+            self.optimizer.step()
+            found_inf, grad_norm = self.optimizer.found_inf.float(), self.optimizer.grad_norm
+        else:
+            found_inf = self.scaler.unscale_(self.params)
+            if t.grad_clip > 0:
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.params, t.grad_clip)
+                if isinstance(grad_norm, DTensor):  # sharded parameters: the norm over all shards
+                    grad_norm = grad_norm.full_tensor()
+                found_inf = torch.maximum(found_inf, (~torch.isfinite(grad_norm)).float())
+            skip = found_inf.bool() | ~loss_ok
+            if self._fused_skip:
+                self.optimizer.found_inf = skip.float().reshape(1)
+                self.optimizer.step()
+                self.optimizer.found_inf = None
+            else:
+                masked_step(self.optimizer, ~skip)
+        self.scaler.update(found_inf)
+        self.optimizer.zero_grad(set_to_none=True)
+        overflow = found_inf.bool()
+        scaler_skip = loss_ok & overflow if t.precision == "fp16" else torch.zeros_like(overflow)
+        return StepResult(step, lr, loss_mean, grad_norm, ~loss_ok | (overflow & ~scaler_skip), scaler_skip)
+
+
+def masked_step(optimizer, apply: torch.Tensor) -> None:
+    """``optimizer.step()`` where the device flag ``apply`` is true, and no change at all where it is false,
+    without reading the flag on the host: each parameter and its state are restored with ``torch.where``
+    from a copy. State this step creates is reset to zeros where ``apply`` is false: the state a fresh AdamW,
+    SGD (momentum without dampening) or Lion starts from. (Costs a copy of parameters and state per step;
+    the Triton and torch's fused optimizers skip on the device without one.)"""
+    before, fresh = [], []
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            state = optimizer.state.get(p)
+            tensors = [p, *state.values()] if state else [p]
+            before += [(t, t.clone()) for t in tensors if torch.is_tensor(t) and t.device == apply.device]
+            if not state:
+                fresh.append(p)
+    optimizer.step()
+    with torch.no_grad():
+        for t, old in before:
+            t.copy_(torch.where(apply, t, old))
+        for p in fresh:
+            for t in optimizer.state[p].values():
+                if torch.is_tensor(t) and t.device == apply.device:
+                    t.copy_(torch.where(apply, t, torch.zeros_like(t)))
+
+
+class _BudgetClock:
+    """Fixes a time-budgeted run's step count once its warmup steps are timed.
+
+    The steps before the count is fixed are warmup steps, whose learning rate does not depend on the count,
+    so fixing it changes nothing that already ran. The count fits the budget (counted from the trainer's
+    start) with the periodic and final evaluations, the end-of-run sample, and a margin of
+    :data:`BUDGET_MARGIN` on the measured step time. Timing needs the device idle at the two ends of the
+    window: the only host syncs a budget adds.
+    """
+
+    def __init__(self, trainer: "Trainer"):
+        self.trainer = trainer
+        r = trainer.recipe
+        warmup = r.optim.warmup_steps
+        self.window_end = max(BUDGET_MIN_WARMUP, min(warmup, 50)) if r.optim.schedule == "constant" \
+            else min(warmup, 50)
+        self.window_start: float | None = None
+        self.paused = 0.0
+
+    def after_step(self) -> bool:
+        """Called after each step; returns True once the count is fixed."""
+        t = self.trainer
+        if t.step == 1 or self.window_start is None:  # the first step pays one-time costs: not timed
+            _sync(t.device)
+            self.window_start, self.start_step, self.paused = time.perf_counter(), t.step, 0.0
+            return False
+        if t.step < max(self.window_end, self.start_step + 2):
+            return False
+        _sync(t.device)
+        per_step = (time.perf_counter() - self.window_start - self.paused) / (t.step - self.start_step)
+        forward = self._forward_seconds()
+        steps = self.fit(per_step, forward)
+        t._fix_steps(steps)
+        r = t.recipe.train
+        left = r.budget_seconds() - (time.perf_counter() - t._t_created)
+        t.log.print(f"time budget {r.time_budget}: {steps} steps fit ({1e3 * per_step:.0f} ms/step measured over "
+                    f"steps {self.start_step + 1}-{t.step}, {left:.0f} s left); the learning rate is scheduled "
+                    f"over them")
+        t.log.record({"kind": "budget", "step": t.step, "steps": steps, "step_ms": 1e3 * per_step,
+                      "eval_forward_ms": 1e3 * forward, "seconds_left": left})
+        if t.dist.is_main:
+            (t.run_dir / "recipe.toml").write_text(dump_toml(t.resolved))
+        return True
+
+    def _forward_seconds(self) -> float:
+        """One evaluation-sized forward (no gradients, eval mode) of a training batch, timed."""
+        t = self.trainer
+        model = t.forward_model
+        inputs, targets = t.task.batch(0, 0)
+        was_training = model.training
+        model.eval()
+        with torch.no_grad(), autocast(t.recipe.train.precision, t.device):
+            begin = time.perf_counter()
+            t.task.loss(model, inputs, targets)
+            _sync(t.device)
+            seconds = time.perf_counter() - begin
+        model.train(was_training)
+        return seconds
+
+    def fit(self, per_step: float, forward: float) -> int:
+        """The step count that fits what is left of the budget, at ``per_step`` seconds a step and
+        ``forward`` seconds an evaluation batch."""
+        t = self.trainer
+        r = t.recipe.train
+        left = r.budget_seconds() - (time.perf_counter() - t._t_created)
+        per_step *= 1 + BUDGET_MARGIN
+        fixed = forward * (t.task.eval_batches(final=True) + r.sample_tokens / r.batch_size)
+        steps = t.step
+        for _ in range(3):  # the periodic evaluations depend on the count
+            evals = (steps // r.eval_every) if r.eval_every else 0
+            cost = fixed + evals * forward * t.task.eval_batches(final=False)
+            steps = t.step + max(0, int((left - cost) / per_step))
+        return min(steps, r.steps)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 class Trainer:
     """One training run: build everything from the recipe, check it, then :meth:`fit`.
 
@@ -189,6 +411,7 @@ class Trainer:
     """
 
     def __init__(self, recipe: Recipe, stream=None):
+        self._t_created = time.perf_counter()  # a time budget counts from here
         self.recipe = r = recipe
         self.dist = distributed.init("cuda" if r.run.device != "cpu" and torch.cuda.is_available() else "cpu")
         self.device = resolve_device(r.run.device, self.dist.local_rank)
@@ -200,40 +423,47 @@ class Trainer:
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
+        self.log = RunLogger(stream=stream, enabled=self.dist.is_main, wandb_mode=r.logging.wandb)
+        transfer.adopt_hf_config(r, log=self.log.print)  # a Hugging Face folder sets the model's architecture
         # What the run is, as written to recipe.toml and checkpoints: resuming does not change the run.
         self.resolved = copy.deepcopy(r)
         self.resolved.checkpoint.resume = ""
 
-        self.log = RunLogger(stream=stream, enabled=self.dist.is_main, wandb_mode=r.logging.wandb)
         self.run_dir, resume_from = self._locate_run()
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.ops = registry.resolve(r.kernels.backends(), self.device, r.kernels.deterministic)
         self.log.print(f"device: {self.device} | world: {self.dist.world} | precision: {r.train.precision}")
-        self.log.print(f"kernels: {self.ops.describe()}")
-
         self.task: Task = build_task(r, self.ops, self.device, self.dist.rank, self.dist.world, log=self.log.print)
+        self.log.print(f"kernels: {self.ops.describe(self.task.ops_used())}")
+        transfer.apply(r, self.task, log=self.log.print, load=resume_from is None)  # before the optimizer
         self.model: nn.Module = distributed.wrap(self.task.model, r, self.device) if self.dist.world > 1 else self.task.model
         self.forward_model = torch.compile(self.model) if r.train.compile else self.model
         o = r.optim
         self.optimizer, self.clips_in_step = self.ops.make_optimizer(
-            o.name, self.task.param_groups(o.weight_decay), lr=o.lr, betas=o.betas, eps=o.eps,
-            weight_decay=o.weight_decay, momentum=o.momentum, nesterov=o.nesterov,
-            max_grad_norm=r.train.grad_clip, device=self.device)
-        self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            o.name, self.task.param_groups(o.weight_decay, muon=o.name == "muon"), lr=o.lr, betas=o.betas,
+            eps=o.eps, weight_decay=o.weight_decay, momentum=o.momentum, nesterov=o.nesterov,
+            muon_momentum=o.muon_momentum, max_grad_norm=r.train.grad_clip, device=self.device)
         self.scaler = LossScaler(self.device, enabled=r.train.precision == "fp16")
+        self.prefetcher = Prefetcher(self.task, r.train.grad_accum, self.device)
+        self.step_fn = TrainStep(self.task, self.model, self.forward_model, self.optimizer, self.clips_in_step,
+                                 self.scaler, r, self.device, batches=self.prefetcher.batches)
         self.items_per_step = self.task.items_per_micro_batch * r.train.grad_accum * self.dist.world
         self.step = 0
         self.bad_steps = 0
         self.last_checkpoint: Path | None = None
         self.last_eval: dict[str, float] = {}
         self._signal: int | None = None
+        #: The step count a time budget fixed (None: not fixed yet, or no budget).
+        self.budget_steps: int | None = None
         state = self._load(resume_from) if resume_from is not None else {}
 
         # Everything is checked: from here on the run writes.
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "recipe.toml").write_text(dump_toml(self.resolved))
-            env = environment(self.device, self.ops.backends, world=self.dist.world, unit=self.task.unit)
+            used = self.task.ops_used()
+            env = environment(self.device, {op: b for op, b in self.ops.backends.items() if op in used},
+                              world=self.dist.world, unit=self.task.unit)
             (self.run_dir / "env.json").write_text(json.dumps(env, indent=1))
         self.log.open(self.run_dir, state.get("step"), project=r.logging.wandb_project, name=r.run.name,
                       config=self.resolved.to_dict(), wandb_id=state.get("wandb_id"))
@@ -264,7 +494,8 @@ class Trainer:
     def state_dict(self) -> dict:
         """The replicated part of a checkpoint (the model and optimizer go in :meth:`sharded_state_dict`)."""
         state = {"step": self.step, "scaler": self.scaler.state_dict(), "rng": _rng_state(self.device),
-                 "bad_steps": self.bad_steps, "recipe": self.resolved.to_dict(), "wandb_id": self.log.wandb_id}
+                 "bad_steps": self.bad_steps, "recipe": self.resolved.to_dict(), "wandb_id": self.log.wandb_id,
+                 "budget_steps": self.budget_steps}
         if hasattr(self.task, "state_dict"):
             state["task"] = self.task.state_dict()
         return state
@@ -291,6 +522,8 @@ class Trainer:
     def _load(self, path: Path) -> dict:
         """Load and apply a checkpoint (all but the RNG states); returns it."""
         state = checkpoint.load(path, map_location=self.device)
+        if state.get("budget_steps"):  # the count the time budget fixed: the resumed run keeps it
+            self._fix_steps(state["budget_steps"])
         changes = _recipe_changes(state["recipe"], self.resolved.to_dict())
         model_changes = [c for c in changes if c.startswith("model.")]
         if model_changes:
@@ -319,47 +552,9 @@ class Trainer:
     # One optimizer step
     # ------------------------------------------------------------------------------------------------
 
-    def train_step(self, step: int) -> dict:
-        """Forward/backward over the micro-batches and one update. Returns host-side figures."""
-        r = self.recipe
-        accum = r.train.grad_accum
-        lr = lr_at(step, r)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        loss_sum = torch.zeros((), device=self.device)
-        for micro in range(accum):
-            inputs, targets = self.task.batch(step, micro)
-            # Only the last micro-batch reduces gradients across processes.
-            with distributed.no_sync(self.model, skip=micro < accum - 1):
-                with autocast(r.train.precision, self.device):
-                    loss = self.task.loss(self.forward_model, inputs, targets)
-                self.scaler.scale_loss(loss / accum).backward()
-            loss_sum += loss.detach().float()
-        loss_mean = loss_sum / accum
-
-        grad_norm = None
-        if self.clips_in_step:
-            # The fused optimizer unscales, clips, detects inf/NaN and skips on the device.
-            self.optimizer.grad_scale = self.scaler.scale
-            self.optimizer.step()
-            found_inf, grad_norm = self.optimizer.found_inf, self.optimizer.grad_norm
-            loss_ok, overflow = torch.stack([torch.isfinite(loss_mean).float(), found_inf.float()]).tolist()
-        else:
-            found_inf = self.scaler.unscale_(self.params)
-            if r.train.grad_clip > 0:
-                grad_norm = torch.nn.utils.clip_grad_norm_(self.params, r.train.grad_clip)
-                if isinstance(grad_norm, DTensor):  # sharded parameters: the norm over all shards
-                    grad_norm = grad_norm.full_tensor()
-                found_inf = torch.maximum(found_inf, (~torch.isfinite(grad_norm)).float())
-            loss_ok, overflow = torch.stack([torch.isfinite(loss_mean).float(), found_inf]).tolist()
-            if loss_ok and not overflow:
-                self.optimizer.step()
-        self.scaler.update(found_inf)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss_value = distributed.mean(loss_mean).item() if self.dist.world > 1 else loss_mean.item()
-        scaler_skip = r.train.precision == "fp16" and loss_ok and overflow
-        return {"loss": loss_value, "lr": lr, "grad_norm": grad_norm, "bad": not loss_ok or (overflow and not scaler_skip),
-                "scaler_skip": bool(scaler_skip)}
+    def train_step(self, step: int) -> StepResult:
+        """One optimizer step (see :class:`TrainStep`); its figures stay on the device."""
+        return self.step_fn(step, lr_at(step, self.recipe))
 
     @contextlib.contextmanager
     def _oom_hint(self, where: str):
@@ -397,6 +592,9 @@ class Trainer:
         return int(flag.item()) or None
 
     def fit(self) -> dict:
+        """Run the loop to ``train.steps``. A step that neither logs, evaluates nor checkpoints never waits on
+        the device: its figures are read, and a bad step's ``train.on_nan`` policy applied, at the next such
+        step (in a multi-process run, a signal is also agreed on there)."""
         r = self.recipe
         total = r.train.steps
         if self.step >= total:
@@ -406,53 +604,48 @@ class Trainer:
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 handlers[sig] = signal.signal(sig, self._on_signal)
-        flops_item, peak = self.task.flops_per_item(), peak_flops(self.device)
         t_start = t_last = time.perf_counter()
         steps_since, first_step = 0, self.step
+        pending: list[StepResult] = []
+        budget = _BudgetClock(self) if r.train.time_budget and self.budget_steps is None else None
         try:
-            while self.step < total:
-                signum = self._signalled()
-                if signum is not None:
-                    self.log.print(f"{signal.Signals(signum).name} received: saving a checkpoint at step {self.step}")
-                    raise Interrupted(signum, self.save())
+            while self.step < r.train.steps:
+                if self.dist.world == 1 or self.step % r.train.log_every == 0:
+                    signum = self._signalled()
+                    if signum is not None:
+                        self.log.print(f"{signal.Signals(signum).name} received: saving a checkpoint at step {self.step}")
+                        self._drain(pending)
+                        raise Interrupted(signum, self.save())
                 step = self.step
                 with self._oom_hint(f"at step {step + 1}"):
                     out = self.train_step(step)
                 self.step = step + 1
                 steps_since += 1
                 self.task.on_step_end(self.step)
-                self._check_bad(out)
-                if out["scaler_skip"]:
-                    self.log.print(f"step {self.step}: fp16 gradients overflowed; update skipped, loss scale "
-                                   f"now {self.scaler.scale.item():g}")
-                if self.step % r.train.log_every == 0 or self.step == total:
-                    if self.device.type == "cuda":
-                        torch.cuda.synchronize(self.device)
-                    now = time.perf_counter()
-                    dt = (now - t_last) / steps_since
-                    record = {"kind": "train", "step": self.step, "loss": out["loss"], "lr": out["lr"],
-                              "step_ms": 1e3 * dt, "throughput": self.items_per_step / dt,
-                              "items": self.step * self.items_per_step}
-                    if out["grad_norm"] is not None:
-                        record["grad_norm"] = float(out["grad_norm"])
-                    if flops_item and self.device.type == "cuda":
-                        record["tflops"] = flops_item * record["throughput"] / 1e12 / self.dist.world
-                        if peak:
-                            record["mfu"] = record["tflops"] * 1e12 / peak
-                    self.log.record(record)
-                    eta = (now - t_start) / (self.step - first_step) * (total - self.step)
-                    self.log.progress(record, total, self.task.unit, eta)
+                pending.append(out)
+                if budget is not None and budget.after_step():
+                    budget = None
+                total = r.train.steps
+                log_now = self.step % r.train.log_every == 0 or self.step == total
+                eval_now = bool(r.train.eval_every) and self.step % r.train.eval_every == 0 and self.step != total
+                save_now = bool(r.checkpoint.every) and self.step % r.checkpoint.every == 0 and self.step != total
+                if not (log_now or eval_now or save_now):
+                    continue
+                self._drain(pending)
+                pending = []
+                if log_now:
+                    self._log(out, t_last, steps_since, t_start, first_step)
                     t_last, steps_since = time.perf_counter(), 0
-                paused = False
-                if r.train.eval_every and self.step % r.train.eval_every == 0 and self.step != total:
+                paused = time.perf_counter()
+                if eval_now:
                     self.evaluate()
-                    paused = True
-                if r.checkpoint.every and self.step % r.checkpoint.every == 0 and self.step != total:
+                if save_now:
                     self.save()
-                    paused = True
-                if paused:  # throughput counts training steps only
+                if eval_now or save_now:  # throughput counts training steps only
                     t_last, steps_since = time.perf_counter(), 0
-            self.evaluate()
+                    if budget is not None:
+                        budget.paused += t_last - paused
+            self.evaluate(final=True)
             self.save()
         finally:
             for sig, old in handlers.items():
@@ -465,24 +658,62 @@ class Trainer:
                        + "".join(f" | {k} {v:.4f}" for k, v in self.last_eval.items()))
         return {"steps": self.step, "run_dir": str(self.run_dir), "seconds": elapsed, **self.last_eval}
 
-    def evaluate(self) -> dict[str, float]:
+    def evaluate(self, final: bool = False) -> dict[str, float]:
         with self._oom_hint(f"evaluating at step {self.step}"):
-            metrics = self.task.evaluate(self.forward_model)
+            metrics = self.task.evaluate(self.forward_model, final=final)
         self.last_eval = metrics
         record = {"kind": "eval", "step": self.step, "items": self.step * self.items_per_step, **metrics}
         self.log.record(record)
         self.log.eval_line(record)
         return metrics
 
-    def _check_bad(self, out: dict) -> None:
+    def _fix_steps(self, steps: int) -> None:
+        """Set the run's step count (the time budget's choice): the schedule, the loop and the records follow it."""
+        self.budget_steps = steps
+        self.recipe.train.steps = self.resolved.train.steps = steps
+
+    def _log(self, out: StepResult, t_last: float, steps: int, t_start: float, first_step: int) -> None:
+        """The progress line and metrics record of a logging step (reads the step's loss: a host sync), timing
+        the ``steps`` steps since ``t_last``."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        seconds_per_step = (time.perf_counter() - t_last) / steps
+        total = self.recipe.train.steps
+        record = {"kind": "train", "step": self.step, "loss": distributed.mean(out.loss).item(), "lr": out.lr,
+                  "step_ms": 1e3 * seconds_per_step, "throughput": self.items_per_step / seconds_per_step,
+                  "items": self.step * self.items_per_step}
+        if out.grad_norm is not None:
+            record["grad_norm"] = float(out.grad_norm)
+        flops_item, peak = self.task.flops_per_item(), peak_flops(self.device)
+        if flops_item and self.device.type == "cuda":
+            record["tflops"] = flops_item * record["throughput"] / 1e12 / self.dist.world
+            if peak:
+                record["mfu"] = record["tflops"] * 1e12 / peak
+        self.log.record(record)
+        eta = (time.perf_counter() - t_start) / (self.step - first_step) * (total - self.step)
+        self.log.progress(record, total, self.task.unit, eta)
+
+    def _drain(self, pending: list[StepResult]) -> None:
+        """Read the flags of the steps since the last read (one host sync) and apply ``train.on_nan``."""
+        if not pending:
+            return
+        flags = torch.stack([torch.stack([out.bad, out.scaler_skip]) for out in pending]).tolist()
+        for out, (bad, scaler_skip) in zip(pending, flags):
+            if scaler_skip:
+                self.log.print(f"step {out.step + 1}: fp16 gradients overflowed; update skipped, loss scale "
+                               f"now {self.scaler.scale.item():g}")
+            self._check_bad(out, bad)
+
+    def _check_bad(self, out: StepResult, bad: bool) -> None:
         """Apply train.on_nan to a step whose loss or gradients were not finite (its update was not applied)."""
-        if not out["bad"]:
+        if not bad:
             self.bad_steps = 0
             return
         self.bad_steps += 1
         r = self.recipe.train
-        where = (f"step {self.step}: the loss is {out['loss']}" if not math.isfinite(out["loss"])
-                 else f"step {self.step}: the gradients are not finite (loss {out['loss']:.4f})")
+        step, loss = out.step + 1, out.loss.item()
+        where = (f"step {step}: the loss is {loss}" if not math.isfinite(loss)
+                 else f"step {step}: the gradients are not finite (loss {loss:.4f})")
         if r.on_nan == "stop" or self.bad_steps > r.max_bad_steps:
             reason = "train.on_nan = 'stop'" if r.on_nan == "stop" else \
                 f"{self.bad_steps} bad steps in a row, more than train.max_bad_steps = {r.max_bad_steps}"

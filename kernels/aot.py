@@ -59,6 +59,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from kernels import _compat
+
 
 @dataclass(frozen=True)
 class Variant:
@@ -171,9 +173,7 @@ def occupancy(registers: int, shared_bytes: int, num_warps: int, arch: str) -> d
 # --------------------------------------------------------------------------------------------
 
 def _jit_types() -> tuple[type, ...]:
-    from triton.runtime.interpreter import InterpretedFunction
-    from triton.runtime.jit import JITFunction
-    return JITFunction, InterpretedFunction
+    return _compat.jit_types()
 
 
 def _unwrap(obj: Any) -> Any:
@@ -189,7 +189,7 @@ def _is_jit(obj: Any) -> bool:
 
 
 def kernel_name(kernel: Any) -> str:
-    """``"<module>.<function>"`` with the module's last component, e.g. ``"norm._layer_norm_fwd"``."""
+    """``"<module>.<function>"`` with the module's last component, e.g. ``"norm._norm_fwd_kernel"``."""
     fn = _unwrap(kernel).fn
     return f"{fn.__module__.rpartition('.')[2]}.{fn.__name__}"
 
@@ -406,13 +406,9 @@ def _ast_source(kernel: Any, variant: Variant):
 def _compile(src, arch: str, variant: Variant, force: bool):
     """``triton.compile`` with ptxas's log captured; ``force`` bypasses Triton's cache."""
     import triton
-    from triton import knobs
     from triton.backends.compiler import GPUTarget
     log = io.StringIO()
-    with knobs.nvidia.scope(), knobs.compilation.scope(), contextlib.redirect_stdout(log):
-        knobs.nvidia.dump_ptxas_log = True
-        if force:
-            knobs.compilation.always_compile = True
+    with _compat.compiler_knobs(force), contextlib.redirect_stdout(log):
         compiled = triton.compile(src, target=GPUTarget("cuda", ARCHS[arch].capability, 32),
                                   options={"num_warps": variant.num_warps,
                                            "num_stages": variant.num_stages})
@@ -420,9 +416,7 @@ def _compile(src, arch: str, variant: Variant, force: bool):
 
 
 def _run_tool(tool: str, *args: str) -> str:
-    from triton import knobs
-    path = getattr(knobs.nvidia, tool).path
-    return subprocess.run([path, *args], check=True, capture_output=True, text=True).stdout
+    return subprocess.run([_compat.tool_path(tool), *args], check=True, capture_output=True, text=True).stdout
 
 
 def _analyze(compiled, ptxas_log: str) -> dict[str, Any]:
@@ -440,8 +434,7 @@ def _analyze(compiled, ptxas_log: str) -> dict[str, Any]:
 
 
 def _sidecar_path(kernel_hash: str) -> Path:
-    from triton import knobs
-    return Path(knobs.cache.dir) / "tritonforge_aot" / f"{kernel_hash}.json"
+    return Path(_compat.cache_dir()) / "tritonforge_aot" / f"{kernel_hash}.json"
 
 
 def _load_analysis(kernel_hash: str) -> dict[str, Any] | None:
@@ -450,6 +443,10 @@ def _load_analysis(kernel_hash: str) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     if not isinstance(stored, dict) or stored.get("version") != _ANALYSIS_VERSION:
+        return None
+    # The hash already covers Triton's own sources and ptxas; the version is checked as well, so
+    # that one Triton never reports another's analysis from a shared cache directory.
+    if stored.get("triton") != _compat.version_tag():
         return None
     return stored.get("analysis")
 
@@ -461,7 +458,8 @@ def _store_analysis(kernel_hash: str, analysis: dict[str, Any]) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump({"version": _ANALYSIS_VERSION, "analysis": analysis}, f)
+            json.dump({"version": _ANALYSIS_VERSION, "triton": _compat.version_tag(),
+                       "analysis": analysis}, f)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -843,6 +841,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = compile_all(variants, archs, jobs)
     total_s = time.perf_counter() - start
 
+    print(_compat.describe())
     if rows:
         print(format_table(rows))
     else:
@@ -853,7 +852,8 @@ def main(argv: list[str] | None = None) -> int:
           f"cache) in {total_s:.1f} s on {jobs} processes; {len(failed)} failing")
     if args.json_path:
         Path(args.json_path).write_text(json.dumps(
-            {"archs": list(archs), "total_s": round(total_s, 3), "jobs": jobs, "rows": rows},
+            {"archs": list(archs), "triton": _compat.version_tag(), "versions": _compat.describe(),
+             "total_s": round(total_s, 3), "jobs": jobs, "rows": rows},
             indent=1))
     return 1 if failed or (args.kernel and not rows) else 0
 

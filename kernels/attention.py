@@ -1,155 +1,49 @@
 """Fused scaled-dot-product attention (FlashAttention-2 style): forward, backward, custom op.
 
-``attention(q, k, v, causal=False, scale=None, window=None)`` computes, for every batch ``b`` and
-query head ``h`` (served by key/value head ``h // (H // Hkv)``)::
+``attention(q, k, v, causal=False, scale=None, window=None, deterministic=True, segment_ids=None)``, for
+each batch b and query head h (served by key/value head hk = h // (H // Hkv), so GQA/MQA)::
 
     out[b, h, i] = sum_j softmax_j(scale * q[b, h, i] . k[b, hk, j] | j visible from i) * v[b, hk, j]
 
-without ever holding the S x S score matrix in memory.
+Every mask is one band, key j visible from query i iff i - left < j <= i + right: full (S, S), causal
+(S, 0), causal with window w (w, 0), non-causal window w (w, w - 1). ``segment_ids`` (B, S) (packed
+documents) also require equal ids; a query always sees its own key. ``attention_varlen`` takes
+FlashAttention's (total tokens, H, D) layout with ``cu_seqlens``; (B, H, S, D) with ids is the fast layout.
 
-Which keys a query sees
------------------------
-Every mask is one *band*: key ``j`` is visible from query ``i`` iff ``i - left < j <= i + right``.
-
-==========================  ==========  ==========
-arguments                   left        right
-==========================  ==========  ==========
-full (default)              S           S
-``causal=True``             S           0
-``causal=True, window=w``   w           0
-``causal=False, window=w``  w           w - 1
-==========================  ==========  ==========
-
-So with ``causal=True`` a window ``w`` keeps the ``w`` most recent keys, the query's own position
-included (``i - w < j <= i``). With ``causal=False`` it is the symmetric local window
-``|i - j| < w``: the query's own key and the ``w - 1`` nearest on each side. ``w >= S`` is the same as
-no window. Every query sees at least its own key, so no softmax row is ever empty.
-
-Design
-------
-*Forward* (``_attn_fwd``): one program per (query block of ``BLOCK_M`` rows, batch * head). The query
-tile stays in registers/shared memory while key/value tiles of ``BLOCK_N`` rows stream through an online
-softmax in fp32: the running row maximum ``m`` and sum ``l`` rescale the accumulator whenever the
-maximum grows. ``log2(e)`` is folded into the score scale so the exponentials are ``exp2`` and the
-rescaling needs no extra multiply. The kernel writes the output and the row log-sum-exp ``m + log2(l)``
-(base 2, in units of the scaled scores), which is all the backward needs to rebuild the
-probabilities. Programs take the query blocks in reverse order, so that under a causal mask the longest
-rows start first and the short ones fill the tail of the grid.
-
-*Key ranges*: for a block of queries the visible keys lie in one contiguous range. Key blocks that lie
-outside it are never visited (causal halves the work; a window makes it O(S * w)). Inside the range,
-blocks where every (query, key) pair is visible and inside the sequence are *interior*; the others
-(the diagonal of a causal mask, the lower edge of a window, the ragged last block of a sequence whose
-length is not a multiple of the block) are *boundary* blocks. The loop over key blocks is written once
-inside ``tl.static_range(2)``: the first pass visits the boundary blocks and applies the band and
-sequence masks, the second visits the interior blocks with no mask at all, so the masking costs only on
-the O(1) boundary blocks per row block. Both passes compile from the same source.
-
-*Backward*: two variants, chosen with ``attention(..., deterministic=...)``. Both start with
-
-1. ``_attn_bwd_preprocess``: ``delta_i = sum_d dO[i, d] * O[i, d]`` (= ``sum_j P_ij dP_ij``).
-
-``deterministic=True`` (the default; no atomics: every output element is reduced by exactly one
-program in a fixed order, so gradients are bitwise reproducible run to run):
-
-2. ``_attn_bwd_dkdv``: one program per (key block, batch * kv head). It keeps K and V tiles and the
-   fp32 dK, dV accumulators on chip and loops over the query heads of its kv head group (GQA/MQA: the
-   group's contributions are summed in-program, in order) and over the query blocks that see the key
-   block, rebuilding ``P^T = exp2(scale2 * K Q^T - lse)``; ``dV += P^T dO``,
-   ``dS^T = P^T * (V dO^T - delta)``, ``dK += dS^T Q``.
-3. ``_attn_bwd_dq``: one program per (query block, batch * head), looping over its key blocks:
-   ``dS = P * (dO V^T - delta)``, ``dQ += dS K``.
-   Both use the same boundary/interior split as the forward.
-
-That is 7 matmuls per visible (query block, key block) pair: 4 in the dK/dV kernel, and the dQ kernel
-computes ``Q K^T`` and ``dO V^T`` a second time before its ``dS K``.
-
-``deterministic=False`` (5 matmuls, as in FlashAttention-2):
-
-2. ``_attn_bwd_dkdv`` compiled with ``ATOMIC_DQ`` (launched through its own autotuner,
-   ``_attn_bwd_dkdvdq``): the program above, whose every loop step also forms the query block's share
-   of dQ from the ``dS^T`` it already holds, ``scale * K^T dS^T`` (fp32; transposed so that the dot's
-   M dimension is D), and adds it into a zeroed fp32 (B, H, S, D) buffer with relaxed
-   ``tl.atomic_add`` (128-bit ``red.global.add`` on sm_90), masked to the sequence and the head dim.
-   The launcher casts the buffer to q's dtype. No dQ kernel runs.
-
-The price of the two saved matmuls is the atomic traffic and reproducibility: the key blocks of a
-query block add into its dQ rows in whatever order their programs run, so dQ's fp32 sums round
-differently from run to run and the gradients are not bitwise reproducible. dK and dV are unaffected:
-the same code sums them in the same order, so with the same tiles they are bitwise those of the
-deterministic path (the interpreter, which runs one tiling for both, checks this).
-
-K, V, Q and dO tiles are plain pointer loads, which Triton pipelines through ``num_stages`` shared
-memory buffers (cp.async) on sm_80 and sm_90. Tensor descriptors (TMA) are not used: they could not be
-measured on a GPU while this was written, and pointer loads take any batch/head/sequence strides.
-
-Memory traffic: the forward reads Q once and K, V once per query block that sees them, and writes O
-and the fp32 log-sum-exp; the backward reads Q, dO, lse, delta once per key block and, if
-deterministic, K, V once per query block; with atomic dQ it reads K, V only once but adds a BLOCK_M x D
-fp32 tile into the dQ buffer per visited block pair (the buffer is zeroed first and read once to cast
-it). No S x S tensor exists anywhere.
-
-Shapes, dtypes, layouts
------------------------
-Head dims 16, 32, 64, 80, 96, 128, 256; 80 and 96 run in 128-wide tiles whose padding columns are
-masked on load and store (``offs_d < head_dim``; D is a run-time argument, so the kernels compile
-once per tile width and dtype). fp16 and bf16 use tensor-core dots with fp32
-accumulation; P and dS are rounded to the input dtype before their dots, as in FlashAttention. fp32 is
-accepted (for testing): in the interpreter its dots are exact fp32, on a GPU they run as tf32 (Triton's
-default). q, k, v are read through their batch/head/sequence strides, so the views a fused QKV
-projection produces (``qkv.view(B, S, 3, H, D).permute(2, 0, 3, 1, 4)``) are used in place. Only a
-tensor whose last dimension is not contiguous is copied (once, in the launcher).
-
-Block shapes (sm_90). A small ``triton.autotune`` list per kernel, pruned to the configs listed for the
-launch's tile width and dtype, keyed on S, D and the band (the dtype is part of every autotune key).
-Every config was compiled for sm_90 with ``kernels.aot``: all use ``wgmma`` (beside ``mma.sync``
-where a dot has fewer than 64 rows, see below), and the fp16/bf16 configs for D <= 128 do not spill.
-The register file (255 per thread at 8 warps, one CTA per SM) is the binding constraint, shared memory
-(227 KiB) the second. Masking the padding columns costs registers at the limit, so whether D is padded
-is a constexpr (``PAD_D``) and an unpadded tile carries no column mask.
-
-* forward: 128 x 128 or 128 x 64 tiles on 8 warps: two warpgroups of 64 query rows fill the wgmma M
-  dimension; the fp32 score tile costs BLOCK_M * BLOCK_N / 256 registers per thread, the accumulator
-  BLOCK_M * D / 256. 3 stages of K and V tiles keep the copies ahead of the dots (D = 128: 225 KiB at
-  128 x 128, sm_90 only, 129 KiB at 128 x 64). D = 256: 128 x 64 or 64 x 64, 2 stages.
-* dK/dV: the two fp32 accumulators of BLOCK_N * D each dominate. D <= 64: 128 keys, query steps of 64
-  or 32. D = 128: 128 keys x 16 queries or 64 x 32 (64-query steps spill). D = 256: no wgmma tiling
-  fits the 2 x 64 x 256 fp32 accumulators; 64 x 16 spills the least (``_KEEP_REASONS``).
-* dK/dV with dQ atomics: as dK/dV, plus a transient fp32 dQ^T tile of D x BLOCK_M and its operands,
-  so the query steps stay short. D <= 64: 128 keys x 32 queries, 3 stages (234 registers at D = 64).
-  D = 128: 128 x 16, 2 stages (253-255 registers, no spill; 64 x 32 spills when D is padded, 64-query
-  steps always). D = 256: 64 x 16, which spills, like dK/dV. The dQ^T dot has D rows, so at D = 16
-  and 32 it runs on ``mma.sync`` (fewer than the 64 rows of a wgmma); computed untransposed, as
-  ``dS K``, it would have only BLOCK_M rows and never use wgmma at these step sizes.
-* dQ: 128 or 64 queries, key steps of 64 (64 x 32 for D = 256).
-* fp32 inputs (for testing): one small tf32 config per kernel; the dK/dV kernels and D = 256 spill.
-  With dQ atomics at D = 256 even the smallest wgmma tiling (64 x 16) needs 241 KiB of shared memory,
-  so that config is 32 x 16 on ``mma.sync``.
-* sm_80 (not tuned): some configs spill there; each list keeps at least one that fits its 163 KiB.
-
-In the Triton interpreter (``TRITON_INTERPRET=1``) each kernel has exactly one small config
-(``_INTERPRETER_CONFIGS``): block sizes are launch parameters that do not change the math, one config
-avoids autotuning on the CPU, and blocks of 16/32 rows make the tiny test shapes cross many block and
-band boundaries.
+* Forward: one program per (query block, batch·head) streams key/value tiles through an online softmax in
+  fp32 (exp2, log2(e) folded into the scale) and writes O and the log-sum-exp; never an S x S matrix. Key
+  blocks outside the band (and, with ``SEGMENTS``, outside the block's documents) are never visited, so
+  causal halves the work, a window makes it O(S·w) and packed documents cost the sum of their squares.
+  The loop (``_band_blocks``, ``_block_start``) visits the few boundary blocks masked, the interior ones
+  unmasked; an id that recurs out of order stays exact, only its skipping shrinks.
+* Backward, ``deterministic=True``: dK/dV (one program per key block, looping over the kv group's query
+  heads and blocks) then dQ: 7 matmuls per block pair, no atomics, bitwise reproducible. ``False``: the
+  dK/dV kernel also adds dQ with fp32 atomics (5 matmuls, as FlashAttention-2; dQ's rounding then varies
+  run to run, dK and dV do not).
+* Head dims 16-256 (80 and 96 in padded 128 tiles); fp16/bf16 dots with fp32 accumulation (fp32, for
+  tests, is tf32 on a GPU); strided q/k/v from a fused QKV projection read in place. Small autotune lists
+  per kernel and head-dim class (``_GPU_CONFIGS``, per Triton version via ``kernels._compat``;
+  ``_SEGMENT_CONFIGS``), each compiled spill-free with wgmma by ``tritonforge kernels report`` or kept
+  with a reason (``_KEEP_REASONS``). The interpreter runs one small config so tests cross block edges.
 """
 from __future__ import annotations
 
 import itertools
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from kernels import _compat
+from kernels._common import INTERPRET, TL_DTYPES, use_triton
 from kernels.aot import Variant
 
-__all__ = ["attention", "attention_forward", "attention_backward", "SUPPORTED_HEAD_DIMS"]
+__all__ = ["attention", "attention_varlen", "attention_forward", "attention_backward", "SUPPORTED_HEAD_DIMS"]
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 80, 96, 128, 256)
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _LOG2E = 1.4426950408889634
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 # ---------------------------------------------------------------------------------------------------
 # Launch configurations
@@ -180,6 +74,20 @@ _GPU_CONFIGS = {
     ("dq", "fp32"): [(64, 16, 4, 2)],
     ("dq", "fp32 d256"): [(64, 16, 4, 2)],
 }
+# Older Tritons allocate more registers to the backward kernels (sm_90, measured with kernels.aot), so
+# some of the configs above spill there; these replace them, from each version on. D = 256 dQ: 64 x 32 on
+# 4 warps spills 128 B on 3.6 and 3.7; on 8 warps (204 registers on 3.6) it does not. D <= 64 dK/dV:
+# 32 x 128 with 3 stages reaches 255 registers and spills 16 B on 3.6, 64 x 128 spills 48 B; 32 x 128
+# with 2 stages (234 registers) and 32 x 64 with 3 (253) do not. With dQ atomics on 3.6, 32 x 128 with 3
+# stages spills 48 B at D <= 64 and 16 x 128 16 B at D = 128; 32 x 128 with 2 stages (252 registers) and
+# 16 x 64 with 2 (237) do not.
+_GPU_CONFIGS = _compat.by_version("attention", {
+    (3, 6): {**_GPU_CONFIGS, ("dkdv", "d<=64"): [(32, 128, 8, 2), (32, 64, 8, 3)],
+             ("dkdvdq", "d<=64"): [(32, 128, 8, 2)], ("dkdvdq", "d128"): [(16, 64, 8, 2)],
+             ("dq", "d256"): [(64, 32, 8, 2)]},
+    (3, 7): {**_GPU_CONFIGS, ("dq", "d256"): [(64, 32, 8, 2)]},
+    (3, 9): _GPU_CONFIGS,
+})
 # Configs that spill or exceed shared memory somewhere (measured with kernels.aot), and why they stay.
 _SM80_SPILLS = "tuned for sm_90, where it does not spill; on sm_80 (not tuned) it spills a little"
 _FP32_D256 = ("fp32 (for testing) at D = 256: spills on sm_90 and exceeds sm_80's shared memory, so this "
@@ -206,6 +114,24 @@ _KEEP_REASONS = {
                                               "64 keys x 16 queries, exceeds sm_90's shared memory; this "
                                               "mma.sync one fits both archs but spills on sm_80 (not tuned)"),
 }
+# With SEGMENTS the id compares cost a few registers: where a config at the register limit without
+# segments spills 8-40 B on sm_90 with them, the segment variants use these lists instead.
+_SEGMENT_CONFIGS = {
+    ("fwd", "d128"): [(128, 64, 8, 3)],
+    ("fwd", "d256"): [(64, 64, 8, 2)],
+    ("dkdv", "d<=64"): [(32, 128, 8, 3)],
+    ("dkdvdq", "d128"): [(16, 64, 8, 2)],
+    ("dq", "d256"): [(64, 16, 4, 2)],
+}
+# Triton 3.6 (and, unmeasured, 3.7-3.8, which get the same lists) takes more registers for the segment
+# variants: on 3.6 the D <= 64 forward at 128 x 128, the D <= 64 dK/dV at 32 x 128, the D = 128 dK/dV at
+# 16 x 128 and dQ at 64 x 64, and the D = 256 dQ at 64 x 16 spill 8-64 B on sm_90; these smaller tiles do not.
+_SEGMENT_CONFIGS = _compat.by_version("attention segments", {
+    (3, 6): {**_SEGMENT_CONFIGS, ("fwd", "d<=64"): [(128, 64, 8, 3)], ("dkdv", "d<=64"): [(32, 64, 8, 2)],
+             ("dkdv", "d128"): [(16, 64, 8, 2)], ("dq", "d128"): [(64, 32, 4, 2)],
+             ("dq", "d256"): [(64, 16, 8, 2)]},
+    (3, 9): _SEGMENT_CONFIGS,
+})
 _INTERPRETER_CONFIGS = {"fwd": (32, 16, 4, 1), "dkdv": (16, 32, 4, 1), "dq": (32, 16, 4, 1),
                         "dkdvdq": (16, 32, 4, 1)}
 # Preprocess (memory-bound): rows per program so that a tile holds 8192 elements; 8 warps.
@@ -225,16 +151,19 @@ def _config_class(block_d: int, dtype: torch.dtype) -> str:
     return "d128" if block_d == 128 else "d256"
 
 
-def _configs_for(kernel: str, block_d: int, dtype: torch.dtype) -> list[tuple[int, int, int, int]]:
+def _configs_for(kernel: str, block_d: int, dtype: torch.dtype,
+                 segments: bool = False) -> list[tuple[int, int, int, int]]:
     """The (BLOCK_M, BLOCK_N, num_warps, num_stages) a launch may use on a GPU."""
-    return _GPU_CONFIGS[(kernel, _config_class(block_d, dtype))]
+    key = (kernel, _config_class(block_d, dtype))
+    return _SEGMENT_CONFIGS.get(key, _GPU_CONFIGS[key]) if segments else _GPU_CONFIGS[key]
 
 
 def _autotune_configs(kernel: str) -> list[triton.Config]:
-    if _INTERPRET:
+    if INTERPRET:
         tuples = [_INTERPRETER_CONFIGS[kernel]]
     else:
-        tuples = sorted({c for (name, _), cs in _GPU_CONFIGS.items() if name == kernel for c in cs})
+        tuples = sorted({c for table in (_GPU_CONFIGS, _SEGMENT_CONFIGS)
+                         for (name, _), cs in table.items() if name == kernel for c in cs})
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in tuples]
 
 
@@ -242,21 +171,67 @@ def _pruner(kernel: str):
     """Keep only the configs listed for the launch's tile width and dtype (interpreter: the one config)."""
 
     def prune(configs, named_args, **kwargs):
-        if _INTERPRET:
+        if INTERPRET:
             return configs
         args = {**named_args, **kwargs}
-        allowed = set(_configs_for(kernel, args["BLOCK_D"], args["Q"].dtype))
+        allowed = set(_configs_for(kernel, args["BLOCK_D"], args["Q"].dtype, args["SEGMENTS"]))
         return [c for c in configs
                 if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in allowed]
 
     return prune
 
 
-_AUTOTUNE_KEY = ["seqlen", "head_dim", "window_left", "window_right"]
+_AUTOTUNE_KEY = ["seqlen", "head_dim", "window_left", "window_right", "SEGMENTS"]
 
 # ---------------------------------------------------------------------------------------------------
 # Kernels
 # ---------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _band_blocks(start, last, seqlen, left, right, BLOCK: tl.constexpr):
+    """The blocks of BLOCK columns that rows [start, last] visit under the band
+    ``i - left < j <= i + right`` (columns past the sequence excluded): ``[lo, hi)`` in all, of which
+    ``[inner_lo, inner_hi)`` are interior (every pair visible, inside the sequence). lo, inner_lo and
+    inner_hi are multiples of BLOCK (inner_lo may also be hi); lo <= inner_lo <= inner_hi <= hi."""
+    lo = tl.maximum(start - left + 1, 0) // BLOCK * BLOCK
+    hi = tl.minimum(last + right + 1, seqlen)
+    inner_lo = tl.minimum(tl.cdiv(tl.maximum(last - left + 1, 0), BLOCK) * BLOCK, hi)
+    inner_hi = tl.minimum((start + right + 1) // BLOCK, seqlen // BLOCK) * BLOCK
+    inner_hi = tl.maximum(inner_hi, inner_lo)
+    return lo, hi, inner_lo, inner_hi
+
+
+@triton.jit
+def _block_start(it, lo, inner_lo, inner_hi, num_lower, BLOCK: tl.constexpr, BOUNDARY: tl.constexpr):
+    """First column of loop step ``it``. Boundary pass: the lower boundary blocks [lo, inner_lo), then,
+    jumping over the interior, the upper ones [inner_hi, hi). Interior pass: [inner_lo, inner_hi)."""
+    if BOUNDARY:
+        start = lo + it * BLOCK + (it >= num_lower).to(tl.int32) * (inner_hi - inner_lo)
+    else:
+        start = inner_lo + it * BLOCK
+    return start
+
+
+@triton.jit
+def _segment_blocks(seg_base, start, last, offs, seqlen, lo, hi, inner_lo, inner_hi, BLOCK: tl.constexpr):
+    """Narrow ``_band_blocks``' ranges for rows ``offs`` (``[start, last]`` inside the sequence) to the
+    columns of their segments. ``seg_base`` points at this batch row's segment table (see
+    ``_segment_table``): the span ``[first, last + 1)`` of every row's id bounds ``[lo, hi)``; blocks stay
+    interior only if all rows lie in one contiguous run of equal ids and the block inside that run.
+    Same invariants as ``_band_blocks``; the rows' own columns always remain inside ``[lo, hi)``."""
+    in_seq = offs < seqlen
+    span_lo = tl.min(tl.load(seg_base + seqlen + offs, mask=in_seq, other=seqlen), 0)
+    span_hi = tl.max(tl.load(seg_base + 2 * seqlen + offs, mask=in_seq, other=0), 0)
+    run_lo = tl.load(seg_base + 3 * seqlen + start)
+    run_hi = tl.load(seg_base + 4 * seqlen + start)
+    lo = tl.maximum(lo, span_lo // BLOCK * BLOCK)
+    hi = tl.minimum(hi, span_hi)
+    inner_lo = tl.minimum(tl.maximum(inner_lo, tl.cdiv(run_lo, BLOCK) * BLOCK), hi)
+    inner_hi = tl.where(run_hi > last, tl.minimum(inner_hi, run_hi // BLOCK * BLOCK), 0)
+    inner_hi = tl.maximum(inner_hi, inner_lo)
+    return lo, hi, inner_lo, inner_hi
+
 
 
 @triton.autotune(configs=_autotune_configs("fwd"), key=_AUTOTUNE_KEY,
@@ -266,6 +241,7 @@ def _attn_fwd(
     Q, K, V,  # (B, H, S, D), (B, Hkv, S, D), (B, Hkv, S, D); last dim contiguous
     Out,  # (B, H, S, D) contiguous, dtype of Q
     LSE,  # (B, H, S) fp32 contiguous: row log-sum-exp, base 2, of the scaled scores
+    Seg,  # (B, 5, S) int32 segment table (``_segment_table``); read only with SEGMENTS
     stride_qb, stride_qh, stride_qs,
     stride_kb, stride_kh, stride_ks,
     stride_vb, stride_vh, stride_vs,
@@ -275,9 +251,10 @@ def _attn_fwd(
     qk_scale,  # scale * log2(e)
     BLOCK_D: tl.constexpr,  # the next power of two of D: the tile width
     PAD_D: tl.constexpr,  # D < BLOCK_D: mask the columns past D
+    SEGMENTS: tl.constexpr,  # key j visible from query i only if their segment ids are equal
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """O = softmax(scale * Q K^T | band) V for one block of BLOCK_M queries of one (batch, head).
+    """O = softmax(scale * Q K^T | band, segments) V for one block of BLOCK_M queries of one (batch, head).
 
     Online softmax over key blocks, in base 2 with t = qk_scale * (q . k):
         m' = max(m, max_j t_j);  l' = l * 2^(m - m') + sum_j 2^(t_j - m');
@@ -313,11 +290,12 @@ def _attn_fwd(
     # Visible keys of rows [start_m, last_m]: [lo, hi). Interior blocks [inner_lo, inner_hi) are visible
     # from every row of the block and lie inside the sequence; the rest of [lo, hi) is boundary.
     last_m = tl.minimum(start_m + BLOCK_M, seqlen) - 1
-    lo = tl.maximum(start_m - window_left + 1, 0) // BLOCK_N * BLOCK_N
-    hi = tl.minimum(last_m + window_right + 1, seqlen)
-    inner_lo = tl.minimum(tl.cdiv(tl.maximum(last_m - window_left + 1, 0), BLOCK_N) * BLOCK_N, hi)
-    inner_hi = tl.minimum((start_m + window_right + 1) // BLOCK_N, seqlen // BLOCK_N) * BLOCK_N
-    inner_hi = tl.maximum(inner_hi, inner_lo)
+    lo, hi, inner_lo, inner_hi = _band_blocks(start_m, last_m, seqlen, window_left, window_right, BLOCK_N)
+    if SEGMENTS:
+        seg_base = Seg + batch.to(tl.int64) * 5 * seqlen
+        lo, hi, inner_lo, inner_hi = _segment_blocks(seg_base, start_m, last_m, offs_m, seqlen,
+                                                     lo, hi, inner_lo, inner_hi, BLOCK_N)
+        seg_m = tl.load(seg_base + offs_m, mask=mask_m, other=-1)
     num_lower = tl.cdiv(inner_lo - lo, BLOCK_N)  # boundary blocks below the interior ...
     num_upper = tl.cdiv(hi - inner_hi, BLOCK_N)  # ... and above it
     # per row: the last visible key, and the last key before the visible ones
@@ -330,11 +308,7 @@ def _attn_fwd(
         else:
             num_blocks = (inner_hi - inner_lo) // BLOCK_N
         for it in range(num_blocks):
-            if boundary == 0:
-                # the lower boundary blocks [lo, inner_lo), then jump over the interior to [inner_hi, hi)
-                start_n = lo + it * BLOCK_N + (it >= num_lower).to(tl.int32) * (inner_hi - inner_lo)
-            else:
-                start_n = inner_lo + it * BLOCK_N
+            start_n = _block_start(it, lo, inner_lo, inner_hi, num_lower, BLOCK_N, boundary == 0)
             offs_kn = start_n + offs_n
             if boundary == 0:
                 mask_kv = (offs_kn < seqlen)[:, None] & mask_d[None, :]
@@ -344,6 +318,9 @@ def _attn_fwd(
             qk = tl.dot(q, tl.trans(k))
             if boundary == 0:
                 visible = (offs_kn[None, :] <= key_last[:, None]) & (offs_kn[None, :] > key_before[:, None])
+                if SEGMENTS:
+                    seg_n = tl.load(seg_base + offs_kn, mask=offs_kn < seqlen, other=-1)
+                    visible = visible & (seg_m[:, None] == seg_n[None, :])
                 qk = tl.where(visible, qk, float("-inf"))
                 m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
                 # a row may see no key of this block and none before it: keep its exponents finite
@@ -401,6 +378,7 @@ def _attn_bwd_dkdv(
     LSE, Delta,  # (B, H, S) fp32 contiguous
     DK, DV,  # (B, Hkv, S, D) contiguous, outputs
     DQAcc,  # (B, H, S, D) fp32 contiguous, zeroed: dQ summed with atomics (only with ATOMIC_DQ)
+    Seg,  # (B, 5, S) int32 segment table; read only with SEGMENTS
     stride_qb, stride_qh, stride_qs,
     stride_kb, stride_kh, stride_ks,
     stride_vb, stride_vh, stride_vs,
@@ -409,6 +387,7 @@ def _attn_bwd_dkdv(
     qk_scale,  # scale * log2(e)
     sm_scale,  # scale
     BLOCK_D: tl.constexpr, PAD_D: tl.constexpr,
+    SEGMENTS: tl.constexpr,  # key j visible from query i only if their segment ids are equal
     ATOMIC_DQ: tl.constexpr,  # also add each step's dQ share into DQAcc (the 5-matmul backward)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -449,11 +428,14 @@ def _attn_bwd_dkdv(
     # Queries that see keys [start_n, last_n]: [lo, hi); interior query blocks [inner_lo, inner_hi) see
     # every key of the block and lie inside the sequence. Keys past the sequence are never stored.
     last_n = tl.minimum(start_n + BLOCK_N, seqlen) - 1
-    lo = tl.maximum(start_n - window_right, 0) // BLOCK_M * BLOCK_M
-    hi = tl.minimum(last_n + window_left, seqlen)
-    inner_lo = tl.minimum(tl.cdiv(tl.maximum(last_n - window_right, 0), BLOCK_M) * BLOCK_M, hi)
-    inner_hi = tl.minimum((start_n + window_left) // BLOCK_M, seqlen // BLOCK_M) * BLOCK_M
-    inner_hi = tl.maximum(inner_hi, inner_lo)
+    # the transposed band: query i sees key j iff j - (right + 1) < i <= j + (left - 1)
+    lo, hi, inner_lo, inner_hi = _band_blocks(start_n, last_n, seqlen, window_right + 1, window_left - 1,
+                                              BLOCK_M)
+    if SEGMENTS:  # visibility by segment is symmetric: the keys' segments bound the queries
+        seg_base = Seg + batch.to(tl.int64) * 5 * seqlen
+        lo, hi, inner_lo, inner_hi = _segment_blocks(seg_base, start_n, last_n, offs_n, seqlen,
+                                                     lo, hi, inner_lo, inner_hi, BLOCK_M)
+        seg_n = tl.load(seg_base + offs_n, mask=offs_n < seqlen, other=-1)
     num_lower = tl.cdiv(inner_lo - lo, BLOCK_M)
     num_upper = tl.cdiv(hi - inner_hi, BLOCK_M)
 
@@ -468,10 +450,7 @@ def _attn_bwd_dkdv(
             else:
                 num_blocks = (inner_hi - inner_lo) // BLOCK_M
             for it in range(num_blocks):
-                if boundary == 0:
-                    start_m = lo + it * BLOCK_M + (it >= num_lower).to(tl.int32) * (inner_hi - inner_lo)
-                else:
-                    start_m = inner_lo + it * BLOCK_M
+                start_m = _block_start(it, lo, inner_lo, inner_hi, num_lower, BLOCK_M, boundary == 0)
                 offs_qm = start_m + offs_m
                 if boundary == 0:
                     mask_m = offs_qm < seqlen
@@ -485,7 +464,11 @@ def _attn_bwd_dkdv(
                 p_t = tl.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse[None, :])
                 if boundary == 0:
                     rel = offs_n[:, None] - offs_qm[None, :]  # j - i
-                    p_t = tl.where((rel <= window_right) & (rel > -window_left), p_t, 0.0)
+                    visible = (rel <= window_right) & (rel > -window_left)
+                    if SEGMENTS:
+                        seg_m = tl.load(seg_base + offs_qm, mask=mask_m, other=-1)
+                        visible = visible & (seg_n[:, None] == seg_m[None, :])
+                    p_t = tl.where(visible, p_t, 0.0)
                 do = tl.load(do_base + offs_qm[:, None] * stride_dos + offs_d[None, :], mask=mask_q, other=0.0)
                 dv = tl.dot(p_t.to(do.dtype), do, dv)
                 if boundary == 0:
@@ -522,6 +505,7 @@ def _attn_bwd_dq(
     Q, K, V, DO,  # (B, H, S, D), (B, Hkv, S, D) x 2, (B, H, S, D); last dims contiguous
     LSE, Delta,  # (B, H, S) fp32 contiguous
     DQ,  # (B, H, S, D) contiguous, output
+    Seg,  # (B, 5, S) int32 segment table; read only with SEGMENTS
     stride_qb, stride_qh, stride_qs,
     stride_kb, stride_kh, stride_ks,
     stride_vb, stride_vh, stride_vs,
@@ -530,6 +514,7 @@ def _attn_bwd_dq(
     qk_scale,  # scale * log2(e)
     sm_scale,  # scale
     BLOCK_D: tl.constexpr, PAD_D: tl.constexpr,
+    SEGMENTS: tl.constexpr,  # key j visible from query i only if their segment ids are equal
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dQ for one block of BLOCK_M queries of one (batch, head).
@@ -566,11 +551,12 @@ def _attn_bwd_dq(
 
     # Same key ranges as the forward.
     last_m = tl.minimum(start_m + BLOCK_M, seqlen) - 1
-    lo = tl.maximum(start_m - window_left + 1, 0) // BLOCK_N * BLOCK_N
-    hi = tl.minimum(last_m + window_right + 1, seqlen)
-    inner_lo = tl.minimum(tl.cdiv(tl.maximum(last_m - window_left + 1, 0), BLOCK_N) * BLOCK_N, hi)
-    inner_hi = tl.minimum((start_m + window_right + 1) // BLOCK_N, seqlen // BLOCK_N) * BLOCK_N
-    inner_hi = tl.maximum(inner_hi, inner_lo)
+    lo, hi, inner_lo, inner_hi = _band_blocks(start_m, last_m, seqlen, window_left, window_right, BLOCK_N)
+    if SEGMENTS:
+        seg_base = Seg + batch.to(tl.int64) * 5 * seqlen
+        lo, hi, inner_lo, inner_hi = _segment_blocks(seg_base, start_m, last_m, offs_m, seqlen,
+                                                     lo, hi, inner_lo, inner_hi, BLOCK_N)
+        seg_m = tl.load(seg_base + offs_m, mask=mask_m, other=-1)
     num_lower = tl.cdiv(inner_lo - lo, BLOCK_N)
     num_upper = tl.cdiv(hi - inner_hi, BLOCK_N)
     key_last = tl.minimum(offs_m + window_right, seqlen - 1)
@@ -582,10 +568,7 @@ def _attn_bwd_dq(
         else:
             num_blocks = (inner_hi - inner_lo) // BLOCK_N
         for it in range(num_blocks):
-            if boundary == 0:
-                start_n = lo + it * BLOCK_N + (it >= num_lower).to(tl.int32) * (inner_hi - inner_lo)
-            else:
-                start_n = inner_lo + it * BLOCK_N
+            start_n = _block_start(it, lo, inner_lo, inner_hi, num_lower, BLOCK_N, boundary == 0)
             offs_kn = start_n + offs_n
             if boundary == 0:
                 mask_kv = (offs_kn < seqlen)[:, None] & mask_d[None, :]
@@ -596,6 +579,9 @@ def _attn_bwd_dq(
             p = tl.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None])
             if boundary == 0:
                 visible = (offs_kn[None, :] <= key_last[:, None]) & (offs_kn[None, :] > key_before[:, None])
+                if SEGMENTS:
+                    seg_n = tl.load(seg_base + offs_kn, mask=offs_kn < seqlen, other=-1)
+                    visible = visible & (seg_m[:, None] == seg_n[None, :])
                 p = tl.where(visible, p, 0.0)
             ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
             dq = tl.dot(ds.to(k.dtype), k, dq)
@@ -627,7 +613,44 @@ def _bhs_strides(t: torch.Tensor) -> tuple[int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2)
 
 
-def attention_forward(q, k, v, causal: bool, scale: float, window: int):
+def _segment_table(segment_ids: torch.Tensor) -> torch.Tensor:
+    """(B, 5, S) int32 from (B, S) integer ids, for the kernels' ``Seg`` argument. Per position ``i``:
+    0: the id, renumbered 0, 1, ... per batch row (any int64 value is fine); 1, 2: ``[first, last + 1)``
+    of the positions that carry the same id; 3, 4: the same for the contiguous run of equal ids
+    around ``i``. For packed documents (each id one contiguous run) 1, 2 equal 3, 4. Sorting by id
+    (stable, so each id's positions stay in order) finds first and last occurrences on the device."""
+    batch, seqlen = segment_ids.shape
+    ids = segment_ids.to(torch.int64)
+    table = torch.empty((batch, 5, seqlen), dtype=torch.int32, device=ids.device)
+    pos = torch.arange(seqlen, device=ids.device).expand(batch, seqlen)
+    last_pos = torch.full_like(pos, seqlen - 1)
+
+    def first_of(starts):  # per position: the latest position <= it where ``starts`` holds
+        return torch.where(starts, pos, 0).cummax(dim=1).values
+
+    def last_of(ends):  # per position: the earliest position >= it where ``ends`` holds
+        return torch.where(ends, pos, last_pos).flip(1).cummin(dim=1).values.flip(1)
+
+    def edges(sorted_ids):  # (first of a group of equal ids, last of a group)
+        starts = torch.ones_like(sorted_ids, dtype=torch.bool)
+        starts[:, 1:] = sorted_ids[:, 1:] != sorted_ids[:, :-1]
+        ends = torch.ones_like(starts)
+        ends[:, :-1] = starts[:, 1:]
+        return starts, ends
+
+    sorted_ids, order = torch.sort(ids, dim=1, stable=True)
+    starts, ends = edges(sorted_ids)
+    table[:, 0].scatter_(1, order, (starts.cumsum(dim=1) - 1).to(torch.int32))
+    table[:, 1].scatter_(1, order, order.gather(1, first_of(starts)).to(torch.int32))
+    table[:, 2].scatter_(1, order, (order.gather(1, last_of(ends)) + 1).to(torch.int32))
+    starts, ends = edges(ids)
+    table[:, 3] = first_of(starts)
+    table[:, 4] = last_of(ends) + 1
+    return table
+
+
+def attention_forward(q, k, v, causal: bool, scale: float, window: int,
+                      segment_ids: torch.Tensor | None = None):
     """Launch the forward kernel. Returns ``(out, lse)``: out (B, H, S, D) contiguous in q's dtype,
     lse (B, H, S) fp32, the base-2 log-sum-exp of ``scale * log2(e) * q . k`` over the visible keys."""
     q, k, v = (_unit_last_stride(t) for t in (q, k, v))
@@ -641,17 +664,19 @@ def attention_forward(q, k, v, causal: bool, scale: float, window: int):
     def grid(meta):
         return (triton.cdiv(seqlen, meta["BLOCK_M"]), batch * num_heads)
 
+    # Seg is not read without SEGMENTS: any tensor fills the slot.
+    seg = lse if segment_ids is None else _segment_table(segment_ids)
     _attn_fwd[grid](
-        q, k, v, out, lse,
+        q, k, v, out, lse, seg,
         *_bhs_strides(q), *_bhs_strides(k), *_bhs_strides(v),
         num_heads, num_heads // k.shape[1], seqlen, head_dim, left, right, scale * _LOG2E,
-        BLOCK_D=_block_d(head_dim), PAD_D=_block_d(head_dim) != head_dim,
+        BLOCK_D=_block_d(head_dim), PAD_D=_block_d(head_dim) != head_dim, SEGMENTS=segment_ids is not None,
     )
     return out, lse
 
 
 def attention_backward(do, q, k, v, out, lse, causal: bool, scale: float, window: int,
-                       deterministic: bool = True):
+                       deterministic: bool = True, segment_ids: torch.Tensor | None = None):
     """Launch the backward kernels. Returns ``(dq, dk, dv)``, contiguous, in the inputs' dtype.
 
     ``deterministic=True``: the delta preprocess, the dK/dV kernel and the dQ kernel (7 matmuls per
@@ -679,25 +704,28 @@ def attention_backward(do, q, k, v, out, lse, causal: bool, scale: float, window
     common = (*_bhs_strides(q), *_bhs_strides(k), *_bhs_strides(v), *_bhs_strides(do),
               num_heads, group_size, seqlen, head_dim, left, right, scale * _LOG2E, scale)
     pad_d = block_d != head_dim
+    segments = segment_ids is not None
+    seg = _segment_table(segment_ids) if segments else delta  # not read without SEGMENTS
 
     def grid_dkdv(meta):
         return (triton.cdiv(seqlen, meta["BLOCK_N"]), batch * num_kv_heads)
 
     if not deterministic:
         dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-        _attn_bwd_dkdvdq[grid_dkdv](q, k, v, do, lse, delta, dk, dv, dq_acc, *common,
-                                    BLOCK_D=block_d, PAD_D=pad_d, ATOMIC_DQ=True)
+        _attn_bwd_dkdvdq[grid_dkdv](q, k, v, do, lse, delta, dk, dv, dq_acc, seg, *common,
+                                    BLOCK_D=block_d, PAD_D=pad_d, SEGMENTS=segments, ATOMIC_DQ=True)
         return dq_acc.to(q.dtype), dk, dv
 
     # DQAcc is neither read nor written without ATOMIC_DQ: any fp32 tensor fills the slot.
-    _attn_bwd_dkdv[grid_dkdv](q, k, v, do, lse, delta, dk, dv, delta, *common,
-                              BLOCK_D=block_d, PAD_D=pad_d, ATOMIC_DQ=False)
+    _attn_bwd_dkdv[grid_dkdv](q, k, v, do, lse, delta, dk, dv, delta, seg, *common,
+                              BLOCK_D=block_d, PAD_D=pad_d, SEGMENTS=segments, ATOMIC_DQ=False)
 
     def grid_dq(meta):
         return (triton.cdiv(seqlen, meta["BLOCK_M"]), batch * num_heads)
 
     dq = q.new_empty(q.shape)
-    _attn_bwd_dq[grid_dq](q, k, v, do, lse, delta, dq, *common, BLOCK_D=block_d, PAD_D=pad_d)
+    _attn_bwd_dq[grid_dq](q, k, v, do, lse, delta, dq, seg, *common, BLOCK_D=block_d, PAD_D=pad_d,
+                          SEGMENTS=segments)
     return dq, dk, dv
 
 
@@ -706,17 +734,20 @@ def attention_backward(do, q, k, v, out, lse, causal: bool, scale: float, window
 # ---------------------------------------------------------------------------------------------------
 
 
-def _use_triton(t: torch.Tensor) -> bool:
-    return t.is_cuda or _INTERPRET
-
-
-def _reference_scores(q, k, causal: bool, scale: float, window: int) -> torch.Tensor:
-    """fp32 masked scores (B, H, S, S); k already expanded to H heads."""
-    seqlen = q.shape[2]
+def _reference_mask(seqlen: int, causal: bool, window: int, segment_ids, device) -> torch.Tensor:
+    """Boolean visibility, (S, S) or with segments (B, 1, S, S): True where query i sees key j."""
     left, right = _band(seqlen, causal, window)
-    idx = torch.arange(seqlen, device=q.device)
+    idx = torch.arange(seqlen, device=device)
     rel = idx[None, :] - idx[:, None]
     visible = (rel <= right) & (rel > -left)
+    if segment_ids is not None:
+        visible = visible & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
+    return visible
+
+
+def _reference_scores(q, k, causal: bool, scale: float, window: int, segment_ids=None) -> torch.Tensor:
+    """fp32 masked scores (B, H, S, S); k already expanded to H heads."""
+    visible = _reference_mask(q.shape[2], causal, window, segment_ids, q.device)
     scores = (q.float() @ k.float().transpose(-1, -2)) * scale
     return scores.masked_fill(~visible, float("-inf"))
 
@@ -725,19 +756,19 @@ def _expand_kv(t: torch.Tensor, num_heads: int) -> torch.Tensor:
     return t.repeat_interleave(num_heads // t.shape[1], dim=1)
 
 
-def _reference_forward(q, k, v, causal, scale, window):
-    scores = _reference_scores(q, _expand_kv(k, q.shape[1]), causal, scale, window)
+def _reference_forward(q, k, v, causal, scale, window, segment_ids=None):
+    scores = _reference_scores(q, _expand_kv(k, q.shape[1]), causal, scale, window, segment_ids)
     lse = torch.logsumexp(scores, dim=-1)
     out = torch.softmax(scores, dim=-1) @ _expand_kv(v, q.shape[1]).float()
     return out.to(q.dtype).contiguous(), (lse * _LOG2E).contiguous()
 
 
-def _reference_backward(do, q, k, v, causal, scale, window):
+def _reference_backward(do, q, k, v, causal, scale, window, segment_ids=None):
     """The FlashAttention backward formulas on materialized fp32 probabilities."""
     batch, num_heads, seqlen, head_dim = q.shape
     num_kv_heads = k.shape[1]
     k_heads, v_heads = _expand_kv(k, num_heads).float(), _expand_kv(v, num_heads).float()
-    p = torch.softmax(_reference_scores(q, k_heads, causal, scale, window), dim=-1)
+    p = torch.softmax(_reference_scores(q, k_heads, causal, scale, window, segment_ids), dim=-1)
     do = do.float()
     dp = do @ v_heads.transpose(-1, -2)
     ds = p * (dp - (p * dp).sum(dim=-1, keepdim=True))
@@ -750,46 +781,48 @@ def _reference_backward(do, q, k, v, causal, scale, window):
 
 @torch.library.custom_op("tritonforge::attention_forward", mutates_args=())
 def _attention_forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float,
-                          window: int, deterministic: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                          window: int, deterministic: bool = True, segment_ids: torch.Tensor | None = None
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
     # ``deterministic`` does not change the forward; it is an argument so that autograd's context
     # (``_setup_context``) receives it and picks the backward.
-    if _use_triton(q):
-        return attention_forward(q, k, v, causal, scale, window)
-    return _reference_forward(q, k, v, causal, scale, window)
+    if use_triton(q):
+        return attention_forward(q, k, v, causal, scale, window, segment_ids)
+    return _reference_forward(q, k, v, causal, scale, window, segment_ids)
 
 
 @_attention_forward_op.register_fake
-def _(q, k, v, causal, scale, window, deterministic=True):
+def _(q, k, v, causal, scale, window, deterministic=True, segment_ids=None):
     return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 @torch.library.custom_op("tritonforge::attention_backward", mutates_args=())
 def _attention_backward_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                            out: torch.Tensor, lse: torch.Tensor, causal: bool, scale: float,
-                           window: int, deterministic: bool = True
+                           window: int, deterministic: bool = True,
+                           segment_ids: torch.Tensor | None = None
                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    if _use_triton(q):
-        return attention_backward(do, q, k, v, out, lse, causal, scale, window, deterministic)
-    return _reference_backward(do, q, k, v, causal, scale, window)  # exact either way
+    if use_triton(q):
+        return attention_backward(do, q, k, v, out, lse, causal, scale, window, deterministic, segment_ids)
+    return _reference_backward(do, q, k, v, causal, scale, window, segment_ids)  # exact either way
 
 
 @_attention_backward_op.register_fake
-def _(do, q, k, v, out, lse, causal, scale, window, deterministic=True):
+def _(do, q, k, v, out, lse, causal, scale, window, deterministic=True, segment_ids=None):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, causal, scale, window, deterministic = inputs
+    q, k, v, causal, scale, window, deterministic, segment_ids = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.save_for_backward(q, k, v, out, lse, segment_ids)
     ctx.causal, ctx.scale, ctx.window, ctx.deterministic = causal, scale, window, deterministic
 
 
 def _backward(ctx, grad_out, grad_lse):
-    q, k, v, out, lse = ctx.saved_tensors
+    q, k, v, out, lse, segment_ids = ctx.saved_tensors
     dq, dk, dv = _attention_backward_op(grad_out, q, k, v, out, lse, ctx.causal, ctx.scale, ctx.window,
-                                        ctx.deterministic)
-    return dq, dk, dv, None, None, None, None
+                                        ctx.deterministic, segment_ids)
+    return dq, dk, dv, None, None, None, None, None
 
 
 _attention_forward_op.register_autograd(_backward, setup_context=_setup_context)
@@ -800,7 +833,11 @@ _attention_forward_op.register_autograd(_backward, setup_context=_setup_context)
 # ---------------------------------------------------------------------------------------------------
 
 
-def _validate(q, k, v, causal, scale, window, deterministic) -> None:
+def _is_integer(t: torch.Tensor) -> bool:
+    return not (t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool)
+
+
+def _validate(q, k, v, causal, scale, window, deterministic, segment_ids) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -839,11 +876,22 @@ def _validate(q, k, v, causal, scale, window, deterministic) -> None:
             raise ValueError(f"window must be >= 1, got {window}")
     if not isinstance(deterministic, bool):
         raise TypeError(f"deterministic must be a bool, got {type(deterministic).__name__}")
+    if segment_ids is not None:
+        if not isinstance(segment_ids, torch.Tensor):
+            raise TypeError(f"segment_ids must be a torch.Tensor or None, got {type(segment_ids).__name__}")
+        if not _is_integer(segment_ids):
+            raise TypeError(f"segment_ids must have an integer dtype, got {segment_ids.dtype}")
+        if tuple(segment_ids.shape) != (batch, seqlen):
+            raise ValueError(f"segment_ids must have shape (B, S) = ({batch}, {seqlen}), "
+                             f"got {tuple(segment_ids.shape)}")
+        if segment_ids.device != q.device:
+            raise ValueError(f"segment_ids is on {segment_ids.device} but q is on {q.device}; "
+                             "they must match")
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
               scale: float | None = None, window: int | None = None,
-              deterministic: bool = True) -> torch.Tensor:
+              deterministic: bool = True, segment_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Scaled dot-product attention, fused, differentiable in q, k and v.
 
     Args:
@@ -858,21 +906,72 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
             reproducible run to run. False: a faster backward (5 matmuls instead of 7 per block pair)
             that sums dq with fp32 atomics, so dq may differ in the last bits between runs; dk and dv
             are still reduced in a fixed order. The forward is the same either way.
+        segment_ids: None, or a (B, S) integer tensor: key ``j`` is visible from query ``i`` only if
+            ``segment_ids[b, i] == segment_ids[b, j]`` (and causal/window allow it). Packed documents,
+            each a contiguous run of one id, cost in proportion to the documents' lengths; an id that
+            recurs after another is still masked exactly, but the key blocks between its runs are
+            visited (masked) rather than skipped.
     Returns:
         (B, H, S, D) in q's dtype. D must be one of ``SUPPORTED_HEAD_DIMS``.
     """
-    _validate(q, k, v, causal, scale, window, deterministic)
+    _validate(q, k, v, causal, scale, window, deterministic, segment_ids)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
-    out, _ = _attention_forward_op(q, k, v, causal, float(scale), window or 0, deterministic)
+    out, _ = _attention_forward_op(q, k, v, causal, float(scale), window or 0, deterministic, segment_ids)
     return out
+
+
+def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                     max_seqlen: int | None = None, causal: bool = False, scale: float | None = None,
+                     window: int | None = None, deterministic: bool = True) -> torch.Tensor:
+    """Attention over variable-length sequences laid end to end, in FlashAttention's varlen convention.
+
+    Args:
+        q: (T, H, D) the tokens of all sequences; k, v: (T, Hkv, D).
+        cu_seqlens: (N + 1,) integer offsets, ``0 = cu[0] <= cu[1] <= ... <= cu[N] = T``: sequence ``n``
+            is tokens ``[cu[n], cu[n + 1])``. Not checked on the host (that would synchronize); tokens
+            at or past ``cu[N]`` form one more sequence.
+        max_seqlen: the longest sequence, accepted for FlashAttention's signature; the kernels find each
+            sequence's bounds themselves, so it is only checked to be a positive int.
+        causal, scale, window, deterministic: as for ``attention``, within each sequence.
+    Returns:
+        (T, H, D) in q's dtype: a view of an (H, T, D) buffer.
+
+    This is ``attention`` on the (1, H, T, D) strided view of the tokens with ``segment_ids`` from
+    ``cu_seqlens``: q, k, v are read in place, the output is written head-major. The fast layout is the
+    same either way; a caller that needs the output contiguous as (T, H * D) pays one copy, which the
+    (B, H, S, D) layout with ``segment_ids`` does not, when the next projection reads (B, H, S, D).
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 3:
+            raise ValueError(f"{name} must have 3 dimensions (T, H, D), got shape {tuple(t.shape)}")
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise TypeError(f"cu_seqlens must be a torch.Tensor, got {type(cu_seqlens).__name__}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(f"cu_seqlens must have shape (N + 1,) with N >= 1, got {tuple(cu_seqlens.shape)}")
+    if not _is_integer(cu_seqlens):
+        raise TypeError(f"cu_seqlens must have an integer dtype, got {cu_seqlens.dtype}")
+    if cu_seqlens.device != q.device:
+        raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but q is on {q.device}; they must match")
+    if max_seqlen is not None:
+        if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int):
+            raise TypeError(f"max_seqlen must be an int or None, got {type(max_seqlen).__name__}")
+        if max_seqlen < 1:
+            raise ValueError(f"max_seqlen must be >= 1, got {max_seqlen}")
+    tokens = torch.arange(q.shape[0], device=q.device, dtype=cu_seqlens.dtype)
+    segment_ids = torch.searchsorted(cu_seqlens[1:].contiguous(), tokens, right=True)[None, :]
+    q4, k4, v4 = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
+    out = attention(q4, k4, v4, causal=causal, scale=scale, window=window, deterministic=deterministic,
+                    segment_ids=segment_ids)
+    return out[0].transpose(0, 1)
 
 
 # ---------------------------------------------------------------------------------------------------
 # Ahead-of-time variants
 # ---------------------------------------------------------------------------------------------------
 
-_TL_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 _STRIDES = ("stride_{}b", "stride_{}h", "stride_{}s")
 
 
@@ -884,12 +983,14 @@ def aot_variants() -> list[Variant]:
     """Every configuration the launchers and autotune lists may use on a GPU: per kernel, tile width
     (D rounded up to a power of two), dtype and config. Aligned: all pointers, the batch/head/sequence
     strides, H, S, D and the band ints (S or 0 at the benchmark shapes: hidden 2048, full or causal).
-    The dK/dV kernel is listed twice: with its own configs, and with ``ATOMIC_DQ`` and the "dkdvdq"
-    configs (the fused kernel of the ``deterministic=False`` backward)."""
+    Every dot kernel config is listed without and with ``SEGMENTS``. The dK/dV kernel is listed
+    twice: with its own configs, and with ``ATOMIC_DQ`` and the "dkdvdq" configs (the fused kernel of
+    the ``deterministic=False`` backward)."""
     variants = []
     ints = ["num_heads", "group_size", "seqlen", "head_dim", "window_left", "window_right"]
     aligned_ints = ("num_heads", "seqlen", "head_dim", "window_left", "window_right")
-    for dtype, ty in _TL_DTYPES.items():
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        ty = TL_DTYPES[dtype]
         for block_d in sorted({_block_d(d) for d in SUPPORTED_HEAD_DIMS}):
             pre_sig = {"Out": f"*{ty}", "DO": f"*{ty}", "Delta": "*fp32",
                        **dict.fromkeys(_stride_args("do"), "i32"),
@@ -901,31 +1002,35 @@ def aot_variants() -> list[Variant]:
                 num_warps=_PRE_NUM_WARPS, num_stages=1, kind="memory", vector_stores=False,
                 aligned=("Out", "DO", "Delta", *_stride_args("do"), "num_heads", "seqlen", "head_dim")))
             fwd_sig = {"Q": f"*{ty}", "K": f"*{ty}", "V": f"*{ty}", "Out": f"*{ty}", "LSE": "*fp32",
-                       **dict.fromkeys(_stride_args("q", "k", "v"), "i32"),
+                       "Seg": "*i32", **dict.fromkeys(_stride_args("q", "k", "v"), "i32"),
                        **dict.fromkeys(ints, "i32"), "qk_scale": "fp32"}
             bwd_ptrs = {"Q": f"*{ty}", "K": f"*{ty}", "V": f"*{ty}", "DO": f"*{ty}", "LSE": "*fp32",
                         "Delta": "*fp32"}
             bwd_rest = {**dict.fromkeys(_stride_args("q", "k", "v", "do"), "i32"),
                         **dict.fromkeys(ints, "i32"), "qk_scale": "fp32", "sm_scale": "fp32"}
-            dkdv_sig = {**bwd_ptrs, "DK": f"*{ty}", "DV": f"*{ty}", "DQAcc": "*fp32", **bwd_rest}
-            dq_sig = {**bwd_ptrs, "DQ": f"*{ty}", **bwd_rest}
+            dkdv_sig = {**bwd_ptrs, "DK": f"*{ty}", "DV": f"*{ty}", "DQAcc": "*fp32", "Seg": "*i32",
+                        **bwd_rest}
+            dq_sig = {**bwd_ptrs, "DQ": f"*{ty}", "Seg": "*i32", **bwd_rest}
             pads = sorted({_block_d(d) != d for d in SUPPORTED_HEAD_DIMS if _block_d(d) == block_d})
             # (config list, kernel, signature, constexprs the launcher passes besides the tiles)
             launches = (("fwd", _attn_fwd, fwd_sig, {}),
                         ("dkdv", _attn_bwd_dkdv, dkdv_sig, {"ATOMIC_DQ": False}),
                         ("dkdvdq", _attn_bwd_dkdv, dkdv_sig, {"ATOMIC_DQ": True}),
                         ("dq", _attn_bwd_dq, dq_sig, {}))
-            for (name, kernel, sig, switches), pad_d in itertools.product(launches, pads):
+            for (name, kernel, sig, switches), pad_d, segments in itertools.product(launches, pads,
+                                                                                    (False, True)):
                 pointers = tuple(n for n, t in sig.items() if t.startswith("*"))
                 strides = tuple(n for n in sig if n.startswith("stride_"))
                 config_class = _config_class(block_d, dtype)
-                for config in _configs_for(name, block_d, dtype):
+                for config in _configs_for(name, block_d, dtype, segments):
                     block_m, block_n, warps, stages = config
                     label = f"{ty} BLOCK_D={block_d}{' padded' if pad_d else ''}"
+                    label += " segments" if segments else ""
                     label += " atomic dQ" if switches.get("ATOMIC_DQ") else ""
                     variants.append(Variant(
                         kernel=kernel.fn, name=f"{label} {block_m}x{block_n} w{warps} s{stages}",
-                        signature=sig, constexprs={"BLOCK_D": block_d, "PAD_D": pad_d, **switches,
+                        signature=sig, constexprs={"BLOCK_D": block_d, "PAD_D": pad_d, "SEGMENTS": segments,
+                                                   **switches,
                                                    "BLOCK_M": block_m, "BLOCK_N": block_n},
                         num_warps=warps, num_stages=stages, kind="dot", aligned=pointers + strides + aligned_ints,
                         keep_reason=_KEEP_REASONS.get((name, config_class, config), "")))

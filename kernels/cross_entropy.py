@@ -1,43 +1,28 @@
 """Cross-entropy over a vocabulary as Triton kernels, and the language-model head fused with it.
 
-``cross_entropy(logits, targets)`` computes what ``F.cross_entropy(logits.float(), targets)`` does
-(mean, sum or per-position losses; ``ignore_index``; ``label_smoothing``) without the fp32 copy of the
-logits that calling it on bf16 logits makes, and with its gradient written straight in the logits' dtype.
+``cross_entropy(logits, targets, ignore_index=-100, label_smoothing=0.0, reduction="mean", softcap=0.0)``
+is ``F.cross_entropy(logits.float(), targets)`` without the fp32 copy of bf16/fp16 logits: one program per
+row (online log-sum-exp in fp32), its gradient written in the logits' dtype. ``softcap`` c > 0 scores the
+soft-capped logits c·tanh(z / c), applied as the raw logits load (gradient times 1 - tanh²).
 
-``linear_cross_entropy(x, weight, targets, bias=None)`` is ``cross_entropy(F.linear(x, weight, bias),
-targets)`` for the head of a language model, where the logits are by far the largest activation: at
-GPT-2's vocabulary of 50,304 and 16,384 tokens a step, bf16 logits take 1.6 GB, and the fp32 copy, the
-fp32 softmax gradient and its bf16 cast several more. It never holds more than ``chunk_size`` rows of
-logits. For each chunk of rows it
+``linear_cross_entropy(x, weight, targets, bias=None, ...)`` is ``cross_entropy(F.linear(x, weight, bias),
+targets)`` for a language model's head, whose logits are the largest activation (1.6 GB of bf16 at GPT-2's
+vocabulary and 16k tokens). It holds at most ``chunk_size`` rows of logits; per chunk it
 
-1. computes the chunk's logits with one matmul (cuBLAS),
-2. runs one Triton program per row over them: the log-sum-exp by an online max-and-sum pass, the loss,
-   then the row's gradient ``softmax - (1 - eps) * onehot - eps / V`` written over the logits in place,
-3. turns that gradient into the chunk's input gradient (``dlogits @ W``) and adds its share of the weight
-   gradient (``dlogits^T @ x``, fp32 accumulator) and the bias gradient.
+1. computes the logits with one matmul (cuBLAS),
+2. runs the row kernel: the loss, then the row's gradient softmax - (1 - eps)·onehot - eps / V written
+   over the logits in place,
+3. turns that into the input gradient and adds the weight gradient (fp32 accumulator) and bias gradient.
 
-The gradients are therefore computed during the forward, where the logits are at hand; the backward
-only scales them by the upstream gradient. The loss and gradients match the unfused composition up to
-summation order (see the tests for the tolerances).
-
-Cost, at GPT-2 small's head (16,384 tokens, d = 768, V = 50,304, bf16): the three matmuls are
-6 * N * d * V = 3.8 TFLOP, about 5 ms at an H100's ~750 dense bf16 TFLOP/s; the row kernel reads each
-chunk's logits twice and writes them once, 4.9 GB in all, about 1.5 ms at 3.35 TB/s, mostly from L2 for
-the second read. Chunks of ``2**26 / V`` rows (1024 here: 103 MB of bf16 logits) keep the matmuls large
-and the fp32 weight-gradient accumulator's read-modify-write (155 MB a chunk) at 16 passes.
-Speed on a GPU: not measured.
-
-Targets outside ``[0, V)`` that are not ``ignore_index`` raise a ``ValueError`` on CPU tensors; on CUDA
-(where checking would cost a device synchronization every step) their loss is NaN, which the trainer's
-non-finite-loss check reports.
-
-On CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1``, the Triton kernels run (registered as
-``torch.library`` custom ops, so ``torch.compile`` keeps them whole); on a CPU without the interpreter
-both functions fall back to the PyTorch composition.
+The gradients are computed during the forward, where the logits are at hand; the backward only scales
+them by the upstream gradient. At GPT-2 small's head the matmuls are 6·N·d·V FLOPs and the row kernel
+reads each chunk's logits twice and writes them once. Targets outside [0, V) that are not ignored raise on
+CPU tensors; on CUDA (a check would cost a sync every step) their loss is NaN, which the trainer reports.
+The custom ops keep ``torch.compile`` whole; off CUDA without ``TRITON_INTERPRET=1`` both functions run
+the PyTorch composition.
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
@@ -46,11 +31,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from kernels._common import INTERPRET
 from kernels.aot import Variant
 
 __all__ = ["cross_entropy", "linear_cross_entropy"]
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _REDUCTIONS = ("mean", "sum", "none")
 # Columns a program handles per step on a GPU, and in the interpreter (small, so that small tests cross
@@ -67,28 +52,43 @@ _MIN_CHUNK_ROWS = 256
 # Triton kernels
 # ----------------------------------------------------------------------------------------------
 @triton.jit
-def _row_grad(ROW, GROW, target, lse, scale, V, smoothing, HAS_SMOOTHING: tl.constexpr,
-              BLOCK_V: tl.constexpr):
+def _tanh(u):
+    """tanh(u) = 1 - 2 / (exp(2u) + 1): exact limits +-1 where exp overflows or vanishes."""
+    return 1.0 - 2.0 / (tl.exp(2.0 * u) + 1.0)
+
+
+@triton.jit
+def _row_grad(ROW, GROW, target, lse, scale, V, smoothing, softcap, HAS_SMOOTHING: tl.constexpr,
+              HAS_SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr):
     """Write ``scale * (softmax - (1 - eps) * onehot(target) - eps / V)`` of one row of logits
-    (``ROW``) to ``GROW`` (which may be ``ROW`` itself: every block is read before it is written)."""
+    (``ROW``) to ``GROW`` (which may be ``ROW`` itself: every block is read before it is written).
+    With ``HAS_SOFTCAP`` the softmax is of the capped logits ``c * tanh(z / c)`` (``lse`` is theirs) and
+    the gradient, with respect to the raw z, is multiplied by ``1 - tanh(z / c)^2``."""
     cols = tl.arange(0, BLOCK_V)
     for start in range(0, V, BLOCK_V):
         offs = start + cols
         mask = offs < V
         x = tl.load(ROW + offs, mask=mask, other=float("-inf")).to(tl.float32)
+        if HAS_SOFTCAP:
+            t = _tanh(x / softcap)
+            x = softcap * t
         g = tl.exp(x - lse)
         if HAS_SMOOTHING:
             g = g - tl.where(offs == target, 1.0 - smoothing, 0.0) - smoothing / V
         else:
             g = g - tl.where(offs == target, 1.0, 0.0)
+        if HAS_SOFTCAP:
+            g = g * (1.0 - t * t)
         tl.store(GROW + offs, (g * scale).to(GROW.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _forward_kernel(LOGITS, GRAD, TARGETS, LOSS, LSE, SCALE, V, stride_l, stride_g, ignore_index, smoothing,
-                    HAS_SMOOTHING: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr):
+                    softcap, HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr, WRITE_GRAD: tl.constexpr,
+                    BLOCK_V: tl.constexpr):
     """One program per row: the loss (0 at ignored rows, NaN at out-of-range targets) and the
-    log-sum-exp of the row; with ``WRITE_GRAD`` also the row's gradient times ``SCALE[0]``."""
+    log-sum-exp of the row (of its capped logits with ``HAS_SOFTCAP``); with ``WRITE_GRAD`` also the
+    row's gradient times ``SCALE[0]``."""
     row = tl.program_id(0).to(tl.int64)
     base = LOGITS + row * stride_l
     target = tl.load(TARGETS + row).to(tl.int64)
@@ -101,6 +101,8 @@ def _forward_kernel(LOGITS, GRAD, TARGETS, LOSS, LSE, SCALE, V, stride_l, stride
         offs = start + cols
         mask = offs < V
         x = tl.load(base + offs, mask=mask, other=float("-inf")).to(tl.float32)
+        if HAS_SOFTCAP:  # the padding columns stay at -inf (tanh would bring them to -c)
+            x = tl.where(mask, softcap * _tanh(x / softcap), float("-inf"))
         m_new = tl.maximum(m, tl.max(x, 0))
         s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), 0)
         m = m_new
@@ -110,6 +112,8 @@ def _forward_kernel(LOGITS, GRAD, TARGETS, LOSS, LSE, SCALE, V, stride_l, stride
     valid = target != ignore_index
     in_range = (target >= 0) & (target < V)
     x_t = tl.load(base + tl.where(valid & in_range, target, 0)).to(tl.float32)
+    if HAS_SOFTCAP:
+        x_t = softcap * _tanh(x_t / softcap)
     if HAS_SMOOTHING:
         # (1 - eps) * (lse - x_t) + eps * (lse - mean(x)): the smoothed target puts eps / V on every class
         loss = lse - (1.0 - smoothing) * x_t - smoothing * (sum_x / V)
@@ -120,20 +124,21 @@ def _forward_kernel(LOGITS, GRAD, TARGETS, LOSS, LSE, SCALE, V, stride_l, stride
     tl.store(LSE + row, lse)
     if WRITE_GRAD:
         scale = tl.where(valid, tl.load(SCALE).to(tl.float32), 0.0)
-        _row_grad(base, GRAD + row * stride_g, target, lse, scale, V, smoothing, HAS_SMOOTHING, BLOCK_V)
+        _row_grad(base, GRAD + row * stride_g, target, lse, scale, V, smoothing, softcap, HAS_SMOOTHING,
+                  HAS_SOFTCAP, BLOCK_V)
 
 
 @triton.jit
 def _backward_kernel(LOGITS, GRAD, TARGETS, LSE, DLOSS, V, stride_l, stride_g, stride_d, ignore_index, smoothing,
-                     HAS_SMOOTHING: tl.constexpr, BLOCK_V: tl.constexpr):
+                     softcap, HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr):
     """One program per row: the row's gradient times its upstream gradient ``DLOSS[row]`` from the
     log-sum-exp the forward saved (one read of the logits, one write of the gradient)."""
     row = tl.program_id(0).to(tl.int64)
     target = tl.load(TARGETS + row).to(tl.int64)
     lse = tl.load(LSE + row)
     scale = tl.where(target != ignore_index, tl.load(DLOSS + row * stride_d).to(tl.float32), 0.0)
-    _row_grad(LOGITS + row * stride_l, GRAD + row * stride_g, target, lse, scale, V, smoothing, HAS_SMOOTHING,
-              BLOCK_V)
+    _row_grad(LOGITS + row * stride_l, GRAD + row * stride_g, target, lse, scale, V, smoothing, softcap,
+              HAS_SMOOTHING, HAS_SOFTCAP, BLOCK_V)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -142,7 +147,7 @@ def _backward_kernel(LOGITS, GRAD, TARGETS, LSE, DLOSS, V, stride_l, stride_g, s
 def _block_v(vocab: int) -> tuple[int, int]:
     """(BLOCK_V, num_warps): up to 4096 columns a step, 16 per thread at 8 warps (two 128-bit bf16
     loads each); small vocabularies get one block of their own size."""
-    if _INTERPRET:
+    if INTERPRET:
         return min(_BLOCK_V_INTERPRET, triton.next_power_of_2(vocab)), 1
     block = min(_BLOCK_V_GPU, triton.next_power_of_2(vocab))
     return block, max(1, min(8, block // 512))
@@ -159,8 +164,8 @@ def _check_targets(targets: Tensor, vocab: int, ignore_index: int) -> None:
                          f"and not ignore_index ({ignore_index})")
 
 
-def _forward_rows(logits: Tensor, targets: Tensor, ignore_index: int, smoothing: float, loss: Tensor, lse: Tensor,
-                  grad: Optional[Tensor] = None, scale: Optional[Tensor] = None) -> None:
+def _forward_rows(logits: Tensor, targets: Tensor, ignore_index: int, smoothing: float, softcap: float, loss: Tensor,
+                  lse: Tensor, grad: Optional[Tensor] = None, scale: Optional[Tensor] = None) -> None:
     """Write the per-row losses and log-sum-exps (fp32, one per row) of 2-D ``logits`` (unit column
     stride) to ``loss`` and ``lse``; with ``grad`` (may be ``logits``) also the rows' gradients times
     ``scale[0]``."""
@@ -171,33 +176,35 @@ def _forward_rows(logits: Tensor, targets: Tensor, ignore_index: int, smoothing:
     write = grad is not None
     _forward_kernel[(n,)](
         logits, grad if write else logits, targets, loss, lse, scale if write else loss, vocab, logits.stride(0),
-        grad.stride(0) if write else 0, ignore_index, smoothing,
-        HAS_SMOOTHING=smoothing != 0.0, WRITE_GRAD=write, BLOCK_V=block, num_warps=warps)
+        grad.stride(0) if write else 0, ignore_index, smoothing, softcap,
+        HAS_SMOOTHING=smoothing != 0.0, HAS_SOFTCAP=softcap != 0.0, WRITE_GRAD=write, BLOCK_V=block,
+        num_warps=warps)
 
 
 # ----------------------------------------------------------------------------------------------
 # Custom ops: cross_entropy on logits
 # ----------------------------------------------------------------------------------------------
 @torch.library.custom_op("tritonforge::cross_entropy_forward", mutates_args=())
-def _ce_forward_op(logits: Tensor, targets: Tensor, ignore_index: int, smoothing: float) -> tuple[Tensor, Tensor]:
+def _ce_forward_op(logits: Tensor, targets: Tensor, ignore_index: int, smoothing: float,
+                   softcap: float) -> tuple[Tensor, Tensor]:
     """(per-row loss, per-row log-sum-exp), fp32, for 2-D logits."""
     _check_targets(targets, logits.shape[1], ignore_index)
     n = logits.shape[0]
     loss = torch.empty(n, device=logits.device, dtype=torch.float32)
     lse = torch.empty(n, device=logits.device, dtype=torch.float32)
-    _forward_rows(logits, targets, ignore_index, smoothing, loss, lse)
+    _forward_rows(logits, targets, ignore_index, smoothing, softcap, loss, lse)
     return loss, lse
 
 
 @_ce_forward_op.register_fake
-def _(logits, targets, ignore_index, smoothing):
+def _(logits, targets, ignore_index, smoothing, softcap):
     n = logits.shape[0]
     return logits.new_empty(n, dtype=torch.float32), logits.new_empty(n, dtype=torch.float32)
 
 
 @torch.library.custom_op("tritonforge::cross_entropy_backward", mutates_args=())
 def _ce_backward_op(dloss: Tensor, logits: Tensor, targets: Tensor, lse: Tensor, ignore_index: int,
-                    smoothing: float) -> Tensor:
+                    smoothing: float, softcap: float) -> Tensor:
     n, vocab = logits.shape
     grad = torch.empty((n, vocab), device=logits.device, dtype=logits.dtype)
     if n == 0:
@@ -205,26 +212,27 @@ def _ce_backward_op(dloss: Tensor, logits: Tensor, targets: Tensor, lse: Tensor,
     block, warps = _block_v(vocab)
     _backward_kernel[(n,)](
         logits, grad, targets, lse, dloss, vocab, logits.stride(0), grad.stride(0), dloss.stride(0), ignore_index,
-        smoothing, HAS_SMOOTHING=smoothing != 0.0, BLOCK_V=block, num_warps=warps)
+        smoothing, softcap, HAS_SMOOTHING=smoothing != 0.0, HAS_SOFTCAP=softcap != 0.0, BLOCK_V=block,
+        num_warps=warps)
     return grad
 
 
 @_ce_backward_op.register_fake
-def _(dloss, logits, targets, lse, ignore_index, smoothing):
+def _(dloss, logits, targets, lse, ignore_index, smoothing, softcap):
     return logits.new_empty(logits.shape)
 
 
 def _ce_setup_context(ctx, inputs, output):
-    logits, targets, ignore_index, smoothing = inputs
+    logits, targets, ignore_index, smoothing, softcap = inputs
     ctx.save_for_backward(logits, targets, output[1])
-    ctx.ignore_index, ctx.smoothing = ignore_index, smoothing
+    ctx.ignore_index, ctx.smoothing, ctx.softcap = ignore_index, smoothing, softcap
     ctx.mark_non_differentiable(output[1])
 
 
 def _ce_backward(ctx, dloss, _dlse):
     logits, targets, lse = ctx.saved_tensors
-    dlogits = _ce_backward_op(dloss.float(), logits, targets, lse, ctx.ignore_index, ctx.smoothing)
-    return dlogits, None, None, None
+    dlogits = _ce_backward_op(dloss.float(), logits, targets, lse, ctx.ignore_index, ctx.smoothing, ctx.softcap)
+    return dlogits, None, None, None, None
 
 
 _ce_forward_op.register_autograd(_ce_backward, setup_context=_ce_setup_context)
@@ -248,7 +256,7 @@ def _accumulate(acc: Tensor, a: Tensor, b: Tensor) -> Tensor:
 
 @torch.library.custom_op("tritonforge::linear_cross_entropy", mutates_args=())
 def _lce_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, ignore_index: int,
-            smoothing: float, mean: bool, chunk: int, compute_dtype: torch.dtype, need_x: bool, need_weight: bool,
+            smoothing: float, softcap: float, mean: bool, chunk: int, compute_dtype: torch.dtype, need_x: bool, need_weight: bool,
             need_bias: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(loss, d_x, d_weight, d_bias) of the mean (or sum) loss of ``F.linear(x, weight, bias)`` for 2-D
     ``x``; the matmuls run in ``compute_dtype``; each gradient is empty unless asked for."""
@@ -272,8 +280,8 @@ def _lce_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, 
         end = min(n, start + chunk)
         xc = xc_all[start:end]
         logits = F.linear(xc, w, b)
-        _forward_rows(logits, targets[start:end], ignore_index, smoothing, loss_rows[start:end], lse[start:end],
-                      grad=logits if grads else None, scale=scale)
+        _forward_rows(logits, targets[start:end], ignore_index, smoothing, softcap, loss_rows[start:end],
+                      lse[start:end], grad=logits if grads else None, scale=scale)
         if need_x:
             if dx.dtype == compute_dtype:
                 torch.mm(logits, w, out=dx[start:end])
@@ -290,7 +298,7 @@ def _lce_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, 
 
 
 @_lce_op.register_fake
-def _(x, weight, bias, targets, ignore_index, smoothing, mean, chunk, compute_dtype, need_x, need_weight,
+def _(x, weight, bias, targets, ignore_index, smoothing, softcap, mean, chunk, compute_dtype, need_x, need_weight,
       need_bias):
     empty = x.new_empty((0,))
     return (x.new_empty((), dtype=torch.float32), x.new_empty(x.shape) if need_x else empty,
@@ -308,7 +316,7 @@ def _lce_backward(ctx, dloss, _dx, _dw, _db):
     dx, dw, db = ctx.saved_tensors
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
     return (dx * dloss.to(dx.dtype) if need_x else None, dw * dloss.to(dw.dtype) if need_w else None,
-            db * dloss.to(db.dtype) if need_b else None, None, None, None, None, None, None, None, None, None)
+            db * dloss.to(db.dtype) if need_b else None, None, None, None, None, None, None, None, None, None, None)
 
 
 _lce_op.register_autograd(_lce_backward, setup_context=_lce_setup_context)
@@ -317,8 +325,14 @@ _lce_op.register_autograd(_lce_backward, setup_context=_lce_setup_context)
 # ----------------------------------------------------------------------------------------------
 # Public functions
 # ----------------------------------------------------------------------------------------------
+def _capped(logits: Tensor, softcap: float) -> Tensor:
+    """``softcap * tanh(logits / softcap)`` in fp32 (the logits themselves, in fp32, at 0)."""
+    logits = logits.float()
+    return softcap * torch.tanh(logits / softcap) if softcap else logits
+
+
 def _validate(logits_name: str, features: Tensor, targets: Tensor, label_smoothing: float, reduction: str,
-              allowed: tuple[str, ...]) -> None:
+              allowed: tuple[str, ...], softcap: float) -> None:
     fn = "cross_entropy" if logits_name == "logits" else "linear_cross_entropy"
     if not isinstance(features, Tensor) or not features.is_floating_point():
         kind = features.dtype if isinstance(features, Tensor) else type(features).__name__
@@ -341,10 +355,12 @@ def _validate(logits_name: str, features: Tensor, targets: Tensor, label_smoothi
         raise ValueError(f"{fn}: label_smoothing must be a number in [0, 1], got {label_smoothing!r}")
     if reduction not in allowed:
         raise ValueError(f"{fn}: reduction must be one of {', '.join(map(repr, allowed))}, got {reduction!r}")
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not 0.0 <= softcap < float("inf"):
+        raise ValueError(f"{fn}: softcap must be a finite number >= 0 (0: off), got {softcap!r}")
 
 
 def cross_entropy(logits: Tensor, targets: Tensor, *, ignore_index: int = -100, label_smoothing: float = 0.0,
-                  reduction: str = "mean") -> Tensor:
+                  reduction: str = "mean", softcap: float = 0.0) -> Tensor:
     """``F.cross_entropy(logits.float(), targets, ...)`` over the last dim, as Triton kernels.
 
     Args:
@@ -353,26 +369,27 @@ def cross_entropy(logits: Tensor, targets: Tensor, *, ignore_index: int = -100, 
         label_smoothing: eps in [0, 1]: the target puts 1 - eps on its class and eps / V on every class.
         reduction: ``"mean"`` over the positions that count (NaN when none does, as PyTorch),
             ``"sum"``, or ``"none"`` (the per-position losses, 0 at ignored positions).
+        softcap: c > 0 scores the soft-capped logits ``c * tanh(logits / c)`` instead; 0 turns it off.
     Returns:
         fp32: a 0-dim tensor, or ``targets``' shape for ``"none"``. Differentiable in ``logits``; the
         gradient comes back in their dtype.
     """
-    _validate("logits", logits, targets, label_smoothing, reduction, _REDUCTIONS)
+    _validate("logits", logits, targets, label_smoothing, reduction, _REDUCTIONS, softcap)
     vocab = logits.shape[-1]
     if vocab == 0:
         raise ValueError(f"cross_entropy: logits has an empty last dimension (shape {tuple(logits.shape)}): "
                          "there are no classes")
-    smoothing = float(label_smoothing)
-    if not (logits.is_cuda or _INTERPRET):
+    smoothing, softcap = float(label_smoothing), float(softcap)
+    if not (logits.is_cuda or INTERPRET):
         _check_targets(targets, vocab, ignore_index)
-        out = F.cross_entropy(logits.float().reshape(-1, vocab), targets.reshape(-1).long(),
+        out = F.cross_entropy(_capped(logits, softcap).reshape(-1, vocab), targets.reshape(-1).long(),
                               ignore_index=ignore_index, label_smoothing=smoothing, reduction=reduction)
         return out.reshape(targets.shape) if reduction == "none" else out
     rows = logits.reshape(-1, vocab)
     if rows.stride(1) != 1:
         rows = rows.contiguous()
     flat_targets = targets.reshape(-1).contiguous()  # the kernels read one target per row, unit stride
-    loss, _ = _ce_forward_op(rows, flat_targets, ignore_index, smoothing)
+    loss, _ = _ce_forward_op(rows, flat_targets, ignore_index, smoothing, softcap)
     if reduction == "none":
         return loss.reshape(targets.shape)
     if reduction == "sum":
@@ -388,13 +405,13 @@ def default_chunk_size(vocab: int) -> int:
 
 def linear_cross_entropy(x: Tensor, weight: Tensor, targets: Tensor, bias: Optional[Tensor] = None, *,
                          ignore_index: int = -100, label_smoothing: float = 0.0, reduction: str = "mean",
-                         chunk_size: Optional[int] = None) -> Tensor:
+                         chunk_size: Optional[int] = None, softcap: float = 0.0) -> Tensor:
     """``cross_entropy(F.linear(x, weight, bias), targets, ...)`` without materializing all the logits.
 
     Args:
         x: (..., d) float16, bfloat16 or float32: the hidden states before the head.
         weight: (V, d), ``nn.Linear(d, V)``'s (or a tied embedding's); bias: (V,) or None.
-        targets, ignore_index, label_smoothing: as :func:`cross_entropy`.
+        targets, ignore_index, label_smoothing, softcap: as :func:`cross_entropy`.
         reduction: ``"mean"`` or ``"sum"`` (per-position losses would need a per-row upstream gradient
             that the gradients computed in the forward cannot take).
         chunk_size: rows of logits held at a time (default :func:`default_chunk_size`).
@@ -403,7 +420,7 @@ def linear_cross_entropy(x: Tensor, weight: Tensor, targets: Tensor, bias: Optio
         Under autocast the matmuls run in the autocast dtype, as ``F.linear``'s do; otherwise ``weight``
         and ``bias`` are used in ``x``'s dtype.
     """
-    _validate("x", x, targets, label_smoothing, reduction, ("mean", "sum"))
+    _validate("x", x, targets, label_smoothing, reduction, ("mean", "sum"), softcap)
     if not isinstance(weight, Tensor) or weight.dim() != 2 or weight.shape[1] != x.shape[-1]:
         shape = tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__
         raise ValueError(f"linear_cross_entropy: weight must be (V, d) with d = {x.shape[-1]} (x's last dim), "
@@ -421,21 +438,21 @@ def linear_cross_entropy(x: Tensor, weight: Tensor, targets: Tensor, bias: Optio
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
                                    or chunk_size <= 0):
         raise ValueError(f"linear_cross_entropy: chunk_size must be a positive int, got {chunk_size!r}")
-    smoothing = float(label_smoothing)
+    smoothing, softcap = float(label_smoothing), float(softcap)
     if torch.is_autocast_enabled(x.device.type):
         compute = torch.get_autocast_dtype(x.device.type)
     else:
         compute = x.dtype
-    if not (x.is_cuda or _INTERPRET):
+    if not (x.is_cuda or INTERPRET):
         _check_targets(targets, vocab, ignore_index)
         logits = F.linear(x.to(compute), weight.to(compute), bias.to(compute) if bias is not None else None)
-        return F.cross_entropy(logits.float().reshape(-1, vocab), targets.reshape(-1).long(),
+        return F.cross_entropy(_capped(logits, softcap).reshape(-1, vocab), targets.reshape(-1).long(),
                                ignore_index=ignore_index, label_smoothing=smoothing, reduction=reduction)
     x2 = x.reshape(-1, x.shape[-1])
     chunk = chunk_size or default_chunk_size(vocab)
     need = torch.is_grad_enabled()
     flat_targets = targets.reshape(-1).contiguous()  # the kernel reads one target per row, unit stride
-    loss, *_ = _lce_op(x2, weight, bias, flat_targets, ignore_index, smoothing, reduction == "mean", chunk,
+    loss, *_ = _lce_op(x2, weight, bias, flat_targets, ignore_index, smoothing, softcap, reduction == "mean", chunk,
                        compute, need and x.requires_grad, need and weight.requires_grad,
                        need and bias is not None and bias.requires_grad)
     return loss
@@ -448,24 +465,28 @@ def aot_variants() -> list[Variant]:
     """The row kernels at GPT-2's vocabulary (4096-column blocks, 8 warps), with label smoothing on (the
     more general code): for bf16 logits (autocast training) the fused forward with its in-place gradient
     (linear_cross_entropy's), the loss-only forward and the backward from the saved log-sum-exp
-    (cross_entropy's); for fp32 logits the fused forward. Row strides are 16-aligned at V = 50,304."""
+    (cross_entropy's); for fp32 logits the fused forward; and the bf16 fused forward and backward with the
+    soft cap on (its tanh in the loop). Row strides are 16-aligned at V = 50,304."""
     block, warps = _BLOCK_V_GPU, 8
     forward_signature = {"LOGITS": "*{dt}", "GRAD": "*{dt}", "TARGETS": "*i64", "LOSS": "*fp32", "LSE": "*fp32",
                          "SCALE": "*fp32", "V": "i32", "stride_l": "i32", "stride_g": "i32", "ignore_index": "i32",
-                         "smoothing": "fp32"}
+                         "smoothing": "fp32", "softcap": "fp32"}
     variants = [
-        Variant(kernel=_forward_kernel, name=f"{dt} V-block={block}{' +grad in place' if write else ' loss only'}",
+        Variant(kernel=_forward_kernel, name=f"{dt} V-block={block}{' +grad in place' if write else ' loss only'}"
+                                             f"{' softcap' if cap else ''}",
                 signature={k: t.format(dt=dt) for k, t in forward_signature.items()},
-                constexprs={"HAS_SMOOTHING": True, "WRITE_GRAD": write, "BLOCK_V": block},
+                constexprs={"HAS_SMOOTHING": True, "HAS_SOFTCAP": cap, "WRITE_GRAD": write, "BLOCK_V": block},
                 num_warps=warps, num_stages=1, kind="memory", vector_stores=write,
                 aligned=("LOGITS", "GRAD", "TARGETS", "LOSS", "LSE", "SCALE", "V", "stride_l", "stride_g"))
-        for dt, write in (("bf16", True), ("bf16", False), ("fp32", True))]
-    variants.append(Variant(
-        kernel=_backward_kernel, name=f"bf16 V-block={block} backward",
+        for dt, write, cap in (("bf16", True, False), ("bf16", False, False), ("fp32", True, False),
+                               ("bf16", True, True))]
+    variants += [Variant(
+        kernel=_backward_kernel, name=f"bf16 V-block={block} backward{' softcap' if cap else ''}",
         signature={"LOGITS": "*bf16", "GRAD": "*bf16", "TARGETS": "*i64", "LSE": "*fp32", "DLOSS": "*fp32",
                    "V": "i32", "stride_l": "i32", "stride_g": "i32", "stride_d": "i32", "ignore_index": "i32",
-                   "smoothing": "fp32"},
-        constexprs={"HAS_SMOOTHING": True, "BLOCK_V": block},
+                   "smoothing": "fp32", "softcap": "fp32"},
+        constexprs={"HAS_SMOOTHING": True, "HAS_SOFTCAP": cap, "BLOCK_V": block},
         num_warps=warps, num_stages=1, kind="memory",
-        aligned=("LOGITS", "GRAD", "TARGETS", "LSE", "DLOSS", "V", "stride_l", "stride_g")))
+        aligned=("LOGITS", "GRAD", "TARGETS", "LSE", "DLOSS", "V", "stride_l", "stride_g"))
+        for cap in (False, True)]
     return variants

@@ -1,81 +1,32 @@
 """Depthwise 2D convolution (``groups = channels``, stride 1) as Triton kernels, forward and backward.
 
-``depthwise_conv2d(x, weight, bias=None, padding=0)`` computes what
-``torch.nn.functional.conv2d(x, weight, bias, padding=padding, groups=C)`` does for an ``(N, C, H, W)``
-input and a ``(C, 1, KH, KW)`` weight: every channel is correlated with its own ``KH x KW`` filter::
+``depthwise_conv2d(x, weight, bias=None, padding=0)`` is ``F.conv2d(x, weight, bias, padding=padding,
+groups=C)`` for an (N, C, H, W) input and a (C, 1, KH, KW) weight, filters up to 15 x 15::
 
     y[n, c, oh, ow] = bias[c] + sum_{i, j} x[n, c, oh + i - ph, ow + j - pw] * weight[c, 0, i, j]
 
-It is ConvNeXt's 7x7 token mixer (and MobileNet's 3x3). The input may have any strides; the fast
-layout is channels_last, where the C channels of a pixel are contiguous and every load is a 128-bit
-vector of channels. The output and the input gradient take the input's memory format.
+ConvNeXt's 7x7 token mixer: 49 FMAs per 4 bytes moved, so the floor is reading and writing the activation
+once, and ``torch.compile`` leaves it to cuDNN (whose grouped-conv weight gradient has been reported far
+from that floor; ``bench ops --op dwconv`` measures both). Any input strides; channels_last is the fast
+layout (a 128-bit vector of channels per load); outputs take the input's memory format. Design:
 
-Why a kernel of our own
------------------------
-A depthwise convolution does ``KH * KW`` multiply-adds per output element against one element read and
-one written: at 7x7 that is 49 FMAs per 4 bytes, close to the point where an H100's fp32 FMA units
-(about 33.5 T FMA/s) and its memory (3.35 TB/s) take the same time. The floor is therefore about the
-time to read and write the activation once, if each input element is fetched from memory once and
-from the L1 cache only a few times. cuDNN's grouped-convolution weight gradient has been reported far
-from that floor (PyTorch issues 18631 and 34977), and ``torch.compile`` hands convolutions to cuDNN
-unchanged, so this is the part of a ConvNeXt block that fusion alone cannot speed up. How this kernel
-compares with cuDNN on a given GPU is what ``bench ops --op dwconv`` measures.
+* ``_conv_kernel``: a program computes ``ROWS`` output rows of a (BLOCK_W x BLOCK_C) tile, walking the
+  ``ROWS + KH - 1`` input rows it needs and loading each once per filter column, so an input row is read
+  (ROWS + KH - 1)·KW / ROWS times per output row (17.5 at 7x7) instead of 49. Only one filter column's
+  taps are live at a time (unrolling all taps spilled). The filter is a (KH·KW, C) fp32 table so a tap is
+  one vector. The input gradient is the same kernel on dy with the filter rotated by 180 degrees.
+* ``_wgrad_kernel``: program (channel block, filter row, split of the output rows), KW accumulators per
+  tile; per-split fp32 partials of the taps and the bias gradient are added by
+  ``kernels._common.sum_partials_kernel`` in a fixed order: no atomics, bitwise reproducible.
+* fp32 products and sums, one rounding to the input's dtype; weights read in their own dtype (fp32 master
+  weights need no cast copy). Tile widths follow the output width (``_tile``) so late, narrow stages are
+  not mostly padding; the interpreter runs a small tile so tests cross every tile edge.
 
-Kernels and what they move (``e`` bytes per element, ``P = N * HO * WO`` output pixels)
-------------------------------------------------------------------------------------
-1. ``_conv_kernel``: a tile of ``ROWS`` output rows x ``BLOCK_W`` columns x ``BLOCK_C`` channels of
-   one image. It walks the ``ROWS + KH - 1`` input rows the tile needs, loads each once per column
-   shift (``KW`` loads of a ``BLOCK_W x BLOCK_C`` tile, overlapping: L1 hits after the first), and adds
-   it into every output row it touches, with the filter tap for that row. Each output gets exactly
-   ``KH * KW`` FMAs in fp32; an input row is loaded ``(ROWS + KH - 1) * KW / ROWS`` times per output
-   row (17.5 at 7x7 with ROWS = 4, against 49 for a tap-by-tap loop). Memory: ``P C e`` read (plus
-   the ``(ROWS + KH - 1) / ROWS`` row halo, from L2), ``P C e`` written.
-   The filter comes as a ``(KH * KW, C)`` fp32 table (built per call: ``C * KH * KW`` values), so that a
-   tap of a channel block is one contiguous vector. The input gradient is the same kernel run on ``dy``
-   with the table of the filter rotated by 180 degrees and padding ``K - 1 - p``:
-   ``dx[h, w] = sum_{i, j} dy[h + i - (KH - 1 - ph), w + j - (KW - 1 - pw)] * weight[KH - 1 - i, KW - 1 - j]``.
-2. ``_wgrad_kernel``: program (channel block, filter row ``i``, split of the ``N * HO`` output rows). For
-   each output row of its split it loads ``dy`` once and the input row ``oh + i - ph`` at the ``KW``
-   column shifts, and accumulates ``x * dy`` per shift in registers (``KW`` accumulators of a
-   ``BLOCK_W x BLOCK_C`` tile); the sum over columns happens once at the end. Each split writes fp32
-   partials of its ``KW`` taps per channel (and of the bias gradient), which ``kernels.norm``'s
-   ``_sum_partials_kernel`` adds in a fixed order: no atomics, bitwise reproducible gradients.
-   Memory: ``dy`` is read ``KH`` times (L2 after the first) and ``x`` once per filter row:
-   ``2 * KH * P C e`` from L2, ``2 P C e`` from HBM when the ``KH`` programs of a channel block
-   run close together, which the grid order (filter row fastest) favours.
-
-Numerics: products and sums in fp32, rounded once to the output dtype (the input's). Weights and
-bias are read in their own dtype (fp32 master weights under autocast need no cast copy) and the
-weight and bias gradients come back in theirs.
-
-Configurations
---------------
-Tiles hold ``BLOCK_W x BLOCK_C = 1024`` elements (8 per thread with 4 warps: one 128-bit vector of a
-2-byte dtype per load), ``BLOCK_W`` matched to the output width so that narrow late-stage images are
-not mostly padding: 32 x 32 for widths of 17 and more, 16 x 64 for 9-16 (ConvNeXt-T's 14 x 14 stage),
-8 x 128 up to 8 (its 7 x 7 stage). ``BLOCK_C`` is capped at the channel count's power of two.
-The forward uses ``ROWS = 4`` output rows per program (4 fp32 accumulators of 8 registers each) and
-loops over the filter columns, so that only one column's ``KH`` taps are live: unrolling all
-``KH * KW`` taps let the compiler hoist 49 x 8 fp32 weights into registers and spill 0.7-1.2 KB. The
-weight gradient keeps ``KW`` accumulators (up to 8, a second grid row per further 8 columns), 4 warps.
-``kernels.aot`` on sm_90, bf16 with fp32 weights, 7 x 7: the forward and input gradient take 174-182
-registers (8 warps per SM), no spills, every load and store of the 32 x 32 and 16 x 64 tiles 128 bits
-wide (the 8 x 128 tile converts the tap vectors' layout through 1.5 KB of shared memory, and 10 of its
-18 loads are 128-bit); the weight gradient 128 registers (16 warps per SM), no spills, 128-bit loads.
-Speed on a GPU: not measured. The Triton interpreter runs a small tile (``ROWS = 2``, 8 x 16) so that
-the tests cross tile edges in every dimension.
-
-Limits: stride 1, dilation 1, filters up to 15 x 15 (the forward unrolls ``(ROWS + KH - 1) * KW`` tile
-loads). Other convolutions belong to ``torch.nn.functional.conv2d``; the error says so.
-
-On CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1``, the kernels run through two
-``torch.library`` custom ops (``tritonforge::depthwise_conv2d_forward`` / ``_backward``, autograd
-registered) that ``torch.compile`` keeps whole; on CPU tensors otherwise the function is
-``F.conv2d`` itself.
+The custom ops ``tritonforge::depthwise_conv2d_forward`` / ``_backward`` keep ``torch.compile`` whole;
+off CUDA without ``TRITON_INTERPRET=1`` the function is ``F.conv2d`` itself.
 """
 from __future__ import annotations
 
-import os
 from typing import Optional, Union
 
 import torch
@@ -84,18 +35,17 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from kernels._common import SUM_BLOCK_G, SUM_BLOCK_N, INTERPRET, sm_count, sum_partials_kernel
 from kernels.aot import Variant
-from kernels.norm import _SUM_BLOCK_G, _SUM_BLOCK_N, _sm_count, _sum_partials_kernel
 
 __all__ = ["depthwise_conv2d"]
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_KERNEL = 15
 # Output rows per forward program (at most 4: one accumulator each), BLOCK_W * BLOCK_C and the widest
 # BLOCK_W: on a GPU, and in the Triton interpreter (small, so that small tests cross every tile edge).
 _GPU_ROWS, _GPU_TILE, _GPU_MAX_W = 4, 1024, 32
-_ROWS = 2 if _INTERPRET else _GPU_ROWS
+_ROWS = 2 if INTERPRET else _GPU_ROWS
 _CONV_WARPS = 4
 _WGRAD_WARPS = 4
 _WGRAD_PROGRAMS_PER_SM = 4
@@ -103,7 +53,7 @@ _SUM_WARPS = 4
 _PART_BYTES = 64 * 1024 * 1024  # bound on the weight gradient's fp32 partials
 
 
-def _tile(width: int, channels: int, interpret: bool = _INTERPRET) -> tuple[int, int]:
+def _tile(width: int, channels: int, interpret: bool = INTERPRET) -> tuple[int, int]:
     """(BLOCK_W, BLOCK_C) for an output ``width`` wide: BLOCK_W covers the width with the least padding
     from 8 up to 32 columns (8 in the interpreter); BLOCK_C fills the tile of 1024 elements (128 in the
     interpreter), capped at the channels' power of two."""
@@ -355,7 +305,7 @@ def _conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], ph: int, pw: int, h
 def _wgrad_splits(rows: int, programs_per_split: int, partial_row_bytes: int, device: torch.device) -> int:
     """Splits of the N * HO output rows: about _WGRAD_PROGRAMS_PER_SM programs per SM, at least one row
     each, and at most _PART_BYTES of partials."""
-    wanted = triton.cdiv(_WGRAD_PROGRAMS_PER_SM * _sm_count(device), programs_per_split)
+    wanted = triton.cdiv(_WGRAD_PROGRAMS_PER_SM * sm_count(device), programs_per_split)
     return max(1, min(wanted, rows, _PART_BYTES // partial_row_bytes, 65535))
 
 
@@ -382,13 +332,13 @@ def _wgrad(x: Tensor, dy: Tensor, kh: int, kw: int, ph: int, pw: int, weight_dty
         x, dy, part, db_part, c, h, w, ho, wo, ph, pw, *x.stride(), *dy.stride(), rows, rows_per_split,
         KH=kh, KW=kw, HAS_BIAS=has_db, BLOCK_W=block_w, BLOCK_C=block_c, num_warps=_WGRAD_WARPS)
     dw = torch.empty((c, 1, kh, kw), device=x.device, dtype=weight_dtype)
-    _sum_partials_kernel[(triton.cdiv(c * taps, _SUM_BLOCK_N), 1)](
-        part, dw, dw, splits, c * taps, BLOCK_G=_SUM_BLOCK_G, BLOCK_N=_SUM_BLOCK_N, num_warps=_SUM_WARPS)
+    sum_partials_kernel[(triton.cdiv(c * taps, SUM_BLOCK_N), 1)](
+        part, dw, dw, splits, c * taps, BLOCK_G=SUM_BLOCK_G, BLOCK_N=SUM_BLOCK_N, num_warps=_SUM_WARPS)
     db = None
     if has_db:
         db = torch.empty(c, device=x.device, dtype=bias_dtype)
-        _sum_partials_kernel[(triton.cdiv(c, _SUM_BLOCK_N), 1)](
-            db_part, db, db, splits, c, BLOCK_G=_SUM_BLOCK_G, BLOCK_N=_SUM_BLOCK_N, num_warps=_SUM_WARPS)
+        sum_partials_kernel[(triton.cdiv(c, SUM_BLOCK_N), 1)](
+            db_part, db, db, splits, c, BLOCK_G=SUM_BLOCK_G, BLOCK_N=SUM_BLOCK_N, num_warps=_SUM_WARPS)
     return dw, db
 
 
@@ -528,7 +478,7 @@ def depthwise_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
     ph, pw = _validate(x, weight, bias, padding)
     if x.dtype == torch.float32 and torch.is_autocast_enabled(x.device.type):
         x = x.to(torch.get_autocast_dtype(x.device.type))
-    if not (x.is_cuda or _INTERPRET):
+    if not (x.is_cuda or INTERPRET):
         y = F.conv2d(x.float(), weight.float(), bias.float() if bias is not None else None,
                      padding=(ph, pw), groups=x.shape[1])
         return y.to(x.dtype)

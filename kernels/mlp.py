@@ -1,102 +1,31 @@
 """The second half of a ConvNeXt block as fused Triton GEMMs: GELU -> Linear -> LayerScale -> residual.
 
-``gelu_linear_residual(h, weight, bias, layer_scale, residual, row_scale=None, h_bias=None)`` computes::
+``gelu_linear_residual(h, weight, bias, layer_scale, residual, row_scale=None, h_bias=None)``::
 
     out = residual + row_scale[:, None] * layer_scale[None, :] * (gelu(h + h_bias) @ weight.T + bias)
 
-with ``h`` the pre-activation output of the block's first Linear (``K = 4C`` features), ``h_bias``
-that Linear's bias when it runs without it, ``weight`` the second Linear's ``(N, K)`` matrix
-(``N = C``), ``layer_scale`` the LayerScale ``gamma`` and ``row_scale`` drop-path's per-row factor
-(``keep / (1 - p)`` of the row's sample). ``gelu`` is the exact erf GELU, ``torch.nn.functional.gelu``'s
-default. Taking the first Linear's bias here moves its gradient (the column sums of the 4C-wide
-gradient of h) into the input-gradient GEMM's epilogue: one fewer pass over the widest tensor of the
-backward.
+``h`` is the first Linear's output without its bias (K = 4C features), ``h_bias`` that bias, ``weight``
+the second Linear's (N, K) matrix (N = C), ``layer_scale`` LayerScale's gamma, ``row_scale`` drop-path's
+per-row factor; exact erf GELU. At ConvNeXt's first stages (C = 96, 192) this is memory-bound (0.57·C
+flop/byte against the ~270 an H100 needs), so:
 
-Why fuse
---------
-At the first ConvNeXt stages (C = 96 or 192) this half of the block is memory-bound: per row it does
-``8 C^2`` flops against ``14 C`` bytes (2-byte dtypes), an arithmetic intensity of ``0.57 C`` flop/byte,
-under the ~270 flop/byte an H100 needs to be compute-bound up to C ~ 470. Eager PyTorch writes and
-re-reads the GELU output (4x the activation), its gradient, and the LayerScale, drop-path and residual
-intermediates. Here the GELU output never exists in memory: it is computed from ``h`` in registers
-where a GEMM loads its operand tile, and the scales and the residual ride in the GEMM epilogues.
+* GELU is computed in registers where a GEMM loads its operand tile: ``gelu(h)`` never exists in memory
+  while N spans at most two column tiles (C <= 256); wider, it is materialized once and read by both
+  GEMMs (``_gelu_on_load``). The scales, bias and residual ride in the epilogues.
+* Backward: the input-gradient GEMM applies gelu'(h) in its epilogue and emits h_bias's gradient as
+  column-sum partials (one fewer pass over the 4C-wide gradient); the weight gradient splits the M
+  reduction into fp32 partials; bias/LayerScale gradients are column sums. Every partial is added by
+  ``kernels._common.sum_partials_kernel`` in a fixed order: no atomics, bitwise reproducible.
+* GELU math and accumulation in fp32, operands rounded to h's dtype, one rounding of the output
+  (``promote_types(residual, h)``); fp32 master parameters are converted in-kernel. Tiles are sized for
+  two 64-row wgmma warpgroups without spills (``_GPU_CONFIGS``; ``tritonforge kernels report`` shows
+  registers and shared memory); the interpreter runs one small config so tests cross tile edges.
 
-The price is that each column tile of the forward and weight-gradient GEMMs evaluates erf again for
-its rows of ``h``. While that happens at most twice (``N <= 2 * BLOCK_N``: C <= 256, ConvNeXt's
-memory-bound first two stages) it costs less than writing and re-reading ``gelu(h)``; for wider N
-the forward materializes ``gelu(h)`` once (``F.gelu``, fp32 inside, rounded once like the in-kernel
-path) and both GEMMs read it (``GELU_ON_LOAD=False``), keeping it for the backward as eager does.
-The input gradient needs ``gelu'(h)`` once per element either way. See ``_gelu_on_load``.
-
-Kernels and bytes moved (``e`` = bytes per element of the compute dtype, M rows)
-------------------------------------------------------------------------------
-Let ``g`` be the gradient of ``out`` and ``t = g * row_scale[:, None] * layer_scale[None, :]``.
-
-1. ``_fwd_kernel`` (M x N tiles, inner K): ``y = gelu(h) @ W^T + bias``; stores ``y`` (only when the
-   LayerScale needs a gradient) and ``out = residual + rs * gamma * y``. Reads h and the residual once,
-   writes out (and y): ``M K e + M N (e_res + e_out [+ e])`` bytes, plus W once per program (from L2).
-2. ``_dgrad_kernel`` (M x K tiles, inner N): ``d_h = (t @ W) * gelu'(h + h_bias)``. Reads g once per
-   K tile (L2 after the first), h once, writes d_h: ``M N e_g + 2 M K e``; with ``h_bias``, also the
-   column sums of its d_h tile as an fp32 partial per row block (``4 K`` bytes per 128 rows), which
-   the norms' ``_sum_partials_kernel`` adds in a fixed order into ``d_h_bias``.
-3. ``_wgrad_kernel`` (N x K tiles, the M reduction split over a second grid dimension):
-   ``dW = t^T @ gelu(h)`` as fp32 partials per split, summed in a fixed order by the norms'
-   ``_sum_partials_kernel`` (``kernels.norm``). Reads g and h once per (N, K) tile column (L2 for
-   the repeats): ``M N e_g + M K e``, plus ``2 * splits * N K * 4`` bytes of partials (write + read).
-4. ``_colsum_kernel``: per-block fp32 column sums of ``t`` (d_bias) and ``g * rs * y`` (d_layer_scale),
-   then one ``_sum_partials_kernel`` launch for both. Reads g and y once: ``M N (e_g + e)``.
-
-``d_residual`` is ``g`` itself (cast when the residual's dtype differs). No atomics anywhere: every
-output element is summed by one program in a fixed order, so gradients are bitwise reproducible.
-
-Numerics
---------
-GELU and its derivative are evaluated in fp32 and the GEMM operands rounded to the compute dtype
-(``h``'s dtype) before the dot, with fp32 accumulation. The epilogue adds bias and applies the scales
-in fp32 and rounds once to the output dtype (``promote_types(residual.dtype, h.dtype)``), so ``out``
-is at least as accurate as eager's chain of rounded ops. ``y`` is stored rounded to the compute dtype.
-Parameters (weight, bias, layer_scale) are loaded in their own dtype and converted in-kernel, so fp32
-master weights under autocast need no cast copies. In the dgrad the row scale multiplies the output
-rows after the dot (rows of d_h), in the wgrad the LayerScale multiplies the output rows of dW: each
-scale is applied where it is a per-output-row factor, only the other one goes into the operand.
-fp32 inputs are accepted for testing: their dots are exact in the Triton interpreter and tf32 on a GPU.
-
-Configurations (sm_90)
-----------------------
-One configuration per kernel and dtype class, reasoned for Hopper and checked with ``kernels.aot``
-(compiled for sm_90 and sm_80, no GPU at hand; see ``aot_variants``):
-
-* GEMMs, fp16/bf16, 8 warps (two warpgroups of 64 rows fill wgmma's M). The fp32 accumulator costs
-  BLOCK * BLOCK / 256 registers per thread and the operand computed on load (GELU of an h tile, or
-  the scaled g tile) needs fp32 temporaries for its elements beside it, so the tiles are sized to
-  stay well under 255 registers with no spills on sm_90 (and sm_80, untuned):
-  forward 128 x 128 (all of N = 96 or 128 in one tile, so GELU is computed once per h element
-  there), 32-deep steps, 4 stages: 146 registers (183 with an fp32 weight), 57 KiB shared memory;
-  dgrad 128 x 64 (the epilogue holds the h tile and gelu'(h) next to the accumulator), 64-deep
-  steps, 3 stages: 128 registers; wgrad 128 x 128, 32-deep steps, 4 stages: 159 registers.
-  Compiled alternatives: 128 x 128 x 64 tiles took 186-255 registers and spilled in the dgrad.
-  For the fp16 forward and dgrad ptxas notes that it serializes the wgmma instructions ("non wgmma
-  instructions defining accumulator registers"): the A operand is computed in registers inside
-  the pipelined loop. Whether that costs time at these memory-bound shapes is for a GPU to measure.
-* GEMMs, fp32 (testing): 64 x 64 x 32 tiles, 4 warps, 2 stages.
-* Memory kernels: 128 x 32 tiles of the (M, N) gradients, 4 warps (128-bit loads of g and y); the
-  partial sums add 8 rows of 1024 columns per step (128-bit loads, 16 in flight per thread).
-
-The forward and dgrad kernels sit behind ``triton.autotune`` keyed on (N, K) (and, as always, the
-argument dtypes), pruned to the configs listed for the launch's dtype class, so that a measured
-second config per class is one line to add. The wgrad takes its tile from the same table in the
-launcher, because its split count (and so its workspace) depends on the tile count. In the Triton
-interpreter every GEMM runs one small 32 x 32 x 32 config so that the test shapes cross many tile
-boundaries.
-
-On CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1``, the Triton kernels run, through
-two ``torch.library`` custom ops (``tritonforge::gelu_linear_residual_forward`` / ``_backward``, with
-their autograd registered) that ``torch.compile`` keeps whole, without a graph break; on CPU tensors
-otherwise the same math runs as a differentiable torch composition in fp32.
+The custom ops ``tritonforge::gelu_linear_residual_forward`` / ``_backward`` keep ``torch.compile`` whole;
+off CUDA without ``TRITON_INTERPRET=1`` the same math runs as a torch composition in fp32.
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
@@ -105,14 +34,12 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from kernels._common import SUM_BLOCK_G, SUM_BLOCK_N, INTERPRET, sm_count, sum_partials_kernel, sum_partials_variant
 from kernels.aot import Variant
 # The deterministic fixed-order reduction of fp32 partial sums, and the SM count, shared with the norms.
-from kernels.norm import _SUM_BLOCK_G as _NORM_SUM_BLOCK_G, _SUM_BLOCK_N as _NORM_SUM_BLOCK_N
-from kernels.norm import _sm_count, _sum_partials_kernel
 
 __all__ = ["gelu_linear_residual"]
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _WGRAD_WAVES = 2  # wgrad programs per SM the split count aims for
 _WORKSPACE_BYTES = 64 * 1024 * 1024  # bound on the wgrad's fp32 partials
@@ -147,7 +74,7 @@ def _dtype_class(dtype: torch.dtype) -> str:
 
 
 def _config(kernel: str, dtype: torch.dtype) -> tuple[int, int, int, int, int]:
-    return _INTERPRETER_CONFIG if _INTERPRET else _GPU_CONFIGS[(kernel, _dtype_class(dtype))]
+    return _INTERPRETER_CONFIG if INTERPRET else _GPU_CONFIGS[(kernel, _dtype_class(dtype))]
 
 
 def _triton_config(kernel: str, cfg: tuple[int, int, int, int, int]) -> triton.Config:
@@ -156,7 +83,7 @@ def _triton_config(kernel: str, cfg: tuple[int, int, int, int, int]) -> triton.C
 
 
 def _autotune_configs(kernel: str) -> list[triton.Config]:
-    if _INTERPRET:
+    if INTERPRET:
         return [_triton_config(kernel, _INTERPRETER_CONFIG)]
     return [_triton_config(kernel, c) for (name, _), c in _GPU_CONFIGS.items() if name == kernel]
 
@@ -165,7 +92,7 @@ def _pruner(kernel: str, dtype_arg: str):
     """Keep the configs listed for the launch's dtype class (interpreter: the one config)."""
 
     def prune(configs, named_args, **kwargs):
-        if _INTERPRET:
+        if INTERPRET:
             return configs
         wanted = _triton_config(kernel, _config(kernel, {**named_args, **kwargs}[dtype_arg].dtype))
         return [c for c in configs if c.all_kwargs() == wanted.all_kwargs()]
@@ -520,8 +447,8 @@ def _dgrad(g, layer_scale, row_scale, weight, h, h_bias=None, hb_dtype=None):
     if part is None:
         return dh, None
     dhb = torch.empty(k, device=h.device, dtype=hb_dtype)
-    _sum_partials_kernel[(triton.cdiv(k, _NORM_SUM_BLOCK_N), 1)](
-        part, dhb, dhb, part.shape[0], k, BLOCK_G=_NORM_SUM_BLOCK_G, BLOCK_N=_NORM_SUM_BLOCK_N,
+    sum_partials_kernel[(triton.cdiv(k, SUM_BLOCK_N), 1)](
+        part, dhb, dhb, part.shape[0], k, BLOCK_G=SUM_BLOCK_G, BLOCK_N=SUM_BLOCK_N,
         num_warps=_SUM_WARPS)
     return dh, dhb
 
@@ -531,7 +458,7 @@ def _wgrad_splits(m: int, n: int, k: int, cfg, device: torch.device) -> int:
     row block per split, and a workspace of at most _WORKSPACE_BYTES."""
     block_n, block_k, block_m = cfg[:3]
     tiles = triton.cdiv(n, block_n) * triton.cdiv(k, block_k)
-    wanted = triton.cdiv(_WGRAD_WAVES * _sm_count(device), tiles)
+    wanted = triton.cdiv(_WGRAD_WAVES * sm_count(device), tiles)
     return max(1, min(wanted, triton.cdiv(m, block_m), _WORKSPACE_BYTES // (n * k * 4)))
 
 
@@ -559,7 +486,7 @@ def _wgrad(g, layer_scale, row_scale, h, weight, splits: Optional[int] = None, g
         HAS_HB=has_hb,
         BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_M=block_m, num_warps=warps, num_stages=stages)
     dw = torch.empty((n, k), device=h.device, dtype=weight.dtype)
-    _sum_partials_kernel[(triton.cdiv(n * k, _WSUM_BLOCK_N), 1)](
+    sum_partials_kernel[(triton.cdiv(n * k, _WSUM_BLOCK_N), 1)](
         part, dw, dw, splits, n * k, BLOCK_G=_WSUM_BLOCK_G, BLOCK_N=_WSUM_BLOCK_N, num_warps=_SUM_WARPS)
     return dw
 
@@ -573,7 +500,7 @@ def _colsums(g, row_scale, layer_scale, y, n, bias_dtype, gamma_dtype):
                      for dt in (bias_dtype, gamma_dtype))
     col_blocks = triton.cdiv(n, _COL_BLOCK_N)
     row_blocks = triton.cdiv(m, _COL_BLOCK_M)
-    programs = min(row_blocks, max(1, _COL_PROGRAMS_PER_SM * _sm_count(dev) // col_blocks))
+    programs = min(row_blocks, max(1, _COL_PROGRAMS_PER_SM * sm_count(dev) // col_blocks))
     rows_per_program = triton.cdiv(row_blocks, programs) * _COL_BLOCK_M
     programs = triton.cdiv(m, rows_per_program)
     has_db, has_dg = bias_dtype is not None, gamma_dtype is not None
@@ -586,8 +513,8 @@ def _colsums(g, row_scale, layer_scale, y, n, bias_dtype, gamma_dtype):
     db = torch.empty(n, device=dev, dtype=bias_dtype) if has_db else None
     dg = torch.empty(n, device=dev, dtype=gamma_dtype) if has_dg else None
     sums = [t for t in (db, dg) if t is not None]
-    _sum_partials_kernel[(triton.cdiv(n, _NORM_SUM_BLOCK_N), len(sums))](
-        part, sums[0], sums[-1], programs, n, BLOCK_G=_NORM_SUM_BLOCK_G, BLOCK_N=_NORM_SUM_BLOCK_N,
+    sum_partials_kernel[(triton.cdiv(n, SUM_BLOCK_N), len(sums))](
+        part, sums[0], sums[-1], programs, n, BLOCK_G=SUM_BLOCK_G, BLOCK_N=SUM_BLOCK_N,
         num_warps=_SUM_WARPS)
     return db, dg
 
@@ -794,7 +721,7 @@ def gelu_linear_residual(h: Tensor, weight: Tensor, bias: Optional[Tensor], laye
     unit stride and the leading dims merge into one row stride; otherwise one copy is made.
     """
     _validate(h, weight, bias, layer_scale, residual, row_scale, h_bias)
-    if not (h.is_cuda or _INTERPRET):
+    if not (h.is_cuda or INTERPRET):
         return _reference(h, weight, bias, layer_scale, residual, row_scale, h_bias)
     # y, the branch before its scales, is kept for the LayerScale's gradient only when there is one
     store_y = layer_scale is not None and layer_scale.requires_grad and torch.is_grad_enabled()
@@ -857,11 +784,8 @@ def aot_variants() -> list[Variant]:
                         "BLOCK_M": _COL_BLOCK_M, "BLOCK_N": _COL_BLOCK_N},
             num_warps=_COL_WARPS, num_stages=3, kind="memory", vector_stores=False,
             aligned=("G", "RS", "GAMMA", "Y", "DB_PART", "DG_PART", "N", "stride_g", "rows_per_program")))
-    # The norms' partial-sum reduction (kernels.norm lists it at its own tile) at the wgrad's tile.
+    # The partial-sum reduction (kernels._common lists its default tile) at the wgrad's tile.
     for pdt in ("fp16", "bf16", "fp32"):
-        variants.append(Variant(
-            kernel=_sum_partials_kernel, name=f"{pdt} BLOCK_G={_WSUM_BLOCK_G} BLOCK_N={_WSUM_BLOCK_N} (wgrad)",
-            signature={"PART": "*fp32", "OUT0": f"*{pdt}", "OUT1": f"*{pdt}", "G": "i32", "N": "i32"},
-            constexprs={"BLOCK_G": _WSUM_BLOCK_G, "BLOCK_N": _WSUM_BLOCK_N}, num_warps=_SUM_WARPS,
-            num_stages=3, kind="memory", aligned=("PART", "OUT0", "OUT1", "N")))
+        variants.append(sum_partials_variant(pdt, _WSUM_BLOCK_G, _WSUM_BLOCK_N, _SUM_WARPS, " (wgrad)",
+                                             vector_stores=True))
     return variants

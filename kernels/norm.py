@@ -1,73 +1,29 @@
 """LayerNorm and RMSNorm over the last dimension: fused Triton forward and backward.
 
-Public API: ``layer_norm``, ``rms_norm``, ``add_layer_norm``, ``add_rms_norm`` (functions) and the
-``LayerNorm`` / ``RMSNorm`` modules (drop-in subclasses of ``torch.nn.LayerNorm`` / ``torch.nn.RMSNorm``).
-The file follows the usual kernel-family split: ``@triton.jit`` kernels, then the launchers that choose
-block sizes, then the ``torch.library`` custom ops with their autograd, then the public functions and
-modules, then ``aot_variants()``.
+API: ``layer_norm``, ``rms_norm``, ``add_layer_norm``, ``add_rms_norm`` and the ``LayerNorm`` / ``RMSNorm``
+modules (drop-in subclasses of torch's, same state dicts). For one row x of length N (the add variants
+normalize s = x + residual, rounded to residual's dtype, and also return s as the new residual stream):
 
-Math, for one row x of length N (the add variants normalize s = x + residual, rounded to residual's
-dtype, and also return s as the new residual stream):
+    LayerNorm: mean = sum(x)/N,  rstd = 1/sqrt(sum((x - mean)^2)/N + eps),  y = (x - mean)·rstd·w + b
+    RMSNorm:   rstd = 1/sqrt(sum(x^2)/N + eps),  y = x·rstd·w
+    backward, g = w·dy, xhat the normalized x, c1 = sum(xhat·g)/N, c2 = sum(g)/N:
+    dx = rstd·(g - xhat·c1 - c2)  (RMSNorm: without c2);  dw = sum_rows dy·xhat,  db = sum_rows dy
 
-    LayerNorm: mean = sum(x) / N,  rstd = 1 / sqrt(sum((x - mean)^2) / N + eps),
-               xhat = (x - mean) * rstd,  y = xhat * w + b
-    RMSNorm:   rstd = 1 / sqrt(sum(x^2) / N + eps),  xhat = x * rstd,  y = xhat * w
+Memory traffic is the whole cost: the forward reads x once and writes y once (4·M·N bytes at 2 bytes per
+element), the backward reads x and dy and writes dx (6·M·N). Design:
 
-    backward, with g = w * dy,  c1 = sum(xhat * g) / N,  c2 = sum(g) / N:
-    LayerNorm: dx = rstd * (g - xhat * c1 - c2)        RMSNorm: dx = rstd * (g - xhat * c1)
-               dw = sum over rows of dy * xhat,  db = sum over rows of dy
-    add variants: d(new_residual) = dx + dresidual_out, returned as both dx and dresidual.
-
-Design (chosen without a GPU; the reasoning is written down so that a measurement can check it):
-
-* Memory traffic is the whole cost. The forward reads x (and residual) once and writes y (and the
-  new residual) once: 4*M*N bytes for 2-byte dtypes; mean and rstd add 8 bytes per row. The backward
-  reads x and dy once and writes dx once (6*M*N bytes); dw/db add a [G, N] fp32 partial buffer with G
-  programs, written once and read once by a second small kernel.
-* Row tiles. A program holds whole rows in registers when next_pow2(N) <= ``MAX_BLOCK_N`` (8192, the
-  largest benchmark width). Rows are loaded as a [BLOCK_M, BLOCK_N] tile so that small N still gives
-  each program enough bytes in flight. Masks on N vectorize when N is a multiple of 16 (Triton
-  specializes it), so the benchmark widths get 128-bit loads and stores; other widths are correct
-  with narrower accesses. Statistics are fp32 whatever the dtype; the mean is subtracted before
-  squaring (no E[x^2] - mean^2 cancellation).
-* Forward: ``_FWD_TILE`` = 8192 elements per program, one tile per program, a grid of
-  cdiv(M, BLOCK_M) programs, and warps such that each thread holds 64 bytes of x (four 128-bit
-  loads): 8 warps for bf16/fp16, 16 for fp32. Compiled for sm_90 the bf16 tile kernels take 59-80
-  registers per thread, so 3-4 programs (24-32 warps) share an SM and 48-64 KB of loads are in
-  flight per SM; at 3 TB/s and ~1 us of loaded latency an SM needs ~23 KB in flight (Little's law).
-* Backward: ``_BWD_TILE`` = 4096 elements per loop iteration, warps such that each thread holds
-  32 bytes (two 128-bit loads) of each of x and dy beside two fp32 dw/db accumulators: 8 warps for
-  bf16 (16 at N = 8192, whose row is the smallest tile), 16 for fp32. That is 100-128 registers per
-  thread without spills, so an SM holds 16 warps of it. Each program loops over its rows and the
-  loop is software-pipelined (``tl.range(num_stages=NUM_STAGES)``: cp.async prefetch of the next
-  two tiles into shared memory, 32-96 KB per program; one tile where two would not fit sm_80),
-  which keeps loads in flight while a tile is reduced.
-* Backward grid and dw/db. G = min(row tiles, co-resident programs) persistent programs
-  (``_bwd_grid``: 2 per SM at 8 warps, 1 at 16), each owning one contiguous range of rows and
-  accumulating dw/db partials in fp32 registers; the [G, N] partials are summed in a fixed order by
-  ``_sum_partials_kernel``. No atomics: the same inputs on the same device give bitwise the same
-  gradients. On an H100 (132 SMs) G is 256, 256, 261 and 131 at the four bf16 benchmark shapes, so
-  the partials cost (write + read, dw and db) 2% of the backward traffic at N = 768 and 1024 and 4%
-  at 16384x4096 and 8192x8192 (17 MB against 403 MB).
-* Large N (next_pow2(N) > MAX_BLOCK_N, up to 65536 and beyond) takes looped kernels: the forward
-  reads the row in chunks of MAX_BLOCK_N to get mean/variance (chunk statistics combined with Chan's
-  parallel formula, stable in fp32), then reads it again (mostly from L2) to write y. The backward
-  first computes each row's c1/c2 chunk by chunk, then walks column chunks (MAX_BLOCK_N / 2, as it
-  holds five chunk-long arrays) outermost so that the dw/db partials of a chunk stay in registers:
-  it reads x and dy twice (10*N bytes per row instead of 6). Widths beyond the benchmark are
-  correct and reasonably fast, not at the memory limit.
-* Strides. Rows may be strided (the row stride is a kernel argument; a row stride of 0, as produced
-  by ``expand``, works too). The last dimension must have unit stride: if it does not, the launcher
-  makes ONE explicit copy of that tensor (``_as_rows``); the same happens when the leading
-  dimensions cannot be merged into a single row stride (e.g. a transposed batch). A strided
-  weight/bias view is copied (N elements). Outputs are contiguous.
-* Dtypes. x, residual, weight and bias may each be fp32, fp16 or bf16; y has x's dtype, the new
-  residual residual's dtype, dw/db the dtype of weight/bias. The ops are ``torch.library`` custom
-  ops without an autocast rule, so under ``torch.autocast`` a bf16 input stays bf16 (where
-  ``F.layer_norm`` would run in fp32).
-* Custom ops. ``tritonforge::norm_fwd`` / ``tritonforge::norm_bwd`` are opaque to ``torch.compile``
-  (no graph break). On CUDA tensors, and on CPU tensors when ``TRITON_INTERPRET=1``, they run the
-  Triton kernels; on CPU tensors otherwise they run an fp32 torch reference with the same outputs.
+* Rows up to ``MAX_BLOCK_N`` wide are held whole in registers as [BLOCK_M, BLOCK_N] tiles sized so each
+  thread issues 128-bit loads (``_fwd_config``, ``_bwd_config``); wider rows (65536 and beyond) take looped
+  kernels that combine chunk statistics with Chan's formula. Statistics are fp32, the mean subtracted
+  before squaring.
+* The backward runs a persistent grid (``_bwd_grid``), each program looping over a contiguous range of
+  rows with its loads software-pipelined into shared memory, and accumulating dw/db partials in fp32
+  registers; ``kernels._common.sum_partials_kernel`` adds the [G, N] partials in a fixed order. No atomics:
+  gradients are bitwise reproducible.
+* Rows may be strided (row stride 0 too); a non-unit last stride costs one explicit copy (``_as_rows``).
+  x, residual, weight and bias may each be fp32/fp16/bf16 (y in x's dtype); the custom ops
+  ``tritonforge::norm_fwd`` / ``norm_bwd`` have no autocast rule, so bf16 stays bf16 under autocast. Off
+  CUDA, without ``TRITON_INTERPRET=1``, they run an fp32 torch reference.
 """
 from __future__ import annotations
 
@@ -81,6 +37,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from kernels._common import SUM_BLOCK_G, SUM_BLOCK_N, SUM_WARPS, sm_count, sum_partials_kernel, use_triton
 from kernels.aot import Variant
 
 __all__ = ["layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm", "LayerNorm", "RMSNorm"]
@@ -92,9 +49,6 @@ _FWD_BYTES_PER_THREAD = 64  # of x per thread in the forward: four 128-bit loads
 _BWD_BYTES_PER_THREAD = 32  # of each of x and dy per thread in the backward: two 128-bit loads
 _BWD_PREFETCH_BYTES = 96 * 1024  # shared memory the backward tile loop may use for prefetching
 _BWD_WARPS_PER_SM = 16  # warps of ~128 registers/thread that fit one SM's 64K-register file
-_SUM_BLOCK_G, _SUM_BLOCK_N, _SUM_WARPS = 128, 32, 4  # partial-sum reduction tile
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-_INTERPRETER_SMS = 4  # stands in for the SM count when kernels run in the interpreter
 _NUM_STAGES = 3  # launch option (Triton's default, passed explicitly); loops set their own depth
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -433,37 +387,6 @@ def _norm_bwd_looped_kernel(
             tl.store(DB_PART + pid.to(tl.int64) * N + cols, db_acc, mask=mask)
 
 
-@triton.jit
-def _sum_partials_kernel(
-    PART,  # *[P, G, N] fp32 partial sums, contiguous; P = 1 or 2 (dw and/or db)
-    OUT0,  # *[N] sum over G of PART[0], in its parameter's dtype
-    OUT1,  # *[N] sum over G of PART[1] (when P = 2)
-    G,  # number of partial rows
-    N,
-    BLOCK_G: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
-    """OUT_p[n] = sum_g PART[p, g, n], program (column block, p), in a fixed order (deterministic).
-
-    Memory: reads P*G*N fp32 once, writes P*N values.
-    """
-    pid_n = tl.program_id(0)
-    part = tl.program_id(1)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
-    base = PART + part.to(tl.int64) * G * N
-    acc = tl.zeros((BLOCK_G, BLOCK_N), dtype=tl.float32)
-    for g_start in range(0, G, BLOCK_G):
-        offs_g = g_start + tl.arange(0, BLOCK_G)
-        mask = (offs_g < G)[:, None] & mask_n[None, :]
-        acc += tl.load(base + offs_g.to(tl.int64)[:, None] * N + offs_n[None, :], mask=mask, other=0.0)
-    total = tl.sum(acc, axis=0)
-    if part == 0:
-        tl.store(OUT0 + offs_n, total.to(OUT0.dtype.element_ty), mask=mask_n)
-    else:
-        tl.store(OUT1 + offs_n, total.to(OUT1.dtype.element_ty), mask=mask_n)
-
-
 # ----------------------------------------------------------------------------------------------
 # Launch configuration (shared by the launchers and aot_variants)
 # ----------------------------------------------------------------------------------------------
@@ -504,32 +427,21 @@ def _bwd_config(m: int, n: int, max_block_n: int, elem_size: int, bytes_per_col:
 
 
 def _warps(tile: int, per_thread: int) -> int:
-    """Warps so that each thread holds about `per_thread` elements of the tile, 1 to 16."""
-    return min(16, max(1, tile // (32 * per_thread)))
+    """Warps so that each thread holds about `per_thread` elements of the tile, 1 to 32."""
+    return min(32, max(1, tile // (32 * per_thread)))
 
 
 def _bwd_grid(m: int, block_m: int, num_warps: int, sm_count: int) -> tuple[int, int]:
     """(G programs, rows per program): a persistent grid of as many programs as are co-resident.
 
     The backward kernels use up to ~128 registers per thread, so an SM holds 16 warps of them:
-    2 programs of 8 warps or 1 of 16. More programs would only run in a second wave and grow the
+    2 programs of 8 warps or 1 of 16 (or 1 of 32 at 64 registers). More programs would only run in a second wave and grow the
     dw/db partial buffer.
     """
     programs_per_sm = max(1, _BWD_WARPS_PER_SM // num_warps)
     programs = min(triton.cdiv(m, block_m), programs_per_sm * sm_count)
     rows_per_program = triton.cdiv(triton.cdiv(m, programs), block_m) * block_m
     return triton.cdiv(m, rows_per_program), rows_per_program
-
-
-def _sm_count(device: torch.device) -> int:
-    if device.type == "cuda":
-        return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    return _INTERPRETER_SMS
-
-
-@functools.lru_cache(maxsize=None)
-def _cuda_sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 # ----------------------------------------------------------------------------------------------
@@ -548,10 +460,6 @@ def _as_rows(t: Tensor) -> Tensor:
         return t.view(-1, n)
     except RuntimeError:
         return t.reshape(-1, n)
-
-
-def _use_triton(t: Tensor) -> bool:
-    return t.is_cuda or _INTERPRET
 
 
 def _param(p: Optional[Tensor]) -> Optional[Tensor]:
@@ -609,7 +517,7 @@ def _norm_bwd_triton(dy, dres_out, xin, weight, bias, mean, rstd, rms, max_block
         dres2 = _as_rows(dres_out) if dres_out is not None else None
         bytes_per_col = xin.element_size() + dy.element_size() + (dres_out.element_size() if dres_out is not None else 0)
         cfg = _bwd_config(m, n, max_block_n, xin.element_size(), bytes_per_col)
-        programs, rows_per_program = _bwd_grid(m, cfg["BLOCK_M"], cfg["num_warps"], _sm_count(xin.device))
+        programs, rows_per_program = _bwd_grid(m, cfg["BLOCK_M"], cfg["num_warps"], sm_count(xin.device))
         part = torch.empty((max(len(params), 1), programs, n), device=xin.device, dtype=torch.float32)
         dw_part = part[0]
         db_part = part[len(params) - 1] if bias is not None else part[0]
@@ -631,9 +539,9 @@ def _norm_bwd_triton(dy, dres_out, xin, weight, bias, mean, rstd, rms, max_block
                 _norm_bwd_kernel[(programs,)](*head, *tail, **flags, BLOCK_M=cfg["BLOCK_M"],
                                               NUM_STAGES=cfg["NUM_STAGES"])
             if grads:
-                grid = (triton.cdiv(n, _SUM_BLOCK_N), len(grads))
-                _sum_partials_kernel[grid](part, grads[0], grads[-1], programs, n, BLOCK_G=_SUM_BLOCK_G,
-                                           BLOCK_N=_SUM_BLOCK_N, num_warps=_SUM_WARPS, num_stages=_NUM_STAGES)
+                grid = (triton.cdiv(n, SUM_BLOCK_N), len(grads))
+                sum_partials_kernel[grid](part, grads[0], grads[-1], programs, n, BLOCK_G=SUM_BLOCK_G,
+                                          BLOCK_N=SUM_BLOCK_N, num_warps=SUM_WARPS, num_stages=_NUM_STAGES)
     dw = grads[0] if weight is not None else xin.new_empty(0)
     db = grads[-1] if bias is not None else xin.new_empty(0)
     return dx.view(xin.shape), dw, db
@@ -696,7 +604,7 @@ def _norm_fwd_op(
     eps: float, rms: bool, max_block_n: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(y, new residual or empty, mean (LayerNorm) or empty, rstd); mean/rstd fp32 of x.shape[:-1]."""
-    if _use_triton(x):
+    if use_triton(x):
         return _norm_fwd_triton(x, residual, weight, bias, eps, rms, max_block_n)
     return _norm_fwd_reference(x, residual, weight, bias, eps, rms)
 
@@ -716,7 +624,7 @@ def _norm_bwd_op(
     mean: Tensor, rstd: Tensor, rms: bool, max_block_n: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(d xin in xin's dtype, dweight or empty, dbias or empty); xin is the normalized input."""
-    if _use_triton(xin):
+    if use_triton(xin):
         return _norm_bwd_triton(dy, dres_out, xin, weight, bias, mean, rstd, rms, max_block_n)
     return _norm_bwd_reference(dy, dres_out, xin, weight, bias, mean, rstd, rms)
 
@@ -870,7 +778,6 @@ def _check_last_dim(cls: str, x: Tensor, n: int):
 # ----------------------------------------------------------------------------------------------
 _BENCH_SHAPES = ((32768, 768), (32768, 1024), (16384, 4096), (8192, 8192))  # M, N
 _LOOPED_SHAPE = (4096, 65536)
-_TRITON_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
 def aot_variants() -> list[Variant]:
@@ -893,15 +800,6 @@ def aot_variants() -> list[Variant]:
             mixed = p_dt != x_dt  # the looped path is not listed for mixed parameter dtypes
             variants += [_fwd_variant(c, norm, rms, x_dt, p_dt, add) for c in fwd if not (mixed and c["looped"])]
             variants += [_bwd_variant(c, norm, rms, x_dt, p_dt, add) for c in bwd if not (mixed and c["looped"])]
-    # The partial-sum reduction writes N values in all (its loads are 128-bit); 128-bit stores would
-    # need >= 8 output columns per thread, i.e. few wide programs that read G rows serially, so its
-    # 32-column programs trade store width (irrelevant at N values) for parallelism.
-    for dt in ("fp32", "fp16", "bf16"):
-        variants.append(Variant(
-            kernel=_sum_partials_kernel, name=f"{dt} BLOCK_G={_SUM_BLOCK_G} BLOCK_N={_SUM_BLOCK_N}",
-            signature={"PART": "*fp32", "OUT0": f"*{dt}", "OUT1": f"*{dt}", "G": "i32", "N": "i32"},
-            constexprs={"BLOCK_G": _SUM_BLOCK_G, "BLOCK_N": _SUM_BLOCK_N}, num_warps=_SUM_WARPS, num_stages=_NUM_STAGES,
-            kind="memory", aligned=("PART", "OUT0", "OUT1", "N"), vector_stores=False))
     return variants
 
 

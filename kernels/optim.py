@@ -1,85 +1,28 @@
 """Fused multi-tensor optimizer steps: AdamW, SGD (momentum, Nesterov) and Lion.
 
-Public API: ``AdamW``, ``SGD``, ``Lion``: ``torch.optim.Optimizer`` subclasses that take their torch
-counterpart's arguments (Lion: the paper's) and write state dicts with torch's keys, plus two
-keyword-only extras:
-
-* ``max_grad_norm``: global L2 gradient clipping, computed on the device and applied inside the
-  update with ``clip = min(1, max_grad_norm / (norm + 1e-6))`` (``torch.nn.utils.clip_grad_norm_``);
-* ``master_weights``: bf16/fp16 parameters with an fp32 copy (``state["master_param"]``) that the
-  update reads and writes, writing the rounded parameter in the same pass. fp32 parameters are their
-  own master; bf16/fp16 parameters are only accepted with ``master_weights=True``.
-
-Loss scaling and clipping contract (nothing in ``step()`` waits for the device):
-
-* before ``step()`` the trainer may set ``opt.grad_scale`` to a one-element fp32 device tensor, the
-  loss scale the gradients carry; the kernels multiply gradients by ``1 / grad_scale`` (an IEEE fp32
-  reciprocal: ``GradScaler.unscale_``'s value for power-of-two scales). ``None`` means no scaling.
-  The attribute is kept across steps until changed.
-* after ``step()``: ``opt.grad_norm`` is the 0-dim fp32 global L2 norm of the unscaled gradients
-  before clipping when ``max_grad_norm`` or ``grad_scale`` is set, else ``None``; ``opt.found_inf``
-  is a 0-dim fp32 tensor, 1.0 when a gradient held inf/NaN (checked whenever the norm is computed),
-  in which case nothing was written: parameters, moments and step counts are unchanged. Both are
-  fresh tensors each step, so a logger may keep them.
-
-Math per element (g the gradient times 1/grad_scale, times the clip factor, negated for maximize):
+``AdamW``, ``SGD``, ``Lion`` take their torch counterparts' arguments (Lion: the paper's) and write state
+dicts with torch's keys, plus ``max_grad_norm`` (global L2 clipping inside the step, as
+``clip_grad_norm_``) and ``master_weights`` (bf16/fp16 parameters with an fp32 copy in the same pass).
+Nothing in ``step()`` waits for the device: the trainer may set ``opt.grad_scale`` (the loss scale the
+gradients carry); afterwards ``opt.grad_norm`` (before clipping) and ``opt.found_inf`` are device
+tensors, and when a gradient held inf/NaN nothing was written. Per element, g unscaled and clipped:
 
     AdamW: p *= 1 - lr*wd;  m = lerp(m, g, 1-b1);  v = b2*v + (1-b2)*g*g
            p += -(lr / (1-b1^t)) * m / (sqrt(v) / sqrt(1-b2^t) + eps)
-    SGD:   d = g + wd*p;  buf = momentum*buf + (1-dampening)*d  (buf = d on its first step)
-           d = d + momentum*buf (Nesterov) or buf;  p += -lr*d
+    SGD:   d = g + wd*p;  buf = momentum*buf + (1-dampening)*d;  d = d + momentum*buf (Nesterov) or buf
     Lion:  c = b1*m + (1-b1)*g;  p = p*(1 - lr*wd) - lr*sign(c);  m = b2*m + (1-b2)*g
 
-Launches per step, whatever the number of tensors (a "bucket" is the tensors sharing a parameter
-dtype, alignment and, for SGD, having momentum; normally there is one):
-
-1. ``_grad_sumsq_kernel`` (one per bucket, only with clipping or loss scaling): each program sums the
-   squares of one chunk of unscaled gradients and flags non-finite values, writing 2 scalars;
-2. ``_finalize_kernel`` (one program): reduces the partials to the norm, found_inf and the clip
-   factor, advances every tensor's step count unless found_inf, and turns the per-group
-   hyperparameters (device fp64 table) and step counts into per-tensor fp32 coefficients (bias
-   corrections in fp64);
-3. ``_<opt>_update_kernel`` (one per bucket): each program updates one chunk of one tensor; all of
-   it is skipped when found_inf is set.
-
-Multi-tensor design: int64 device tables hold each tensor's addresses (parameter, gradient, state,
-master copy), its size and its row in the coefficient table; a chunk table lists (tensor, first
-element) per program. Kernels load an address and cast it to a typed pointer. The tables are rebuilt
-only when the set of parameters with gradients, or any of their addresses, changes (checked on the
-host from ``data_ptr()`` each step; a gradient re-allocated elsewhere by ``zero_grad`` triggers a
-rebuild). Learning rates and other hyperparameters are Python floats copied to the device (pinned,
-non-blocking) only when they change; a CUDA-tensor ``lr`` is copied device-to-device each step, which
-keeps a captured CUDA graph's lr live. Step counts live in each parameter's ``state["step"]`` (fp32,
-on the parameter's device, like torch's fused/capturable AdamW).
-
-Design of the sweep (chosen without a GPU; reasoning written down so a measurement can check it):
-
-* Floor. AdamW with clipping moves 4 bytes/param for the norm pass (read g) plus 28 for the update
-  (read g, p, m, v; write p, m, v): 32 B/param, 1.32 ms for GPT-2 124M at 3.0 TB/s. With master
-  weights (bf16 params): 2 + (2 + 4*3 read, 4*3 + 2 written) = 30 B/param. The norm cannot be fused
-  into the update without changing the clip semantics (it needs every gradient first).
-* 128-bit accesses. The kernels mark the cast pointers ``tl.multiple_of(ptr, 16)`` (checked on sm_90:
-  a hint on the integer before the cast is lost, on the pointer after it gives ``ld.global.v4``), and
-  chunk starts as multiples of ``CHUNK``. Tensors whose storage is not 16-byte aligned (views into a
-  flat buffer) go to an ``ALIGNED=False`` bucket without the hints. Masks with a run-time bound
-  cannot be vectorized, so each chunk runs its full blocks unmasked and only its last partial block
-  masked (a ``tl.static_range(2)`` over the two cases keeps one copy of the loop body).
-* Block shapes. The update's ``UPDATE_BLOCK`` = 1024 elements with 4 warps gives each thread 8
-  elements: two 128-bit accesses per fp32 stream, one per bf16 stream (8 is the least that makes bf16
-  accesses 128-bit). Compiled for sm_90 the fp32 AdamW update takes 64 registers per thread, so 8
-  programs share an SM with up to 128 KB of loads in flight, against the ~25 KB that Little's law
-  asks for at 3 TB/s and ~1 us latency (bf16 with master weights: 95 registers, 5 programs, 70 KB).
-  The norm pass reads one stream, so it takes ``NORM_BLOCK`` = 2048 (16 elements per thread).
-* Chunks. ``CHUNK`` = 16384 elements per program: 16 update iterations, ~460 KB of fp32 traffic, so
-  the per-program prologue (three dependent table loads, ~2 us) is under 1%, while 124M parameters
-  still make ~7.7k programs (several waves over 132 SMs, so the last wave's imbalance is small).
-  Tensors smaller than a chunk (biases, norms) take one program each.
-* The finalize kernel is one program (a latency-bound few microseconds): partials are reduced in
-  ``FINALIZE_BLOCK_C`` = 4096 slices (24 iterations at 1.5B parameters), tensors in slices of 256.
-* AdamW's denominator uses the fast square root and division (a few ulp from torch's IEEE ones, and
-  1/sqrt(1-b2^t) multiplied rather than divided): compiled for sm_90, IEEE ``div_rn``/``sqrt_rn``
-  take 96 registers per thread (20 resident warps per SM) and twice the instructions, against 64
-  registers (32 warps) here; the update's rounding differs from torch's by a few ulp of the step.
+* A constant number of launches per step, whatever the number of tensors: the gradients' sum of squares
+  and inf/NaN flags per chunk (only when clipping or unscaling), one finalize program (norm, clip factor,
+  step counts, per-tensor coefficients with fp64 bias corrections), one update per bucket (tensors
+  sharing a dtype and alignment). Int64 device tables hold each tensor's addresses; they are rebuilt
+  only when a parameter's or gradient's address changes, and hyperparameters are copied to the device
+  only when they change.
+* The floor is the bytes: AdamW with clipping moves 32 B/param (4 for the norm pass, 28 for the update).
+  Aligned buckets get ``tl.multiple_of`` hints so every stream is 128-bit; each chunk runs its full blocks
+  unmasked and only its last block masked. Chunks of ``CHUNK`` elements amortize the table lookups.
+* AdamW's denominator uses the fast square root and division (a few ulp from torch's IEEE ones, at far
+  fewer registers).
 """
 from __future__ import annotations
 
@@ -93,6 +36,7 @@ import triton.language as tl
 from torch import Tensor
 from torch.distributed.tensor import DTensor
 
+from kernels._common import TL_DTYPES
 from kernels.aot import Variant
 
 __all__ = ["AdamW", "SGD", "Lion"]
@@ -764,6 +708,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
                 BLOCK_T=FINALIZE_BLOCK_T, num_warps=FINALIZE_WARPS, num_stages=1)
         for b in plan.buckets:
             self._launch_update(b, plan, scalars, device)
+        self._after_updates(plan, scalars, device)
         self.grad_norm = scalars[0] if has_norm else None
         self.found_inf = scalars[1]
         return loss
@@ -788,6 +733,9 @@ class _FusedOptimizer(torch.optim.Optimizer):
         _launch(self._update_kernel, (b.n_chunks,), b.tensor_table, b.chunk_table, plan.coefs,
                 scalars, self._like(b.dtype, device), **switches, BLOCK=UPDATE_BLOCK,
                 CHUNK=plan.chunk, num_warps=UPDATE_WARPS, num_stages=1)
+
+    def _after_updates(self, plan: _Plan, scalars: Tensor, device: torch.device) -> None:
+        """Work a subclass launches after the per-bucket updates (Muon: its iterations and update)."""
 
     def _like(self, dtype: torch.dtype, device: torch.device) -> Tensor:
         """A small aligned tensor of ``dtype``: the kernels take its pointer type, never its data."""
@@ -837,58 +785,68 @@ class _FusedOptimizer(torch.optim.Optimizer):
             self._plan = self._build_plan(entries, key)
         return self._plan
 
-    def _build_plan(self, entries: list[tuple[int, Tensor, Tensor]], key: tuple) -> _Plan:
+    def _table_row(self, index: int, gi: int, p: Tensor, g: Tensor) -> tuple[tuple, Optional[Tensor], bool]:
+        """Check one (parameter, gradient), create its state; returns its tensor-table row (``index``
+        in the last column), its step counter and whether all its addresses are 16-byte aligned."""
         name = type(self).__name__
+        if g.is_sparse:
+            raise ValueError(f"{name} does not support sparse gradients")
+        if g.dtype != p.dtype or g.device != p.device:
+            raise ValueError(f"{name}: a gradient must have its parameter's dtype and device, got "
+                             f"{g.dtype} on {g.device} for {p.dtype} on {p.device}")
+        p_full = p
+        p, g = _local(p), _local(g)
+        if not _is_dense(p) or not _same_layout(p, g):
+            raise ValueError(f"{name}: parameters must be dense (contiguous in some dimension "
+                             "order) and their gradients must have the same strides")
+        group = self.param_groups[gi]
+        state = self.state[p_full]
+        self._init_state(p_full, group, state)
+        if p.dtype != torch.float32 and "master_param" not in state:
+            state["master_param"] = _fp32_like(p_full, p_full)
+        master = _local(state.get("master_param")) if p.dtype != torch.float32 else None
+        s1, s2 = (_local(t) for t in self._state_tensors(p_full, group, state))
+        addresses = [t.data_ptr() if t is not None else 0 for t in (p, g, s1, s2, master)]
+        aligned = all(a % 16 == 0 for a in addresses)
+        return (*addresses, p.numel(), index), self._counter(p_full, state), aligned
+
+    def _build_plan(self, entries: list[tuple[int, Tensor, Tensor]], key: tuple) -> _Plan:
         device = entries[0][1].device
         info, bucket_rows = [], {}
         for index, (gi, p, g) in enumerate(entries):
-            if g.is_sparse:
-                raise ValueError(f"{name} does not support sparse gradients")
-            if g.dtype != p.dtype or g.device != p.device:
-                raise ValueError(f"{name}: a gradient must have its parameter's dtype and device, got "
-                                 f"{g.dtype} on {g.device} for {p.dtype} on {p.device}")
-            p_full = p
-            p, g = _local(p), _local(g)
-            if not _is_dense(p) or not _same_layout(p, g):
-                raise ValueError(f"{name}: parameters must be dense (contiguous in some dimension "
-                                 "order) and their gradients must have the same strides")
-            group = self.param_groups[gi]
-            state = self.state[p_full]
-            self._init_state(p_full, group, state)
-            if p.dtype != torch.float32 and "master_param" not in state:
-                state["master_param"] = _fp32_like(p_full, p_full)
-            master = _local(state.get("master_param")) if p.dtype != torch.float32 else None
-            s1, s2 = (_local(t) for t in self._state_tensors(p_full, group, state))
-            counter = self._counter(p_full, state)
+            row, counter, aligned = self._table_row(index, gi, p, g)
             info.append((0 if counter is None else counter.data_ptr(), gi))
-            addresses = [t.data_ptr() if t is not None else 0 for t in (p, g, s1, s2, master)]
-            aligned = all(a % 16 == 0 for a in addresses)
-            momentum = self._has_momentum(group)
-            bucket_rows.setdefault((p.dtype, aligned, momentum), []).append(
-                (*addresses, p.numel(), index))
+            momentum = self._has_momentum(self.param_groups[gi])
+            bucket_rows.setdefault((p.dtype, aligned, momentum), []).append(row)
 
-        chunk = CHUNK
-        assert chunk % UPDATE_BLOCK == 0 and chunk % NORM_BLOCK == 0, "CHUNK must hold whole blocks"
-        buckets, n_chunks = [], 0
-        for (dtype, aligned, momentum), rows in bucket_rows.items():
-            table = torch.tensor(rows, dtype=torch.int64)
-            per_tensor = (table[:, _COL_NUMEL.value] + chunk - 1) // chunk
-            owner = torch.repeat_interleave(torch.arange(len(rows)), per_tensor)
-            first = torch.cumsum(per_tensor, 0) - per_tensor
-            starts = (torch.arange(owner.numel()) - first[owner]) * chunk
-            chunks = torch.stack([owner, starts], dim=1).to(torch.int64)
-            buckets.append(_Bucket(dtype=dtype, aligned=aligned, momentum=momentum,
-                                   tensor_table=_to_device(table, device),
-                                   chunk_table=_to_device(chunks.contiguous(), device),
-                                   n_chunks=chunks.shape[0], chunk_offset=n_chunks))
-            n_chunks += chunks.shape[0]
-        buckets = [b for b in buckets if b.n_chunks > 0]
-        return _Plan(key=key, device=device, chunk=chunk, buckets=buckets,
+        buckets, n_chunks = _make_buckets(bucket_rows, device)
+        return _Plan(key=key, device=device, chunk=CHUNK, buckets=buckets,
                      shard_group=_shard_group(p for _, p, _ in entries),
                      tensor_info=_to_device(torch.tensor(info, dtype=torch.int64), device),
                      n_tensors=len(entries), n_chunks=n_chunks,
                      coefs=torch.empty(len(entries), _COEF_COLS.value, dtype=torch.float32, device=device),
                      partials=torch.zeros(max(2 * n_chunks, 2), dtype=torch.float32, device=device))
+
+
+def _make_buckets(bucket_rows: dict[tuple, list[tuple]], device: torch.device,
+                  first_chunk: int = 0) -> tuple[list[_Bucket], int]:
+    """Device tables of each bucket (key ``(dtype, aligned, switch)``, rows of ``_TABLE_COLS``
+    values) and the chunk count so far: chunks are numbered from ``first_chunk`` across buckets."""
+    assert CHUNK % UPDATE_BLOCK == 0 and CHUNK % NORM_BLOCK == 0, "CHUNK must hold whole blocks"
+    buckets, n_chunks = [], first_chunk
+    for (dtype, aligned, switch), rows in bucket_rows.items():
+        table = torch.tensor(rows, dtype=torch.int64)
+        per_tensor = (table[:, _COL_NUMEL.value] + CHUNK - 1) // CHUNK
+        owner = torch.repeat_interleave(torch.arange(len(rows)), per_tensor)
+        first = torch.cumsum(per_tensor, 0) - per_tensor
+        starts = (torch.arange(owner.numel()) - first[owner]) * CHUNK
+        chunks = torch.stack([owner, starts], dim=1).to(torch.int64)
+        buckets.append(_Bucket(dtype=dtype, aligned=aligned, momentum=switch,
+                               tensor_table=_to_device(table, device),
+                               chunk_table=_to_device(chunks.contiguous(), device),
+                               n_chunks=chunks.shape[0], chunk_offset=n_chunks))
+        n_chunks += chunks.shape[0]
+    return [b for b in buckets if b.n_chunks > 0], n_chunks
 
 
 def _check_betas(betas: Iterable[float]) -> None:
@@ -1047,7 +1005,6 @@ class Lion(_FusedOptimizer):
 # ----------------------------------------------------------------------------------------------
 # Ahead-of-time variants
 # ----------------------------------------------------------------------------------------------
-_TRITON_DTYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 def aot_variants() -> list[Variant]:
@@ -1058,7 +1015,7 @@ def aot_variants() -> list[Variant]:
     variants = []
     table_ptrs = ("tensor_table", "chunk_table")
     for dtype in _DTYPES:
-        ty = _TRITON_DTYPE[dtype]
+        ty = TL_DTYPES[dtype]
         for aligned in (True, False):
             tag = f"{ty} {'aligned' if aligned else 'unaligned'}"
             variants.append(Variant(

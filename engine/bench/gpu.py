@@ -1,4 +1,4 @@
-"""The one command for a GPU machine: GPU tests, op benchmarks, a short training benchmark, one summary.
+"""The one command for a GPU machine: kernel check, GPU tests, op benchmarks, a training benchmark, one summary.
 
     python -m engine.bench.gpu [--anchors DIR] [--out DIR] [--only STAGES] [--ops OPS] [--recipe TOML]
                                [--steps N] [--compile] [--budget S]
@@ -7,15 +7,19 @@ Run from the repository root of a plain checkout: nothing to install, and neithe
 ``wandb`` is needed. The stages run one after another, each in its own process (a kernel that faults
 cannot take the others down) with ``TRITON_INTERPRET=0`` and a time limit:
 
-1. ``tests``: ``pytest -m gpu`` (the tests that need CUDA).
-2. ``ops``: ``tritonforge bench ops`` at the default shapes in bf16 with every backend (``--ops`` narrows
+1. ``check``: ``tritonforge kernels check`` (every op's kernels against an upcast reference at small, odd
+   and real shapes in bf16, fp16 and fp32; its table goes to ``check.log`` and ``check.json``). If a row
+   FAILS, the kernel benchmarks (``ops``, ``train``) are not run: timing a kernel that computes wrong
+   results proves nothing. The summary lists the failing rows.
+2. ``tests``: ``pytest -m gpu`` (the tests that need CUDA).
+3. ``ops``: ``tritonforge bench ops`` at the default shapes in bf16 with every backend (``--ops`` narrows
    the ops), FlexAttention at S = 4096 only (it compiles per shape), do_bench with 10 ms warm-up and
    40 ms of repetitions per timing.
-3. ``train``: ``tritonforge bench train recipes/gpt2_124m.toml --kernels triton --vs torch`` for
+4. ``train``: ``tritonforge bench train recipes/gpt2_124m.toml --kernels triton --vs torch`` for
    ``--steps`` steps (default 20) at the nanoGPT shape (batch 16 x 1024 tokens, one micro-batch per step,
    bf16, fused AdamW, clipping at 1.0) on random GPT-2 tokens; ``--compile`` adds torch.compile runs;
    ``--recipe recipes/convnext_tiny.toml`` benchmarks ConvNeXt-T instead.
-4. ``anchors``: the peers' scripts ``anchors_kernels.py`` and ``anchors_train.py`` from ``--anchors DIR``,
+5. ``anchors``: the peers' scripts ``anchors_kernels.py`` and ``anchors_train.py`` from ``--anchors DIR``,
    when given, so that their figures are measured in the same call as the project's.
 
 It ends with ONE summary table (per op and shape: the triton, torch and best peer rates, the
@@ -23,11 +27,11 @@ triton/torch speed-up; the training throughputs; the test counts) and writes ``s
 ``summary.csv``, each stage's JSON/CSV and log under ``$OUT`` if set, else ``./bench-results/``.
 The exit status is 1 if any stage failed, timed out or reported a FAILED row.
 
-Budget: the stages are sized for about 8 minutes on one H100 without ``--anchors`` (tests ~2, ops ~4,
-train ~1; estimates, not measurements). Each stage has its own time limit, and ``--budget`` (default
+Budget: the stages are sized for about 9 minutes on one H100 without ``--anchors`` (check ~1, tests ~2,
+ops ~4, train ~1; estimates, not measurements). Each stage has its own time limit, and ``--budget`` (default
 570 s) caps them together: a stage that would start with too little time left is reported "not run", so
 the summary is always printed within a 10-minute call. The peers' scripts add about 4 minutes: run
-``--only tests,ops,train`` and ``--only anchors --anchors DIR`` as two calls. The device machine does not
+``--only check,tests,ops,train`` and ``--only anchors --anchors DIR`` as two calls. The device machine does not
 see folders outside the checkout: copy the peers' scripts into an ignored folder of the repository first.
 """
 from __future__ import annotations
@@ -46,10 +50,10 @@ from pathlib import Path
 from typing import Sequence
 
 ROOT = Path(__file__).resolve().parents[2]
-STAGES = ("tests", "ops", "train", "anchors")
+STAGES = ("check", "tests", "ops", "train", "anchors")
 #: Seconds each stage may run before it is stopped (its partial results are still summarized); --budget caps
 #: them all together.
-TIME_LIMITS = {"tests": 240, "ops": 330, "flex": 150, "train": 180, "anchors": 330}
+TIME_LIMITS = {"check": 150, "tests": 240, "ops": 330, "flex": 150, "train": 180, "anchors": 330}
 #: A stage is not started with less time than this left in the budget.
 MIN_STAGE_S = 20
 ANCHOR_SCRIPTS = ("anchors_kernels.py", "anchors_train.py")
@@ -143,6 +147,21 @@ def _stage(name: str, cmd: list[str], out: Path, limit_s: float, budget: Budget,
 # Stages
 # ---------------------------------------------------------------------------------------------------
 
+def stage_check(out: Path, budget: Budget) -> StageResult:
+    cmd = [sys.executable, "-m", "engine", "kernels", "check", "--json", str(out / "check.json")]
+    result = _stage("check", cmd, out, TIME_LIMITS["check"], budget)
+    result.outputs["json"] = str(out / "check.json")
+    statuses = [r.get("status") for r in _load(out / "check.json").get("rows", [])]
+    counts = ", ".join(f"{statuses.count(s)} {s}" for s in dict.fromkeys(statuses))
+    result.note = "; ".join(filter(None, [f"{len(statuses)} rows ({counts})" if statuses else "", result.note]))
+    return result
+
+
+def check_failed(check: StageResult | None) -> bool:
+    """Whether the kernel check found a wrong kernel (a FAIL row, or its exit status 1)."""
+    return check is not None and check.status == "FAILED"
+
+
 def stage_tests(out: Path, budget: Budget) -> StageResult:
     cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "tests"]
     result = _stage("tests", cmd, out, TIME_LIMITS["tests"], budget, ok_codes=(0, 5))  # 5: no test is marked gpu
@@ -173,10 +192,10 @@ def _plot_args(out: Path, name: str) -> list[str]:
 def backends_for(ops: str) -> str:
     """The part of :data:`OPS_BACKENDS` that serves at least one of ``ops`` (a comma list or "all"):
     ``bench ops`` rejects a backend that none of its ops has."""
-    from engine.bench.ops import BACKENDS, OPS
+    from engine.bench.ops import backends_of, bench_ops
 
-    chosen = OPS if ops == "all" else ops.split(",")
-    known = {b for op in chosen for b in BACKENDS[op]}
+    chosen = bench_ops() if ops == "all" else ops.split(",")
+    known = {b for op in chosen for b in backends_of(op)}
     return ",".join(b for b in OPS_BACKENDS.split(",") if b in known)
 
 
@@ -319,6 +338,14 @@ def train_summary(train: dict, anchors_train: dict) -> list[dict]:
     return lines
 
 
+def check_summary(check_rows: list[dict]) -> list[dict]:
+    """One summary line per FAIL row of the kernel check (the passing rows are in check.json)."""
+    return [{"item": f"check {r['op']} {r['backend']} {r['shape']} {r['dtype']}", "unit": "rel. error",
+             "triton": "FAIL", "torch": "", "best_peer": "", "triton_vs_torch": "",
+             "note": f"FAILED: {r.get('note', '')} (tolerance {r.get('tolerance')})"}
+            for r in check_rows if r.get("status") == "FAIL"]
+
+
 SUMMARY_COLUMNS = ("item", "unit", "triton", "torch", "best_peer", "triton_vs_torch", "note")
 
 
@@ -327,13 +354,15 @@ def summarize(out: Path, stages: list[StageResult]) -> tuple[str, dict]:
     from engine.bench import format_table
 
     ops, flex, train = _load(out / "ops.json"), _load(out / "ops_flex.json"), _load(out / "train.json")
+    check = _load(out / "check.json")
     anchors_train = _load(out / "anchors_train.json")
     lines = [{"item": f"stage {s.name}", "unit": "", "triton": s.status, "torch": "", "best_peer": "",
               "triton_vs_torch": "", "note": f"{s.seconds:.0f} s{'; ' + s.note if s.note else ''}"}
              for s in stages if s.status != "skipped"]
+    lines += check_summary(check.get("rows", []))
     lines += ops_summary(ops.get("rows", []), flex.get("rows", []))
     lines += train_summary(train, anchors_train)
-    env = ops.get("env") or train.get("env") or {}
+    env = ops.get("env") or train.get("env") or check.get("env") or {}
     ceilings = ops.get("ceilings") or train.get("ceilings") or {}
     head = [f"== summary: {env.get('gpu', 'GPU not recorded')} | torch {env.get('torch', '?')} | "
             f"triton {env.get('triton', '?')} =="]
@@ -379,12 +408,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         if s not in STAGES:
             raise BenchError(f"--only: unknown stage {s!r}; valid: {', '.join(STAGES)}")
     a.only = stages
-    from engine.bench.ops import OPS
+    from engine.bench.ops import bench_ops
 
     if a.ops != "all":
         for op in a.ops.split(","):
-            if op not in OPS:
-                raise BenchError(f"--ops: unknown op {op!r}; valid: {', '.join(OPS)} or all")
+            if op not in bench_ops():
+                raise BenchError(f"--ops: unknown op {op!r}; valid: {', '.join(bench_ops())} or all")
     if a.steps < 1:
         raise BenchError(f"--steps must be >= 1, got {a.steps}")
     if a.budget <= 0:
@@ -394,6 +423,29 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     if a.out is None:
         a.out = Path(os.environ["OUT"]) if os.environ.get("OUT") else Path("bench-results")
     return a
+
+
+def run_stages(a: argparse.Namespace, out: Path, budget: Budget) -> list[StageResult]:
+    """The stages ``a.only`` asks for, in order; the kernel benchmarks only after a kernel check that passed."""
+    stages: list[StageResult] = []
+    check = stage_check(out, budget) if "check" in a.only else None
+    if check is not None:
+        stages.append(check)
+    if "tests" in a.only:
+        stages.append(stage_tests(out, budget))
+    for name in ("ops", "train"):
+        if name not in a.only:
+            continue
+        if check_failed(check):
+            stages.append(StageResult(name, "not run", note="the kernels check failed: see its FAIL rows"))
+        elif name == "ops":
+            stages.append(stage_ops(out, budget, a.ops))
+        else:
+            stages.append(stage_train(out, a.steps, a.compile, budget, a.recipe))
+    if "anchors" in a.only and a.anchors is not None:
+        os.environ["OUT"] = str(out)  # the peers' scripts write their JSON to $OUT
+        stages.append(stage_anchors(out, a.anchors.resolve(), budget))
+    return stages
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -412,17 +464,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     out = a.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    stages: list[StageResult] = []
-    budget = Budget(a.budget)
-    if "tests" in a.only:
-        stages.append(stage_tests(out, budget))
-    if "ops" in a.only:
-        stages.append(stage_ops(out, budget, a.ops))
-    if "train" in a.only:
-        stages.append(stage_train(out, a.steps, a.compile, budget, a.recipe))
-    if "anchors" in a.only and a.anchors is not None:
-        os.environ["OUT"] = str(out)  # the peers' scripts write their JSON to $OUT
-        stages.append(stage_anchors(out, a.anchors.resolve(), budget))
+    stages = run_stages(a, out, Budget(a.budget))
     text, payload = summarize(out, stages)
     from engine.bench import write_csv, write_json
 

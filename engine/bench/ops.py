@@ -15,12 +15,14 @@ Backends. ``torch`` and ``triton`` go through :func:`engine.registry.resolve`, e
 them; ``triton`` for an op that has no kernel yet is reported "not available" and the run goes on. Peers
 a user might pick instead run when importable and are never required: ``sdpa-flash``, ``sdpa-cudnn``,
 ``sdpa-mem_eff`` (one SDPA backend each, through ``torch.nn.attention.sdpa_kernel``), ``flex``
-(FlexAttention under ``torch.compile``), ``compile`` (``torch.compile`` of the torch norm, mlp or
+(FlexAttention under ``torch.compile``), ``compile`` (``torch.compile`` of the torch norm, mlp, rope, swiglu or
 head and loss, compiled afresh per shape with ``dynamic=False`` so no recompilation limit spoils it),
-``liger`` (Liger-Kernel's LayerNorm/RMSNorm and fused linear cross-entropy), ``triton-nondet`` (the
+``liger`` (Liger-Kernel's LayerNorm/RMSNorm, fused linear cross-entropy, RoPE and SwiGLU), ``triton-nondet`` (the
 triton attention with ``kernels.deterministic = false``: dQ summed with atomics), ``torch-fused`` and ``torch-foreach``
 (``torch.optim.AdamW`` implementations; with ``:clip`` they run ``clip_grad_norm_`` first, as the
-``torch`` backend does, while the ``triton`` optimizer clips inside its step).
+``torch`` backend does, while the ``triton`` optimizer clips inside its step), ``torch-muon`` and
+``triton-muon`` (``optim.name = "muon"`` through the registry: Muon for the blocks' matrices, AdamW for the
+rest, checked against a float64 Muon; their rates count AdamW's bytes, so they compare as times).
 
 Shapes (``--shapes``, a comma list; ``op=SPEC`` targets one op when ``--op`` names several; ``default``
 and ``tiny`` name the built-in sets):
@@ -29,7 +31,9 @@ and ``tiny`` name the built-in sets):
 op                 spec                                 default (tiny: CPU default)
 =================  ===================================  ============================================
 attention          ``BxHxSxD[:causal|:full]`` (both if  hidden 2048 (D=64: H=32, D=128: H=16),
-                   neither)                             S in 1024/4096/16384, B*S = 16384, both masks
+                   neither), then ``[:segments=N]``:    S in 1024/4096/16384, B*S = 16384, both masks
+                   N equal packed documents per
+                   sequence (a document mask)
 layer_norm,        ``MxN``                              32768x768, 32768x1024, 16384x4096, 8192x8192
 rms_norm
 mlp                ``MxC`` (rows x channels, hidden     ConvNeXt-T's stages at batch 128, 224²:
@@ -43,6 +47,10 @@ cross_entropy      ``NxDxV`` (tokens x hidden x         16384x768x50304 (GPT-2 s
 optimizer          ``124M``, ``350M``, ``774M``,        124M and 1.5B, each without and with clipping
                    ``1.5B`` or ``LxD[xV[xT]]`` (GPT-2
                    shapes), ``[:clip|:noclip]``
+rope               ``BxHxHkvxTxD`` (q and k heads of a  4x32x8x4096x128 (Llama-3-8B's heads),
+                   fused QKV output)                    16x12x12x1024x64
+swiglu             ``MxF`` (rows x output width; h is   16384x11008 (Llama-7B's MLP), 16384x2048
+                   M x 2F)
 =================  ===================================  ============================================
 
 Work per call, for the rate columns (2-byte dtypes; ``s`` = bytes per element in general):
@@ -53,7 +61,11 @@ fwd = 16·M·C² FLOPs (the two linears), bwd = 2 × fwd (input and weight gradi
 fwd = 2·P·s bytes (read x, write y), bwd = 3·P·s (read x and dy, write dx), fwd+bwd = 5·P·s; cross-entropy
 (the head ``F.linear`` and the loss) fwd = 2·N·D·V FLOPs, bwd = 2 × fwd, fwd+bwd = 6·N·D·V (the fused triton
 op computes its gradients during the forward, so its fwd column holds most of its work); AdamW 28 bytes per
-fp32 parameter (read g, p, m, v; write p, m, v), 32 with clipping (the norm reads g once more).
+fp32 parameter (read g, p, m, v; write p, m, v), 32 with clipping (the norm reads g once more); rope
+(E = B·(H+Hkv)·T·D) fwd = bwd = 2·E·s (read and write q and k), fwd+bwd = 4·E·s, its output the rotated q and
+k concatenated over heads (one copy of 2·E·s more in every backend's time); swiglu fwd = 3·M·F·s (read gate,
+up; write out), bwd = 5·M·F·s (read gate, up, dout; write dgate, dup), fwd+bwd = 8·M·F·s. With
+``:segments=N`` (documents of lengths L_n) attention counts Σ L_n² for S².
 
 Table columns: op, backend, shape, dtype; ``err`` the largest relative error of the check; ``fwd ms``,
 ``bwd ms``, ``fwd+bwd ms``; ``fwd`` and ``fwd+bwd`` rates in ``unit`` (TFLOP/s or GB/s); ``% peak`` the
@@ -78,13 +90,13 @@ import torch
 import torch.nn.functional as F
 
 from engine import registry
+from engine.models.gpt import rotary_tables
 from engine.bench import (ArgumentParser, BenchError, check_plot_support, describe_ceilings, environment, fmt,
                           format_table, free_memory, measure_ceilings, pick_device, rel_error, time_ms, timer_label,
                           write_csv, write_json)
 
-OPS = ("attention", "layer_norm", "rms_norm", "mlp", "dwconv", "cross_entropy", "optimizer")
-
-#: The backends of each op: the project's own two first (through the registry), then the peers.
+#: The backends of each built-in op: the project's own two first (through the registry), then the peers. An op
+#: of the registry's table with an :class:`OpBench` has the project's two.
 BACKENDS: dict[str, tuple[str, ...]] = {
     "attention": ("torch", "triton", "triton-nondet", "sdpa-flash", "sdpa-cudnn", "sdpa-mem_eff", "flex"),
     "layer_norm": ("torch", "triton", "compile", "liger"),
@@ -93,9 +105,27 @@ BACKENDS: dict[str, tuple[str, ...]] = {
     # torch.compile hands a convolution to cuDNN unchanged: its row would be the torch row again
     "dwconv": ("torch", "triton"),
     "cross_entropy": ("torch", "triton", "compile", "liger"),
-    "optimizer": ("torch", "triton", "torch-fused", "torch-foreach"),
+    "optimizer": ("torch", "triton", "torch-fused", "torch-foreach", "torch-muon", "triton-muon"),
+    "rope": ("torch", "triton", "compile", "liger"),
+    "swiglu": ("torch", "triton", "compile", "liger"),
 }
 PROJECT_BACKENDS = ("torch", "triton")
+
+
+def bench_ops() -> tuple[str, ...]:
+    """Every op of the registry's table: each has a built-in benchmark here or an :class:`OpBench` in its row."""
+    return registry.op_names()
+
+
+def backends_of(op: str) -> tuple[str, ...]:
+    return BACKENDS.get(op, PROJECT_BACKENDS)
+
+
+def _op_bench(op: str) -> "OpBench":
+    bench = registry.find(op).bench
+    if bench is None:
+        raise BenchError(f"--op: {op!r} has neither a built-in benchmark nor an OpBench in its registry row")
+    return bench
 #: Backends served through the registry: the project's two, and triton with kernels.deterministic = false.
 REGISTRY_BACKENDS = PROJECT_BACKENDS + ("triton-nondet",)
 
@@ -108,6 +138,8 @@ TOLERANCE = {torch.float32: 2e-3, torch.float16: 5e-3, torch.bfloat16: 2e-2}
 #: Largest relative error of the parameter update after :data:`OPTIMIZER_CHECK_STEPS` AdamW steps (fp32).
 OPTIMIZER_TOLERANCE = 1e-3
 OPTIMIZER_CHECK_STEPS = 2
+#: The same for Muon on CUDA, whose Newton-Schulz iterations run in bf16 (fp32 on CPU: OPTIMIZER_TOLERANCE).
+MUON_CUDA_TOLERANCE = 5e-2
 #: AdamW settings of the optimizer benchmark (a GPT-2-like recipe's).
 ADAMW = dict(lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
 MAX_GRAD_NORM = 1.0
@@ -133,10 +165,25 @@ class AttentionShape:
     seq: int
     head_dim: int
     causal: bool
+    #: packed documents per sequence, of equal length (within one token): a document mask when > 1
+    segments: int = 1
 
     @property
     def label(self) -> str:
-        return f"{self.batch}x{self.heads}x{self.seq}x{self.head_dim} {'causal' if self.causal else 'full'}"
+        docs = f" segments={self.segments}" if self.segments > 1 else ""
+        return f"{self.batch}x{self.heads}x{self.seq}x{self.head_dim} {'causal' if self.causal else 'full'}{docs}"
+
+    def segment_ids(self, device: torch.device) -> torch.Tensor | None:
+        """(B, S) document ids, or None for one document (no mask)."""
+        if self.segments == 1:
+            return None
+        ids = torch.arange(self.seq, device=device) * self.segments // self.seq
+        return ids.expand(self.batch, self.seq)
+
+    def score_pairs(self) -> float:
+        """Sum over documents of L², the S² of the FLOP count."""
+        lengths = torch.bincount(torch.arange(self.seq) * self.segments // self.seq)  # as segment_ids
+        return float((lengths * lengths).sum())
 
 
 @dataclass(frozen=True)
@@ -176,6 +223,21 @@ class HeadShape:
     @property
     def label(self) -> str:
         return f"{self.tokens}x{self.hidden}x{self.vocab}"
+
+
+@dataclass(frozen=True)
+class RopeShape:
+    """q (B, H, T, D) and k (B, Hkv, T, D), views of a fused (B, T, (H + 2 Hkv) D) projection output."""
+
+    batch: int
+    heads: int
+    kv_heads: int
+    seq: int
+    head_dim: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.batch}x{self.heads}x{self.kv_heads}x{self.seq}x{self.head_dim}"
 
 
 #: The depthwise filter the dwconv benchmark runs (ConvNeXt's): 7x7, padding 3.
@@ -219,13 +281,15 @@ class ParamSetShape:
 GPT2_SIZES = {"124M": (12, 768), "350M": (24, 1024), "774M": (36, 1280), "1.5B": (48, 1600)}
 
 SHAPE_SYNTAX = {
-    "attention": "BxHxSxD[:causal|:full], e.g. 4x16x4096x128:causal",
+    "attention": "BxHxSxD[:causal|:full][:segments=N], e.g. 4x16x4096x128:causal:segments=8",
     "layer_norm": "MxN, e.g. 32768x768",
     "rms_norm": "MxN, e.g. 32768x768",
     "mlp": "MxC (rows x channels; the hidden width is 4C), e.g. 401408x96",
     "dwconv": "NxCxHxW (the 7x7 filter's input), e.g. 128x96x56x56",
     "cross_entropy": "NxDxV (tokens x hidden x vocabulary), e.g. 16384x768x50304",
     "optimizer": f"{', '.join(GPT2_SIZES)} or LxD[xV[xT]] (GPT-2 shapes), then [:clip|:noclip], e.g. 124M:clip",
+    "rope": "BxHxHkvxTxD (q heads, k heads, an even head dim), e.g. 4x32x8x4096x128",
+    "swiglu": "MxF (rows x output width; h is M x 2F), e.g. 16384x11008",
 }
 
 
@@ -253,6 +317,8 @@ SHAPE_SETS: dict[str, dict[str, list]] = {
                    ImageShape(128, 768, 7, 7)],
         "cross_entropy": [HeadShape(16384, 768, 50304)],
         "optimizer": _both_clips(*GPT2_SIZES["124M"], name="124M") + _both_clips(*GPT2_SIZES["1.5B"], name="1.5B"),
+        "rope": [RopeShape(4, 32, 8, 4096, 128), RopeShape(16, 12, 12, 1024, 64)],
+        "swiglu": [MatrixShape(16384, 11008), MatrixShape(16384, 2048)],
     },
     # Small enough for the Triton interpreter on a CPU (a second or so per row).
     "tiny": {
@@ -263,6 +329,8 @@ SHAPE_SETS: dict[str, dict[str, list]] = {
         "dwconv": [ImageShape(1, 8, 5, 5)],
         "cross_entropy": [HeadShape(64, 32, 512)],
         "optimizer": _both_clips(1, 64, vocab=512, context=64),
+        "rope": [RopeShape(1, 2, 1, 16, 16)],
+        "swiglu": [MatrixShape(16, 48)],
     },
 }
 
@@ -276,18 +344,34 @@ def _positive_ints(text: str, spec: str, op: str) -> list[int]:
 
 def parse_shape(op: str, spec: str) -> list:
     """The shapes one spec names for ``op`` (attention without a mask suffix gives both masks)."""
+    if op not in SHAPE_SYNTAX:
+        bench = _op_bench(op)
+        try:
+            return list(bench.parse(spec))
+        except ValueError:
+            raise BenchError(f"--shapes: {spec!r} is not a {op} shape; expected {bench.syntax}") from None
     bad = BenchError(f"--shapes: {spec!r} is not a {op} shape; expected {SHAPE_SYNTAX[op]}")
     if op == "attention":
-        m = re.fullmatch(r"(\d+x\d+x\d+x\d+)(?::(causal|full))?", spec)
+        m = re.fullmatch(r"(\d+x\d+x\d+x\d+)(?::(causal|full))?(?::segments=(\d+))?", spec)
         if not m:
             raise bad
         b, h, s, d = _positive_ints(m[1], spec, op)
         masks = (True, False) if m[2] is None else (m[2] == "causal",)
-        return [AttentionShape(b, h, s, d, causal) for causal in masks]
-    if op in ("layer_norm", "rms_norm", "mlp"):
+        segments = 1 if m[3] is None else int(m[3])
+        if not 1 <= segments <= s:
+            raise BenchError(f"--shapes: {spec!r}: segments={segments} must be between 1 and S={s}")
+        return [AttentionShape(b, h, s, d, causal, segments) for causal in masks]
+    if op in ("layer_norm", "rms_norm", "mlp", "swiglu"):
         if not re.fullmatch(r"\d+x\d+", spec):
             raise bad
         return [MatrixShape(*_positive_ints(spec, spec, op))]
+    if op == "rope":
+        if not re.fullmatch(r"\d+x\d+x\d+x\d+x\d+", spec):
+            raise bad
+        shape = RopeShape(*_positive_ints(spec, spec, op))
+        if shape.head_dim % 2:
+            raise BenchError(f"--shapes: {spec!r}: the rope head dim must be even")
+        return [shape]
     if op == "dwconv":
         if not re.fullmatch(r"\d+x\d+x\d+x\d+", spec):
             raise bad
@@ -318,16 +402,16 @@ def parse_shapes(text: str, ops: Sequence[str]) -> dict[str, list]:
         if not item:
             raise BenchError(f"--shapes: empty spec in {text!r}")
         targets, spec = list(ops), item
-        if "=" in item:
+        if "=" in item and ":" not in item.split("=", 1)[0]:  # not a spec's own ``:segments=N``
             op, spec = (s.strip() for s in item.split("=", 1))
-            if op not in OPS:
-                raise BenchError(f"--shapes: unknown op {op!r} in {item!r}; valid ops: {', '.join(OPS)}")
+            if op not in bench_ops():
+                raise BenchError(f"--shapes: unknown op {op!r} in {item!r}; valid ops: {', '.join(bench_ops())}")
             if op not in ops:
                 raise BenchError(f"--shapes: {item!r} is for {op}, which --op does not select")
             targets = [op]
         for op in targets:
             if spec in SHAPE_SETS:
-                chosen[op] += SHAPE_SETS[spec][op]
+                chosen[op] += SHAPE_SETS[spec].get(op) or _op_bench(op).shapes[spec]
                 continue
             try:
                 chosen[op] += parse_shape(op, spec)
@@ -366,8 +450,29 @@ class Case:
     def reference(self) -> list[torch.Tensor]:
         """Output and gradients on upcast inputs, computed once."""
         if self._reference is None:
-            self._reference = _REFERENCES[self.op](self)
+            reference = _REFERENCES.get(self.op) or _op_bench(self.op).reference
+            self._reference = reference(self)
         return self._reference
+
+
+@dataclass(frozen=True)
+class OpBench:
+    """How ``bench ops`` (and ``kernels check``) exercise an op that has no built-in case here; an op's
+    registry row carries one (``Op(..., bench=OpBench(...))``), so a new op needs no edit of this module.
+
+    ``syntax`` describes a shape spec; ``parse(spec)`` returns the shapes it names (each with a ``label``)
+    or raises ValueError; ``shapes`` holds the ``default`` (GPU) and ``tiny`` (CPU) sets;
+    ``make_case(shape, dtype, device)`` builds the :class:`Case` (inputs, upstream gradient, names, work);
+    ``call(ops, case)`` runs the op through a resolved :class:`~engine.registry.Ops`; ``reference(case)``
+    returns the output and the gradients on upcast inputs (see :func:`_upcast` and :func:`_backward_reference`).
+    """
+
+    syntax: str
+    parse: Callable[[str], list]
+    shapes: dict[str, list]
+    make_case: Callable[[Any, torch.dtype, torch.device], "Case"]
+    call: Callable[[Any, "Case"], torch.Tensor]
+    reference: Callable[["Case"], list[torch.Tensor]]
 
 
 def _random(shape, dtype, device, requires_grad=True) -> torch.Tensor:
@@ -376,11 +481,13 @@ def _random(shape, dtype, device, requires_grad=True) -> torch.Tensor:
 
 def make_case(op: str, shape, dtype: torch.dtype, device: torch.device) -> Case:
     torch.manual_seed(0)
+    if op not in SHAPE_SYNTAX:
+        return _op_bench(op).make_case(shape, dtype, device)
     size = torch.tensor([], dtype=dtype).element_size()
     if op == "attention":
         b, h, s, d = shape.batch, shape.heads, shape.seq, shape.head_dim
         qkv = [_random((b, h, s, d), dtype, device) for _ in range(3)]
-        fwd = 4 * b * h * s * s * d * (0.5 if shape.causal else 1.0)
+        fwd = 4 * b * h * shape.score_pairs() * d * (0.5 if shape.causal else 1.0)
         return Case(op, shape, dtype, device, qkv, torch.randn_like(qkv[0]), ("out", "dq", "dk", "dv"),
                     {"fwd": fwd, "bwd": 2.5 * fwd, "fwdbwd": 3.5 * fwd}, "TFLOP/s")
     if op in ("layer_norm", "rms_norm"):
@@ -415,6 +522,19 @@ def make_case(op: str, shape, dtype: torch.dtype, device: torch.device) -> Case:
         p = n * c * h * w * size
         return Case(op, shape, dtype, device, [x.requires_grad_(), weight, bias], torch.randn_like(x),
                     ("y", "dx", "dweight", "dbias"), {"fwd": 2 * p, "bwd": 3 * p, "fwdbwd": 5 * p}, "GB/s")
+    if op == "rope":
+        b, t, d = shape.batch, shape.seq, shape.head_dim
+        heads = shape.heads + shape.kv_heads
+        qkv = _random((b, t, (heads + shape.kv_heads) * d), dtype, device)
+        cos, sin = (table.to(device) for table in rotary_tables(d, t, 10000.0))
+        moved = 2 * b * heads * t * d * size
+        return Case(op, shape, dtype, device, [qkv, cos, sin], torch.randn(b, heads, t, d, dtype=dtype, device=device),
+                    ("out", "dqkv"), {"fwd": moved, "bwd": moved, "fwdbwd": 2 * moved}, "GB/s")
+    if op == "swiglu":
+        m, f = shape.rows, shape.cols
+        h = _random((m, 2 * f), dtype, device)
+        return Case(op, shape, dtype, device, [h], torch.randn(m, f, dtype=dtype, device=device), ("out", "dh"),
+                    {"fwd": 3 * m * f * size, "bwd": 5 * m * f * size, "fwdbwd": 8 * m * f * size}, "GB/s")
     assert op == "cross_entropy", op
     n, d, v = shape.tokens, shape.hidden, shape.vocab
     # hidden states of unit scale and a head at nn.Linear's init scale x 4: logits of a few units, a
@@ -444,9 +564,21 @@ def _attention_reference(case: Case) -> list[torch.Tensor]:
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
         context = sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION])
+    mask = _document_mask(case)
     with context:
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=case.shape.causal)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=case.shape.causal and mask is None)
     return _backward_reference(case, out, [q, k, v])
+
+
+def _document_mask(case: Case) -> torch.Tensor | None:
+    """(B, 1, S, S) boolean: same document (and causal), or None without documents."""
+    ids = case.shape.segment_ids(case.device)
+    if ids is None:
+        return None
+    mask = ids[:, None, :, None] == ids[:, None, None, :]
+    if case.shape.causal:
+        mask = mask & torch.ones(case.shape.seq, case.shape.seq, dtype=torch.bool, device=case.device).tril()
+    return mask
 
 
 def _norm_reference(case: Case) -> list[torch.Tensor]:
@@ -474,9 +606,29 @@ def _cross_entropy_reference(case: Case) -> list[torch.Tensor]:
     return _backward_reference(case, F.cross_entropy(F.linear(x, weight), targets), [x, weight])
 
 
+def _rope_views(qkv: torch.Tensor, shape: RopeShape) -> tuple[torch.Tensor, torch.Tensor]:
+    """q and k as the GPT takes them: strided views of the fused projection output."""
+    h, hkv = shape.heads, shape.kv_heads
+    heads = qkv.view(shape.batch, shape.seq, h + 2 * hkv, shape.head_dim).transpose(1, 2)
+    q, k, _ = heads.split((h, hkv, hkv), dim=1)
+    return q, k
+
+
+def _rope_reference(case: Case) -> list[torch.Tensor]:
+    qkv = case.inputs[0].detach().to(case.ref_dtype).requires_grad_()
+    cos, sin = (t.to(case.ref_dtype) for t in case.inputs[1:])
+    out = torch.cat(registry.torch_rope(*_rope_views(qkv, case.shape), cos, sin), dim=1)
+    return _backward_reference(case, out, [qkv])
+
+
+def _swiglu_reference(case: Case) -> list[torch.Tensor]:
+    leaves = _upcast(case)
+    return _backward_reference(case, registry.torch_swiglu(leaves[0]), leaves)
+
+
 _REFERENCES = {"attention": _attention_reference, "layer_norm": _norm_reference, "rms_norm": _norm_reference,
                "mlp": _mlp_reference, "dwconv": _dwconv_reference,
-               "cross_entropy": _cross_entropy_reference}
+               "cross_entropy": _cross_entropy_reference, "rope": _rope_reference, "swiglu": _swiglu_reference}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -496,9 +648,13 @@ def _registry_runner(case: Case, backend: str) -> Runner:
     deterministic = backend != "triton-nondet"
     ops = registry.resolve({case.op: backend.removesuffix("-nondet")}, case.device,
                            deterministic)  # KernelSelectionError: not available
+    if case.op not in SHAPE_SYNTAX:
+        bench = _op_bench(case.op)
+        return Runner(lambda: bench.call(ops, case), [t for t in case.inputs if t.requires_grad])
     if case.op == "attention":
         q, k, v = case.inputs
-        return Runner(lambda: ops.attention(q, k, v, causal=case.shape.causal), [q, k, v])
+        ids = case.shape.segment_ids(case.device)
+        return Runner(lambda: ops.attention(q, k, v, causal=case.shape.causal, segment_ids=ids), [q, k, v])
     if case.op == "layer_norm":
         x, w, b = case.inputs
         return Runner(lambda: ops.layer_norm(x, w, b, LAYER_NORM_EPS), [x, w, b])
@@ -509,6 +665,11 @@ def _registry_runner(case: Case, backend: str) -> Runner:
         return Runner(lambda: ops.mlp(*case.inputs), list(case.inputs))
     if case.op == "dwconv":
         return Runner(lambda: ops.depthwise_conv2d(*case.inputs, padding=DWCONV_PADDING), list(case.inputs))
+    if case.op == "rope":
+        qkv, cos, sin = case.inputs
+        return Runner(lambda: torch.cat(ops.rope(*_rope_views(qkv, case.shape), cos, sin), dim=1), [qkv])
+    if case.op == "swiglu":
+        return Runner(lambda: ops.swiglu(case.inputs[0]), list(case.inputs))
     x, weight, targets = case.inputs
     return Runner(lambda: ops.linear_cross_entropy(x, weight, targets), [x, weight])
 
@@ -521,10 +682,13 @@ def _sdpa_runner(case: Case, backend: str) -> Runner:
     which = {"sdpa-flash": SDPBackend.FLASH_ATTENTION, "sdpa-cudnn": SDPBackend.CUDNN_ATTENTION,
              "sdpa-mem_eff": SDPBackend.EFFICIENT_ATTENTION}[backend]
     q, k, v = case.inputs
+    mask = _document_mask(case)
+    if mask is not None and backend == "sdpa-flash":
+        raise NotAvailable("SDPA's flash backend takes no attention mask (segments)")
 
     def forward():
         with sdpa_kernel(which):  # the backward kernel is fixed by the forward's choice
-            return F.scaled_dot_product_attention(q, k, v, is_causal=case.shape.causal)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=case.shape.causal and mask is None)
 
     return Runner(forward, [q, k, v])
 
@@ -539,19 +703,35 @@ def _flex_runner(case: Case, backend: str) -> Runner:
     q, k, v = case.inputs
     s = case.shape.seq
     mask = None
-    if case.shape.causal:
+    ids = case.shape.segment_ids(case.device)
+    if ids is not None:  # a document block mask: blocks of other documents are skipped
+        if case.shape.causal:
+            def documents(b, h, qi, ki):
+                return (ids[b, qi] == ids[b, ki]) & (qi >= ki)
+        else:
+            def documents(b, h, qi, ki):
+                return ids[b, qi] == ids[b, ki]
+        mask = create_block_mask(documents, case.shape.batch, None, s, s, device=str(case.device))
+    elif case.shape.causal:
         mask = create_block_mask(lambda b, h, qi, ki: qi >= ki, None, None, s, s, device=str(case.device))
     return Runner(lambda: flex(q, k, v, block_mask=mask), [q, k, v])
 
 
 def _compile_runner(case: Case, backend: str) -> Runner:
     torch._dynamo.reset()
+    if case.op == "rope":
+        qkv, cos, sin = case.inputs
+        rope = torch.compile(lambda qkv, cos, sin: torch.cat(registry.torch_rope(*_rope_views(qkv, case.shape), cos, sin),
+                                                             dim=1), dynamic=False)
+        return Runner(lambda: rope(qkv, cos, sin), [qkv])
     if case.op == "layer_norm":
         fn, eps, n_leaves = registry.torch_layer_norm, (LAYER_NORM_EPS,), 3
     elif case.op == "rms_norm":
         fn, eps, n_leaves = registry.torch_rms_norm, (RMS_NORM_EPS,), 2
     elif case.op == "mlp":
         fn, eps, n_leaves = registry.torch_mlp, (), 7
+    elif case.op == "swiglu":
+        fn, eps, n_leaves = registry.torch_swiglu, (), 1
     else:
         fn, eps, n_leaves = registry.torch_linear_cross_entropy, (), 2
     compiled = torch.compile(fn, dynamic=False)
@@ -559,7 +739,25 @@ def _compile_runner(case: Case, backend: str) -> Runner:
     return Runner(lambda: compiled(*args, *eps), list(args[:n_leaves]))
 
 
+def _liger_llama_runner(case: Case) -> Runner:
+    """Liger's RoPE (Hugging Face's convention: (1, T, D) tables, each half's angles repeated) and SwiGLU
+    (gate and up as two tensors: the halves of h, which Liger makes contiguous)."""
+    try:
+        from liger_kernel.ops.swiglu import LigerSiLUMulFunction
+        from liger_kernel.transformers.rope import liger_rotary_pos_emb
+    except ImportError:
+        raise NotAvailable("liger-kernel is not installed (pip install liger-kernel)") from None
+    if case.op == "swiglu":
+        (h,) = case.inputs
+        return Runner(lambda: LigerSiLUMulFunction.apply(*h.chunk(2, dim=-1)), [h])
+    qkv, cos, sin = case.inputs
+    cos2, sin2 = (torch.cat((t, t), dim=-1)[None].to(case.dtype) for t in (cos, sin))
+    return Runner(lambda: torch.cat(liger_rotary_pos_emb(*_rope_views(qkv, case.shape), cos2, sin2), dim=1), [qkv])
+
+
 def _liger_runner(case: Case, backend: str) -> Runner:
+    if case.op in ("rope", "swiglu"):
+        return _liger_llama_runner(case)
     try:
         from liger_kernel.transformers import LigerLayerNorm, LigerRMSNorm
     except ImportError:
@@ -756,6 +954,13 @@ def _optimizer_step(backend: str, params: list[torch.Tensor], clip: bool, device
         except registry.KernelSelectionError as e:
             raise NotAvailable(str(e)) from None
         opt, clips_in_step = ops.make_optimizer("adamw", params, **ADAMW, max_grad_norm=max_norm, device=device)
+    elif backend.endswith("-muon"):
+        try:
+            ops = registry.resolve({"optimizer": backend.removesuffix("-muon")}, device)
+        except registry.KernelSelectionError as e:
+            raise NotAvailable(str(e)) from None
+        opt, clips_in_step = ops.make_optimizer("muon", _muon_groups(params), **ADAMW, nesterov=True,
+                                                max_grad_norm=max_norm, device=device)
     else:
         impl = {"torch-fused": dict(fused=True), "torch-foreach": dict(foreach=True)}[backend]
         opt = torch.optim.AdamW(params, **ADAMW, **impl)
@@ -765,6 +970,27 @@ def _optimizer_step(backend: str, params: list[torch.Tensor], clip: bool, device
             opt.step()
         return step
     return opt.step
+
+
+def _muon_groups(params: list[torch.Tensor]) -> list[dict]:
+    """The blocks' matrices (every 2-D tensor after the two embeddings) for Muon, the rest for AdamW."""
+    hidden = [p for p in params[2:] if p.dim() == 2]
+    rest = params[:2] + [p for p in params[2:] if p.dim() != 2]
+    return [dict(params=hidden, use_muon=True), dict(params=rest, use_muon=False)]
+
+
+def _muon_reference_deltas(p0: list[torch.Tensor], grads: list[list[torch.Tensor]], clip: bool) -> list[torch.Tensor]:
+    """Parameter change after len(grads) Muon/AdamW steps of the registry's torch Muon in float64 (which
+    iterates in float64), on the parameters' device."""
+    params = [p.double().requires_grad_() for p in p0]
+    opt, _ = registry.resolve({"optimizer": "torch"}, "cpu").make_optimizer(
+        "muon", _muon_groups(params), **ADAMW, nesterov=True)
+    for step_grads in grads:
+        _set_grads(params, [g.double() for g in step_grads])
+        if clip:
+            torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
+        opt.step()
+    return [(p.detach() - start.double()).float() for p, start in zip(params, p0)]
 
 
 def _adamw_reference_deltas(p0: list[torch.Tensor], grads: list[list[torch.Tensor]], clip: bool) -> list[torch.Tensor]:
@@ -814,7 +1040,7 @@ def run_optimizer_case(shape: ParamSetShape, backends: Sequence[str], s: Setting
     torch.manual_seed(0)
     p0 = [torch.randn(t, device=device) for t in shape.tensor_shapes()]
     grads = [[torch.randn_like(p) for p in p0] for _ in range(OPTIMIZER_CHECK_STEPS)]
-    deltas = None
+    deltas, muon_deltas = None, None
     numel = shape.numel
     work = {"fwdbwd": (32 if shape.clip else 28) * numel}
     rows = []
@@ -829,12 +1055,16 @@ def run_optimizer_case(shape: ParamSetShape, backends: Sequence[str], s: Setting
             for step_grads in grads:
                 _set_grads(params, step_grads)
                 step()
-            if deltas is None:
+            muon = backend.endswith("-muon")
+            if muon and muon_deltas is None:
+                muon_deltas = _muon_reference_deltas(p0, grads, shape.clip)
+            if not muon and deltas is None:
                 deltas = _adamw_reference_deltas(p0, grads, shape.clip)
-            err = _delta_error(params, p0, deltas)
+            err = _delta_error(params, p0, muon_deltas if muon else deltas)
             row["errors"], row["max_err"] = {"update": err}, err
-            if not err <= OPTIMIZER_TOLERANCE:
-                _fail(row, f"relative error of the update {err:.2e} above {OPTIMIZER_TOLERANCE:g} after "
+            tolerance = MUON_CUDA_TOLERANCE if muon and device.type == "cuda" else OPTIMIZER_TOLERANCE
+            if not err <= tolerance:
+                _fail(row, f"relative error of the update {err:.2e} above {tolerance:g} after "
                            f"{OPTIMIZER_CHECK_STEPS} steps; timing skipped", log_err)
             else:
                 stage = "timing"
@@ -846,7 +1076,7 @@ def run_optimizer_case(shape: ParamSetShape, backends: Sequence[str], s: Setting
             row["status"], row["note"] = "not available", f"out of memory ({stage})"
         except Exception as e:  # noqa: BLE001
             message = f"{type(e).__name__}: {str(e).strip()[:300]}"
-            if backend in PROJECT_BACKENDS:
+            if backend in PROJECT_BACKENDS or backend.endswith("-muon"):
                 _fail(row, f"{stage} raised {message}", log_err)
             else:
                 row["status"], row["note"] = "not available", message
@@ -906,7 +1136,7 @@ def _parser() -> ArgumentParser:
                        epilog="Shapes: " + "; ".join(f"{op}: {syn}" for op, syn in SHAPE_SYNTAX.items())
                        + ". Prefix a spec with 'op=' when --op names several ops; 'default' and 'tiny' name the "
                        "built-in sets (default on CUDA, tiny on CPU).")
-    p.add_argument("--op", default="all", help=f"comma list of {', '.join(OPS)} (default: all)")
+    p.add_argument("--op", default="all", help=f"comma list of {', '.join(bench_ops())} (default: all)")
     p.add_argument("--backends", default=None,
                    help="comma list (default: every backend of each op on CUDA; torch,triton on CPU). Known: "
                         + ", ".join(dict.fromkeys(b for bs in BACKENDS.values() for b in bs)))
@@ -933,22 +1163,22 @@ def parse_args(argv: Sequence[str]) -> OpsArgs:
     a = _parser().parse_args(list(argv))
     device = pick_device(a.device)
     cuda = device.type == "cuda"
-    ops = list(OPS) if a.op == "all" else _comma_list(a.op, "--op")
+    ops = list(bench_ops()) if a.op == "all" else _comma_list(a.op, "--op")
     for op in ops:
-        if op not in OPS:
-            raise BenchError(f"--op: unknown op {op!r}; valid ops: {', '.join(OPS)}")
+        if op not in bench_ops():
+            raise BenchError(f"--op: unknown op {op!r}; valid ops: {', '.join(bench_ops())}")
     if a.backends is None:
-        backends = {op: list(BACKENDS[op] if cuda else PROJECT_BACKENDS) for op in ops}
+        backends = {op: list(backends_of(op) if cuda else PROJECT_BACKENDS) for op in ops}
     else:
         names = _comma_list(a.backends, "--backends")
-        known = {b for op in ops for b in BACKENDS[op]}
+        known = {b for op in ops for b in backends_of(op)}
         for name in names:
             if name not in known:
                 raise BenchError(f"--backends: {name!r} is not a backend of {', '.join(ops)}; valid: "
-                                 f"{', '.join(dict.fromkeys(b for op in ops for b in BACKENDS[op]))}")
+                                 f"{', '.join(dict.fromkeys(b for op in ops for b in backends_of(op)))}")
         # "torch" first, so every row of a case can be compared with it.
         names = sorted(names, key=lambda b: b != "torch")
-        backends = {op: [b for b in names if b in BACKENDS[op]] for op in ops}
+        backends = {op: [b for b in names if b in backends_of(op)] for op in ops}
     dtype_names = _comma_list(a.dtype, "--dtype") if a.dtype else ["bf16" if cuda else "fp32"]
     for name in dtype_names:
         if name not in DTYPES:

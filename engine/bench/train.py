@@ -18,7 +18,8 @@ vocabulary (no dataset, tokenizer or download); for an image classifier, Gaussia
 ``model.image_size`` (channels_last on CUDA) and random labels. A step is the trainer's: ``train.grad_accum``
 micro-batches under the recipe's precision (autocast; loss scaling for fp16), gradient clipping at
 ``train.grad_clip`` (inside the Triton optimizer's step, or ``clip_grad_norm_`` for torch's), the recipe's
-optimizer, ``zero_grad``; at a constant learning rate and with no per-step host read of the loss.
+optimizer, ``zero_grad``: the very :class:`~engine.trainer.TrainStep` the trainer runs, at the recipe's peak
+learning rate.
 ``--compile`` adds a ``torch.compile`` run of each set.
 
 Timing: ``--warmup`` steps (default 5, 8 with ``--compile``; 1 on CPU) are run and excluded, then each of
@@ -27,7 +28,8 @@ Timing: ``--warmup`` steps (default 5, 8 with ``--compile``; 1 on CPU) are run a
 allocated over the run; ``TFLOP/s`` the model's training FLOPs per item (the task's ``flops_per_item``:
 6·N + 6·L·T·d per token for a GPT, 3x the forward's conv and linear FLOPs per image) times items/s;
 ``MFU`` that over the card's datasheet bf16 peak; ``% matmul`` over the bf16 matmul rate measured here;
-``loss@0`` the first step's loss, which must agree between the sets (same weights, same batch) within
+``GPU idle %`` the share of a few back-to-back steps in which the GPU ran nothing, waiting for the host
+(:func:`gpu_idle_share`; not measured on a CPU); ``loss@0`` the first step's loss, which must agree between the sets (same weights, same batch) within
 :data:`LOSS_TOLERANCE`, or the row is FAILED and the command exits with status 1; ``vs`` the
 ratio of this row's throughput to the ``--vs`` set's in the same mode. On CPU the timings are labelled CPU.
 """
@@ -42,15 +44,15 @@ from typing import Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from engine import registry
 from engine.bench import (ArgumentParser, BenchError, describe_ceilings, environment, fmt, format_table, free_memory,
                           measure_ceilings, pick_device, timer_label, write_csv, write_json)
 from engine.config import Recipe, RecipeError, load_recipe
-from engine.precision import LossScaler, autocast
+from engine.precision import LossScaler
 from engine.registry import KernelSelectionError, Ops
 from engine.tasks import Task
+from engine.trainer import TrainStep
 
 #: Largest relative difference of the first step's loss between two kernel sets, by precision.
 LOSS_TOLERANCE = {"fp32": 1e-3, "bf16": 2e-2, "fp16": 1e-2}
@@ -58,7 +60,7 @@ LOSS_TOLERANCE = {"fp32": 1e-3, "bf16": 2e-2, "fp16": 1e-2}
 SYNTHETIC_BATCHES = 4
 
 COLUMNS = ("kernels", "mode", "status", "unit", "items_per_s", "step_ms", "step_ms_mean", "peak_gb", "tflops", "mfu",
-           "pct_matmul", "first_loss", "last_loss", "vs", "backends", "timer", "note")
+           "pct_matmul", "gpu_idle_pct", "first_loss", "last_loss", "vs", "backends", "timer", "note")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -97,18 +99,18 @@ def resolve_set(kernel_set: str | dict[str, str], recipe: Recipe, device: torch.
     """The registry's ops for a kernel set (see the module docstring for what each set means)."""
     if kernel_set == "triton":
         choices = {}
-        for op in registry.OPS:
+        for op in registry.op_names():
             try:
                 registry.resolve({op: "triton"}, device)
                 choices[op] = "triton"
             except KernelSelectionError:
                 choices[op] = "torch"
     elif kernel_set in ("torch", "auto"):
-        choices = {op: kernel_set for op in registry.OPS}
+        choices = {op: kernel_set for op in registry.op_names()}
     elif kernel_set == "recipe":
         choices = recipe.kernels.backends()
     else:
-        choices = {op: "torch" for op in registry.OPS} | dict(kernel_set)
+        choices = {op: "torch" for op in registry.op_names()} | dict(kernel_set)
     return registry.resolve(choices, device, recipe.kernels.deterministic)
 
 
@@ -120,7 +122,7 @@ class SyntheticTask(Task):
     """The recipe's model on random inputs of the recipe's shapes: no dataset, tokenizer or download."""
 
     def __init__(self, recipe: Recipe, ops: Ops, device: torch.device):
-        self.recipe, self.device = recipe, device
+        self.recipe, self.device, self.ops = recipe, device, ops
         m, t = recipe.model, recipe.train
         # Inputs come from their own generator so that every kernel set sees the same batches.
         gen = torch.Generator().manual_seed(recipe.run.seed)
@@ -159,10 +161,13 @@ class SyntheticTask(Task):
     def loss(self, model: nn.Module, inputs, targets):
         if self.unit == "tok":
             return model(inputs, targets)
-        return F.cross_entropy(model(inputs).float(), targets, label_smoothing=self.recipe.train.label_smoothing)
+        return self.ops.cross_entropy(model(inputs), targets, label_smoothing=self.recipe.train.label_smoothing)
 
     def flops_per_item(self) -> float:
         return self._flops
+
+    def ops_used(self) -> tuple[str, ...]:
+        return (*super().ops_used(), "cross_entropy") if self.unit == "img" else super().ops_used()
 
 
 
@@ -184,33 +189,38 @@ class TrainArgs:
     overrides: list[str] = field(default_factory=list)
 
 
-def _train_step(task: SyntheticTask, forward_model: nn.Module, optimizer, clips_in_step: bool, scaler: LossScaler,
-                params: list[torch.Tensor], recipe: Recipe):
-    t = recipe.train
+def gpu_idle_share(step, first: int, steps: int, device: torch.device) -> tuple[float | None, str]:
+    """Percent of ``steps`` back-to-back steps' GPU time in which no kernel or copy ran: the GPU waiting for
+    the host. From the CUDA activity the profiler records (kernel and copy start and end times), over the
+    span from the first to the last; profiling adds some host overhead, so this errs high. ``(None, why)``
+    where it cannot be measured (on a CPU: not measured)."""
+    if device.type != "cuda":
+        return None, ""
+    try:
+        from torch.autograd import DeviceType
+        from torch.profiler import ProfilerActivity, profile
 
-    def step(i: int) -> torch.Tensor:
-        loss_sum = torch.zeros((), device=task.device)
-        for micro in range(t.grad_accum):
-            inputs, targets = task.batch(i, micro)
-            with autocast(t.precision, task.device):
-                loss = task.loss(forward_model, inputs, targets)
-            scaler.scale_loss(loss / t.grad_accum).backward()
-            loss_sum += loss.detach().float()
-        if clips_in_step:
-            optimizer.grad_scale = scaler.scale
-            optimizer.step()
-            found_inf = optimizer.found_inf
+        _sync(device)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for i in range(first, first + steps):
+                step(i)
+            _sync(device)
+        spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
+                       if e.device_type == DeviceType.CUDA)
+    except Exception as e:  # noqa: BLE001  (no CUPTI, an old profiler: the other figures stand)
+        return None, f"GPU idle share not measured: {type(e).__name__}: {e}"[:200]
+    if not spans:
+        return None, "GPU idle share not measured: the profiler recorded no CUDA activity"
+    busy, (cur_start, cur_end) = 0.0, spans[0]
+    for start, end in spans[1:]:  # the union of the intervals
+        if start > cur_end:
+            busy += cur_end - cur_start
+            cur_start, cur_end = start, end
         else:
-            found_inf = scaler.unscale_(params)
-            if t.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
-            if not (scaler.enabled and found_inf.item()):  # fp16 skips an overflowed step, as the trainer does
-                optimizer.step()
-        scaler.update(found_inf)
-        optimizer.zero_grad(set_to_none=True)
-        return loss_sum / t.grad_accum
-
-    return step
+            cur_end = max(cur_end, end)
+    busy += cur_end - cur_start
+    total = spans[-1][1] - spans[0][0]
+    return (100.0 * (1.0 - busy / total) if total > 0 else None), ""
 
 
 def _sync(device: torch.device) -> None:
@@ -228,17 +238,20 @@ def run_one(args: TrainArgs, kernel_set, compiled: bool, ceilings: dict) -> dict
         torch._dynamo.reset()
     torch.manual_seed(r.run.seed)
     ops = resolve_set(kernel_set, r, device)
-    row["backends"] = dict(ops.backends)
     task = SyntheticTask(r, ops, device)
+    row["backends"] = {op: b for op, b in ops.backends.items() if op in task.ops_used()}
     row["unit"] = task.unit
     forward_model = torch.compile(task.model) if compiled else task.model
     o = r.optim
     optimizer, clips_in_step = ops.make_optimizer(
-        o.name, task.param_groups(o.weight_decay), lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay,
-        momentum=o.momentum, nesterov=o.nesterov, max_grad_norm=r.train.grad_clip, device=device)
-    params = [p for g in optimizer.param_groups for p in g["params"]]
+        o.name, task.param_groups(o.weight_decay, muon=o.name == "muon"), lr=o.lr, betas=o.betas, eps=o.eps,
+        weight_decay=o.weight_decay, momentum=o.momentum, nesterov=o.nesterov, muon_momentum=o.muon_momentum,
+        max_grad_norm=r.train.grad_clip, device=device)
     scaler = LossScaler(device, enabled=r.train.precision == "fp16")
-    step = _train_step(task, forward_model, optimizer, clips_in_step, scaler, params, r)
+    train_step = TrainStep(task, task.model, forward_model, optimizer, clips_in_step, scaler, r, device)
+
+    def step(i: int) -> torch.Tensor:  # the trainer's step, at the recipe's peak learning rate
+        return train_step(i, o.lr).loss
     warmup = args.warmup if args.warmup is not None else (1 if device.type != "cuda" else 8 if compiled else 5)
 
     if device.type == "cuda":
@@ -265,6 +278,9 @@ def run_one(args: TrainArgs, kernel_set, compiled: bool, ceilings: dict) -> dict
     if device.type == "cuda":
         times_ms = [b.elapsed_time(e) for b, e in times_ms]
         row["peak_gb"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
+    row["gpu_idle_pct"], idle_note = gpu_idle_share(step, warmup + args.steps, min(args.steps, 5), device)
+    if idle_note:
+        row["note"] = idle_note
     row["first_loss"], row["last_loss"] = float(first_loss), float(loss)
     row["step_ms"] = statistics.median(times_ms)
     row["step_ms_mean"] = statistics.fmean(times_ms)
@@ -278,7 +294,7 @@ def run_one(args: TrainArgs, kernel_set, compiled: bool, ceilings: dict) -> dict
     row["pct_matmul"] = 100 * row["tflops"] / ceilings["matmul_tflops"] if ceilings else None
     if not (math.isfinite(row["first_loss"]) and math.isfinite(row["last_loss"])):
         row["status"], row["note"] = "FAILED", f"non-finite loss (first {row['first_loss']}, last {row['last_loss']})"
-    del task, forward_model, optimizer, params, step
+    del task, forward_model, optimizer, train_step, step
     free_memory(device)
     return row
 
@@ -361,10 +377,11 @@ def table(result: dict, args: TrainArgs) -> str:
     unit = next((r["unit"] for r in rows if r.get("unit")), "item")
     ms = " (CPU)" if args.device.type != "cuda" else ""
     header = ["kernels", "mode", f"{unit}/s{ms}", f"step ms{ms}", "peak GB", "TFLOP/s", "MFU %", "% matmul",
-              "loss@0", f"vs {kernel_set_label(args.vs)}", "status"]
+              "GPU idle %", "loss@0", f"vs {kernel_set_label(args.vs)}", "status"]
     cells = [[r["kernels"], r["mode"], fmt(r.get("items_per_s"), ",.0f"), fmt(r.get("step_ms"), ".1f"),
               fmt(r.get("peak_gb"), ".1f"), fmt(r.get("tflops"), ".3g"), fmt(r.get("mfu"), ".1f"),
-              fmt(r.get("pct_matmul"), ".1f"), fmt(r.get("first_loss"), ".4f"), fmt(r.get("vs"), ".3f"), r["status"]]
+              fmt(r.get("pct_matmul"), ".1f"), fmt(r.get("gpu_idle_pct"), ".1f"), fmt(r.get("first_loss"), ".4f"),
+              fmt(r.get("vs"), ".3f"), r["status"]]
              for r in rows]
     lines = [format_table(header, cells)]
     for r in rows:

@@ -5,6 +5,8 @@ Sources (``data.source``):
 - ``shapes``: the built-in default, generated (no download). Ten classes of geometric shapes (disk, ring,
   square, frame, triangle, diamond, plus, cross, bar, bow tie) drawn at random positions, sizes and colours
   on noisy, shaded backgrounds. The same seed always draws the same images.
+- ``shapes-b``: the same generator with eight other classes (hexagon, star, crescent, ellipse, tee, ell,
+  chevron, hourglass): a second task for fine-tuning a model trained on ``shapes``.
 - ``hf:NAME`` or ``hf:NAME:CONFIG``: a dataset by name through ``datasets`` (``hf:uoft-cs/cifar10``),
   reading the columns ``data.image_field`` and ``data.label_field``.
 - a local path: a folder of images with one sub-folder per class (optionally inside ``train/`` and
@@ -64,13 +66,30 @@ def _rotated_plus(u: np.ndarray, v: np.ndarray) -> np.ndarray:
     return (np.minimum(p, q) <= 0.25) & (np.maximum(p, q) <= 1.0)
 
 
+# The "shapes-b" classes, in the same coordinates: none of them is one of the ten above.
+SHAPES_B: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
+    "hexagon": lambda u, v: (abs(v) <= 0.85) & (0.866 * abs(u) + 0.5 * abs(v) <= 0.85),
+    "star": lambda u, v: np.hypot(u, v) <= 0.55 + 0.4 * np.cos(5 * np.arctan2(v, u)),
+    "crescent": lambda u, v: (u * u + v * v <= 1.0) & ((u - 0.45) ** 2 + v * v >= 0.6),
+    "ellipse": lambda u, v: u * u + (v / 0.55) ** 2 <= 1.0,
+    "tee": lambda u, v: ((abs(u) <= 0.9) & (abs(v + 0.65) <= 0.25)) | ((abs(u) <= 0.25) & (v >= -0.65) & (v <= 0.9)),
+    "ell": lambda u, v: ((abs(u + 0.6) <= 0.3) & (abs(v) <= 0.9)) | ((abs(v - 0.6) <= 0.3) & (abs(u) <= 0.9)),
+    "chevron": lambda u, v: (abs(v - abs(u) + 0.3) <= 0.3) & (abs(u) <= 0.9),
+    "hourglass": lambda u, v: (abs(u) <= abs(v)) & (abs(v) <= 0.9),
+}
+
+#: The generated sources: their classes, and what their random streams are drawn from besides SHAPES_SEED.
+GENERATED: dict[str, tuple[dict, tuple[int, ...]]] = {"shapes": (SHAPES, ()), "shapes-b": (SHAPES_B, (1,))}
+
+
 # ---------------------------------------------------------------------------------------------------
 # The generated "shapes" source
 # ---------------------------------------------------------------------------------------------------
 
-def draw_shapes(rng: np.random.Generator, n: int, size: int, channels: int = 3) -> tuple[np.ndarray, np.ndarray]:
-    """``n`` images (n, size, size, channels) uint8 of random shapes, and their labels (n,) int64."""
-    labels = rng.integers(0, len(SHAPES), n)
+def draw_shapes(rng: np.random.Generator, n: int, size: int, channels: int = 3,
+                shapes: dict = SHAPES) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` images (n, size, size, channels) uint8 of random ``shapes``, and their labels (n,) int64."""
+    labels = rng.integers(0, len(shapes), n)
     radius = size * rng.uniform(0.14, 0.34, n).astype(np.float32)
     cx = rng.uniform(radius, size - radius).astype(np.float32)
     cy = rng.uniform(radius, size - radius).astype(np.float32)
@@ -79,7 +98,7 @@ def draw_shapes(rng: np.random.Generator, n: int, size: int, channels: int = 3) 
     v = (grid[None, :, None] - cy[:, None, None]) / radius[:, None, None]  # (n, size, 1)
     u, v = np.broadcast_arrays(u, v)
     inside = np.zeros((n, size, size), dtype=bool)
-    for label, test in enumerate(SHAPES.values()):
+    for label, test in enumerate(shapes.values()):
         sel = labels == label
         inside[sel] = test(u[sel], v[sel])
 
@@ -108,13 +127,14 @@ def _build_shapes(cfg: DataConfig, size: int, channels: int, out: Path) -> dict:
     counts = {"train": cfg.num_images - n_val, "val": n_val}
     _check_counts(counts)
     chunk = 4096
+    shapes, stream = GENERATED[cfg.source]
     with _ArrayWriter(out, counts, size, channels) as writer:
         for i, split in enumerate(("train", "val")):
             for k, start in enumerate(range(0, counts[split], chunk)):
-                rng = np.random.default_rng([SHAPES_SEED, i, k])
-                images, labels = draw_shapes(rng, min(chunk, counts[split] - start), size, channels)
+                rng = np.random.default_rng([SHAPES_SEED, i, k, *stream])
+                images, labels = draw_shapes(rng, min(chunk, counts[split] - start), size, channels, shapes)
                 writer.write(split, images, labels)
-    return {"classes": list(SHAPES), **writer.stats}
+    return {"classes": list(shapes), **writer.stats}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -272,8 +292,8 @@ class ImageData:
 
 def _fingerprint(cfg: DataConfig) -> dict:
     """What identifies the source's content, cheaply (for local sources: paths, sizes, modification times)."""
-    if cfg.source == "shapes":
-        return {"source": "shapes", "seed": SHAPES_SEED, "num_images": cfg.num_images}
+    if cfg.source in GENERATED:
+        return {"source": cfg.source, "seed": SHAPES_SEED, "num_images": cfg.num_images}
     fields = {"image_field": cfg.image_field, "label_field": cfg.label_field, "split": cfg.split,
               "val_split": cfg.val_split}
     if cfg.source.startswith("hf:"):
@@ -317,12 +337,12 @@ def load_images(cfg: DataConfig, size: int, channels: int = 3, log=print) -> Ima
     folder = cache_folder(cfg, size, channels)
 
     def build(tmp: Path) -> None:
-        make = _build_shapes if cfg.source == "shapes" else _build_decoded
+        make = _build_shapes if cfg.source in GENERATED else _build_decoded
         meta = {"format": CACHE_FORMAT, "source": cfg.source, "size": size, "channels": channels,
                 **make(cfg, size, channels, tmp)}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
 
-    what = "generating" if cfg.source == "shapes" else "decoding"
+    what = "generating" if cfg.source in GENERATED else "decoding"
     return open_or_build(folder, _open_cache, build,
                          announce=lambda: log(f"{what} {cfg.source} images at {size}x{size} into {folder} (once)"))
 

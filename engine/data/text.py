@@ -13,7 +13,8 @@ Each source is tokenized once into two flat ``uint16`` token files (train and va
 ``data.cache_dir``, in a folder keyed by the source's fingerprint and the tokenizer. The folder is built
 under a temporary name and renamed into place, so a crash mid-build never leaves a cache that a later run
 would use. Documents (pieces of 64 Ki characters for longer ones) go to validation by a hash of their content, so
-the split is fixed.
+the split is fixed. A source of one document (a single ``.txt`` file) is cut instead into 100 contiguous
+chunks of tokens, and the ``val_fraction`` of them with the smallest hashes are its validation split.
 
 The sampler draws training windows as a pure function of (seed, step): resuming needs only the step, and
 every rank of a distributed run slices its part of the same global batch.
@@ -21,7 +22,9 @@ every rank of a distributed run slices its part of the same global batch.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
+import math
 import sys
 import sysconfig
 from dataclasses import dataclass
@@ -34,7 +37,7 @@ import torch
 from engine.config import DataConfig, RecipeError
 from engine.data.cache import fsync_file, open_or_build
 
-CACHE_FORMAT = 2
+CACHE_FORMAT = 3
 _LOCAL_BUILDERS = {".txt": "text", ".text": "text", ".md": "text", ".jsonl": "json", ".json": "json",
                    ".parquet": "parquet"}
 
@@ -169,9 +172,29 @@ def _pieces(doc: str) -> list[str]:
     return [doc[i:i + SPLIT_PIECE_CHARS] for i in range(0, len(doc), SPLIT_PIECE_CHARS)] or [doc]
 
 
+def _hash(data: bytes) -> int:
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
+
+
 def _is_val(doc: str, val_fraction: float) -> bool:
-    h = int.from_bytes(hashlib.blake2b(doc.encode("utf-8", errors="replace"), digest_size=8).digest(), "little")
-    return (h % 1_000_000) < val_fraction * 1_000_000
+    return (_hash(doc.encode("utf-8", errors="replace")) % 1_000_000) < val_fraction * 1_000_000
+
+
+#: A one-document source is cut into this many chunks of tokens (more if val_fraction is below 1/100).
+ONE_DOCUMENT_CHUNKS = 100
+
+
+def _split_one_document(ids: np.ndarray, val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """(train, val) tokens of a source that is one document: contiguous chunks, the ``val_fraction`` of them
+    (at least one when val_fraction > 0) with the smallest content hashes held out, each split in order."""
+    if val_fraction == 0 or len(ids) < 2:
+        return ids, ids[:0]
+    n = min(len(ids), max(ONE_DOCUMENT_CHUNKS, math.ceil(1 / val_fraction)))
+    chunks = np.array_split(ids, n)
+    k = min(n - 1, max(1, round(n * val_fraction)))
+    val = set(sorted(range(n), key=lambda i: (_hash(chunks[i].tobytes()), i))[:k])
+    return (np.concatenate([c for i, c in enumerate(chunks) if i not in val]),
+            np.concatenate([c for i, c in enumerate(chunks) if i in val]))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -220,8 +243,15 @@ def _write_tokens(cfg: DataConfig, tokenizer, folder: Path) -> None:
     """Tokenize the source into ``folder`` (empty): train.bin, val.bin, then meta.json."""
     sep = np.asarray(tokenizer.separator, dtype=np.uint16)
     counts = {"train": 0, "val": 0, "docs_train": 0, "docs_val": 0}
+    docs = iter_documents(cfg)
+    first, second = next(docs, None), next(docs, None)
     with open(folder / "train.bin", "wb") as ftrain, open(folder / "val.bin", "wb") as fval:
-        for doc in iter_documents(cfg):
+        if first is not None and second is None:  # one document: split by chunks of tokens
+            train, val = _split_one_document(np.concatenate([tokenizer.encode(first), sep]), cfg.val_fraction)
+            ftrain.write(train.tobytes())
+            fval.write(val.tobytes())
+            counts.update(train=len(train), val=len(val), docs_train=1)
+        for doc in itertools.chain([first, second] if second is not None else [], docs):
             pieces = _pieces(doc)
             for i, piece in enumerate(pieces):
                 split = "val" if _is_val(piece, cfg.val_fraction) else "train"
@@ -281,12 +311,31 @@ class TokenWindows:
         first = (micro * self.world + rank) * self.batch_size
         return self._gather(starts[first:first + self.batch_size])
 
-    def eval_batches(self, n: int, rank: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """The same ``n`` batches at every evaluation (this rank's slice of them)."""
-        for i in range(n):
-            rng = np.random.default_rng([self.seed, 1 << 40, i])
-            starts = rng.integers(0, len(self.tokens) - self.seq_len, size=self.world * self.batch_size)
-            yield self._gather(starts[rank * self.batch_size:(rank + 1) * self.batch_size])
+    def spread_starts(self, n: int) -> np.ndarray:
+        """Starts of ``n`` windows spread evenly over the tokens, first to last (the same at every call)."""
+        return np.linspace(0, len(self.tokens) - self.seq_len - 1, n).round().astype(np.int64)
+
+    def tiling_starts(self) -> np.ndarray:
+        """Starts of the non-overlapping windows that tile the tokens (a tail shorter than a window is left)."""
+        return np.arange(0, len(self.tokens) - self.seq_len, self.seq_len, dtype=np.int64)
+
+    def eval_batches(self, starts: np.ndarray, rank: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+        """This rank's share of the windows at ``starts`` as (inputs, targets, windows that count) batches.
+
+        Rank ``r`` takes every ``world``-th window from the ``r``-th. Every rank yields the same number of
+        full batches (data-parallel forwards are collective), so a short share ends in repeats of its
+        last window, which do not count: only the first ``count`` rows of a batch are real.
+        """
+        mine = starts[rank::self.world]
+        per_rank = -(-len(starts) // self.world)
+        for first in range(0, per_rank, self.batch_size):
+            chunk = mine[first:first + self.batch_size]
+            count = len(chunk)
+            pad = self.batch_size - count
+            if pad:
+                chunk = np.concatenate([chunk, np.full(pad, mine[-1] if len(mine) else starts[0])])
+            x, y = self._gather(chunk)
+            yield x, y, count
 
 
 class StreamWindows(TokenWindows):

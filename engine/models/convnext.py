@@ -96,6 +96,8 @@ class ConvNeXt(nn.Module):
     def __init__(self, cfg: ConvNeXtConfig, ops: Ops):
         super().__init__()
         self.cfg = cfg
+        #: The registry ops the forward calls.
+        self.ops_used = ("layer_norm", "dwconv", "mlp")
         dims = cfg.dims
         patch = 4 if cfg.stem == "imagenet" else 2
         self.stem = nn.Sequential(nn.Conv2d(cfg.channels, dims[0], kernel_size=patch, stride=patch),

@@ -7,56 +7,26 @@ which adds it to the residual stream and normalizes in one call (one pass over m
 backend; an add followed by a norm with the torch backend — the same math).
 
 Options cover both GPT-2 and the newer Llama-style block: learned or rotary positions, LayerNorm or
-RMSNorm, GELU or SwiGLU MLP, grouped-query attention, tied embeddings, a sliding attention window.
-With ``input_dim > 0`` the model reads continuous vectors (B, T, input_dim) through a linear projection
-instead of token ids, and its head is an untied linear layer of ``vocab_size`` outputs (a forecaster's).
+RMSNorm, GELU, SwiGLU or ReLU² MLP, grouped-query attention, tied embeddings, a sliding attention window;
+and what the GPT-2 speedruns found to pay: QK-norm, zero-initialised output projections, logit soft-capping.
+Every option's default is GPT-2's. With ``input_dim > 0`` the model reads continuous vectors
+(B, T, input_dim) through a linear projection instead of token ids, and its head is untied.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from einops import rearrange
 
+from engine.config import ModelConfig
 from engine.registry import Ops
 
 
-@dataclass
-class GPTConfig:
-    n_layer: int = 4
-    n_head: int = 4
-    n_kv_head: int = 0  # 0: same as n_head
-    d_model: int = 192
-    context: int = 256
-    vocab_size: int = 256
-    pos: str = "learned"  # "learned" | "rope"
-    rope_base: float = 10000.0
-    norm: str = "layernorm"  # "layernorm" | "rmsnorm"
-    mlp: str = "gelu"  # "gelu" | "swiglu"
-    d_ff: int = 0  # 0: 4·d for GELU, 8/3·d rounded up to 64 for SwiGLU (same parameter count)
-    bias: bool = True
-    tie_embeddings: bool = True
-    dropout: float = 0.0
-    window: int = 0  # 0: full causal attention
-    input_dim: int = 0  # > 0: continuous inputs of this width instead of token ids
-
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_head
-
-    @property
-    def kv_heads(self) -> int:
-        return self.n_kv_head or self.n_head
-
-    @property
-    def ff_dim(self) -> int:
-        if self.d_ff:
-            return self.d_ff
-        if self.mlp == "swiglu":
-            return (8 * self.d_model // 3 + 63) // 64 * 64
-        return 4 * self.d_model
+#: A GPT is configured by the recipe's model section itself (``vocab_size`` resolved to the tokenizer's).
+GPTConfig = ModelConfig
 
 
 class Norm(nn.Module):
@@ -66,11 +36,11 @@ class Norm(nn.Module):
     do not depend on the backend.
     """
 
-    def __init__(self, d: int, kind: str, bias: bool, ops: Ops):
+    def __init__(self, d: int, kind: str, bias: bool, ops: Ops, eps: float = 0.0):
         super().__init__()
         self.kind = kind
         self.ops = ops
-        self.eps = 1e-5 if kind == "layernorm" else 1e-6
+        self.eps = eps or (1e-5 if kind == "layernorm" else 1e-6)
         self.weight = nn.Parameter(torch.ones(d))
         self.bias = nn.Parameter(torch.zeros(d)) if bias and kind == "layernorm" else None
 
@@ -93,13 +63,6 @@ def rotary_tables(head_dim: int, context: int, base: float) -> tuple[torch.Tenso
     return angles.cos().float(), angles.sin().float()
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (x[i], x[i + D/2]) of x (B, H, T, D) by position-dependent angles."""
-    x1, x2 = x.chunk(2, dim=-1)
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-
-
 class Attention(nn.Module):
     def __init__(self, cfg: GPTConfig, ops: Ops):
         super().__init__()
@@ -108,22 +71,28 @@ class Attention(nn.Module):
         # One projection for q, k and v: the kernels read q, k and v as strided views of its output.
         self.qkv = nn.Linear(cfg.d_model, (cfg.n_head + 2 * cfg.kv_heads) * cfg.head_dim, bias=cfg.bias)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
+        # QK-norm bounds the attention logits whatever the weights grow to, which lets a higher learning
+        # rate train stably (Dehghani et al., 2023; the GPT-2 speedruns).
+        self.q_norm = Norm(cfg.head_dim, "rmsnorm", False, ops) if cfg.qk_norm else None
+        self.k_norm = Norm(cfg.head_dim, "rmsnorm", False, ops) if cfg.qk_norm else None
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
-        B, T, C = x.shape
         H, Hkv, D = self.cfg.n_head, self.cfg.kv_heads, self.cfg.head_dim
-        qkv = self.qkv(x).view(B, T, H + 2 * Hkv, D).transpose(1, 2)  # (B, H + 2·Hkv, T, D), a view
+        qkv = rearrange(self.qkv(x), "b t (heads d) -> b heads t d", d=D)  # a strided view, no copy
         q, k, v = qkv.split((H, Hkv, Hkv), dim=1)
-        if rope is not None:
-            cos, sin = rope[0][:T], rope[1][:T]
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:  # rotate pairs (x[i], x[i + D/2]) of q and k by the angle of position t
+            q, k = self.ops.rope(q, k, rope[0], rope[1])
         y = self.ops.attention(q, k, v, causal=True, window=self.cfg.window or None)
-        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+        return self.proj(rearrange(y, "b h t d -> b t (h d)"))
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: GPTConfig):
+    def __init__(self, cfg: GPTConfig, ops: Ops):
         super().__init__()
+        self.ops = ops
+        self.kind = cfg.mlp
         self.swiglu = cfg.mlp == "swiglu"
         width = 2 * cfg.ff_dim if self.swiglu else cfg.ff_dim
         self.fc = nn.Linear(cfg.d_model, width, bias=cfg.bias)
@@ -132,8 +101,9 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.fc(x)
         if self.swiglu:
-            gate, up = h.chunk(2, dim=-1)
-            return self.proj(F.silu(gate) * up)
+            return self.proj(self.ops.swiglu(h))  # silu(gate) * up, gate and up the halves of h
+        if self.kind == "relu2":
+            return self.proj(F.relu(h).square())
         return self.proj(F.gelu(h, approximate="tanh"))
 
 
@@ -146,10 +116,10 @@ class Block(nn.Module):
 
     def __init__(self, cfg: GPTConfig, ops: Ops):
         super().__init__()
-        self.ln1 = Norm(cfg.d_model, cfg.norm, cfg.bias, ops)
+        self.ln1 = Norm(cfg.d_model, cfg.norm, cfg.bias, ops, cfg.norm_eps)
         self.attn = Attention(cfg, ops)
-        self.ln2 = Norm(cfg.d_model, cfg.norm, cfg.bias, ops)
-        self.mlp = MLP(cfg)
+        self.ln2 = Norm(cfg.d_model, cfg.norm, cfg.bias, ops, cfg.norm_eps)
+        self.mlp = MLP(cfg, ops)
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x, delta, rope):
@@ -159,11 +129,11 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    def __init__(self, cfg: GPTConfig, ops: Ops):
+    def __init__(self, cfg: GPTConfig, ops: Ops, input_dim: int = 0):
         super().__init__()
         self.cfg = cfg
         self.ops = ops
-        self.wte = nn.Linear(cfg.input_dim, cfg.d_model) if cfg.input_dim else nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.wte = nn.Linear(input_dim, cfg.d_model) if input_dim else nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.wpe = nn.Embedding(cfg.context, cfg.d_model) if cfg.pos == "learned" else None
         if cfg.pos == "rope":
             cos, sin = rotary_tables(cfg.head_dim, cfg.context, cfg.rope_base)
@@ -171,19 +141,26 @@ class GPT(nn.Module):
             self.register_buffer("rope_sin", sin, persistent=False)
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, ops) for _ in range(cfg.n_layer))
-        self.ln_f = Norm(cfg.d_model, cfg.norm, cfg.bias, ops)
+        self.ln_f = Norm(cfg.d_model, cfg.norm, cfg.bias, ops, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        if cfg.tie_embeddings and not cfg.input_dim:
+        if cfg.tie_embeddings and not input_dim:
             # The input embedding and the output projection share one matrix (GPT-2; saves V·d params).
             self.lm_head.weight = self.wte.weight
+        #: The registry ops the forward calls.
+        self.ops_used = ("attention", "layer_norm" if cfg.norm == "layernorm" else "rms_norm", "cross_entropy",
+                         *(("rope",) if cfg.pos == "rope" else ()), *(("swiglu",) if cfg.mlp == "swiglu" else ()),
+                         *(("rms_norm",) if cfg.qk_norm and cfg.norm != "rmsnorm" else ()))
         self.apply(self._init_weights)
         # Residual branches end in a projection added to the stream: scale their init by 1/sqrt(2·L)
         # so the stream's variance does not grow with depth (GPT-2 paper, section 2.3).
         for name, p in self.named_parameters():
             if name.endswith("attn.proj.weight") or name.endswith("mlp.proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
-        if cfg.input_dim:  # unit-variance inputs, unit-variance features: the series outweighs the positions at init
-            nn.init.normal_(self.wte.weight, mean=0.0, std=1.0 / math.sqrt(cfg.input_dim))
+                if cfg.zero_init_proj:  # every block starts as the identity; the gradient still reaches it
+                    nn.init.zeros_(p)
+                else:
+                    nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+        if input_dim:  # unit-variance inputs, unit-variance features: the series outweighs the positions at init
+            nn.init.normal_(self.wte.weight, mean=0.0, std=1.0 / math.sqrt(input_dim))
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -193,6 +170,11 @@ class GPT(nn.Module):
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def hidden_matrices(self) -> list[nn.Parameter]:
+        """The blocks' 2-D weights (attention and MLP projections), which Muon orthogonalizes; the
+        embeddings and the head are not hidden layers and stay with AdamW."""
+        return [p for p in self.blocks.parameters() if p.dim() == 2]
 
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameter count; by default without position embeddings (they cost no matmul FLOPs)."""
@@ -205,9 +187,11 @@ class GPT(nn.Module):
         """Training FLOPs per token: 6·N for the matmuls plus causal attention (6·L·T·d)."""
         return 6 * self.num_params() + 6 * self.cfg.n_layer * seq_len * self.cfg.d_model
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits (B, T, V) for ``idx`` (B, T); with ``targets``, the mean cross-entropy loss instead."""
-        T = idx.shape[1]
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
+                per_sequence: bool = False) -> torch.Tensor:
+        """Logits (B, T, V) for ``idx`` (B, T); with ``targets``, the mean cross-entropy loss instead, or
+        with ``per_sequence`` each sequence's mean loss (B,) (for an evaluation's standard error)."""
+        B, T = idx.shape[:2]
         if T > self.cfg.context:
             raise ValueError(f"sequence of length {T} is longer than the model's context {self.cfg.context}")
         x = self.wte(idx)
@@ -219,10 +203,16 @@ class GPT(nn.Module):
         for block in self.blocks:
             x, delta = block(x, delta, rope)
         h, _ = self.ln_f.add(delta, x)
+        cap = self.cfg.logit_softcap
         if targets is None:
-            return self.lm_head(h)
+            logits = self.lm_head(h)
+            return cap * torch.tanh(logits / cap) if cap else logits
         # The head and the loss in one registry op: the Triton backend never holds all the (B, T, V) logits.
-        return self.ops.linear_cross_entropy(h, self.lm_head.weight, targets, self.lm_head.bias)
+        w, b = self.lm_head.weight, self.lm_head.bias
+        if per_sequence:
+            return torch.stack([self.ops.linear_cross_entropy(h[i], w, targets[i], b, softcap=cap)
+                                for i in range(B)])
+        return self.ops.linear_cross_entropy(h, w, targets, b, softcap=cap)
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 0.8,

@@ -44,6 +44,8 @@ class RNN(nn.Module):
     def __init__(self, cfg: RNNConfig, ops: Ops):
         super().__init__()
         self.cfg, self.ops = cfg, ops
+        #: The registry ops the forward calls (a forecaster's head is a plain linear layer).
+        self.ops_used = () if cfg.input_dim else ("cross_entropy",)
         d, h = cfg.d_model, cfg.state_dim
         self.wte = nn.Linear(cfg.input_dim, d) if cfg.input_dim else nn.Embedding(cfg.vocab_size, d)
         rnn = {"lstm": nn.LSTM, "gru": nn.GRU}[cfg.cell]
@@ -84,11 +86,15 @@ class RNN(nn.Module):
         return out, (new if self.cfg.cell == "lstm" else (new,))
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                state: State | None = None) -> tuple[torch.Tensor, State]:
-        """(logits (B, T, V), state) for ``idx`` (B, T); with ``targets``, (the mean cross-entropy, state)."""
+                state: State | None = None, per_sequence: bool = False) -> tuple[torch.Tensor, State]:
+        """(logits (B, T, V), state) for ``idx`` (B, T); with ``targets``, (the mean cross-entropy, state), or
+        with ``per_sequence`` (each sequence's mean loss (B,), state)."""
         h, state = self.features(idx, state)
         if targets is None:
             return self.lm_head(h), state
+        if per_sequence:
+            return torch.stack([self.ops.linear_cross_entropy(h[i], self.lm_head.weight, targets[i], self.lm_head.bias)
+                                for i in range(h.shape[0])]), state
         return self.ops.linear_cross_entropy(h, self.lm_head.weight, targets, self.lm_head.bias), state
 
     @torch.no_grad()

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from engine import distributed
 from engine.config import RNN_ARCHS, Recipe, RecipeError
 from engine.data.series import load_series
-from engine.models.gpt import GPT, GPTConfig
+from engine.models.gpt import GPT
 from engine.models.rnn import RNN, RNNConfig
 from engine.precision import autocast
 from engine.registry import Ops
@@ -34,12 +34,12 @@ EVAL_CHUNK = 256
 def build_forecaster(recipe: Recipe, channels: int, ops: Ops) -> nn.Module:
     """The model with a linear input of ``channels`` and a linear head of ``horizon · channels`` outputs."""
     m, out = recipe.model, recipe.train.horizon * channels
-    cls = RNNConfig if m.arch in RNN_ARCHS else GPTConfig
-    fields = {f.name for f in dataclasses.fields(cls)} - {"vocab_size", "input_dim", "tie_embeddings"}
-    values = {k: v for k, v in dataclasses.asdict(m).items() if k in fields}
-    if cls is RNNConfig:
-        return RNN(RNNConfig(cell=m.arch, vocab_size=out, input_dim=channels, **values), ops)
-    return GPT(GPTConfig(vocab_size=out, input_dim=channels, tie_embeddings=False, **values), ops)
+    if m.arch in RNN_ARCHS:
+        return RNN(RNNConfig(cell=m.arch, n_layer=m.n_layer, d_model=m.d_model, hidden=m.hidden, vocab_size=out,
+                             dropout=m.dropout, tie_embeddings=m.tie_embeddings, input_dim=channels), ops)
+    model = GPT(dataclasses.replace(m, vocab_size=out, tie_embeddings=False), ops, input_dim=channels)
+    model.ops_used = tuple(op for op in model.ops_used if op != "cross_entropy")  # the head feeds a squared error
+    return model
 
 
 class ForecastTask(Task):
@@ -114,7 +114,7 @@ class ForecastTask(Task):
         return out
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module) -> dict[str, float]:
+    def evaluate(self, model: nn.Module, final: bool = False) -> dict[str, float]:
         was_training = model.training
         model.eval()
         sums = torch.zeros(3, device=self.device, dtype=torch.float64)  # squared error, absolute error, count

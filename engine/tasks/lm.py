@@ -22,25 +22,24 @@ from engine.registry import Ops
 from engine.tasks import Task, register
 
 
-def _model_values(recipe: Recipe, tokenizer_vocab: int, cls: type) -> dict:
-    """The [model] fields ``cls`` has, with the vocabulary resolved against the tokenizer's."""
+def _vocab(recipe: Recipe, tokenizer_vocab: int) -> int:
+    """``model.vocab_size``, or the tokenizer's vocabulary rounded up to a multiple of 64."""
     m = recipe.model
     vocab = m.vocab_size or (tokenizer_vocab + 63) // 64 * 64
     if vocab < tokenizer_vocab:
         raise RecipeError(f"model.vocab_size ({vocab}) is smaller than the {recipe.data.tokenizer} tokenizer's "
                           f"vocabulary ({tokenizer_vocab})")
-    fields = {f.name for f in dataclasses.fields(cls)}
-    values = {k: v for k, v in dataclasses.asdict(m).items() if k in fields}
-    values["vocab_size"] = vocab
-    return values
+    return vocab
 
 
 def gpt_config(recipe: Recipe, tokenizer_vocab: int) -> GPTConfig:
-    return GPTConfig(**_model_values(recipe, tokenizer_vocab, GPTConfig))
+    return dataclasses.replace(recipe.model, vocab_size=_vocab(recipe, tokenizer_vocab))
 
 
 def rnn_config(recipe: Recipe, tokenizer_vocab: int) -> RNNConfig:
-    return RNNConfig(cell=recipe.model.arch, **_model_values(recipe, tokenizer_vocab, RNNConfig))
+    m = recipe.model
+    return RNNConfig(cell=m.arch, n_layer=m.n_layer, d_model=m.d_model, hidden=m.hidden,
+                     vocab_size=_vocab(recipe, tokenizer_vocab), dropout=m.dropout, tie_embeddings=m.tie_embeddings)
 
 
 def build_model(recipe: Recipe, tokenizer_vocab: int, ops: Ops) -> GPT | RNN:
@@ -57,15 +56,19 @@ class LanguageModelingTask(Task):
         t = recipe.train
         gpt_config(recipe, get_tokenizer(recipe.data.tokenizer).vocab_size)  # refuse a bad vocab before tokenizing
         data = distributed.main_first(lambda: load_tokens(recipe.data, log=log), rank, world)
+        self.data, self.log = data, log
         self.tokenizer = data.tokenizer
         self.model = build_model(recipe, data.tokenizer.vocab_size, ops).to(device)
+        self.cfg = self.model.cfg
         self.recurrent = isinstance(self.model, RNN)
         windows = StreamWindows if t.carry_state else TokenWindows
         self.train_windows = windows(data.train, t.seq_len, t.batch_size, t.grad_accum, recipe.run.seed, world)
         # train.carry_state: the state each micro-batch's rows carry into the next step (None: start from zero),
-        # and the micro-batch that batch() handed out last, whose loss() comes next.
+        # and the training forwards run so far, which say the step and micro-batch of the next one (the
+        # trainer asks for micro-batches 0 .. grad_accum - 1 of each step in order; batch() stays a pure
+        # function of (step, micro), so it may be fetched ahead).
         self.carried: list[tuple[torch.Tensor, ...] | None] = [None] * t.grad_accum
-        self._micro = 0
+        self.forwards = 0
         if len(data.val) < t.seq_len + 1:
             raise RecipeError(f"data.val_fraction ({recipe.data.val_fraction}) leaves {len(data.val)} validation "
                               f"tokens, fewer than train.seq_len + 1 ({t.seq_len + 1})")
@@ -80,10 +83,6 @@ class LanguageModelingTask(Task):
         return x, y
 
     def batch(self, step: int, micro: int):
-        if self.recipe.train.carry_state:
-            self._micro = micro
-            if self.train_windows.starts_pass(step):
-                self.carried[micro] = None
         return self._to_device(*self.train_windows.batch(step, micro, self.rank))
 
     def loss(self, model: nn.Module, inputs, targets):
@@ -91,8 +90,14 @@ class LanguageModelingTask(Task):
             return model(inputs, targets)
         if not self.recipe.train.carry_state:
             return model(inputs, targets)[0]
-        loss, state = model(inputs, targets, state=self.carried[self._micro])
-        self.carried[self._micro] = tuple(s.detach().float() for s in state)
+        if not (model.training and torch.is_grad_enabled()):  # a timing probe: the carried state stays
+            return model(inputs, targets, state=self.carried[0])[0]
+        step, micro = divmod(self.forwards, self.recipe.train.grad_accum)
+        if self.train_windows.starts_pass(step):
+            self.carried[micro] = None
+        loss, state = model(inputs, targets, state=self.carried[micro])
+        self.carried[micro] = tuple(s.detach().float() for s in state)
+        self.forwards += 1
         return loss
 
     def state_dict(self) -> dict:
@@ -101,17 +106,19 @@ class LanguageModelingTask(Task):
         Each process holds its rows' state; all take part in gathering them into one tensor per state part,
         (n_layer, rows, hidden), rows in the global batch's order.
         """
-        if not self.recipe.train.carry_state or any(s is None for s in self.carried):
+        if not self.recipe.train.carry_state:
             return {}
+        zero = self.model.zero_state(self.recipe.train.batch_size, self.device)
+        carried = [zero if s is None else s for s in self.carried]  # a None state is the zero state
         parts = []
-        for local in zip(*self.carried):  # one state part (h, or c): grad_accum tensors (L, B, H)
+        for local in zip(*carried):  # one state part (h, or c): grad_accum tensors (L, B, H)
             local = torch.stack(local, dim=1)  # (L, accum, B, H)
             if self.world > 1:
                 gathered = [torch.empty_like(local) for _ in range(self.world)]
                 torch.distributed.all_gather(gathered, local)
                 local = torch.stack(gathered, dim=2)  # (L, accum, world, B, H)
             parts.append(local.reshape(local.shape[0], -1, local.shape[-1]).cpu())
-        return {"carried": parts}
+        return {"carried": parts, "forwards": self.forwards}
 
     def load_state_dict(self, state: dict) -> None:
         if "carried" not in state:
@@ -126,21 +133,49 @@ class LanguageModelingTask(Task):
             self.carried[micro] = tuple(
                 p.view(p.shape[0], t.grad_accum, self.world, t.batch_size, -1)[:, micro, self.rank].to(self.device)
                 for p in state["carried"])
+        self.forwards = state["forwards"]
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module) -> dict[str, float]:
-        was_training = model.training
-        model.eval()
-        total = torch.zeros((), device=self.device, dtype=torch.float64)
-        n = 0
-        for x, y in self.val_windows.eval_batches(self.recipe.train.eval_batches, self.rank):
+    def _window_losses(self, model: nn.Module, starts) -> tuple[float, float, int]:
+        """(mean, standard error of the mean, count) of the per-window mean losses of the validation
+        windows at ``starts``, over all processes."""
+        sums = torch.zeros(3, device=self.device, dtype=torch.float64)  # count, sum, sum of squares
+        for x, y, count in self.val_windows.eval_batches(starts, self.rank):
             x, y = self._to_device(x, y)
             with autocast(self.recipe.train.precision, self.device):
-                loss = model(x, y)
-            total += (loss[0] if self.recurrent else loss).double()
-            n += 1
+                losses = model(x, y, per_sequence=True)
+                losses = (losses[0] if self.recurrent else losses)[:count].double()
+            sums += torch.stack([losses.new_tensor(count), losses.sum(), losses.square().sum()])
+        n, total, squares = (distributed.mean(sums) * self.world).tolist()
+        mean = total / n
+        var = max(squares - n * mean * mean, 0.0) / (n - 1) if n > 1 else 0.0
+        return mean, (var / n) ** 0.5, int(n)
+
+    def evaluate(self, model: nn.Module, final: bool = False) -> dict[str, float]:
+        """The mean loss of ``train.eval_batches`` batches of windows spread evenly over the validation split
+        (the same windows every time) with its standard error; at the end of a run, the loss of the whole
+        split when it holds at most ``train.final_eval_tokens`` tokens, logged beside the sample's."""
+        t = self.recipe.train
+        was_training = model.training
+        model.eval()
+        mean, se, _ = self._window_losses(model, self.val_windows.spread_starts(t.eval_batches * t.batch_size))
+        metrics = {"val_loss": mean, "val_loss_se": se}
+        if final and 0 < len(self.data.val) <= t.final_eval_tokens:
+            whole, whole_se, n = self._window_losses(model, self.val_windows.tiling_starts())
+            self.log(f"final evaluation: the whole validation split, {n:,} windows of {t.seq_len} tokens")
+            metrics = {"val_loss": whole, "val_loss_se": whole_se, "val_loss_sample": mean,
+                       "val_loss_sample_se": se}
         model.train(was_training)
-        return {"val_loss": distributed.mean(total / n).item()}
+        return metrics
+
+    def eval_batches(self, final: bool) -> int:
+        """Batches of one evaluation on this process: the sample, plus the whole split at the end."""
+        t = self.recipe.train
+        batches = t.eval_batches
+        if final and 0 < len(self.data.val) <= t.final_eval_tokens:
+            windows = len(self.val_windows.tiling_starts())
+            batches += -(-windows // (t.batch_size * self.world))
+        return batches
 
     def flops_per_item(self) -> float:
         if self.recurrent:

@@ -61,7 +61,7 @@ def forward_flops(m: ModelConfig) -> float:
             macs += output.numel() * module.in_features
 
     with torch.device("meta"):
-        model = build_model(m, registry.resolve({op: "torch" for op in registry.OPS})).eval()
+        model = build_model(m, registry.resolve({op: "torch" for op in registry.op_names()})).eval()
         for module in model.modules():
             if isinstance(module, (nn.Conv2d, nn.Linear, ConvNeXtBlock)):
                 module.register_forward_hook(count)
@@ -118,12 +118,15 @@ class ImageClassificationTask(Task):
     def _input(self, images: torch.Tensor) -> torch.Tensor:
         return to_model_input(images, self.mean, self.std, self.recipe.model.image_size, self.memory_format)
 
+    def ops_used(self) -> tuple[str, ...]:
+        return (*super().ops_used(), "cross_entropy")
+
     def loss(self, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         logits = model(inputs)
         return self.ops.cross_entropy(logits, targets, label_smoothing=self.recipe.train.label_smoothing)
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module) -> dict[str, float]:
+    def evaluate(self, model: nn.Module, final: bool = False) -> dict[str, float]:
         """Loss and top-1 accuracy on the validation images (of the weight EMA when there is one)."""
         model = self.ema if self.ema is not None else model
         was_training = model.training

@@ -13,7 +13,7 @@ from engine.bench import BenchError, gpu, ops, train
 
 # One small shape per op (the Triton interpreter runs these in about a second).
 TINY_SHAPES = ("attention=1x2x16x16:causal,layer_norm=8x32,rms_norm=8x32,mlp=10x8,dwconv=1x4x2x2,"
-               "cross_entropy=8x16x64,optimizer=1x16x64x16:clip")
+               "cross_entropy=8x16x64,optimizer=1x16x64x16:clip,rope=1x2x1x5x8,swiglu=5x12")
 TINY_GPT = ["--model.preset=gpt-tiny", "--model.n_layer=1", "--model.d_model=32", "--model.n_head=2",
             "--model.context=16", "--train.seq_len=16", "--train.batch_size=2"]
 
@@ -27,7 +27,7 @@ def run_ops(tmp_path, *args):
 def test_ops_torch_backend_checks_and_times_every_op(tmp_path, capsys):
     code, rows, csv_rows = run_ops(tmp_path, "--backends", "torch", "--shapes", TINY_SHAPES)
     assert code == 0
-    assert [r["op"] for r in rows] == list(ops.OPS)
+    assert [r["op"] for r in rows] == list(ops.bench_ops())
     for r in rows:
         assert r["status"] == "ok", r
         assert r["max_err"] < ops.TOLERANCE[torch.float32]
@@ -44,7 +44,7 @@ def test_ops_wrong_backend_fails_loudly_and_is_not_timed(tmp_path, monkeypatch, 
     def wrong_layer_norm(x, weight=None, bias=None, eps=1e-5):
         return F.layer_norm(x, (x.shape[-1],), weight, bias, eps) * 1.1
 
-    monkeypatch.setattr(registry, "torch_layer_norm", wrong_layer_norm)
+    monkeypatch.setitem(registry.find("layer_norm").functions, "layer_norm", (wrong_layer_norm, "layer_norm"))
     code, rows, csv_rows = run_ops(tmp_path, "--op", "layer_norm,rms_norm", "--backends", "torch",
                                    "--shapes", "8x32")
     assert code == 1
@@ -57,14 +57,23 @@ def test_ops_wrong_backend_fails_loudly_and_is_not_timed(tmp_path, monkeypatch, 
 
 
 def test_ops_triton_rows_through_the_interpreter(tmp_path):
-    """Every op whose Triton kernel exists is checked through the interpreter; the others say why not."""
+    """Every op has a Triton kernel, checked through the interpreter."""
     code, rows, _ = run_ops(tmp_path, "--backends", "torch,triton", "--shapes", TINY_SHAPES)
     assert code == 0
-    for r in (r for r in rows if r["backend"] == "triton"):
-        if registry.triton_available(r["op"]):
-            assert r["status"] == "ok" and r["fwdbwd_ms"] > 0, r
-        else:
-            assert r["status"] == "not available" and "no Triton kernel" in r["note"]
+    triton_rows = [r for r in rows if r["backend"] == "triton"]
+    assert {r["op"] for r in triton_rows} == set(ops.bench_ops())
+    for r in triton_rows:
+        assert r["status"] == "ok" and r["fwdbwd_ms"] > 0, r
+
+
+def test_ops_muon_rows_beside_adamw(tmp_path):
+    """Both Muon backends are checked against the float64 Muon and timed beside torch's AdamW row."""
+    code, rows, _ = run_ops(tmp_path, "--op", "optimizer", "--backends", "torch,torch-muon,triton-muon",
+                            "--shapes", "1x16x64x16:clip")
+    assert code == 0
+    assert [r["backend"] for r in rows] == ["torch", "torch-muon", "triton-muon"]
+    for r in rows:
+        assert r["status"] == "ok" and r["max_err"] < ops.OPTIMIZER_TOLERANCE and r["fwdbwd_ms"] > 0, r
 
 
 def test_ops_nondeterministic_triton_attention(tmp_path):
@@ -73,6 +82,19 @@ def test_ops_nondeterministic_triton_attention(tmp_path):
     assert code == 0
     assert [r["backend"] for r in rows] == ["torch", "triton", "triton-nondet"]
     assert all(r["status"] == "ok" for r in rows), rows
+
+
+def test_ops_attention_with_packed_documents(tmp_path):
+    """``:segments=N``: the torch (dense boolean mask) and triton backends checked against the masked
+    reference; the FLOPs count each document's square, not S²; SDPA's flash backend takes no mask."""
+    code, rows, _ = run_ops(tmp_path, "--op", "attention", "--backends", "torch,triton,triton-nondet,sdpa-flash",
+                            "--shapes", "1x2x40x16:causal:segments=3")
+    assert code == 0
+    assert [r["status"] for r in rows] == ["ok", "ok", "ok", "not available"], rows
+    assert rows[0]["shape"] == "1x2x40x16 causal segments=3"
+    shape = ops.parse_shapes("attention=1x2x40x16:causal:segments=3", ["attention"])["attention"][0]
+    assert shape.score_pairs() == 14 * 14 + 13 * 13 + 13 * 13
+    assert shape.segment_ids(torch.device("cpu")).tolist() == [[0] * 14 + [1] * 13 + [2] * 13]
 
 
 def test_ops_peer_that_cannot_run_is_not_available(tmp_path):
@@ -106,7 +128,7 @@ def test_shape_syntax():
     assert opt[0].name == "124M" and opt[0].clip and 124e6 < opt[0].numel < 125e6
     assert [(s.layers, s.width, s.vocab, s.context, s.clip) for s in opt[1:]] == [(2, 64, 512, 32, False),
                                                                                     (2, 64, 512, 32, True)]
-    default = ops.parse_shapes("default", list(ops.OPS))
+    default = ops.parse_shapes("default", list(ops.bench_ops()))
     assert len(default["attention"]) == 12 and all(s.batch * s.seq == 16384 for s in default["attention"])
     assert len(default["optimizer"]) == 4 and len(default["layer_norm"]) == 4
     assert default["mlp"][0] == ops.MatrixShape(128 * 56 * 56, 96)
@@ -122,6 +144,8 @@ def test_shape_syntax():
     (["--op", "layer_norm", "--backends", "flex"], "--backends: 'flex' is not a backend of layer_norm"),
     (["--dtype", "fp8"], "--dtype: unknown dtype 'fp8'"),
     (["--op", "attention", "--shapes", "4x16x4096"], "--shapes: '4x16x4096' is not a attention shape"),
+    (["--op", "attention", "--shapes", "1x2x8x16:segments=9"], "segments=9 must be between 1 and S=8"),
+    (["--op", "attention", "--shapes", "1x2x8x16:segments=0"], "segments=0 must be between 1 and S=8"),
     (["--op", "attention,layer_norm", "--shapes", "64x256"], "prefix a spec with its op"),
     (["--op", "layer_norm", "--shapes", "rms_norm=64x256"], "which --op does not select"),
     (["--op", "layer_norm", "--shapes", "0x256"], "must be > 0"),
@@ -181,7 +205,7 @@ def test_train_mismatched_loss_is_failed(tmp_path, monkeypatch):
     def resolve(choices=None, device="cpu", deterministic=True):  # the --kernels set gets the wrong loss
         ops_ = real_resolve(choices, device, deterministic)
         if choices and choices.get("attention") == "auto":
-            return type(ops_)(**{**vars(ops_), "linear_cross_entropy": wrong_loss})
+            return ops_.replace(linear_cross_entropy=wrong_loss)
         return ops_
 
     monkeypatch.setattr(registry, "resolve", resolve)
@@ -199,11 +223,11 @@ def test_kernel_sets(monkeypatch):
     recipe = train.load_recipe("recipes/gpt_cpu.toml")
     cpu = torch.device("cpu")
     explicit = train.resolve_set({"layer_norm": "auto"}, recipe, cpu).backends
-    assert explicit == {op: "torch" for op in registry.OPS}  # unnamed ops on torch, auto is torch on CPU
+    assert explicit == {op: "torch" for op in registry.op_names()}  # unnamed ops on torch, auto is torch on CPU
     lenient = train.resolve_set("triton", recipe, cpu).backends  # the interpreter is on in the tests
-    assert all(b == ("triton" if registry.triton_available(op) else "torch") for op, b in lenient.items())
-    monkeypatch.setattr(registry, "_triton_kernels", lambda op: None)
-    with pytest.raises(registry.KernelSelectionError, match="no Triton kernel"):
+    assert lenient == {op: "triton" for op in registry.op_names()}
+    monkeypatch.setattr(registry, "_kernels_module", lambda: None)
+    with pytest.raises(registry.KernelSelectionError, match="the kernels package cannot be imported"):
         train.resolve_set({"attention": "triton"}, recipe, cpu)
 
 

@@ -25,7 +25,8 @@ def test_preset_then_recipe_then_overrides(tmp_path):
     r = load_recipe(f, ["--kernels.deterministic=false", "--kernels.mlp=torch"])
     assert r.kernels.deterministic is False
     assert r.kernels.backends() == {"attention": "auto", "layer_norm": "auto", "rms_norm": "auto", "mlp": "torch",
-                                    "dwconv": "auto", "cross_entropy": "auto", "optimizer": "auto"}
+                                    "dwconv": "auto", "cross_entropy": "auto", "rope": "auto", "swiglu": "auto",
+                                    "optimizer": "auto"}
 
 
 def test_toml_ints_are_accepted_for_floats(tmp_path):
@@ -50,6 +51,8 @@ def test_toml_ints_are_accepted_for_floats(tmp_path):
     (["--model.preset=gpt9"], "model.preset: unknown preset 'gpt9'"),
     (["--kernels.attention=cuda"], "kernels.attention: unknown backend 'cuda'; valid backends: auto, torch, triton"),
     (["--optim.betas=0.9"], "optim.betas: expected a list of a number, a number, got 0.9"),
+    (["--optim.muon_momentum=1"], "optim.muon_momentum must be in [0, 1), got 1.0"),
+    (["--optim.name=muon", "--parallel.strategy=fsdp"], 'optim.name = "muon" runs in one process or under'),
     (["train.steps=3"], "unexpected argument 'train.steps=3'"),
     (["--train.steps"], "override --train.steps needs a value"),
 ])

@@ -125,3 +125,60 @@ def test_ranks_slice_the_same_global_batch():
 def test_too_little_data_is_a_clear_error():
     with pytest.raises(RecipeError, match="train.seq_len \\(64\\) needs at least 65 tokens; the data has 10"):
         TokenWindows(np.arange(10, dtype=np.uint16), 64, 1, 1, 0)
+
+
+def test_one_text_file_gets_a_validation_split_of_val_fraction(tmp_path):
+    """A single .txt file is one document: 100 contiguous chunks, 5 of them (val_fraction 0.05) held out by hash."""
+    f = tmp_path / "notes.txt"
+    body = "".join(f"note {i}: {'xyz ' * (i % 5)}\n" for i in range(600))
+    f.write_text(body)
+    cfg = DataConfig(source=str(f), cache_dir=str(tmp_path / "cache"), val_fraction=0.05)
+    data = load_tokens(cfg, log=lambda *_: None)
+    total = len(body) + 2  # + the document separator
+    assert len(data.train) + len(data.val) == total
+    assert abs(len(data.val) - 0.05 * total) <= 5  # 5 chunks of total / 100 tokens, rounded per chunk
+    # Contiguous chunks of the text: each held-out run of tokens is a piece of the file, and the training
+    # tokens are the rest of it, in order.
+    val_text = ByteTokenizer().decode(data.val)
+    assert val_text not in body  # not one tail: 5 separate chunks
+    again = load_tokens(DataConfig(source=str(f), cache_dir=str(tmp_path / "other"), val_fraction=0.05),
+                        log=lambda *_: None)
+    np.testing.assert_array_equal(np.asarray(again.val), np.asarray(data.val))
+
+
+def test_split_one_document_keeps_chunks_whole_and_in_order():
+    ids = np.arange(1000, dtype=np.uint16)
+    train, val = text._split_one_document(ids, 0.05)
+    assert len(val) == 50 and len(train) == 950
+    assert sorted(np.concatenate([train, val]).tolist()) == ids.tolist()
+    starts = [int(c) for c in val[::10]]  # 5 chunks of 10 consecutive ids, in order
+    assert all(s % 10 == 0 for s in starts) and starts == sorted(starts)
+    assert (np.diff(val.reshape(5, 10), axis=1) == 1).all()
+    assert len(text._split_one_document(ids, 0.001)[1]) == 1  # 1000 chunks of one id: one held out
+    assert len(text._split_one_document(ids, 0.0)[1]) == 0
+
+
+def test_evaluation_windows_are_fixed_spread_and_tiling():
+    tokens = np.arange(1001, dtype=np.uint16)
+    w = TokenWindows(tokens, seq_len=10, batch_size=4, grad_accum=1, seed=0)
+    spread = w.spread_starts(6)
+    assert spread.tolist() == [0, 198, 396, 594, 792, 990]  # first to last window, evenly
+    np.testing.assert_array_equal(spread, w.spread_starts(6))
+    tiling = w.tiling_starts()
+    assert tiling.tolist() == list(range(0, 991, 10))  # 100 windows, the last ends on the last token
+    batches = list(w.eval_batches(tiling[:10]))
+    assert [c for _, _, c in batches] == [4, 4, 2] and all(x.shape == (4, 10) for x, _, _ in batches)
+    assert (batches[0][1] == batches[0][0] + 1).all()
+
+
+def test_evaluation_windows_split_over_ranks_once_each():
+    """Two ranks see every window exactly once and run the same number of batches (padding does not count)."""
+    tokens = np.arange(500, dtype=np.uint16)
+    starts = np.arange(0, 490, 10)[:7]
+    shares = []
+    for rank in range(2):
+        w = TokenWindows(tokens, 10, batch_size=2, grad_accum=1, seed=0, world=2)
+        shares.append([(x, c) for x, _, c in w.eval_batches(starts, rank)])
+    assert len(shares[0]) == len(shares[1]) == 2
+    counted = sorted(int(x[i, 0]) for share in shares for x, c in share for i in range(c))
+    assert counted == starts.tolist()

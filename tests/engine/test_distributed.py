@@ -31,7 +31,8 @@ def corpus(tmp_path_factory):
 def common(corpus: Path, steps: int) -> list[str]:
     return ["--model.n_layer=2", "--model.d_model=32", "--model.n_head=2", "--model.context=32",
             "--train.seq_len=32", "--train.eval_batches=2", "--train.sample_tokens=0", "--train.log_every=1",
-            "--train.eval_every=0", f"--train.steps={steps}", "--run.threads=1", "--run.device=cpu",
+            "--train.eval_every=0", f"--train.steps={steps}", "--train.time_budget=", "--optim.name=adamw",
+            "--run.threads=1", "--run.device=cpu",
             f"--data.source={corpus / 'corpus.jsonl'}", f"--data.cache_dir={corpus / 'cache'}",
             "--data.val_fraction=0.1", "--optim.lr=1e-2", "--optim.warmup_steps=2"]
 
@@ -95,6 +96,21 @@ def test_resume_at_another_world_size(corpus, tmp_path, strategy):
     _copy_until(one, one_to_two, step=3)
     run(args + [f"--parallel.strategy={strategy}", f"--run.dir={one_to_two}", "--checkpoint.resume=latest"], nproc=2)
     assert_same_losses(losses(one_to_two), losses(two), range(4, 7))
+
+
+def test_muon_under_ddp_matches_one_process_and_resumes_in_one(corpus, tmp_path):
+    """optim.name = "muon": two DDP processes take one process's steps, and their checkpoint resumes there."""
+    muon = ["--optim.name=muon", "--checkpoint.every=3", "--checkpoint.keep=5"]
+    single = tmp_path / "single"
+    run(common(corpus, 5) + muon + ["--train.batch_size=8", f"--run.dir={single}"])
+    multi = tmp_path / "multi"
+    run(common(corpus, 5) + muon + ["--train.batch_size=2", "--train.grad_accum=2", "--parallel.strategy=ddp",
+                                    f"--run.dir={multi}"], nproc=2)
+    assert_same_losses(losses(single), losses(multi), range(1, 6))
+    resumed = tmp_path / "resumed"
+    _copy_until(multi, resumed, step=3)
+    run(common(corpus, 5) + muon + ["--train.batch_size=8", f"--run.dir={resumed}", "--checkpoint.resume=latest"])
+    assert_same_losses(losses(resumed), losses(single), range(4, 6))
 
 
 def _copy_until(src: Path, dst: Path, step: int) -> None:

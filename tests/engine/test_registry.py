@@ -10,13 +10,13 @@ from engine.registry import KernelSelectionError, resolve
 
 def test_auto_is_torch_on_cpu():
     ops = resolve({}, "cpu")
-    assert set(ops.backends) == set(registry.OPS)
+    assert set(ops.backends) == set(registry.op_names())
     assert all(b == "torch" for b in ops.backends.values())
     assert "attention=torch" in ops.describe()
 
 
 def test_unknown_op_and_backend_list_valid_names():
-    valid = "valid ops: attention, layer_norm, rms_norm, mlp, dwconv, cross_entropy, optimizer"
+    valid = "valid ops: attention, layer_norm, rms_norm, mlp, dwconv, cross_entropy, rope, swiglu, optimizer"
     with pytest.raises(KernelSelectionError, match=valid):
         resolve({"softmax": "torch"})
     with pytest.raises(KernelSelectionError, match="valid backends: auto, torch, triton"):
@@ -24,14 +24,14 @@ def test_unknown_op_and_backend_list_valid_names():
 
 
 def test_triton_without_a_kernel_is_an_error_not_a_fallback(monkeypatch):
-    monkeypatch.setattr(registry, "_triton_kernels", lambda op: None)
-    with pytest.raises(KernelSelectionError, match="no Triton kernel for 'layer_norm'"):
+    monkeypatch.setattr(registry, "_kernels_module", lambda: None)  # e.g. no triton on this platform
+    with pytest.raises(KernelSelectionError, match="kernels.layer_norm = 'triton': the kernels package cannot be"):
         resolve({"layer_norm": "triton"}, "cpu")
     assert resolve({"layer_norm": "auto"}, "cpu").backends["layer_norm"] == "torch"
 
 
 def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
-    monkeypatch.setattr(registry, "_triton_kernels", lambda op: object())
+    monkeypatch.setattr(registry, "triton_available", lambda op: True)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(KernelSelectionError, match="needs a CUDA device"):
         resolve({"attention": "triton"}, "cpu")
@@ -39,7 +39,7 @@ def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
     assert resolve({"attention": "triton"}, "cpu").backends["attention"] == "triton"
 
 
-def _reference_attention(q, k, v, causal, window):
+def _reference_attention(q, k, v, causal, window, segment_ids=None):
     B, H, S, D = q.shape
     rep = H // k.shape[1]
     k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
@@ -48,12 +48,17 @@ def _reference_attention(q, k, v, causal, window):
     allowed = torch.ones(S, S, dtype=torch.bool)
     if causal:
         allowed &= j <= i
-    if window:
+    if window:  # the kernels' band: the last `window` keys, and the next `window - 1` when not causal
         allowed &= j > i - window
+        if not causal:
+            allowed &= j < i + window
+    if segment_ids is not None:
+        allowed = allowed & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
     return s.masked_fill(~allowed, float("-inf")).softmax(-1) @ v
 
 
-@pytest.mark.parametrize("causal, window, hkv", [(True, None, 4), (False, None, 4), (True, 3, 4), (True, None, 2),
+@pytest.mark.parametrize("causal, window, hkv", [(True, None, 4), (False, None, 4), (True, 3, 4), (False, 3, 4),
+                                                 (True, None, 2),
                                                  (True, 2, 1)])
 def test_torch_attention_matches_reference(causal, window, hkv):
     g = torch.Generator().manual_seed(0)
@@ -61,6 +66,17 @@ def test_torch_attention_matches_reference(causal, window, hkv):
     k, v = (torch.randn(2, hkv, 9, 8, generator=g, dtype=torch.float64) for _ in range(2))
     out = registry.torch_attention(q, k, v, causal=causal, window=window)
     torch.testing.assert_close(out, _reference_attention(q, k, v, causal, window))
+
+
+@pytest.mark.parametrize("causal, window", [(True, None), (False, None), (True, 3)])
+def test_torch_attention_with_segment_ids_matches_reference(causal, window):
+    """Packed documents: per batch row its own split, a one-token document among them."""
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(2, 4, 9, 8, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(2, 2, 9, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    ids = torch.tensor([[0, 0, 0, 1, 2, 2, 2, 2, 2], [4, 4, 4, 4, 4, 4, 7, 7, 7]])
+    out = registry.torch_attention(q, k, v, causal=causal, window=window, segment_ids=ids)
+    torch.testing.assert_close(out, _reference_attention(q, k, v, causal, window, ids))
 
 
 def test_fused_add_norm_references():
@@ -120,12 +136,15 @@ def test_deterministic_reaches_the_triton_attention(monkeypatch):
             seen.update(kw)
             return q
 
-    monkeypatch.setattr(registry, "_triton_kernels", lambda op: FakeKernels)
+    monkeypatch.setattr(registry, "_kernels_module", lambda: FakeKernels)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     q = torch.zeros(1, 1, 2, 16)
     resolve({"attention": "triton"}, "cpu").attention(q, q, q)
     assert seen["deterministic"] is True
     resolve({"attention": "triton"}, "cpu", deterministic=False).attention(q, q, q, causal=False, window=2)
-    assert seen == {"causal": False, "scale": None, "window": 2, "deterministic": False}
+    assert seen == {"causal": False, "scale": None, "window": 2, "deterministic": False, "segment_ids": None}
+    ids = torch.zeros(1, 2, dtype=torch.int64)
+    resolve({"attention": "triton"}, "cpu").attention(q, q, q, segment_ids=ids)
+    assert seen["segment_ids"] is ids
     assert "deterministic=false" in resolve({}, "cpu", deterministic=False).describe()
     assert "deterministic" not in resolve({}, "cpu").describe()

@@ -8,7 +8,8 @@ from support import tiny_corpus
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ["--model.n_layer=1", "--model.d_model=32", "--model.n_head=2", "--model.context=16", "--train.seq_len=16",
-        "--train.batch_size=4", "--train.steps=2", "--train.sample_tokens=0", "--data.val_fraction=0.2"]
+        "--train.batch_size=4", "--train.steps=2", "--train.sample_tokens=0", "--data.val_fraction=0.2",
+        "--train.time_budget=", "--optim.name=adamw"]
 
 
 @pytest.fixture

@@ -25,7 +25,8 @@ ROOT = Path(__file__).resolve().parents[2]
 TINY = ["--model.n_layer=1", "--model.d_model=32", "--model.n_head=2", "--model.context=16", "--model.dropout=0.1",
         "--train.seq_len=16", "--train.batch_size=4", "--train.eval_batches=2", "--train.eval_every=0",
         "--train.log_every=1", "--train.sample_tokens=0", "--optim.lr=1e-2", "--optim.warmup_steps=2",
-        "--data.val_fraction=0.2", "--run.name=tiny", "--run.threads=1"]
+        "--data.val_fraction=0.2", "--run.name=tiny", "--run.threads=1",
+        "--train.time_budget=", "--optim.name=adamw"]  # the main job's recipe, as a fixed-step AdamW run
 
 
 @pytest.fixture
@@ -388,3 +389,51 @@ def test_plot_without_matplotlib_says_how_to_get_it(two_runs, tmp_path, monkeypa
 def test_plot_refuses_a_folder_without_metrics(tmp_path, capsys):
     assert cli_main(["plot", str(tmp_path)]) == 1
     assert f"{tmp_path} is not a run directory: it has no metrics.jsonl" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------
+# Time budget
+# ---------------------------------------------------------------------------------------------------
+
+def test_a_time_budget_fixes_the_step_count_records_it_and_resumes_with_it(data, tmp_path, monkeypatch):
+    """The count is fixed after the warmup steps are timed, recorded, and kept by a resumed run, which then
+    computes exactly what the run would have without the interruption."""
+    from engine import trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module._BudgetClock, "fit", lambda self, per_step, forward: 7)  # the machine's speed
+    common = ("--train.time_budget=30s", "--train.steps=1000", "--optim.warmup_steps=5", "--checkpoint.every=6")
+    sink = Sink()
+    run(recipe(data, tmp_path / "a", *common), sink)
+    assert [s for k, s, _ in losses(tmp_path / "a") if k == "train"] == list(range(1, 8))
+    assert load_recipe(tmp_path / "a" / "recipe.toml").train.steps == 7
+    assert checkpoint.load(checkpoint.latest(tmp_path / "a" / "checkpoints"))["budget_steps"] == 7
+
+    def crash_after_step_7(trainer):  # after the checkpoint of step 6, before the last one
+        def on_step_end(step):
+            if step == 7:
+                raise Crash
+        trainer.task.on_step_end = on_step_end
+
+    with pytest.raises(Crash):
+        run(recipe(data, tmp_path / "b", *common), patch=crash_after_step_7)
+    monkeypatch.setattr(trainer_module._BudgetClock, "fit", lambda self, per_step, forward: 99)  # never asked again
+    sink = Sink()
+    run(recipe(data, tmp_path / "b", *common, "--checkpoint.resume=latest"), sink)
+    assert "recipe changes" not in sink.text
+    assert losses(tmp_path / "a") == losses(tmp_path / "b")
+
+
+def test_a_time_budget_ends_the_run_inside_it(data, tmp_path):
+    sink = Sink()
+    start = time.perf_counter()
+    trainer = run(recipe(data, tmp_path / "r", "--train.time_budget=6s", "--train.steps=100000",
+                         "--optim.warmup_steps=5"), sink)
+    assert time.perf_counter() - start < 6 * 1.5  # the run's own clock started a moment later
+    assert 5 < trainer.step < 100000 and "time budget 6s:" in sink.text
+
+
+def test_a_time_budget_needs_warmup_steps_to_time():
+    with pytest.raises(RecipeError, match="optim.warmup_steps must be >= 5"):
+        load_recipe(None, ["--train.time_budget=4m", "--optim.warmup_steps=2"])
+    with pytest.raises(RecipeError, match="train.time_budget: '4 minutes' is not a duration"):
+        load_recipe(None, ["--train.time_budget=4 minutes"])

@@ -1,7 +1,13 @@
 """Short end-to-end training runs on CPU: the loss falls; fp16 overflow steps are skipped."""
 import json
+import sys
+from pathlib import Path
 
+import pytest
 import torch
+
+import engine
+import kernels
 
 from engine.config import load_recipe
 from engine.precision import LossScaler
@@ -79,13 +85,13 @@ def test_fp16_overflow_step_is_skipped(tmp_path):
     before = [p.detach().clone() for p in trainer.task.model.parameters()]
     scale = trainer.scaler.scale.item()
     out = trainer.train_step(1)
-    assert out["scaler_skip"] and not out["bad"]
+    assert out.scaler_skip and not out.bad
     assert trainer.scaler.scale.item() == scale / 2
     for p, q in zip(trainer.task.model.parameters(), before):
         assert torch.equal(p, q)
     trainer.step = 2
     out = trainer.train_step(2)
-    assert not out["scaler_skip"]
+    assert not out.scaler_skip
     assert any(not torch.equal(p, q) for p, q in zip(trainer.task.model.parameters(), before))
     trainer.close()
 
@@ -98,3 +104,81 @@ def test_schedules(tmp_path):
     assert lr_at(99, r) == 1.0
     r.optim.schedule = "onecycle"
     assert lr_at(10, r) == 1.0 and abs(lr_at(99, r) - 0.1) < 1e-9
+
+
+HOST_READS = ("item", "tolist", "__bool__", "__float__", "__int__", "cpu", "numpy")
+
+
+@pytest.mark.parametrize("extra", [[], ["--train.precision=fp16", "--kernels.optimizer=triton"]],
+                         ids=["torch-optimizer", "fp16-triton-optimizer"])
+def test_steps_that_do_not_log_never_read_the_device(tmp_path, monkeypatch, extra):
+    """The engine reads device tensors on the host only on logging, evaluation and checkpoint steps: the GPU
+    never waits for the CPU in between. Counted here are reads made from the engine's and kernels' own code."""
+    r = tiny_recipe(tmp_path, "--train.steps=6", "--train.log_every=3", "--train.eval_every=0", "--train.grad_clip=1.0",
+                    "--model.n_layer=1", "--train.sample_tokens=0", *extra)
+    trainer = Trainer(r, stream=Sink())
+    own = (str(Path(engine.__file__).parent), str(Path(kernels.__file__).parent))
+    allowed = {"_drain", "_log", "evaluate", "save", "finish"}  # logging, evaluation, checkpoint steps; the sample
+    reads = []
+
+    def counted(name):
+        real = getattr(torch.Tensor, name)
+
+        def read(self, *args, **kwargs):
+            frames, frame = [], sys._getframe(1)
+            while frame is not None:
+                frames.append(frame.f_code)
+                frame = frame.f_back
+            if frames[0].co_filename.startswith(own) and not any(f.co_name in allowed for f in frames):
+                reads.append((name, trainer.step, frames[0].co_filename, frames[0].co_name))
+            return real(self, *args, **kwargs)
+        return read
+
+    for name in HOST_READS:
+        monkeypatch.setattr(torch.Tensor, name, counted(name))
+    trainer.fit()
+    trainer.close()
+    assert reads == []
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernels_set", ["torch", "triton"])
+def test_steps_run_under_cuda_sync_debug_error(tmp_path, kernels_set):
+    """On a GPU, steps that neither log, evaluate nor checkpoint make no synchronizing call at all:
+    ``torch.cuda.set_sync_debug_mode("error")`` turns any into an exception."""
+    r = tiny_recipe(tmp_path, "--run.device=cuda", "--train.steps=6", "--train.log_every=6", "--train.eval_every=0",
+                    "--train.precision=bf16", "--train.sample_tokens=0", *(
+                        [f"--kernels.{op}={kernels_set}" for op in ("attention", "layer_norm", "cross_entropy",
+                                                                   "optimizer")]))
+    trainer = Trainer(r, stream=Sink())
+    for step in range(2):  # first steps allocate, autotune and compile
+        trainer.train_step(step)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for step in range(2, 5):
+            trainer.train_step(step)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    trainer.close()
+
+
+def test_evaluation_is_fixed_with_a_standard_error_and_the_final_one_covers_the_whole_split(tmp_path):
+    r = tiny_recipe(tmp_path, "--train.steps=1", "--data.val_fraction=0.03")
+    trainer = Trainer(r, stream=Sink())
+    task, model = trainer.task, trainer.model
+    periodic = task.evaluate(model)
+    assert set(periodic) == {"val_loss", "val_loss_se"} and 0 < periodic["val_loss_se"] < 0.1 * periodic["val_loss"]
+    assert task.evaluate(model) == periodic  # the same windows every time
+    final = task.evaluate(model, final=True)
+    assert final["val_loss_sample"] == periodic["val_loss"]
+    # the whole split in non-overlapping windows, here as one batch (all windows have T tokens)
+    val, T = torch.from_numpy(task.data.val.astype("int64")), r.train.seq_len
+    n = (len(val) - 1) // T
+    assert n >= 10
+    with torch.no_grad():
+        whole = model(val[:n * T].view(n, T), val[1:n * T + 1].view(n, T)).item()
+    assert abs(final["val_loss"] - whole) < 1e-5
+    trainer.close()
+    r.train.final_eval_tokens = len(val) - 1  # a split larger than the limit keeps the sample
+    assert task.evaluate(model, final=True) == periodic

@@ -16,6 +16,8 @@ upcast exactly), so the only error left is the kernel's own:
   only matters for V = 1, whose gradient vanishes). fp32: 1e-5 (summation order); fp16: 2e-3 (rounded once to
   fp16); bf16: 2e-2 (rounded once to bf16, truncated rather than rounded in the interpreter). Logits near
   +-1e3 get 1e-4: exp(x - lse) with an fp32 lse there is good to an ulp of 1e3 (6e-5).
+* with a soft cap c the reference caps the float64 logits; the kernel's tanh (from one exp) is good to
+  a few fp32 ulps, so the tolerances above hold.
 * linear_cross_entropy in fp32: loss 1e-5, gradients 1e-4 (the matmuls' summation order). Under bf16 autocast
   (the matmuls in bf16, as F.linear does) against the fp32 inputs' float64 reference: loss 2e-2, gradients
   5e-2.
@@ -79,8 +81,11 @@ def assert_nothing_counted(loss, reduction, shape):
         assert loss.shape == shape
 
 
-def reference(logits64, targets, **kw):
-    """float64 F.cross_entropy over the flattened positions; "none" reshaped to targets' shape."""
+def reference(logits64, targets, softcap=0.0, **kw):
+    """float64 F.cross_entropy over the flattened positions (of ``softcap * tanh(logits / softcap)`` with a
+    soft cap); "none" reshaped to targets' shape."""
+    if softcap:
+        logits64 = softcap * torch.tanh(logits64 / softcap)
     v = logits64.shape[-1]
     out = F.cross_entropy(logits64.reshape(-1, v), targets.cpu().reshape(-1).long(), **kw)
     return out.reshape(targets.shape) if kw.get("reduction") == "none" else out
@@ -172,6 +177,23 @@ def test_leading_shapes(lead, reduction):
     targets = make_targets(lead, 130, seed=9)
     loss, _, _, _ = check(logits, targets, reduction=reduction)
     assert loss.shape == (lead if reduction == "none" else ())
+
+
+@pytest.mark.parametrize("label_smoothing, reduction", [(0.0, "mean"), (0.1, "none")])
+@pytest.mark.parametrize("v", [7, 129, 300])
+def test_softcap_matches_float64_reference(v, label_smoothing, reduction):
+    """Logits of scale 20 under a cap of 5, so that most are capped hard (an ignored cap, or padding columns
+    capped to -5 instead of left out, would be far off); the backward kernel for "none"."""
+    logits = make_logits((6,), v, scale=20.0, seed=v + 70)
+    targets = make_targets((6,), v, ignore=(4,), seed=v + 71)
+    loss, _, _, _ = check(logits, targets, softcap=5.0, label_smoothing=label_smoothing, reduction=reduction)
+    assert loss.abs().max().item() <= 2 * 5.0 + math.log(v)  # capped logits bound the loss
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16], ids=["bf16"])
+def test_softcap_half_precision_logits(dtype):
+    check(make_logits((5,), 129, dtype, scale=10.0, seed=72), make_targets((5,), 129, seed=73), softcap=3.0,
+          reduction="none")
 
 
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.2])
@@ -309,8 +331,10 @@ def _ce_args(**change):
     (lambda: _ce_args(label_smoothing=-0.1), "label_smoothing"),
     (lambda: _ce_args(label_smoothing=1.5), "label_smoothing"),
     (lambda: _ce_args(reduction="avg"), "reduction"),
+    (lambda: _ce_args(softcap=-1.0), "softcap"),
+    (lambda: _ce_args(softcap=float("inf")), "softcap"),
 ], ids=["logits-int", "targets-float", "targets-length", "targets-extra-dim", "V=0", "smoothing-negative",
-        "smoothing-above-one", "reduction-unknown"])
+        "smoothing-above-one", "reduction-unknown", "softcap-negative", "softcap-inf"])
 def test_validation_errors_name_the_argument(change, name):
     args, kwargs = change()
     with pytest.raises(ValueError, match=name):
@@ -389,6 +413,15 @@ def test_linear_matches_float64_reference(chunk_size, reduction, label_smoothing
     x, weight, b = make_linear((7,), 16, 129, bias=bias)
     targets = make_targets((7,), 129, ignore=(5,), seed=31)
     check_linear(x, weight, b, targets, chunk_size=chunk_size, reduction=reduction, label_smoothing=label_smoothing)
+
+
+@pytest.mark.parametrize("reduction, label_smoothing", [("mean", 0.0), ("sum", 0.1)])
+def test_linear_softcap_matches_float64_reference(reduction, label_smoothing):
+    """A cap of 1.5 on O(1) logits, chunks of 3 over N = 7 rows (V = 129): the gradients through the cap."""
+    x, weight, b = make_linear((7,), 16, 129, seed=74)
+    targets = make_targets((7,), 129, ignore=(2,), seed=75)
+    check_linear(x, weight, b, targets, chunk_size=3, softcap=1.5, reduction=reduction,
+                 label_smoothing=label_smoothing)
 
 
 def test_linear_does_not_depend_on_chunk_size():
@@ -513,8 +546,10 @@ def _lin_args(**change):
     (lambda: _lin_args(label_smoothing=1.5), "label_smoothing"),
     (lambda: _lin_args(chunk_size=0), "chunk_size"),
     (lambda: _lin_args(chunk_size=-2), "chunk_size"),
+    (lambda: _lin_args(softcap=True), "softcap"),
 ], ids=["weight-1d", "weight-3d", "weight-d-mismatch", "bias-length", "bias-2d", "targets-length",
-        "targets-float", "reduction-none", "reduction-unknown", "smoothing-above-one", "chunk-0", "chunk-negative"])
+        "targets-float", "reduction-none", "reduction-unknown", "smoothing-above-one", "chunk-0", "chunk-negative",
+        "softcap-bool"])
 def test_linear_validation_errors_name_the_argument(change, name):
     args, kwargs = change()
     with pytest.raises(ValueError, match=name):
@@ -533,19 +568,19 @@ def test_custom_ops_pass_opcheck():
     logits = make_logits((5,), 130).requires_grad_()
     targets = make_targets((5,), 130, ignore=(2,), seed=60)
     # the forward's opcheck also runs the autograd registration, hence the backward op
-    torch.library.opcheck(torch.ops.tritonforge.cross_entropy_forward.default, (logits, targets, -100, 0.1))
-    _, lse = torch.ops.tritonforge.cross_entropy_forward(logits.detach(), targets, -100, 0.1)
+    torch.library.opcheck(torch.ops.tritonforge.cross_entropy_forward.default, (logits, targets, -100, 0.1, 5.0))
+    _, lse = torch.ops.tritonforge.cross_entropy_forward(logits.detach(), targets, -100, 0.1, 0.0)
     torch.library.opcheck(torch.ops.tritonforge.cross_entropy_backward.default,
-                          (torch.rand(5), logits.detach(), targets, lse, -100, 0.1))
+                          (torch.rand(5), logits.detach(), targets, lse, -100, 0.1, 0.0))
     gen = torch.Generator().manual_seed(61)
     x, weight = torch.randn(7, 8, generator=gen), torch.randn(130, 8, generator=gen)
     bias = torch.randn(130, generator=gen)
     torch.library.opcheck(torch.ops.tritonforge.linear_cross_entropy.default,
-                          (x, weight, bias, targets.repeat(2)[:7], -100, 0.0, True, 3, torch.float32,
+                          (x, weight, bias, targets.repeat(2)[:7], -100, 0.0, 5.0, True, 3, torch.float32,
                            True, True, True))
     # gradients not asked for come back as empty (0,) tensors
     _, dx, dw, db = torch.ops.tritonforge.linear_cross_entropy(x, weight, None, targets.repeat(2)[:7], -100, 0.0,
-                                                                False, 4, torch.float32, False, True, False)
+                                                                0.0, False, 4, torch.float32, False, True, False)
     assert dx.shape == (0,) and db.shape == (0,) and dw.shape == weight.shape
 
 

@@ -188,7 +188,9 @@ def test_clipping_matches_clip_grad_norm(kind, max_norm):
         opt = kernels.SGD(ours.parameters(), lr=0.1, momentum=0.9, max_grad_norm=max_norm)
         opt_ref = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9, foreach=False)
     norms, ref_norms = train_pair(ours, ref, opt, opt_ref, steps=8, clip=max_norm)
-    assert_params_close(ours.parameters(), ref.parameters())
+    # 8 momentum steps accumulate the last-bit differences of a different (fused) order of operations: on the
+    # 1-element output bias this reaches a few 1e-6 relative
+    assert_params_close(ours.parameters(), ref.parameters(), rtol=FP32_RTOL if kind == "adamw" else 1e-5)
     torch.testing.assert_close(torch.stack(norms), torch.stack(ref_norms), rtol=NORM_RTOL, atol=0)
     clipped = torch.stack(ref_norms) > max_norm
     assert clipped.all() if max_norm < 1 else not clipped.any()

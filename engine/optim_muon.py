@@ -1,0 +1,181 @@
+"""Muon for hidden matrices and AdamW for the rest, as one optimizer in plain PyTorch.
+
+:class:`TorchMuon` is the ``torch`` backend of ``optim.name = "muon"`` and the reference the Triton
+``kernels.Muon`` is tested against (it runs in float64 when the parameters are float64). Each param
+group carries ``use_muon``: True groups hold 2-D matrices and follow ``torch.optim.Muon``, False
+groups follow ``torch.optim.AdamW``; the state keys are theirs (``momentum_buffer``; ``step``,
+``exp_avg``, ``exp_avg_sq``), as are the group keys.
+
+Muon step for a matrix W (m x n) with gradient G, momentum mu, Newton-Schulz coefficients (a, b, c):
+
+    B = lerp(B, G, 1 - mu);  U = lerp(G, B, mu) (Nesterov) or B
+    X = U / max(||U||_F, eps);  k times: A = X X^T;  X = a X + (b A + c A^2) X   (X^T X for tall W)
+    W = W (1 - lr wd) - lr * s * X,   s = 0.2 sqrt(max(m, n))  ("match_rms_adamw", the default)
+
+``adjust_lr_fn = "match_rms_adamw"`` scales Muon's update to AdamW's typical RMS (Moonshot's rule),
+so one learning rate and one schedule serve both kinds of group; ``"original"`` (s = sqrt(max(1,
+m/n)), Keller Jordan's) is what ``torch.optim.Muon`` does by default and needs a larger lr for the
+matrices. The iterations run in bf16 on CUDA (as torch's do) and in fp32 elsewhere; float64
+parameters iterate in float64 on any device (the reference). Tensors of other ranks (conv kernels included) are refused in Muon groups:
+put them in a ``use_muon=False`` group.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+from torch.distributed.tensor import DTensor
+
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+ADJUST_LR_FNS = ("original", "match_rms_adamw")
+
+
+def muon_lr_scale(shape: torch.Size, adjust_lr_fn: Optional[str]) -> float:
+    """The factor Muon's update is multiplied by on top of ``lr`` for a matrix of ``shape``."""
+    rows, cols = shape[0], shape[1]
+    if adjust_lr_fn == "match_rms_adamw":
+        return 0.2 * math.sqrt(max(rows, cols))
+    return math.sqrt(max(1.0, rows / cols))
+
+
+def newton_schulz(update: Tensor, coefficients: tuple[float, float, float], steps: int,
+                  eps: float) -> Tensor:
+    """``steps`` quintic Newton-Schulz iterations toward the orthogonal factor of ``update``."""
+    a, b, c = coefficients
+    if update.dtype == torch.float64:
+        dtype = torch.float64
+    else:
+        dtype = torch.bfloat16 if update.is_cuda else torch.float32
+    x = update.to(dtype)
+    tall = x.shape[0] > x.shape[1]
+    if tall:
+        x = x.mT
+    x = x / x.norm().clamp(min=eps)
+    for _ in range(steps):
+        gram = x @ x.mT
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x.mT if tall else x
+
+
+def _check_group(group: dict[str, Any], name: str) -> None:
+    if not 0.0 <= group["lr"]:
+        raise ValueError(f"{name}: invalid lr {group['lr']}; expected lr >= 0")
+    if not 0.0 <= group["weight_decay"]:
+        raise ValueError(f"{name}: invalid weight_decay {group['weight_decay']}; expected >= 0")
+    if group["use_muon"]:
+        if not 0.0 <= group["momentum"] < 1.0:
+            raise ValueError(f"{name}: invalid momentum {group['momentum']}; expected 0 <= momentum < 1")
+        if not (isinstance(group["ns_steps"], int) and 1 <= group["ns_steps"] < 100):
+            raise ValueError(f"{name}: invalid ns_steps {group['ns_steps']!r}; expected an int in [1, 100)")
+        if len(group["ns_coefficients"]) != 3:
+            raise ValueError(f"{name}: ns_coefficients must be 3 numbers (a, b, c), got "
+                             f"{group['ns_coefficients']!r}")
+        if group["adjust_lr_fn"] is not None and group["adjust_lr_fn"] not in ADJUST_LR_FNS:
+            raise ValueError(f"{name}: invalid adjust_lr_fn {group['adjust_lr_fn']!r}; expected one of "
+                             f"{', '.join(ADJUST_LR_FNS)} or None")
+        for p in group["params"]:
+            if isinstance(p, DTensor):
+                raise ValueError(f"{name}: use_muon=True groups do not take DTensor (FSDP2-sharded) "
+                                 "parameters: the Newton-Schulz iterations need whole matrices; use "
+                                 "Muon with DDP or a single process, or AdamW under FSDP2")
+            if p.ndim != 2:
+                raise ValueError(f"{name}: a use_muon=True group holds a parameter of shape "
+                                 f"{tuple(p.shape)}; Muon takes 2-D matrices, put the others in a "
+                                 "use_muon=False (AdamW) group")
+    else:
+        for i, beta in enumerate(group["betas"]):
+            if not 0.0 <= beta < 1.0:
+                raise ValueError(f"{name}: invalid betas[{i}] {beta}; expected 0 <= beta < 1")
+        if not 0.0 <= group["eps"]:
+            raise ValueError(f"{name}: invalid eps {group['eps']}; expected eps >= 0")
+
+
+def muon_group_defaults(group: dict[str, Any], defaults: dict[str, Any], adamw_betas, adamw_eps) -> None:
+    """Fill ``group`` in place with its kind's defaults: Muon's, or AdamW's ``betas``/``eps``."""
+    use_muon = group.get("use_muon", defaults["use_muon"])
+    group["use_muon"] = bool(use_muon)
+    if not use_muon:
+        group.setdefault("betas", tuple(adamw_betas))
+        group.setdefault("eps", adamw_eps)
+        for key in ("momentum", "nesterov", "ns_coefficients", "ns_steps", "adjust_lr_fn"):
+            group.setdefault(key, None)
+
+
+class TorchMuon(torch.optim.Optimizer):
+    """Muon (use_muon=True groups) and AdamW (use_muon=False groups) in one optimizer.
+
+    Arguments are ``torch.optim.Muon``'s (``eps`` is the Newton-Schulz normalization's) except the
+    default ``adjust_lr_fn="match_rms_adamw"``; ``adamw_betas`` and ``adamw_eps`` are the defaults of
+    the AdamW groups, whose own ``betas``/``eps`` keys override them. A group without ``use_muon``
+    is a Muon group. ``weight_decay`` is decoupled in both (``p *= 1 - lr*wd``).
+    """
+
+    def __init__(self, params, lr: float = 1e-3, weight_decay: float = 0.1, momentum: float = 0.95,
+                 nesterov: bool = True, ns_coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
+                 eps: float = 1e-7, ns_steps: int = 5, adjust_lr_fn: Optional[str] = "match_rms_adamw",
+                 *, adamw_betas: tuple[float, float] = (0.9, 0.95), adamw_eps: float = 1e-8):
+        self._adamw_defaults = (tuple(adamw_betas), adamw_eps)
+        defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
+                        ns_coefficients=tuple(ns_coefficients), eps=eps, ns_steps=ns_steps,
+                        adjust_lr_fn=adjust_lr_fn, use_muon=True)
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        muon_group_defaults(param_group, self.defaults, *self._adamw_defaults)
+        super().add_param_group(param_group)
+        _check_group(self.param_groups[-1], type(self).__name__)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Also loads a ``torch.optim.Muon`` or ``AdamW`` state dict: group keys it lacks keep ours."""
+        own = [dict(g) for g in self.param_groups]
+        super().load_state_dict(state_dict)
+        for group, before in zip(self.param_groups, own):
+            for key, value in before.items():
+                group.setdefault(key, value)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if group["use_muon"]:
+                    self._muon_step(p, group)
+                else:
+                    self._adamw_step(p, group)
+        return loss
+
+    def _muon_step(self, p: Tensor, group: dict[str, Any]) -> None:
+        state = self.state[p]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        buf, mu = state["momentum_buffer"], group["momentum"]
+        grad = p.grad.to(buf.dtype)
+        buf.lerp_(grad, 1 - mu)
+        update = grad.lerp(buf, mu) if group["nesterov"] else buf
+        ortho = newton_schulz(update, group["ns_coefficients"], group["ns_steps"], group["eps"])
+        lr = group["lr"]
+        p.mul_(1 - lr * group["weight_decay"])
+        p.add_(ortho.to(p.dtype), alpha=-lr * muon_lr_scale(p.shape, group["adjust_lr_fn"]))
+
+    def _adamw_step(self, p: Tensor, group: dict[str, Any]) -> None:
+        state = self.state[p]
+        if "step" not in state:  # on the parameter's device: no host sync, and a masked step restores it
+            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        beta1, beta2 = group["betas"]
+        lr, grad = group["lr"], p.grad
+        state["step"] += 1
+        t = state["step"].to(p.dtype)
+        p.mul_(1 - lr * group["weight_decay"])
+        state["exp_avg"].lerp_(grad, 1 - beta1)
+        state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        denom = (state["exp_avg_sq"].sqrt() / (1 - beta2 ** t).sqrt()).add_(group["eps"])
+        p.addcdiv_(state["exp_avg"] / (1 - beta1 ** t), denom, value=-lr)
