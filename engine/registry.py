@@ -43,8 +43,16 @@ def _window_mask(s_q: int, s_k: int, window: int, causal: bool, device: torch.de
     return (j > i - window) & (j <= i if causal else j < i + window)
 
 
-def torch_attention(q, k, v, causal: bool = True, window: int | None = None, scale: float | None = None):
+def torch_attention(q, k, v, causal: bool = True, window: int | None = None, scale: float | None = None,
+                    segment_ids: torch.Tensor | None = None):
+    """SDPA. ``segment_ids`` (B, S) (packed documents): key j visible from query i only if both carry the
+    same id, as a dense (B, 1, S, S) boolean mask combined with the causal/window one."""
     mask = _window_mask(q.shape[-2], k.shape[-2], window, causal, q.device) if window else None
+    if segment_ids is not None:
+        same = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
+        if mask is None and causal:
+            mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
+        mask = same if mask is None else mask & same
     return F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, is_causal=causal and mask is None, scale=scale,
         enable_gqa=q.shape[1] != k.shape[1])
@@ -174,8 +182,9 @@ class TorchLion(torch.optim.Optimizer):
 # ---------------------------------------------------------------------------------------------------
 
 def _triton_attention(kernels, deterministic: bool):
-    def attention(q, k, v, causal=True, window=None, scale=None):
-        return kernels.attention(q, k, v, causal=causal, scale=scale, window=window, deterministic=deterministic)
+    def attention(q, k, v, causal=True, window=None, scale=None, segment_ids=None):
+        return kernels.attention(q, k, v, causal=causal, scale=scale, window=window, deterministic=deterministic,
+                                 segment_ids=segment_ids)
     return attention
 
 
@@ -239,7 +248,8 @@ OPTIMIZERS: dict[str, tuple[Callable, str]] = {
 }
 
 TABLE: list[Op] = [
-    Op("attention", "scaled dot-product attention: causal, full or sliding window; grouped-query",
+    Op("attention", "scaled dot-product attention: causal, full or sliding window; grouped-query; "
+                    "packed documents (segment ids)",
        {"attention": (torch_attention, _triton_attention)}, kernel_names=("attention",)),
     Op("layer_norm", "LayerNorm over the last dim, and the pre-norm block's fused residual add + LayerNorm",
        {"layer_norm": (torch_layer_norm, "layer_norm"), "add_layer_norm": (torch_add_layer_norm, "add_layer_norm")}),

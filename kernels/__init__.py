@@ -10,7 +10,7 @@ this machine does not have. ``kernels._common`` holds what several modules share
 
 from kernels.norm import LayerNorm, RMSNorm, add_layer_norm, add_rms_norm, layer_norm, rms_norm  # noqa: E402,F401
 from kernels.optim import SGD, AdamW, Lion  # noqa: E402,F401
-from kernels.attention import attention  # noqa: E402,F401
+from kernels.attention import attention, attention_varlen  # noqa: E402,F401
 from kernels.mlp import gelu_linear_residual  # noqa: E402,F401
 from kernels.dwconv import depthwise_conv2d  # noqa: E402,F401
 from kernels.cross_entropy import cross_entropy, linear_cross_entropy  # noqa: E402,F401

@@ -23,7 +23,12 @@ full (default)              S           S
 So with ``causal=True`` a window ``w`` keeps the ``w`` most recent keys, the query's own position
 included (``i - w < j <= i``). With ``causal=False`` it is the symmetric local window
 ``|i - j| < w``: the query's own key and the ``w - 1`` nearest on each side. ``w >= S`` is the same as
-no window. Every query sees at least its own key, so no softmax row is ever empty.
+no window. ``segment_ids`` (B, S) (packed documents) further require equal ids: key ``j`` is visible
+from query ``i`` iff it is in the band and ``segment_ids[b, i] == segment_ids[b, j]``. Every query
+sees at least its own key, so no softmax row is ever empty.
+
+``attention_varlen(q, k, v, cu_seqlens)`` takes FlashAttention's (total tokens, H, D) layout and runs
+as one sequence of all tokens with segment ids from ``cu_seqlens``.
 
 Design
 ------
@@ -44,6 +49,17 @@ length is not a multiple of the block) are *boundary* blocks. The loop over key 
 inside ``tl.static_range(2)``: the first pass visits the boundary blocks and applies the band and
 sequence masks, the second visits the interior blocks with no mask at all, so the masking costs only on
 the O(1) boundary blocks per row block. Both passes compile from the same source.
+
+*Segments* (the constexpr ``SEGMENTS``; without it the kernels are the unsegmented ones). The launcher
+turns the ids into a (B, 5, S) int32 table (``_segment_table``): per position, the id, the span
+``[first, last + 1)`` of its id and the contiguous run of equal ids around it. A block of rows visits
+only the band's blocks inside the union of its ids' spans, so packed documents cost the sum over
+documents of their (banded) squares, not S^2; blocks stay interior only when every row lies in one run
+and the block inside it; the boundary blocks also compare ids. An id that recurs (not packing's
+output) stays exact: its span covers the documents between its runs, whose blocks are then masked
+rather than skipped. The dK/dV kernel bounds its query blocks by the keys' spans (visibility by id
+is symmetric). The id compares cost a few registers, so the configs at the register limit have
+spill-free replacements for the segment variants (``_SEGMENT_CONFIGS``).
 
 *Backward*: two variants, chosen with ``attention(..., deterministic=...)``. Both start with
 
@@ -144,7 +160,7 @@ import triton.language as tl
 from kernels._common import INTERPRET, TL_DTYPES, use_triton
 from kernels.aot import Variant
 
-__all__ = ["attention", "attention_forward", "attention_backward", "SUPPORTED_HEAD_DIMS"]
+__all__ = ["attention", "attention_varlen", "attention_forward", "attention_backward", "SUPPORTED_HEAD_DIMS"]
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 80, 96, 128, 256)
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -205,6 +221,15 @@ _KEEP_REASONS = {
                                               "64 keys x 16 queries, exceeds sm_90's shared memory; this "
                                               "mma.sync one fits both archs but spills on sm_80 (not tuned)"),
 }
+# With SEGMENTS the id compares cost a few registers: where a config at the register limit without
+# segments spills 8-40 B on sm_90 with them, the segment variants use these lists instead.
+_SEGMENT_CONFIGS = {
+    ("fwd", "d128"): [(128, 64, 8, 3)],
+    ("fwd", "d256"): [(64, 64, 8, 2)],
+    ("dkdv", "d<=64"): [(32, 128, 8, 3)],
+    ("dkdvdq", "d128"): [(16, 64, 8, 2)],
+    ("dq", "d256"): [(64, 16, 4, 2)],
+}
 _INTERPRETER_CONFIGS = {"fwd": (32, 16, 4, 1), "dkdv": (16, 32, 4, 1), "dq": (32, 16, 4, 1),
                         "dkdvdq": (16, 32, 4, 1)}
 # Preprocess (memory-bound): rows per program so that a tile holds 8192 elements; 8 warps.
@@ -224,16 +249,19 @@ def _config_class(block_d: int, dtype: torch.dtype) -> str:
     return "d128" if block_d == 128 else "d256"
 
 
-def _configs_for(kernel: str, block_d: int, dtype: torch.dtype) -> list[tuple[int, int, int, int]]:
+def _configs_for(kernel: str, block_d: int, dtype: torch.dtype,
+                 segments: bool = False) -> list[tuple[int, int, int, int]]:
     """The (BLOCK_M, BLOCK_N, num_warps, num_stages) a launch may use on a GPU."""
-    return _GPU_CONFIGS[(kernel, _config_class(block_d, dtype))]
+    key = (kernel, _config_class(block_d, dtype))
+    return _SEGMENT_CONFIGS.get(key, _GPU_CONFIGS[key]) if segments else _GPU_CONFIGS[key]
 
 
 def _autotune_configs(kernel: str) -> list[triton.Config]:
     if INTERPRET:
         tuples = [_INTERPRETER_CONFIGS[kernel]]
     else:
-        tuples = sorted({c for (name, _), cs in _GPU_CONFIGS.items() if name == kernel for c in cs})
+        tuples = sorted({c for table in (_GPU_CONFIGS, _SEGMENT_CONFIGS)
+                         for (name, _), cs in table.items() if name == kernel for c in cs})
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in tuples]
 
 
@@ -244,18 +272,64 @@ def _pruner(kernel: str):
         if INTERPRET:
             return configs
         args = {**named_args, **kwargs}
-        allowed = set(_configs_for(kernel, args["BLOCK_D"], args["Q"].dtype))
+        allowed = set(_configs_for(kernel, args["BLOCK_D"], args["Q"].dtype, args["SEGMENTS"]))
         return [c for c in configs
                 if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in allowed]
 
     return prune
 
 
-_AUTOTUNE_KEY = ["seqlen", "head_dim", "window_left", "window_right"]
+_AUTOTUNE_KEY = ["seqlen", "head_dim", "window_left", "window_right", "SEGMENTS"]
 
 # ---------------------------------------------------------------------------------------------------
 # Kernels
 # ---------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _band_blocks(start, last, seqlen, left, right, BLOCK: tl.constexpr):
+    """The blocks of BLOCK columns that rows [start, last] visit under the band
+    ``i - left < j <= i + right`` (columns past the sequence excluded): ``[lo, hi)`` in all, of which
+    ``[inner_lo, inner_hi)`` are interior (every pair visible, inside the sequence). lo, inner_lo and
+    inner_hi are multiples of BLOCK (inner_lo may also be hi); lo <= inner_lo <= inner_hi <= hi."""
+    lo = tl.maximum(start - left + 1, 0) // BLOCK * BLOCK
+    hi = tl.minimum(last + right + 1, seqlen)
+    inner_lo = tl.minimum(tl.cdiv(tl.maximum(last - left + 1, 0), BLOCK) * BLOCK, hi)
+    inner_hi = tl.minimum((start + right + 1) // BLOCK, seqlen // BLOCK) * BLOCK
+    inner_hi = tl.maximum(inner_hi, inner_lo)
+    return lo, hi, inner_lo, inner_hi
+
+
+@triton.jit
+def _block_start(it, lo, inner_lo, inner_hi, num_lower, BLOCK: tl.constexpr, BOUNDARY: tl.constexpr):
+    """First column of loop step ``it``. Boundary pass: the lower boundary blocks [lo, inner_lo), then,
+    jumping over the interior, the upper ones [inner_hi, hi). Interior pass: [inner_lo, inner_hi)."""
+    if BOUNDARY:
+        start = lo + it * BLOCK + (it >= num_lower).to(tl.int32) * (inner_hi - inner_lo)
+    else:
+        start = inner_lo + it * BLOCK
+    return start
+
+
+@triton.jit
+def _segment_blocks(seg_base, start, last, offs, seqlen, lo, hi, inner_lo, inner_hi, BLOCK: tl.constexpr):
+    """Narrow ``_band_blocks``' ranges for rows ``offs`` (``[start, last]`` inside the sequence) to the
+    columns of their segments. ``seg_base`` points at this batch row's segment table (see
+    ``_segment_table``): the span ``[first, last + 1)`` of every row's id bounds ``[lo, hi)``; blocks stay
+    interior only if all rows lie in one contiguous run of equal ids and the block inside that run.
+    Same invariants as ``_band_blocks``; the rows' own columns always remain inside ``[lo, hi)``."""
+    in_seq = offs < seqlen
+    span_lo = tl.min(tl.load(seg_base + seqlen + offs, mask=in_seq, other=seqlen), 0)
+    span_hi = tl.max(tl.load(seg_base + 2 * seqlen + offs, mask=in_seq, other=0), 0)
+    run_lo = tl.load(seg_base + 3 * seqlen + start)
+    run_hi = tl.load(seg_base + 4 * seqlen + start)
+    lo = tl.maximum(lo, span_lo // BLOCK * BLOCK)
+    hi = tl.minimum(hi, span_hi)
+    inner_lo = tl.minimum(tl.maximum(inner_lo, tl.cdiv(run_lo, BLOCK) * BLOCK), hi)
+    inner_hi = tl.where(run_hi > last, tl.minimum(inner_hi, run_hi // BLOCK * BLOCK), 0)
+    inner_hi = tl.maximum(inner_hi, inner_lo)
+    return lo, hi, inner_lo, inner_hi
+
 
 
 @triton.autotune(configs=_autotune_configs("fwd"), key=_AUTOTUNE_KEY,
@@ -265,6 +339,7 @@ def _attn_fwd(
     Q, K, V,  # (B, H, S, D), (B, Hkv, S, D), (B, Hkv, S, D); last dim contiguous
     Out,  # (B, H, S, D) contiguous, dtype of Q
     LSE,  # (B, H, S) fp32 contiguous: row log-sum-exp, base 2, of the scaled scores
+    Seg,  # (B, 5, S) int32 segment table (``_segment_table``); read only with SEGMENTS
     stride_qb, stride_qh, stride_qs,
     stride_kb, stride_kh, stride_ks,
     stride_vb, stride_vh, stride_vs,
@@ -274,9 +349,10 @@ def _attn_fwd(
     qk_scale,  # scale * log2(e)
     BLOCK_D: tl.constexpr,  # the next power of two of D: the tile width
     PAD_D: tl.constexpr,  # D < BLOCK_D: mask the columns past D
+    SEGMENTS: tl.constexpr,  # key j visible from query i only if their segment ids are equal
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """O = softmax(scale * Q K^T | band) V for one block of BLOCK_M queries of one (batch, head).
+    """O = softmax(scale * Q K^T | band, segments) V for one block of BLOCK_M queries of one (batch, head).
 
     Online softmax over key blocks, in base 2 with t = qk_scale * (q . k):
         m' = max(m, max_j t_j);  l' = l * 2^(m - m') + sum_j 2^(t_j - m');
@@ -312,11 +388,12 @@ def _attn_fwd(
     # Visible keys of rows [start_m, last_m]: [lo, hi). Interior blocks [inner_lo, inner_hi) are visible
     # from every row of the block and lie inside the sequence; the rest of [lo, hi) is boundary.
     last_m = tl.minimum(start_m + BLOCK_M, seqlen) - 1
-    lo = tl.maximum(start_m - window_left + 1, 0) // BLOCK_N * BLOCK_N
-    hi = tl.minimum(last_m + window_right + 1, seqlen)
-    inner_lo = tl.minimum(tl.cdiv(tl.maximum(last_m - window_left + 1, 0), BLOCK_N) * BLOCK_N, hi)
-    inner_hi = tl.minimum((start_m + window_right + 1) // BLOCK_N, seqlen // BLOCK_N) * BLOCK_N
-    inner_hi = tl.maximum(inner_hi, inner_lo)
+    lo, hi, inner_lo, inner_hi = _band_blocks(start_m, last_m, seqlen, window_left, window_right, BLOCK_N)
+    if SEGMENTS:
+        seg_base = Seg + batch.to(tl.int64) * 5 * seqlen
+        lo, hi, inner_lo, inner_hi = _segment_blocks(seg_base, start_m, last_m, offs_m, seqlen,
+                                                     lo, hi, inner_lo, inner_hi, BLOCK_N)
+        seg_m = tl.load(seg_base + offs_m, mask=mask_m, other=-1)
     num_lower = tl.cdiv(inner_lo - lo, BLOCK_N)  # boundary blocks below the interior ...
     num_upper = tl.cdiv(hi - inner_hi, BLOCK_N)  # ... and above it
     # per row: the last visible key, and the last key before the visible ones
@@ -329,11 +406,7 @@ def _attn_fwd(
         else:
             num_blocks = (inner_hi - inner_lo) // BLOCK_N
         for it in range(num_blocks):
-            if boundary == 0:
-                # the lower boundary blocks [lo, inner_lo), then jump over the interior to [inner_hi, hi)
-                start_n = lo + it * BLOCK_N + (it >= num_lower).to(tl.int32) * (inner_hi - inner_lo)
-            else:
-                start_n = inner_lo + it * BLOCK_N
+            start_n = _block_start(it, lo, inner_lo, inner_hi, num_lower, BLOCK_N, boundary == 0)
             offs_kn = start_n + offs_n
             if boundary == 0:
                 mask_kv = (offs_kn < seqlen)[:, None] & mask_d[None, :]
@@ -343,6 +416,9 @@ def _attn_fwd(
             qk = tl.dot(q, tl.trans(k))
             if boundary == 0:
                 visible = (offs_kn[None, :] <= key_last[:, None]) & (offs_kn[None, :] > key_before[:, None])
+                if SEGMENTS:
+                    seg_n = tl.load(seg_base + offs_kn, mask=offs_kn < seqlen, other=-1)
+                    visible = visible & (seg_m[:, None] == seg_n[None, :])
                 qk = tl.where(visible, qk, float("-inf"))
                 m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
                 # a row may see no key of this block and none before it: keep its exponents finite
@@ -400,6 +476,7 @@ def _attn_bwd_dkdv(
     LSE, Delta,  # (B, H, S) fp32 contiguous
     DK, DV,  # (B, Hkv, S, D) contiguous, outputs
     DQAcc,  # (B, H, S, D) fp32 contiguous, zeroed: dQ summed with atomics (only with ATOMIC_DQ)
+    Seg,  # (B, 5, S) int32 segment table; read only with SEGMENTS
     stride_qb, stride_qh, stride_qs,
     stride_kb, stride_kh, stride_ks,
     stride_vb, stride_vh, stride_vs,
@@ -408,6 +485,7 @@ def _attn_bwd_dkdv(
     qk_scale,  # scale * log2(e)
     sm_scale,  # scale
     BLOCK_D: tl.constexpr, PAD_D: tl.constexpr,
+    SEGMENTS: tl.constexpr,  # key j visible from query i only if their segment ids are equal
     ATOMIC_DQ: tl.constexpr,  # also add each step's dQ share into DQAcc (the 5-matmul backward)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -448,11 +526,14 @@ def _attn_bwd_dkdv(
     # Queries that see keys [start_n, last_n]: [lo, hi); interior query blocks [inner_lo, inner_hi) see
     # every key of the block and lie inside the sequence. Keys past the sequence are never stored.
     last_n = tl.minimum(start_n + BLOCK_N, seqlen) - 1
-    lo = tl.maximum(start_n - window_right, 0) // BLOCK_M * BLOCK_M
-    hi = tl.minimum(last_n + window_left, seqlen)
-    inner_lo = tl.minimum(tl.cdiv(tl.maximum(last_n - window_right, 0), BLOCK_M) * BLOCK_M, hi)
-    inner_hi = tl.minimum((start_n + window_left) // BLOCK_M, seqlen // BLOCK_M) * BLOCK_M
-    inner_hi = tl.maximum(inner_hi, inner_lo)
+    # the transposed band: query i sees key j iff j - (right + 1) < i <= j + (left - 1)
+    lo, hi, inner_lo, inner_hi = _band_blocks(start_n, last_n, seqlen, window_right + 1, window_left - 1,
+                                              BLOCK_M)
+    if SEGMENTS:  # visibility by segment is symmetric: the keys' segments bound the queries
+        seg_base = Seg + batch.to(tl.int64) * 5 * seqlen
+        lo, hi, inner_lo, inner_hi = _segment_blocks(seg_base, start_n, last_n, offs_n, seqlen,
+                                                     lo, hi, inner_lo, inner_hi, BLOCK_M)
+        seg_n = tl.load(seg_base + offs_n, mask=offs_n < seqlen, other=-1)
     num_lower = tl.cdiv(inner_lo - lo, BLOCK_M)
     num_upper = tl.cdiv(hi - inner_hi, BLOCK_M)
 
@@ -467,10 +548,7 @@ def _attn_bwd_dkdv(
             else:
                 num_blocks = (inner_hi - inner_lo) // BLOCK_M
             for it in range(num_blocks):
-                if boundary == 0:
-                    start_m = lo + it * BLOCK_M + (it >= num_lower).to(tl.int32) * (inner_hi - inner_lo)
-                else:
-                    start_m = inner_lo + it * BLOCK_M
+                start_m = _block_start(it, lo, inner_lo, inner_hi, num_lower, BLOCK_M, boundary == 0)
                 offs_qm = start_m + offs_m
                 if boundary == 0:
                     mask_m = offs_qm < seqlen
@@ -484,7 +562,11 @@ def _attn_bwd_dkdv(
                 p_t = tl.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse[None, :])
                 if boundary == 0:
                     rel = offs_n[:, None] - offs_qm[None, :]  # j - i
-                    p_t = tl.where((rel <= window_right) & (rel > -window_left), p_t, 0.0)
+                    visible = (rel <= window_right) & (rel > -window_left)
+                    if SEGMENTS:
+                        seg_m = tl.load(seg_base + offs_qm, mask=mask_m, other=-1)
+                        visible = visible & (seg_n[:, None] == seg_m[None, :])
+                    p_t = tl.where(visible, p_t, 0.0)
                 do = tl.load(do_base + offs_qm[:, None] * stride_dos + offs_d[None, :], mask=mask_q, other=0.0)
                 dv = tl.dot(p_t.to(do.dtype), do, dv)
                 if boundary == 0:
@@ -521,6 +603,7 @@ def _attn_bwd_dq(
     Q, K, V, DO,  # (B, H, S, D), (B, Hkv, S, D) x 2, (B, H, S, D); last dims contiguous
     LSE, Delta,  # (B, H, S) fp32 contiguous
     DQ,  # (B, H, S, D) contiguous, output
+    Seg,  # (B, 5, S) int32 segment table; read only with SEGMENTS
     stride_qb, stride_qh, stride_qs,
     stride_kb, stride_kh, stride_ks,
     stride_vb, stride_vh, stride_vs,
@@ -529,6 +612,7 @@ def _attn_bwd_dq(
     qk_scale,  # scale * log2(e)
     sm_scale,  # scale
     BLOCK_D: tl.constexpr, PAD_D: tl.constexpr,
+    SEGMENTS: tl.constexpr,  # key j visible from query i only if their segment ids are equal
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dQ for one block of BLOCK_M queries of one (batch, head).
@@ -565,11 +649,12 @@ def _attn_bwd_dq(
 
     # Same key ranges as the forward.
     last_m = tl.minimum(start_m + BLOCK_M, seqlen) - 1
-    lo = tl.maximum(start_m - window_left + 1, 0) // BLOCK_N * BLOCK_N
-    hi = tl.minimum(last_m + window_right + 1, seqlen)
-    inner_lo = tl.minimum(tl.cdiv(tl.maximum(last_m - window_left + 1, 0), BLOCK_N) * BLOCK_N, hi)
-    inner_hi = tl.minimum((start_m + window_right + 1) // BLOCK_N, seqlen // BLOCK_N) * BLOCK_N
-    inner_hi = tl.maximum(inner_hi, inner_lo)
+    lo, hi, inner_lo, inner_hi = _band_blocks(start_m, last_m, seqlen, window_left, window_right, BLOCK_N)
+    if SEGMENTS:
+        seg_base = Seg + batch.to(tl.int64) * 5 * seqlen
+        lo, hi, inner_lo, inner_hi = _segment_blocks(seg_base, start_m, last_m, offs_m, seqlen,
+                                                     lo, hi, inner_lo, inner_hi, BLOCK_N)
+        seg_m = tl.load(seg_base + offs_m, mask=mask_m, other=-1)
     num_lower = tl.cdiv(inner_lo - lo, BLOCK_N)
     num_upper = tl.cdiv(hi - inner_hi, BLOCK_N)
     key_last = tl.minimum(offs_m + window_right, seqlen - 1)
@@ -581,10 +666,7 @@ def _attn_bwd_dq(
         else:
             num_blocks = (inner_hi - inner_lo) // BLOCK_N
         for it in range(num_blocks):
-            if boundary == 0:
-                start_n = lo + it * BLOCK_N + (it >= num_lower).to(tl.int32) * (inner_hi - inner_lo)
-            else:
-                start_n = inner_lo + it * BLOCK_N
+            start_n = _block_start(it, lo, inner_lo, inner_hi, num_lower, BLOCK_N, boundary == 0)
             offs_kn = start_n + offs_n
             if boundary == 0:
                 mask_kv = (offs_kn < seqlen)[:, None] & mask_d[None, :]
@@ -595,6 +677,9 @@ def _attn_bwd_dq(
             p = tl.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None])
             if boundary == 0:
                 visible = (offs_kn[None, :] <= key_last[:, None]) & (offs_kn[None, :] > key_before[:, None])
+                if SEGMENTS:
+                    seg_n = tl.load(seg_base + offs_kn, mask=offs_kn < seqlen, other=-1)
+                    visible = visible & (seg_m[:, None] == seg_n[None, :])
                 p = tl.where(visible, p, 0.0)
             ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
             dq = tl.dot(ds.to(k.dtype), k, dq)
@@ -626,7 +711,44 @@ def _bhs_strides(t: torch.Tensor) -> tuple[int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2)
 
 
-def attention_forward(q, k, v, causal: bool, scale: float, window: int):
+def _segment_table(segment_ids: torch.Tensor) -> torch.Tensor:
+    """(B, 5, S) int32 from (B, S) integer ids, for the kernels' ``Seg`` argument. Per position ``i``:
+    0: the id, renumbered 0, 1, ... per batch row (any int64 value is fine); 1, 2: ``[first, last + 1)``
+    of the positions that carry the same id; 3, 4: the same for the contiguous run of equal ids
+    around ``i``. For packed documents (each id one contiguous run) 1, 2 equal 3, 4. Sorting by id
+    (stable, so each id's positions stay in order) finds first and last occurrences on the device."""
+    batch, seqlen = segment_ids.shape
+    ids = segment_ids.to(torch.int64)
+    table = torch.empty((batch, 5, seqlen), dtype=torch.int32, device=ids.device)
+    pos = torch.arange(seqlen, device=ids.device).expand(batch, seqlen)
+    last_pos = torch.full_like(pos, seqlen - 1)
+
+    def first_of(starts):  # per position: the latest position <= it where ``starts`` holds
+        return torch.where(starts, pos, 0).cummax(dim=1).values
+
+    def last_of(ends):  # per position: the earliest position >= it where ``ends`` holds
+        return torch.where(ends, pos, last_pos).flip(1).cummin(dim=1).values.flip(1)
+
+    def edges(sorted_ids):  # (first of a group of equal ids, last of a group)
+        starts = torch.ones_like(sorted_ids, dtype=torch.bool)
+        starts[:, 1:] = sorted_ids[:, 1:] != sorted_ids[:, :-1]
+        ends = torch.ones_like(starts)
+        ends[:, :-1] = starts[:, 1:]
+        return starts, ends
+
+    sorted_ids, order = torch.sort(ids, dim=1, stable=True)
+    starts, ends = edges(sorted_ids)
+    table[:, 0].scatter_(1, order, (starts.cumsum(dim=1) - 1).to(torch.int32))
+    table[:, 1].scatter_(1, order, order.gather(1, first_of(starts)).to(torch.int32))
+    table[:, 2].scatter_(1, order, (order.gather(1, last_of(ends)) + 1).to(torch.int32))
+    starts, ends = edges(ids)
+    table[:, 3] = first_of(starts)
+    table[:, 4] = last_of(ends) + 1
+    return table
+
+
+def attention_forward(q, k, v, causal: bool, scale: float, window: int,
+                      segment_ids: torch.Tensor | None = None):
     """Launch the forward kernel. Returns ``(out, lse)``: out (B, H, S, D) contiguous in q's dtype,
     lse (B, H, S) fp32, the base-2 log-sum-exp of ``scale * log2(e) * q . k`` over the visible keys."""
     q, k, v = (_unit_last_stride(t) for t in (q, k, v))
@@ -640,17 +762,19 @@ def attention_forward(q, k, v, causal: bool, scale: float, window: int):
     def grid(meta):
         return (triton.cdiv(seqlen, meta["BLOCK_M"]), batch * num_heads)
 
+    # Seg is not read without SEGMENTS: any tensor fills the slot.
+    seg = lse if segment_ids is None else _segment_table(segment_ids)
     _attn_fwd[grid](
-        q, k, v, out, lse,
+        q, k, v, out, lse, seg,
         *_bhs_strides(q), *_bhs_strides(k), *_bhs_strides(v),
         num_heads, num_heads // k.shape[1], seqlen, head_dim, left, right, scale * _LOG2E,
-        BLOCK_D=_block_d(head_dim), PAD_D=_block_d(head_dim) != head_dim,
+        BLOCK_D=_block_d(head_dim), PAD_D=_block_d(head_dim) != head_dim, SEGMENTS=segment_ids is not None,
     )
     return out, lse
 
 
 def attention_backward(do, q, k, v, out, lse, causal: bool, scale: float, window: int,
-                       deterministic: bool = True):
+                       deterministic: bool = True, segment_ids: torch.Tensor | None = None):
     """Launch the backward kernels. Returns ``(dq, dk, dv)``, contiguous, in the inputs' dtype.
 
     ``deterministic=True``: the delta preprocess, the dK/dV kernel and the dQ kernel (7 matmuls per
@@ -678,25 +802,28 @@ def attention_backward(do, q, k, v, out, lse, causal: bool, scale: float, window
     common = (*_bhs_strides(q), *_bhs_strides(k), *_bhs_strides(v), *_bhs_strides(do),
               num_heads, group_size, seqlen, head_dim, left, right, scale * _LOG2E, scale)
     pad_d = block_d != head_dim
+    segments = segment_ids is not None
+    seg = _segment_table(segment_ids) if segments else delta  # not read without SEGMENTS
 
     def grid_dkdv(meta):
         return (triton.cdiv(seqlen, meta["BLOCK_N"]), batch * num_kv_heads)
 
     if not deterministic:
         dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-        _attn_bwd_dkdvdq[grid_dkdv](q, k, v, do, lse, delta, dk, dv, dq_acc, *common,
-                                    BLOCK_D=block_d, PAD_D=pad_d, ATOMIC_DQ=True)
+        _attn_bwd_dkdvdq[grid_dkdv](q, k, v, do, lse, delta, dk, dv, dq_acc, seg, *common,
+                                    BLOCK_D=block_d, PAD_D=pad_d, SEGMENTS=segments, ATOMIC_DQ=True)
         return dq_acc.to(q.dtype), dk, dv
 
     # DQAcc is neither read nor written without ATOMIC_DQ: any fp32 tensor fills the slot.
-    _attn_bwd_dkdv[grid_dkdv](q, k, v, do, lse, delta, dk, dv, delta, *common,
-                              BLOCK_D=block_d, PAD_D=pad_d, ATOMIC_DQ=False)
+    _attn_bwd_dkdv[grid_dkdv](q, k, v, do, lse, delta, dk, dv, delta, seg, *common,
+                              BLOCK_D=block_d, PAD_D=pad_d, SEGMENTS=segments, ATOMIC_DQ=False)
 
     def grid_dq(meta):
         return (triton.cdiv(seqlen, meta["BLOCK_M"]), batch * num_heads)
 
     dq = q.new_empty(q.shape)
-    _attn_bwd_dq[grid_dq](q, k, v, do, lse, delta, dq, *common, BLOCK_D=block_d, PAD_D=pad_d)
+    _attn_bwd_dq[grid_dq](q, k, v, do, lse, delta, dq, seg, *common, BLOCK_D=block_d, PAD_D=pad_d,
+                          SEGMENTS=segments)
     return dq, dk, dv
 
 
@@ -705,13 +832,20 @@ def attention_backward(do, q, k, v, out, lse, causal: bool, scale: float, window
 # ---------------------------------------------------------------------------------------------------
 
 
-def _reference_scores(q, k, causal: bool, scale: float, window: int) -> torch.Tensor:
-    """fp32 masked scores (B, H, S, S); k already expanded to H heads."""
-    seqlen = q.shape[2]
+def _reference_mask(seqlen: int, causal: bool, window: int, segment_ids, device) -> torch.Tensor:
+    """Boolean visibility, (S, S) or with segments (B, 1, S, S): True where query i sees key j."""
     left, right = _band(seqlen, causal, window)
-    idx = torch.arange(seqlen, device=q.device)
+    idx = torch.arange(seqlen, device=device)
     rel = idx[None, :] - idx[:, None]
     visible = (rel <= right) & (rel > -left)
+    if segment_ids is not None:
+        visible = visible & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
+    return visible
+
+
+def _reference_scores(q, k, causal: bool, scale: float, window: int, segment_ids=None) -> torch.Tensor:
+    """fp32 masked scores (B, H, S, S); k already expanded to H heads."""
+    visible = _reference_mask(q.shape[2], causal, window, segment_ids, q.device)
     scores = (q.float() @ k.float().transpose(-1, -2)) * scale
     return scores.masked_fill(~visible, float("-inf"))
 
@@ -720,19 +854,19 @@ def _expand_kv(t: torch.Tensor, num_heads: int) -> torch.Tensor:
     return t.repeat_interleave(num_heads // t.shape[1], dim=1)
 
 
-def _reference_forward(q, k, v, causal, scale, window):
-    scores = _reference_scores(q, _expand_kv(k, q.shape[1]), causal, scale, window)
+def _reference_forward(q, k, v, causal, scale, window, segment_ids=None):
+    scores = _reference_scores(q, _expand_kv(k, q.shape[1]), causal, scale, window, segment_ids)
     lse = torch.logsumexp(scores, dim=-1)
     out = torch.softmax(scores, dim=-1) @ _expand_kv(v, q.shape[1]).float()
     return out.to(q.dtype).contiguous(), (lse * _LOG2E).contiguous()
 
 
-def _reference_backward(do, q, k, v, causal, scale, window):
+def _reference_backward(do, q, k, v, causal, scale, window, segment_ids=None):
     """The FlashAttention backward formulas on materialized fp32 probabilities."""
     batch, num_heads, seqlen, head_dim = q.shape
     num_kv_heads = k.shape[1]
     k_heads, v_heads = _expand_kv(k, num_heads).float(), _expand_kv(v, num_heads).float()
-    p = torch.softmax(_reference_scores(q, k_heads, causal, scale, window), dim=-1)
+    p = torch.softmax(_reference_scores(q, k_heads, causal, scale, window, segment_ids), dim=-1)
     do = do.float()
     dp = do @ v_heads.transpose(-1, -2)
     ds = p * (dp - (p * dp).sum(dim=-1, keepdim=True))
@@ -745,46 +879,48 @@ def _reference_backward(do, q, k, v, causal, scale, window):
 
 @torch.library.custom_op("tritonforge::attention_forward", mutates_args=())
 def _attention_forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float,
-                          window: int, deterministic: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                          window: int, deterministic: bool = True, segment_ids: torch.Tensor | None = None
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
     # ``deterministic`` does not change the forward; it is an argument so that autograd's context
     # (``_setup_context``) receives it and picks the backward.
     if use_triton(q):
-        return attention_forward(q, k, v, causal, scale, window)
-    return _reference_forward(q, k, v, causal, scale, window)
+        return attention_forward(q, k, v, causal, scale, window, segment_ids)
+    return _reference_forward(q, k, v, causal, scale, window, segment_ids)
 
 
 @_attention_forward_op.register_fake
-def _(q, k, v, causal, scale, window, deterministic=True):
+def _(q, k, v, causal, scale, window, deterministic=True, segment_ids=None):
     return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 @torch.library.custom_op("tritonforge::attention_backward", mutates_args=())
 def _attention_backward_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                            out: torch.Tensor, lse: torch.Tensor, causal: bool, scale: float,
-                           window: int, deterministic: bool = True
+                           window: int, deterministic: bool = True,
+                           segment_ids: torch.Tensor | None = None
                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if use_triton(q):
-        return attention_backward(do, q, k, v, out, lse, causal, scale, window, deterministic)
-    return _reference_backward(do, q, k, v, causal, scale, window)  # exact either way
+        return attention_backward(do, q, k, v, out, lse, causal, scale, window, deterministic, segment_ids)
+    return _reference_backward(do, q, k, v, causal, scale, window, segment_ids)  # exact either way
 
 
 @_attention_backward_op.register_fake
-def _(do, q, k, v, out, lse, causal, scale, window, deterministic=True):
+def _(do, q, k, v, out, lse, causal, scale, window, deterministic=True, segment_ids=None):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, causal, scale, window, deterministic = inputs
+    q, k, v, causal, scale, window, deterministic, segment_ids = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.save_for_backward(q, k, v, out, lse, segment_ids)
     ctx.causal, ctx.scale, ctx.window, ctx.deterministic = causal, scale, window, deterministic
 
 
 def _backward(ctx, grad_out, grad_lse):
-    q, k, v, out, lse = ctx.saved_tensors
+    q, k, v, out, lse, segment_ids = ctx.saved_tensors
     dq, dk, dv = _attention_backward_op(grad_out, q, k, v, out, lse, ctx.causal, ctx.scale, ctx.window,
-                                        ctx.deterministic)
-    return dq, dk, dv, None, None, None, None
+                                        ctx.deterministic, segment_ids)
+    return dq, dk, dv, None, None, None, None, None
 
 
 _attention_forward_op.register_autograd(_backward, setup_context=_setup_context)
@@ -795,7 +931,11 @@ _attention_forward_op.register_autograd(_backward, setup_context=_setup_context)
 # ---------------------------------------------------------------------------------------------------
 
 
-def _validate(q, k, v, causal, scale, window, deterministic) -> None:
+def _is_integer(t: torch.Tensor) -> bool:
+    return not (t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool)
+
+
+def _validate(q, k, v, causal, scale, window, deterministic, segment_ids) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -834,11 +974,22 @@ def _validate(q, k, v, causal, scale, window, deterministic) -> None:
             raise ValueError(f"window must be >= 1, got {window}")
     if not isinstance(deterministic, bool):
         raise TypeError(f"deterministic must be a bool, got {type(deterministic).__name__}")
+    if segment_ids is not None:
+        if not isinstance(segment_ids, torch.Tensor):
+            raise TypeError(f"segment_ids must be a torch.Tensor or None, got {type(segment_ids).__name__}")
+        if not _is_integer(segment_ids):
+            raise TypeError(f"segment_ids must have an integer dtype, got {segment_ids.dtype}")
+        if tuple(segment_ids.shape) != (batch, seqlen):
+            raise ValueError(f"segment_ids must have shape (B, S) = ({batch}, {seqlen}), "
+                             f"got {tuple(segment_ids.shape)}")
+        if segment_ids.device != q.device:
+            raise ValueError(f"segment_ids is on {segment_ids.device} but q is on {q.device}; "
+                             "they must match")
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
               scale: float | None = None, window: int | None = None,
-              deterministic: bool = True) -> torch.Tensor:
+              deterministic: bool = True, segment_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Scaled dot-product attention, fused, differentiable in q, k and v.
 
     Args:
@@ -853,14 +1004,66 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
             reproducible run to run. False: a faster backward (5 matmuls instead of 7 per block pair)
             that sums dq with fp32 atomics, so dq may differ in the last bits between runs; dk and dv
             are still reduced in a fixed order. The forward is the same either way.
+        segment_ids: None, or a (B, S) integer tensor: key ``j`` is visible from query ``i`` only if
+            ``segment_ids[b, i] == segment_ids[b, j]`` (and causal/window allow it). Packed documents,
+            each a contiguous run of one id, cost in proportion to the documents' lengths; an id that
+            recurs after another is still masked exactly, but the key blocks between its runs are
+            visited (masked) rather than skipped.
     Returns:
         (B, H, S, D) in q's dtype. D must be one of ``SUPPORTED_HEAD_DIMS``.
     """
-    _validate(q, k, v, causal, scale, window, deterministic)
+    _validate(q, k, v, causal, scale, window, deterministic, segment_ids)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
-    out, _ = _attention_forward_op(q, k, v, causal, float(scale), window or 0, deterministic)
+    out, _ = _attention_forward_op(q, k, v, causal, float(scale), window or 0, deterministic, segment_ids)
     return out
+
+
+def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                     max_seqlen: int | None = None, causal: bool = False, scale: float | None = None,
+                     window: int | None = None, deterministic: bool = True) -> torch.Tensor:
+    """Attention over variable-length sequences laid end to end, in FlashAttention's varlen convention.
+
+    Args:
+        q: (T, H, D) the tokens of all sequences; k, v: (T, Hkv, D).
+        cu_seqlens: (N + 1,) integer offsets, ``0 = cu[0] <= cu[1] <= ... <= cu[N] = T``: sequence ``n``
+            is tokens ``[cu[n], cu[n + 1])``. Not checked on the host (that would synchronize); tokens
+            at or past ``cu[N]`` form one more sequence.
+        max_seqlen: the longest sequence, accepted for FlashAttention's signature; the kernels find each
+            sequence's bounds themselves, so it is only checked to be a positive int.
+        causal, scale, window, deterministic: as for ``attention``, within each sequence.
+    Returns:
+        (T, H, D) in q's dtype: a view of an (H, T, D) buffer.
+
+    This is ``attention`` on the (1, H, T, D) strided view of the tokens with ``segment_ids`` from
+    ``cu_seqlens``: q, k, v are read in place, the output is written head-major. The fast layout is the
+    same either way; a caller that needs the output contiguous as (T, H * D) pays one copy, which the
+    (B, H, S, D) layout with ``segment_ids`` does not, when the next projection reads (B, H, S, D).
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 3:
+            raise ValueError(f"{name} must have 3 dimensions (T, H, D), got shape {tuple(t.shape)}")
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise TypeError(f"cu_seqlens must be a torch.Tensor, got {type(cu_seqlens).__name__}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(f"cu_seqlens must have shape (N + 1,) with N >= 1, got {tuple(cu_seqlens.shape)}")
+    if not _is_integer(cu_seqlens):
+        raise TypeError(f"cu_seqlens must have an integer dtype, got {cu_seqlens.dtype}")
+    if cu_seqlens.device != q.device:
+        raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but q is on {q.device}; they must match")
+    if max_seqlen is not None:
+        if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int):
+            raise TypeError(f"max_seqlen must be an int or None, got {type(max_seqlen).__name__}")
+        if max_seqlen < 1:
+            raise ValueError(f"max_seqlen must be >= 1, got {max_seqlen}")
+    tokens = torch.arange(q.shape[0], device=q.device, dtype=cu_seqlens.dtype)
+    segment_ids = torch.searchsorted(cu_seqlens[1:].contiguous(), tokens, right=True)[None, :]
+    q4, k4, v4 = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
+    out = attention(q4, k4, v4, causal=causal, scale=scale, window=window, deterministic=deterministic,
+                    segment_ids=segment_ids)
+    return out[0].transpose(0, 1)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -878,8 +1081,9 @@ def aot_variants() -> list[Variant]:
     """Every configuration the launchers and autotune lists may use on a GPU: per kernel, tile width
     (D rounded up to a power of two), dtype and config. Aligned: all pointers, the batch/head/sequence
     strides, H, S, D and the band ints (S or 0 at the benchmark shapes: hidden 2048, full or causal).
-    The dK/dV kernel is listed twice: with its own configs, and with ``ATOMIC_DQ`` and the "dkdvdq"
-    configs (the fused kernel of the ``deterministic=False`` backward)."""
+    Every dot kernel config is listed without and with ``SEGMENTS``. The dK/dV kernel is listed
+    twice: with its own configs, and with ``ATOMIC_DQ`` and the "dkdvdq" configs (the fused kernel of
+    the ``deterministic=False`` backward)."""
     variants = []
     ints = ["num_heads", "group_size", "seqlen", "head_dim", "window_left", "window_right"]
     aligned_ints = ("num_heads", "seqlen", "head_dim", "window_left", "window_right")
@@ -896,31 +1100,35 @@ def aot_variants() -> list[Variant]:
                 num_warps=_PRE_NUM_WARPS, num_stages=1, kind="memory", vector_stores=False,
                 aligned=("Out", "DO", "Delta", *_stride_args("do"), "num_heads", "seqlen", "head_dim")))
             fwd_sig = {"Q": f"*{ty}", "K": f"*{ty}", "V": f"*{ty}", "Out": f"*{ty}", "LSE": "*fp32",
-                       **dict.fromkeys(_stride_args("q", "k", "v"), "i32"),
+                       "Seg": "*i32", **dict.fromkeys(_stride_args("q", "k", "v"), "i32"),
                        **dict.fromkeys(ints, "i32"), "qk_scale": "fp32"}
             bwd_ptrs = {"Q": f"*{ty}", "K": f"*{ty}", "V": f"*{ty}", "DO": f"*{ty}", "LSE": "*fp32",
                         "Delta": "*fp32"}
             bwd_rest = {**dict.fromkeys(_stride_args("q", "k", "v", "do"), "i32"),
                         **dict.fromkeys(ints, "i32"), "qk_scale": "fp32", "sm_scale": "fp32"}
-            dkdv_sig = {**bwd_ptrs, "DK": f"*{ty}", "DV": f"*{ty}", "DQAcc": "*fp32", **bwd_rest}
-            dq_sig = {**bwd_ptrs, "DQ": f"*{ty}", **bwd_rest}
+            dkdv_sig = {**bwd_ptrs, "DK": f"*{ty}", "DV": f"*{ty}", "DQAcc": "*fp32", "Seg": "*i32",
+                        **bwd_rest}
+            dq_sig = {**bwd_ptrs, "DQ": f"*{ty}", "Seg": "*i32", **bwd_rest}
             pads = sorted({_block_d(d) != d for d in SUPPORTED_HEAD_DIMS if _block_d(d) == block_d})
             # (config list, kernel, signature, constexprs the launcher passes besides the tiles)
             launches = (("fwd", _attn_fwd, fwd_sig, {}),
                         ("dkdv", _attn_bwd_dkdv, dkdv_sig, {"ATOMIC_DQ": False}),
                         ("dkdvdq", _attn_bwd_dkdv, dkdv_sig, {"ATOMIC_DQ": True}),
                         ("dq", _attn_bwd_dq, dq_sig, {}))
-            for (name, kernel, sig, switches), pad_d in itertools.product(launches, pads):
+            for (name, kernel, sig, switches), pad_d, segments in itertools.product(launches, pads,
+                                                                                    (False, True)):
                 pointers = tuple(n for n, t in sig.items() if t.startswith("*"))
                 strides = tuple(n for n in sig if n.startswith("stride_"))
                 config_class = _config_class(block_d, dtype)
-                for config in _configs_for(name, block_d, dtype):
+                for config in _configs_for(name, block_d, dtype, segments):
                     block_m, block_n, warps, stages = config
                     label = f"{ty} BLOCK_D={block_d}{' padded' if pad_d else ''}"
+                    label += " segments" if segments else ""
                     label += " atomic dQ" if switches.get("ATOMIC_DQ") else ""
                     variants.append(Variant(
                         kernel=kernel.fn, name=f"{label} {block_m}x{block_n} w{warps} s{stages}",
-                        signature=sig, constexprs={"BLOCK_D": block_d, "PAD_D": pad_d, **switches,
+                        signature=sig, constexprs={"BLOCK_D": block_d, "PAD_D": pad_d, "SEGMENTS": segments,
+                                                   **switches,
                                                    "BLOCK_M": block_m, "BLOCK_N": block_n},
                         num_warps=warps, num_stages=stages, kind="dot", aligned=pointers + strides + aligned_ints,
                         keep_reason=_KEEP_REASONS.get((name, config_class, config), "")))

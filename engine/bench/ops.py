@@ -29,7 +29,9 @@ and ``tiny`` name the built-in sets):
 op                 spec                                 default (tiny: CPU default)
 =================  ===================================  ============================================
 attention          ``BxHxSxD[:causal|:full]`` (both if  hidden 2048 (D=64: H=32, D=128: H=16),
-                   neither)                             S in 1024/4096/16384, B*S = 16384, both masks
+                   neither), then ``[:segments=N]``:    S in 1024/4096/16384, B*S = 16384, both masks
+                   N equal packed documents per
+                   sequence (a document mask)
 layer_norm,        ``MxN``                              32768x768, 32768x1024, 16384x4096, 8192x8192
 rms_norm
 mlp                ``MxC`` (rows x channels, hidden     ConvNeXt-T's stages at batch 128, 224²:
@@ -60,7 +62,8 @@ op computes its gradients during the forward, so its fwd column holds most of it
 fp32 parameter (read g, p, m, v; write p, m, v), 32 with clipping (the norm reads g once more); rope
 (E = B·(H+Hkv)·T·D) fwd = bwd = 2·E·s (read and write q and k), fwd+bwd = 4·E·s, its output the rotated q and
 k concatenated over heads (one copy of 2·E·s more in every backend's time); swiglu fwd = 3·M·F·s (read gate,
-up; write out), bwd = 5·M·F·s (read gate, up, dout; write dgate, dup), fwd+bwd = 8·M·F·s.
+up; write out), bwd = 5·M·F·s (read gate, up, dout; write dgate, dup), fwd+bwd = 8·M·F·s. With
+``:segments=N`` (documents of lengths L_n) attention counts Σ L_n² for S².
 
 Table columns: op, backend, shape, dtype; ``err`` the largest relative error of the check; ``fwd ms``,
 ``bwd ms``, ``fwd+bwd ms``; ``fwd`` and ``fwd+bwd`` rates in ``unit`` (TFLOP/s or GB/s); ``% peak`` the
@@ -158,10 +161,25 @@ class AttentionShape:
     seq: int
     head_dim: int
     causal: bool
+    #: packed documents per sequence, of equal length (within one token): a document mask when > 1
+    segments: int = 1
 
     @property
     def label(self) -> str:
-        return f"{self.batch}x{self.heads}x{self.seq}x{self.head_dim} {'causal' if self.causal else 'full'}"
+        docs = f" segments={self.segments}" if self.segments > 1 else ""
+        return f"{self.batch}x{self.heads}x{self.seq}x{self.head_dim} {'causal' if self.causal else 'full'}{docs}"
+
+    def segment_ids(self, device: torch.device) -> torch.Tensor | None:
+        """(B, S) document ids, or None for one document (no mask)."""
+        if self.segments == 1:
+            return None
+        ids = torch.arange(self.seq, device=device) * self.segments // self.seq
+        return ids.expand(self.batch, self.seq)
+
+    def score_pairs(self) -> float:
+        """Sum over documents of L², the S² of the FLOP count."""
+        lengths = torch.bincount(torch.arange(self.seq) * self.segments // self.seq)  # as segment_ids
+        return float((lengths * lengths).sum())
 
 
 @dataclass(frozen=True)
@@ -259,7 +277,7 @@ class ParamSetShape:
 GPT2_SIZES = {"124M": (12, 768), "350M": (24, 1024), "774M": (36, 1280), "1.5B": (48, 1600)}
 
 SHAPE_SYNTAX = {
-    "attention": "BxHxSxD[:causal|:full], e.g. 4x16x4096x128:causal",
+    "attention": "BxHxSxD[:causal|:full][:segments=N], e.g. 4x16x4096x128:causal:segments=8",
     "layer_norm": "MxN, e.g. 32768x768",
     "rms_norm": "MxN, e.g. 32768x768",
     "mlp": "MxC (rows x channels; the hidden width is 4C), e.g. 401408x96",
@@ -330,12 +348,15 @@ def parse_shape(op: str, spec: str) -> list:
             raise BenchError(f"--shapes: {spec!r} is not a {op} shape; expected {bench.syntax}") from None
     bad = BenchError(f"--shapes: {spec!r} is not a {op} shape; expected {SHAPE_SYNTAX[op]}")
     if op == "attention":
-        m = re.fullmatch(r"(\d+x\d+x\d+x\d+)(?::(causal|full))?", spec)
+        m = re.fullmatch(r"(\d+x\d+x\d+x\d+)(?::(causal|full))?(?::segments=(\d+))?", spec)
         if not m:
             raise bad
         b, h, s, d = _positive_ints(m[1], spec, op)
         masks = (True, False) if m[2] is None else (m[2] == "causal",)
-        return [AttentionShape(b, h, s, d, causal) for causal in masks]
+        segments = 1 if m[3] is None else int(m[3])
+        if not 1 <= segments <= s:
+            raise BenchError(f"--shapes: {spec!r}: segments={segments} must be between 1 and S={s}")
+        return [AttentionShape(b, h, s, d, causal, segments) for causal in masks]
     if op in ("layer_norm", "rms_norm", "mlp", "swiglu"):
         if not re.fullmatch(r"\d+x\d+", spec):
             raise bad
@@ -377,7 +398,7 @@ def parse_shapes(text: str, ops: Sequence[str]) -> dict[str, list]:
         if not item:
             raise BenchError(f"--shapes: empty spec in {text!r}")
         targets, spec = list(ops), item
-        if "=" in item:
+        if "=" in item and ":" not in item.split("=", 1)[0]:  # not a spec's own ``:segments=N``
             op, spec = (s.strip() for s in item.split("=", 1))
             if op not in bench_ops():
                 raise BenchError(f"--shapes: unknown op {op!r} in {item!r}; valid ops: {', '.join(bench_ops())}")
@@ -462,7 +483,7 @@ def make_case(op: str, shape, dtype: torch.dtype, device: torch.device) -> Case:
     if op == "attention":
         b, h, s, d = shape.batch, shape.heads, shape.seq, shape.head_dim
         qkv = [_random((b, h, s, d), dtype, device) for _ in range(3)]
-        fwd = 4 * b * h * s * s * d * (0.5 if shape.causal else 1.0)
+        fwd = 4 * b * h * shape.score_pairs() * d * (0.5 if shape.causal else 1.0)
         return Case(op, shape, dtype, device, qkv, torch.randn_like(qkv[0]), ("out", "dq", "dk", "dv"),
                     {"fwd": fwd, "bwd": 2.5 * fwd, "fwdbwd": 3.5 * fwd}, "TFLOP/s")
     if op in ("layer_norm", "rms_norm"):
@@ -539,9 +560,21 @@ def _attention_reference(case: Case) -> list[torch.Tensor]:
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
         context = sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION])
+    mask = _document_mask(case)
     with context:
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=case.shape.causal)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=case.shape.causal and mask is None)
     return _backward_reference(case, out, [q, k, v])
+
+
+def _document_mask(case: Case) -> torch.Tensor | None:
+    """(B, 1, S, S) boolean: same document (and causal), or None without documents."""
+    ids = case.shape.segment_ids(case.device)
+    if ids is None:
+        return None
+    mask = ids[:, None, :, None] == ids[:, None, None, :]
+    if case.shape.causal:
+        mask = mask & torch.ones(case.shape.seq, case.shape.seq, dtype=torch.bool, device=case.device).tril()
+    return mask
 
 
 def _norm_reference(case: Case) -> list[torch.Tensor]:
@@ -616,7 +649,8 @@ def _registry_runner(case: Case, backend: str) -> Runner:
         return Runner(lambda: bench.call(ops, case), [t for t in case.inputs if t.requires_grad])
     if case.op == "attention":
         q, k, v = case.inputs
-        return Runner(lambda: ops.attention(q, k, v, causal=case.shape.causal), [q, k, v])
+        ids = case.shape.segment_ids(case.device)
+        return Runner(lambda: ops.attention(q, k, v, causal=case.shape.causal, segment_ids=ids), [q, k, v])
     if case.op == "layer_norm":
         x, w, b = case.inputs
         return Runner(lambda: ops.layer_norm(x, w, b, LAYER_NORM_EPS), [x, w, b])
@@ -644,10 +678,13 @@ def _sdpa_runner(case: Case, backend: str) -> Runner:
     which = {"sdpa-flash": SDPBackend.FLASH_ATTENTION, "sdpa-cudnn": SDPBackend.CUDNN_ATTENTION,
              "sdpa-mem_eff": SDPBackend.EFFICIENT_ATTENTION}[backend]
     q, k, v = case.inputs
+    mask = _document_mask(case)
+    if mask is not None and backend == "sdpa-flash":
+        raise NotAvailable("SDPA's flash backend takes no attention mask (segments)")
 
     def forward():
         with sdpa_kernel(which):  # the backward kernel is fixed by the forward's choice
-            return F.scaled_dot_product_attention(q, k, v, is_causal=case.shape.causal)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=case.shape.causal and mask is None)
 
     return Runner(forward, [q, k, v])
 
@@ -662,7 +699,16 @@ def _flex_runner(case: Case, backend: str) -> Runner:
     q, k, v = case.inputs
     s = case.shape.seq
     mask = None
-    if case.shape.causal:
+    ids = case.shape.segment_ids(case.device)
+    if ids is not None:  # a document block mask: blocks of other documents are skipped
+        if case.shape.causal:
+            def documents(b, h, qi, ki):
+                return (ids[b, qi] == ids[b, ki]) & (qi >= ki)
+        else:
+            def documents(b, h, qi, ki):
+                return ids[b, qi] == ids[b, ki]
+        mask = create_block_mask(documents, case.shape.batch, None, s, s, device=str(case.device))
+    elif case.shape.causal:
         mask = create_block_mask(lambda b, h, qi, ki: qi >= ki, None, None, s, s, device=str(case.device))
     return Runner(lambda: flex(q, k, v, block_mask=mask), [q, k, v])
 

@@ -74,6 +74,19 @@ def test_ops_nondeterministic_triton_attention(tmp_path):
     assert all(r["status"] == "ok" for r in rows), rows
 
 
+def test_ops_attention_with_packed_documents(tmp_path):
+    """``:segments=N``: the torch (dense boolean mask) and triton backends checked against the masked
+    reference; the FLOPs count each document's square, not S²; SDPA's flash backend takes no mask."""
+    code, rows, _ = run_ops(tmp_path, "--op", "attention", "--backends", "torch,triton,triton-nondet,sdpa-flash",
+                            "--shapes", "1x2x40x16:causal:segments=3")
+    assert code == 0
+    assert [r["status"] for r in rows] == ["ok", "ok", "ok", "not available"], rows
+    assert rows[0]["shape"] == "1x2x40x16 causal segments=3"
+    shape = ops.parse_shapes("attention=1x2x40x16:causal:segments=3", ["attention"])["attention"][0]
+    assert shape.score_pairs() == 14 * 14 + 13 * 13 + 13 * 13
+    assert shape.segment_ids(torch.device("cpu")).tolist() == [[0] * 14 + [1] * 13 + [2] * 13]
+
+
 def test_ops_peer_that_cannot_run_is_not_available(tmp_path):
     code, rows, _ = run_ops(tmp_path, "--op", "attention", "--backends", "torch,sdpa-cudnn",
                             "--shapes", "1x1x16x16:full")
@@ -121,6 +134,8 @@ def test_shape_syntax():
     (["--op", "layer_norm", "--backends", "flex"], "--backends: 'flex' is not a backend of layer_norm"),
     (["--dtype", "fp8"], "--dtype: unknown dtype 'fp8'"),
     (["--op", "attention", "--shapes", "4x16x4096"], "--shapes: '4x16x4096' is not a attention shape"),
+    (["--op", "attention", "--shapes", "1x2x8x16:segments=9"], "segments=9 must be between 1 and S=8"),
+    (["--op", "attention", "--shapes", "1x2x8x16:segments=0"], "segments=0 must be between 1 and S=8"),
     (["--op", "attention,layer_norm", "--shapes", "64x256"], "prefix a spec with its op"),
     (["--op", "layer_norm", "--shapes", "rms_norm=64x256"], "which --op does not select"),
     (["--op", "layer_norm", "--shapes", "0x256"], "must be > 0"),

@@ -39,7 +39,7 @@ def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
     assert resolve({"attention": "triton"}, "cpu").backends["attention"] == "triton"
 
 
-def _reference_attention(q, k, v, causal, window):
+def _reference_attention(q, k, v, causal, window, segment_ids=None):
     B, H, S, D = q.shape
     rep = H // k.shape[1]
     k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
@@ -52,6 +52,8 @@ def _reference_attention(q, k, v, causal, window):
         allowed &= j > i - window
         if not causal:
             allowed &= j < i + window
+    if segment_ids is not None:
+        allowed = allowed & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
     return s.masked_fill(~allowed, float("-inf")).softmax(-1) @ v
 
 
@@ -64,6 +66,17 @@ def test_torch_attention_matches_reference(causal, window, hkv):
     k, v = (torch.randn(2, hkv, 9, 8, generator=g, dtype=torch.float64) for _ in range(2))
     out = registry.torch_attention(q, k, v, causal=causal, window=window)
     torch.testing.assert_close(out, _reference_attention(q, k, v, causal, window))
+
+
+@pytest.mark.parametrize("causal, window", [(True, None), (False, None), (True, 3)])
+def test_torch_attention_with_segment_ids_matches_reference(causal, window):
+    """Packed documents: per batch row its own split, a one-token document among them."""
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(2, 4, 9, 8, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(2, 2, 9, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    ids = torch.tensor([[0, 0, 0, 1, 2, 2, 2, 2, 2], [4, 4, 4, 4, 4, 4, 7, 7, 7]])
+    out = registry.torch_attention(q, k, v, causal=causal, window=window, segment_ids=ids)
+    torch.testing.assert_close(out, _reference_attention(q, k, v, causal, window, ids))
 
 
 def test_fused_add_norm_references():
@@ -129,6 +142,9 @@ def test_deterministic_reaches_the_triton_attention(monkeypatch):
     resolve({"attention": "triton"}, "cpu").attention(q, q, q)
     assert seen["deterministic"] is True
     resolve({"attention": "triton"}, "cpu", deterministic=False).attention(q, q, q, causal=False, window=2)
-    assert seen == {"causal": False, "scale": None, "window": 2, "deterministic": False}
+    assert seen == {"causal": False, "scale": None, "window": 2, "deterministic": False, "segment_ids": None}
+    ids = torch.zeros(1, 2, dtype=torch.int64)
+    resolve({"attention": "triton"}, "cpu").attention(q, q, q, segment_ids=ids)
+    assert seen["segment_ids"] is ids
     assert "deterministic=false" in resolve({}, "cpu", deterministic=False).describe()
     assert "deterministic" not in resolve({}, "cpu").describe()

@@ -337,24 +337,30 @@ def _sweep() -> tuple[tuple[int, str], ...]:
     An fp16 variant whose bf16 twin (same kernel, config and constexprs) is listed compiles to the
     same code but for its 16-bit types and conversions: sm_90 compiles the first such twin of each
     kernel (so every kernel's fp16 build is checked) and skips the rest. Otherwise sm_90, the
-    architecture the config lists are reasoned for, compiles every variant. sm_80 (not tuned)
-    compiles the memory kernels, whose 128-bit accesses matter on both, without fp16 twins. The
+    architecture the config lists are reasoned for, compiles every variant but attention's
+    segment-masked ones (``SEGMENTS``): one bf16 D=128 of each kernel. sm_80 (not tuned) compiles the
+    memory kernels, whose 128-bit accesses matter on both, without fp16 twins. The
     skipped pairs are left to ``python -m kernels.aot``, which compiles every pair: the dot kernels'
     builds are the slowest compiles of the suite.
     """
     variants = _discovery().variants
     bf16 = {_twin_key(v, "bf16") for v in variants}
-    pairs, fp16_checked = [], set()
+    pairs, sampled = [], set()
     for index, variant in enumerate(variants):
         twin = "*fp16" in " ".join(variant.signature.values()) and _twin_key(variant, "fp16") in bf16
+        # attention's segment-masked builds: one bf16 D=128 config per kernel (and atomic dQ switch),
+        # where the registers are tightest; the full list in kernels.aot
+        segments = variant.constexprs.get("SEGMENTS") is True
+        if segments and not (variant.name.startswith("bf16 BLOCK_D=128 ") and not twin):
+            continue
         for arch in aot.DEFAULT_ARCHS:
-            if arch == "sm_80" and (variant.kind == "dot" or twin):
+            if arch == "sm_80" and (variant.kind == "dot" or twin or segments):
                 continue
-            if arch == "sm_90" and twin:
-                name = aot.kernel_name(variant.kernel)
-                if name in fp16_checked:
+            if arch == "sm_90" and (twin or segments):
+                key = (aot.kernel_name(variant.kernel), "fp16" if twin else variant.constexprs.get("ATOMIC_DQ"))
+                if key in sampled:
                     continue
-                fp16_checked.add(name)
+                sampled.add(key)
             pairs.append((index, arch))
     return tuple(pairs)
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import kernels
-from kernels.attention import SUPPORTED_HEAD_DIMS, aot_variants, attention
+from kernels.attention import SUPPORTED_HEAD_DIMS, aot_variants, attention, attention_varlen
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cpu" if INTERPRET or not torch.cuda.is_available() else "cuda"
@@ -34,7 +34,7 @@ needs_compiler = pytest.mark.skipif(INTERPRET, reason="needs compiled kernels (T
                                                       "bf16 dots are wrong in the interpreter")
 
 
-def reference(q, k, v, causal=False, scale=None, window=None):
+def reference(q, k, v, causal=False, scale=None, window=None, segment_ids=None):
     """float64 attention with the mask written out pair by pair."""
     q, k, v = (t.double() for t in (q, k, v))
     group = q.shape[1] // k.shape[1]
@@ -49,6 +49,8 @@ def reference(q, k, v, causal=False, scale=None, window=None):
         visible &= j > i - window
         if not causal:
             visible &= j < i + window
+    if segment_ids is not None:  # (B, 1, S, S): same id
+        visible = visible & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     scores = (q @ k.transpose(-1, -2) * scale).masked_fill(~visible, float("-inf"))
     return torch.softmax(scores, dim=-1) @ v
@@ -278,7 +280,7 @@ def test_cpu_torch_path_matches_kernels(monkeypatch, deterministic):
     args = (q, k, v, True, 0.25, 9, deterministic)
     kernel_out, kernel_lse = torch.ops.tritonforge.attention_forward(*args)
     kernel_grads = torch.ops.tritonforge.attention_backward(do, q, k, v, kernel_out, kernel_lse, *args[3:])
-    monkeypatch.setattr(module, "_INTERPRET", False)
+    monkeypatch.setattr(module, "use_triton", lambda t: t.is_cuda)  # the interpreter off
     torch_out, torch_lse = torch.ops.tritonforge.attention_forward(*args)
     torch_grads = torch.ops.tritonforge.attention_backward(do, q, k, v, torch_out, torch_lse, *args[3:])
     tol = TOL_FP32_INTERPRETER
@@ -291,7 +293,8 @@ def test_cpu_torch_path_matches_kernels(monkeypatch, deterministic):
 def test_public_api_and_aot_variants_match_the_kernels():
     assert kernels.attention is attention
     assert list(inspect.signature(attention).parameters) == [
-        "q", "k", "v", "causal", "scale", "window", "deterministic"]
+        "q", "k", "v", "causal", "scale", "window", "deterministic", "segment_ids"]
+    assert kernels.attention_varlen is attention_varlen
     variants = aot_variants()
     names = {v.kernel.fn.__name__ if hasattr(v.kernel, "fn") else v.kernel.__name__ for v in variants}
     assert names == {"_attn_fwd", "_attn_bwd_preprocess", "_attn_bwd_dkdv", "_attn_bwd_dq"}
@@ -300,6 +303,15 @@ def test_public_api_and_aot_variants_match_the_kernels():
     assert {(v.signature["Q"], v.constexprs["BLOCK_D"], v.constexprs["ATOMIC_DQ"]) for v in dkdv} == {
         (f"*{ty}", 1 << (d - 1).bit_length(), atomic)
         for ty in ("fp16", "bf16", "fp32") for d in SUPPORTED_HEAD_DIMS for atomic in (False, True)}
+    # every dot kernel's config is listed with and without the segment mask, everything else alike
+    dot = [v for v in variants if "SEGMENTS" in v.constexprs]
+    assert {v.kernel.fn.__name__ for v in dot} == {"_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_dq"}
+
+    def launch(v):  # what a launch fixes besides the tiles
+        return (v.kernel.fn.__name__, tuple(v.signature.items()),
+                tuple((k, c) for k, c in v.constexprs.items() if k not in ("SEGMENTS", "BLOCK_M", "BLOCK_N")))
+    assert ({launch(v) for v in dot if not v.constexprs["SEGMENTS"]}
+            == {launch(v) for v in dot if v.constexprs["SEGMENTS"]})
     for variant in variants:
         params = list(inspect.signature(variant.kernel.fn).parameters)
         assert list(variant.signature) + list(variant.constexprs) == params, variant.name
@@ -307,6 +319,157 @@ def test_public_api_and_aot_variants_match_the_kernels():
     for head_dim in SUPPORTED_HEAD_DIMS:
         block_d = 1 << (head_dim - 1).bit_length()
         assert any(v.constexprs.get("BLOCK_D") == block_d for v in variants), head_dim
+
+
+# ----------------------------------------------------------------------------------------------------
+# Segment-masked attention (packed documents) and the varlen entry point
+# ----------------------------------------------------------------------------------------------------
+
+
+def segments(*lengths_per_row):
+    """(B, S) int64 ids: row b is documents of the given lengths, numbered from 0."""
+    rows = [torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+            for lengths in lengths_per_row]
+    return torch.stack(rows).to(DEVICE)
+
+
+# (batch, heads, kv_heads, head_dim, dtype, kwargs, document lengths per batch row). Interpreter tiles
+# are 32 x 16 (forward, dQ) and 32 keys x 16 queries (dK/dV), so these documents start and end inside
+# blocks, span several blocks, and sit beside one-token documents.
+SEGMENT_CASES = [
+    (1, 2, 2, 16, torch.float16, {"causal": True}, [[5, 3, 20, 1, 30, 18]]),
+    (1, 2, 1, 32, torch.float32, {}, [[37, 29, 30]]),
+    (2, 2, 1, 16, torch.float32, {"causal": True, "window": 12}, [[10, 47, 1], [33, 25]]),
+    (1, 2, 2, 16, torch.float16, {"window": 9}, [[1, 40, 24]]),
+]
+
+
+@BACKWARDS
+@pytest.mark.parametrize("batch,heads,kv_heads,head_dim,dtype,kwargs,lengths", SEGMENT_CASES,
+                         ids=lambda x: str(x).replace("torch.", "").replace(" ", ""))
+def test_segments_match_float64_reference(batch, heads, kv_heads, head_dim, dtype, kwargs, lengths,
+                                          deterministic):
+    ids = segments(*lengths)
+    q, k, v, do = make_inputs(batch, heads, kv_heads, ids.shape[1], head_dim, dtype, seed=13)
+    check_against_reference(q, k, v, do, TOLERANCES[dtype], deterministic, segment_ids=ids, **kwargs)
+
+
+@BACKWARDS
+def test_one_segment_is_bitwise_the_unsegmented_result(deterministic):
+    q, k, v, do = make_inputs(1, 2, 1, 50, 16, torch.float16, seed=14)
+
+    def run(segment_ids):
+        leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+        out = attention(*leaves, causal=True, window=30, deterministic=deterministic,
+                        segment_ids=segment_ids)
+        out.backward(do)
+        return [out] + [leaf.grad for leaf in leaves]
+
+    for name, plain, segmented in zip(("out", "dq", "dk", "dv"), run(None),
+                                      run(torch.full((1, 50), 7, device=DEVICE))):
+        assert torch.equal(plain, segmented), name
+
+
+def test_recurring_ids_are_masked_exactly():
+    """An id that comes back after another document (not produced by packing) still sees all of its
+    positions, in both runs; int32 ids beyond any block count are renumbered, not truncated."""
+    ids = torch.tensor([[3] * 10 + [2**40] * 25 + [3] * 15 + [-1] * 20 + [2**40] * 13], device=DEVICE)
+    q, k, v, do = make_inputs(1, 2, 1, ids.shape[1], 16, torch.float32, seed=15)
+    check_against_reference(q, k, v, do, TOLERANCES[torch.float32], segment_ids=ids)
+
+
+@BACKWARDS
+def test_key_blocks_of_other_documents_are_never_read(deterministic):
+    """NaN in every tensor for the tokens 96-127 of the last document. Tokens 0-63 hold two documents
+    (40 and 24 tokens, the boundary inside a block) whose query and key blocks (32 rows in the
+    interpreter) see only keys and queries below 64: their outputs and gradients stay finite and
+    exact only if the blocks of the last document are skipped, not loaded and masked."""
+    ids = segments([40, 24, 64])
+    q, k, v, do = make_inputs(1, 2, 2, 128, 16, torch.float32, seed=16)
+    for t in (q, k, v, do):
+        t[:, :, 96:] = float("nan")
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    out = attention(*leaves, segment_ids=ids, deterministic=deterministic)
+    out.backward(do)
+    ref_leaves = [t[:, :, :64].detach().double().requires_grad_() for t in (q, k, v)]
+    ref = reference(*ref_leaves, segment_ids=ids[:, :64])
+    ref.backward(do[:, :, :64].double())
+    tol = TOLERANCES[torch.float32]
+    torch.testing.assert_close(out[:, :, :64].double(), ref, atol=tol, rtol=tol)
+    for name, leaf, ref_leaf in zip(("dq", "dk", "dv"), leaves, ref_leaves):
+        torch.testing.assert_close(leaf.grad[:, :, :64].double(), ref_leaf.grad, atol=tol, rtol=tol, msg=name)
+
+
+def test_varlen_matches_each_sequence_alone():
+    """(T, H, D) tokens of three sequences, one of a single token; GQA; against the reference run on
+    each sequence on its own. q, k, v are views of one fused (T, H + 2 Hkv, D) projection."""
+    cu_seqlens = torch.tensor([0, 23, 24, 70], device=DEVICE, dtype=torch.int32)
+    heads, kv_heads, head_dim = 4, 2, 16
+    gen = torch.Generator().manual_seed(17)
+    proj = torch.randn(70, heads + 2 * kv_heads, head_dim, generator=gen).to(DEVICE, torch.float16)
+    proj.requires_grad_()
+    q, k, v = proj.split([heads, kv_heads, kv_heads], dim=1)
+    do = torch.randn(70, heads, head_dim, generator=gen).to(DEVICE, torch.float16)
+    out = attention_varlen(q, k, v, cu_seqlens, max_seqlen=46, causal=True)
+    assert out.shape == (70, heads, head_dim) and out.dtype == torch.float16
+    out.backward(do)
+    ref_proj = proj.detach().double().requires_grad_()
+    rq, rk, rv = (t.transpose(0, 1)[None] for t in ref_proj.split([heads, kv_heads, kv_heads], dim=1))
+    bounds = cu_seqlens.tolist()
+    ref = torch.cat([reference(rq[:, :, a:b], rk[:, :, a:b], rv[:, :, a:b], causal=True)
+                     for a, b in zip(bounds, bounds[1:])], dim=2)[0].transpose(0, 1)
+    ref.backward(do.double())
+    torch.testing.assert_close(out.double(), ref, atol=TOL_FP16, rtol=TOL_FP16)
+    torch.testing.assert_close(proj.grad.double(), ref_proj.grad, atol=TOL_FP16, rtol=TOL_FP16)
+
+
+@pytest.mark.parametrize("segment_ids,error,match", [
+    (torch.zeros(1, 7, dtype=torch.int64), ValueError, r"segment_ids must have shape \(B, S\) = \(1, 8\)"),
+    (torch.zeros(8, dtype=torch.int64), ValueError, "segment_ids must have shape"),
+    (torch.zeros(1, 8), TypeError, "segment_ids must have an integer dtype, got torch.float32"),
+    (torch.zeros(1, 8, dtype=torch.bool), TypeError, "segment_ids must have an integer dtype"),
+    ([[0] * 8], TypeError, "segment_ids must be a torch.Tensor or None, got list"),
+])
+def test_invalid_segment_ids_raise(segment_ids, error, match):
+    with pytest.raises(error, match=match):
+        attention(*_qkv(), segment_ids=segment_ids)
+
+
+@pytest.mark.parametrize("args,kwargs,error,match", [
+    ((*_qkv((8, 2, 16))[:2], torch.zeros(1, 8, 2, 16), torch.tensor([0, 8])), {}, ValueError,
+     "v must have 3 dimensions"),
+    ((*_qkv((8, 2, 16)), [0, 8]), {}, TypeError, "cu_seqlens must be a torch.Tensor"),
+    ((*_qkv((8, 2, 16)), torch.tensor([8])), {}, ValueError, "cu_seqlens must have shape"),
+    ((*_qkv((8, 2, 16)), torch.tensor([0.0, 8.0])), {}, TypeError, "cu_seqlens must have an integer dtype"),
+    ((*_qkv((8, 2, 16)), torch.tensor([0, 8])), {"max_seqlen": 0}, ValueError, "max_seqlen must be"),
+    ((*_qkv((8, 2, 16), (8, 3, 16)), torch.tensor([0, 8])), {}, ValueError, "H=2 must be a multiple"),
+])
+def test_invalid_varlen_inputs_raise(args, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        attention_varlen(*args, **kwargs)
+
+
+def test_segment_custom_ops_pass_opcheck_and_match_the_torch_path(monkeypatch):
+    """opcheck with segment ids; outside the interpreter CPU tensors take the torch path (SDPA-style
+    boolean mask), which must agree with the kernels."""
+    module = importlib.import_module("kernels.attention")
+    q, k, v, do = make_inputs(1, 2, 1, 21, 16, torch.float32, seed=18)
+    ids = segments([11, 1, 9])
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    args = (q, k, v, True, 0.25, 0, True, ids)
+    torch.library.opcheck(torch.ops.tritonforge.attention_forward.default, args)
+    with torch.no_grad():
+        out, lse = torch.ops.tritonforge.attention_forward(*args)
+        grads = torch.ops.tritonforge.attention_backward(do, q, k, v, out, lse, *args[3:])
+    if DEVICE != "cpu":
+        return
+    monkeypatch.setattr(module, "use_triton", lambda t: t.is_cuda)  # the interpreter off
+    with torch.no_grad():
+        torch_out, torch_lse = torch.ops.tritonforge.attention_forward(*args)
+        torch_grads = torch.ops.tritonforge.attention_backward(do, q, k, v, torch_out, torch_lse, *args[3:])
+    tol = TOL_FP32_INTERPRETER
+    for actual, expected in zip((torch_out, torch_lse, *torch_grads), (out, lse, *grads)):
+        torch.testing.assert_close(actual, expected, atol=tol, rtol=tol)
 
 
 # ----------------------------------------------------------------------------------------------------
