@@ -270,6 +270,9 @@ class TrainConfig:
     init_strict: bool = True
     #: Glob patterns over parameter names ("blocks.0.*") whose parameters stay fixed.
     freeze: tuple[str, ...] = ()
+    #: Recompute residual blocks' activations in the backward: "none", "blocks" (every block) or
+    #: "every_N" (every N-th block); see engine/models/checkpointing.py.
+    activation_checkpointing: str = "none"
 
     def budget_seconds(self) -> float | None:
         """``time_budget`` in seconds, None when unset."""
@@ -283,6 +286,8 @@ class TrainConfig:
             _positive(f"train.{key}", getattr(self, key), allow_zero=True)
         _fraction("train.label_smoothing", self.label_smoothing)
         _fraction("train.ema_decay", self.ema_decay)
+        from engine.models.checkpointing import parse_policy
+        parse_policy(self.activation_checkpointing)
 
 
 @dataclass

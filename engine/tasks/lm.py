@@ -9,6 +9,7 @@ import torch.nn as nn
 from engine import distributed
 from engine.config import Recipe, RecipeError
 from engine.data.text import TokenWindows, get_tokenizer, load_tokens
+from engine.models import checkpointing
 from engine.models.gpt import GPT, GPTConfig
 from engine.precision import autocast
 from engine.registry import Ops
@@ -36,6 +37,7 @@ class LanguageModelingTask(Task):
         self.tokenizer = data.tokenizer
         self.cfg = gpt_config(recipe, data.tokenizer.vocab_size)
         self.model = GPT(self.cfg, ops).to(device)
+        checkpointing.apply(self.model, t.activation_checkpointing)
         self.train_windows = TokenWindows(data.train, t.seq_len, t.batch_size, t.grad_accum, recipe.run.seed, world)
         if len(data.val) < t.seq_len + 1:
             raise RecipeError(f"data.val_fraction ({recipe.data.val_fraction}) leaves {len(data.val)} validation "
