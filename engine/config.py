@@ -286,7 +286,8 @@ class TrainConfig:
             _positive(f"train.{key}", getattr(self, key), allow_zero=True)
         _fraction("train.label_smoothing", self.label_smoothing)
         _fraction("train.ema_decay", self.ema_decay)
-        from engine.models.checkpointing import parse_policy
+        from engine.models.checkpointing import parse_policy  # the model package imports this module
+
         parse_policy(self.activation_checkpointing)
 
 

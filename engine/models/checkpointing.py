@@ -5,8 +5,10 @@ transformer blocks, ConvNeXt's blocks, ResNet's basic/bottleneck blocks) or ``"e
 block, the first of them included, N >= 1). A checkpointed block runs its forward under
 ``torch.utils.checkpoint.checkpoint(..., use_reentrant=False)``: its activations are freed and recomputed
 in the backward, the RNG state is replayed (dropout and drop-path draw the same masks), and custom ops
-(the Triton kernels) recompute like any other op. The block's ``forward`` is replaced on the instance, so
-parameter names and checkpoints stay the same and DDP, FSDP2 and torch.compile see an unchanged module tree.
+(the Triton kernels) recompute like any other op. A chosen block's class becomes a subclass whose forward
+runs the original under the checkpoint, so parameter names and checkpoints stay the same, copies (a
+weight EMA) stay checkpointed with their own weights, and DDP, FSDP2 and torch.compile see an unchanged
+module tree.
 """
 
 from __future__ import annotations
@@ -41,6 +43,20 @@ def residual_blocks(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, kinds)]
 
 
+_CHECKPOINTED: dict[type, type] = {}
+
+
+def _checkpointed(cls: type) -> type:
+    """``cls`` with its forward run under a non-reentrant activation checkpoint."""
+    if cls not in _CHECKPOINTED:
+        def forward(self, *args, **kwargs):
+            return checkpoint(super(sub, self).forward, *args, use_reentrant=False, **kwargs)
+
+        sub = type(f"Checkpointed{cls.__name__}", (cls,), {"forward": forward, "__module__": cls.__module__})
+        _CHECKPOINTED[cls] = sub
+    return _CHECKPOINTED[cls]
+
+
 def apply(model: nn.Module, policy: str) -> int:
     """Checkpoint the blocks ``policy`` selects; returns how many."""
     stride = parse_policy(policy)
@@ -48,6 +64,6 @@ def apply(model: nn.Module, policy: str) -> int:
         return 0
     chosen = residual_blocks(model)[::stride]
     for block in chosen:
-        forward = block.forward
-        block.forward = lambda *args, _f=forward, **kw: checkpoint(_f, *args, use_reentrant=False, **kw)
+        if type(block) not in _CHECKPOINTED.values():
+            block.__class__ = _checkpointed(type(block))
     return len(chosen)
