@@ -40,10 +40,10 @@ from kernels._common import TL_DTYPES
 from kernels.aot import Variant
 from kernels.optim import (_ADAMW, _COL_GRAD, _COL_INDEX, _COL_MASTER, _COL_NUMEL, _COL_PARAM,
                            _COL_STATE1, _COL_STATE2, _DTYPES, _H_BETA1, _H_BETA2, _H_LR, _H_WD,
-                           _HYPER_COLS, _S_CLIP, _S_INV_SCALE, _TABLE_COLS, CHUNK, UPDATE_BLOCK,
-                           UPDATE_WARPS, _adamw_update_kernel, _check_betas, _chunk_end, _chunk_of_program,
-                           _FusedOptimizer, _fp32_like, _launch, _make_buckets, _pass_bounds, _Plan, _round_to,
-                           _to_device)
+                           _HYPER_COLS, _S_CLIP, _S_FOUND_INF, _S_INV_SCALE, _TABLE_COLS,
+                           CHUNK, UPDATE_BLOCK, UPDATE_WARPS, _adamw_update_kernel,
+                           _check_betas, _FusedOptimizer, _fp32_like, _launch, _make_buckets, _Plan,
+                           _round_to, _to_device)
 
 __all__ = ["Muon"]
 
@@ -73,7 +73,10 @@ def _muon_momentum_kernel(
     Memory, per element: reads g (4 or 2 bytes), B (4); writes B (4), U (2 in bf16, 4 in fp32).
     Nothing when found_inf.
     """
-    entry, start = _chunk_of_program(tensor_table, chunk_table)
+    pid = tl.program_id(0)
+    row = tl.load(chunk_table + pid * 2)
+    start = tl.load(chunk_table + pid * 2 + 1)
+    entry = tensor_table + row * _TABLE_COLS
     g_ptr = tl.load(entry + _COL_GRAD).to(grad_like.dtype)
     b_ptr = tl.load(entry + _COL_STATE1).to(tl.pointer_type(tl.float32))
     u_ptr = tl.load(entry + _COL_STATE2).to(ns_like.dtype)
@@ -90,10 +93,17 @@ def _muon_momentum_kernel(
     nesterov = tl.load(hyper_ptr + group * _HYPER_COLS + _H_BETA2) != 0.0
     inv_scale = tl.load(scalars_ptr + _S_INV_SCALE)
     clip = tl.load(scalars_ptr + _S_CLIP)
-    end, full_end = _chunk_end(scalars_ptr, start, numel, CHUNK, BLOCK)
+    skip = tl.load(scalars_ptr + _S_FOUND_INF) != 0.0
+    end = tl.where(skip, start, tl.minimum(start + CHUNK, numel))
+    full_end = start + (end - start) // BLOCK * BLOCK
 
     for tail in tl.static_range(2):  # 0: unmasked full blocks, 1: the masked last block
-        lo, hi = _pass_bounds(tail, start, full_end, end)
+        if tail:
+            lo = full_end
+            hi = end
+        else:
+            lo = start
+            hi = full_end
         for off in tl.range(lo, hi, BLOCK):
             offs = off + tl.arange(0, BLOCK)
             if tail:
@@ -129,7 +139,10 @@ def _muon_update_kernel(
     Memory, per element (fp32 W, bf16 X): reads W, X, writes W: 10 bytes; with master weights reads
     the master and X, writes the master and W (2 bytes). Nothing when found_inf.
     """
-    entry, start = _chunk_of_program(tensor_table, chunk_table)
+    pid = tl.program_id(0)
+    row = tl.load(chunk_table + pid * 2)
+    start = tl.load(chunk_table + pid * 2 + 1)
+    entry = tensor_table + row * _TABLE_COLS
     p_ptr = tl.load(entry + _COL_PARAM).to(param_like.dtype)
     x_ptr = tl.load(entry + _COL_STATE2).to(ns_like.dtype)
     if HAS_MASTER:
@@ -148,10 +161,17 @@ def _muon_update_kernel(
     wd = tl.load(hyper_ptr + group * _HYPER_COLS + _H_WD)
     decay = (1.0 - lr * wd).to(tl.float32)
     neg_step = (-(lr * tl.load(info + 1))).to(tl.float32)
-    end, full_end = _chunk_end(scalars_ptr, start, numel, CHUNK, BLOCK)
+    skip = tl.load(scalars_ptr + _S_FOUND_INF) != 0.0
+    end = tl.where(skip, start, tl.minimum(start + CHUNK, numel))
+    full_end = start + (end - start) // BLOCK * BLOCK
 
     for tail in tl.static_range(2):  # 0: unmasked full blocks, 1: the masked last block
-        lo, hi = _pass_bounds(tail, start, full_end, end)
+        if tail:
+            lo = full_end
+            hi = end
+        else:
+            lo = start
+            hi = full_end
         for off in tl.range(lo, hi, BLOCK):
             offs = off + tl.arange(0, BLOCK)
             if tail:

@@ -102,36 +102,6 @@ def _round_to(x, DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _chunk_of_program(tensor_table, chunk_table):
-    """This program's chunk: its tensor's row of ``tensor_table`` and the chunk's first element."""
-    pid = tl.program_id(0)
-    row = tl.load(chunk_table + pid * 2)
-    start = tl.load(chunk_table + pid * 2 + 1)
-    return tensor_table + row * _TABLE_COLS, start
-
-
-@triton.jit
-def _chunk_end(scalars_ptr, start, numel, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
-    """(end, end of the full blocks) of the chunk at ``start``; the chunk is empty when found_inf is set,
-    which skips the step on the device."""
-    skip = tl.load(scalars_ptr + _S_FOUND_INF) != 0.0
-    end = tl.where(skip, start, tl.minimum(start + CHUNK, numel))
-    return end, start + (end - start) // BLOCK * BLOCK
-
-
-@triton.jit
-def _pass_bounds(tail: tl.constexpr, start, full_end, end):
-    """[lo, hi) of one pass over a chunk: pass 0 the full blocks (unmasked), pass 1 the last partial one."""
-    if tail:
-        lo = full_end
-        hi = end
-    else:
-        lo = start
-        hi = full_end
-    return lo, hi
-
-
-@triton.jit
 def _grad_sumsq_kernel(
     tensor_table,  # *int64 [T, _TABLE_COLS]: this bucket's tensors
     chunk_table,  # *int64 [C, 2]: (row in tensor_table, first element) of each program's chunk
@@ -150,7 +120,9 @@ def _grad_sumsq_kernel(
     chunk. Squares are accumulated in fp32 per lane, then summed across the block.
     """
     pid = tl.program_id(0)
-    entry, start = _chunk_of_program(tensor_table, chunk_table)
+    row = tl.load(chunk_table + pid * 2)
+    start = tl.load(chunk_table + pid * 2 + 1)
+    entry = tensor_table + row * _TABLE_COLS
     g_ptr = tl.load(entry + _COL_GRAD).to(grad_like.dtype)
     numel = tl.load(entry + _COL_NUMEL)
     if ALIGNED:
@@ -163,7 +135,12 @@ def _grad_sumsq_kernel(
     sumsq = tl.zeros((BLOCK,), tl.float32)
     bad = tl.zeros((BLOCK,), tl.int32)
     for tail in tl.static_range(2):  # 0: unmasked full blocks, 1: the masked last block
-        lo, hi = _pass_bounds(tail, start, full_end, end)
+        if tail:
+            lo = full_end
+            hi = end
+        else:
+            lo = start
+            hi = full_end
         for off in tl.range(lo, hi, BLOCK):
             offs = off + tl.arange(0, BLOCK)
             if tail:
@@ -286,7 +263,10 @@ def _adamw_update_kernel(
     Memory, per element: fp32 reads g, p, m, v and writes p, m, v (28 bytes); with master weights
     reads g (2), master, m, v and writes master, m, v and p (2): 28 bytes. Nothing when found_inf.
     """
-    entry, start = _chunk_of_program(tensor_table, chunk_table)
+    pid = tl.program_id(0)
+    row = tl.load(chunk_table + pid * 2)
+    start = tl.load(chunk_table + pid * 2 + 1)
+    entry = tensor_table + row * _TABLE_COLS
     p_ptr = tl.load(entry + _COL_PARAM).to(param_like.dtype)
     g_ptr = tl.load(entry + _COL_GRAD).to(param_like.dtype)
     m_ptr = tl.load(entry + _COL_STATE1).to(tl.pointer_type(tl.float32))
@@ -314,10 +294,17 @@ def _adamw_update_kernel(
     eps = tl.load(coef + 7)
     inv_scale = tl.load(scalars_ptr + _S_INV_SCALE)
     clip = tl.load(scalars_ptr + _S_CLIP)
-    end, full_end = _chunk_end(scalars_ptr, start, numel, CHUNK, BLOCK)
+    skip = tl.load(scalars_ptr + _S_FOUND_INF) != 0.0
+    end = tl.where(skip, start, tl.minimum(start + CHUNK, numel))
+    full_end = start + (end - start) // BLOCK * BLOCK
 
     for tail in tl.static_range(2):  # 0: unmasked full blocks, 1: the masked last block
-        lo, hi = _pass_bounds(tail, start, full_end, end)
+        if tail:
+            lo = full_end
+            hi = end
+        else:
+            lo = start
+            hi = full_end
         for off in tl.range(lo, hi, BLOCK):
             offs = off + tl.arange(0, BLOCK)
             if tail:
@@ -360,7 +347,10 @@ def _sgd_update_kernel(
     Memory, per element (fp32): reads g, p (+ buf), writes p (+ buf): 12 bytes, 20 with momentum;
     master weights add the 2-byte parameter write and halve the gradient read.
     """
-    entry, start = _chunk_of_program(tensor_table, chunk_table)
+    pid = tl.program_id(0)
+    row = tl.load(chunk_table + pid * 2)
+    start = tl.load(chunk_table + pid * 2 + 1)
+    entry = tensor_table + row * _TABLE_COLS
     p_ptr = tl.load(entry + _COL_PARAM).to(param_like.dtype)
     g_ptr = tl.load(entry + _COL_GRAD).to(param_like.dtype)
     b_ptr = tl.load(entry + _COL_STATE1).to(tl.pointer_type(tl.float32))
@@ -384,10 +374,17 @@ def _sgd_update_kernel(
     neg_lr = tl.load(coef + 5)
     inv_scale = tl.load(scalars_ptr + _S_INV_SCALE)
     clip = tl.load(scalars_ptr + _S_CLIP)
-    end, full_end = _chunk_end(scalars_ptr, start, numel, CHUNK, BLOCK)
+    skip = tl.load(scalars_ptr + _S_FOUND_INF) != 0.0
+    end = tl.where(skip, start, tl.minimum(start + CHUNK, numel))
+    full_end = start + (end - start) // BLOCK * BLOCK
 
     for tail in tl.static_range(2):  # 0: unmasked full blocks, 1: the masked last block
-        lo, hi = _pass_bounds(tail, start, full_end, end)
+        if tail:
+            lo = full_end
+            hi = end
+        else:
+            lo = start
+            hi = full_end
         for off in tl.range(lo, hi, BLOCK):
             offs = off + tl.arange(0, BLOCK)
             if tail:
@@ -425,7 +422,10 @@ def _lion_update_kernel(
 
     Memory, per element (fp32): reads g, p, m, writes p, m: 20 bytes.
     """
-    entry, start = _chunk_of_program(tensor_table, chunk_table)
+    pid = tl.program_id(0)
+    row = tl.load(chunk_table + pid * 2)
+    start = tl.load(chunk_table + pid * 2 + 1)
+    entry = tensor_table + row * _TABLE_COLS
     p_ptr = tl.load(entry + _COL_PARAM).to(param_like.dtype)
     g_ptr = tl.load(entry + _COL_GRAD).to(param_like.dtype)
     m_ptr = tl.load(entry + _COL_STATE1).to(tl.pointer_type(tl.float32))
@@ -449,13 +449,17 @@ def _lion_update_kernel(
     neg_lr = tl.load(coef + 5)
     inv_scale = tl.load(scalars_ptr + _S_INV_SCALE)
     clip = tl.load(scalars_ptr + _S_CLIP)
-    # _chunk_end inline here: through the helper ptxas gives the unaligned fp32 variant 2 more registers
     skip = tl.load(scalars_ptr + _S_FOUND_INF) != 0.0
     end = tl.where(skip, start, tl.minimum(start + CHUNK, numel))
     full_end = start + (end - start) // BLOCK * BLOCK
 
     for tail in tl.static_range(2):  # 0: unmasked full blocks, 1: the masked last block
-        lo, hi = _pass_bounds(tail, start, full_end, end)
+        if tail:
+            lo = full_end
+            hi = end
+        else:
+            lo = start
+            hi = full_end
         for off in tl.range(lo, hi, BLOCK):
             offs = off + tl.arange(0, BLOCK)
             if tail:
