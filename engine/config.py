@@ -289,6 +289,9 @@ class TrainConfig:
     init_strict: bool = True
     #: Glob patterns over parameter names ("blocks.0.*") whose parameters stay fixed.
     freeze: tuple[str, ...] = ()
+    #: Recompute residual blocks' activations in the backward: "none", "blocks" (every block) or
+    #: "every_N" (every N-th block); see engine/models/checkpointing.py.
+    activation_checkpointing: str = "none"
 
     def budget_seconds(self) -> float | None:
         """``time_budget`` in seconds, None when unset."""
@@ -302,6 +305,9 @@ class TrainConfig:
             _positive(f"train.{key}", getattr(self, key), allow_zero=True)
         _fraction("train.label_smoothing", self.label_smoothing)
         _fraction("train.ema_decay", self.ema_decay)
+        from engine.models.checkpointing import parse_policy  # the model package imports this module
+
+        parse_policy(self.activation_checkpointing)
 
 
 @dataclass

@@ -110,6 +110,8 @@ _KEEP_REASONS = {
     ("dkdvdq", "d128", (16, 128, 8, 2)): _SM80_SPILLS,
     ("dkdvdq", "d256", (16, 64, 8, 2)): _D256_ACCUMULATORS,
     ("dkdvdq", "fp32", (16, 64, 8, 1)): _FP32_SPILLS,
+    ("dq", "fp32", (64, 16, 4, 2)): ("fp32 (for testing): with segments in a padded D = 128 tile, Triton 3.6 "
+                                    "spills 16 B; 3.9 does not"),
     ("dkdvdq", "fp32 d256", (16, 32, 8, 1)): ("fp32 (for testing) at D = 256: the smallest wgmma tiling, "
                                               "64 keys x 16 queries, exceeds sm_90's shared memory; this "
                                               "mma.sync one fits both archs but spills on sm_80 (not tuned)"),

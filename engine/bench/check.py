@@ -50,6 +50,9 @@ OPTIMIZERS = {
     "adamw": (dict(lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1), ("exp_avg", "exp_avg_sq")),
     "sgd": (dict(lr=1e-2, momentum=0.9, nesterov=True, weight_decay=0.1), ("momentum_buffer",)),
     "lion": (dict(lr=1e-4, betas=(0.9, 0.99), weight_decay=0.1), ("exp_avg",)),
+    # Muon for the blocks' matrices (momentum buffer), AdamW for the rest (moments): see _muon_groups
+    "muon": (dict(lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, nesterov=True),
+             ("momentum_buffer", "exp_avg", "exp_avg_sq")),
 }
 MAX_GRAD_NORM = bench_ops.MAX_GRAD_NORM
 INIT_STD = 0.02
@@ -305,8 +308,16 @@ def _clip_coefs(p0: list[torch.Tensor], clip: bool) -> list[float]:
     return coefs
 
 
-def _reference_optimizer(name: str, param: torch.Tensor):
+def _is_muon_matrix(index: int, param: torch.Tensor) -> bool:
+    """As ``bench ops`` splits a GPT-2 parameter set: the 2-D tensors after the two embeddings."""
+    return index >= 2 and param.dim() == 2
+
+
+def _reference_optimizer(name: str, param: torch.Tensor, index: int = 0):
     settings, _ = OPTIMIZERS[name]
+    if name == "muon":  # the registry's torch Muon, which iterates in float64 for float64 parameters
+        return registry.resolve({"optimizer": "torch"}, "cpu").make_optimizer(
+            "muon", [dict(params=[param], use_muon=_is_muon_matrix(index, param))], **settings)[0]
     if name == "adamw":
         return torch.optim.AdamW([param], **settings, foreach=False)
     if name == "sgd":
@@ -331,13 +342,14 @@ def _optimizer_errors(name: str, params: list[torch.Tensor], state: dict, p0: li
 
     for i, (p, start) in enumerate(zip(params, p0)):
         ref = start.detach().double().clone().requires_grad_()
-        opt = _reference_optimizer(name, ref)
+        opt = _reference_optimizer(name, ref, i)
         for step, coef in enumerate(coefs):
             ref.grad = _grad(step, i, start).double() * coef
             opt.step()
         add("update", p.detach() - start, (ref.detach() - start.double()))
         for key in keys:
-            add(key, state.get(p, {}).get(key), opt.state[ref][key])
+            if key in opt.state[ref]:  # Muon: a matrix has a momentum buffer, the rest AdamW's moments
+                add(key, state.get(p, {}).get(key), opt.state[ref][key])
     return {k: math.sqrt(num / den) if den > 0 else math.sqrt(num) for k, (num, den) in sums.items()}
 
 
@@ -355,7 +367,13 @@ def _run_optimizer_row(name: str, shape: ParamSetShape, backend: str, size: str,
         params = [p.clone().requires_grad_() for p in p0]
         settings, _ = OPTIMIZERS[name]
         max_norm = MAX_GRAD_NORM if shape.clip else 0.0
-        opt, clips_in_step = ops.make_optimizer(name, params, **settings, max_grad_norm=max_norm, device=device)
+        groups = params
+        if name == "muon":
+            groups = [dict(params=[p for i, p in enumerate(params) if _is_muon_matrix(i, p)], use_muon=True),
+                      dict(params=[p for i, p in enumerate(params) if not _is_muon_matrix(i, p)], use_muon=False)]
+            if device.type == "cuda":  # the Newton-Schulz iterations run in bf16 on a GPU
+                row["tolerance"] = bench_ops.MUON_CUDA_TOLERANCE
+        opt, clips_in_step = ops.make_optimizer(name, groups, **settings, max_grad_norm=max_norm, device=device)
         for step in range(OPTIMIZER_STEPS):
             for i, p in enumerate(params):
                 p.grad = _grad(step, i, p)

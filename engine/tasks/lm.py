@@ -15,6 +15,7 @@ import torch.nn as nn
 from engine import distributed
 from engine.config import RNN_ARCHS, Recipe, RecipeError
 from engine.data.text import StreamWindows, TokenWindows, get_tokenizer, load_tokens
+from engine.models import checkpointing
 from engine.models.gpt import GPT, GPTConfig
 from engine.models.rnn import RNN, RNNConfig
 from engine.precision import autocast
@@ -60,6 +61,7 @@ class LanguageModelingTask(Task):
         self.tokenizer = data.tokenizer
         self.model = build_model(recipe, data.tokenizer.vocab_size, ops).to(device)
         self.cfg = self.model.cfg
+        checkpointing.apply(self.model, t.activation_checkpointing)  # an RNN has no residual blocks: none
         self.recurrent = isinstance(self.model, RNN)
         windows = StreamWindows if t.carry_state else TokenWindows
         self.train_windows = windows(data.train, t.seq_len, t.batch_size, t.grad_accum, recipe.run.seed, world)

@@ -25,6 +25,7 @@ from engine.models.convnext import Block as ConvNeXtBlock, ConvNeXt, ConvNeXtCon
 from engine.models.resnet import ResNet, ResNetConfig
 from engine.precision import autocast
 from engine.registry import Ops
+from engine.models import checkpointing
 from engine.tasks import Task, register
 
 
@@ -83,6 +84,7 @@ class ImageClassificationTask(Task):
         sharded = world > 1 and recipe.parallel.strategy == "fsdp"
         self.memory_format = torch.contiguous_format if sharded else torch.channels_last
         self.model = build_model(m, ops).to(device, memory_format=self.memory_format)
+        checkpointing.apply(self.model, recipe.train.activation_checkpointing)
         self.ema = None
         if t.ema_decay:
             if sharded:

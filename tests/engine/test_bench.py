@@ -197,8 +197,8 @@ def test_train_image_classifier_on_synthetic_images(tmp_path):
 
 
 def test_train_mismatched_loss_is_failed(tmp_path, monkeypatch):
-    def wrong_loss(x, weight, targets, bias=None, ignore_index=-100, label_smoothing=0.0):
-        return 2 * registry.torch_linear_cross_entropy(x, weight, targets, bias)
+    def wrong_loss(x, weight, targets, bias=None, **options):
+        return 2 * registry.torch_linear_cross_entropy(x, weight, targets, bias, **options)
 
     real_resolve = registry.resolve
 

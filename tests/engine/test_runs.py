@@ -423,13 +423,16 @@ def test_a_time_budget_fixes_the_step_count_records_it_and_resumes_with_it(data,
     assert losses(tmp_path / "a") == losses(tmp_path / "b")
 
 
-def test_a_time_budget_ends_the_run_inside_it(data, tmp_path):
+def test_a_time_budget_fixes_a_count_that_fits(data, tmp_path):
+    """The count the budget fixes fits what was left of it at the measured step time (whatever the machine's
+    speed: no wall-clock assertion, which a loaded machine would break)."""
     sink = Sink()
-    start = time.perf_counter()
     trainer = run(recipe(data, tmp_path / "r", "--train.time_budget=6s", "--train.steps=100000",
                          "--optim.warmup_steps=5"), sink)
-    assert time.perf_counter() - start < 6 * 1.5  # the run's own clock started a moment later
-    assert 5 < trainer.step < 100000 and "time budget 6s:" in sink.text
+    (budget,) = [m for m in read_metrics(tmp_path / "r" / "metrics.jsonl") if m["kind"] == "budget"]
+    assert "time budget 6s:" in sink.text and trainer.step == budget["steps"] < 100000
+    remaining_steps = budget["steps"] - budget["step"]
+    assert remaining_steps * budget["step_ms"] / 1e3 <= max(budget["seconds_left"], 0.0)
 
 
 def test_a_time_budget_needs_warmup_steps_to_time():

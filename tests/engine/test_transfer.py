@@ -46,7 +46,7 @@ def test_init_from_starts_at_step_0_where_the_source_ended(corpus, source, tmp_p
     assert "init_from: 29 of 29 tensors loaded" in sink.text
     # The same data and the same weights give the same losses, bit for bit: the source's last evaluation,
     # and the loss of the first fine-tuning step on its batch (no dropout).
-    assert tuned.evaluate()["val_loss"] == summary["val_loss"]
+    assert tuned.evaluate(final=True)["val_loss"] == summary["val_loss"]  # the whole split, as the run ended
     with torch.no_grad():
         expected = src.task.loss(src.task.model, *src.task.batch(0, 0)).item()
     assert tuned.train_step(0).loss.item() == expected

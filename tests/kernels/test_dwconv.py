@@ -196,7 +196,7 @@ def test_weight_gradient_is_deterministic_and_independent_of_the_split():
 def test_cpu_path_without_the_interpreter_is_the_same_math(monkeypatch, dtype):
     """Plain CPU tensors outside the interpreter take F.conv2d in fp32; same results and layouts."""
     x, weight, bias, grad = make_inputs((2, 5, 4, 9), (3, 3), 1, dtype, param_dtype=torch.float32, seed=10)
-    monkeypatch.setattr(dwconv, "_INTERPRET", False)
+    monkeypatch.setattr(dwconv, "INTERPRET", False)
     x, weight, bias, grad = (t.cpu() for t in (x, weight, bias, grad))
     check(x, weight, bias, 1, grad, 2e-6 if dtype == torch.float32 else 2e-3)
 

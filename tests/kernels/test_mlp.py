@@ -201,7 +201,7 @@ def test_weight_gradient_is_deterministic_and_independent_of_the_split():
 def test_cpu_path_without_the_interpreter_is_the_same_math(monkeypatch):
     """Plain CPU tensors outside the interpreter take the torch composition; same results."""
     inputs = make_inputs((30,), 24, 64, torch.float32, seed=10)
-    monkeypatch.setattr(mlp, "_INTERPRET", False)
+    monkeypatch.setattr(mlp, "INTERPRET", False)
     if inputs[0].is_cuda:
         inputs = tuple(t.cpu() if t is not None else None for t in inputs)
     check(*inputs, tol=1e-6)
@@ -242,7 +242,7 @@ def test_exported_from_the_package():
 def test_aot_variants_cover_every_kernel():
     names = {aot.kernel_name(v.kernel) for v in mlp.aot_variants()}
     assert names == {f"mlp.{n}" for n in ("_fwd_kernel", "_dgrad_kernel", "_wgrad_kernel", "_colsum_kernel")} | {
-        "norm._sum_partials_kernel"}  # the shared reduction, at the wgrad's tile
+        "_common.sum_partials_kernel"}  # the shared reduction, at the wgrad's tile
 
 
 # ----------------------------------------------------------------------------------------------
