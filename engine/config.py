@@ -229,6 +229,16 @@ class DataConfig:
     columns: str = ""
     #: Season length in steps, for the seasonal-naive baseline (the built-in series repeat every 24 steps).
     season: int = 24
+    # Packed documents (GPT language models).
+    #: "documents": every window carries the ids of the documents it spans (a new id after each document's
+    #: separator), and attention stays inside a document; "none": windows are plain token runs.
+    packing: Literal["none", "documents"] = "none"
+    #: With packing, positions count from each document's first token (rotary and learned positions
+    #: alike); false keeps each token's position in its window.
+    reset_positions: bool = True
+    #: With packing, the targets that are a document's closing separator count in the loss (the model
+    #: learns where documents end); false leaves them out of the loss.
+    separator_loss: bool = True
 
     def validate(self) -> None:
         _fraction("data.val_fraction", self.val_fraction)
@@ -612,6 +622,10 @@ def validate(r: Recipe) -> None:
     if r.model.arch in IMAGE_ARCHS and r.data.source == "stdlib":
         raise RecipeError("data.source: 'stdlib' is text; image models read 'shapes' (generated, no download), "
                           "'hf:NAME[:CONFIG]' or a local image folder or parquet file")
+    if r.data.packing != "none" and (r.model.arch != "gpt" or r.train.task != "auto"):
+        raise RecipeError(f"data.packing = {r.data.packing!r} packs documents for a GPT language model "
+                          f"(model.arch = 'gpt', train.task = 'auto'), got model.arch = {r.model.arch!r}, "
+                          f"train.task = {r.train.task!r}")
     _validate_sequence_models(r)
 
 

@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.tensor import DTensor
+from torch.utils._pytree import tree_leaves
 
 from engine import checkpoint, distributed, registry, transfer
 from engine.checkpoint import CheckpointError
@@ -221,8 +222,8 @@ class Prefetcher:
         if self._ahead is not None and self._ahead[0] == step:
             current.wait_stream(self.stream)
             batches = self._ahead[1]
-            for pair in batches:  # the side stream's memory is now also the compute stream's
-                for t in pair:
+            for t in tree_leaves(batches):  # the side stream's memory is now also the compute stream's
+                if isinstance(t, torch.Tensor):
                     t.record_stream(current)
         else:
             batches = self._fetch(step)

@@ -14,7 +14,9 @@ Each source is tokenized once into two flat ``uint16`` token files (train and va
 under a temporary name and renamed into place, so a crash mid-build never leaves a cache that a later run
 would use. Documents (pieces of 64 Ki characters for longer ones) go to validation by a hash of their content, so
 the split is fixed. A source of one document (a single ``.txt`` file) is cut instead into 100 contiguous
-chunks of tokens, and the ``val_fraction`` of them with the smallest hashes are its validation split.
+chunks of tokens, and the ``val_fraction`` of them with the smallest hashes are its validation split. Beside
+each token file, a segment table records where each run of one document's contiguous text starts and
+whether it ends in the document separator: the document boundaries of packed windows (``data.packing``).
 
 The sampler draws training windows as a pure function of (seed, step): resuming needs only the step, and
 every rank of a distributed run slices its part of the same global batch.
@@ -29,7 +31,7 @@ import sys
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import numpy as np
 import torch
@@ -37,7 +39,7 @@ import torch
 from engine.config import DataConfig, RecipeError
 from engine.data.cache import fsync_file, open_or_build
 
-CACHE_FORMAT = 3
+CACHE_FORMAT = 4
 _LOCAL_BUILDERS = {".txt": "text", ".text": "text", ".md": "text", ".jsonl": "json", ".json": "json",
                    ".parquet": "parquet"}
 
@@ -184,17 +186,25 @@ def _is_val(doc: str, val_fraction: float) -> bool:
 ONE_DOCUMENT_CHUNKS = 100
 
 
-def _split_one_document(ids: np.ndarray, val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
-    """(train, val) tokens of a source that is one document: contiguous chunks, the ``val_fraction`` of them
-    (at least one when val_fraction > 0) with the smallest content hashes held out, each split in order."""
+def _split_one_document(ids: np.ndarray, val_fraction: float, sep_len: int):
+    """(train, val) tokens of a source that is one document (ending in its ``sep_len`` separator tokens), and
+    each split's segments (see :func:`_write_tokens`): contiguous chunks, the ``val_fraction`` of them (at
+    least one when val_fraction > 0) with the smallest content hashes held out, each split in order."""
     if val_fraction == 0 or len(ids) < 2:
-        return ids, ids[:0]
+        return ids, ids[:0], [[0, sep_len]] if len(ids) else [], []
     n = min(len(ids), max(ONE_DOCUMENT_CHUNKS, math.ceil(1 / val_fraction)))
     chunks = np.array_split(ids, n)
     k = min(n - 1, max(1, round(n * val_fraction)))
     val = set(sorted(range(n), key=lambda i: (_hash(chunks[i].tobytes()), i))[:k])
-    return (np.concatenate([c for i, c in enumerate(chunks) if i not in val]),
-            np.concatenate([c for i, c in enumerate(chunks) if i in val]))
+    splits = {False: [], True: []}
+    segments = {False: [], True: []}
+    for i, chunk in enumerate(chunks):
+        held = i in val
+        if i == 0 or (i - 1 in val) != held:  # a chunk after a gap starts a new run of contiguous text
+            segments[held].append([sum(len(c) for c in splits[held]), 0])
+        splits[held].append(chunk)
+    segments[(n - 1) in val][-1][1] = sep_len  # the run holding the last chunk ends in the separator
+    return (np.concatenate(splits[False]), np.concatenate(splits[True]), segments[False], segments[True])
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -207,6 +217,10 @@ class TokenData:
     val: np.ndarray
     tokenizer: object
     path: Path
+    #: Each split's segments, (n, 2) int64: the first token of each run of one document's contiguous text,
+    #: and how many separator tokens end it (0 for a piece that the rest of its document does not follow).
+    train_segments: np.ndarray | None = None
+    val_segments: np.ndarray | None = None
 
 
 def cache_key(cfg: DataConfig, tokenizer_name: str) -> str:
@@ -220,52 +234,69 @@ def _slug(source: str) -> str:
     return keep.strip("-")[:40] or "data"
 
 
-def _open_cache(folder: Path) -> tuple[np.ndarray, np.ndarray] | None:
-    """The cached token files, or None if the folder is missing or incomplete."""
+def _open_cache(folder: Path) -> tuple[np.ndarray, ...] | None:
+    """The cached (train, val, train segments, val segments), or None if the folder is missing or incomplete."""
     meta_path = folder / "meta.json"
     if not meta_path.is_file():
         return None
     try:
         meta = json.loads(meta_path.read_text())
-        arrays = []
+        tokens, segments = [], []
         for split in ("train", "val"):
-            f = folder / f"{split}.bin"
-            if f.stat().st_size != 2 * meta[f"{split}_tokens"]:
+            f, g = folder / f"{split}.bin", folder / f"{split}_segments.bin"
+            if f.stat().st_size != 2 * meta[f"{split}_tokens"] or g.stat().st_size != 16 * meta[f"{split}_segments"]:
                 return None
-            arrays.append(np.memmap(f, dtype=np.uint16, mode="r") if meta[f"{split}_tokens"] else
+            tokens.append(np.memmap(f, dtype=np.uint16, mode="r") if meta[f"{split}_tokens"] else
                           np.zeros(0, dtype=np.uint16))
-        return arrays[0], arrays[1]
+            segments.append(np.fromfile(g, dtype=np.int64).reshape(-1, 2))
+        return (*tokens, *segments)
     except (OSError, ValueError, KeyError):
         return None
 
 
 def _write_tokens(cfg: DataConfig, tokenizer, folder: Path) -> None:
-    """Tokenize the source into ``folder`` (empty): train.bin, val.bin, then meta.json."""
+    """Tokenize the source into ``folder`` (empty): train.bin, val.bin, their segment tables, then meta.json.
+
+    A segment is a run of one document's contiguous text in a split: a document whose pieces all fall in
+    one split is one segment, ending in the separator; a piece whose previous piece went to the other split
+    starts a new one."""
     sep = np.asarray(tokenizer.separator, dtype=np.uint16)
     counts = {"train": 0, "val": 0, "docs_train": 0, "docs_val": 0}
+    segments: dict[str, list[list[int]]] = {"train": [], "val": []}
     docs = iter_documents(cfg)
     first, second = next(docs, None), next(docs, None)
     with open(folder / "train.bin", "wb") as ftrain, open(folder / "val.bin", "wb") as fval:
         if first is not None and second is None:  # one document: split by chunks of tokens
-            train, val = _split_one_document(np.concatenate([tokenizer.encode(first), sep]), cfg.val_fraction)
+            train, val, segments["train"], segments["val"] = _split_one_document(
+                np.concatenate([tokenizer.encode(first), sep]), cfg.val_fraction, len(sep))
             ftrain.write(train.tobytes())
             fval.write(val.tobytes())
             counts.update(train=len(train), val=len(val), docs_train=1)
         for doc in itertools.chain([first, second] if second is not None else [], docs):
             pieces = _pieces(doc)
+            previous = None
             for i, piece in enumerate(pieces):
                 split = "val" if _is_val(piece, cfg.val_fraction) else "train"
                 ids = tokenizer.encode(piece)
+                if split != previous:
+                    segments[split].append([counts[split], 0])
                 if i == len(pieces) - 1:
                     ids = np.concatenate([ids, sep])
+                    segments[split][-1][1] = len(sep)
                 (fval if split == "val" else ftrain).write(ids.tobytes())
                 counts[split] += len(ids)
                 counts["docs_" + split] += 1
+                previous = split
         fsync_file(ftrain)
         fsync_file(fval)
+    for split in ("train", "val"):
+        with open(folder / f"{split}_segments.bin", "wb") as f:
+            f.write(np.asarray(segments[split], dtype=np.int64).reshape(-1, 2).tobytes())
+            fsync_file(f)
     meta = {"format": CACHE_FORMAT, "source": cfg.source, "tokenizer": tokenizer.name,
             "train_tokens": counts["train"], "val_tokens": counts["val"],
-            "train_docs": counts["docs_train"], "val_docs": counts["docs_val"]}
+            "train_docs": counts["docs_train"], "val_docs": counts["docs_val"],
+            "train_segments": len(segments["train"]), "val_segments": len(segments["val"])}
     (folder / "meta.json").write_text(json.dumps(meta, indent=1))
 
 
@@ -273,15 +304,30 @@ def load_tokens(cfg: DataConfig, log=print) -> TokenData:
     """Tokenize the source once (cached) and return memory-mapped train/val tokens."""
     tokenizer = get_tokenizer(cfg.tokenizer)
     folder = Path(cfg.cache_dir).expanduser() / f"{_slug(cfg.source)}-{tokenizer.name}-{cache_key(cfg, tokenizer.name)}"
-    train, val = open_or_build(
+    train, val, train_segments, val_segments = open_or_build(
         folder, _open_cache, lambda tmp: _write_tokens(cfg, tokenizer, tmp),
         announce=lambda: log(f"tokenizing {cfg.source} with the {tokenizer.name} tokenizer into {folder} (once)"))
-    return TokenData(train=train, val=val, tokenizer=tokenizer, path=folder)
+    return TokenData(train=train, val=val, tokenizer=tokenizer, path=folder, train_segments=train_segments,
+                     val_segments=val_segments)
 
 
 # ---------------------------------------------------------------------------------------------------
 # Sampling
 # ---------------------------------------------------------------------------------------------------
+
+class Packed(NamedTuple):
+    """The inputs of packed windows (``data.packing = "documents"``), each (B, T): the token ids; each token's
+    document, numbered from 0 in its window; and its position (from its document's first token in the
+    window, or None to keep window positions)."""
+
+    idx: torch.Tensor
+    segment_ids: torch.Tensor
+    position_ids: torch.Tensor | None
+
+
+#: Targets left out of the loss (the cross-entropy ops' default ``ignore_index``).
+IGNORE = -100
+
 
 class TokenWindows:
     """Random (input, target) windows of ``seq_len`` tokens, a pure function of (seed, step, micro-step).
@@ -289,20 +335,48 @@ class TokenWindows:
     At each optimizer step the global batch is ``grad_accum · world · batch_size`` windows drawn from a
     generator seeded by (seed, step); micro-step ``m`` of rank ``r`` takes its own slice. Resuming needs
     only the step; changing the number of processes keeps the global batch the same.
+
+    With ``segments`` (the split's segment table, see :class:`TokenData`) the inputs are :class:`Packed`:
+    a window spanning several documents says which token belongs to which, so attention can keep to one
+    document; ``separator_loss=False`` sets the targets that are a document's closing separator to
+    :data:`IGNORE`.
     """
 
     def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, grad_accum: int, seed: int,
-                 world: int = 1):
+                 world: int = 1, segments: np.ndarray | None = None, reset_positions: bool = True,
+                 separator_loss: bool = True):
         if len(tokens) < seq_len + 1:
             raise RecipeError(f"train.seq_len ({seq_len}) needs at least {seq_len + 1} tokens; the data has "
                               f"{len(tokens)}")
         self.tokens, self.seq_len, self.batch_size = tokens, seq_len, batch_size
         self.grad_accum, self.seed, self.world = grad_accum, seed, world
+        self.segments, self.reset_positions, self.separator_loss = segments, reset_positions, separator_loss
+        if segments is not None:
+            starts = np.asarray(segments[:, 0], dtype=np.int64)
+            if len(starts) == 0 or starts[0] != 0 or (np.diff(starts) < 0).any():
+                raise RecipeError("data.packing: the token cache's segment table does not cover its tokens; "
+                                  f"delete the cache folder to rebuild it")
+            self._seg_starts = starts
+            self._seg_ends = np.append(starts[1:], len(tokens))
+            self._seg_sep = np.asarray(segments[:, 1], dtype=np.int64)
 
-    def _gather(self, starts: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    def _gather(self, starts: np.ndarray):
         idx = starts[:, None] + np.arange(self.seq_len + 1)[None, :]
         window = torch.from_numpy(self.tokens[idx].astype(np.int64))
-        return window[:, :-1], window[:, 1:]
+        inputs, targets = window[:, :-1], window[:, 1:]
+        if self.segments is None:
+            return inputs, targets
+        seg = np.searchsorted(self._seg_starts, idx, side="right") - 1  # (B, T + 1): each token's segment
+        segment_ids = torch.from_numpy((seg[:, :-1] - seg[:, :1]).astype(np.int32))
+        positions = None
+        if self.reset_positions:  # from the segment's first token, or the window's if it starts before
+            first = np.maximum(self._seg_starts[seg[:, :-1]], starts[:, None])
+            positions = torch.from_numpy(idx[:, :-1] - first)
+        if not self.separator_loss:
+            target_seg = seg[:, 1:]
+            closing = idx[:, 1:] >= self._seg_ends[target_seg] - self._seg_sep[target_seg]
+            targets = targets.masked_fill(torch.from_numpy(closing), IGNORE)
+        return Packed(inputs, segment_ids, positions), targets
 
     def batch(self, step: int, micro: int = 0, rank: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         rng = np.random.default_rng([self.seed, step])

@@ -76,15 +76,17 @@ class Attention(nn.Module):
         self.q_norm = Norm(cfg.head_dim, "rmsnorm", False, ops) if cfg.qk_norm else None
         self.k_norm = Norm(cfg.head_dim, "rmsnorm", False, ops) if cfg.qk_norm else None
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                segment_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None) -> torch.Tensor:
         H, Hkv, D = self.cfg.n_head, self.cfg.kv_heads, self.cfg.head_dim
         qkv = rearrange(self.qkv(x), "b t (heads d) -> b heads t d", d=D)  # a strided view, no copy
         q, k, v = qkv.split((H, Hkv, Hkv), dim=1)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:  # rotate pairs (x[i], x[i + D/2]) of q and k by the angle of position t
-            q, k = self.ops.rope(q, k, rope[0], rope[1])
-        y = self.ops.attention(q, k, v, causal=True, window=self.cfg.window or None)
+            q, k = self.ops.rope(q, k, *rope, *(() if position_ids is None else (position_ids,)))
+        packed = {} if segment_ids is None else {"segment_ids": segment_ids}  # unpacked: the ops' plain signature
+        y = self.ops.attention(q, k, v, causal=True, window=self.cfg.window or None, **packed)
         return self.proj(rearrange(y, "b h t d -> b t (h d)"))
 
 
@@ -122,9 +124,9 @@ class Block(nn.Module):
         self.mlp = MLP(cfg, ops)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, delta, rope):
+    def forward(self, x, delta, rope, segment_ids=None, position_ids=None):
         h, x = (self.ln1(x), x) if delta is None else self.ln1.add(delta, x)
-        h, x = self.ln2.add(self.drop(self.attn(h, rope)), x)
+        h, x = self.ln2.add(self.drop(self.attn(h, rope, segment_ids, position_ids)), x)
         return x, self.drop(self.mlp(h))
 
 
@@ -187,21 +189,26 @@ class GPT(nn.Module):
         """Training FLOPs per token: 6·N for the matmuls plus causal attention (6·L·T·d)."""
         return 6 * self.num_params() + 6 * self.cfg.n_layer * seq_len * self.cfg.d_model
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                per_sequence: bool = False) -> torch.Tensor:
-        """Logits (B, T, V) for ``idx`` (B, T); with ``targets``, the mean cross-entropy loss instead, or
-        with ``per_sequence`` each sequence's mean loss (B,) (for an evaluation's standard error)."""
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, per_sequence: bool = False,
+                segment_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, T, V) for ``idx`` (B, T); with ``targets``, the mean cross-entropy loss instead (over
+        the targets that are not -100), or with ``per_sequence`` each sequence's mean loss (B,) (for an
+        evaluation's standard error).
+
+        Packed documents: ``segment_ids`` (B, T) integers keep each token's attention inside its own
+        document; ``position_ids`` (B, T) replace the positions 0 .. T-1 (rotary or learned).
+        """
         B, T = idx.shape[:2]
         if T > self.cfg.context:
             raise ValueError(f"sequence of length {T} is longer than the model's context {self.cfg.context}")
         x = self.wte(idx)
         if self.wpe is not None:
-            x = x + self.wpe(torch.arange(T, device=idx.device))
+            x = x + self.wpe(torch.arange(T, device=idx.device) if position_ids is None else position_ids)
         x = self.drop(x)
         rope = (self.rope_cos, self.rope_sin) if self.cfg.pos == "rope" else None
         delta = None
         for block in self.blocks:
-            x, delta = block(x, delta, rope)
+            x, delta = block(x, delta, rope, segment_ids, position_ids)
         h, _ = self.ln_f.add(delta, x)
         cap = self.cfg.logit_softcap
         if targets is None:

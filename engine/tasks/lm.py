@@ -14,7 +14,7 @@ import torch.nn as nn
 
 from engine import distributed
 from engine.config import RNN_ARCHS, Recipe, RecipeError
-from engine.data.text import StreamWindows, TokenWindows, get_tokenizer, load_tokens
+from engine.data.text import Packed, StreamWindows, TokenWindows, get_tokenizer, load_tokens
 from engine.models import checkpointing
 from engine.models.gpt import GPT, GPTConfig
 from engine.models.rnn import RNN, RNNConfig
@@ -64,7 +64,11 @@ class LanguageModelingTask(Task):
         checkpointing.apply(self.model, t.activation_checkpointing)  # an RNN has no residual blocks: none
         self.recurrent = isinstance(self.model, RNN)
         windows = StreamWindows if t.carry_state else TokenWindows
-        self.train_windows = windows(data.train, t.seq_len, t.batch_size, t.grad_accum, recipe.run.seed, world)
+        d = recipe.data
+        packing = {} if d.packing == "none" else {"reset_positions": d.reset_positions,
+                                                   "separator_loss": d.separator_loss}
+        self.train_windows = windows(data.train, t.seq_len, t.batch_size, t.grad_accum, recipe.run.seed, world,
+                                     **packing, **({"segments": data.train_segments} if packing else {}))
         # train.carry_state: the state each micro-batch's rows carry into the next step (None: start from zero),
         # and the training forwards run so far, which say the step and micro-batch of the next one (the
         # trainer asks for micro-batches 0 .. grad_accum - 1 of each step in order; batch() stays a pure
@@ -74,20 +78,24 @@ class LanguageModelingTask(Task):
         if len(data.val) < t.seq_len + 1:
             raise RecipeError(f"data.val_fraction ({recipe.data.val_fraction}) leaves {len(data.val)} validation "
                               f"tokens, fewer than train.seq_len + 1 ({t.seq_len + 1})")
-        self.val_windows = TokenWindows(data.val, t.seq_len, t.batch_size, 1, recipe.run.seed, world)
+        self.val_windows = TokenWindows(data.val, t.seq_len, t.batch_size, 1, recipe.run.seed, world, **packing,
+                                        **({"segments": data.val_segments} if packing else {}))
         self.items_per_micro_batch = t.batch_size * t.seq_len
         log(f"data: {len(data.train):,} train / {len(data.val):,} val tokens ({data.tokenizer.name} tokenizer); "
             f"model: {self.model.num_params():,} parameters")
 
-    def _to_device(self, x: torch.Tensor, y: torch.Tensor):
-        if self.device.type == "cuda":
-            return x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
-        return x, y
+    def _to_device(self, x: torch.Tensor | Packed, y: torch.Tensor):
+        if self.device.type != "cuda":
+            return x, y
+        move = lambda t: None if t is None else t.pin_memory().to(self.device, non_blocking=True)  # noqa: E731
+        return (Packed(*map(move, x)) if isinstance(x, Packed) else move(x)), move(y)
 
     def batch(self, step: int, micro: int):
         return self._to_device(*self.train_windows.batch(step, micro, self.rank))
 
     def loss(self, model: nn.Module, inputs, targets):
+        if isinstance(inputs, Packed):
+            return model(inputs.idx, targets, segment_ids=inputs.segment_ids, position_ids=inputs.position_ids)
         if not self.recurrent:
             return model(inputs, targets)
         if not self.recipe.train.carry_state:
@@ -145,7 +153,8 @@ class LanguageModelingTask(Task):
         for x, y, count in self.val_windows.eval_batches(starts, self.rank):
             x, y = self._to_device(x, y)
             with autocast(self.recipe.train.precision, self.device):
-                losses = model(x, y, per_sequence=True)
+                packed = {"segment_ids": x.segment_ids, "position_ids": x.position_ids} if isinstance(x, Packed) else {}
+                losses = model(x.idx if packed else x, y, per_sequence=True, **packed)
                 losses = (losses[0] if self.recurrent else losses)[:count].double()
             sums += torch.stack([losses.new_tensor(count), losses.sum(), losses.square().sum()])
         n, total, squares = (distributed.mean(sums) * self.world).tolist()

@@ -148,14 +148,22 @@ def test_one_text_file_gets_a_validation_split_of_val_fraction(tmp_path):
 
 def test_split_one_document_keeps_chunks_whole_and_in_order():
     ids = np.arange(1000, dtype=np.uint16)
-    train, val = text._split_one_document(ids, 0.05)
+    train, val, train_segments, val_segments = text._split_one_document(ids, 0.05, 2)
     assert len(val) == 50 and len(train) == 950
     assert sorted(np.concatenate([train, val]).tolist()) == ids.tolist()
     starts = [int(c) for c in val[::10]]  # 5 chunks of 10 consecutive ids, in order
     assert all(s % 10 == 0 for s in starts) and starts == sorted(starts)
     assert (np.diff(val.reshape(5, 10), axis=1) == 1).all()
-    assert len(text._split_one_document(ids, 0.001)[1]) == 1  # 1000 chunks of one id: one held out
-    assert len(text._split_one_document(ids, 0.0)[1]) == 0
+    # Segments: the runs of contiguous chunks; the run holding the last chunk ends in the separator.
+    for tokens, segs in ((train, train_segments), (val, val_segments)):
+        starts = [s for s, _ in segs]
+        assert starts[0] == 0 and starts == sorted(starts)
+        gaps = [i for i in range(1, len(tokens)) if int(tokens[i]) != int(tokens[i - 1]) + 1]
+        assert starts[1:] == gaps
+    assert [sep for _, sep in train_segments + val_segments].count(2) == 1
+    assert (train_segments if train[-1] == 999 else val_segments)[-1][1] == 2
+    assert len(text._split_one_document(ids, 0.001, 2)[1]) == 1  # 1000 chunks of one id: one held out
+    assert len(text._split_one_document(ids, 0.0, 2)[1]) == 0
 
 
 def test_evaluation_windows_are_fixed_spread_and_tiling():
