@@ -157,7 +157,8 @@ def test_a_carried_state_saved_by_two_processes_resumes_in_one(data, tmp_path):
     """DDP under torchrun: the ranks gather their rows' state into the checkpoint; one process resumes it."""
     root = Path(__file__).resolve().parents[2]
     args = TINY + data + ["--train.carry_state=true", "--train.sample_tokens=0", "--train.grad_accum=1",
-                          "--model.dropout=0", "--run.device=cpu"]  # dropout masks depend on the world size
+                          "--model.dropout=0",  # dropout masks depend on the world size
+                          "--run.device=cpu", "--train.time_budget="]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
 
     def train(*extra, nproc=1):
