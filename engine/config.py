@@ -665,6 +665,10 @@ def _validate_sequence_models(r: Recipe) -> None:
         if r.parallel.strategy == "fsdp":
             raise RecipeError(f"parallel.strategy = 'fsdp' does not shard model.arch = {m.arch!r} (nn.{m.arch.upper()} "
                               f"keeps its weights in one flat cuDNN buffer); use 'ddp'")
+        if t.activation_checkpointing != "none":
+            raise RecipeError(f"train.activation_checkpointing = {t.activation_checkpointing!r}: model.arch = "
+                              f"{m.arch!r} has no residual blocks to checkpoint (the GPT, ConvNeXt and ResNet have); "
+                              f"set it to \"none\"")
     if t.carry_state and (m.arch not in RNN_ARCHS or t.task != "auto"):
         raise RecipeError(f"train.carry_state needs a recurrent language model (model.arch = 'lstm' or 'gru', "
                           f"train.task = 'auto'), got model.arch = {m.arch!r}, train.task = {t.task!r}")

@@ -1,7 +1,7 @@
 """Benchmarks: swap kernels and compare them side by side, per op and end to end.
 
     tritonforge bench ops   [--op OPS] [--backends NAMES] [--dtype bf16] [--shapes SPECS] [--json PATH] ...
-    tritonforge bench train RECIPE [--kernels triton] [--vs torch] [--steps N] [--compile] [--section.key=value ...]
+    tritonforge bench train RECIPE [--kernels triton] [--vs torch] [--checkpointing none,blocks] [--steps N] ...
     python -m engine.bench.gpu [--anchors DIR]      # everything, in one call, on a GPU machine
 
 :mod:`engine.bench.ops` checks each backend of an op against a higher-precision reference and then times
@@ -36,9 +36,10 @@ USAGE = """usage: tritonforge bench SUBCOMMAND ...
 subcommands:
   ops    [--op OPS] [--backends NAMES] [--dtype bf16] [--shapes SPECS] [--json PATH] [--csv PATH] [--plot PATH]
          check each op's backends against a reference, then time fwd, bwd and fwd+bwd
-  train  RECIPE [--kernels SET] [--vs SET] [--steps N] [--warmup N] [--compile] [--json PATH] [--csv PATH]
-         [--section.key=value ...]
-         train the recipe's model on synthetic inputs once per kernel set and compare throughput
+  train  RECIPE [--kernels SET] [--vs SET] [--checkpointing POLICIES] [--steps N] [--warmup N] [--compile]
+         [--json PATH] [--csv PATH] [--section.key=value ...]
+         train the recipe's model on synthetic inputs once per kernel set (and activation-checkpointing
+         policy) and compare throughput and memory
 
 `tritonforge bench ops --help` and `tritonforge bench train --help` describe the options.
 """

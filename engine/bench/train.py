@@ -1,7 +1,7 @@
 """``tritonforge bench train RECIPE``: the recipe's model, once per kernel set, in the same process.
 
-    tritonforge bench train RECIPE [--kernels SET] [--vs SET] [--steps N] [--warmup N] [--compile]
-                                   [--json PATH] [--csv PATH] [--section.key=value ...]
+    tritonforge bench train RECIPE [--kernels SET] [--vs SET] [--checkpointing POLICIES] [--steps N]
+                                   [--warmup N] [--compile] [--json PATH] [--csv PATH] [--section.key=value ...]
 
 Kernel sets (``--kernels``, default ``triton``; ``--vs``, default ``torch``):
 
@@ -20,21 +20,29 @@ micro-batches under the recipe's precision (autocast; loss scaling for fp16), gr
 ``train.grad_clip`` (inside the Triton optimizer's step, or ``clip_grad_norm_`` for torch's), the recipe's
 optimizer, ``zero_grad``: the very :class:`~engine.trainer.TrainStep` the trainer runs, at the recipe's peak
 learning rate.
-``--compile`` adds a ``torch.compile`` run of each set.
+``--compile`` adds a ``torch.compile`` run of each set. ``--checkpointing none,blocks`` (any
+``train.activation_checkpointing`` policies, comma-separated; default the recipe's own) runs every set
+once per policy, so the memory activation checkpointing saves and the step time its recomputation costs
+stand side by side.
 
 Timing: ``--warmup`` steps (default 5, 8 with ``--compile``; 1 on CPU) are run and excluded, then each of
-``--steps`` steps (default 20; 3 on CPU) is timed with CUDA events; figures are medians. Columns: ``tok/s``
-(or ``img/s``) items per step over the median step time; ``step ms``; ``peak GB`` the most memory CUDA
-allocated over the run; ``TFLOP/s`` the model's training FLOPs per item (the task's ``flops_per_item``:
-6·N + 6·L·T·d per token for a GPT, 3x the forward's conv and linear FLOPs per image) times items/s;
-``MFU`` that over the card's datasheet bf16 peak; ``% matmul`` over the bf16 matmul rate measured here;
-``GPU idle %`` the share of a few back-to-back steps in which the GPU ran nothing, waiting for the host
-(:func:`gpu_idle_share`; not measured on a CPU); ``loss@0`` the first step's loss, which must agree between the sets (same weights, same batch) within
-:data:`LOSS_TOLERANCE`, or the row is FAILED and the command exits with status 1; ``vs`` the
-ratio of this row's throughput to the ``--vs`` set's in the same mode. On CPU the timings are labelled CPU.
+``--steps`` steps (default 20; 3 on CPU) is timed with CUDA events; figures are medians. Columns: the
+``checkpointing`` policy; ``tok/s`` (or ``img/s``) items per step over the median step time; ``step ms``;
+``peak GB`` the most memory CUDA allocated over the run (2^30 bytes; CUDA only: a CPU keeps no allocator
+statistics); ``activations MB`` the most memory (2^20 bytes) held at once, over one more untimed step, by
+the tensors autograd saved for the backward (:class:`SavedActivations`; on every device: it is what
+activation checkpointing shrinks); ``TFLOP/s`` the model's training FLOPs per item (the task's
+``flops_per_item``: 6·N + 6·L·T·d per token for a GPT, 3x the forward's conv and linear FLOPs per image)
+times items/s; ``MFU`` that over the card's datasheet bf16 peak; ``% matmul`` over the bf16 matmul rate
+measured here; ``GPU idle %`` the share of a few back-to-back steps in which the GPU ran nothing, waiting
+for the host (:func:`gpu_idle_share`; not measured on a CPU); ``loss@0`` the first step's loss, which must
+agree with the ``--vs`` set's of the same mode and policy (same weights, same batch) within
+:data:`LOSS_TOLERANCE`, or the row is FAILED and the command exits with status 1; ``vs`` the ratio of this
+row's throughput to that ``--vs`` row's. On CPU the timings are labelled CPU.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import statistics
 import sys
@@ -49,6 +57,7 @@ from engine import registry
 from engine.bench import (ArgumentParser, BenchError, describe_ceilings, environment, fmt, format_table, free_memory,
                           measure_ceilings, pick_device, timer_label, write_csv, write_json)
 from engine.config import Recipe, RecipeError, load_recipe
+from engine.models import checkpointing
 from engine.precision import LossScaler
 from engine.registry import KernelSelectionError, Ops
 from engine.tasks import Task
@@ -59,8 +68,9 @@ LOSS_TOLERANCE = {"fp32": 1e-3, "bf16": 2e-2, "fp16": 1e-2}
 #: Distinct synthetic micro-batches cycled through (kept on the device, so no copies are timed).
 SYNTHETIC_BATCHES = 4
 
-COLUMNS = ("kernels", "mode", "status", "unit", "items_per_s", "step_ms", "step_ms_mean", "peak_gb", "tflops", "mfu",
-           "pct_matmul", "gpu_idle_pct", "first_loss", "last_loss", "vs", "backends", "timer", "note")
+COLUMNS = ("kernels", "mode", "checkpointing", "status", "unit", "items_per_s", "step_ms", "step_ms_mean", "peak_gb",
+           "activations_mb", "tflops", "mfu", "pct_matmul", "gpu_idle_pct", "first_loss", "last_loss", "vs",
+           "backends", "timer", "note")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -154,6 +164,7 @@ class SyntheticTask(Task):
                              torch.randint(0, m.num_classes, (t.batch_size,), generator=gen).to(device))
                             for _ in range(SYNTHETIC_BATCHES)]
             self._flops = 3.0 * forward_flops(m)
+        checkpointing.apply(self.model, t.activation_checkpointing)
 
     def batch(self, step: int, micro: int):
         return self.batches[(step * self.recipe.train.grad_accum + micro) % len(self.batches)]
@@ -172,6 +183,77 @@ class SyntheticTask(Task):
 
 
 # ---------------------------------------------------------------------------------------------------
+# Activation memory
+# ---------------------------------------------------------------------------------------------------
+
+class SavedActivations:
+    """The most memory held at once by the tensors autograd saves for the backward, in bytes (``peak``).
+
+    While the context is open, every tensor a forward saves for its backward passes through
+    ``torch.autograd.graph.saved_tensors_hooks`` and is counted by its storage, once however many saved
+    tensors view it, from when it is saved until autograd lets go of it (the backward that used it, or the
+    graph freed). The model's parameters and buffers are left out: they are held whether or not a backward
+    follows. A checkpointed block saves only its inputs here; the activations its backward recomputes are held
+    by the checkpoint, one block at a time and briefly, and are not counted. Gradients, optimizer state and
+    an op's temporaries are not activations and are not counted either. The same on every device.
+    """
+
+    def __init__(self, model: nn.Module):
+        self._skip = {self._key(t) for t in (*model.parameters(), *model.buffers())}
+        self._live: dict[tuple, list[int]] = {}  # storage -> [saved tensors holding it, bytes]
+        self.bytes = self.peak = 0
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+
+    @staticmethod
+    def _key(t: torch.Tensor) -> tuple:
+        return t.device, t.untyped_storage().data_ptr()
+
+    def _pack(self, t: torch.Tensor):
+        try:
+            key, size = self._key(t), t.untyped_storage().nbytes()
+        except (RuntimeError, NotImplementedError):  # no plain storage (a sparse tensor): not counted
+            return t
+        if key in self._skip or not size:
+            return t
+        entry = self._live.setdefault(key, [0, size])
+        if not entry[0]:
+            self.bytes += size
+            self.peak = max(self.peak, self.bytes)
+        entry[0] += 1
+        return _Saved(self, key, t)
+
+    @staticmethod
+    def _unpack(saved):
+        return saved.tensor if isinstance(saved, _Saved) else saved
+
+    def _release(self, key: tuple) -> None:
+        entry = self._live[key]
+        entry[0] -= 1
+        if not entry[0]:
+            self.bytes -= entry[1]
+            del self._live[key]
+
+    def __enter__(self) -> "SavedActivations":
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._hooks.__exit__(*exc)
+
+
+class _Saved:
+    """One saved tensor, as autograd holds it while the counter watches: releasing it counts it out."""
+
+    __slots__ = ("owner", "key", "tensor")
+
+    def __init__(self, owner: SavedActivations, key: tuple, tensor: torch.Tensor):
+        self.owner, self.key, self.tensor = owner, key, tensor
+
+    def __del__(self):
+        self.owner._release(self.key)
+
+
+# ---------------------------------------------------------------------------------------------------
 # One run: build, warm up, time
 # ---------------------------------------------------------------------------------------------------
 
@@ -180,6 +262,7 @@ class TrainArgs:
     recipe: Recipe
     kernels: str | dict[str, str]
     vs: str | dict[str, str]
+    checkpointing: list[str]
     steps: int
     warmup: int | None
     compile: bool
@@ -228,11 +311,20 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def run_one(args: TrainArgs, kernel_set, compiled: bool, ceilings: dict) -> dict:
-    """Build the model with ``kernel_set`` and time it; a row for the table."""
+def with_policy(recipe: Recipe, policy: str) -> Recipe:
+    """``recipe`` with ``train.activation_checkpointing = policy``."""
+    return dataclasses.replace(recipe, train=dataclasses.replace(recipe.train, activation_checkpointing=policy))
+
+
+def run_one(args: TrainArgs, kernel_set, compiled: bool, ceilings: dict, policy: str | None = None) -> dict:
+    """Build the model with ``kernel_set`` (and checkpointing ``policy``, the recipe's by default) and time it;
+    a row for the table."""
     r, device = args.recipe, args.device
-    row = {"kernels": kernel_set_label(kernel_set), "mode": "compile" if compiled else "eager", "status": "ok",
-           "unit": None, "timer": timer_label(device), "note": "", "backends": None}
+    if policy is not None:
+        r = with_policy(r, policy)
+    row = {"kernels": kernel_set_label(kernel_set), "mode": "compile" if compiled else "eager",
+           "checkpointing": r.train.activation_checkpointing, "status": "ok", "unit": None,
+           "timer": timer_label(device), "note": "", "backends": None}
     free_memory(device)
     if compiled:
         torch._dynamo.reset()
@@ -281,6 +373,10 @@ def run_one(args: TrainArgs, kernel_set, compiled: bool, ceilings: dict) -> dict
     row["gpu_idle_pct"], idle_note = gpu_idle_share(step, warmup + args.steps, min(args.steps, 5), device)
     if idle_note:
         row["note"] = idle_note
+    with SavedActivations(task.model) as saved:  # one more step, untimed: the hooks cost host time
+        step(warmup + args.steps + min(args.steps, 5))
+    _sync(device)
+    row["activations_mb"] = saved.peak / 2 ** 20
     row["first_loss"], row["last_loss"] = float(first_loss), float(loss)
     row["step_ms"] = statistics.median(times_ms)
     row["step_ms_mean"] = statistics.fmean(times_ms)
@@ -303,12 +399,13 @@ def _compare(rows: list[dict], args: TrainArgs, log_err) -> None:
     """Throughput ratio and first-loss agreement of each row with the ``--vs`` row of the same mode."""
     vs_label = kernel_set_label(args.vs)
     tol = LOSS_TOLERANCE[args.recipe.train.precision]
-    for mode in ("eager", "compile"):
-        base = next((r for r in rows if r["mode"] == mode and r["kernels"] == vs_label and r.get("items_per_s")), None)
+    for mode, policy in dict.fromkeys((r["mode"], r.get("checkpointing")) for r in rows):
+        group = [r for r in rows if r["mode"] == mode and r.get("checkpointing") == policy]
+        base = next((r for r in group if r["kernels"] == vs_label and r.get("items_per_s")), None)
         if base is None:
             continue
-        for r in rows:
-            if r["mode"] != mode or not r.get("items_per_s"):
+        for r in group:
+            if not r.get("items_per_s"):
                 continue
             r["vs"] = r["items_per_s"] / base["items_per_s"]
             diff = abs(r["first_loss"] - base["first_loss"]) / max(abs(base["first_loss"]), 1e-12)
@@ -316,7 +413,7 @@ def _compare(rows: list[dict], args: TrainArgs, log_err) -> None:
                 r["status"] = "FAILED"
                 r["note"] = (f"first-step loss {r['first_loss']:.5f} differs from {vs_label}'s {base['first_loss']:.5f} "
                              f"by {diff:.1e} (relative; tolerance {tol:g} for {args.recipe.train.precision})")
-                log_err(f"!!! FAILED bench train {r['kernels']} ({mode}): {r['note']}")
+                log_err(f"!!! FAILED bench train {_label(r)}: {r['note']}")
 
 
 def run(args: TrainArgs, log=print, log_err=None) -> dict:
@@ -334,34 +431,46 @@ def run(args: TrainArgs, log=print, log_err=None) -> dict:
               "rows": []}
     # Two equal sets still run twice: their difference is the run-to-run noise.
     for compiled in ([False, True] if args.compile else [False]):
-        for kernel_set in (args.kernels, args.vs):
-            label = kernel_set_label(kernel_set)
-            log(f"{label} ({'compile' if compiled else 'eager'}): {args.steps} timed steps")
-            try:
-                row = run_one(args, kernel_set, compiled, ceilings)
-            except torch.OutOfMemoryError:
-                row = {"kernels": label, "mode": "compile" if compiled else "eager", "status": "not available",
-                       "note": "out of memory: lower train.batch_size", "timer": timer_label(device)}
-                free_memory(device)
-            except (RecipeError, KernelSelectionError):
-                raise
-            except Exception as e:  # noqa: BLE001  (report it and go on with the other set)
-                row = {"kernels": label, "mode": "compile" if compiled else "eager", "status": "FAILED",
-                       "note": f"{type(e).__name__}: {str(e).strip()[:300]}", "timer": timer_label(device)}
-                log_err(f"!!! FAILED bench train {label}: {row['note']}")
-                free_memory(device)
-            result["rows"].append(row)
-            log("  " + _row_line(row))
-            _write(args, result)
+        for policy in args.checkpointing:
+            for kernel_set in (args.kernels, args.vs):
+                head = {"kernels": kernel_set_label(kernel_set), "mode": "compile" if compiled else "eager",
+                        "checkpointing": policy, "timer": timer_label(device)}
+                log(f"{_label(head)}: {args.steps} timed steps")
+                try:
+                    row = run_one(args, kernel_set, compiled, ceilings, policy)
+                except torch.OutOfMemoryError:
+                    row = {**head, "status": "not available", "note": "out of memory: lower train.batch_size"}
+                    free_memory(device)
+                except (RecipeError, KernelSelectionError):
+                    raise
+                except Exception as e:  # noqa: BLE001  (report it and go on with the other set)
+                    row = {**head, "status": "FAILED", "note": f"{type(e).__name__}: {str(e).strip()[:300]}"}
+                    log_err(f"!!! FAILED bench train {_label(head)}: {row['note']}")
+                    free_memory(device)
+                result["rows"].append(row)
+                log("  " + _row_line(row))
+                _write(args, result)
     _compare(result["rows"], args, log_err)
     _write(args, result)
     return result
 
 
+def _megabytes(mb: float | None) -> str:
+    """Three significant figures for a small figure (a tiny model's), tenths of a megabyte above 10."""
+    return fmt(mb, ",.1f" if mb is not None and mb >= 10 else ".3g")
+
+
+def _label(r: dict) -> str:
+    """A row's kernel set, mode and checkpointing policy (the policy left out when it is "none")."""
+    policy = r.get("checkpointing") or "none"
+    return f"{r['kernels']} ({r['mode']}{'' if policy == 'none' else f', checkpointing {policy}'})"
+
+
 def _row_line(r: dict) -> str:
     if r.get("items_per_s") is None:
-        return f"{r['kernels']} {r['mode']}: {r['status']} {r.get('note', '')}"
-    return (f"{r['kernels']} {r['mode']}: {r['items_per_s']:,.0f} {r['unit']}/s, {r['step_ms']:.1f} ms/step, "
+        return f"{_label(r)}: {r['status']} {r.get('note', '')}"
+    return (f"{_label(r)}: {r['items_per_s']:,.0f} {r['unit']}/s, {r['step_ms']:.1f} ms/step, "
+            f"{_megabytes(r['activations_mb'])} MB of activations, "
             f"loss {r['first_loss']:.4f} -> {r['last_loss']:.4f}")
 
 
@@ -376,10 +485,11 @@ def table(result: dict, args: TrainArgs) -> str:
     rows = result["rows"]
     unit = next((r["unit"] for r in rows if r.get("unit")), "item")
     ms = " (CPU)" if args.device.type != "cuda" else ""
-    header = ["kernels", "mode", f"{unit}/s{ms}", f"step ms{ms}", "peak GB", "TFLOP/s", "MFU %", "% matmul",
-              "GPU idle %", "loss@0", f"vs {kernel_set_label(args.vs)}", "status"]
-    cells = [[r["kernels"], r["mode"], fmt(r.get("items_per_s"), ",.0f"), fmt(r.get("step_ms"), ".1f"),
-              fmt(r.get("peak_gb"), ".1f"), fmt(r.get("tflops"), ".3g"), fmt(r.get("mfu"), ".1f"),
+    header = ["kernels", "mode", "checkpointing", f"{unit}/s{ms}", f"step ms{ms}", "peak GB", "activations MB",
+              "TFLOP/s", "MFU %", "% matmul", "GPU idle %", "loss@0", f"vs {kernel_set_label(args.vs)}", "status"]
+    cells = [[r["kernels"], r["mode"], r.get("checkpointing") or "–", fmt(r.get("items_per_s"), ",.0f"),
+              fmt(r.get("step_ms"), ".1f"), fmt(r.get("peak_gb"), ".1f"), _megabytes(r.get("activations_mb")),
+              fmt(r.get("tflops"), ".3g"), fmt(r.get("mfu"), ".1f"),
               fmt(r.get("pct_matmul"), ".1f"), fmt(r.get("gpu_idle_pct"), ".1f"), fmt(r.get("first_loss"), ".4f"),
               fmt(r.get("vs"), ".3f"), r["status"]]
              for r in rows]
@@ -387,9 +497,9 @@ def table(result: dict, args: TrainArgs) -> str:
     for r in rows:
         if r.get("backends"):
             used = ", ".join(f"{op}={b}" for op, b in r["backends"].items())
-            lines.append(f"  {r['kernels']} ({r['mode']}): {used}")
+            lines.append(f"  {_label(r)}: {used}")
         if r.get("note"):
-            lines.append(f"  {r['kernels']} ({r['mode']}): {r['note']}")
+            lines.append(f"  {_label(r)}: {r['note']}")
     return "\n".join(lines)
 
 
@@ -399,12 +509,16 @@ def table(result: dict, args: TrainArgs) -> str:
 
 def _parser() -> ArgumentParser:
     p = ArgumentParser(prog="tritonforge bench train", allow_abbrev=False,
-                       description="Train RECIPE's model on synthetic inputs once per kernel set and compare "
-                                   "throughput; any --section.key=value overrides the recipe.")
+                       description="Train RECIPE's model on synthetic inputs once per kernel set (and "
+                                   "activation-checkpointing policy) and compare throughput and memory; any "
+                                   "--section.key=value overrides the recipe.")
     p.add_argument("recipe", metavar="RECIPE", help="a TOML recipe")
     p.add_argument("--kernels", default="triton",
                    help="torch, triton (Triton where a kernel exists), auto, recipe, or OP=BACKEND,... (default triton)")
     p.add_argument("--vs", default="torch", help="the kernel set to compare with, same forms (default torch)")
+    p.add_argument("--checkpointing", default=None, metavar="POLICIES",
+                   help="activation-checkpointing policies to run each set with, comma-separated: none, blocks, "
+                        "every_N (default: the recipe's train.activation_checkpointing)")
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 20; 3 on CPU)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 5, 8 with --compile; 1 on CPU)")
     p.add_argument("--compile", action="store_true", help="also time each set under torch.compile")
@@ -422,9 +536,26 @@ def parse_args(argv: Sequence[str]) -> TrainArgs:
     if a.warmup is not None and a.warmup < 1:
         raise BenchError(f"--warmup must be >= 1 (the first step compiles and allocates), got {a.warmup}")
     recipe = load_recipe(a.recipe, overrides)  # RecipeError names a bad override or field
+    policies = parse_policies(a.checkpointing, recipe)
     device = pick_device(recipe.run.device)
     steps = a.steps if a.steps is not None else (20 if device.type == "cuda" else 3)
-    return TrainArgs(recipe, kernels, vs, steps, a.warmup, a.compile, device, a.json, a.csv, list(overrides))
+    return TrainArgs(recipe, kernels, vs, policies, steps, a.warmup, a.compile, device, a.json, a.csv,
+                     list(overrides))
+
+
+def parse_policies(text: str | None, recipe: Recipe) -> list[str]:
+    """``--checkpointing``'s policies in order (checked as the recipe field is); the recipe's own without it."""
+    if text is None:
+        return [recipe.train.activation_checkpointing]
+    policies = [p.strip() for p in text.split(",")]
+    for policy in policies:
+        try:
+            checkpointing.parse_policy(policy)
+        except RecipeError:
+            raise BenchError(f"--checkpointing: {policy!r} is not one of none, blocks, every_N (N >= 1)") from None
+    if len(set(policies)) < len(policies):
+        raise BenchError(f"--checkpointing: {text!r} names a policy twice")
+    return policies
 
 
 def main(argv: Sequence[str]) -> int:

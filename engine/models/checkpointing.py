@@ -8,7 +8,13 @@ in the backward, the RNG state is replayed (dropout and drop-path draw the same 
 (the Triton kernels) recompute like any other op. A chosen block's class becomes a subclass whose forward
 runs the original under the checkpoint, so parameter names and checkpoints stay the same, copies (a
 weight EMA) stay checkpointed with their own weights, and DDP, FSDP2 and torch.compile see an unchanged
-module tree.
+module tree (FSDP2's ``fully_shard`` of a block subclasses the swapped class once more; the checkpoint
+stays inside the all-gather and reshard hooks, and the backward's recomputation runs while the block's
+parameters are gathered for its gradients).
+
+Every task applies it to the model it trains: the GPT (language modelling and forecasting), ConvNeXt and
+ResNet; a recurrent network (``model.arch = "lstm"`` or ``"gru"``) has no residual blocks and a policy
+other than ``"none"`` is refused.
 """
 
 from __future__ import annotations
@@ -57,13 +63,29 @@ def _checkpointed(cls: type) -> type:
     return _CHECKPOINTED[cls]
 
 
-def apply(model: nn.Module, policy: str) -> int:
-    """Checkpoint the blocks ``policy`` selects; returns how many."""
+def apply(model: nn.Module, policy: str, log=None) -> int:
+    """Checkpoint the blocks ``policy`` selects; returns how many (and says so through ``log``, if given).
+
+    A model without residual blocks (a recurrent network) is refused: the policy would change nothing.
+    """
     stride = parse_policy(policy)
     if not stride:
         return 0
-    chosen = residual_blocks(model)[::stride]
+    blocks = residual_blocks(model)
+    if not blocks:
+        raise RecipeError(f"{FIELD} = {policy!r}: {type(model).__name__} has no residual blocks to checkpoint "
+                          f"(the GPT, ConvNeXt and ResNet have); set it to \"none\"")
+    chosen = blocks[::stride]
     for block in chosen:
         if type(block) not in _CHECKPOINTED.values():
             block.__class__ = _checkpointed(type(block))
+    if log is not None:
+        log(f"activation checkpointing: {len(chosen)} of {len(blocks)} residual blocks recompute their "
+            f"activations in the backward ({FIELD} = {policy!r})")
     return len(chosen)
+
+
+def checkpointed_blocks(model: nn.Module) -> int:
+    """How many of ``model``'s modules run under a checkpoint (also once wrapped: FSDP2 subclasses them again)."""
+    kinds = tuple(_CHECKPOINTED.values())
+    return sum(isinstance(m, kinds) for m in model.modules()) if kinds else 0

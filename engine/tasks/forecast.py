@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from engine import distributed
 from engine.config import RNN_ARCHS, Recipe, RecipeError
 from engine.data.series import load_series
+from engine.models import checkpointing
 from engine.models.gpt import GPT
 from engine.models.rnn import RNN, RNNConfig
 from engine.precision import autocast
@@ -64,6 +65,7 @@ class ForecastTask(Task):
         self.mean, self.std = mean, np.where(std > 0, std, 1.0)
         self.series = torch.from_numpy((values - self.mean) / self.std).float().to(device)
         self.model = build_forecaster(recipe, channels, ops).to(device)
+        checkpointing.apply(self.model, t.activation_checkpointing, log)
         self.recurrent = isinstance(self.model, RNN)
         # Validation origins: windows starting here forecast steps at or after the split, and only those.
         self.val_starts = np.arange(self.split - self.context, steps - self.context - self.horizon + 1)

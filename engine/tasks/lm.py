@@ -61,7 +61,7 @@ class LanguageModelingTask(Task):
         self.tokenizer = data.tokenizer
         self.model = build_model(recipe, data.tokenizer.vocab_size, ops).to(device)
         self.cfg = self.model.cfg
-        checkpointing.apply(self.model, t.activation_checkpointing)  # an RNN has no residual blocks: none
+        checkpointing.apply(self.model, t.activation_checkpointing, log)
         self.recurrent = isinstance(self.model, RNN)
         windows = StreamWindows if t.carry_state else TokenWindows
         d = recipe.data

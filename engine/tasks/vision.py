@@ -84,7 +84,7 @@ class ImageClassificationTask(Task):
         sharded = world > 1 and recipe.parallel.strategy == "fsdp"
         self.memory_format = torch.contiguous_format if sharded else torch.channels_last
         self.model = build_model(m, ops).to(device, memory_format=self.memory_format)
-        checkpointing.apply(self.model, recipe.train.activation_checkpointing)
+        checkpointing.apply(self.model, recipe.train.activation_checkpointing, log)
         self.ema = None
         if t.ema_decay:
             if sharded:

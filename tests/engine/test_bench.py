@@ -188,12 +188,54 @@ def test_train_tiny_gpt_torch_vs_torch(tmp_path, capsys):
 def test_train_image_classifier_on_synthetic_images(tmp_path):
     recipe = tmp_path / "cnn.toml"
     recipe.write_text('[model]\narch = "resnet"\nwidth = 8\ndepths = [1, 1, 1, 1]\nimage_size = 16\n'
-                      '[data]\nsource = "shapes"\n[train]\nbatch_size = 2\n')
+                      '[data]\nsource = "shapes"\n[train]\nbatch_size = 2\nactivation_checkpointing = "blocks"\n')
     out = tmp_path / "train.json"
     assert train.main([str(recipe), "--kernels", "torch", "--vs", "torch", "--steps", "1", "--warmup", "1",
-                       "--json", str(out)]) == 0
-    row = json.loads(out.read_text())["rows"][0]
-    assert row["unit"] == "img" and row["status"] == "ok" and row["tflops"] > 0
+                       "--checkpointing", "blocks,none", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["checkpointing"] for r in rows] == ["blocks", "blocks", "none", "none"]
+    assert rows[0]["unit"] == "img" and rows[0]["status"] == "ok" and rows[0]["tflops"] > 0
+    assert 0 < rows[0]["activations_mb"] < rows[2]["activations_mb"]
+
+
+def test_train_with_and_without_activation_checkpointing(tmp_path, capsys):
+    """One row per kernel set and policy; the checkpointed rows keep less for the backward, lose the same."""
+    out, table_csv = tmp_path / "train.json", tmp_path / "train.csv"
+    code = train.main(["recipes/gpt_cpu.toml", "--kernels", "torch", "--vs", "torch", "--checkpointing",
+                       "none,blocks", "--steps", "1", "--warmup", "1", "--json", str(out), "--csv", str(table_csv),
+                       *TINY_GPT, "--model.n_layer=3"])
+    assert code == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["checkpointing"], r["status"]) for r in rows] == [("none", "ok")] * 2 + [("blocks", "ok")] * 2
+    plain, checkpointed = rows[0], rows[2]
+    assert 0 < checkpointed["activations_mb"] < plain["activations_mb"]
+    assert rows[1]["activations_mb"] == plain["activations_mb"]  # the figure is exact, not timed: no noise
+    assert {r["first_loss"] for r in rows} == {plain["first_loss"]}  # recomputation changes no number
+    assert plain["vs"] == checkpointed["vs"] == 1.0  # each policy against the --vs set under the same policy
+    assert plain.get("peak_gb") is None  # CUDA only
+    text = capsys.readouterr().out
+    assert "checkpointing" in text and "activations MB" in text and "torch (eager, checkpointing blocks):" in text
+    assert tuple(table_csv.read_text().splitlines()[0].split(",")) == train.COLUMNS
+
+
+def test_train_uses_the_recipes_checkpointing_by_default():
+    args = train.parse_args(["recipes/gpt_cpu.toml", "--train.activation_checkpointing=every_2", *TINY_GPT,
+                             "--model.n_layer=3"])
+    assert args.checkpointing == ["every_2"]
+    task = train.SyntheticTask(args.recipe, registry.resolve({}, "cpu"), torch.device("cpu"))
+    assert [type(b).__name__ for b in task.model.blocks] == ["CheckpointedBlock", "Block", "CheckpointedBlock"]
+
+
+def test_saved_activations_count_each_storage_once_until_the_backward_frees_it():
+    linear = torch.nn.Linear(64, 64)
+    with train.SavedActivations(linear) as saved:  # linear saves its input (and its weight: not counted),
+        linear(torch.randn(8, 64)).relu().sum().backward()  # relu its output
+    assert (saved.peak, saved.bytes) == (2 * 8 * 64 * 4, 0)
+    a = torch.randn(8, 64, requires_grad=True)
+    with train.SavedActivations(linear) as saved:
+        b = a.exp()  # saves its output
+        (b[:4] * b[4:]).sum().backward()  # saves two views of the same storage
+    assert (saved.peak, saved.bytes) == (8 * 64 * 4, 0)
 
 
 def test_train_mismatched_loss_is_failed(tmp_path, monkeypatch):
@@ -236,6 +278,10 @@ def test_kernel_sets(monkeypatch):
     (["--vs", "attention=flash"], "--vs: kernels.attention: unknown backend 'flash'"),
     (["--kernels", "softmax=triton"], "--kernels: unknown op 'softmax'"),
     (["--steps", "0"], "--steps must be >= 1"),
+    (["--checkpointing", "none,every_0"], "--checkpointing: 'every_0' is not one of none, blocks, every_N"),
+    (["--checkpointing", "blocks,blocks"], "--checkpointing: 'blocks,blocks' names a policy twice"),
+    (["--train.activation_checkpointing=none,blocks"],
+     "train.activation_checkpointing: 'none,blocks' is not one of"),
     (["--train.nope=1"], "unknown key train.nope"),
     (["stray"], "unexpected argument 'stray'"),
 ])

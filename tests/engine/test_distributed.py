@@ -1,4 +1,5 @@
-"""torchrun on CPU with gloo: DDP and FSDP2 match a single process; checkpoints move between world sizes.
+"""torchrun on CPU with gloo: DDP and FSDP2 match a single process; checkpoints move between world sizes;
+activation checkpointing leaves both strategies' losses unchanged.
 
 Every run here is a real ``torchrun --nproc_per_node=2 -m engine.train`` (or a single ``python -m
 engine.train``) on a tiny GPT, compared through the per-step losses in ``metrics.jsonl``.
@@ -111,6 +112,62 @@ def test_muon_under_ddp_matches_one_process_and_resumes_in_one(corpus, tmp_path)
     _copy_until(multi, resumed, step=3)
     run(common(corpus, 5) + muon + ["--train.batch_size=8", f"--run.dir={resumed}", "--checkpoint.resume=latest"])
     assert_same_losses(losses(resumed), losses(single), range(4, 6))
+
+
+COUNTING = """
+import os, sys
+import torch
+from engine import distributed
+from engine.models import checkpointing, gpt
+forwards = [0]
+block_forward = gpt.Block.forward
+def forward(self, *args):
+    forwards[0] += torch.is_grad_enabled()  # training forwards, and a checkpoint's recomputation in the backward
+    return block_forward(self, *args)
+gpt.Block.forward = forward
+real_wrap = distributed.wrap
+def wrap(model, recipe, device):
+    model = real_wrap(model, recipe, device)
+    blocks = getattr(model, "module", model).blocks
+    print("wrapped blocks:", ",".join(type(b).__name__ for b in blocks), checkpointing.checkpointed_blocks(model))
+    return model
+distributed.wrap = wrap
+from engine.cli import train_main
+code = train_main(sys.argv[1:])
+print(f"rank {os.environ['RANK']}: {forwards[0]} block forwards with grad", flush=True)
+sys.exit(code)
+"""
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_activation_checkpointing_under_two_processes(corpus, tmp_path, strategy):
+    """Two processes with train.activation_checkpointing = "blocks" take the same steps as without it, bit for
+    bit (dropout on: the recomputation replays its masks), and the blocks really recompute: after wrapping
+    (FSDP2 subclasses each block again) both blocks are still checkpointed, and every training forward of a
+    block runs twice."""
+    script = tmp_path / "count_forwards.py"
+    script.write_text(COUNTING)
+    steps, accum, layers = 3, 2, 2
+    args = common(corpus, steps) + ["--model.dropout=0.1", "--train.batch_size=2", f"--train.grad_accum={accum}",
+                                    f"--parallel.strategy={strategy}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    out = {}
+    for policy in ("none", "blocks"):
+        proc = subprocess.run([*TORCHRUN, "--standalone", "--nproc_per_node=2", str(script), RECIPE, *args,
+                               f"--train.activation_checkpointing={policy}", f"--run.dir={tmp_path / policy}"],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        out[policy] = proc
+    wrapped = "FSDPCheckpointedBlock,FSDPCheckpointedBlock 2" if strategy == "fsdp" else \
+        "CheckpointedBlock,CheckpointedBlock 2"
+    assert f"wrapped blocks: {wrapped}" in out["blocks"].stdout
+    assert "2 of 2 residual blocks recompute" in out["blocks"].stdout
+    for rank in (0, 1):
+        assert f"rank {rank}: {steps * accum * layers} block forwards with grad" in out["none"].stdout
+        assert f"rank {rank}: {2 * steps * accum * layers} block forwards with grad" in out["blocks"].stdout
+    plain, checkpointed = losses(tmp_path / "none"), losses(tmp_path / "blocks")
+    assert plain.keys() == checkpointed.keys() == set(range(1, steps + 1))
+    assert plain == checkpointed  # the recomputation replays the forward exactly: bit for bit
 
 
 def _copy_until(src: Path, dst: Path, step: int) -> None:

@@ -78,6 +78,25 @@ def test_a_short_run_beats_the_naive_and_seasonal_naive_forecasts(tmp_path, arch
     assert out["val_mae"] < min(out["seasonal_mae"], out["naive_mae"])
 
 
+def test_the_gpt_forecaster_checkpoints_its_blocks_with_the_same_loss_and_gradients():
+    """train.activation_checkpointing reaches the forecasting GPT; dropout on, the same step bit for bit."""
+    def step(policy):
+        torch.manual_seed(0)
+        t = task("--model.arch=gpt", "--model.n_layer=2", "--model.dropout=0.2",
+                 f"--train.activation_checkpointing={policy}")
+        torch.manual_seed(1)
+        loss = t.loss(t.model.train(), *t.batch(step=0, micro=0))
+        loss.backward()
+        return t.model, loss.detach(), {n: p.grad for n, p in t.model.named_parameters()}
+
+    plain, loss_a, grads_a = step("none")
+    model, loss_b, grads_b = step("blocks")
+    assert [type(b).__name__ for b in plain.blocks] == ["Block"] * 2
+    assert [type(b).__name__ for b in model.blocks] == ["CheckpointedBlock"] * 2
+    assert torch.equal(loss_a, loss_b)
+    assert all(torch.equal(grads_a[n], grads_b[n]) for n in grads_a)
+
+
 @pytest.mark.parametrize("args, message", [
     (["--train.seq_len=0"], "train.seq_len must be > 0, got 0"),
     (["--train.horizon=0"], "train.horizon must be > 0, got 0"),
@@ -86,6 +105,8 @@ def test_a_short_run_beats_the_naive_and_seasonal_naive_forecasts(tmp_path, arch
     (["--data.source=stdlib"], "data.source: a forecast reads 'series' (built in) or a .csv/.parquet file"),
     (["--data.source=/no/such.csv"], "data.source: no such file: /no/such.csv"),
     (["--train.task=regress"], "train.task: 'regress' is not one of auto, forecast"),
+    (["--model.arch=lstm", "--train.activation_checkpointing=blocks"],
+     "train.activation_checkpointing = 'blocks': model.arch = 'lstm' has no residual blocks to checkpoint"),
 ])
 def test_bad_forecast_recipes_name_the_field(args, message):
     with pytest.raises(RecipeError) as e:

@@ -140,6 +140,8 @@ def test_kill_and_resume_with_a_carried_state_is_bit_identical(data, tmp_path):
     (["--model.arch=gpt", "--train.carry_state=true"], "train.carry_state needs a recurrent language model"),
     (["--model.hidden=-1"], "model.hidden must be >= 0, got -1"),
     (["--model.dropout=1.0"], "model.dropout must be in [0, 1), got 1.0"),
+    (["--train.activation_checkpointing=every_2"],
+     "train.activation_checkpointing = 'every_2': model.arch = 'lstm' has no residual blocks to checkpoint"),
 ])
 def test_bad_recurrent_recipes_name_the_field(args, message):
     with pytest.raises(RecipeError) as e:
