@@ -75,6 +75,8 @@ def lr_at(step: int, recipe: Recipe) -> float:
 
 #: Share added to the measured step time when a time budget fixes the step count (machines vary while they run).
 BUDGET_MARGIN = 0.06
+#: A re-timed budget raises its step count only by more than this share (pace measurements are noisy).
+BUDGET_RAISE = 0.02
 
 _STAMP = re.compile(r"-\d{8}-\d{6}(-\d+)?$")
 
@@ -322,14 +324,24 @@ def masked_step(optimizer, apply: torch.Tensor) -> None:
 
 
 class _BudgetClock:
-    """Fixes a time-budgeted run's step count once its warmup steps are timed.
+    """Fixes a time-budgeted run's step count once its warmup steps are timed, then keeps the run inside it.
 
     The steps before the count is fixed are warmup steps, whose learning rate does not depend on the count,
     so fixing it changes nothing that already ran. The count fits the budget (counted from the trainer's
     start) with the periodic and final evaluations, the end-of-run sample, and a margin of
-    :data:`BUDGET_MARGIN` on the measured step time. Timing needs the device idle at the two ends of the
-    window: the only host syncs a budget adds.
+    :data:`BUDGET_MARGIN` on the measured step time. Machines also change speed while they run (a
+    neighbour's job, a throttled clock), and an evaluation's cost is known only once one has run: at every
+    logging step the clock re-times the steps since the last one (and the last evaluation) and sets the
+    count to what fits at that pace: lower whenever the rest no longer fits, higher when at least
+    :data:`BUDGET_RAISE` more steps fit (so noise does not move it), never past ``train.steps``. Each change
+    is printed and recorded like the first, and the rest of the learning rate is scheduled over the new
+    count. All processes take the smallest count any of them computes. Timing reads the clock only where
+    the trainer already waits for the device (logging and evaluation steps), except at the two ends of
+    the warmup window.
     """
+
+    #: Steps a re-timing needs since the previous one (shorter windows are too noisy to act on).
+    MIN_WINDOW = 10
 
     def __init__(self, trainer: "Trainer"):
         self.trainer = trainer
@@ -339,31 +351,67 @@ class _BudgetClock:
             else min(warmup, 50)
         self.window_start: float | None = None
         self.paused = 0.0
+        self.fixed = False
+        self.forward = 0.0  # seconds of one evaluation batch: timed at the fix, then from each evaluation
+        self.ceiling = r.train.steps
 
-    def after_step(self) -> bool:
-        """Called after each step; returns True once the count is fixed."""
+    def after_step(self) -> None:
+        """Called after each step; fixes the count at the end of the warmup window."""
         t = self.trainer
+        if self.fixed:
+            return
         if t.step == 1 or self.window_start is None:  # the first step pays one-time costs: not timed
             _sync(t.device)
             self.window_start, self.start_step, self.paused = time.perf_counter(), t.step, 0.0
-            return False
+            return
         if t.step < max(self.window_end, self.start_step + 2):
-            return False
+            return
         _sync(t.device)
-        per_step = (time.perf_counter() - self.window_start - self.paused) / (t.step - self.start_step)
-        forward = self._forward_seconds()
-        steps = self.fit(per_step, forward)
+        now = time.perf_counter()
+        per_step = (now - self.window_start - self.paused) / (t.step - self.start_step)
+        self.forward = self._forward_seconds()
+        steps = self._agree(self.fit(per_step, self.forward))
+        self._set(steps, per_step, f"{steps} steps fit ({1e3 * per_step:.0f} ms/step measured over steps "
+                                   f"{self.start_step + 1}-{t.step}")
+        self.fixed = True
+        self.window_start, self.start_step, self.paused = time.perf_counter(), t.step, 0.0
+
+    def after_eval(self, seconds: float) -> None:
+        """A periodic evaluation took ``seconds``: the cost of the ones still to come."""
+        self.forward = seconds / max(1, self.trainer.task.eval_batches(final=False))
+
+    def after_log(self) -> None:
+        """Called at logging steps (the device is idle): move the count to what fits at the pace just measured."""
+        t = self.trainer
+        if not self.fixed or t.step >= t.recipe.train.steps or t.step - self.start_step < self.MIN_WINDOW:
+            return
+        now = time.perf_counter()
+        per_step = (now - self.window_start - self.paused) / (t.step - self.start_step)
+        window = f"{self.start_step + 1}-{t.step}"
+        self.window_start, self.start_step, self.paused = now, t.step, 0.0
+        steps, current = self._agree(self.fit(per_step, self.forward)), t.recipe.train.steps
+        if steps < current or steps > current * (1 + BUDGET_RAISE):
+            self._set(steps, per_step, f"steps {window} ran at {1e3 * per_step:.0f} ms/step; {steps} steps fit")
+
+    def _set(self, steps: int, per_step: float, how: str) -> None:
+        t = self.trainer
         t._fix_steps(steps)
-        r = t.recipe.train
-        left = r.budget_seconds() - (time.perf_counter() - t._t_created)
-        t.log.print(f"time budget {r.time_budget}: {steps} steps fit ({1e3 * per_step:.0f} ms/step measured over "
-                    f"steps {self.start_step + 1}-{t.step}, {left:.0f} s left); the learning rate is scheduled "
-                    f"over them")
+        left = t.recipe.train.budget_seconds() - (time.perf_counter() - t._t_created)
+        t.log.print(f"time budget {t.recipe.train.time_budget}: {how}, {left:.0f} s left); the learning rate is "
+                    f"scheduled over them")
         t.log.record({"kind": "budget", "step": t.step, "steps": steps, "step_ms": 1e3 * per_step,
-                      "eval_forward_ms": 1e3 * forward, "seconds_left": left})
+                      "eval_forward_ms": 1e3 * self.forward, "seconds_left": left})
         if t.dist.is_main:
             (t.run_dir / "recipe.toml").write_text(dump_toml(t.resolved))
-        return True
+
+    def _agree(self, steps: int) -> int:
+        """The smallest count over all processes (their clocks differ; their loops must end together)."""
+        t = self.trainer
+        if t.dist.world == 1:
+            return steps
+        box = torch.tensor([steps], device=t.device, dtype=torch.int64)
+        torch.distributed.all_reduce(box, op=torch.distributed.ReduceOp.MIN)
+        return int(box.item())
 
     def _forward_seconds(self) -> float:
         """One evaluation-sized forward (no gradients, eval mode) of a training batch, timed."""
@@ -382,7 +430,7 @@ class _BudgetClock:
 
     def fit(self, per_step: float, forward: float) -> int:
         """The step count that fits what is left of the budget, at ``per_step`` seconds a step and
-        ``forward`` seconds an evaluation batch."""
+        ``forward`` seconds an evaluation batch (never fewer than the steps already taken)."""
         t = self.trainer
         r = t.recipe.train
         left = r.budget_seconds() - (time.perf_counter() - t._t_created)
@@ -390,10 +438,10 @@ class _BudgetClock:
         fixed = forward * (t.task.eval_batches(final=True) + r.sample_tokens / r.batch_size)
         steps = t.step
         for _ in range(3):  # the periodic evaluations depend on the count
-            evals = (steps // r.eval_every) if r.eval_every else 0
+            evals = max(0, steps // r.eval_every - t.step // r.eval_every) if r.eval_every else 0
             cost = fixed + evals * forward * t.task.eval_batches(final=False)
             steps = t.step + max(0, int((left - cost) / per_step))
-        return min(steps, r.steps)
+        return min(steps, self.ceiling)
 
 
 def _sync(device: torch.device) -> None:
@@ -624,8 +672,8 @@ class Trainer:
                 steps_since += 1
                 self.task.on_step_end(self.step)
                 pending.append(out)
-                if budget is not None and budget.after_step():
-                    budget = None
+                if budget is not None:
+                    budget.after_step()
                 total = r.train.steps
                 log_now = self.step % r.train.log_every == 0 or self.step == total
                 eval_now = bool(r.train.eval_every) and self.step % r.train.eval_every == 0 and self.step != total
@@ -637,9 +685,14 @@ class Trainer:
                 if log_now:
                     self._log(out, t_last, steps_since, t_start, first_step)
                     t_last, steps_since = time.perf_counter(), 0
+                    if budget is not None:
+                        budget.after_log()
                 paused = time.perf_counter()
                 if eval_now:
                     self.evaluate()
+                    if budget is not None:
+                        _sync(self.device)
+                        budget.after_eval(time.perf_counter() - paused)
                 if save_now:
                     self.save()
                 if eval_now or save_now:  # throughput counts training steps only

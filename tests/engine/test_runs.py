@@ -18,7 +18,7 @@ from engine.checkpoint import CheckpointError
 from engine.cli import main as cli_main
 from engine.config import RecipeError, load_recipe
 from engine.metrics import RunLogger, read_metrics
-from engine.trainer import Trainer, TrainingError
+from engine.trainer import Trainer, TrainingError, lr_at
 from support import Sink, tiny_corpus
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -429,10 +429,39 @@ def test_a_time_budget_fixes_a_count_that_fits(data, tmp_path):
     sink = Sink()
     trainer = run(recipe(data, tmp_path / "r", "--train.time_budget=6s", "--train.steps=100000",
                          "--optim.warmup_steps=5"), sink)
-    (budget,) = [m for m in read_metrics(tmp_path / "r" / "metrics.jsonl") if m["kind"] == "budget"]
-    assert "time budget 6s:" in sink.text and trainer.step == budget["steps"] < 100000
-    remaining_steps = budget["steps"] - budget["step"]
-    assert remaining_steps * budget["step_ms"] / 1e3 <= max(budget["seconds_left"], 0.0)
+    budget, *refits = [m for m in read_metrics(tmp_path / "r" / "metrics.jsonl") if m["kind"] == "budget"]
+    assert "time budget 6s:" in sink.text and trainer.step == (refits or [budget])[-1]["steps"] < 100000
+    for b in (budget, *refits):  # each count fits what was left at the pace just measured
+        assert (b["steps"] - b["step"]) * b["step_ms"] / 1e3 <= max(b["seconds_left"], 0.0)
+
+
+def test_a_run_re_times_itself_lowering_its_count_when_slower_and_raising_it_when_faster(data, tmp_path, monkeypatch):
+    """Re-timed at its logging steps, a run whose rest no longer fits lowers its count, one with room for
+    more than 2% more raises it (less moves nothing), each change is recorded, and the rest of the
+    learning rate is scheduled over the new count."""
+    from engine import trainer as trainer_module
+
+    answers = {0: 20, 1: 20, 2: 15, 3: 15, 4: 18}  # the counts the machine's pace gives at the fix and each re-timing
+    calls = []
+
+    def fit(self, per_step, forward):
+        calls.append(self.trainer.step)
+        return answers.get(len(calls) - 1, self.trainer.recipe.train.steps)
+
+    monkeypatch.setattr(trainer_module._BudgetClock, "fit", fit)
+    monkeypatch.setattr(trainer_module._BudgetClock, "MIN_WINDOW", 1)
+    sink = Sink()
+    trainer = run(recipe(data, tmp_path / "r", "--train.time_budget=30s", "--train.steps=1000",
+                         "--optim.warmup_steps=5", "--train.log_every=2"), sink)
+    assert calls[:5] == [5, 6, 8, 10, 12]  # fixed after the warmup, then re-timed at each logging step
+    assert trainer.step == 18 and load_recipe(tmp_path / "r" / "recipe.toml").train.steps == 18
+    records = read_metrics(tmp_path / "r" / "metrics.jsonl")
+    assert [(b["step"], b["steps"]) for b in records if b["kind"] == "budget"] == [(5, 20), (8, 15), (12, 18)]
+    assert "steps 7-8 ran at" in sink.text and "15 steps fit" in sink.text
+    final = load_recipe(tmp_path / "r" / "recipe.toml")
+    for m in records:
+        if m["kind"] == "train" and m["step"] > 12:  # after the last change, the schedule of 18 steps
+            assert m["lr"] == pytest.approx(lr_at(m["step"] - 1, final))
 
 
 def test_a_time_budget_needs_warmup_steps_to_time():
