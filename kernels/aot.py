@@ -81,6 +81,8 @@ class Variant:
     keep_reason: why a config that spills or exceeds an architecture's shared memory stays in the
                  list anyway (e.g. "the autotuner skips it on sm_80, where it does not fit"); the
                  report prints it and does not count the row as a failure.
+    keep_archs:  the architectures the reason excuses (empty: every one); on the others the same
+                 config must fit, or the row fails.
     vector_stores: False for a memory kernel whose only stores are one value per program (partial
                  sums): its stores cannot be vectors and are not judged.
     """
@@ -94,6 +96,7 @@ class Variant:
     kind: str
     aligned: tuple[str, ...] = field(default_factory=tuple)
     keep_reason: str = ""
+    keep_archs: tuple[str, ...] = ()
     vector_stores: bool = True
 
 
@@ -475,7 +478,8 @@ def _identity(kernel: str, fields: dict[str, Any], arch: str) -> dict[str, Any]:
     """The columns that name a row, known before (or without) compiling."""
     return {"kernel": kernel, "variant": fields["name"], "arch": arch, "kind": fields["kind"],
             "num_warps": fields["num_warps"], "num_stages": fields["num_stages"],
-            "aligned": list(fields["aligned"]), "keep_reason": fields["keep_reason"]}
+            "aligned": list(fields["aligned"]),
+            "keep_reason": fields["keep_reason"] if not fields["keep_archs"] or arch in fields["keep_archs"] else ""}
 
 
 def judge(row: dict[str, Any], variant: Variant) -> dict[str, Any]:
@@ -498,7 +502,8 @@ def judge(row: dict[str, Any], variant: Variant) -> dict[str, Any]:
     notes = list(row.get("ptxas_notes", []))
     if lim.matrix == "wgmma" and row["wgmma"] and row["mma"]:
         notes.append(f"{row['mma']} mma.sync beside wgmma")
-    excused = bool(over) and bool(variant.keep_reason)
+    excused = bool(over) and bool(variant.keep_reason) and (not variant.keep_archs
+                                                             or row["arch"] in variant.keep_archs)
     return {"over_budget": over, "problems": problems, "notes": notes,
             "ok": not problems and (not over or excused)}
 
