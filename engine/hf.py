@@ -111,6 +111,10 @@ def layout_of(cfg: GPTConfig) -> str:
     """"gpt2" or "llama": the HF layout that represents ``cfg`` exactly, or an HFError naming what does not fit."""
     if cfg.window:
         raise HFError(f"model.window = {cfg.window}: neither GPT-2 nor Llama has a sliding attention window")
+    if cfg.qk_norm:
+        raise HFError("model.qk_norm = true: neither GPT-2 nor Llama normalizes queries and keys")
+    if cfg.logit_softcap:
+        raise HFError(f"model.logit_softcap = {cfg.logit_softcap}: neither GPT-2 nor Llama caps its logits")
     gpt2 = {"pos": "learned", "norm": "layernorm", "mlp": "gelu"}
     llama = {"pos": "rope", "norm": "rmsnorm", "mlp": "swiglu"}
     ours = {k: getattr(cfg, k) for k in gpt2}

@@ -391,7 +391,7 @@ class _BudgetClock:
         self.window_start, self.start_step, self.paused = now, t.step, 0.0
         steps, current = self._agree(self.fit(per_step, self.forward)), t.recipe.train.steps
         if steps < current or steps > current * (1 + BUDGET_RAISE):
-            self._set(steps, per_step, f"steps {window} ran at {1e3 * per_step:.0f} ms/step; {steps} steps fit")
+            self._set(steps, per_step, f"{steps} steps fit (steps {window} ran at {1e3 * per_step:.0f} ms/step")
 
     def _set(self, steps: int, per_step: float, how: str) -> None:
         t = self.trainer

@@ -144,6 +144,8 @@ def test_unrepresentable_configs_are_refused(config, match):
     (GPTConfig(window=8), "model.window = 8"),
     (GPTConfig(pos="rope"), "model.pos = 'rope', model.norm = 'layernorm'.*no Hugging Face layout"),
     (GPTConfig(n_head=4, n_kv_head=2), "GPT-2 has no grouped-query attention"),
+    (GPTConfig(qk_norm=True), "model.qk_norm = true"),
+    (GPTConfig(logit_softcap=30.0), "model.logit_softcap = 30.0"),
 ])
 def test_export_refuses_what_hf_cannot_represent(tmp_path, cfg, match):
     with pytest.raises(hf.HFError, match=match):
