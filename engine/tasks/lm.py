@@ -65,10 +65,13 @@ class LanguageModelingTask(Task):
         self.recurrent = isinstance(self.model, RNN)
         windows = StreamWindows if t.carry_state else TokenWindows
         d = recipe.data
-        packing = {} if d.packing == "none" else {"reset_positions": d.reset_positions,
-                                                   "separator_loss": d.separator_loss}
+
+        def packing(segments):  # data.packing: the split's document boundaries (refused with carry_state)
+            return {} if d.packing == "none" else dict(segments=segments, reset_positions=d.reset_positions,
+                                                       separator_loss=d.separator_loss)
+
         self.train_windows = windows(data.train, t.seq_len, t.batch_size, t.grad_accum, recipe.run.seed, world,
-                                     **packing, **({"segments": data.train_segments} if packing else {}))
+                                     **packing(data.train_segments))
         # train.carry_state: the state each micro-batch's rows carry into the next step (None: start from zero),
         # and the training forwards run so far, which say the step and micro-batch of the next one (the
         # trainer asks for micro-batches 0 .. grad_accum - 1 of each step in order; batch() stays a pure
@@ -78,8 +81,8 @@ class LanguageModelingTask(Task):
         if len(data.val) < t.seq_len + 1:
             raise RecipeError(f"data.val_fraction ({recipe.data.val_fraction}) leaves {len(data.val)} validation "
                               f"tokens, fewer than train.seq_len + 1 ({t.seq_len + 1})")
-        self.val_windows = TokenWindows(data.val, t.seq_len, t.batch_size, 1, recipe.run.seed, world, **packing,
-                                        **({"segments": data.val_segments} if packing else {}))
+        self.val_windows = TokenWindows(data.val, t.seq_len, t.batch_size, 1, recipe.run.seed, world,
+                                        **packing(data.val_segments))
         self.items_per_micro_batch = t.batch_size * t.seq_len
         log(f"data: {len(data.train):,} train / {len(data.val):,} val tokens ({data.tokenizer.name} tokenizer); "
             f"model: {self.model.num_params():,} parameters")
@@ -93,11 +96,17 @@ class LanguageModelingTask(Task):
     def batch(self, step: int, micro: int):
         return self._to_device(*self.train_windows.batch(step, micro, self.rank))
 
-    def loss(self, model: nn.Module, inputs, targets):
+    @staticmethod
+    def _forward(model: nn.Module, inputs, targets, **kwargs):
+        """``model(inputs, targets, ...)``, packed windows' document ids and positions passed along."""
         if isinstance(inputs, Packed):
-            return model(inputs.idx, targets, segment_ids=inputs.segment_ids, position_ids=inputs.position_ids)
+            return model(inputs.idx, targets, segment_ids=inputs.segment_ids, position_ids=inputs.position_ids,
+                         **kwargs)
+        return model(inputs, targets, **kwargs)
+
+    def loss(self, model: nn.Module, inputs, targets):
         if not self.recurrent:
-            return model(inputs, targets)
+            return self._forward(model, inputs, targets)
         if not self.recipe.train.carry_state:
             return model(inputs, targets)[0]
         if not (model.training and torch.is_grad_enabled()):  # a timing probe: the carried state stays
@@ -153,8 +162,7 @@ class LanguageModelingTask(Task):
         for x, y, count in self.val_windows.eval_batches(starts, self.rank):
             x, y = self._to_device(x, y)
             with autocast(self.recipe.train.precision, self.device):
-                packed = {"segment_ids": x.segment_ids, "position_ids": x.position_ids} if isinstance(x, Packed) else {}
-                losses = model(x.idx if packed else x, y, per_sequence=True, **packed)
+                losses = self._forward(model, x, y, per_sequence=True)
                 losses = (losses[0] if self.recurrent else losses)[:count].double()
             sums += torch.stack([losses.new_tensor(count), losses.sum(), losses.square().sum()])
         n, total, squares = (distributed.mean(sums) * self.world).tolist()
