@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterable, Literal, get_args
 import torch
 import torch.nn.functional as F
 
+from engine import flex
 from engine.errors import KernelSelectionError
 from engine.optim_muon import TorchMuon
 
@@ -46,8 +47,18 @@ def _window_mask(s_q: int, s_k: int, window: int, causal: bool, device: torch.de
 
 def torch_attention(q, k, v, causal: bool = True, window: int | None = None, scale: float | None = None,
                     segment_ids: torch.Tensor | None = None):
-    """SDPA. ``segment_ids`` (B, S) (packed documents): key j visible from query i only if both carry the
-    same id, as a dense (B, 1, S, S) boolean mask combined with the causal/window one."""
+    """SDPA. With ``segment_ids`` (B, S) (packed documents: key j visible from query i only if both carry
+    the same id): FlexAttention with a block mask on CUDA (:mod:`engine.flex`: blocks of other documents
+    are skipped), SDPA with a dense boolean mask elsewhere (:func:`dense_attention`)."""
+    if segment_ids is not None and flex.usable(q, k, v):
+        return flex.attention(q, k, v, causal, window, scale, segment_ids, fallback=dense_attention)
+    return dense_attention(q, k, v, causal, window, scale, segment_ids)
+
+
+def dense_attention(q, k, v, causal: bool = True, window: int | None = None, scale: float | None = None,
+                    segment_ids: torch.Tensor | None = None):
+    """SDPA with the band and the documents as one dense boolean mask, (S, S) or (B, 1, S, S): the
+    reference on every device."""
     mask = _window_mask(q.shape[-2], k.shape[-2], window, causal, q.device) if window else None
     if segment_ids is not None:
         same = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]

@@ -1,6 +1,8 @@
 """Helpers shared by the test modules (importable because tests/conftest.py puts this folder on sys.path)."""
 import json
 
+import torch
+
 
 class Sink:
     """An output stream that keeps what was written; not a terminal unless ``tty``."""
@@ -27,3 +29,21 @@ def tiny_corpus(tmp_path_factory) -> list[str]:
         docs = (f"def f{i}(x):\n    return x * {i} + {i % 7}  # the quick brown fox {i}\n" * 3 for i in range(200))
         corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
     return [f"--data.source={corpus}", f"--data.cache_dir={base / 'cache'}"]
+
+
+def visible_pairs(seqlen: int, causal: bool, window: int | None, segment_ids=None, device="cpu") -> torch.Tensor:
+    """Which key j each query i sees, written out pair by pair: (S, S) booleans, or (B, 1, S, S) with
+    ``segment_ids`` (B, S). The band is the kernels' (``i - window < j <= i`` causal, ``< i + window``
+    otherwise); a segment sees only its own id."""
+    i = torch.arange(seqlen, device=device)[:, None]
+    j = torch.arange(seqlen, device=device)[None, :]
+    visible = torch.ones(seqlen, seqlen, dtype=torch.bool, device=device)
+    if causal:
+        visible &= j <= i
+    if window is not None:
+        visible &= j > i - window
+        if not causal:
+            visible &= j < i + window
+    if segment_ids is not None:
+        visible = visible & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
+    return visible

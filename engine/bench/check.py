@@ -8,8 +8,8 @@ momentum, Lion) takes :data:`OPTIMIZER_STEPS` steps on fp32 parameters; its upda
 are compared with torch's optimizers in float64. :data:`VARIANTS` adds the fused residual add + norm,
 cross-entropy of given logits and windowed multi-query attention. One table; exit status 1 on a failure.
 
-Shapes: ``small`` (``bench ops``' tiny set), ``odd`` (sizes no block divides: 67 keys, head dim 80, 1000
-columns, 11 channels, 1001 classes...) and, on a GPU, ``real`` (the ``bench ops`` defaults, up to S = 16384,
+Shapes: ``small`` (``bench ops``' tiny set), ``odd`` (sizes no block divides: 67 keys, head dim 80, also
+as three packed documents; 1000 columns, 11 channels, 1001 classes...) and, on a GPU, ``real`` (the ``bench ops`` defaults, up to S = 16384,
 8192x8192 norms, GPT-2's head and its 124M and 1.5B parameter sets). The reference is float64, except on a
 GPU for attention and the real shapes: float32 (no S x S matrix in float64). Without CUDA the kernels run
 through the Triton interpreter at the small and odd shapes (the command sets ``TRITON_INTERPRET=1`` itself,
@@ -20,7 +20,8 @@ Time on one H100, estimated from the work, not measured: per dtype and backend t
 of matrix products (attention 30), ~5 s per dtype with the float32 attention reference (SDPA without tensor
 cores, ~20 TFLOP/s) the slowest part; ~8 TB of memory traffic (the optimizer: 3.4B parameters, three
 optimizers, two backends, float64 references), ~3 s; about 20 s in all. Compiling and autotuning the kernels
-with an empty Triton cache comes on top (not measured; tens of seconds).
+with an empty Triton cache comes on top (not measured; tens of seconds), and so does compiling FlexAttention
+for the torch backend's packed-documents rows, once per dtype.
 """
 from __future__ import annotations
 
@@ -65,7 +66,10 @@ SIZES = ("small", "odd", "real")
 
 #: Shapes whose sizes no block size divides, past one block where a kernel tiles.
 ODD_SHAPES: dict[str, list] = {
-    "attention": [AttentionShape(2, 3, 67, 80, causal) for causal in (True, False)],
+    # documents of 23, 22 and 22 tokens: the Triton kernels' segment mask and, on CUDA, the torch
+    # backend's FlexAttention path
+    "attention": [AttentionShape(2, 3, 67, 80, causal) for causal in (True, False)]
+                 + [AttentionShape(2, 3, 67, 80, True, segments=3)],
     "layer_norm": [MatrixShape(1, 1000), MatrixShape(37, 1000)],
     "rms_norm": [MatrixShape(1, 1000), MatrixShape(37, 1000)],
     "mlp": [MatrixShape(37, 24)],
@@ -160,7 +164,7 @@ def _variant_case(function: str, op: str, shape, dtype: torch.dtype, device: tor
         q, k, v = rand(b, h, seq, d), rand(b, 1, seq, d), rand(b, 1, seq, d)
         case = cls(op, shape, dtype, device, [q, k, v], torch.randn_like(q), ("out", "dq", "dk", "dv"), {}, "")
         ref = bench_ops._upcast(case)
-        out = registry.torch_attention(*ref, causal=True, window=WINDOW)
+        out = registry.dense_attention(*ref, causal=True, window=WINDOW, segment_ids=shape.segment_ids(device))
         case._reference = bench_ops._backward_reference(case, out, ref)
         return case
     if function == "cross_entropy":
@@ -198,7 +202,9 @@ def _variant_runner(function: str):
             raise NotAvailable(str(e)) from None
         if function == WINDOWED_GQA:
             q, k, v = case.inputs
-            return bench_ops.Runner(lambda: ops.attention(q, k, v, causal=True, window=WINDOW), [q, k, v])
+            ids = case.shape.segment_ids(case.device)
+            return bench_ops.Runner(lambda: ops.attention(q, k, v, causal=True, window=WINDOW, segment_ids=ids),
+                                    [q, k, v])
         fn = getattr(ops, function)
         if function == "cross_entropy":
             logits, targets = case.inputs
@@ -210,7 +216,7 @@ def _variant_runner(function: str):
 #: The function ``bench ops`` times, where the op has several (see :data:`VARIANTS`).
 MAIN_FUNCTION = {"cross_entropy": "linear_cross_entropy"}
 #: Attention with one key/value head for all query heads (the extreme of grouped-query attention) and a
-#: causal sliding window of :data:`WINDOW` keys, at the small and odd causal shapes.
+#: causal sliding window of :data:`WINDOW` keys, at the small and odd causal shapes (with their documents).
 WINDOWED_GQA = "gqa+window"
 WINDOW = 16
 #: An op's functions beyond the one ``bench ops`` times, or its options that take another code path.

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import kernels
+from support import visible_pairs
 from kernels.attention import SUPPORTED_HEAD_DIMS, aot_variants, attention, attention_varlen
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -39,18 +40,7 @@ def reference(q, k, v, causal=False, scale=None, window=None, segment_ids=None):
     q, k, v = (t.double() for t in (q, k, v))
     group = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-    seqlen = q.shape[2]
-    i = torch.arange(seqlen, device=q.device)[:, None]
-    j = torch.arange(seqlen, device=q.device)[None, :]
-    visible = torch.ones(seqlen, seqlen, dtype=torch.bool, device=q.device)
-    if causal:
-        visible &= j <= i
-    if window is not None:
-        visible &= j > i - window
-        if not causal:
-            visible &= j < i + window
-    if segment_ids is not None:  # (B, 1, S, S): same id
-        visible = visible & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
+    visible = visible_pairs(q.shape[2], causal, window, segment_ids, q.device)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     scores = (q @ k.transpose(-1, -2) * scale).masked_fill(~visible, float("-inf"))
     return torch.softmax(scores, dim=-1) @ v
