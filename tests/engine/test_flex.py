@@ -156,6 +156,23 @@ def test_block_mask_traces_into_a_compiled_graph():
     torch.testing.assert_close(got, registry.dense_attention(q, k, v, True, None, None, ids), atol=1e-5, rtol=1e-5)
 
 
+def test_torch_backend_traces_whole_into_a_compiled_model(monkeypatch):
+    """The registry's torch attention on the Flex path inside ``torch.compile(fullgraph=True)``: the
+    device test, the block mask and FlexAttention all trace (forward; CPU has no Flex backward)."""
+    monkeypatch.setattr(flex, "DEVICES", ("cuda", "cpu"))
+    ids = documents([30, 90, 50, 30], [200])
+    q = torch.randn(2, 4, 200, 16)
+    k, v = torch.randn(2, 2, 200, 16), torch.randn(2, 2, 200, 16)
+
+    def layers(q, k, v, ids):
+        out = registry.torch_attention(q, k, v, True, 40, None, ids)
+        return registry.torch_attention(out, k, v, True, 40, None, ids)
+
+    got = torch.compile(layers, fullgraph=True, backend="eager")(q, k, v, ids)
+    want = registry.dense_attention(registry.dense_attention(q, k, v, True, 40, None, ids), k, v, True, 40, None, ids)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
 def test_one_block_mask_serves_every_layer_until_the_ids_change():
     cache = flex._LastMask()
     ids = documents([30, 70])
