@@ -3,7 +3,7 @@
 The block tables are checked pair by pair against an independent dense mask, against PyTorch's own
 ``create_block_mask``, and end to end through FlexAttention's compiled CPU kernel, which skips the blocks
 the mask leaves out (so a block wrongly skipped changes the output). The CUDA kernel and its backward
-run on a GPU only (``kernels check``: the documents and windowed rows of the torch backend).
+run on a GPU only: the ``gpu`` test at the end, and ``kernels check``'s packed-documents rows.
 """
 import shutil
 import warnings
@@ -224,3 +224,29 @@ def test_without_a_fallback_the_failure_is_raised(monkeypatch):
     with pytest.raises(NotImplementedError, match="backward on CPU"):
         flex.attention(q, q, q, True, None, None, documents([7, 13]))
     assert not flex._FAILED
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_cuda_torch_backend_runs_flexattention_forward_and_backward(dtype):
+    """On a GPU the torch backend's packed documents go through FlexAttention itself (no fallback, no
+    warning), forward and backward, against the dense-mask SDPA in float32: ragged S, GQA, a window."""
+    torch.manual_seed(0)
+    ids = documents([300, 1, 250, 449], [1000]).cuda()
+    q = torch.randn(2, 4, 1000, 64, device="cuda", dtype=dtype, requires_grad=True)
+    k, v = (torch.randn(2, 2, 1000, 64, device="cuda", dtype=dtype, requires_grad=True) for _ in range(2))
+    do = torch.randn_like(q)
+    assert flex.usable(q, k, v)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = registry.torch_attention(q, k, v, True, 200, None, ids)
+        out.backward(do)
+    assert not flex._FAILED and flex._COMPILED
+    ref = [t.detach().float().requires_grad_() for t in (q, k, v)]
+    want = registry.dense_attention(*ref, True, 200, None, ids)
+    want.backward(do.float())
+    tol = 2e-2 if dtype == torch.bfloat16 else 2e-3
+    for name, got, exp in zip(("out", "dq", "dk", "dv"), (out, q.grad, k.grad, v.grad),
+                              (want, *(t.grad for t in ref))):
+        err = (got.float() - exp).norm() / exp.norm()
+        assert err < tol, f"{name}: relative error {err:.2e}"
