@@ -164,6 +164,9 @@ def attention(q, k, v, causal: bool = True, window: int | None = None, scale: fl
     """Attention of q (B, H, S, D) over k, v (B, Hkv, S, D) through FlexAttention with the block mask of
     the band and the documents. ``fallback`` (the same arguments) serves a configuration that fails to
     compile; without it the failure is raised."""
+    if torch.is_autocast_enabled(q.device.type):  # as autocast casts SDPA's inputs (qk-norm's are fp32)
+        dtype = torch.get_autocast_dtype(q.device.type)
+        q, k, v = (t.to(dtype) for t in (q, k, v))
     mask = _LAST.get(segment_ids, q.shape[-2], causal, window, q.device)
     gqa = q.shape[1] != k.shape[1]
     if torch.compiler.is_compiling():  # inside the model's own compiled graph: traced, not nested

@@ -173,6 +173,27 @@ def test_torch_backend_traces_whole_into_a_compiled_model(monkeypatch):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+def test_under_autocast_flex_gets_the_autocast_dtype_as_sdpa_would(monkeypatch):
+    """QK-norm's outputs are fp32 under autocast while v is bf16; SDPA casts all three, and so must the
+    Flex path (FlexAttention refuses mixed dtypes)."""
+    monkeypatch.setattr(flex, "DEVICES", ("cuda", "cpu"))
+    seen = []
+
+    def recorder(q, k, v, block_mask, scale, enable_gqa):
+        seen.append((q.dtype, k.dtype, v.dtype))
+        return registry.dense_attention(q, k, v, True, None, scale, ids)
+
+    monkeypatch.setattr(flex, "_compiled_flex", lambda: recorder)
+    ids = documents([7, 13])
+    q, k = torch.randn(1, 2, 20, 16), torch.randn(1, 2, 20, 16)
+    v = torch.randn(1, 2, 20, 16, dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = registry.torch_attention(q, k, v, True, None, None, ids)
+        want = registry.dense_attention(q, k, v, True, None, None, ids)
+    assert seen == [(torch.bfloat16,) * 3] and out.dtype == want.dtype == torch.bfloat16
+    torch.testing.assert_close(out, want, atol=0, rtol=0)
+
+
 def test_one_block_mask_serves_every_layer_until_the_ids_change():
     cache = flex._LastMask()
     ids = documents([30, 70])
@@ -227,25 +248,26 @@ def test_without_a_fallback_the_failure_is_raised(monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_cuda_torch_backend_runs_flexattention_forward_and_backward(dtype):
+@pytest.mark.parametrize("dtype,autocast", [(torch.bfloat16, False), (torch.float32, False), (torch.float32, True)])
+def test_cuda_torch_backend_runs_flexattention_forward_and_backward(dtype, autocast):
     """On a GPU the torch backend's packed documents go through FlexAttention itself (no fallback, no
-    warning), forward and backward, against the dense-mask SDPA in float32: ragged S, GQA, a window."""
+    warning), forward and backward, against the dense-mask SDPA in float32: ragged S, GQA, a window; fp32
+    inputs under bf16 autocast too."""
     torch.manual_seed(0)
     ids = documents([300, 1, 250, 449], [1000]).cuda()
     q = torch.randn(2, 4, 1000, 64, device="cuda", dtype=dtype, requires_grad=True)
     k, v = (torch.randn(2, 2, 1000, 64, device="cuda", dtype=dtype, requires_grad=True) for _ in range(2))
     do = torch.randn_like(q)
     assert flex.usable(q, k, v)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
         warnings.simplefilter("error")
         out = registry.torch_attention(q, k, v, True, 200, None, ids)
-        out.backward(do)
+        out.backward(do.to(out.dtype))
     assert not flex._FAILED and flex._COMPILED
     ref = [t.detach().float().requires_grad_() for t in (q, k, v)]
     want = registry.dense_attention(*ref, True, 200, None, ids)
     want.backward(do.float())
-    tol = 2e-2 if dtype == torch.bfloat16 else 2e-3
+    tol = 2e-2 if dtype == torch.bfloat16 or autocast else 2e-3
     for name, got, exp in zip(("out", "dq", "dk", "dv"), (out, q.grad, k.grad, v.grad),
                               (want, *(t.grad for t in ref))):
         err = (got.float() - exp).norm() / exp.norm()
