@@ -13,8 +13,9 @@ cannot take the others down) with ``TRITON_INTERPRET=0`` and a time limit:
    results proves nothing. The summary lists the failing rows.
 2. ``tests``: ``pytest -m gpu`` (the tests that need CUDA).
 3. ``ops``: ``tritonforge bench ops`` at the default shapes in bf16 with every backend (``--ops`` narrows
-   the ops), FlexAttention at S = 4096 only (it compiles per shape), do_bench with 10 ms warm-up and
-   40 ms of repetitions per timing.
+   the ops), FlexAttention at S = 4096 only (it compiles per shape), and packed documents
+   (:data:`DOCUMENT_SHAPES`: the Triton kernel, the torch backend and FlexAttention with a document mask);
+   do_bench with 10 ms warm-up and 40 ms of repetitions per timing.
 4. ``train``: ``tritonforge bench train recipes/gpt2_124m.toml --kernels triton --vs torch`` for
    ``--steps`` steps (default 20) at the nanoGPT shape (batch 16 x 1024 tokens, one micro-batch per step,
    bf16, fused AdamW, clipping at 1.0) on random GPT-2 tokens; ``--compile`` adds torch.compile runs;
@@ -54,7 +55,7 @@ ROOT = Path(__file__).resolve().parents[2]
 STAGES = ("check", "tests", "ops", "train", "anchors")
 #: Seconds each stage may run before it is stopped (its partial results are still summarized); --budget caps
 #: them all together.
-TIME_LIMITS = {"check": 210, "tests": 240, "ops": 330, "flex": 150, "train": 180, "anchors": 330}
+TIME_LIMITS = {"check": 210, "tests": 240, "ops": 330, "flex": 150, "documents": 120, "train": 180, "anchors": 330}
 #: A stage is not started with less time than this left in the budget.
 MIN_STAGE_S = 20
 ANCHOR_SCRIPTS = ("anchors_kernels.py", "anchors_train.py")
@@ -62,6 +63,9 @@ ANCHOR_SCRIPTS = ("anchors_kernels.py", "anchors_train.py")
 OPS_BACKENDS = ("torch,triton,triton-nondet,sdpa-flash,sdpa-cudnn,sdpa-mem_eff,compile,liger,torch-fused,"
                 "torch-foreach")
 FLEX_SHAPES = "4x32x4096x64,4x16x4096x128"
+#: Packed documents, timed in a pass of their own with the Triton kernel, the torch backend (FlexAttention
+#: with its block mask on CUDA) and FlexAttention with ``create_block_mask``'s document mask.
+DOCUMENT_SHAPES = "4x16x4096x128:causal:segments=8,1x16x16384x128:causal:segments=32"
 TRAIN_RECIPE = "recipes/gpt2_124m.toml"
 TIMING = ["--warmup-ms", "10", "--rep-ms", "40"]
 
@@ -211,12 +215,18 @@ def stage_ops(out: Path, budget: Budget, ops: str = "all") -> StageResult:
     flex = _stage("ops_flex", bench + ["--op", "attention", "--backends", "torch,flex", "--shapes", FLEX_SHAPES,
                                        "--json", str(out / "ops_flex.json"), "--csv", str(out / "ops_flex.csv")]
                   + TIMING, out, TIME_LIMITS["flex"], budget)
-    main.seconds += flex.seconds
-    main.outputs.update(json=str(out / "ops.json"), flex_json=str(out / "ops_flex.json"))
-    if flex.status != "ok":
-        main.note = "; ".join(filter(None, [main.note, f"flex pass {flex.status} {flex.note}".strip()]))
-        if main.status == "ok":
-            main.status = flex.status
+    documents = _stage("ops_documents", bench + ["--op", "attention", "--backends", "torch,triton,flex",
+                                                 "--shapes", DOCUMENT_SHAPES, "--json", str(out / "ops_documents.json"),
+                                                 "--csv", str(out / "ops_documents.csv")] + TIMING,
+                       out, TIME_LIMITS["documents"], budget)
+    main.outputs.update(json=str(out / "ops.json"), flex_json=str(out / "ops_flex.json"),
+                        documents_json=str(out / "ops_documents.json"))
+    for name, extra in (("flex", flex), ("documents", documents)):
+        main.seconds += extra.seconds
+        if extra.status != "ok":
+            main.note = "; ".join(filter(None, [main.note, f"{name} pass {extra.status} {extra.note}".strip()]))
+            if main.status == "ok":
+                main.status = extra.status
     return main
 
 
@@ -266,9 +276,10 @@ def _rate(row: dict | None) -> str:
     return f"{row['fwdbwd_rate']:.4g}{pct}"
 
 
-def ops_summary(ops_rows: list[dict], flex_rows: list[dict]) -> list[dict]:
-    """One summary line per (op, shape, dtype): triton, torch and the best peer's fwd+bwd rates."""
-    rows = ops_rows + [r for r in flex_rows if r["backend"] == "flex"]
+def ops_summary(ops_rows: list[dict], flex_rows: list[dict], document_rows: Sequence[dict] = ()) -> list[dict]:
+    """One summary line per (op, shape, dtype): triton, torch and the best peer's fwd+bwd rates. The flex
+    pass adds its flex rows (its torch rows repeat the main pass's); the documents pass all of its rows."""
+    rows = ops_rows + [r for r in flex_rows if r["backend"] == "flex"] + list(document_rows)
     groups: dict[tuple, dict[str, dict]] = {}
     for r in rows:
         groups.setdefault((r["op"], r["shape"], r["dtype"]), {}).setdefault(r["backend"], r)
@@ -355,13 +366,14 @@ def summarize(out: Path, stages: list[StageResult]) -> tuple[str, dict]:
     from engine.bench import format_table
 
     ops, flex, train = _load(out / "ops.json"), _load(out / "ops_flex.json"), _load(out / "train.json")
+    documents = _load(out / "ops_documents.json")
     check = _load(out / "check.json")
     anchors_train = _load(out / "anchors_train.json")
     lines = [{"item": f"stage {s.name}", "unit": "", "triton": s.status, "torch": "", "best_peer": "",
               "triton_vs_torch": "", "note": f"{s.seconds:.0f} s{'; ' + s.note if s.note else ''}"}
              for s in stages if s.status != "skipped"]
     lines += check_summary(check.get("rows", []))
-    lines += ops_summary(ops.get("rows", []), flex.get("rows", []))
+    lines += ops_summary(ops.get("rows", []), flex.get("rows", []), documents.get("rows", []))
     lines += train_summary(train, anchors_train)
     env = ops.get("env") or train.get("env") or check.get("env") or {}
     ceilings = ops.get("ceilings") or train.get("ceilings") or {}

@@ -312,6 +312,9 @@ def test_gpu_summary_from_stage_results(tmp_path):
     flex = [dict(row("torch", 1.0), op="attention", shape="s"), dict(row("flex", 300.0, vs=1.5), op="attention",
                                                                         shape="s", unit="TFLOP/s")]
     (tmp_path / "ops_flex.json").write_text(json.dumps({"rows": flex}))
+    documents = [dict(row(b, rate, vs=vs), op="attention", shape="d segments=8", unit="TFLOP/s")
+                 for b, rate, vs in (("torch", 200.0, 1.0), ("triton", 400.0, 2.0), ("flex", 250.0, 1.25))]
+    (tmp_path / "ops_documents.json").write_text(json.dumps({"rows": documents}))
     train_rows = [{"kernels": "triton", "mode": "eager", "status": "ok", "items_per_s": 400000.0, "mfu": 35.0,
                    "vs": 1.3},
                   {"kernels": "torch", "mode": "eager", "status": "ok", "items_per_s": 300000.0, "mfu": 27.0}]
@@ -324,6 +327,9 @@ def test_gpu_summary_from_stage_results(tmp_path):
     assert ln["triton"] == "1800 (60%)" and ln["torch"] == "900 (30%)" and ln["triton_vs_torch"] == "2.00"
     assert ln["best_peer"].startswith("compile 1200")
     assert items["attention s bf16"]["best_peer"].startswith("flex 300")
+    docs = items["attention d segments=8 bf16"]  # the documents pass: every backend of its own rows
+    assert docs["triton"].startswith("400") and docs["torch"].startswith("200")
+    assert docs["best_peer"].startswith("flex 250") and docs["triton_vs_torch"] == "2.00"
     gpt = items["train gpt2-124m eager"]
     assert gpt["triton"].startswith("400,000") and gpt["best_peer"] == "nanoGPT-style SDPA 306,904"
     assert "H100" in text and "3000 GB/s" in text and "stage tests" in text
