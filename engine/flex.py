@@ -49,10 +49,11 @@ def _flex_module():
 
 
 def usable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether :func:`attention` serves these inputs: CUDA, self-attention, head dims of 16 or more, and a
-    configuration that has not failed to compile before."""
-    return (q.device.type in DEVICES and _flex_module() is not None and q.shape[-2] == k.shape[-2]
-            and min(q.shape[-1], v.shape[-1]) >= MIN_HEAD_DIM and _config(q, k, v) not in _FAILED)
+    """Whether :func:`attention` serves these inputs: CUDA, self-attention, not empty, head dims of 16 or
+    more, and a configuration that has not failed to compile before."""
+    return (q.device.type in DEVICES and _flex_module() is not None and q.numel() > 0
+            and q.shape[-2] == k.shape[-2] and min(q.shape[-1], v.shape[-1]) >= MIN_HEAD_DIM
+            and _config(q, k, v) not in _FAILED)
 
 
 def mask_mod(segment_ids: torch.Tensor | None, causal: bool, window: int | None) -> Callable:
@@ -95,7 +96,7 @@ def block_tables(segment_ids: torch.Tensor | None, seqlen: int, causal: bool, wi
     some, every = some[None], every[None]
     if segment_ids is not None:
         pad = n * block - seqlen  # the last block padded with its own last id: ranges of real positions
-        ids = torch.cat([segment_ids, segment_ids[:, -1:].expand(-1, pad)], dim=1).view(-1, n, block)
+        ids = torch.cat([segment_ids, segment_ids[:, -1:].expand(-1, pad)], dim=1).view(len(segment_ids), n, block)
         lo, hi = ids.amin(dim=-1), ids.amax(dim=-1)  # (B, n)
         some = some & (lo[:, :, None] <= hi[:, None, :]) & (lo[:, None, :] <= hi[:, :, None])
         one = lo == hi

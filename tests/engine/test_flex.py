@@ -214,6 +214,18 @@ def test_torch_backend_uses_the_dense_mask_off_cuda():
                                registry.dense_attention(q, q, q, True, None, None, ids), atol=0, rtol=0)
 
 
+def test_what_flexattention_cannot_take_keeps_the_dense_mask(monkeypatch):
+    monkeypatch.setattr(flex, "DEVICES", ("cuda", "cpu"))
+    assert flex.usable(*(torch.randn(1, 2, 20, 16),) * 3)
+    assert not flex.usable(*(torch.randn(1, 2, 20, 8),) * 3)  # head dim under 16
+    assert not flex.usable(*(torch.randn(1, 2, 0, 16),) * 3)  # empty
+    assert not flex.usable(*(torch.randn(0, 2, 20, 16),) * 3)
+    assert not flex.usable(torch.randn(1, 2, 20, 16), torch.randn(1, 2, 30, 16), torch.randn(1, 2, 30, 16))
+    q = torch.randn(1, 2, 0, 16)
+    out = registry.torch_attention(q, q, q, True, None, None, torch.zeros(1, 0, dtype=torch.int64))
+    assert out.shape == (1, 2, 0, 16)
+
+
 def test_a_configuration_that_fails_warns_once_and_falls_back_to_the_dense_mask(monkeypatch):
     """Forced onto the CPU, where FlexAttention has no backward: the failure is reported once, that
     configuration falls back to SDPA with the dense mask, and gradients are right."""
