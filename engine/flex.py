@@ -156,7 +156,9 @@ def _config(q, k, v) -> tuple:
 
 def _compiled_flex():
     if not _COMPILED:
-        _COMPILED.append(torch.compile(_flex_module().flex_attention, dynamic=False))
+        # automatic dynamic shapes: a second batch size or length (evaluation's) recompiles once with
+        # symbolic sizes, rather than once per shape until the recompile limit turns it eager
+        _COMPILED.append(torch.compile(_flex_module().flex_attention))
     return _COMPILED[0]
 
 
