@@ -142,6 +142,24 @@ def test_compiled_flex_kernel_with_the_block_mask_matches_dense_sdpa():
     torch.testing.assert_close(wrong[1], want[1], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.skipif(not _compiles_on_cpu(), reason="inductor's CPU FlexAttention needs a C++ compiler")
+def test_new_batch_sizes_recompile_once_not_per_shape(monkeypatch):
+    """The torch backend's own compiled FlexAttention (forced onto the CPU, forward): four batch sizes,
+    as training and evaluation bring, cost two compiles, each result the dense mask's."""
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setattr(flex, "DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(flex, "_COMPILED", [])
+    torch._dynamo.reset()
+    counters.clear()
+    for batch in (1, 2, 3, 5):
+        ids = documents(*[[60, 1, 139]] * batch)
+        q = torch.randn(batch, 2, 200, 16)
+        torch.testing.assert_close(registry.torch_attention(q, q, q, True, None, None, ids),
+                                   registry.dense_attention(q, q, q, True, None, None, ids), atol=1e-5, rtol=1e-5)
+    assert counters["stats"]["unique_graphs"] == 2
+
+
 def test_block_mask_traces_into_a_compiled_graph():
     """Built inside the model's compiled graph (``train.compile``): no graph break, same result."""
     from torch.nn.attention.flex_attention import flex_attention
