@@ -30,7 +30,6 @@ import weakref
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 #: FlexAttention's block size (its default): the granularity at which blocks are skipped.
 BLOCK = 128
@@ -167,6 +166,7 @@ def attention(q, k, v, causal: bool = True, window: int | None = None, scale: fl
     """Attention of q (B, H, S, D) over k, v (B, Hkv, S, D) through FlexAttention with the block mask of
     the band and the documents. ``fallback`` (the same arguments) serves a configuration that fails to
     compile; without it the failure is raised."""
+    config = _config(q, k, v)  # as :func:`usable` sees the inputs, before autocast's cast
     if torch.is_autocast_enabled(q.device.type):  # as autocast casts SDPA's inputs (qk-norm's are fp32)
         dtype = torch.get_autocast_dtype(q.device.type)
         q, k, v = (t.to(dtype) for t in (q, k, v))
@@ -181,7 +181,7 @@ def attention(q, k, v, causal: bool = True, window: int | None = None, scale: fl
     except Exception as e:  # noqa: BLE001 - inductor and Triton raise many kinds; each is reported
         if fallback is None:
             raise
-        _FAILED.add(_config(q, k, v))
+        _FAILED.add(config)
         warnings.warn(f"FlexAttention failed for {q.dtype} head dim {q.shape[-1]} on {q.device} "
                       f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); the torch backend "
                       "uses SDPA with a dense mask for this configuration from now on", stacklevel=2)

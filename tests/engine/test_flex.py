@@ -269,6 +269,20 @@ def test_a_configuration_that_fails_warns_once_and_falls_back_to_the_dense_mask(
         torch.testing.assert_close(leaf.grad, r.grad, atol=1e-12, rtol=0, msg=name)
 
 
+def test_a_failure_under_autocast_is_remembered_for_the_inputs_as_given(monkeypatch):
+    """fp32 inputs cast to bf16 by autocast: the failed configuration is the one :func:`flex.usable` is
+    asked about, so the next call takes the dense mask at once instead of compiling and failing again."""
+    monkeypatch.setattr(flex, "_FAILED", set())
+    monkeypatch.setattr(flex, "DEVICES", ("cuda", "cpu"))
+    ids = documents([7, 13])
+    q = torch.randn(1, 2, 20, 16, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with pytest.warns(UserWarning, match="FlexAttention failed for torch.bfloat16"):
+            out = registry.torch_attention(q, q, q, True, None, None, ids)
+        assert not flex.usable(q, q, q)
+        torch.testing.assert_close(out, registry.dense_attention(q, q, q, True, None, None, ids), atol=0, rtol=0)
+
+
 def test_without_a_fallback_the_failure_is_raised(monkeypatch):
     monkeypatch.setattr(flex, "_FAILED", set())
     q = torch.randn(1, 2, 20, 16, requires_grad=True)
