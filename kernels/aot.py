@@ -100,6 +100,11 @@ class Variant:
     vector_stores: bool = True
 
 
+def _keep_reason_on(reason: str, archs: tuple[str, ...], arch: str) -> str:
+    """A variant's keep reason where it excuses ``arch`` (``archs`` empty: everywhere), else ""."""
+    return reason if not archs or arch in archs else ""
+
+
 # --------------------------------------------------------------------------------------------
 # Architectures
 # --------------------------------------------------------------------------------------------
@@ -479,7 +484,7 @@ def _identity(kernel: str, fields: dict[str, Any], arch: str) -> dict[str, Any]:
     return {"kernel": kernel, "variant": fields["name"], "arch": arch, "kind": fields["kind"],
             "num_warps": fields["num_warps"], "num_stages": fields["num_stages"],
             "aligned": list(fields["aligned"]),
-            "keep_reason": fields["keep_reason"] if not fields["keep_archs"] or arch in fields["keep_archs"] else ""}
+            "keep_reason": _keep_reason_on(fields["keep_reason"], tuple(fields["keep_archs"]), arch)}
 
 
 def judge(row: dict[str, Any], variant: Variant) -> dict[str, Any]:
@@ -502,8 +507,7 @@ def judge(row: dict[str, Any], variant: Variant) -> dict[str, Any]:
     notes = list(row.get("ptxas_notes", []))
     if lim.matrix == "wgmma" and row["wgmma"] and row["mma"]:
         notes.append(f"{row['mma']} mma.sync beside wgmma")
-    excused = bool(over) and bool(variant.keep_reason) and (not variant.keep_archs
-                                                             or row["arch"] in variant.keep_archs)
+    excused = bool(over) and bool(_keep_reason_on(variant.keep_reason, variant.keep_archs, row["arch"]))
     return {"over_budget": over, "problems": problems, "notes": notes,
             "ok": not problems and (not over or excused)}
 
