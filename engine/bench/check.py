@@ -9,9 +9,10 @@ are compared with torch's optimizers in float64. :data:`VARIANTS` adds the fused
 cross-entropy of given logits and windowed multi-query attention. One table; exit status 1 on a failure.
 
 Shapes: ``small`` (``bench ops``' tiny set), ``odd`` (sizes no block divides: 67 keys, head dim 80, also
-as three packed documents; 1000 columns, 11 channels, 1001 classes...) and, on a GPU, ``real`` (the ``bench ops`` defaults, up to S = 16384,
-8192x8192 norms, GPT-2's head and its 124M and 1.5B parameter sets). The reference is float64, except on a
-GPU for attention and the real shapes: float32 (no S x S matrix in float64). Without CUDA the kernels run
+as three packed documents; 1000 columns, 11 channels, 1001 classes...) and, on a GPU, ``real`` (the
+``bench ops`` defaults, up to S = 16384, 8192x8192 norms, GPT-2's head and its 124M and 1.5B parameter
+sets). The reference is float64, except on a GPU for attention and the real shapes: float32 (no S x S
+matrix in float64). Without CUDA the kernels run
 through the Triton interpreter at the small and odd shapes (the command sets ``TRITON_INTERPRET=1`` itself,
 before the kernels are imported, and says so); the Triton bf16 rows of ops built on ``tl.dot`` then wait for
 a GPU (see :data:`DOT_FREE_OPS`). A new row of the table is checked through its ``OpBench``.

@@ -160,20 +160,6 @@ def test_new_batch_sizes_recompile_once_not_per_shape(monkeypatch):
     assert counters["stats"]["unique_graphs"] == 2
 
 
-def test_block_mask_traces_into_a_compiled_graph():
-    """Built inside the model's compiled graph (``train.compile``): no graph break, same result."""
-    from torch.nn.attention.flex_attention import flex_attention
-
-    ids = documents([30, 90, 50, 30])
-    q, k, v = (torch.randn(1, 2, 200, 16) for _ in range(3))
-
-    def f(q, k, v, ids):
-        return flex_attention(q, k, v, block_mask=flex.block_mask(ids, 200, True, None, block=64))
-
-    got = torch.compile(f, fullgraph=True, backend="eager")(q, k, v, ids)
-    torch.testing.assert_close(got, registry.dense_attention(q, k, v, True, None, None, ids), atol=1e-5, rtol=1e-5)
-
-
 def test_torch_backend_traces_whole_into_a_compiled_model(monkeypatch):
     """The registry's torch attention on the Flex path inside ``torch.compile(fullgraph=True)``: the
     device test, the block mask and FlexAttention all trace (forward; CPU has no Flex backward)."""
