@@ -49,9 +49,9 @@ def _split_resume(args: list[str]) -> tuple[str | None, list[str]]:
 
 
 def train_main(argv: list[str]) -> int:
-    from engine.checkpoint import CheckpointError
-    from engine.config import RecipeError, load_recipe
-    from engine.registry import KernelSelectionError
+    from .checkpoint import CheckpointError
+    from .config import RecipeError, load_recipe
+    from .registry import KernelSelectionError
 
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: tritonforge train RECIPE [--resume [PATH]] [--section.key=value ...]")
@@ -62,7 +62,7 @@ def train_main(argv: list[str]) -> int:
         recipe = load_recipe(recipe_path, overrides)
         if resume is not None:
             recipe.checkpoint.resume = resume
-        from engine.trainer import Interrupted, TrainingError, train
+        from .trainer import Interrupted, TrainingError, train
 
         train(recipe)
     except (RecipeError, KernelSelectionError) as e:
@@ -86,11 +86,13 @@ KERNELS_USAGE = """usage: tritonforge kernels report [--arch sm_90,sm_80] [--ker
 
 def kernels_main(argv: list[str]) -> int:
     if argv and argv[0] == "report":
-        from kernels import aot
+        import importlib
 
-        return aot.main(argv[1:])
+        from . import KERNELS_PACKAGE
+
+        return importlib.import_module(f"{KERNELS_PACKAGE}.aot").main(argv[1:])
     if argv and argv[0] == "check":
-        from engine.bench import check  # imports no kernel module: the check may switch the interpreter on
+        from .bench import check  # imports no kernel module: the check may switch the interpreter on
 
         return check.main(argv[1:])
     print(KERNELS_USAGE, file=sys.stderr)
@@ -98,13 +100,13 @@ def kernels_main(argv: list[str]) -> int:
 
 
 def plot_main(argv: list[str]) -> int:
-    from engine import plot
+    from . import plot
 
     return plot.main(argv)
 
 
 def bench_main(argv: list[str]) -> int:
-    from engine import bench
+    from . import bench
 
     return bench.main(argv)
 
@@ -118,9 +120,9 @@ def export_main(argv: list[str]) -> int:
     if len(argv) != 2:
         print(usage, file=sys.stderr)
         return 2
-    from engine.checkpoint import CheckpointError
-    from engine.config import RecipeError
-    from engine.transfer import export
+    from .checkpoint import CheckpointError
+    from .config import RecipeError
+    from .transfer import export
 
     try:
         export(argv[0], argv[1])

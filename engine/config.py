@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
-from engine import registry
-from engine.errors import RecipeError
+from . import registry
+from .errors import RecipeError
 
 __all__ = ["RecipeError", "Recipe", "load_recipe", "dump_toml", "parse_overrides", "PRESETS", "IMAGE_ARCHS", "RNN_ARCHS"]
 
@@ -315,7 +315,7 @@ class TrainConfig:
             _positive(f"train.{key}", getattr(self, key), allow_zero=True)
         _fraction("train.label_smoothing", self.label_smoothing)
         _fraction("train.ema_decay", self.ema_decay)
-        from engine.models.checkpointing import parse_policy  # the model package imports this module
+        from .models.checkpointing import parse_policy  # the model package imports this module
 
         parse_policy(self.activation_checkpointing)
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from engine.models.gpt import GPTConfig
+from .models.gpt import GPTConfig
 
 
 class HFError(ValueError):

@@ -40,7 +40,7 @@ class LossScaler:
 
     def unscale_(self, params) -> torch.Tensor:
         """Divide gradients by the scale in place; return a device flag, 1.0 if any was inf/NaN."""
-        from engine.distributed import local
+        from .distributed import local
 
         found_inf = torch.zeros((), dtype=torch.float32, device=self.scale.device)
         grads = [p.grad for p in params if p.grad is not None]

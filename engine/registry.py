@@ -26,9 +26,9 @@ from typing import Any, Callable, Iterable, Literal, get_args
 import torch
 import torch.nn.functional as F
 
-from engine import flex
-from engine.errors import KernelSelectionError
-from engine.optim_muon import TorchMuon
+from . import KERNELS_PACKAGE, flex
+from .errors import KernelSelectionError
+from .optim_muon import TorchMuon
 
 Backend = Literal["auto", "torch", "triton"]
 BACKENDS: tuple[str, ...] = get_args(Backend)
@@ -316,7 +316,7 @@ def _interpreting() -> bool:
 def _kernels_module():
     """The ``kernels`` package, or None where it cannot be imported (no triton on this platform)."""
     try:
-        return importlib.import_module("kernels")
+        return importlib.import_module(KERNELS_PACKAGE)
     except ImportError:
         return None
 

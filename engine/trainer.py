@@ -28,12 +28,12 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from torch.distributed.tensor import DTensor
 from torch.utils._pytree import tree_leaves
 
-from engine import checkpoint, distributed, registry, transfer
-from engine.checkpoint import CheckpointError
-from engine.config import BUDGET_MIN_WARMUP, Recipe, RecipeError, dump_toml
-from engine.metrics import RunLogger, environment, format_duration, peak_flops
-from engine.precision import LossScaler, autocast
-from engine.tasks import Task, build_task
+from . import checkpoint, distributed, registry, transfer
+from .checkpoint import CheckpointError
+from .config import BUDGET_MIN_WARMUP, Recipe, RecipeError, dump_toml
+from .metrics import RunLogger, environment, format_duration, peak_flops
+from .precision import LossScaler, autocast
+from .tasks import Task, build_task
 
 
 class TrainingError(RuntimeError):

@@ -19,10 +19,10 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from engine import checkpoint, hf
-from engine.checkpoint import CheckpointError
-from engine.config import Recipe, RecipeError, validate
-from engine.models.gpt import GPTConfig
+from . import checkpoint, hf
+from .checkpoint import CheckpointError
+from .config import Recipe, RecipeError, validate
+from .models.gpt import GPTConfig
 
 
 def find_checkpoint(path: str | Path, where: str) -> Path:

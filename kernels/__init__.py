@@ -8,12 +8,12 @@ may launch with in ``aot_variants()`` so that ``kernels.aot`` can compile them a
 this machine does not have. ``kernels._common`` holds what several modules share.
 """
 
-from kernels.norm import LayerNorm, RMSNorm, add_layer_norm, add_rms_norm, layer_norm, rms_norm  # noqa: E402,F401
-from kernels.optim import SGD, AdamW, Lion  # noqa: E402,F401
-from kernels.muon import Muon  # noqa: E402,F401
-from kernels.attention import attention, attention_varlen  # noqa: E402,F401
-from kernels.mlp import gelu_linear_residual  # noqa: E402,F401
-from kernels.dwconv import depthwise_conv2d  # noqa: E402,F401
-from kernels.cross_entropy import cross_entropy, linear_cross_entropy  # noqa: E402,F401
-from kernels.rope import rope  # noqa: E402,F401
-from kernels.swiglu import swiglu  # noqa: E402,F401
+from .norm import LayerNorm, RMSNorm, add_layer_norm, add_rms_norm, layer_norm, rms_norm  # noqa: E402,F401
+from .optim import SGD, AdamW, Lion  # noqa: E402,F401
+from .muon import Muon  # noqa: E402,F401
+from .attention import attention, attention_varlen  # noqa: E402,F401
+from .mlp import gelu_linear_residual  # noqa: E402,F401
+from .dwconv import depthwise_conv2d  # noqa: E402,F401
+from .cross_entropy import cross_entropy, linear_cross_entropy  # noqa: E402,F401
+from .rope import rope  # noqa: E402,F401
+from .swiglu import swiglu  # noqa: E402,F401

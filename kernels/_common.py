@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.aot import Variant
+from .aot import Variant
 
 #: The Triton interpreter runs the kernels on CPU tensors (tests). Read once, at import, as Triton does.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"

@@ -59,7 +59,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from kernels import _compat
+from . import _compat
 
 
 @dataclass(frozen=True)
@@ -225,7 +225,7 @@ def _module_jit_functions(module: Any) -> dict[str, Any]:
     return found
 
 
-def discover(package: str = "kernels") -> Discovery:
+def discover(package: str = __package__) -> Discovery:
     """Import every module of ``package`` and collect its variants and jit functions.
 
     A module that fails to import raises: a broken kernel module must fail the check, not vanish
@@ -869,5 +869,5 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     # Run as ``python -m kernels.aot``: use the package's module so that Variant is one class.
-    from kernels.aot import main as _main
+    from .aot import main as _main
     sys.exit(_main())

@@ -35,9 +35,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import _compat
-from kernels._common import INTERPRET, TL_DTYPES, use_triton
-from kernels.aot import Variant
+from . import _compat
+from ._common import INTERPRET, TL_DTYPES, use_triton
+from .aot import Variant
 
 __all__ = ["attention", "attention_varlen", "attention_forward", "attention_backward", "SUPPORTED_HEAD_DIMS"]
 

@@ -31,8 +31,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels._common import INTERPRET
-from kernels.aot import Variant
+from ._common import INTERPRET
+from .aot import Variant
 
 __all__ = ["cross_entropy", "linear_cross_entropy"]
 

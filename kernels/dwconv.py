@@ -35,8 +35,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels._common import SUM_BLOCK_G, SUM_BLOCK_N, INTERPRET, sm_count, sum_partials_kernel
-from kernels.aot import Variant
+from ._common import SUM_BLOCK_G, SUM_BLOCK_N, INTERPRET, sm_count, sum_partials_kernel
+from .aot import Variant
 
 __all__ = ["depthwise_conv2d"]
 

@@ -34,8 +34,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels._common import SUM_BLOCK_G, SUM_BLOCK_N, INTERPRET, sm_count, sum_partials_kernel, sum_partials_variant
-from kernels.aot import Variant
+from ._common import SUM_BLOCK_G, SUM_BLOCK_N, INTERPRET, sm_count, sum_partials_kernel, sum_partials_variant
+from .aot import Variant
 # The deterministic fixed-order reduction of fp32 partial sums, and the SM count, shared with the norms.
 
 __all__ = ["gelu_linear_residual"]

@@ -36,14 +36,14 @@ import triton.language as tl
 from torch import Tensor
 from torch.distributed.tensor import DTensor
 
-from kernels._common import TL_DTYPES
-from kernels.aot import Variant
-from kernels.optim import (_ADAMW, _COL_GRAD, _COL_INDEX, _COL_MASTER, _COL_NUMEL, _COL_PARAM,
-                           _COL_STATE1, _COL_STATE2, _DTYPES, _H_BETA1, _H_BETA2, _H_LR, _H_WD,
-                           _HYPER_COLS, _S_CLIP, _S_FOUND_INF, _S_INV_SCALE, _TABLE_COLS,
-                           CHUNK, UPDATE_BLOCK, UPDATE_WARPS, _adamw_update_kernel,
-                           _check_betas, _FusedOptimizer, _fp32_like, _launch, _make_buckets, _Plan,
-                           _round_to, _to_device)
+from ._common import TL_DTYPES
+from .aot import Variant
+from .optim import (_ADAMW, _COL_GRAD, _COL_INDEX, _COL_MASTER, _COL_NUMEL, _COL_PARAM,
+                    _COL_STATE1, _COL_STATE2, _DTYPES, _H_BETA1, _H_BETA2, _H_LR, _H_WD,
+                    _HYPER_COLS, _S_CLIP, _S_FOUND_INF, _S_INV_SCALE, _TABLE_COLS,
+                    CHUNK, UPDATE_BLOCK, UPDATE_WARPS, _adamw_update_kernel,
+                    _check_betas, _FusedOptimizer, _fp32_like, _launch, _make_buckets, _Plan,
+                    _round_to, _to_device)
 
 __all__ = ["Muon"]
 

@@ -37,8 +37,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels._common import SUM_BLOCK_G, SUM_BLOCK_N, SUM_WARPS, sm_count, sum_partials_kernel, use_triton
-from kernels.aot import Variant
+from ._common import SUM_BLOCK_G, SUM_BLOCK_N, SUM_WARPS, sm_count, sum_partials_kernel, use_triton
+from .aot import Variant
 
 __all__ = ["layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm", "LayerNorm", "RMSNorm"]
 

@@ -36,8 +36,8 @@ import triton.language as tl
 from torch import Tensor
 from torch.distributed.tensor import DTensor
 
-from kernels._common import TL_DTYPES
-from kernels.aot import Variant
+from ._common import TL_DTYPES
+from .aot import Variant
 
 __all__ = ["AdamW", "SGD", "Lion"]
 

@@ -32,8 +32,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels._common import INTERPRET, sm_count, use_triton
-from kernels.aot import Variant
+from ._common import INTERPRET, sm_count, use_triton
+from .aot import Variant
 
 __all__ = ["rope"]
 

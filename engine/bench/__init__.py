@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
-from engine.config import RecipeError
+from ..config import RecipeError
 
 USAGE = """usage: tritonforge bench SUBCOMMAND ...
 
@@ -64,11 +64,11 @@ def main(argv: Sequence[str]) -> int:
         return 0 if argv else 2
     sub, rest = argv[0], argv[1:]
     if sub == "ops":
-        from engine.bench import ops
+        from . import ops
 
         return ops.main(rest)
     if sub == "train":
-        from engine.bench import train
+        from . import train
 
         return train.main(rest)
     print(f"error: unknown bench subcommand {sub!r}\n{USAGE}", file=sys.stderr)
@@ -149,7 +149,7 @@ def describe_ceilings(ceilings: dict[str, float]) -> str:
 
 def environment(device: torch.device) -> dict[str, Any]:
     """Versions and device, for the JSON (the run directory's env.json record, plus the interpreter switch)."""
-    from engine.metrics import environment as run_environment
+    from ..metrics import environment as run_environment
 
     return run_environment(device, {}, triton_interpret=os.environ.get("TRITON_INTERPRET", "0"))
 

@@ -35,12 +35,12 @@ from typing import Callable, Sequence
 
 import torch
 
-from engine import registry
-from engine.bench import (ArgumentParser, BenchError, environment, fmt, format_table, free_memory, pick_device,
-                          write_json)
-from engine.bench import ops as bench_ops
-from engine.bench.ops import (TOLERANCE, AttentionShape, HeadShape, ImageShape, MatrixShape, NotAvailable,
-                              ParamSetShape, RopeShape)
+from .. import KERNELS_PACKAGE, registry
+from . import (ArgumentParser, BenchError, environment, fmt, format_table, free_memory, pick_device,
+               write_json)
+from . import ops as bench_ops
+from .ops import (TOLERANCE, AttentionShape, HeadShape, ImageShape, MatrixShape, NotAvailable,
+                  ParamSetShape, RopeShape)
 
 DTYPES = bench_ops.DTYPES
 DTYPE_NAMES = bench_ops.DTYPE_NAMES
@@ -562,7 +562,7 @@ def prepare_kernels(device: torch.device) -> str | None:
                              "the GPU; unset it to check the compiled kernels, or pass --device cpu")
         return None
     if not interpret:
-        loaded = sorted(m for m in sys.modules if m == "kernels" or m.startswith("kernels."))
+        loaded = sorted(m for m in sys.modules if m == KERNELS_PACKAGE or m.startswith(f"{KERNELS_PACKAGE}."))
         if loaded:
             raise CheckError("the kernels were imported before the Triton interpreter could be switched on; run "
                              "`TRITON_INTERPRET=1 tritonforge kernels check`")

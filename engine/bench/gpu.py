@@ -51,6 +51,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+#: The engine package as ``python -m`` names it: ``engine`` in a checkout, ``tritonforge.engine`` installed.
+ENGINE = __package__.rpartition(".")[0]
+
 ROOT = Path(__file__).resolve().parents[2]
 STAGES = ("check", "tests", "ops", "train", "anchors")
 #: Seconds each stage may run before it is stopped (its partial results are still summarized); --budget caps
@@ -153,7 +156,7 @@ def _stage(name: str, cmd: list[str], out: Path, limit_s: float, budget: Budget,
 # ---------------------------------------------------------------------------------------------------
 
 def stage_check(out: Path, budget: Budget) -> StageResult:
-    cmd = [sys.executable, "-m", "engine", "kernels", "check", "--json", str(out / "check.json")]
+    cmd = [sys.executable, "-m", ENGINE, "kernels", "check", "--json", str(out / "check.json")]
     result = _stage("check", cmd, out, TIME_LIMITS["check"], budget)
     result.outputs["json"] = str(out / "check.json")
     statuses = [r.get("status") for r in _load(out / "check.json").get("rows", [])]
@@ -197,7 +200,7 @@ def _plot_args(out: Path, name: str) -> list[str]:
 def backends_for(ops: str) -> str:
     """The part of :data:`OPS_BACKENDS` that serves at least one of ``ops`` (a comma list or "all"):
     ``bench ops`` rejects a backend that none of its ops has."""
-    from engine.bench.ops import backends_of, bench_ops
+    from .ops import backends_of, bench_ops
 
     chosen = bench_ops() if ops == "all" else ops.split(",")
     known = {b for op in chosen for b in backends_of(op)}
@@ -205,7 +208,7 @@ def backends_for(ops: str) -> str:
 
 
 def stage_ops(out: Path, budget: Budget, ops: str = "all") -> StageResult:
-    bench = [sys.executable, "-m", "engine", "bench", "ops"]
+    bench = [sys.executable, "-m", ENGINE, "bench", "ops"]
     main = _stage("ops", bench + ["--op", ops, "--backends", backends_for(ops), "--json", str(out / "ops.json"),
                                   "--csv", str(out / "ops.csv")] + TIMING + _plot_args(out, "ops"),
                   out, TIME_LIMITS["ops"], budget)
@@ -231,7 +234,7 @@ def stage_ops(out: Path, budget: Budget, ops: str = "all") -> StageResult:
 
 
 def stage_train(out: Path, steps: int, compile_too: bool, budget: Budget, recipe: str = TRAIN_RECIPE) -> StageResult:
-    cmd = [sys.executable, "-m", "engine", "bench", "train", recipe, "--kernels", "triton", "--vs", "torch",
+    cmd = [sys.executable, "-m", ENGINE, "bench", "train", recipe, "--kernels", "triton", "--vs", "torch",
            "--steps", str(steps), "--train.grad_accum=1", "--json", str(out / "train.json"),
            "--csv", str(out / "train.csv")] + (["--compile"] if compile_too else [])
     result = _stage("train", cmd, out, TIME_LIMITS["train"] + (180 if compile_too else 0), budget)
@@ -363,7 +366,7 @@ SUMMARY_COLUMNS = ("item", "unit", "triton", "torch", "best_peer", "triton_vs_to
 
 def summarize(out: Path, stages: list[StageResult]) -> tuple[str, dict]:
     """The summary table (text) and its JSON payload, from what the stages wrote under ``out``."""
-    from engine.bench import format_table
+    from . import format_table
 
     ops, flex, train = _load(out / "ops.json"), _load(out / "ops_flex.json"), _load(out / "train.json")
     documents = _load(out / "ops_documents.json")
@@ -399,7 +402,7 @@ def failed_anywhere(stages: list[StageResult], payload: dict) -> bool:
 # ---------------------------------------------------------------------------------------------------
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    from engine.bench import ArgumentParser, BenchError
+    from . import ArgumentParser, BenchError
 
     p = ArgumentParser(prog="python -m engine.bench.gpu", allow_abbrev=False,
                        description="GPU tests, op benchmarks and a short training benchmark, with one summary.")
@@ -421,7 +424,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         if s not in STAGES:
             raise BenchError(f"--only: unknown stage {s!r}; valid: {', '.join(STAGES)}")
     a.only = stages
-    from engine.bench.ops import bench_ops
+    from .ops import bench_ops
 
     if a.ops != "all":
         for op in a.ops.split(","):
@@ -462,7 +465,7 @@ def run_stages(a: argparse.Namespace, out: Path, budget: Budget) -> list[StageRe
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from engine.bench import BenchError
+    from . import BenchError
 
     try:
         a = parse_args(sys.argv[1:] if argv is None else argv)
@@ -479,7 +482,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     stages = run_stages(a, out, Budget(a.budget))
     text, payload = summarize(out, stages)
-    from engine.bench import write_csv, write_json
+    from . import write_csv, write_json
 
     write_json(out / "summary.json", payload)
     write_csv(out / "summary.csv", SUMMARY_COLUMNS, payload["summary"])

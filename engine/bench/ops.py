@@ -89,11 +89,11 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from engine import registry
-from engine.models.gpt import rotary_tables
-from engine.bench import (ArgumentParser, BenchError, check_plot_support, describe_ceilings, environment, fmt,
-                          format_table, free_memory, measure_ceilings, pick_device, rel_error, time_ms, timer_label,
-                          write_csv, write_json)
+from .. import registry
+from ..models.gpt import rotary_tables
+from . import (ArgumentParser, BenchError, check_plot_support, describe_ceilings, environment, fmt,
+               format_table, free_memory, measure_ceilings, pick_device, rel_error, time_ms, timer_label,
+               write_csv, write_json)
 
 #: The backends of each built-in op: the project's own two first (through the registry), then the peers. An op
 #: of the registry's table with an :class:`OpBench` has the project's two.
@@ -1230,7 +1230,7 @@ def main(argv: Sequence[str]) -> int:
     print(table(rows, args.device))
     print(describe_ceilings(result["ceilings"]))
     if args.plot:
-        from engine.bench.plot import plot_ops
+        from .plot import plot_ops
 
         plot_ops(rows, args.plot, title=result["env"].get("gpu") or "CPU timing")
         print(f"plot: {Path(args.plot)}")

@@ -53,15 +53,15 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-from engine import registry
-from engine.bench import (ArgumentParser, BenchError, describe_ceilings, environment, fmt, format_table, free_memory,
-                          measure_ceilings, pick_device, timer_label, write_csv, write_json)
-from engine.config import Recipe, RecipeError, load_recipe
-from engine.models import checkpointing
-from engine.precision import LossScaler
-from engine.registry import KernelSelectionError, Ops
-from engine.tasks import Task
-from engine.trainer import TrainStep
+from .. import registry
+from . import (ArgumentParser, BenchError, describe_ceilings, environment, fmt, format_table, free_memory,
+               measure_ceilings, pick_device, timer_label, write_csv, write_json)
+from ..config import Recipe, RecipeError, load_recipe
+from ..models import checkpointing
+from ..precision import LossScaler
+from ..registry import KernelSelectionError, Ops
+from ..tasks import Task
+from ..trainer import TrainStep
 
 #: Largest relative difference of the first step's loss between two kernel sets, by precision.
 LOSS_TOLERANCE = {"fp32": 1e-3, "bf16": 2e-2, "fp16": 1e-2}
@@ -137,9 +137,9 @@ class SyntheticTask(Task):
         # Inputs come from their own generator so that every kernel set sees the same batches.
         gen = torch.Generator().manual_seed(recipe.run.seed)
         if m.arch == "gpt":
-            from engine.data.text import ByteTokenizer, GPT2Tokenizer
-            from engine.models.gpt import GPT
-            from engine.tasks.lm import gpt_config
+            from ..data.text import ByteTokenizer, GPT2Tokenizer
+            from ..models.gpt import GPT
+            from ..tasks.lm import gpt_config
 
             vocab = {"byte": ByteTokenizer, "gpt2": GPT2Tokenizer}[recipe.data.tokenizer].vocab_size
             self.model = GPT(gpt_config(recipe, vocab), ops).to(device)
@@ -149,12 +149,12 @@ class SyntheticTask(Task):
             self.batches = [(x[:, :-1].contiguous().to(device), x[:, 1:].contiguous().to(device)) for x in tokens]
             self._flops = self.model.flops_per_token(t.seq_len)
         else:
-            from engine.config import IMAGE_ARCHS
+            from ..config import IMAGE_ARCHS
 
             if m.arch not in IMAGE_ARCHS:
                 raise BenchError(f"model.arch: bench train builds gpt, {', '.join(IMAGE_ARCHS)} models; "
                                  f"got {m.arch!r}")
-            from engine.tasks.vision import build_model, forward_flops
+            from ..tasks.vision import build_model, forward_flops
 
             layout = torch.channels_last if device.type == "cuda" else torch.contiguous_format
             self.model = build_model(m, ops).to(device, memory_format=layout)
@@ -383,7 +383,7 @@ def run_one(args: TrainArgs, kernel_set, compiled: bool, ceilings: dict, policy:
     items_per_step = task.items_per_micro_batch * r.train.grad_accum
     row["items_per_s"] = items_per_step / (row["step_ms"] / 1e3)
     row["tflops"] = task.flops_per_item() * row["items_per_s"] / 1e12
-    from engine.metrics import peak_flops
+    from ..metrics import peak_flops
 
     peak = peak_flops(device)
     row["mfu"] = 100 * row["tflops"] * 1e12 / peak if peak else None

@@ -36,8 +36,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from engine.config import DataConfig, RecipeError
-from engine.data.cache import fsync_file, open_or_build
+from ..config import DataConfig, RecipeError
+from .cache import fsync_file, open_or_build
 
 CACHE_FORMAT = 1
 #: The generated "shapes" set is always drawn from this seed (like a downloaded dataset, it never changes).

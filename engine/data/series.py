@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.config import DataConfig, RecipeError
+from ..config import DataConfig, RecipeError
 
 SERIES_LENGTH = 4000
 SERIES_SEASON = 24

@@ -36,8 +36,8 @@ from typing import Iterator, NamedTuple
 import numpy as np
 import torch
 
-from engine.config import DataConfig, RecipeError
-from engine.data.cache import fsync_file, open_or_build
+from ..config import DataConfig, RecipeError
+from .cache import fsync_file, open_or_build
 
 CACHE_FORMAT = 4
 _LOCAL_BUILDERS = {".txt": "text", ".text": "text", ".md": "text", ".jsonl": "json", ".json": "json",

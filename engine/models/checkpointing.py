@@ -24,7 +24,7 @@ import re
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from engine.errors import RecipeError
+from ..errors import RecipeError
 
 FIELD = "train.activation_checkpointing"
 
@@ -43,7 +43,7 @@ def parse_policy(policy: str) -> int:
 
 def residual_blocks(model: nn.Module) -> list[nn.Module]:
     """The model's residual blocks in forward order."""
-    from engine.models import convnext, gpt, resnet
+    from . import convnext, gpt, resnet
 
     kinds = (gpt.Block, convnext.Block, resnet.BasicBlock, resnet.Bottleneck)
     return [m for m in model.modules() if isinstance(m, kinds)]

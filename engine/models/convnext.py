@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from engine.registry import Ops
+from ..registry import Ops
 
 
 @dataclass

@@ -21,8 +21,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from engine.config import ModelConfig
-from engine.registry import Ops
+from ..config import ModelConfig
+from ..registry import Ops
 
 
 #: A GPT is configured by the recipe's model section itself (``vocab_size`` resolved to the tokenizer's).

@@ -12,8 +12,8 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from engine.config import Recipe, RecipeError
-from engine.registry import Ops
+from ..config import Recipe, RecipeError
+from ..registry import Ops
 
 
 class Task:
@@ -87,7 +87,7 @@ class Task:
         return None
 
 
-_TASK_MODULES = ("engine.tasks.lm", "engine.tasks.vision")
+_TASK_MODULES = (".lm", ".vision")
 
 #: model.arch -> builder(recipe, ops, device, rank, world, log) -> Task
 _BUILDERS: dict[str, Callable[..., Task]] = {}
@@ -102,11 +102,11 @@ def register(arch: str):
 
 def build_task(recipe: Recipe, ops: Ops, device: torch.device, rank: int = 0, world: int = 1, log=print) -> Task:
     if recipe.train.task == "forecast":
-        from engine.tasks.forecast import ForecastTask
+        from .forecast import ForecastTask
 
         return ForecastTask(recipe, ops, device, rank, world, log)
     for module in _TASK_MODULES:  # each registers its architectures on import
-        importlib.import_module(module)
+        importlib.import_module(module, __name__)
     if recipe.model.arch not in _BUILDERS:
         raise RecipeError(f"model.arch: unknown architecture {recipe.model.arch!r}; valid: {', '.join(sorted(_BUILDERS))}")
     return _BUILDERS[recipe.model.arch](recipe, ops, device, rank, world, log)

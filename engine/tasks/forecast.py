@@ -18,15 +18,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from engine import distributed
-from engine.config import RNN_ARCHS, Recipe, RecipeError
-from engine.data.series import load_series
-from engine.models import checkpointing
-from engine.models.gpt import GPT
-from engine.models.rnn import RNN, RNNConfig
-from engine.precision import autocast
-from engine.registry import Ops
-from engine.tasks import Task
+from .. import distributed
+from ..config import RNN_ARCHS, Recipe, RecipeError
+from ..data.series import load_series
+from ..models import checkpointing
+from ..models.gpt import GPT
+from ..models.rnn import RNN, RNNConfig
+from ..precision import autocast
+from ..registry import Ops
+from . import Task
 
 #: Validation forecasts per evaluation forward pass.
 EVAL_CHUNK = 256

@@ -12,15 +12,15 @@ import dataclasses
 import torch
 import torch.nn as nn
 
-from engine import distributed
-from engine.config import RNN_ARCHS, Recipe, RecipeError
-from engine.data.text import Packed, StreamWindows, TokenWindows, get_tokenizer, load_tokens
-from engine.models import checkpointing
-from engine.models.gpt import GPT, GPTConfig
-from engine.models.rnn import RNN, RNNConfig
-from engine.precision import autocast
-from engine.registry import Ops
-from engine.tasks import Task, register
+from .. import distributed
+from ..config import RNN_ARCHS, Recipe, RecipeError
+from ..data.text import Packed, StreamWindows, TokenWindows, get_tokenizer, load_tokens
+from ..models import checkpointing
+from ..models.gpt import GPT, GPTConfig
+from ..models.rnn import RNN, RNNConfig
+from ..precision import autocast
+from ..registry import Ops
+from . import Task, register
 
 
 def _vocab(recipe: Recipe, tokenizer_vocab: int) -> int:

@@ -17,16 +17,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from engine import distributed, registry
-from engine.config import ModelConfig, Recipe, RecipeError
-from engine.data.images import (ImageBatches, augmentation_seed, crop_and_flip, eval_indices, load_images,
-                                to_model_input)
-from engine.models.convnext import Block as ConvNeXtBlock, ConvNeXt, ConvNeXtConfig
-from engine.models.resnet import ResNet, ResNetConfig
-from engine.precision import autocast
-from engine.registry import Ops
-from engine.models import checkpointing
-from engine.tasks import Task, register
+from .. import distributed, registry
+from ..config import ModelConfig, Recipe, RecipeError
+from ..data.images import (ImageBatches, augmentation_seed, crop_and_flip, eval_indices, load_images,
+                           to_model_input)
+from ..models.convnext import Block as ConvNeXtBlock, ConvNeXt, ConvNeXtConfig
+from ..models.resnet import ResNet, ResNetConfig
+from ..precision import autocast
+from ..registry import Ops
+from ..models import checkpointing
+from . import Task, register
 
 
 def build_model(m: ModelConfig, ops: Ops) -> nn.Module:

@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine import cli, registry
-from engine.bench import BenchError, gpu, ops, train
+from tritonforge.engine import cli, registry
+from tritonforge.engine.bench import BenchError, gpu, ops, train
 
 # One small shape per op (the Triton interpreter runs these in about a second).
 TINY_SHAPES = ("attention=1x2x16x16:causal,layer_norm=8x32,rms_norm=8x32,mlp=10x8,dwconv=1x4x2x2,"

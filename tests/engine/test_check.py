@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import kernels
-from engine import cli, registry
-from engine.bench import BenchError, check, gpu
-from engine.bench import ops as bench_ops
+from tritonforge import kernels
+from tritonforge.engine import cli, registry
+from tritonforge.engine.bench import BenchError, check, gpu
+from tritonforge.engine.bench import ops as bench_ops
 
 ROOT = Path(__file__).resolve().parents[2]
 #: The CPU check runs the kernels through the interpreter; a session that compiles them for a GPU

@@ -5,8 +5,8 @@ import os
 import pytest
 import torch
 
-from engine import checkpoint
-from engine.checkpoint import CheckpointError
+from tritonforge.engine import checkpoint
+from tritonforge.engine.checkpoint import CheckpointError
 
 
 def state(step: int) -> dict:

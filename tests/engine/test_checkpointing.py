@@ -6,12 +6,12 @@ import copy
 import pytest
 import torch
 
-from engine import registry
-from engine.config import RecipeError, load_recipe
-from engine.models import checkpointing
-from engine.models.gpt import GPT, GPTConfig
-from engine.models.rnn import RNN, RNNConfig
-from engine.tasks.vision import build_model
+from tritonforge.engine import registry
+from tritonforge.engine.config import RecipeError, load_recipe
+from tritonforge.engine.models import checkpointing
+from tritonforge.engine.models.gpt import GPT, GPTConfig
+from tritonforge.engine.models.rnn import RNN, RNNConfig
+from tritonforge.engine.tasks.vision import build_model
 
 OPS = registry.resolve({}, "cpu")
 #: Every op on its Triton kernel (tests/conftest.py turns the interpreter on, so they run on CPU tensors).

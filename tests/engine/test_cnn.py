@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from engine import registry
-from engine.config import DataConfig, RecipeError, load_recipe
-from engine.data.images import ImageBatches, crop_and_flip, eval_indices, load_images, to_model_input
-from engine.tasks import build_task
-from engine.tasks.vision import build_model, forward_flops
-from engine.trainer import Trainer
+from tritonforge.engine import registry
+from tritonforge.engine.config import DataConfig, RecipeError, load_recipe
+from tritonforge.engine.data.images import ImageBatches, crop_and_flip, eval_indices, load_images, to_model_input
+from tritonforge.engine.tasks import build_task
+from tritonforge.engine.tasks.vision import build_model, forward_flops
+from tritonforge.engine.trainer import Trainer
 from support import Sink
 
 #: Tolerances of the Triton LayerNorm (fp32, interpreter) against torch's through a whole ConvNeXt.

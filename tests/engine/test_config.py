@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.config import RecipeError, dump_toml, load_recipe, parse_overrides
+from tritonforge.engine.config import RecipeError, dump_toml, load_recipe, parse_overrides
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPES = sorted((ROOT / "recipes").glob("*.toml"))

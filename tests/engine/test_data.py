@@ -4,9 +4,9 @@ import json
 import numpy as np
 import pytest
 
-from engine.config import DataConfig, RecipeError
-from engine.data import text
-from engine.data.text import ByteTokenizer, TokenWindows, load_tokens
+from tritonforge.engine.config import DataConfig, RecipeError
+from tritonforge.engine.data import text
+from tritonforge.engine.data.text import ByteTokenizer, TokenWindows, load_tokens
 
 
 def _docs(tmp_path, n=40):

@@ -117,8 +117,8 @@ def test_muon_under_ddp_matches_one_process_and_resumes_in_one(corpus, tmp_path)
 COUNTING = """
 import os, sys
 import torch
-from engine import distributed
-from engine.models import checkpointing, gpt
+from tritonforge.engine import distributed
+from tritonforge.engine.models import checkpointing, gpt
 forwards = [0]
 block_forward = gpt.Block.forward
 def forward(self, *args):
@@ -132,7 +132,7 @@ def wrap(model, recipe, device):
     print("wrapped blocks:", ",".join(type(b).__name__ for b in blocks), checkpointing.checkpointed_blocks(model))
     return model
 distributed.wrap = wrap
-from engine.cli import train_main
+from tritonforge.engine.cli import train_main
 code = train_main(sys.argv[1:])
 print(f"rank {os.environ['RANK']}: {forwards[0]} block forwards with grad", flush=True)
 sys.exit(code)
@@ -182,14 +182,14 @@ def _copy_until(src: Path, dst: Path, step: int) -> None:
 
 CRASHER = """
 import os, sys
-from engine import trainer
+from tritonforge.engine import trainer
 real = trainer.Trainer.train_step
 def train_step(self, step):
     if step == 4 and os.environ.get("TORCHELASTIC_RESTART_COUNT") == "0" and os.environ.get("RANK") == "1":
         os._exit(3)  # a worker dies mid-run on the first attempt
     return real(self, step)
 trainer.Trainer.train_step = train_step
-from engine.cli import train_main
+from tritonforge.engine.cli import train_main
 sys.exit(train_main(sys.argv[1:]))
 """
 

@@ -11,7 +11,7 @@ import warnings
 import pytest
 import torch
 
-from engine import flex, registry
+from tritonforge.engine import flex, registry
 from support import visible_pairs
 
 pytestmark = pytest.mark.skipif(flex._flex_module() is None, reason="this PyTorch has no FlexAttention")

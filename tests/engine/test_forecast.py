@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 import torch
 
-from engine.config import RecipeError, load_recipe
-from engine.data.series import SERIES_LENGTH, generated_series
-from engine.registry import resolve
-from engine.tasks.forecast import ForecastTask
-from engine.trainer import Trainer
+from tritonforge.engine.config import RecipeError, load_recipe
+from tritonforge.engine.data.series import SERIES_LENGTH, generated_series
+from tritonforge.engine.registry import resolve
+from tritonforge.engine.tasks.forecast import ForecastTask
+from tritonforge.engine.trainer import Trainer
 from support import Sink
 
 OPS = resolve({}, "cpu")

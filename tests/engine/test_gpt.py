@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from engine.models.gpt import GPT, GPTConfig, rotary_tables
-from engine.registry import resolve, torch_rope
+from tritonforge.engine.models.gpt import GPT, GPTConfig, rotary_tables
+from tritonforge.engine.registry import resolve, torch_rope
 
 OPS = resolve({}, "cpu")
 OPTIONS = [

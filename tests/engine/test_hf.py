@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from engine import hf, registry
-from engine.models.gpt import GPT, GPTConfig
+from tritonforge.engine import hf, registry
+from tritonforge.engine.models.gpt import GPT, GPTConfig
 
 #: fp32 logits of the same tiny model computed by two implementations (different op order).
 FP32_ATOL = 1e-5

@@ -5,9 +5,9 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from engine import registry
-from engine.bench import ops as bench_ops
-from engine.config import RecipeError, dump_toml, load_recipe
+from tritonforge.engine import registry
+from tritonforge.engine.bench import ops as bench_ops
+from tritonforge.engine.config import RecipeError, dump_toml, load_recipe
 
 
 @dataclass(frozen=True)

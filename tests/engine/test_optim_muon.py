@@ -4,11 +4,11 @@ The float64 checks of the optimizer itself are in tests/kernels/test_muon.py.
 """
 import torch
 
-import kernels
-from engine.models.gpt import GPT, GPTConfig
-from engine.optim_muon import TorchMuon
-from engine.registry import resolve
-from engine.tasks import Task
+from tritonforge import kernels
+from tritonforge.engine.models.gpt import GPT, GPTConfig
+from tritonforge.engine.optim_muon import TorchMuon
+from tritonforge.engine.registry import resolve
+from tritonforge.engine.tasks import Task
 
 FP32_RTOL = 1e-5  # interpreted kernels vs the torch backend, both iterating in fp32 on CPU
 

@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from engine.config import DataConfig, RecipeError, load_recipe
-from engine.data import text
-from engine.data.text import IGNORE, Packed, TokenWindows, load_tokens
-from engine.models.gpt import GPT, GPTConfig
-from engine.registry import resolve
-from engine.trainer import Trainer
+from tritonforge.engine.config import DataConfig, RecipeError, load_recipe
+from tritonforge.engine.data import text
+from tritonforge.engine.data.text import IGNORE, Packed, TokenWindows, load_tokens
+from tritonforge.engine.models.gpt import GPT, GPTConfig
+from tritonforge.engine.registry import resolve
+from tritonforge.engine.trainer import Trainer
 from support import Sink
 
 SEP = 2  # the byte tokenizer's separator: a blank line

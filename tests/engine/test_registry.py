@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from engine import registry
-from engine.registry import KernelSelectionError, resolve
+from tritonforge.engine import registry
+from tritonforge.engine.registry import KernelSelectionError, resolve
 
 
 def test_auto_is_torch_on_cpu():

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from engine import checkpoint
-from engine.config import RecipeError, load_recipe
-from engine.data.text import StreamWindows
-from engine.metrics import read_metrics
-from engine.models.rnn import RNN, RNNConfig
-from engine.registry import resolve
-from engine.trainer import Trainer
+from tritonforge.engine import checkpoint
+from tritonforge.engine.config import RecipeError, load_recipe
+from tritonforge.engine.data.text import StreamWindows
+from tritonforge.engine.metrics import read_metrics
+from tritonforge.engine.models.rnn import RNN, RNNConfig
+from tritonforge.engine.registry import resolve
+from tritonforge.engine.trainer import Trainer
 from support import Sink, tiny_corpus
 
 OPS = resolve({}, "cpu")

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.cli import main as cli_main
+from tritonforge.engine.cli import main as cli_main
 from support import tiny_corpus
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine import checkpoint, plot
-from engine.checkpoint import CheckpointError
-from engine.cli import main as cli_main
-from engine.config import RecipeError, load_recipe
-from engine.metrics import RunLogger, read_metrics
-from engine.trainer import Trainer, TrainingError, lr_at
+from tritonforge.engine import checkpoint, plot
+from tritonforge.engine.checkpoint import CheckpointError
+from tritonforge.engine.cli import main as cli_main
+from tritonforge.engine.config import RecipeError, load_recipe
+from tritonforge.engine.metrics import RunLogger, read_metrics
+from tritonforge.engine.trainer import Trainer, TrainingError, lr_at
 from support import Sink, tiny_corpus
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -398,7 +398,7 @@ def test_plot_refuses_a_folder_without_metrics(tmp_path, capsys):
 def test_a_time_budget_fixes_the_step_count_records_it_and_resumes_with_it(data, tmp_path, monkeypatch):
     """The count is fixed after the warmup steps are timed, recorded, and kept by a resumed run, which then
     computes exactly what the run would have without the interruption."""
-    from engine import trainer as trainer_module
+    from tritonforge.engine import trainer as trainer_module
 
     monkeypatch.setattr(trainer_module._BudgetClock, "fit", lambda self, per_step, forward: 7)  # the machine's speed
     common = ("--train.time_budget=30s", "--train.steps=1000", "--optim.warmup_steps=5", "--checkpoint.every=6")
@@ -439,7 +439,7 @@ def test_a_run_re_times_itself_lowering_its_count_when_slower_and_raising_it_whe
     """Re-timed at its logging steps, a run whose rest no longer fits lowers its count, one with room for
     more than 2% more raises it (less moves nothing), each change is recorded, and the rest of the
     learning rate is scheduled over the new count."""
-    from engine import trainer as trainer_module
+    from tritonforge.engine import trainer as trainer_module
 
     answers = {0: 20, 1: 20, 2: 15, 3: 15, 4: 18}  # the counts the machine's pace gives at the fix and each re-timing
     calls = []

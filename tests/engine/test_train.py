@@ -6,12 +6,12 @@ from pathlib import Path
 import pytest
 import torch
 
-import engine
-import kernels
+from tritonforge import engine
+from tritonforge import kernels
 
-from engine.config import load_recipe
-from engine.precision import LossScaler
-from engine.trainer import Trainer, lr_at
+from tritonforge.engine.config import load_recipe
+from tritonforge.engine.precision import LossScaler
+from tritonforge.engine.trainer import Trainer, lr_at
 from support import Sink
 
 TINY = ["--model.n_layer=2", "--model.d_model=64", "--model.n_head=4", "--model.context=32", "--train.seq_len=32",

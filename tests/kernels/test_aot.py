@@ -17,8 +17,8 @@ import pytest
 import triton
 import triton.language as tl
 
-from kernels import aot
-from kernels.aot import Variant
+from tritonforge.kernels import aot
+from tritonforge.kernels.aot import Variant
 
 # ----------------------------------------------------------------------------------------------
 # Sample kernels
@@ -464,6 +464,6 @@ def test_every_jit_function_is_covered_by_a_variant():
 def test_discovery_sees_the_kernel_package():
     found = _discovery()
     package = Path(aot.__file__).parent
-    expected = {f"kernels.{p.stem}" for p in package.glob("*.py")} - {"kernels.__init__",
-                                                                      "kernels.aot"}
+    name = aot.__package__
+    expected = {f"{name}.{p.stem}" for p in package.glob("*.py")} - {f"{name}.__init__", f"{name}.aot"}
     assert set(found.modules) == expected

@@ -15,9 +15,9 @@ import os
 import pytest
 import torch
 
-import kernels
+from tritonforge import kernels
 from support import visible_pairs
-from kernels.attention import SUPPORTED_HEAD_DIMS, aot_variants, attention, attention_varlen
+from tritonforge.kernels.attention import SUPPORTED_HEAD_DIMS, aot_variants, attention, attention_varlen
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cpu" if INTERPRET or not torch.cuda.is_available() else "cuda"
@@ -167,7 +167,7 @@ def test_atomic_dq_backward_computes_dk_dv_as_the_deterministic_one():
     """The fused kernel is the dK/dV kernel plus the dQ atomics: with the same tiles (the interpreter
     runs one config for both) dk and dv are bitwise those of the deterministic backward. dq is summed
     in another order (by key block rather than per query block), so it only agrees to rounding."""
-    module = importlib.import_module("kernels.attention")
+    module = importlib.import_module("tritonforge.kernels.attention")
     assert module._INTERPRETER_CONFIGS["dkdv"] == module._INTERPRETER_CONFIGS["dkdvdq"]
     q, k, v, do = make_inputs(1, 4, 2, 77, 80, torch.float16, seed=12)
 
@@ -265,7 +265,7 @@ def test_torch_compile_fullgraph_forward_and_backward(deterministic):
 def test_cpu_torch_path_matches_kernels(monkeypatch, deterministic):
     """Outside the interpreter, CPU tensors take a torch path: same out, lse and gradients. The torch
     path's backward is exact, whichever backward ``deterministic`` asks the kernels for."""
-    module = importlib.import_module("kernels.attention")
+    module = importlib.import_module("tritonforge.kernels.attention")
     q, k, v, do = make_inputs(1, 4, 2, 40, 16, torch.float32, seed=10)
     args = (q, k, v, True, 0.25, 9, deterministic)
     kernel_out, kernel_lse = torch.ops.tritonforge.attention_forward(*args)
@@ -442,7 +442,7 @@ def test_invalid_varlen_inputs_raise(args, kwargs, error, match):
 def test_segment_custom_ops_pass_opcheck_and_match_the_torch_path(monkeypatch):
     """opcheck with segment ids; outside the interpreter CPU tensors take the torch path (SDPA-style
     boolean mask), which must agree with the kernels."""
-    module = importlib.import_module("kernels.attention")
+    module = importlib.import_module("tritonforge.kernels.attention")
     q, k, v, do = make_inputs(1, 2, 1, 21, 16, torch.float32, seed=18)
     ids = segments([11, 1, 9])
     q, k, v = (t.requires_grad_() for t in (q, k, v))

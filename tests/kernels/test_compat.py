@@ -6,7 +6,7 @@ import pytest
 import triton
 import triton.language as tl
 
-from kernels import _compat
+from tritonforge.kernels import _compat
 
 TABLE = {(3, 6): "from 3.6", (3, 9): "from 3.9"}
 

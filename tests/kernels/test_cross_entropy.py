@@ -32,12 +32,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels
-from kernels.cross_entropy import cross_entropy, linear_cross_entropy
+from tritonforge import kernels
+from tritonforge.kernels.cross_entropy import cross_entropy, linear_cross_entropy
 
 # kernels/__init__.py re-exports the function under the module's own name, so ``kernels.cross_entropy`` is the
 # function; the module is taken from sys.modules.
-ce_mod = importlib.import_module("kernels.cross_entropy")
+ce_mod = importlib.import_module("tritonforge.kernels.cross_entropy")
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cpu" if INTERPRET or not torch.cuda.is_available() else "cuda"

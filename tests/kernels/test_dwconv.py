@@ -18,9 +18,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels
-from kernels import dwconv
-from kernels.dwconv import depthwise_conv2d
+from tritonforge import kernels
+from tritonforge.kernels import dwconv
+from tritonforge.kernels.dwconv import depthwise_conv2d
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cpu" if INTERPRET or not torch.cuda.is_available() else "cuda"

@@ -15,9 +15,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels
-from kernels import aot, mlp
-from kernels.mlp import gelu_linear_residual
+from tritonforge import kernels
+from tritonforge.kernels import aot, mlp
+from tritonforge.kernels.mlp import gelu_linear_residual
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cpu" if INTERPRET or not torch.cuda.is_available() else "cuda"

@@ -9,11 +9,11 @@ import os
 import pytest
 import torch
 
-import kernels
-import kernels._common
-from kernels import _compat
-from kernels import norm as norm_mod
-from kernels import LayerNorm, RMSNorm, add_layer_norm, add_rms_norm, layer_norm, rms_norm
+from tritonforge import kernels
+import tritonforge.kernels._common as kernels_common
+from tritonforge.kernels import _compat
+from tritonforge.kernels import norm as norm_mod
+from tritonforge.kernels import LayerNorm, RMSNorm, add_layer_norm, add_rms_norm, layer_norm, rms_norm
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -144,7 +144,7 @@ def test_looped_kernels(op, dtype):
 @pytest.mark.parametrize("op", ["layer", "add_rms"])
 def test_many_rows_per_program(op, looped, monkeypatch):
     """One SM's worth of backward programs, so each program loops over many rows and row tiles."""
-    monkeypatch.setattr(kernels._common, "INTERPRETER_SMS", 1)
+    monkeypatch.setattr(kernels_common, "INTERPRETER_SMS", 1)
     if looped:
         _check_case(op, (40, 70), torch.float32, max_block_n=LOOPED_BLOCK)
     else:

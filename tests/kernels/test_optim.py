@@ -12,9 +12,9 @@ import os
 import pytest
 import torch
 
-import kernels
-import kernels.optim as ko
-from kernels import aot
+from tritonforge import kernels
+import tritonforge.kernels.optim as ko
+from tritonforge.kernels import aot
 
 FP32_RTOL = 1e-6  # params after 20 steps vs torch / the float64 reference
 NORM_RTOL = 1e-5  # global grad norm vs torch's (different summation order)

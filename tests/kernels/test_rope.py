@@ -14,9 +14,9 @@ import importlib
 import pytest
 import torch
 
-from kernels.rope import rope
+from tritonforge.kernels.rope import rope
 
-rope_mod = importlib.import_module("kernels.rope")
+rope_mod = importlib.import_module("tritonforge.kernels.rope")
 
 TOL = {torch.float32: (1e-6, 1e-6), torch.float16: (1e-3, 1e-3), torch.bfloat16: (1e-2, 1e-2)}
 DTYPES = list(TOL)
@@ -109,8 +109,8 @@ def test_backward_is_the_inverse_rotation(dtype):
 
 def test_matches_the_torch_reference_convention():
     """Same pairs and tables as the registry's torch ``rope`` (the GPT's): interchangeable in fp32."""
-    from engine.models.gpt import rotary_tables
-    from engine.registry import torch_rope
+    from tritonforge.engine.models.gpt import rotary_tables
+    from tritonforge.engine.registry import torch_rope
 
     B, H, Hkv, T, D = 2, 2, 2, 9, 16
     _, q, k = fused_qk(B, H, Hkv, T, D, seed=4)

@@ -14,9 +14,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels.swiglu import swiglu
+from tritonforge.kernels.swiglu import swiglu
 
-swiglu_mod = importlib.import_module("kernels.swiglu")
+swiglu_mod = importlib.import_module("tritonforge.kernels.swiglu")
 
 TOL = {torch.float32: (1e-6, 1e-6), torch.float16: (1e-3, 1e-3), torch.bfloat16: (1e-2, 1e-2)}
 DTYPES = list(TOL)
