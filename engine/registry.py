@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Literal, get_args
 
@@ -314,7 +315,7 @@ def _interpreting() -> bool:
 
 
 def _kernels_module():
-    """The ``kernels`` package, or None where it cannot be imported (no triton on this platform)."""
+    """The kernels package, or None where it cannot be imported (:func:`kernels_unavailable` says why)."""
     try:
         return importlib.import_module(KERNELS_PACKAGE)
     except ImportError:
@@ -322,9 +323,18 @@ def _kernels_module():
 
 
 def triton_available(op: str) -> bool:
-    """This build's ``kernels`` package provides everything ``op``'s Triton backend needs."""
+    """This build's kernels package provides everything ``op``'s Triton backend needs."""
     kernels = _kernels_module()
     return kernels is not None and all(hasattr(kernels, name) for name in find(op).needs())
+
+
+def kernels_unavailable(op: str) -> str:
+    """Why ``op``'s Triton backend cannot be served here: the import error, or the names the package lacks."""
+    try:
+        importlib.import_module(KERNELS_PACKAGE)
+    except ImportError as error:
+        return f"{KERNELS_PACKAGE} cannot be imported ({type(error).__name__}: {error})"
+    return f"the kernels package cannot be imported here or lacks {', '.join(find(op).needs())}"
 
 
 def _choose(op: str, backend: str, device: torch.device) -> str:
@@ -334,9 +344,7 @@ def _choose(op: str, backend: str, device: torch.device) -> str:
     if backend == "auto":
         return "triton" if device.type == "cuda" and triton_available(op) else "torch"
     if not triton_available(op):
-        raise KernelSelectionError(
-            f"kernels.{op} = 'triton': the kernels package cannot be imported here or lacks "
-            f"{', '.join(find(op).needs())}; use 'torch' or 'auto'")
+        raise KernelSelectionError(f"kernels.{op} = 'triton': {kernels_unavailable(op)}; use 'torch' or 'auto'")
     if device.type != "cuda" and not _interpreting():
         raise KernelSelectionError(
             f"kernels.{op} = 'triton' needs a CUDA device (this run is on {device.type}); set "
@@ -401,6 +409,18 @@ class Ops:
         return torch_cls(param_groups, lr=lr, weight_decay=weight_decay, **kw), False
 
 
+def _warn_if_auto_lost_the_kernels(choices: dict[str, str], backends: dict[str, str], device: torch.device) -> None:
+    """On CUDA, ``auto`` means the Triton kernels; serving torch instead because they cannot be imported
+    (a broken install, a package that overwrote them) must never pass unnoticed."""
+    if device.type != "cuda":
+        return
+    lost = [op.name for op in TABLE if choices.get(op.name, "auto") == "auto" and not triton_available(op.name)]
+    if lost:
+        warnings.warn(f"kernels = 'auto' on CUDA serves {', '.join(lost)} with torch, not the Triton kernels: "
+                      f"{kernels_unavailable(lost[0])}. Fix the install, or set kernels.OP = 'torch' to choose "
+                      f"torch on purpose.", RuntimeWarning, stacklevel=3)
+
+
 def resolve(choices: dict[str, str] | None = None, device: torch.device | str = "cpu",
             deterministic: bool = True) -> Ops:
     """Pick a backend per op. ``choices`` maps op -> backend; missing ops are ``auto``.
@@ -413,6 +433,7 @@ def resolve(choices: dict[str, str] | None = None, device: torch.device | str = 
     for op, backend in choices.items():
         check_backend_name(op, backend)
     backends = {op.name: _choose(op.name, choices.get(op.name, "auto"), device) for op in TABLE}
+    _warn_if_auto_lost_the_kernels(choices, backends, device)
     functions: dict[str, Callable] = {}
     for op in TABLE:
         for attr, (torch_fn, entry) in op.functions.items():

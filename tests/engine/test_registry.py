@@ -1,5 +1,6 @@
 """The kernel registry: selection, its errors, and the torch reference ops."""
 import math
+import warnings
 
 import pytest
 import torch
@@ -28,6 +29,25 @@ def test_triton_without_a_kernel_is_an_error_not_a_fallback(monkeypatch):
     with pytest.raises(KernelSelectionError, match="kernels.layer_norm = 'triton': the kernels package cannot be"):
         resolve({"layer_norm": "triton"}, "cpu")
     assert resolve({"layer_norm": "auto"}, "cpu").backends["layer_norm"] == "torch"
+
+
+def test_auto_on_cuda_warns_naming_the_import_error_when_the_kernels_cannot_be_imported(monkeypatch, tmp_path):
+    broken = tmp_path / "broken_kernels"  # e.g. another distribution's files written over these kernels
+    broken.mkdir()
+    (broken / "__init__.py").write_text("from triton import no_such_name\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(registry, "KERNELS_PACKAGE", "broken_kernels")
+    with pytest.warns(RuntimeWarning, match=r"serves attention, layer_norm.* with torch, not the Triton kernels: "
+                                            r"broken_kernels cannot be imported \(ImportError: cannot import name "
+                                            r"'no_such_name'"):
+        ops = resolve({"optimizer": "torch"}, "cuda")
+    assert set(ops.backends.values()) == {"torch"}
+    with pytest.raises(KernelSelectionError, match="kernels.rope = 'triton': broken_kernels cannot be imported"):
+        resolve({"rope": "triton"}, "cuda")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        resolve({op: "torch" for op in registry.op_names()}, "cuda")  # torch chosen on purpose: no warning
+        resolve({}, "cpu")  # auto is torch on CPU by design
 
 
 def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
