@@ -3,7 +3,8 @@
 Images come from the uint8 cache of :mod:`engine.data.images` and are augmented and normalized on the
 device in whole batches. The model and its inputs are channels_last: what cuDNN's fastest convolutions
 want on CUDA, and measured 1.3x faster than NCHW for a small ResNet on CPU too. (A sharded run keeps
-NCHW: FSDP shards only contiguous parameters.) The loss is the registry's cross-entropy
+NCHW: FSDP shards only contiguous parameters.) On CPU, the few convolutions whose channels_last backward
+oneDNN gets wrong run another way: see :func:`guard_onednn_convs`. The loss is the registry's cross-entropy
 with optional label smoothing; evaluation reports top-1 accuracy, with an exponential moving average of
 the weights when ``train.ema_decay`` is set.
 """
@@ -36,6 +37,49 @@ def build_model(m: ModelConfig, ops: Ops) -> nn.Module:
     if m.arch == "convnext":
         return ConvNeXt(ConvNeXtConfig(drop_path=m.drop_path, **common), ops)
     raise RecipeError(f"model.arch: {m.arch!r} is not an image classifier")
+
+
+#: Input channels per block of oneDNN's x86 1x1 convolutions: 8 with AVX2, 16 with AVX-512 (the larger
+#: is used everywhere, so that one rule is safe on both).
+ONEDNN_IC_BLOCK = 16
+
+
+def onednn_unsafe(module: nn.Module) -> bool:
+    """Whether oneDNN's channels_last weight gradient of ``module`` writes past its buffer on an x86 CPU.
+
+    An unpadded strided 1x1 convolution first gathers the pixels it reads into a workspace; for an NHWC
+    input with fewer channels (per group) than a block, the weight-gradient kernel indexes that workspace by
+    whole blocks and writes past it: heap corruption with one thread, wrong weight gradients with more
+    (uxlfoundation/oneDNN issue 6035, open as of oneDNN 3.12 in torch 2.13). Stride 1 needs no workspace.
+    """
+    return (isinstance(module, nn.Conv2d) and module.kernel_size == (1, 1) and module.stride != (1, 1)
+            and module.padding == (0, 0) and module.in_channels // module.groups < ONEDNN_IC_BLOCK)
+
+
+class SubsampledConv2d(nn.Conv2d):
+    """A strided 1x1 convolution computed as the stride-1 convolution of the pixels it reads: the same
+    arithmetic, on a path that oneDNN gets right in channels_last (see :func:`onednn_unsafe`)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        sh, sw = self.stride
+        return F.conv2d(x[:, :, ::sh, ::sw], self.weight, self.bias, groups=self.groups)
+
+
+def guard_onednn_convs(model: nn.Module, log=print) -> None:
+    """Make the convolutions of a CPU model that :func:`onednn_unsafe` flags :class:`SubsampledConv2d`.
+
+    A model without one (the default widths) is untouched. The layout stays channels_last: running the
+    flagged convolutions in NCHW would not survive torch.compile, whose CPU convolutions are channels_last
+    whatever the eager layout. Swapping the class keeps parameter names, checkpoints, a weight EMA's copy
+    and the module tree that DDP and torch.compile see.
+    """
+    convs = [m for m in model.modules() if onednn_unsafe(m)]
+    for conv in convs:
+        conv.__class__ = SubsampledConv2d
+    if convs:
+        log(f"cpu: {len(convs)} strided 1x1 convolution(s) with fewer than {ONEDNN_IC_BLOCK} input channels run at "
+            f"stride 1 on their subsampled input (oneDNN's channels_last weight gradient of a strided one writes "
+            f"out of bounds: uxlfoundation/oneDNN issue 6035)")
 
 
 @torch.no_grad()
@@ -84,6 +128,8 @@ class ImageClassificationTask(Task):
         sharded = world > 1 and recipe.parallel.strategy == "fsdp"
         self.memory_format = torch.contiguous_format if sharded else torch.channels_last
         self.model = build_model(m, ops).to(device, memory_format=self.memory_format)
+        if device.type == "cpu":
+            guard_onednn_convs(self.model, log)
         checkpointing.apply(self.model, recipe.train.activation_checkpointing, log)
         self.ema = None
         if t.ema_decay:
