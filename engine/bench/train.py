@@ -154,10 +154,12 @@ class SyntheticTask(Task):
             if m.arch not in IMAGE_ARCHS:
                 raise BenchError(f"model.arch: bench train builds gpt, {', '.join(IMAGE_ARCHS)} models; "
                                  f"got {m.arch!r}")
-            from ..tasks.vision import build_model, forward_flops
+            from ..tasks.vision import build_model, forward_flops, guard_onednn_convs
 
             layout = torch.channels_last if device.type == "cuda" else torch.contiguous_format
             self.model = build_model(m, ops).to(device, memory_format=layout)
+            if device.type == "cpu":  # torch.compile runs CPU convolutions channels_last whatever the layout
+                guard_onednn_convs(self.model)
             self.unit, self.items_per_micro_batch = "img", t.batch_size
             shape = (t.batch_size, m.channels, m.image_size, m.image_size)
             self.batches = [(torch.randn(shape, generator=gen).to(device, memory_format=layout),

@@ -13,10 +13,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-from engine import registry
-from engine.config import load_recipe
-from engine.tasks import build_task
-from engine.tasks.vision import SubsampledConv2d, build_model, onednn_unsafe
+from tritonforge.engine import registry
+from tritonforge.engine.config import load_recipe
+from tritonforge.engine.tasks import build_task
+from tritonforge.engine.tasks.vision import SubsampledConv2d, build_model, onednn_unsafe
 
 ROOT = Path(__file__).resolve().parents[2]
 
