@@ -40,6 +40,7 @@ import json
 import math
 import os
 import statistics
+import sys
 import tempfile
 import time
 import warnings
@@ -848,3 +849,67 @@ def record_works(recipe, ops: Ops, task, device: torch.device, to_tune: Sequence
     if "optimizer" in to_tune:
         works["optimizer"] = [optimizer_work(task, recipe, device)]
     return works
+
+
+# ---------------------------------------------------------------------------------------------------
+# ``tritonforge kernels tune RECIPE``
+# ---------------------------------------------------------------------------------------------------
+
+USAGE = """usage: tritonforge kernels tune RECIPE [--synthetic] [--json PATH] [--section.key=value ...]
+
+Measure, on this GPU and at RECIPE's shapes, which backend serves each op left on "auto" (what a training run
+does before its first step, measuring again whatever the cache holds), store the choices in the cache that
+runs read, and print the table. --synthetic: random inputs of the recipe's shapes instead of its data (no
+dataset, tokenizer or download; packed documents are not represented)."""
+
+
+def main(argv: Sequence[str]) -> int:
+    from .config import RecipeError, load_recipe
+    from .errors import KernelSelectionError
+
+    argv = list(argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else 2
+    synthetic = "--synthetic" in argv
+    argv = [a for a in argv if a != "--synthetic"]
+    json_path = None
+    if "--json" in argv:
+        i = argv.index("--json")
+        json_path, argv = (argv[i + 1] if i + 1 < len(argv) else ""), argv[:i] + argv[i + 2:]
+    try:
+        if json_path == "":
+            raise RecipeError("--json needs a path")
+        recipe = load_recipe(argv[0], argv[1:])
+        return _tune_command(recipe, synthetic, json_path)
+    except (RecipeError, KernelSelectionError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _tune_command(recipe, synthetic: bool, json_path: str | None) -> int:
+    from .metrics import environment
+    from .tasks import build_task
+    from .trainer import resolve_device
+
+    device = resolve_device(recipe.run.device)
+    recipe.kernels.tune, recipe.kernels.retune = "measure", True
+    torch.manual_seed(recipe.run.seed)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as the trainer sets them
+    ops = registry.resolve(starting_choices(recipe.kernels.backends(), "measure", device), device,
+                           recipe.kernels.deterministic)
+    if synthetic:
+        from .bench.train import SyntheticTask
+
+        task = SyntheticTask(recipe, ops, device)
+    else:
+        task = build_task(recipe, ops, device, log=print)
+    decisions = tune_run(recipe, ops, task, device)
+    if json_path:
+        from .bench import write_json
+
+        write_json(json_path, {"env": environment(device, dict(ops.backends)), "recipe": recipe.to_dict(),
+                               "synthetic": synthetic, "tuning": record(decisions)})
+        print(f"wrote {json_path}")
+    return 0
