@@ -378,9 +378,10 @@ class KernelsConfig:
     #: is faster by more than the noise), cached per card and shapes; "trust" takes the Triton kernels
     #: untimed; "off" takes torch. An op set to "torch" or "triton" is never tuned. On a CPU auto is torch.
     tune: Literal["measure", "trust", "off"] = "measure"
-    #: Seconds the measurement may spend on one op, and on all ops together (compiling included); an op
-    #: whose time runs out keeps what its measurements so far support, torch when they support nothing.
-    tune_op_seconds: float = 20.0
+    #: Seconds of timed repeats per op (after each candidate's first run, which compiles; at least three
+    #: repeats whatever the time), and seconds for the whole measurement: an op that would start after
+    #: that keeps torch, and the next run measures it.
+    tune_op_seconds: float = 10.0
     tune_seconds: float = 120.0
     #: Folder of the measured choices; "" means $XDG_CACHE_HOME/tritonforge (~/.cache/tritonforge).
     tune_cache: str = ""

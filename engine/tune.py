@@ -19,7 +19,8 @@ first step, in five parts, each a section below:
    tolerance ``tritonforge kernels check`` uses for the dtype. A candidate that raises or disagrees is
    rejected with a warning. The rest are timed (the clock: CUDA events), :data:`START_REPEATS` repeats of
    a whole step's calls of the op, doubled up to :data:`MAX_REPEATS` while the answer is unclear, within
-   ``kernels.tune_op_seconds`` per op and ``kernels.tune_seconds`` in all.
+   ``kernels.tune_op_seconds`` per op (compiling apart; at least :data:`MIN_REPEATS` repeats whatever the
+   time) and ``kernels.tune_seconds`` in all (an op that would start after it keeps torch, uncached).
 4. **Decide** (:func:`choose`): the fastest candidate by median milliseconds per micro-batch, if it beats
    torch by more than the noise (the median absolute deviations of both added); else torch.
 5. **Keep** (:class:`TuneCache`). The decision and its figures go to one JSON file per (card, driver,
@@ -55,9 +56,11 @@ from torch.utils._pytree import tree_flatten, tree_map
 from . import KERNELS_PACKAGE, registry
 from .registry import Ops
 
-#: Timed repeats of every candidate before the first decision; doubled while the answer is unclear.
+#: Timed repeats of every candidate before the first decision; doubled while the answer is unclear, up to
+#: MAX_REPEATS or the op's time; never fewer than MIN_REPEATS, whatever the time.
 START_REPEATS = 5
 MAX_REPEATS = 40
+MIN_REPEATS = 3
 #: A decision is clear (no more repeats) when the gap to torch is this many times the noise.
 CLEAR_GAP = 4.0
 #: Relative error allowed by dtype: ``tritonforge kernels check``'s tolerances.
@@ -407,7 +410,7 @@ class Measured:
     """One candidate's figures for one op: ms per micro-batch (every call of the op, counted)."""
 
     name: str
-    status: str = "ok"  # ok | wrong | raised | not timed
+    status: str = "ok"  # ok | wrong | raised
     samples: list[float] = field(default_factory=list)
     compile_ms: float = 0.0
     error: float | None = None
@@ -478,25 +481,23 @@ def _time_once(runners: list[Callable], works: Sequence, clock) -> float:
 
 
 def measure_op(op: str, works: Sequence, cands: Sequence[Candidate], clock, budget: Budget) -> dict[str, Measured]:
-    """Check every candidate, then time the correct ones until the choice is clear or the time is spent."""
-    budget.start_op()
+    """Check every candidate (its first run, compiling included, timed apart), then time the correct ones
+    until the choice is clear or the op's time is spent, never fewer than :data:`MIN_REPEATS` times."""
     results, runners = {}, {}
     for candidate in cands:
         results[candidate.name], runners[candidate.name] = _check(op, candidate, works, clock)
     timed = [name for name, r in results.items() if r.status == "ok"]
-    repeats = START_REPEATS
-    while timed and not budget.spent():
-        for _ in range(repeats - len(results[timed[0]].samples)):
-            if budget.spent():
+    budget.start_op()
+    target = START_REPEATS
+    while timed:
+        while len(results[timed[0]].samples) < target:
+            if len(results[timed[0]].samples) >= MIN_REPEATS and budget.spent():
                 break
             for name in timed:  # interleaved, so a drifting clock shifts all candidates alike
                 results[name].samples.append(_time_once(runners[name], works, clock))
-        if repeats >= MAX_REPEATS or _clear(results):
+        if target >= MAX_REPEATS or _clear(results) or budget.spent():
             break
-        repeats *= 2
-    for r in results.values():
-        if r.status == "ok" and not r.samples:
-            r.status, r.note = "not timed", "the tuning budget ran out first"
+        target *= 2
     return results
 
 
@@ -649,7 +650,7 @@ class Settings:
     """The ``[kernels]`` fields the tuner reads, and the run's flags that change its answer."""
 
     mode: str = "measure"
-    op_seconds: float = 20.0
+    op_seconds: float = 10.0
     total_seconds: float = 120.0
     cache: str = ""
     retune: bool = False
