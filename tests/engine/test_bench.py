@@ -391,3 +391,15 @@ def test_gpu_budget_skips_a_stage_without_time(tmp_path):
     result = gpu._stage("late", [sys.executable, "-c", "print(1)"], tmp_path, 100, gpu.Budget(5))
     assert result.status == "not run" and "--budget" in result.note
     assert gpu.failed_anywhere([result], {"summary": []})
+
+
+def test_gpu_summary_lists_the_tuned_choices(tmp_path):
+    tuning = {"attention": {"choice": "triton", "why": "1.40x torch's speed", "candidates": {
+        "torch": {"ms": 2.8, "status": "ok"}, "sdpa-cudnn": {"ms": None, "status": "raised"},
+        "triton": {"ms": 2.0, "status": "ok"}}}}
+    (tmp_path / "tune_gpt2_124m.json").write_text(json.dumps({"tuning": tuning}))
+    text, payload = gpu.summarize(tmp_path, [gpu.StageResult("tune", "ok", 80.0)])
+    (line,) = [s for s in payload["summary"] if s["item"] == "tune gpt2_124m attention"]
+    assert line["triton"] == "triton" and line["torch"] == "torch 2.8, sdpa-cudnn raised, triton 2"
+    assert "1.40x torch's speed" in text
+    assert "tune" in gpu.parse_args(["--only", "tune"]).only
