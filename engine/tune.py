@@ -212,9 +212,10 @@ SDPA_CANDIDATES = {"sdpa-flash": "FLASH_ATTENTION", "sdpa-efficient": "EFFICIENT
 def chunked_linear_cross_entropy(x, weight, targets, bias=None, ignore_index: int = -100,
                                  label_smoothing: float = 0.0, softcap: float = 0.0):
     """``F.linear_cross_entropy`` with its chunked path: the (positions, classes) logits are never
-    materialized. Torch has no soft-cap: a nonzero ``softcap`` raises (and the candidate is rejected)."""
-    if softcap:
-        raise NotImplementedError("F.linear_cross_entropy has no logit soft-cap")
+    materialized. What the chunked path does not do (a logit soft-cap; label smoothing, which torch serves
+    unchunked, with a warning per call) raises, and the candidate is rejected."""
+    if softcap or label_smoothing:
+        raise NotImplementedError("F.linear_cross_entropy's chunked path has no logit soft-cap or label smoothing")
     x2 = x.reshape(-1, x.shape[-1])
     return F.linear_cross_entropy(x2, weight, targets.reshape(-1), linear_bias=bias, ignore_index=ignore_index,
                                   label_smoothing=label_smoothing, options=torch.nn.LinearCrossEntropyOptions())

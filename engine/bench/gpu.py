@@ -68,7 +68,7 @@ MIN_STAGE_S = 20
 ANCHOR_SCRIPTS = ("anchors_kernels.py", "anchors_train.py")
 #: Every backend but FlexAttention, which runs in its own pass at S = 4096 only.
 OPS_BACKENDS = ("torch,triton,triton-nondet,sdpa-flash,sdpa-cudnn,sdpa-mem_eff,compile,liger,torch-fused,"
-                "torch-foreach")
+                "torch-foreach,torch-chunked")
 FLEX_SHAPES = "4x32x4096x64,4x16x4096x128"
 #: Packed documents, timed in a pass of their own with the Triton kernel, the torch backend (FlexAttention
 #: with its block mask on CUDA) and FlexAttention with ``create_block_mask``'s document mask.

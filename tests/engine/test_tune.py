@@ -337,3 +337,17 @@ def test_the_project_kernels_pass_the_check_on_a_runs_recorded_calls():
     for op in to_tune:
         assert decisions[op].candidates["triton"]["status"] == "ok", (op, decisions[op].candidates["triton"])
         assert decisions[op].candidates["torch"]["error"] < 1e-4
+
+
+@pytest.mark.skipif(not hasattr(torch.nn.functional, "linear_cross_entropy"), reason="torch has no linear_cross_entropy")
+def test_torchs_chunked_linear_cross_entropy_matches_the_reference():
+    torch.manual_seed(0)
+    x, w, b = (torch.randn(2, 5, 16, dtype=torch.float64), torch.randn(40, 16, dtype=torch.float64),
+               torch.randn(40, dtype=torch.float64))
+    targets = torch.randint(0, 40, (2, 5))
+    targets[0, 1] = -100
+    got = tune.chunked_linear_cross_entropy(x, w, targets, b)
+    assert torch.allclose(got.float(), registry.torch_linear_cross_entropy(x, w, targets, b))  # fp32 loss
+    for unsupported in ({"softcap": 30.0}, {"label_smoothing": 0.1}):
+        with pytest.raises(NotImplementedError, match="soft-cap or label smoothing"):
+            tune.chunked_linear_cross_entropy(x, w, targets, **unsupported)
