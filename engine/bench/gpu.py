@@ -62,7 +62,8 @@ ROOT = Path(__file__).resolve().parents[2]
 STAGES = ("check", "tests", "tune", "ops", "train", "anchors")
 #: Seconds each stage may run before it is stopped (its partial results are still summarized); --budget caps
 #: them all together.
-TIME_LIMITS = {"check": 210, "tests": 240, "tune": 90, "ops": 330, "flex": 150, "documents": 120, "train": 180, "anchors": 330}
+TIME_LIMITS = {"check": 210, "tests": 240, "tune": 90, "ops": 330, "flex": 150, "documents": 120, "train": 180,
+               "anchors": 330}
 #: A stage is not started with less time than this left in the budget.
 MIN_STAGE_S = 20
 ANCHOR_SCRIPTS = ("anchors_kernels.py", "anchors_train.py")

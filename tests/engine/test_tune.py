@@ -117,6 +117,17 @@ def test_a_raising_candidate_falls_back_to_torch():
     assert d.candidates["triton"]["status"] == "raised"
 
 
+def test_a_torch_variant_that_cannot_serve_a_call_is_listed_without_a_warning(recwarn):
+    clock = FakeClock()
+    cands = candidates(clock, SLOW_MS)
+    cands["layer_norm"].insert(1, tune.Candidate("torch-other", "torch", {
+        "layer_norm": layer_norm_taking(clock, FAST_MS, error=RuntimeError("no kernel for this mask"))}))
+    d = decide(clock, cands)["layer_norm"]
+    assert d.choice == "torch" and d.candidates["torch-other"]["status"] == "raised"
+    assert not [w for w in recwarn if "kernels tune" in str(w.message)]
+    assert "torch-other raised" in tune.table({"layer_norm": d})
+
+
 def test_the_budget_stops_the_repeats_and_an_untimed_op_keeps_torch():
     clock = FakeClock()
     settings = tune.Settings(op_seconds=0.02, total_seconds=0.02)
@@ -339,7 +350,7 @@ def test_the_project_kernels_pass_the_check_on_a_runs_recorded_calls():
         assert decisions[op].candidates["torch"]["error"] < 1e-4
 
 
-@pytest.mark.skipif(not hasattr(torch.nn.functional, "linear_cross_entropy"), reason="torch has no linear_cross_entropy")
+@pytest.mark.skipif(not hasattr(torch.nn.functional, "linear_cross_entropy"), reason="no F.linear_cross_entropy")
 def test_torchs_chunked_linear_cross_entropy_matches_the_reference():
     torch.manual_seed(0)
     x, w, b = (torch.randn(2, 5, 16, dtype=torch.float64), torch.randn(40, 16, dtype=torch.float64),
