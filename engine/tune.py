@@ -381,10 +381,13 @@ class OptimizerWork:
     def _stepper(self, backend: str, dtype: torch.dtype | None, device: torch.device | None):
         groups, params = self._copies(dtype)
         optimizer, clips_in_step = self.make(backend, groups, device)
+        # Each candidate its own gradients: clip_grad_norm_ scales them in place, which must not reach the
+        # next candidate's check. (Later steps clip already-clipped gradients: the same work.)
+        grads = [g.to(p.dtype, copy=True) for p, g in zip(params, self.grads)]
 
         def step():
-            for p, g in zip(params, self.grads):
-                p.grad = g.to(p.dtype)
+            for p, g in zip(params, grads):
+                p.grad = g
             if self.max_grad_norm and not clips_in_step:
                 torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
             optimizer.step()
@@ -452,8 +455,10 @@ class Budget:
         return self.clock.now() >= self.deadline
 
 
-def _check(op: str, candidate: Candidate, works: Sequence, clock) -> tuple[Measured, list[Callable]]:
-    """Run ``candidate`` once on every work (timed apart: compiling), against the reference."""
+def _check(op: str, candidate: Candidate, works: Sequence, clock, floor: float = 0.0) -> tuple[Measured, list]:
+    """Run ``candidate`` once on every work (timed apart: compiling), against the reference: wrong past the
+    work's tolerance, or past ``floor`` where that is larger (twice torch's own error: where torch itself
+    cannot come closer, say an update below its parameters' rounding, neither can a candidate be asked to)."""
     result, runners = Measured(candidate.name), []
     begin = clock.now()
     try:
@@ -463,9 +468,10 @@ def _check(op: str, candidate: Candidate, works: Sequence, clock) -> tuple[Measu
                 runner, error = work.first_run(candidate)
             runners.append(runner)
             result.error = max(result.error or 0.0, error)
-            if not error <= work.tolerance and candidate.name != "torch":  # NaN disagrees too
+            limit = max(work.tolerance, floor)
+            if not error <= limit and candidate.name != "torch":  # NaN disagrees too
                 result.status = "wrong"
-                result.note = f"{work.label}: relative error {error:.2e} > {work.tolerance:g}"
+                result.note = f"{work.label}: relative error {error:.2e} > {limit:.2g}"
                 break
     except Exception as e:  # noqa: BLE001  (any failure of a candidate is its rejection, never the run's)
         result.status, result.note = "raised", f"{type(e).__name__}: {str(e).strip()[:200]}"
@@ -488,8 +494,9 @@ def measure_op(op: str, works: Sequence, cands: Sequence[Candidate], clock, budg
     """Check every candidate (its first run, compiling included, timed apart), then time the correct ones
     until the choice is clear or the op's time is spent, never fewer than :data:`MIN_REPEATS` times."""
     results, runners = {}, {}
-    for candidate in cands:
-        results[candidate.name], runners[candidate.name] = _check(op, candidate, works, clock)
+    for candidate in cands:  # torch first: its own error sets the floor of the others'
+        floor = 2 * (results["torch"].error or 0.0) if "torch" in results else 0.0
+        results[candidate.name], runners[candidate.name] = _check(op, candidate, works, clock, floor)
     timed = [name for name, r in results.items() if r.status == "ok"]
     budget.start_op()
     target = START_REPEATS
