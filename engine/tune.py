@@ -54,6 +54,8 @@ import torch.nn.functional as F
 from torch.utils._pytree import tree_flatten, tree_map
 
 from . import KERNELS_PACKAGE, registry
+# The relative errors ``tritonforge kernels check`` allows, by dtype, for the optimizer, and for Muon on a GPU.
+from .bench.ops import MUON_CUDA_TOLERANCE, OPTIMIZER_TOLERANCE, TOLERANCE
 from .registry import Ops
 
 #: Timed repeats of every candidate before the first decision; doubled while the answer is unclear, up to
@@ -63,11 +65,6 @@ MAX_REPEATS = 40
 MIN_REPEATS = 3
 #: A decision is clear (no more repeats) when the gap to torch is this many times the noise.
 CLEAR_GAP = 4.0
-#: Relative error allowed by dtype: ``tritonforge kernels check``'s tolerances.
-TOLERANCE = {torch.float32: 2e-3, torch.float16: 5e-3, torch.bfloat16: 2e-2}
-OPTIMIZER_TOLERANCE = 1e-3
-#: Muon orthogonalizes in bf16 on a GPU: the check's looser bound for it there.
-MUON_CUDA_TOLERANCE = 5e-2
 #: Bumped when the meaning of a cache entry changes.
 CACHE_VERSION = 1
 

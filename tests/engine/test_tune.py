@@ -384,3 +384,11 @@ def test_clipping_in_one_candidates_check_leaves_the_next_ones_gradients_alone()
     work = tune.OptimizerWork([{"params": params}], make, 0.1, torch.device("cpu"), "sgd")  # clipping applies
     first, second = (work.first_run(tune.Candidate(name, "torch"))[1] for name in ("first", "second"))
     assert first == second  # the same gradients, clipped afresh
+
+
+def test_a_checkpoints_recorded_choice_is_read_back(tmp_path):
+    path = tmp_path / "ckpt-00000010.pt"
+    torch.save({"step": 10, "kernels_tuned": {"attention": "sdpa-cudnn", "optimizer": "triton"}}, path)
+    assert tune.recorded_choice(path) == {"attention": "sdpa-cudnn", "optimizer": "triton"}
+    torch.save({"step": 10}, path)  # a checkpoint from before tuning, or of a run that tuned nothing
+    assert tune.recorded_choice(path) == {} and tune.recorded_choice(None) == {}
