@@ -490,6 +490,11 @@ def _time_once(runners: list[Callable], works: Sequence, clock) -> float:
 def measure_op(op: str, works: Sequence, cands: Sequence[Candidate], clock, budget: Budget) -> dict[str, Measured]:
     """Check every candidate (its first run, compiling included, timed apart), then time the correct ones
     until the choice is clear or the op's time is spent, never fewer than :data:`MIN_REPEATS` times."""
+    try:  # computed first, so that no candidate's first-run time includes it
+        for work in works:
+            work.reference()
+    except Exception as e:  # noqa: BLE001  (out of memory for a float32 copy, say: nothing can be checked)
+        return {"torch": Measured("torch", "raised", note=f"the reference failed: {type(e).__name__}: {e}"[:200])}
     results, runners = {}, {}
     for candidate in cands:  # torch first: its own error sets the floor of the others'
         floor = 2 * (results["torch"].error or 0.0) if "torch" in results else 0.0

@@ -138,6 +138,14 @@ def test_a_candidate_is_held_to_the_reference_no_tighter_than_torch_itself():
     assert d.candidates["triton"]["status"] == "ok" and d.candidates["torch"]["error"] > 1e-12
 
 
+def test_a_reference_that_cannot_be_computed_keeps_torch():
+    clock = FakeClock()
+    work = layer_norm_work()
+    work.reference_fn = layer_norm_taking(clock, 0.0, error=torch.OutOfMemoryError("float32 copy"))
+    d = decide(clock, candidates(clock, FAST_MS), works={"layer_norm": [work]})["layer_norm"]
+    assert d.choice == "torch" and "the reference failed: OutOfMemoryError" in d.why
+
+
 def test_the_budget_stops_the_repeats_and_an_untimed_op_keeps_torch():
     clock = FakeClock()
     settings = tune.Settings(op_seconds=0.02, total_seconds=0.02)
