@@ -842,6 +842,9 @@ def tune_run(recipe, ops: Ops, task, device: torch.device, rank: int = 0, world:
         return {}
     found = {op: candidates(op, device, settings.deterministic) for op in to_tune}
     cands, notes = {op: c for op, (c, _) in found.items()}, {op: n for op, (_, n) in found.items() if n}
+    if notes:  # a broken install must not pass for a measurement that found torch faster
+        warnings.warn(f"kernels tune: {', '.join(notes)} can only be measured on torch's candidates: "
+                      f"{next(iter(notes.values()))}", RuntimeWarning, stacklevel=2)
     works = record_works(recipe, ops, task, device, to_tune) if rank == 0 else {}
     started = time.perf_counter()
     decisions = tune_ops(ops, works, cands, settings, CudaClock(device), TuneCache(cache_dir(settings.cache)),
