@@ -400,3 +400,45 @@ def test_a_checkpoints_recorded_choice_is_read_back(tmp_path):
     assert tune.recorded_choice(path) == {"attention": "sdpa-cudnn", "optimizer": "triton"}
     torch.save({"step": 10}, path)  # a checkpoint from before tuning, or of a run that tuned nothing
     assert tune.recorded_choice(path) == {} and tune.recorded_choice(None) == {}
+
+
+@pytest.mark.slow
+def test_a_run_records_its_tuning_and_a_resumed_run_keeps_it(tmp_path, monkeypatch):
+    """The trainer's wiring, on CPU with the GPU's parts stood in for: the Triton candidates run by the
+    interpreter, timed by the CPU's clock. The choice reaches env.json and the checkpoint; resuming reads it
+    back instead of measuring."""
+    from support import Sink
+
+    from tritonforge.engine.config import load_recipe
+    from tritonforge.engine.trainer import Trainer
+
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("\n".join(json.dumps({"text": f"the quick brown fox {i} jumps. " * 8}) for i in range(100)))
+
+    def tiny_recipe(*extra):
+        return load_recipe(None, ["--model.n_layer=1", "--model.d_model=32", "--model.n_head=2",
+                                  "--model.context=16", "--train.seq_len=16", "--train.batch_size=4",
+                                  "--train.eval_batches=1", f"--data.source={corpus}", "--data.val_fraction=0.1",
+                                  f"--data.cache_dir={tmp_path / 'data'}", f"--run.dir={tmp_path / 'run'}", *extra])
+
+    monkeypatch.setattr(tune, "tunable", lambda choices, used, settings, device: [
+        op for op in registry.op_names() if op in used and choices.get(op) == "auto"])
+    monkeypatch.setattr(tune, "CudaClock", lambda device: WallClock())
+    monkeypatch.setattr(tune, "environment_key", lambda device: {"gpu": "stand-in"})
+    args = ["--train.eval_every=0", "--train.log_every=1", "--train.sample_tokens=0",
+            "--kernels.tune_op_seconds=0.2", f"--kernels.tune_cache={tmp_path / 'cache'}"]
+    trainer = Trainer(tiny_recipe(*args, "--train.steps=2"), stream=Sink())
+    trainer.fit()
+    trainer.close()
+    tuning = json.loads((tmp_path / "run" / "env.json").read_text())["tuning"]
+    assert set(tuning) == {"attention", "layer_norm", "cross_entropy", "optimizer"}
+    assert all(d["source"] == "measured" and d["candidates"]["triton"]["status"] == "ok" for d in tuning.values())
+    chosen = {op: d["choice"] for op, d in tuning.items()}
+    saved = max((tmp_path / "run" / "checkpoints").glob("*.pt"))
+    assert tune.recorded_choice(saved) == chosen
+
+    sink = Sink()
+    resumed = Trainer(tiny_recipe(*args, "--train.steps=3", "--checkpoint.resume=latest"), stream=sink)
+    assert {op: d.choice for op, d in resumed.tuned.items()} == chosen
+    assert {d.source for d in resumed.tuned.values()} == {"checkpoint"}
+    resumed.close()
