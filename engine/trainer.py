@@ -485,11 +485,12 @@ class Trainer:
                                     self.device, r.kernels.deterministic)
         self.log.print(f"device: {self.device} | world: {self.dist.world} | precision: {r.train.precision}")
         self.task: Task = build_task(r, self.ops, self.device, self.dist.rank, self.dist.world, log=self.log.print)
+        transfer.apply(r, self.task, log=self.log.print, load=resume_from is None)  # before the optimizer
+        # After transfer (the weights and frozen parameters the run trains), before the optimizer and wrapping.
         #: op -> the tuner's decision (empty where nothing was tuned), recorded in env.json and checkpoints.
         self.tuned = tune.tune_run(r, self.ops, self.task, self.device, self.dist.rank, self.dist.world,
                                    recorded=tune.recorded_choice(resume_from), log=self.log.print)
         self.log.print(f"kernels: {self.ops.describe(self.task.ops_used())}")
-        transfer.apply(r, self.task, log=self.log.print, load=resume_from is None)  # before the optimizer
         self.model: nn.Module = distributed.wrap(self.task.model, r, self.device) if self.dist.world > 1 else self.task.model
         self.forward_model = torch.compile(self.model) if r.train.compile else self.model
         o = r.optim
