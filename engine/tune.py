@@ -827,6 +827,9 @@ def recorded_choice(checkpoint_path: Path | None) -> dict[str, str]:
     return dict(state.get("kernels_tuned") or {})
 
 
+NO_CUDA = "kernels tune: no CUDA device here: auto serves torch, nothing is measured"
+
+
 def tune_run(recipe, ops: Ops, task, device: torch.device, rank: int = 0, world: int = 1,
              recorded: dict[str, str] | None = None, log=print) -> dict[str, Decision]:
     """Decide every op ``task`` uses whose backend is ``auto`` and serve the decisions from ``ops`` (which
@@ -838,7 +841,7 @@ def tune_run(recipe, ops: Ops, task, device: torch.device, rank: int = 0, world:
     to_tune = tunable(choices, used, settings, device)
     if not to_tune:
         if settings.mode == "measure" and device.type != "cuda" and any(choices.get(op) == "auto" for op in used):
-            log("kernels tune: no CUDA device here: auto serves torch, nothing is measured")
+            log(NO_CUDA)
         return {}
     found = {op: candidates(op, device, settings.deterministic) for op in to_tune}
     cands, notes = {op: c for op, (c, _) in found.items()}, {op: n for op, (_, n) in found.items() if n}
@@ -874,33 +877,22 @@ def record_works(recipe, ops: Ops, task, device: torch.device, to_tune: Sequence
 # ``tritonforge kernels tune RECIPE``
 # ---------------------------------------------------------------------------------------------------
 
-USAGE = """usage: tritonforge kernels tune RECIPE [--synthetic] [--json PATH] [--section.key=value ...]
-
-Measure, on this GPU and at RECIPE's shapes, which backend serves each op left on "auto" (what a training run
-does before its first step, measuring again whatever the cache holds), store the choices in the cache that
-runs read, and print the table. --synthetic: random inputs of the recipe's shapes instead of its data (no
-dataset, tokenizer or download; packed documents are not represented)."""
-
-
 def main(argv: Sequence[str]) -> int:
+    from .bench import ArgumentParser
     from .config import RecipeError, load_recipe
     from .errors import KernelSelectionError
 
-    argv = list(argv)
-    if not argv or argv[0] in ("-h", "--help"):
-        print(USAGE)
-        return 0 if argv else 2
-    synthetic = "--synthetic" in argv
-    argv = [a for a in argv if a != "--synthetic"]
-    json_path = None
-    if "--json" in argv:
-        i = argv.index("--json")
-        json_path, argv = (argv[i + 1] if i + 1 < len(argv) else ""), argv[:i] + argv[i + 2:]
+    p = ArgumentParser(prog="tritonforge kernels tune", allow_abbrev=False, description=(
+        "Measure, on this GPU and at RECIPE's shapes, which backend serves each op left on auto (what a training "
+        "run does before its first step, measuring again whatever the cache holds), store the choices in the "
+        "cache that runs read, and print the table; any --section.key=value overrides the recipe."))
+    p.add_argument("recipe", metavar="RECIPE", help="a TOML recipe")
+    p.add_argument("--synthetic", action="store_true", help="random inputs of the recipe's shapes instead of its "
+                   "data (no dataset, tokenizer or download; packed documents are not represented)")
+    p.add_argument("--json", default=None, metavar="PATH", help="write the decisions, their figures and the versions")
     try:
-        if json_path == "":
-            raise RecipeError("--json needs a path")
-        recipe = load_recipe(argv[0], argv[1:])
-        return _tune_command(recipe, synthetic, json_path)
+        a, overrides = p.parse_known_args(list(argv))
+        return _tune_command(load_recipe(a.recipe, overrides), a.synthetic, a.json)
     except (RecipeError, KernelSelectionError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -912,6 +904,9 @@ def _tune_command(recipe, synthetic: bool, json_path: str | None) -> int:
     from .trainer import resolve_device
 
     device = resolve_device(recipe.run.device)
+    if device.type != "cuda":  # before building the task: its data would be read for nothing
+        print(NO_CUDA)
+        return 0
     recipe.kernels.tune, recipe.kernels.retune = "measure", True
     torch.manual_seed(recipe.run.seed)
     if device.type == "cuda":

@@ -442,3 +442,12 @@ def test_a_run_records_its_tuning_and_a_resumed_run_keeps_it(tmp_path, monkeypat
     assert {op: d.choice for op, d in resumed.tuned.items()} == chosen
     assert {d.source for d in resumed.tuned.values()} == {"checkpoint"}
     resumed.close()
+
+
+def test_the_tune_command_on_a_cpu_says_there_is_nothing_to_measure(capsys):
+    from tritonforge.engine import cli
+
+    assert cli.main(["kernels", "tune", str(ROOT / "recipes" / "gpt_cpu.toml"), "--model.n_layer=1"]) == 0
+    assert capsys.readouterr().out.strip() == tune.NO_CUDA
+    assert cli.main(["kernels", "tune", str(ROOT / "recipes" / "gpt_cpu.toml"), "--model.bogus=1"]) == 2
+    assert "unknown key model.bogus" in capsys.readouterr().err
