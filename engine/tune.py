@@ -36,6 +36,7 @@ is torch and nothing is measured.
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 import math
@@ -797,15 +798,24 @@ def record(decisions: dict[str, Decision]) -> dict[str, dict]:
 # Wiring for the trainer, ``kernels tune`` and ``bench train``
 # ---------------------------------------------------------------------------------------------------
 
+#: Task attributes a training forward advances (a recurrent language model's carried state, with
+#: train.carry_state): the probe puts them back.
+TASK_STATE = ("carried", "forwards")
+
+
 def probe_step(task, model: torch.nn.Module, precision: str, device: torch.device) -> Callable[[], None]:
-    """One forward and backward of ``model`` on the task's first micro-batch, under the run's autocast."""
+    """One forward and backward of ``model`` on the task's first micro-batch, under the run's autocast,
+    leaving the task's :data:`TASK_STATE` as it was."""
     from .precision import autocast
 
     def step():
+        saved = {name: copy.copy(getattr(task, name)) for name in TASK_STATE if hasattr(task, name)}
         inputs, targets = task.batch(0, 0)
         with autocast(precision, device):
             loss = task.loss(model, inputs, targets)
         loss.float().backward()
+        for name, value in saved.items():
+            setattr(task, name, value)
     return step
 
 

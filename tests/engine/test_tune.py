@@ -451,3 +451,18 @@ def test_the_tune_command_on_a_cpu_says_there_is_nothing_to_measure(capsys):
     assert capsys.readouterr().out.strip() == tune.NO_CUDA
     assert cli.main(["kernels", "tune", str(ROOT / "recipes" / "gpt_cpu.toml"), "--model.bogus=1"]) == 2
     assert "unknown key model.bogus" in capsys.readouterr().err
+
+
+def test_the_probe_leaves_a_carried_recurrent_state_alone():
+    class Task:
+        carried, forwards = [None], 0
+
+        def batch(self, step, micro):
+            return torch.ones(2, requires_grad=True), None
+
+        def loss(self, model, inputs, targets):
+            self.carried[0], self.forwards = (inputs.detach(),), self.forwards + 1
+            return inputs.sum()
+    task = Task()
+    tune.probe_step(task, None, "fp32", torch.device("cpu"))()
+    assert task.carried == [None] and task.forwards == 0
