@@ -16,16 +16,18 @@ first step, in five parts, each a section below:
    recorded inputs (the first call of each kind: real activations, real targets and document ids); that
    first run is timed apart (compiling, autotuning). Its outputs and input gradients are compared with the
    torch function on upcast inputs (float64; float32 without TF32 on a GPU), relative error against the
-   tolerance ``tritonforge kernels check`` uses for the dtype. A candidate that raises or disagrees is
-   rejected with a warning. The rest are timed (the clock: CUDA events), :data:`START_REPEATS` repeats of
-   a whole step's calls of the op, doubled up to :data:`MAX_REPEATS` while the answer is unclear, within
+   tolerance ``tritonforge kernels check`` uses for the dtype (or twice torch's own error, where torch
+   cannot come closer). A candidate that raises or disagrees is rejected (with a warning when its result
+   is wrong or it is one of the project's kernels). The rest are timed (CUDA events around back-to-back
+   runs), :data:`START_REPEATS` repeats of a micro-batch's calls of the op, interleaved, doubled up to
+   :data:`MAX_REPEATS` while the answer is unclear, within
    ``kernels.tune_op_seconds`` per op (compiling apart; at least :data:`MIN_REPEATS` repeats whatever the
    time) and ``kernels.tune_seconds`` in all (an op that would start after it keeps torch, uncached).
 4. **Decide** (:func:`choose`): the fastest candidate by median milliseconds per micro-batch, if it beats
    torch by more than the noise (the median absolute deviations of both added); else torch.
 5. **Keep** (:class:`TuneCache`). The decision and its figures go to one JSON file per (card, driver,
    torch, triton, kernel sources, op, calls, flags), written atomically; a later run with the same key reads
-   it and spends no time. A damaged file is ignored with a warning. A checkpoint records the choice, and a
+   it, and spends only the recording forward and backward. A damaged file is ignored with a warning. A checkpoint records the choice, and a
    resumed run keeps it (``kernels.retune = true`` measures again). Under torchrun rank 0 decides and
    broadcasts, so every rank runs the same backends.
 
