@@ -4,6 +4,7 @@
     tritonforge plot RUN_DIR [RUN_DIR ...] [-o OUT.png] [--x steps|tokens]
     tritonforge kernels report [--arch sm_90,sm_80] [--kernel NAME] [--json PATH]
     tritonforge kernels check [--op OPS] [--dtype bf16,fp16,fp32] [--json FILE]
+    tritonforge kernels tune RECIPE [--synthetic] [--json PATH] [--section.key=value ...]
     tritonforge bench ops|train ...
     tritonforge export CHECKPOINT OUT_DIR
 
@@ -23,6 +24,7 @@ commands:
   plot RUN_DIR [RUN_DIR ...] [-o OUT.png] [--x steps|tokens]  draw the runs' loss curves into a PNG
   kernels report [--arch sm_90,sm_80] [--kernel NAME]         compile every Triton kernel for GPUs, report resources
   kernels check [--op OPS] [--dtype bf16,fp16,fp32]           check every kernel on this machine against a reference
+  kernels tune RECIPE [--section.key=value ...]               measure the fastest correct backend per op on this GPU
   bench ops [--op OPS] [--backends NAMES] [--shapes SPECS]   check and time each op's backends side by side
   bench train RECIPE [--kernels SET] [--vs SET] [--steps N]  train a recipe's model per kernel set, compare speed
   export CHECKPOINT OUT_DIR                                   write a run's GPT as a Hugging Face GPT-2/Llama folder
@@ -81,7 +83,8 @@ def train_main(argv: list[str]) -> int:
 
 
 KERNELS_USAGE = """usage: tritonforge kernels report [--arch sm_90,sm_80] [--kernel NAME] [--json PATH]
-       tritonforge kernels check [--op OPS] [--dtype bf16,fp16,fp32] [--sizes small,odd,real] [--json FILE]"""
+       tritonforge kernels check [--op OPS] [--dtype bf16,fp16,fp32] [--sizes small,odd,real] [--json FILE]
+       tritonforge kernels tune RECIPE [--synthetic] [--json PATH] [--section.key=value ...]"""
 
 
 def kernels_main(argv: list[str]) -> int:
@@ -95,6 +98,10 @@ def kernels_main(argv: list[str]) -> int:
         from .bench import check  # imports no kernel module: the check may switch the interpreter on
 
         return check.main(argv[1:])
+    if argv and argv[0] == "tune":
+        from . import tune
+
+        return tune.main(argv[1:])
     print(KERNELS_USAGE, file=sys.stderr)
     return 2
 

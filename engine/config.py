@@ -373,17 +373,35 @@ class KernelsConfig:
     #: Bitwise reproducible gradients run to run. False lets kernels use atomics where faster (the
     #: Triton attention backward); the torch backends are unaffected.
     deterministic: bool = True
+    #: What "auto" means on CUDA (see engine/tune.py): "measure" times every candidate backend of each op
+    #: at the run's shapes before the first step and keeps the fastest correct one (torch unless another
+    #: is faster by more than the noise), cached per card and shapes; "trust" takes the Triton kernels
+    #: untimed; "off" takes torch. An op set to "torch" or "triton" is never tuned. On a CPU auto is torch.
+    tune: Literal["measure", "trust", "off"] = "measure"
+    #: Seconds of timed repeats per op (after each candidate's first run, which compiles; at least three
+    #: repeats whatever the time), and seconds for the whole measurement: an op that would start after
+    #: that keeps torch, and the next run measures it.
+    tune_op_seconds: float = 10.0
+    tune_seconds: float = 120.0
+    #: Folder of the measured choices; "" means $XDG_CACHE_HOME/tritonforge (~/.cache/tritonforge).
+    tune_cache: str = ""
+    #: Measure again: ignore the cache and a resumed checkpoint's recorded choice.
+    retune: bool = False
 
     def backends(self) -> dict[str, str]:
         """op -> backend."""
         return dict(self.ops)
 
     def to_dict(self) -> dict[str, Any]:
-        return {**self.ops, "deterministic": self.deterministic}
+        return {**self.ops, "deterministic": self.deterministic, "tune": self.tune,
+                "tune_op_seconds": self.tune_op_seconds, "tune_seconds": self.tune_seconds,
+                "tune_cache": self.tune_cache, "retune": self.retune}
 
     def validate(self) -> None:
         for op, backend in self.ops.items():
             registry.check_backend_name(op, backend)
+        _positive("kernels.tune_op_seconds", self.tune_op_seconds)
+        _positive("kernels.tune_seconds", self.tune_seconds)
 
 
 @dataclass

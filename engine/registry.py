@@ -8,8 +8,11 @@ call its functions; the backend per op comes from the recipe's ``[kernels]`` tab
   backend is checked against.
 - ``triton``: the project's fused kernels from the ``kernels`` package. Selecting it for an op whose kernel
   this build lacks, or on a CPU without ``TRITON_INTERPRET=1``, is an error, never a silent fallback.
-- ``auto``: ``triton`` on CUDA, ``torch`` elsewhere. If ``tritonforge kernels check`` fails for an op on
-  your card, select ``torch`` for that op (``--kernels.OP=torch``) and report the check's table.
+- ``auto``: here, ``triton`` on CUDA and ``torch`` elsewhere (``kernels.tune = "trust"``). A training run
+  with the default ``kernels.tune = "measure"`` replaces that guess on CUDA by a measurement on the card,
+  at the run's own shapes (:mod:`engine.tune`): the fastest backend that is correct there, torch unless
+  another is faster by more than the noise. If ``tritonforge kernels check`` fails for an op on your card,
+  select ``torch`` for that op (``--kernels.OP=torch``) and report the check's table.
 
 Each op is one :class:`Op` row of :data:`TABLE`: its recipe name, the :class:`Ops` functions it provides
 with their torch reference and Triton entry point. The recipe's ``[kernels]`` keys, :func:`resolve`,
@@ -380,6 +383,15 @@ class Ops:
             raise AttributeError(f"Ops has no function {', '.join(sorted(unknown))}")
         return Ops(self.backends, {**self._functions, **functions}, self.deterministic)
 
+    def set_functions(self, op: str, backend: str, functions: dict[str, Callable]) -> None:
+        """Serve ``op`` with ``functions`` from now on, in place: models hold this object, so the tuner's
+        choice (:mod:`engine.tune`) reaches a model built before it was made."""
+        unknown = set(functions) - set(find(op).functions)
+        if unknown:
+            raise AttributeError(f"op {op!r} has no function {', '.join(sorted(unknown))}")
+        self.backends[op] = backend
+        self._functions.update(functions)
+
     def describe(self, used: Iterable[str] | None = None) -> str:
         """``op=backend`` for the ops in ``used`` (all by default), in table order."""
         used = set(self.backends if used is None else used)
@@ -436,11 +448,18 @@ def resolve(choices: dict[str, str] | None = None, device: torch.device | str = 
     _warn_if_auto_lost_the_kernels(choices, backends, device)
     functions: dict[str, Callable] = {}
     for op in TABLE:
-        for attr, (torch_fn, entry) in op.functions.items():
-            if backends[op.name] == "torch":
-                functions[attr] = torch_fn
-            elif isinstance(entry, str):
-                functions[attr] = getattr(_kernels_module(), entry)
-            else:
-                functions[attr] = entry(_kernels_module(), deterministic)
+        functions.update(functions_for(op.name, backends[op.name], deterministic))
     return Ops(backends, functions, deterministic)
+
+
+def functions_for(op: str, backend: str, deterministic: bool = True) -> dict[str, Callable]:
+    """``op``'s :class:`Ops` functions on ``backend`` ("torch" or "triton", already chosen: no checks)."""
+    functions = {}
+    for attr, (torch_fn, entry) in find(op).functions.items():
+        if backend == "torch":
+            functions[attr] = torch_fn
+        elif isinstance(entry, str):
+            functions[attr] = getattr(_kernels_module(), entry)
+        else:
+            functions[attr] = entry(_kernels_module(), deterministic)
+    return functions

@@ -28,7 +28,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from torch.distributed.tensor import DTensor
 from torch.utils._pytree import tree_leaves
 
-from . import checkpoint, distributed, registry, transfer
+from . import checkpoint, distributed, registry, transfer, tune
 from .checkpoint import CheckpointError
 from .config import BUDGET_MIN_WARMUP, Recipe, RecipeError, dump_toml
 from .metrics import RunLogger, environment, format_duration, peak_flops
@@ -480,11 +480,17 @@ class Trainer:
 
         self.run_dir, resume_from = self._locate_run()
         self.ckpt_dir = self.run_dir / "checkpoints"
-        self.ops = registry.resolve(r.kernels.backends(), self.device, r.kernels.deterministic)
+        # Under kernels.tune = "measure" on CUDA, auto ops start on torch until the tuner has measured them.
+        self.ops = registry.resolve(tune.starting_choices(r.kernels.backends(), r.kernels.tune, self.device),
+                                    self.device, r.kernels.deterministic)
         self.log.print(f"device: {self.device} | world: {self.dist.world} | precision: {r.train.precision}")
         self.task: Task = build_task(r, self.ops, self.device, self.dist.rank, self.dist.world, log=self.log.print)
-        self.log.print(f"kernels: {self.ops.describe(self.task.ops_used())}")
         transfer.apply(r, self.task, log=self.log.print, load=resume_from is None)  # before the optimizer
+        # After transfer (the weights and frozen parameters the run trains), before the optimizer and wrapping.
+        #: op -> the tuner's decision (empty where nothing was tuned), recorded in env.json and checkpoints.
+        self.tuned = tune.tune_run(r, self.ops, self.task, self.device, self.dist.rank, self.dist.world,
+                                   recorded=tune.recorded_choice(resume_from), log=self.log.print)
+        self.log.print(f"kernels: {self.ops.describe(self.task.ops_used())}")
         self.model: nn.Module = distributed.wrap(self.task.model, r, self.device) if self.dist.world > 1 else self.task.model
         self.forward_model = torch.compile(self.model) if r.train.compile else self.model
         o = r.optim
@@ -512,7 +518,8 @@ class Trainer:
             (self.run_dir / "recipe.toml").write_text(dump_toml(self.resolved))
             used = self.task.ops_used()
             env = environment(self.device, {op: b for op, b in self.ops.backends.items() if op in used},
-                              world=self.dist.world, unit=self.task.unit)
+                              world=self.dist.world, unit=self.task.unit,
+                              **({"tuning": tune.record(self.tuned)} if self.tuned else {}))
             (self.run_dir / "env.json").write_text(json.dumps(env, indent=1))
         self.log.open(self.run_dir, state.get("step"), project=r.logging.wandb_project, name=r.run.name,
                       config=self.resolved.to_dict(), wandb_id=state.get("wandb_id"))
@@ -545,6 +552,8 @@ class Trainer:
         state = {"step": self.step, "scaler": self.scaler.state_dict(), "rng": _rng_state(self.device),
                  "bad_steps": self.bad_steps, "recipe": self.resolved.to_dict(), "wandb_id": self.log.wandb_id,
                  "budget_steps": self.budget_steps}
+        if self.tuned:  # a resumed run keeps the measured choice
+            state["kernels_tuned"] = {op: d.choice for op, d in self.tuned.items()}
         if hasattr(self.task, "state_dict"):
             state["task"] = self.task.state_dict()
         return state

@@ -12,15 +12,18 @@ cannot take the others down) with ``TRITON_INTERPRET=0`` and a time limit:
    FAILS, the kernel benchmarks (``ops``, ``train``) are not run: timing a kernel that computes wrong
    results proves nothing. The summary lists the failing rows.
 2. ``tests``: ``pytest -m gpu`` (the tests that need CUDA).
-3. ``ops``: ``tritonforge bench ops`` at the default shapes in bf16 with every backend (``--ops`` narrows
+3. ``tune``: ``tritonforge kernels tune --synthetic`` on the anchor recipes (:data:`TUNE_RECIPES`: GPT-2 124M
+   and ConvNeXt-T): which backend a training run's ``auto`` picks per op on this card, and why. Each recipe
+   measures afresh (the cache is rewritten) within ``--kernels.tune_seconds=60``.
+4. ``ops``: ``tritonforge bench ops`` at the default shapes in bf16 with every backend (``--ops`` narrows
    the ops), FlexAttention at S = 4096 only (it compiles per shape), and packed documents
    (:data:`DOCUMENT_SHAPES`: the Triton kernel, the torch backend and FlexAttention with a document mask);
    do_bench with 10 ms warm-up and 40 ms of repetitions per timing.
-4. ``train``: ``tritonforge bench train recipes/gpt2_124m.toml --kernels triton --vs torch`` for
+5. ``train``: ``tritonforge bench train recipes/gpt2_124m.toml --kernels triton --vs torch`` for
    ``--steps`` steps (default 20) at the nanoGPT shape (batch 16 x 1024 tokens, one micro-batch per step,
    bf16, fused AdamW, clipping at 1.0) on random GPT-2 tokens; ``--compile`` adds torch.compile runs;
    ``--recipe recipes/convnext_tiny.toml`` benchmarks ConvNeXt-T instead.
-5. ``anchors``: the peers' scripts ``anchors_kernels.py`` and ``anchors_train.py`` from ``--anchors DIR``,
+6. ``anchors``: the peers' scripts ``anchors_kernels.py`` and ``anchors_train.py`` from ``--anchors DIR``,
    when given, so that their figures are measured in the same call as the project's.
 
 It ends with ONE summary table (per op and shape: the triton, torch and best peer rates, the
@@ -30,7 +33,8 @@ The exit status is 1 if any stage failed, timed out or reported a FAILED row.
 
 Budget: the stages are sized for about 9 minutes on one H100 without ``--anchors`` (check ~1-2 with
 FlexAttention's compiles for the torch backend's packed-documents rows, tests ~2, ops ~4, train ~1;
-estimates, not measurements). Each stage has its own time limit, and ``--budget`` (default
+estimates, not measurements), plus ~1-3 for ``tune`` (compiling every kernel at two models' shapes: not
+measured; ``--only check,tests,ops,train`` leaves it out). Each stage has its own time limit, and ``--budget`` (default
 570 s) caps them together: a stage that would start with too little time left is reported "not run", so
 the summary is always printed within a 10-minute call. The peers' scripts add about 4 minutes: run
 ``--only check,tests,ops,train`` and ``--only anchors --anchors DIR`` as two calls. The device machine does not
@@ -55,21 +59,24 @@ from typing import Sequence
 ENGINE = __package__.rpartition(".")[0]
 
 ROOT = Path(__file__).resolve().parents[2]
-STAGES = ("check", "tests", "ops", "train", "anchors")
+STAGES = ("check", "tests", "tune", "ops", "train", "anchors")
 #: Seconds each stage may run before it is stopped (its partial results are still summarized); --budget caps
 #: them all together.
-TIME_LIMITS = {"check": 210, "tests": 240, "ops": 330, "flex": 150, "documents": 120, "train": 180, "anchors": 330}
+TIME_LIMITS = {"check": 210, "tests": 240, "tune": 90, "ops": 330, "flex": 150, "documents": 120, "train": 180,
+               "anchors": 330}
 #: A stage is not started with less time than this left in the budget.
 MIN_STAGE_S = 20
 ANCHOR_SCRIPTS = ("anchors_kernels.py", "anchors_train.py")
 #: Every backend but FlexAttention, which runs in its own pass at S = 4096 only.
 OPS_BACKENDS = ("torch,triton,triton-nondet,sdpa-flash,sdpa-cudnn,sdpa-mem_eff,compile,liger,torch-fused,"
-                "torch-foreach")
+                "torch-foreach,torch-chunked")
 FLEX_SHAPES = "4x32x4096x64,4x16x4096x128"
 #: Packed documents, timed in a pass of their own with the Triton kernel, the torch backend (FlexAttention
 #: with its block mask on CUDA) and FlexAttention with ``create_block_mask``'s document mask.
 DOCUMENT_SHAPES = "4x16x4096x128:causal:segments=8,1x16x16384x128:causal:segments=32"
 TRAIN_RECIPE = "recipes/gpt2_124m.toml"
+#: The recipes whose tuned choices the ``tune`` stage reports.
+TUNE_RECIPES = ("recipes/gpt2_124m.toml", "recipes/convnext_tiny.toml")
 TIMING = ["--warmup-ms", "10", "--rep-ms", "40"]
 
 
@@ -233,6 +240,22 @@ def stage_ops(out: Path, budget: Budget, ops: str = "all") -> StageResult:
     return main
 
 
+def stage_tune(out: Path, budget: Budget) -> StageResult:
+    """``kernels tune --synthetic`` on each of :data:`TUNE_RECIPES`, one process (and time limit) each."""
+    result = StageResult("tune", status="ok")
+    for recipe in TUNE_RECIPES:
+        name = Path(recipe).stem
+        cmd = [sys.executable, "-m", ENGINE, "kernels", "tune", recipe, "--synthetic", "--kernels.tune_seconds=60",
+               "--json", str(out / f"tune_{name}.json")]
+        r = _stage(f"tune_{name}", cmd, out, TIME_LIMITS["tune"], budget)
+        result.seconds += r.seconds
+        result.outputs[name] = str(out / f"tune_{name}.json")
+        if r.status != "ok":
+            result.status = r.status
+            result.note = "; ".join(filter(None, [result.note, f"{name} {r.status} {r.note}".strip()]))
+    return result
+
+
 def stage_train(out: Path, steps: int, compile_too: bool, budget: Budget, recipe: str = TRAIN_RECIPE) -> StageResult:
     cmd = [sys.executable, "-m", ENGINE, "bench", "train", recipe, "--kernels", "triton", "--vs", "torch",
            "--steps", str(steps), "--train.grad_accum=1", "--json", str(out / "train.json"),
@@ -353,6 +376,19 @@ def train_summary(train: dict, anchors_train: dict) -> list[dict]:
     return lines
 
 
+def tune_summary(tunings: dict[str, dict]) -> list[dict]:
+    """One summary line per (recipe, op) the tune stage decided: the choice, each candidate's ms per
+    micro-batch, why."""
+    lines = []
+    for name, payload in tunings.items():
+        for op, d in payload.get("tuning", {}).items():
+            times = ", ".join(f"{c} {v['ms']:.3g}" if v.get("ms") is not None else f"{c} {v.get('status')}"
+                              for c, v in d.get("candidates", {}).items())
+            lines.append({"item": f"tune {name} {op}", "unit": "ms/micro-batch", "triton": d["choice"],
+                          "torch": times, "best_peer": "", "triton_vs_torch": "", "note": d.get("why", "")})
+    return lines
+
+
 def check_summary(check_rows: list[dict]) -> list[dict]:
     """One summary line per FAIL row of the kernel check (the passing rows are in check.json)."""
     return [{"item": f"check {r['op']} {r['backend']} {r['shape']} {r['dtype']}", "unit": "rel. error",
@@ -376,6 +412,7 @@ def summarize(out: Path, stages: list[StageResult]) -> tuple[str, dict]:
               "triton_vs_torch": "", "note": f"{s.seconds:.0f} s{'; ' + s.note if s.note else ''}"}
              for s in stages if s.status != "skipped"]
     lines += check_summary(check.get("rows", []))
+    lines += tune_summary({Path(r).stem: _load(out / f"tune_{Path(r).stem}.json") for r in TUNE_RECIPES})
     lines += ops_summary(ops.get("rows", []), flex.get("rows", []), documents.get("rows", []))
     lines += train_summary(train, anchors_train)
     env = ops.get("env") or train.get("env") or check.get("env") or {}
@@ -449,6 +486,8 @@ def run_stages(a: argparse.Namespace, out: Path, budget: Budget) -> list[StageRe
         stages.append(check)
     if "tests" in a.only:
         stages.append(stage_tests(out, budget))
+    if "tune" in a.only:  # measures the kernels the check just passed, and rejects any it finds wrong itself
+        stages.append(stage_tune(out, budget))
     for name in ("ops", "train"):
         if name not in a.only:
             continue

@@ -104,7 +104,7 @@ BACKENDS: dict[str, tuple[str, ...]] = {
     "mlp": ("torch", "triton", "compile"),
     # torch.compile hands a convolution to cuDNN unchanged: its row would be the torch row again
     "dwconv": ("torch", "triton"),
-    "cross_entropy": ("torch", "triton", "compile", "liger"),
+    "cross_entropy": ("torch", "triton", "torch-chunked", "compile", "liger"),
     "optimizer": ("torch", "triton", "torch-fused", "torch-foreach", "torch-muon", "triton-muon"),
     "rope": ("torch", "triton", "compile", "liger"),
     "swiglu": ("torch", "triton", "compile", "liger"),
@@ -782,8 +782,19 @@ def _liger_runner(case: Case, backend: str) -> Runner:
     return Runner(lambda: module(x), [x] + own)
 
 
+def _chunked_runner(case: Case, backend: str) -> Runner:
+    """``F.linear_cross_entropy``'s chunked path (torch 2.13 and later): the logits never in memory whole, as
+    in the Triton kernel; its ``peak_mb`` is the figure to compare."""
+    from ..tune import chunked_linear_cross_entropy
+
+    if not hasattr(F, "linear_cross_entropy") or not hasattr(torch.nn, "LinearCrossEntropyOptions"):
+        raise NotAvailable(f"F.linear_cross_entropy is missing from this PyTorch ({torch.__version__})")
+    x, weight, targets = case.inputs
+    return Runner(lambda: chunked_linear_cross_entropy(x, weight, targets), [x, weight])
+
+
 _PEERS = {"sdpa-flash": _sdpa_runner, "sdpa-cudnn": _sdpa_runner, "sdpa-mem_eff": _sdpa_runner,
-          "flex": _flex_runner, "compile": _compile_runner, "liger": _liger_runner}
+          "flex": _flex_runner, "compile": _compile_runner, "liger": _liger_runner, "torch-chunked": _chunked_runner}
 
 
 def build_runner(case: Case, backend: str) -> Runner:

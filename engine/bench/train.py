@@ -1,6 +1,6 @@
 """``tritonforge bench train RECIPE``: the recipe's model, once per kernel set, in the same process.
 
-    tritonforge bench train RECIPE [--kernels SET] [--vs SET] [--checkpointing POLICIES] [--steps N]
+    tritonforge bench train RECIPE [--kernels SET] [--vs SET] [--tuned] [--checkpointing POLICIES] [--steps N]
                                    [--warmup N] [--compile] [--json PATH] [--csv PATH] [--section.key=value ...]
 
 Kernel sets (``--kernels``, default ``triton``; ``--vs``, default ``torch``):
@@ -8,7 +8,11 @@ Kernel sets (``--kernels``, default ``triton``; ``--vs``, default ``torch``):
 - ``torch``: every op on PyTorch's implementation.
 - ``triton``: every op on the project's Triton kernel where this build has one and the device can run it
   (CUDA, or CPU under ``TRITON_INTERPRET=1``); the other ops on torch. The output lists which op got which.
-- ``auto``: the registry's ``auto`` for every op; ``recipe``: the recipe's own ``[kernels]`` table.
+- ``auto``: the registry's ``auto`` for every op (the Triton kernels on CUDA, untimed); ``recipe``: the recipe's
+  own ``[kernels]`` table.
+- ``tuned``, labelled ``auto (tuned)``: every op on what ``kernels.tune = "measure"`` picks here (see
+  :mod:`engine.tune`: measured on the recipe's shapes, or read from the cache); its choices are listed under
+  the table. ``--tuned`` adds this set to the other two, so one table compares it with them.
 - ``OP=BACKEND[,OP=BACKEND...]`` (e.g. ``attention=triton,layer_norm=torch``): those ops exactly as given
   (a ``triton`` without a kernel is an error), every op not named on torch.
 
@@ -53,7 +57,7 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-from .. import registry
+from .. import registry, tune
 from . import (ArgumentParser, BenchError, describe_ceilings, environment, fmt, format_table, free_memory,
                measure_ceilings, pick_device, timer_label, write_csv, write_json)
 from ..config import Recipe, RecipeError, load_recipe
@@ -77,7 +81,7 @@ COLUMNS = ("kernels", "mode", "checkpointing", "status", "unit", "items_per_s", 
 # Kernel sets
 # ---------------------------------------------------------------------------------------------------
 
-NAMED_SETS = ("torch", "triton", "auto", "recipe")
+NAMED_SETS = ("torch", "triton", "auto", "recipe", "tuned")
 
 
 def parse_kernel_set(text: str, option: str) -> str | dict[str, str]:
@@ -100,6 +104,8 @@ def parse_kernel_set(text: str, option: str) -> str | dict[str, str]:
 
 
 def kernel_set_label(kernel_set: str | dict[str, str]) -> str:
+    if kernel_set == "tuned":
+        return "auto (tuned)"
     if isinstance(kernel_set, str):
         return kernel_set
     return ",".join(f"{op}={b}" for op, b in kernel_set.items())
@@ -117,6 +123,8 @@ def resolve_set(kernel_set: str | dict[str, str], recipe: Recipe, device: torch.
                 choices[op] = "torch"
     elif kernel_set in ("torch", "auto"):
         choices = {op: kernel_set for op in registry.op_names()}
+    elif kernel_set == "tuned":  # torch on CUDA until run_one's measurement decides
+        choices = tune.starting_choices({op: "auto" for op in registry.op_names()}, "measure", device)
     elif kernel_set == "recipe":
         choices = recipe.kernels.backends()
     else:
@@ -272,6 +280,8 @@ class TrainArgs:
     json: str | None = None
     csv: str | None = None
     overrides: list[str] = field(default_factory=list)
+    #: Add the ``tuned`` set to ``kernels`` and ``vs``.
+    tuned: bool = False
 
 
 def gpu_idle_share(step, first: int, steps: int, device: torch.device) -> tuple[float | None, str]:
@@ -333,6 +343,10 @@ def run_one(args: TrainArgs, kernel_set, compiled: bool, ceilings: dict, policy:
     torch.manual_seed(r.run.seed)
     ops = resolve_set(kernel_set, r, device)
     task = SyntheticTask(r, ops, device)
+    if kernel_set == "tuned":
+        measured = dataclasses.replace(r.kernels, ops={op: "auto" for op in registry.op_names()}, tune="measure")
+        decisions = tune.tune_run(dataclasses.replace(r, kernels=measured), ops, task, device)
+        row["tuned"] = {op: d.choice for op, d in decisions.items()}
     row["backends"] = {op: b for op, b in ops.backends.items() if op in task.ops_used()}
     row["unit"] = task.unit
     forward_model = torch.compile(task.model) if compiled else task.model
@@ -434,7 +448,7 @@ def run(args: TrainArgs, log=print, log_err=None) -> dict:
     # Two equal sets still run twice: their difference is the run-to-run noise.
     for compiled in ([False, True] if args.compile else [False]):
         for policy in args.checkpointing:
-            for kernel_set in (args.kernels, args.vs):
+            for kernel_set in (args.kernels, args.vs) + (("tuned",) if args.tuned else ()):
                 head = {"kernels": kernel_set_label(kernel_set), "mode": "compile" if compiled else "eager",
                         "checkpointing": policy, "timer": timer_label(device)}
                 log(f"{_label(head)}: {args.steps} timed steps")
@@ -498,7 +512,7 @@ def table(result: dict, args: TrainArgs) -> str:
     lines = [format_table(header, cells)]
     for r in rows:
         if r.get("backends"):
-            used = ", ".join(f"{op}={b}" for op, b in r["backends"].items())
+            used = ", ".join(f"{op}={r.get('tuned', {}).get(op, b)}" for op, b in r["backends"].items())
             lines.append(f"  {_label(r)}: {used}")
         if r.get("note"):
             lines.append(f"  {_label(r)}: {r['note']}")
@@ -516,8 +530,11 @@ def _parser() -> ArgumentParser:
                                    "--section.key=value overrides the recipe.")
     p.add_argument("recipe", metavar="RECIPE", help="a TOML recipe")
     p.add_argument("--kernels", default="triton",
-                   help="torch, triton (Triton where a kernel exists), auto, recipe, or OP=BACKEND,... (default triton)")
+                   help="torch, triton (Triton where a kernel exists), auto, tuned (measured), recipe, or "
+                        "OP=BACKEND,... (default triton)")
     p.add_argument("--vs", default="torch", help="the kernel set to compare with, same forms (default torch)")
+    p.add_argument("--tuned", action="store_true",
+                   help="also run 'auto (tuned)': each op on what kernels.tune = measure picks on this machine")
     p.add_argument("--checkpointing", default=None, metavar="POLICIES",
                    help="activation-checkpointing policies to run each set with, comma-separated: none, blocks, "
                         "every_N (default: the recipe's train.activation_checkpointing)")
@@ -542,7 +559,7 @@ def parse_args(argv: Sequence[str]) -> TrainArgs:
     device = pick_device(recipe.run.device)
     steps = a.steps if a.steps is not None else (20 if device.type == "cuda" else 3)
     return TrainArgs(recipe, kernels, vs, policies, steps, a.warmup, a.compile, device, a.json, a.csv,
-                     list(overrides))
+                     list(overrides), a.tuned)
 
 
 def parse_policies(text: str | None, recipe: Recipe) -> list[str]:

@@ -185,6 +185,20 @@ def test_train_tiny_gpt_torch_vs_torch(tmp_path, capsys):
     assert tuple(header) == train.COLUMNS
 
 
+def test_train_tuned_row_beside_the_kernel_sets(tmp_path, capsys):
+    """--tuned adds "auto (tuned)" to the table; on a CPU nothing is measured and it is torch."""
+    out = tmp_path / "train.json"
+    code = train.main(["recipes/gpt_cpu.toml", "--kernels", "torch", "--vs", "torch", "--tuned", "--steps", "1",
+                       "--warmup", "1", "--json", str(out), *TINY_GPT])
+    assert code == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["kernels"] for r in rows] == ["torch", "torch", "auto (tuned)"]
+    assert rows[2]["status"] == "ok" and set(rows[2]["backends"].values()) == {"torch"}
+    assert rows[2]["vs"] > 0
+    text = capsys.readouterr().out
+    assert "no CUDA device here: auto serves torch" in text and "auto (tuned) (eager): attention=torch" in text
+
+
 def test_train_image_classifier_on_synthetic_images(tmp_path):
     recipe = tmp_path / "cnn.toml"
     recipe.write_text('[model]\narch = "resnet"\nwidth = 8\ndepths = [1, 1, 1, 1]\nimage_size = 16\n'
@@ -377,3 +391,15 @@ def test_gpu_budget_skips_a_stage_without_time(tmp_path):
     result = gpu._stage("late", [sys.executable, "-c", "print(1)"], tmp_path, 100, gpu.Budget(5))
     assert result.status == "not run" and "--budget" in result.note
     assert gpu.failed_anywhere([result], {"summary": []})
+
+
+def test_gpu_summary_lists_the_tuned_choices(tmp_path):
+    tuning = {"attention": {"choice": "triton", "why": "1.40x torch's speed", "candidates": {
+        "torch": {"ms": 2.8, "status": "ok"}, "sdpa-cudnn": {"ms": None, "status": "raised"},
+        "triton": {"ms": 2.0, "status": "ok"}}}}
+    (tmp_path / "tune_gpt2_124m.json").write_text(json.dumps({"tuning": tuning}))
+    text, payload = gpu.summarize(tmp_path, [gpu.StageResult("tune", "ok", 80.0)])
+    (line,) = [s for s in payload["summary"] if s["item"] == "tune gpt2_124m attention"]
+    assert line["triton"] == "triton" and line["torch"] == "torch 2.8, sdpa-cudnn raised, triton 2"
+    assert "1.40x torch's speed" in text
+    assert "tune" in gpu.parse_args(["--only", "tune"]).only
