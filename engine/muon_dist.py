@@ -66,6 +66,16 @@ def newton_schulz_flops(shape: Sequence[int], steps: int) -> float:
     return steps * (4 * short * short * long + 2 * short ** 3)
 
 
+def assign_owners(costs: Sequence[float], world: int) -> list[int]:
+    """The owner rank of each matrix: largest cost first (ties in parameter order), each to the rank with the
+    least cost so far (the lowest on a tie). Every process derives the same owners from the same order."""
+    load, owners = [0.0] * world, [0] * len(costs)
+    for i in sorted(range(len(costs)), key=lambda i: -costs[i]):  # a stable sort keeps parameter order
+        owners[i] = min(range(world), key=lambda r: (load[r], r))
+        load[owners[i]] += costs[i]
+    return owners
+
+
 @dataclass
 class _Matrix:
     index: int  # position in the call's parameter list
@@ -136,14 +146,6 @@ class MuonSharing:
             raise MuonShardingError(f"{name}: sharded over another process group than the run's")
         return group, (shards[0].dim if shards else None)
 
-    def _assign_owners(self, matrices: list[_Matrix], settings: Sequence[Settings], world: int) -> None:
-        """Largest cost first, each to the least-loaded rank (lowest rank on a tie): deterministic."""
-        load = [0.0] * world
-        order = sorted(matrices, key=lambda m: -newton_schulz_flops(m.shape, settings[m.index][1]))
-        for m in order:
-            m.owner = min(range(world), key=lambda r: (load[r], r))
-            load[m.owner] += newton_schulz_flops(m.shape, settings[m.index][1])
-
     def _build_plan(self, params: Sequence[Tensor], updates: Sequence[Tensor], settings: Sequence[Settings],
                     key: tuple) -> _Plan:
         layouts = [self._layout(p, i) for i, p in enumerate(params)]
@@ -156,7 +158,9 @@ class MuonSharing:
         for m, u in zip(matrices, updates):
             expected = self._piece_shape(m, rank, world)
             assert tuple(u.shape) == expected, (tuple(u.shape), expected)  # DTensor's split is torch.chunk's
-        self._assign_owners(matrices, settings, world)
+        costs = [newton_schulz_flops(m.shape, settings[m.index][1]) for m in matrices]
+        for m, owner in zip(matrices, assign_owners(costs, world)):
+            m.owner = owner
         plan = _Plan(key)
         by_dtype: dict[torch.dtype, list[_Matrix]] = {}
         for m in matrices:
@@ -164,11 +168,13 @@ class MuonSharing:
         for dtype, members in by_dtype.items():
             size = torch.empty((), dtype=dtype).element_size()
             bucket: list[_Matrix] = []
+            nbytes = 0
             for m in members:
                 bucket.append(m)
-                if sum(math.prod(x.shape) for x in bucket) * size >= BUCKET_BYTES:
+                nbytes += math.prod(m.shape) * size
+                if nbytes >= BUCKET_BYTES:
                     plan.buckets.append(self._bucket(bucket, dtype, rank, world))
-                    bucket = []
+                    bucket, nbytes = [], 0
             if bucket:
                 plan.buckets.append(self._bucket(bucket, dtype, rank, world))
         return plan
@@ -297,14 +303,14 @@ class MuonSharing:
         """One line for the run's log: what is shared, how evenly, and the elements moved per step."""
         world = dist.get_world_size(self._layout(params[0], 0)[0]) if params else 1
         sharded = any(isinstance(p, DTensor) for p in params)
-        matrices = [_Matrix(i, tuple(p.shape), None) for i, p in enumerate(params)]
-        self._assign_owners(matrices, [((), 1, 0.0)] * len(matrices), world)
-        load = [sum(newton_schulz_flops(m.shape, 1) for m in matrices if m.owner == r) for r in range(world)]
-        n = sum(math.prod(m.shape) for m in matrices)
+        costs = [newton_schulz_flops(p.shape, 1) for p in params]
+        owners = assign_owners(costs, world)
+        load = [sum(c for c, owner in zip(costs, owners) if owner == r) for r in range(world)]
+        n = sum(p.numel() for p in params)
         received = 2 * (world - 1) / world ** 2 * n if sharded else (world - 1) / world * n
         baseline = ("FSDP2's all-gather of them, per pass" if sharded else "DDP's all-reduce of their gradients")
         baseline_n = (world - 1) / world * n * (1 if sharded else 2)
-        return (f"muon: {len(matrices)} matrices ({n / 1e6:.3g}M elements), Newton-Schulz shared over {world} "
+        return (f"muon: {len(params)} matrices ({n / 1e6:.3g}M elements), Newton-Schulz shared over {world} "
                 f"ranks ({'FSDP2 shards' if sharded else 'DDP replicas'}; busiest rank "
                 f"{max(load) / (sum(load) / world):.2f}x the mean); about {received / 1e6:.3g}M elements "
                 f"received per rank per step ({baseline}: {baseline_n / 1e6:.3g}M)")

@@ -10,7 +10,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
-from tritonforge.engine.muon_dist import MuonSharing, MuonShardingError, _Matrix, shard_sizes
+from tritonforge.engine.muon_dist import MuonSharing, MuonShardingError, assign_owners, newton_schulz_flops, shard_sizes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
@@ -19,17 +19,16 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 def test_shard_sizes_follow_torch_chunk():
     for size in (1, 5, 7, 16):
         for world in (1, 2, 3, 4):
-            assert shard_sizes(size, world) == [len(c) for c in torch.arange(size).chunk(world)] + \
-                [0] * (world - len(torch.arange(size).chunk(world)))
+            chunks = torch.arange(size).chunk(world)  # fewer than world when the last ranks get nothing
+            assert shard_sizes(size, world) == [len(c) for c in chunks] + [0] * (world - len(chunks))
 
 
 def test_owners_balance_iteration_flops_in_parameter_order():
     """Largest first to the least-loaded rank: the 64x64 alone on one rank, the four 32x32 on the other
     (1/8 of its cost each); equal costs fall to the lowest rank, so every process derives the same owners."""
     shapes = [(32, 32), (64, 64), (32, 32), (32, 32), (32, 32)]
-    matrices = [_Matrix(i, s, None) for i, s in enumerate(shapes)]
-    MuonSharing()._assign_owners(matrices, [((), 5, 0.0)] * len(shapes), world=2)
-    assert [m.owner for m in matrices] == [1, 0, 1, 1, 1]
+    assert assign_owners([newton_schulz_flops(s, 5) for s in shapes], world=2) == [1, 0, 1, 1, 1]
+    assert assign_owners([1.0, 1.0, 1.0], world=2) == [0, 1, 0]
 
 
 @pytest.fixture
