@@ -82,6 +82,7 @@ dist.destroy_process_group()
 """
 
 
+@pytest.mark.slow
 def test_shared_iterations_are_exact_at_three_ranks(tmp_path):
     """Three ranks, shards along either dimension, rows that do not divide (one rank holds none): every
     rank's part of X is bit for bit the slice of one process's X; replicated (DDP) matrices likewise."""
