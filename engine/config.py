@@ -325,7 +325,7 @@ class OptimConfig:
     """Optimizer and learning-rate schedule."""
 
     #: "muon": Muon for the blocks' matrices and AdamW (``betas``, ``eps``) for the rest, one ``lr`` for
-    #: both (Muon's update is scaled to AdamW's RMS); single process or DDP.
+    #: both (Muon's update is scaled to AdamW's RMS); under DDP or FSDP2 the ranks share the iterations.
     name: Literal["adamw", "sgd", "lion", "muon"] = "adamw"
     lr: float = 1e-3
     #: Floor of the cosine schedule.
@@ -629,9 +629,6 @@ def validate(r: Recipe) -> None:
     if r.model.arch == "gpt" and r.train.seq_len > r.model.context:
         raise RecipeError(f"train.seq_len ({r.train.seq_len}) is longer than the model supports "
                           f"(model.context = {r.model.context})")
-    if r.optim.name == "muon" and r.parallel.strategy == "fsdp":
-        raise RecipeError('optim.name = "muon" runs in one process or under parallel.strategy = "ddp": '
-                          "FSDP shards the matrices that Muon orthogonalizes whole")
     if r.train.time_budget and r.optim.schedule != "constant" and r.optim.warmup_steps < BUDGET_MIN_WARMUP:
         raise RecipeError(
             f"train.time_budget: the step count is fixed after timing the warmup steps, whose learning rate does "

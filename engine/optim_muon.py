@@ -18,6 +18,10 @@ m/n)), Keller Jordan's) is what ``torch.optim.Muon`` does by default and needs a
 matrices. The iterations run in bf16 on CUDA (as torch's do) and in fp32 elsewhere; float64
 parameters iterate in float64 on any device (the reference). Tensors of other ranks (conv kernels included) are refused in Muon groups:
 put them in a ``use_muon=False`` group.
+
+A step takes the momentum of every matrix first, then orthogonalizes them all, then applies them: under
+DDP or FSDP2 an ``orthogonalizer`` (``engine.muon_dist.MuonSharing``) shares the middle part out over the
+ranks, and every part of the step works on what this rank holds (an FSDP2 shard's local rows).
 """
 from __future__ import annotations
 
@@ -59,7 +63,19 @@ def newton_schulz(update: Tensor, coefficients: tuple[float, float, float], step
     return x.mT if tall else x
 
 
-def _check_group(group: dict[str, Any], name: str) -> None:
+def newton_schulz_stack_(stack: Tensor, coefficients: tuple[float, float, float], steps: int,
+                         eps: float) -> None:
+    """:func:`newton_schulz` on each matrix of ``stack`` ([L, m, n]), in place (a shared step's owner)."""
+    for x in stack:
+        x.copy_(newton_schulz(x, coefficients, steps, eps))
+
+
+def _local(t: Tensor) -> Tensor:
+    """A DTensor's local shard (FSDP2), or the tensor itself: the step works on what this rank holds."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _check_group(group: dict[str, Any], name: str, shared: bool = False) -> None:
     if not 0.0 <= group["lr"]:
         raise ValueError(f"{name}: invalid lr {group['lr']}; expected lr >= 0")
     if not 0.0 <= group["weight_decay"]:
@@ -76,10 +92,10 @@ def _check_group(group: dict[str, Any], name: str) -> None:
             raise ValueError(f"{name}: invalid adjust_lr_fn {group['adjust_lr_fn']!r}; expected one of "
                              f"{', '.join(ADJUST_LR_FNS)} or None")
         for p in group["params"]:
-            if isinstance(p, DTensor):
-                raise ValueError(f"{name}: use_muon=True groups do not take DTensor (FSDP2-sharded) "
-                                 "parameters: the Newton-Schulz iterations need whole matrices; use "
-                                 "Muon with DDP or a single process, or AdamW under FSDP2")
+            if isinstance(p, DTensor) and not shared:
+                raise ValueError(f"{name}: use_muon=True groups take DTensor (FSDP2-sharded) parameters "
+                                 "only with an orthogonalizer that assembles whole matrices "
+                                 "(engine.muon_dist.MuonSharing)")
             if p.ndim != 2:
                 raise ValueError(f"{name}: a use_muon=True group holds a parameter of shape "
                                  f"{tuple(p.shape)}; Muon takes 2-D matrices, put the others in a "
@@ -110,13 +126,18 @@ class TorchMuon(torch.optim.Optimizer):
     default ``adjust_lr_fn="match_rms_adamw"``; ``adamw_betas`` and ``adamw_eps`` are the defaults of
     the AdamW groups, whose own ``betas``/``eps`` keys override them. A group without ``use_muon``
     is a Muon group. ``weight_decay`` is decoupled in both (``p *= 1 - lr*wd``).
+
+    ``orthogonalizer`` (``engine.muon_dist.MuonSharing``) shares the iterations out over the ranks of a
+    DDP or FSDP2 run; without it every matrix is orthogonalized here, whole (DTensors are refused).
     """
 
     def __init__(self, params, lr: float = 1e-3, weight_decay: float = 0.1, momentum: float = 0.95,
                  nesterov: bool = True, ns_coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
                  eps: float = 1e-7, ns_steps: int = 5, adjust_lr_fn: Optional[str] = "match_rms_adamw",
-                 *, adamw_betas: tuple[float, float] = (0.9, 0.95), adamw_eps: float = 1e-8):
+                 *, adamw_betas: tuple[float, float] = (0.9, 0.95), adamw_eps: float = 1e-8,
+                 orthogonalizer=None):
         self._adamw_defaults = (tuple(adamw_betas), adamw_eps)
+        self.orthogonalizer = orthogonalizer
         defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
                         ns_coefficients=tuple(ns_coefficients), eps=eps, ns_steps=ns_steps,
                         adjust_lr_fn=adjust_lr_fn, use_muon=True)
@@ -125,7 +146,7 @@ class TorchMuon(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         muon_group_defaults(param_group, self.defaults, *self._adamw_defaults)
         super().add_param_group(param_group)
-        _check_group(self.param_groups[-1], type(self).__name__)
+        _check_group(self.param_groups[-1], type(self).__name__, shared=self.orthogonalizer is not None)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Also loads a ``torch.optim.Muon`` or ``AdamW`` state dict: group keys it lacks keep ours."""
@@ -141,28 +162,40 @@ class TorchMuon(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        muon = []  # (parameter, group, U): orthogonalized together, then applied
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 if group["use_muon"]:
-                    self._muon_step(p, group)
+                    muon.append((p, group, self._momentum(p, group)))
                 else:
                     self._adamw_step(p, group)
+        for (p, group, _), ortho in zip(muon, self._orthogonalize(muon)):
+            lr, scale = group["lr"], muon_lr_scale(p.shape, group["adjust_lr_fn"])  # the whole matrix's shape
+            w = _local(p)
+            w.mul_(1 - lr * group["weight_decay"])
+            w.add_(ortho.to(w.dtype), alpha=-lr * scale)
         return loss
 
-    def _muon_step(self, p: Tensor, group: dict[str, Any]) -> None:
+    def _momentum(self, p: Tensor, group: dict[str, Any]) -> Tensor:
+        """Update the momentum buffer; returns U, this rank's part of the matrix to orthogonalize."""
         state = self.state[p]
         if "momentum_buffer" not in state:
             state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        buf, mu = state["momentum_buffer"], group["momentum"]
-        grad = p.grad.to(buf.dtype)
+        buf, mu = _local(state["momentum_buffer"]), group["momentum"]
+        grad = _local(p.grad).to(buf.dtype)
         buf.lerp_(grad, 1 - mu)
-        update = grad.lerp(buf, mu) if group["nesterov"] else buf
-        ortho = newton_schulz(update, group["ns_coefficients"], group["ns_steps"], group["eps"])
-        lr = group["lr"]
-        p.mul_(1 - lr * group["weight_decay"])
-        p.add_(ortho.to(p.dtype), alpha=-lr * muon_lr_scale(p.shape, group["adjust_lr_fn"]))
+        return grad.lerp(buf, mu) if group["nesterov"] else buf.clone()
+
+    def _orthogonalize(self, muon: list[tuple[Tensor, dict[str, Any], Tensor]]) -> list[Tensor]:
+        """X for each U: here, or shared out by the orthogonalizer (in place)."""
+        settings = [(group["ns_coefficients"], group["ns_steps"], group["eps"]) for _, group, _ in muon]
+        if self.orthogonalizer is None:
+            return [newton_schulz(u, *s) for (_, _, u), s in zip(muon, settings)]
+        updates = [u for _, _, u in muon]
+        self.orthogonalizer([p for p, _, _ in muon], updates, settings, newton_schulz_stack_)
+        return updates
 
     def _adamw_step(self, p: Tensor, group: dict[str, Any]) -> None:
         state = self.state[p]
@@ -171,11 +204,12 @@ class TorchMuon(torch.optim.Optimizer):
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         beta1, beta2 = group["betas"]
-        lr, grad = group["lr"], p.grad
+        lr, grad = group["lr"], _local(p.grad)
+        exp_avg, exp_avg_sq, p = _local(state["exp_avg"]), _local(state["exp_avg_sq"]), _local(p)
         state["step"] += 1
         t = state["step"].to(p.dtype)
         p.mul_(1 - lr * group["weight_decay"])
-        state["exp_avg"].lerp_(grad, 1 - beta1)
-        state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        denom = (state["exp_avg_sq"].sqrt() / (1 - beta2 ** t).sqrt()).add_(group["eps"])
-        p.addcdiv_(state["exp_avg"] / (1 - beta1 ** t), denom, value=-lr)
+        exp_avg.lerp_(grad, 1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        denom = (exp_avg_sq.sqrt() / (1 - beta2 ** t).sqrt()).add_(group["eps"])
+        p.addcdiv_(exp_avg / (1 - beta1 ** t), denom, value=-lr)

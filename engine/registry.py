@@ -401,8 +401,11 @@ class Ops:
     def make_optimizer(self, name: str, param_groups: Iterable[dict[str, Any]] | Iterable[torch.Tensor], *,
                        lr: float, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
                        momentum: float = 0.0, nesterov: bool = False, max_grad_norm: float = 0.0,
-                       muon_momentum: float = 0.95, device: torch.device | None = None):
+                       muon_momentum: float = 0.95, device: torch.device | None = None, muon_sharing=None):
         """Build the optimizer ``optim.name`` names; returns ``(optimizer, clips_in_step)``.
+
+        ``muon_sharing`` (an ``engine.muon_dist.MuonSharing``): Muon's iterations shared out over the ranks
+        of a DDP or FSDP2 run.
 
         ``clips_in_step`` is True when the optimizer applies ``max_grad_norm`` inside its own step (the
         Triton optimizers fuse it); otherwise the trainer clips with ``clip_grad_norm_`` first.
@@ -412,7 +415,8 @@ class Ops:
         torch_cls, triton_name = OPTIMIZERS[name]
         kw = {"adamw": dict(betas=betas, eps=eps), "sgd": dict(momentum=momentum, nesterov=nesterov),
               "lion": dict(betas=betas),
-              "muon": dict(momentum=muon_momentum, nesterov=nesterov, adamw_betas=betas, adamw_eps=eps)}[name]
+              "muon": dict(momentum=muon_momentum, nesterov=nesterov, adamw_betas=betas, adamw_eps=eps,
+                           orthogonalizer=muon_sharing)}[name]
         if self.backends["optimizer"] == "triton":
             cls = getattr(_kernels_module(), triton_name)
             return cls(param_groups, lr=lr, weight_decay=weight_decay, max_grad_norm=max_grad_norm or None, **kw), True

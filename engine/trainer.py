@@ -28,7 +28,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from torch.distributed.tensor import DTensor
 from torch.utils._pytree import tree_leaves
 
-from . import checkpoint, distributed, registry, transfer, tune
+from . import checkpoint, distributed, muon_dist, registry, transfer, tune
 from .checkpoint import CheckpointError
 from .config import BUDGET_MIN_WARMUP, Recipe, RecipeError, dump_toml
 from .metrics import RunLogger, environment, format_duration, peak_flops
@@ -494,10 +494,16 @@ class Trainer:
         self.model: nn.Module = distributed.wrap(self.task.model, r, self.device) if self.dist.world > 1 else self.task.model
         self.forward_model = torch.compile(self.model) if r.train.compile else self.model
         o = r.optim
+        groups = self.task.param_groups(o.weight_decay, muon=o.name == "muon")
+        sharing = None
+        if o.name == "muon" and self.dist.world > 1:
+            sharing = muon_dist.sharing_for_run(self.task.model, groups[0]["params"], r.parallel.strategy)
+            self.log.print(sharing.describe(groups[0]["params"]))
         self.optimizer, self.clips_in_step = self.ops.make_optimizer(
-            o.name, self.task.param_groups(o.weight_decay, muon=o.name == "muon"), lr=o.lr, betas=o.betas,
+            o.name, groups, lr=o.lr, betas=o.betas,
             eps=o.eps, weight_decay=o.weight_decay, momentum=o.momentum, nesterov=o.nesterov,
-            muon_momentum=o.muon_momentum, max_grad_norm=r.train.grad_clip, device=self.device)
+            muon_momentum=o.muon_momentum, max_grad_norm=r.train.grad_clip, device=self.device,
+            muon_sharing=sharing)
         self.scaler = LossScaler(self.device, enabled=r.train.precision == "fp16")
         self.prefetcher = Prefetcher(self.task, r.train.grad_accum, self.device)
         self.step_fn = TrainStep(self.task, self.model, self.forward_model, self.optimizer, self.clips_in_step,

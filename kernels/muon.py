@@ -21,8 +21,10 @@ finalize kernel, AdamW's update), one momentum and one update launch per Muon bu
 torch ops per distinct Muon shape. Memory per fp32 Muon element: momentum reads g, B and writes B
 and U (bf16): 14 bytes; update reads W and X (bf16) and writes W: 10 bytes.
 
-FSDP2 (sharded DTensor) parameters are refused in Muon groups: the iterations need whole
-matrices. Use Muon with DDP or a single process.
+Under DDP or FSDP2 an ``orthogonalizer`` (``engine.muon_dist.MuonSharing``) takes the place of the
+iterations: it gathers each matrix whole on one rank, iterates there with :func:`newton_schulz_` and hands
+every rank its part of the result in the buffer the update kernel reads. Without one, FSDP2 (sharded
+DTensor) parameters are refused in Muon groups: the iterations need whole matrices.
 """
 from __future__ import annotations
 
@@ -42,8 +44,8 @@ from .optim import (_ADAMW, _COL_GRAD, _COL_INDEX, _COL_MASTER, _COL_NUMEL, _COL
                     _COL_STATE1, _COL_STATE2, _DTYPES, _H_BETA1, _H_BETA2, _H_LR, _H_WD,
                     _HYPER_COLS, _S_CLIP, _S_FOUND_INF, _S_INV_SCALE, _TABLE_COLS,
                     CHUNK, UPDATE_BLOCK, UPDATE_WARPS, _adamw_update_kernel,
-                    _check_betas, _FusedOptimizer, _fp32_like, _launch, _make_buckets, _Plan,
-                    _round_to, _to_device)
+                    _check_betas, _FusedOptimizer, _fp32_like, _launch, _local, _make_buckets, _Plan,
+                    _round_to, _shard_group, _to_device)
 
 __all__ = ["Muon"]
 
@@ -234,6 +236,8 @@ class _MuonPlan(_Plan):
 
     muon_info: Optional[Tensor] = None  # fp64 [T_muon, _INFO_COLS]
     stacks: list = field(default_factory=list)
+    muon_params: list = field(default_factory=list)  # in table order, for the orthogonalizer
+    muon_settings: list = field(default_factory=list)  # (coefficients, steps, eps) of each
     ns_dtype: torch.dtype = torch.float32
 
 
@@ -244,7 +248,9 @@ class Muon(_FusedOptimizer):
     except the default ``adjust_lr_fn="match_rms_adamw"``, which scales Muon's update to AdamW's RMS
     so that one ``lr`` (and schedule) serves both kinds. AdamW groups take ``betas`` and ``eps``,
     defaulting to ``adamw_betas`` and ``adamw_eps``. A group without ``use_muon`` is a Muon group.
-    Extras as ``kernels.AdamW``: ``max_grad_norm``, ``master_weights``. The reference is
+    Extras as ``kernels.AdamW``: ``max_grad_norm``, ``master_weights``; ``orthogonalizer``: a callable
+    ``(params, updates, settings, newton_schulz_)`` that replaces each rank's part of every U with its part
+    of the orthogonalized X (``engine.muon_dist.MuonSharing``, for DDP and FSDP2). The reference is
     ``engine.optim_muon.TorchMuon``.
     """
 
@@ -256,8 +262,10 @@ class Muon(_FusedOptimizer):
                  ns_coefficients: tuple[float, float, float] = NS_COEFFICIENTS, eps: float = 1e-7,
                  ns_steps: int = 5, adjust_lr_fn: Optional[str] = "match_rms_adamw", *,
                  adamw_betas: tuple[float, float] = (0.9, 0.95), adamw_eps: float = 1e-8,
-                 max_grad_norm: Optional[float] = None, master_weights: bool = False):
+                 max_grad_norm: Optional[float] = None, master_weights: bool = False,
+                 orthogonalizer=None):
         self._adamw_defaults = (tuple(adamw_betas), adamw_eps)
+        self.orthogonalizer = orthogonalizer
         self._ns_slot: dict[Tensor, Tensor] = {}
         defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
                         ns_coefficients=tuple(ns_coefficients), eps=eps, ns_steps=ns_steps,
@@ -289,8 +297,7 @@ class Muon(_FusedOptimizer):
                 raise ValueError(f"Muon: invalid eps {group['eps']} of an AdamW group; expected >= 0")
         super()._validate_group(group)
 
-    @staticmethod
-    def _validate_muon_group(group: dict[str, Any]) -> None:
+    def _validate_muon_group(self, group: dict[str, Any]) -> None:
         if not 0.0 <= group["momentum"] < 1.0:
             raise ValueError(f"Muon: invalid momentum {group['momentum']}; expected 0 <= momentum < 1")
         steps = group["ns_steps"]
@@ -303,10 +310,10 @@ class Muon(_FusedOptimizer):
             raise ValueError(f"Muon: invalid adjust_lr_fn {group['adjust_lr_fn']!r}; expected one of "
                              f"{', '.join(ADJUST_LR_FNS)} or None")
         for p in group["params"]:
-            if isinstance(p, DTensor):
-                raise ValueError("Muon: use_muon=True groups do not take DTensor (FSDP2-sharded) "
-                                 "parameters: the Newton-Schulz iterations need whole matrices; use "
-                                 "Muon with DDP or a single process, or AdamW under FSDP2")
+            if isinstance(p, DTensor) and self.orthogonalizer is None:
+                raise ValueError("Muon: use_muon=True groups take DTensor (FSDP2-sharded) parameters only "
+                                 "with an orthogonalizer that assembles whole matrices "
+                                 "(engine.muon_dist.MuonSharing)")
             if p.ndim != 2:
                 raise ValueError(f"Muon: a use_muon=True group holds a parameter of shape "
                                  f"{tuple(p.shape)}; Muon takes 2-D matrices, put the others (conv "
@@ -370,20 +377,29 @@ class Muon(_FusedOptimizer):
         muon_buckets, n_chunks = _make_buckets(muon_rows, device, first_chunk=n_adamw_chunks)
         return _MuonPlan(
             key=key, device=device, chunk=CHUNK, buckets=buckets + muon_buckets,
+            shard_group=_shard_group(p for _, p, _ in entries),
             tensor_info=_to_device(torch.tensor(info, dtype=torch.int64).reshape(-1, 2), device),
             n_tensors=len(adamw), n_chunks=n_chunks,
             coefs=torch.empty(max(len(adamw), 1), 8, dtype=torch.float32, device=device),
             partials=torch.zeros(max(2 * n_chunks, 2), dtype=torch.float32, device=device),
-            stacks=stacks, ns_dtype=ns_dtype,
+            stacks=stacks, ns_dtype=ns_dtype, muon_params=[p for _, p, _ in muon],
+            muon_settings=[self._ns_settings(self.param_groups[gi]) for gi, _, _ in muon],
             muon_info=_to_device(torch.tensor(muon_info, dtype=torch.float64).reshape(-1, 2), device))
+
+    @staticmethod
+    def _ns_settings(group: dict[str, Any]) -> tuple[tuple, int, float]:
+        return tuple(group["ns_coefficients"]), group["ns_steps"], group["eps"]
 
     def _allocate_stacks(self, muon: list[tuple[int, Tensor, Tensor]], ns_dtype: torch.dtype,
                          device: torch.device) -> list[_NSStack]:
-        """One zeroed [L, m, n] buffer per (shape, iteration settings); records each matrix's slot."""
+        """One zeroed [L, m, n] buffer per (shape, iteration settings); records each matrix's slot.
+
+        The shape is this rank's part (an FSDP2 shard's rows): the momentum kernel fills it, the
+        orthogonalizer, where there is one, replaces it with the same part of X.
+        """
         members: dict[tuple, list[Tensor]] = {}
         for gi, p, _ in muon:
-            group = self.param_groups[gi]
-            settings = (tuple(p.shape), tuple(group["ns_coefficients"]), group["ns_steps"], group["eps"])
+            settings = (tuple(_local(p).shape), *self._ns_settings(self.param_groups[gi]))
             members.setdefault(settings, []).append(p)
         self._ns_slot = {}
         stacks = []
@@ -407,8 +423,12 @@ class Muon(_FusedOptimizer):
                     plan.muon_info, self._hyper, scalars, self._like(b.dtype, device), ns_like,
                     ALIGNED=b.aligned, BLOCK=UPDATE_BLOCK, CHUNK=plan.chunk,
                     num_warps=UPDATE_WARPS, num_stages=1)
-        for s in plan.stacks:
-            newton_schulz_(s.buffer, s.coefficients, s.steps, s.eps)
+        if self.orthogonalizer is not None:
+            self.orthogonalizer(plan.muon_params, [self._ns_slot[p] for p in plan.muon_params],
+                                plan.muon_settings, newton_schulz_)
+        else:
+            for s in plan.stacks:
+                newton_schulz_(s.buffer, s.coefficients, s.steps, s.eps)
         for b in muon_buckets:
             _launch(_muon_update_kernel, (b.n_chunks,), b.tensor_table, b.chunk_table,
                     plan.muon_info, self._hyper, scalars, self._like(b.dtype, device), ns_like,

@@ -2,6 +2,7 @@
 
     tritonforge bench train RECIPE [--kernels SET] [--vs SET] [--tuned] [--checkpointing POLICIES] [--steps N]
                                    [--warmup N] [--compile] [--json PATH] [--csv PATH] [--section.key=value ...]
+    torchrun --nproc_per_node=N -m engine bench train RECIPE [...] [--muon-sharing on,off]
 
 Kernel sets (``--kernels``, default ``triton``; ``--vs``, default ``torch``):
 
@@ -43,11 +44,18 @@ for the host (:func:`gpu_idle_share`; not measured on a CPU); ``loss@0`` the fir
 agree with the ``--vs`` set's of the same mode and policy (same weights, same batch) within
 :data:`LOSS_TOLERANCE`, or the row is FAILED and the command exits with status 1; ``vs`` the ratio of this
 row's throughput to that ``--vs`` row's. On CPU the timings are labelled CPU.
+
+Under ``torchrun`` the model is wrapped as ``parallel.strategy`` says (DDP or FSDP2) and every process
+runs the same rows; rank 0's times are reported and ``tok/s`` counts every process's items. With
+``optim.name = "muon"``, ``--muon-sharing on,off`` runs every set with the Newton-Schulz iterations shared
+out over the ranks (``engine.muon_dist``; what the trainer does) and, under DDP only, repeated whole on
+every rank (how Muon ran under DDP before the ranks shared it), one row each.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import statistics
 import sys
 import time
@@ -57,7 +65,7 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-from .. import registry, tune
+from .. import distributed, muon_dist, registry, tune
 from . import (ArgumentParser, BenchError, describe_ceilings, environment, fmt, format_table, free_memory,
                measure_ceilings, pick_device, timer_label, write_csv, write_json)
 from ..config import Recipe, RecipeError, load_recipe
@@ -72,7 +80,7 @@ LOSS_TOLERANCE = {"fp32": 1e-3, "bf16": 2e-2, "fp16": 1e-2}
 #: Distinct synthetic micro-batches cycled through (kept on the device, so no copies are timed).
 SYNTHETIC_BATCHES = 4
 
-COLUMNS = ("kernels", "mode", "checkpointing", "status", "unit", "items_per_s", "step_ms", "step_ms_mean", "peak_gb",
+COLUMNS = ("kernels", "mode", "checkpointing", "world", "muon_sharing", "status", "unit", "items_per_s", "step_ms", "step_ms_mean", "peak_gb",
            "activations_mb", "tflops", "mfu", "pct_matmul", "gpu_idle_pct", "first_loss", "last_loss", "vs",
            "backends", "timer", "note")
 
@@ -282,6 +290,8 @@ class TrainArgs:
     overrides: list[str] = field(default_factory=list)
     #: Add the ``tuned`` set to ``kernels`` and ``vs``.
     tuned: bool = False
+    #: Muon's iterations under torchrun: "on" shared over the ranks, "off" repeated on every rank (DDP).
+    muon_sharing: list[str] = field(default_factory=lambda: ["on"])
 
 
 def gpu_idle_share(step, first: int, steps: int, device: torch.device) -> tuple[float | None, str]:
@@ -328,15 +338,17 @@ def with_policy(recipe: Recipe, policy: str) -> Recipe:
     return dataclasses.replace(recipe, train=dataclasses.replace(recipe.train, activation_checkpointing=policy))
 
 
-def run_one(args: TrainArgs, kernel_set, compiled: bool, ceilings: dict, policy: str | None = None) -> dict:
-    """Build the model with ``kernel_set`` (and checkpointing ``policy``, the recipe's by default) and time it;
-    a row for the table."""
-    r, device = args.recipe, args.device
+def run_one(args: TrainArgs, kernel_set, compiled: bool, ceilings: dict, policy: str | None = None,
+            sharing: str = "on") -> dict:
+    """Build the model with ``kernel_set`` (and checkpointing ``policy``, the recipe's by default; Muon's
+    ``sharing`` under torchrun) and time it; a row for the table."""
+    r, device, world = args.recipe, args.device, distributed.world()
     if policy is not None:
         r = with_policy(r, policy)
     row = {"kernels": kernel_set_label(kernel_set), "mode": "compile" if compiled else "eager",
            "checkpointing": r.train.activation_checkpointing, "status": "ok", "unit": None,
-           "timer": timer_label(device), "note": "", "backends": None}
+           "timer": timer_label(device), "note": "", "backends": None, "world": world,
+           "muon_sharing": sharing if world > 1 and r.optim.name == "muon" else None}
     free_memory(device)
     if compiled:
         torch._dynamo.reset()
@@ -349,14 +361,19 @@ def run_one(args: TrainArgs, kernel_set, compiled: bool, ceilings: dict, policy:
         row["tuned"] = {op: d.choice for op, d in decisions.items()}
     row["backends"] = {op: b for op, b in ops.backends.items() if op in task.ops_used()}
     row["unit"] = task.unit
-    forward_model = torch.compile(task.model) if compiled else task.model
+    model = distributed.wrap(task.model, r, device) if world > 1 else task.model
+    forward_model = torch.compile(model) if compiled else model
     o = r.optim
+    groups = task.param_groups(o.weight_decay, muon=o.name == "muon")
+    muon_sharing = None
+    if row["muon_sharing"] == "on":
+        muon_sharing = muon_dist.sharing_for_run(task.model, groups[0]["params"], r.parallel.strategy)
     optimizer, clips_in_step = ops.make_optimizer(
-        o.name, task.param_groups(o.weight_decay, muon=o.name == "muon"), lr=o.lr, betas=o.betas, eps=o.eps,
+        o.name, groups, lr=o.lr, betas=o.betas, eps=o.eps,
         weight_decay=o.weight_decay, momentum=o.momentum, nesterov=o.nesterov, muon_momentum=o.muon_momentum,
-        max_grad_norm=r.train.grad_clip, device=device)
+        max_grad_norm=r.train.grad_clip, device=device, muon_sharing=muon_sharing)
     scaler = LossScaler(device, enabled=r.train.precision == "fp16")
-    train_step = TrainStep(task, task.model, forward_model, optimizer, clips_in_step, scaler, r, device)
+    train_step = TrainStep(task, model, forward_model, optimizer, clips_in_step, scaler, r, device)
 
     def step(i: int) -> torch.Tensor:  # the trainer's step, at the recipe's peak learning rate
         return train_step(i, o.lr).loss
@@ -396,7 +413,7 @@ def run_one(args: TrainArgs, kernel_set, compiled: bool, ceilings: dict, policy:
     row["first_loss"], row["last_loss"] = float(first_loss), float(loss)
     row["step_ms"] = statistics.median(times_ms)
     row["step_ms_mean"] = statistics.fmean(times_ms)
-    items_per_step = task.items_per_micro_batch * r.train.grad_accum
+    items_per_step = task.items_per_micro_batch * r.train.grad_accum * world
     row["items_per_s"] = items_per_step / (row["step_ms"] / 1e3)
     row["tflops"] = task.flops_per_item() * row["items_per_s"] / 1e12
     from ..metrics import peak_flops
@@ -406,7 +423,7 @@ def run_one(args: TrainArgs, kernel_set, compiled: bool, ceilings: dict, policy:
     row["pct_matmul"] = 100 * row["tflops"] / ceilings["matmul_tflops"] if ceilings else None
     if not (math.isfinite(row["first_loss"]) and math.isfinite(row["last_loss"])):
         row["status"], row["note"] = "FAILED", f"non-finite loss (first {row['first_loss']}, last {row['last_loss']})"
-    del task, forward_model, optimizer, train_step, step
+    del task, model, forward_model, optimizer, train_step, step
     free_memory(device)
     return row
 
@@ -415,8 +432,8 @@ def _compare(rows: list[dict], args: TrainArgs, log_err) -> None:
     """Throughput ratio and first-loss agreement of each row with the ``--vs`` row of the same mode."""
     vs_label = kernel_set_label(args.vs)
     tol = LOSS_TOLERANCE[args.recipe.train.precision]
-    for mode, policy in dict.fromkeys((r["mode"], r.get("checkpointing")) for r in rows):
-        group = [r for r in rows if r["mode"] == mode and r.get("checkpointing") == policy]
+    for key in dict.fromkeys(_group_key(r) for r in rows):
+        group = [r for r in rows if _group_key(r) == key]
         base = next((r for r in group if r["kernels"] == vs_label and r.get("items_per_s")), None)
         if base is None:
             continue
@@ -432,7 +449,27 @@ def _compare(rows: list[dict], args: TrainArgs, log_err) -> None:
                 log_err(f"!!! FAILED bench train {_label(r)}: {r['note']}")
 
 
+def _group_key(row: dict) -> tuple:
+    """Rows compared with each other: same mode, checkpointing policy and Muon sharing."""
+    return row["mode"], row.get("checkpointing"), row.get("muon_sharing")
+
+
 def run(args: TrainArgs, log=print, log_err=None) -> dict:
+    """Every row in this process; under torchrun every process runs them together (rank 0 logs)."""
+    info = distributed.init(args.device.type)
+    if info.world > 1 and args.device.type == "cuda":
+        args = dataclasses.replace(args, device=torch.device("cuda", info.local_rank))
+    if not info.is_main:
+        log = log_err = lambda text: None
+    try:
+        result = _run_rows(args, log, log_err)
+    finally:
+        distributed.cleanup()
+    result["rank"], result["world"] = info.rank, info.world
+    return result
+
+
+def _run_rows(args: TrainArgs, log, log_err) -> dict:
     log_err = log_err or (lambda text: print(text, file=sys.stderr, flush=True))
     device = args.device
     r = args.recipe
@@ -447,13 +484,15 @@ def run(args: TrainArgs, log=print, log_err=None) -> dict:
               "rows": []}
     # Two equal sets still run twice: their difference is the run-to-run noise.
     for compiled in ([False, True] if args.compile else [False]):
-        for policy in args.checkpointing:
-            for kernel_set in (args.kernels, args.vs) + (("tuned",) if args.tuned else ()):
+        sets = (args.kernels, args.vs) + (("tuned",) if args.tuned else ())
+        for policy, sharing, kernel_set in [(p, s, k) for p in args.checkpointing for s in args.muon_sharing
+                                            for k in sets]:
                 head = {"kernels": kernel_set_label(kernel_set), "mode": "compile" if compiled else "eager",
-                        "checkpointing": policy, "timer": timer_label(device)}
+                        "checkpointing": policy, "timer": timer_label(device),
+                        "muon_sharing": sharing if distributed.world() > 1 and r.optim.name == "muon" else None}
                 log(f"{_label(head)}: {args.steps} timed steps")
                 try:
-                    row = run_one(args, kernel_set, compiled, ceilings, policy)
+                    row = run_one(args, kernel_set, compiled, ceilings, policy, sharing)
                 except torch.OutOfMemoryError:
                     row = {**head, "status": "not available", "note": "out of memory: lower train.batch_size"}
                     free_memory(device)
@@ -477,9 +516,10 @@ def _megabytes(mb: float | None) -> str:
 
 
 def _label(r: dict) -> str:
-    """A row's kernel set, mode and checkpointing policy (the policy left out when it is "none")."""
+    """A row's kernel set, mode, checkpointing policy (left out when it is "none") and Muon sharing."""
     policy = r.get("checkpointing") or "none"
-    return f"{r['kernels']} ({r['mode']}{'' if policy == 'none' else f', checkpointing {policy}'})"
+    sharing = {"on": ", Muon shared", "off": ", Muon on every rank", None: ""}[r.get("muon_sharing")]
+    return f"{r['kernels']} ({r['mode']}{'' if policy == 'none' else f', checkpointing {policy}'}{sharing})"
 
 
 def _row_line(r: dict) -> str:
@@ -491,6 +531,8 @@ def _row_line(r: dict) -> str:
 
 
 def _write(args: TrainArgs, result: dict) -> None:
+    if distributed.rank() != 0:  # under torchrun every rank holds the same rows; rank 0 writes them
+        return
     if args.json:
         write_json(args.json, result)
     if args.csv:
@@ -501,9 +543,10 @@ def table(result: dict, args: TrainArgs) -> str:
     rows = result["rows"]
     unit = next((r["unit"] for r in rows if r.get("unit")), "item")
     ms = " (CPU)" if args.device.type != "cuda" else ""
-    header = ["kernels", "mode", "checkpointing", f"{unit}/s{ms}", f"step ms{ms}", "peak GB", "activations MB",
+    header = ["kernels", "mode", "checkpointing", "Muon sharing", f"{unit}/s{ms}", f"step ms{ms}", "peak GB", "activations MB",
               "TFLOP/s", "MFU %", "% matmul", "GPU idle %", "loss@0", f"vs {kernel_set_label(args.vs)}", "status"]
-    cells = [[r["kernels"], r["mode"], r.get("checkpointing") or "–", fmt(r.get("items_per_s"), ",.0f"),
+    cells = [[r["kernels"], r["mode"], r.get("checkpointing") or "–", r.get("muon_sharing") or "–",
+              fmt(r.get("items_per_s"), ",.0f"),
               fmt(r.get("step_ms"), ".1f"), fmt(r.get("peak_gb"), ".1f"), _megabytes(r.get("activations_mb")),
               fmt(r.get("tflops"), ".3g"), fmt(r.get("mfu"), ".1f"),
               fmt(r.get("pct_matmul"), ".1f"), fmt(r.get("gpu_idle_pct"), ".1f"), fmt(r.get("first_loss"), ".4f"),
@@ -541,6 +584,9 @@ def _parser() -> ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 20; 3 on CPU)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 5, 8 with --compile; 1 on CPU)")
     p.add_argument("--compile", action="store_true", help="also time each set under torch.compile")
+    p.add_argument("--muon-sharing", default="on", metavar="MODES",
+                   help="under torchrun with optim.name = muon: on (the iterations shared over the ranks), off "
+                        "(repeated on every rank; DDP only), or both, comma-separated (default on)")
     p.add_argument("--json", default=None, metavar="PATH", help="write the rows as JSON")
     p.add_argument("--csv", default=None, metavar="PATH", help="write the rows as CSV")
     return p
@@ -559,7 +605,22 @@ def parse_args(argv: Sequence[str]) -> TrainArgs:
     device = pick_device(recipe.run.device)
     steps = a.steps if a.steps is not None else (20 if device.type == "cuda" else 3)
     return TrainArgs(recipe, kernels, vs, policies, steps, a.warmup, a.compile, device, a.json, a.csv,
-                     list(overrides), a.tuned)
+                     list(overrides), a.tuned, parse_muon_sharing(a.muon_sharing, recipe))
+
+
+def parse_muon_sharing(text: str, recipe: Recipe) -> list[str]:
+    """``--muon-sharing``'s modes in order; "off" exists only where the ranks hold whole matrices (DDP)."""
+    modes = [m.strip() for m in text.split(",")]
+    if any(m not in ("on", "off") for m in modes) or len(set(modes)) < len(modes):
+        raise BenchError(f"--muon-sharing: expected on, off or on,off; got {text!r}")
+    several = distributed.launched_by_torchrun() and int(os.environ["WORLD_SIZE"]) > 1
+    if modes != ["on"] and not (several and recipe.optim.name == "muon"):
+        raise BenchError("--muon-sharing: compares Muon's iterations shared or not over the ranks: it needs "
+                         "optim.name = 'muon' and several processes under torchrun")
+    if "off" in modes and recipe.parallel.strategy != "ddp":
+        raise BenchError("--muon-sharing=off: FSDP2 shards the matrices, so only a shared step can "
+                         "orthogonalize them whole; use parallel.strategy = 'ddp'")
+    return modes
 
 
 def parse_policies(text: str | None, recipe: Recipe) -> list[str]:
@@ -584,11 +645,12 @@ def main(argv: Sequence[str]) -> int:
     except (RecipeError, KernelSelectionError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print()
-    print(table(result, args))
-    print(describe_ceilings(result["ceilings"]))
-    for path in (args.json, args.csv):
-        if path:
-            print(f"wrote {path}")
     failed = [r for r in result["rows"] if r["status"] == "FAILED"]
+    if result["rank"] == 0:
+        print()
+        print(table(result, args))
+        print(describe_ceilings(result["ceilings"]))
+        for path in (args.json, args.csv):
+            if path:
+                print(f"wrote {path}")
     return 1 if failed else 0

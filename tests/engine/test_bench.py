@@ -2,6 +2,8 @@
 columns, arguments are validated, and the GPU command's summary is built from the stages' results."""
 import csv
 import json
+import os
+import subprocess
 import sys
 
 import pytest
@@ -14,6 +16,7 @@ from tritonforge.engine.bench import BenchError, gpu, ops, train
 # One small shape per op (the Triton interpreter runs these in about a second).
 TINY_SHAPES = ("attention=1x2x16x16:causal,layer_norm=8x32,rms_norm=8x32,mlp=10x8,dwconv=1x4x2x2,"
                "cross_entropy=8x16x64,optimizer=1x16x64x16:clip,rope=1x2x1x5x8,swiglu=5x12")
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY_GPT = ["--model.preset=gpt-tiny", "--model.n_layer=1", "--model.d_model=32", "--model.n_head=2",
             "--model.context=16", "--train.seq_len=16", "--train.batch_size=2"]
 
@@ -199,6 +202,23 @@ def test_train_tuned_row_beside_the_kernel_sets(tmp_path, capsys):
     assert "no CUDA device here: auto serves torch" in text and "auto (tuned) (eager): attention=torch" in text
 
 
+@pytest.mark.slow
+def test_train_under_ddp_with_muon_shared_and_not(tmp_path):
+    """Two DDP processes: one row per kernel set and sharing mode, the same first loss, all tokens counted."""
+    out = tmp_path / "train.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "engine", "bench", "train", "recipes/gpt_cpu.toml", "--kernels", "torch", "--vs",
+                           "torch", "--muon-sharing", "off,on", "--steps", "1", "--warmup", "1", "--json", str(out),
+                           "--parallel.strategy=ddp", "--run.threads=1", *TINY_GPT],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["muon_sharing"], r["world"], r["status"]) for r in rows] == [("off", 2, "ok")] * 2 + [("on", 2, "ok")] * 2
+    assert len({r["first_loss"] for r in rows}) == 1
+    assert proc.stdout.count("Muon sharing") == 1  # the table, printed by rank 0 only
+
+
 def test_train_image_classifier_on_synthetic_images(tmp_path):
     recipe = tmp_path / "cnn.toml"
     recipe.write_text('[model]\narch = "resnet"\nwidth = 8\ndepths = [1, 1, 1, 1]\nimage_size = 16\n'
@@ -298,6 +318,8 @@ def test_kernel_sets(monkeypatch):
      "train.activation_checkpointing: 'none,blocks' is not one of"),
     (["--train.nope=1"], "unknown key train.nope"),
     (["stray"], "unexpected argument 'stray'"),
+    (["--muon-sharing", "sometimes"], "--muon-sharing: expected on, off or on,off"),
+    (["--muon-sharing", "off,on"], "--muon-sharing: compares Muon's iterations shared or not over the ranks"),
 ])
 def test_train_argument_errors(argv, message):
     with pytest.raises((BenchError, train.RecipeError), match=message):

@@ -1,5 +1,5 @@
-"""torchrun on CPU with gloo: DDP and FSDP2 match a single process; checkpoints move between world sizes;
-activation checkpointing leaves both strategies' losses unchanged.
+"""torchrun on CPU with gloo: DDP and FSDP2 match a single process, with AdamW and with Muon (both backends);
+checkpoints move between world sizes; activation checkpointing leaves both strategies' losses unchanged.
 
 Every run here is a real ``torchrun --nproc_per_node=2 -m engine.train`` (or a single ``python -m
 engine.train``) on a tiny GPT, compared through the per-step losses in ``metrics.jsonl``.
@@ -12,6 +12,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+from tritonforge.engine import checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = str(ROOT / "recipes" / "gpt_cpu.toml")
@@ -100,18 +103,83 @@ def test_resume_at_another_world_size(corpus, tmp_path, strategy):
 
 
 def test_muon_under_ddp_matches_one_process_and_resumes_in_one(corpus, tmp_path):
-    """optim.name = "muon": two DDP processes take one process's steps, and their checkpoint resumes there."""
+    """optim.name = "muon": two DDP processes, sharing the iterations, take one process's steps, and their
+    checkpoint resumes there."""
     muon = ["--optim.name=muon", "--checkpoint.every=3", "--checkpoint.keep=5"]
     single = tmp_path / "single"
     run(common(corpus, 5) + muon + ["--train.batch_size=8", f"--run.dir={single}"])
     multi = tmp_path / "multi"
-    run(common(corpus, 5) + muon + ["--train.batch_size=2", "--train.grad_accum=2", "--parallel.strategy=ddp",
-                                    f"--run.dir={multi}"], nproc=2)
+    proc = run(common(corpus, 5) + muon + ["--train.batch_size=2", "--train.grad_accum=2",
+                                           "--parallel.strategy=ddp", f"--run.dir={multi}"], nproc=2)
+    assert "Newton-Schulz shared over 2 ranks (DDP replicas" in proc.stdout
     assert_same_losses(losses(single), losses(multi), range(1, 6))
     resumed = tmp_path / "resumed"
     _copy_until(multi, resumed, step=3)
     run(common(corpus, 5) + muon + ["--train.batch_size=8", f"--run.dir={resumed}", "--checkpoint.resume=latest"])
     assert_same_losses(losses(resumed), losses(single), range(4, 6))
+
+
+MUON_STEPS = 20
+# Muon for the tiny GPT's block matrices (one block); the Triton backend runs through the interpreter.
+MUON = ["--optim.name=muon", "--model.n_layer=1", "--train.final_eval_tokens=0"]
+
+
+def test_muon_under_fsdp_matches_one_process_and_resumes_at_any_world_size(corpus, tmp_path):
+    """Global batch 8 as 1x8, and as 2 FSDP2 processes x 2 micro-batches x 2, for 20 steps; the FSDP2 run's
+    step-3 checkpoint resumes in 2 processes (bit for bit) and in 1, a one-process checkpoint resumes under
+    FSDP2, and the checkpoint consolidates to torch.optim.Muon's state."""
+    args = common(corpus, MUON_STEPS) + MUON + ["--kernels.optimizer=torch", "--checkpoint.every=3",
+                                                "--checkpoint.keep=10"]
+    two_args = args + ["--train.batch_size=2", "--train.grad_accum=2", "--parallel.strategy=fsdp"]
+    one_args = args + ["--train.batch_size=8"]
+    proc = run(two_args + [f"--run.dir={tmp_path / 'two'}"], nproc=2)
+    assert "Newton-Schulz shared over 2 ranks (FSDP2 shards" in proc.stdout
+    run(one_args + [f"--run.dir={tmp_path / 'one'}"])
+    two, one = losses(tmp_path / "two"), losses(tmp_path / "one")
+    assert_same_losses(two, one, range(1, MUON_STEPS + 1))
+    for src, dst, resume_args, nproc in [("two", "two_again", two_args, 2), ("two", "two_to_one", one_args, 1),
+                                         ("one", "one_to_two", two_args, 2)]:
+        _copy_until(tmp_path / src, tmp_path / dst, step=3)
+        run(resume_args + [f"--run.dir={tmp_path / dst}", "--checkpoint.resume=latest"], nproc=nproc)
+    later = range(4, MUON_STEPS + 1)
+    assert {s: two[s] for s in later} == losses(tmp_path / "two_again")
+    assert_same_losses(losses(tmp_path / "two_to_one"), one, later)
+    assert_same_losses(losses(tmp_path / "one_to_two"), two, later)
+    assert_consolidates_to_torch_muon(tmp_path / "two" / "checkpoints")
+
+
+def test_muon_under_fsdp_matches_one_process_with_triton_kernels(corpus, tmp_path):
+    """The same with the Triton optimizer (through the interpreter): its stacks hold each rank's rows."""
+    args = common(corpus, MUON_STEPS) + MUON + ["--kernels.optimizer=triton"]
+    run(args + ["--train.batch_size=8", f"--run.dir={tmp_path / 'one'}"])
+    run(args + ["--train.batch_size=2", "--train.grad_accum=2", "--parallel.strategy=fsdp",
+                f"--run.dir={tmp_path / 'fsdp'}"], nproc=2)
+    assert_same_losses(losses(tmp_path / "one"), losses(tmp_path / "fsdp"), range(1, MUON_STEPS + 1))
+
+
+def test_muon_under_fsdp_at_four_processes_matches_one(corpus, tmp_path):
+    """Global batch 8 as 4 FSDP2 processes x 2 micro-batches x 1: the 32-row matrices split 8 rows a rank."""
+    args = common(corpus, MUON_STEPS) + MUON + ["--kernels.optimizer=torch"]
+    run(args + ["--train.batch_size=8", f"--run.dir={tmp_path / 'one'}"])
+    run(args + ["--train.batch_size=1", "--train.grad_accum=2", "--parallel.strategy=fsdp",
+                f"--run.dir={tmp_path / 'fsdp'}"], nproc=4)
+    assert_same_losses(losses(tmp_path / "one"), losses(tmp_path / "fsdp"), range(1, MUON_STEPS + 1))
+
+
+def assert_consolidates_to_torch_muon(folder):
+    """The whole momentum buffers of the Muon matrices load into a torch.optim.Muon over them."""
+    optim = checkpoint.consolidate(folder)["optimizer"]
+    muon_group = next(g for g in optim["param_groups"] if g["use_muon"])
+    names = muon_group["params"]
+    assert names and all(set(optim["state"][n]) == {"momentum_buffer"} for n in names)
+    matrices = [torch.zeros_like(optim["state"][n]["momentum_buffer"]) for n in names]
+    assert all(m.shape[0] == 32 or m.shape[1] == 32 for m in matrices)  # whole, not a shard's rows
+    reference = torch.optim.Muon(matrices)
+    group = {k: v for k, v in muon_group.items() if k in reference.param_groups[0]}
+    reference.load_state_dict({"state": {i: optim["state"][n] for i, n in enumerate(names)},
+                               "param_groups": [{**group, "params": list(range(len(names)))}]})
+    for p, n in zip(matrices, names):
+        assert torch.equal(reference.state[p]["momentum_buffer"], optim["state"][n]["momentum_buffer"])
 
 
 COUNTING = """
