@@ -487,24 +487,24 @@ def _run_rows(args: TrainArgs, log, log_err) -> dict:
         sets = (args.kernels, args.vs) + (("tuned",) if args.tuned else ())
         for policy, sharing, kernel_set in [(p, s, k) for p in args.checkpointing for s in args.muon_sharing
                                             for k in sets]:
-                head = {"kernels": kernel_set_label(kernel_set), "mode": "compile" if compiled else "eager",
-                        "checkpointing": policy, "timer": timer_label(device),
-                        "muon_sharing": sharing if distributed.world() > 1 and r.optim.name == "muon" else None}
-                log(f"{_label(head)}: {args.steps} timed steps")
-                try:
-                    row = run_one(args, kernel_set, compiled, ceilings, policy, sharing)
-                except torch.OutOfMemoryError:
-                    row = {**head, "status": "not available", "note": "out of memory: lower train.batch_size"}
-                    free_memory(device)
-                except (RecipeError, KernelSelectionError):
-                    raise
-                except Exception as e:  # noqa: BLE001  (report it and go on with the other set)
-                    row = {**head, "status": "FAILED", "note": f"{type(e).__name__}: {str(e).strip()[:300]}"}
-                    log_err(f"!!! FAILED bench train {_label(head)}: {row['note']}")
-                    free_memory(device)
-                result["rows"].append(row)
-                log("  " + _row_line(row))
-                _write(args, result)
+            head = {"kernels": kernel_set_label(kernel_set), "mode": "compile" if compiled else "eager",
+                    "checkpointing": policy, "timer": timer_label(device),
+                    "muon_sharing": sharing if distributed.world() > 1 and r.optim.name == "muon" else None}
+            log(f"{_label(head)}: {args.steps} timed steps")
+            try:
+                row = run_one(args, kernel_set, compiled, ceilings, policy, sharing)
+            except torch.OutOfMemoryError:
+                row = {**head, "status": "not available", "note": "out of memory: lower train.batch_size"}
+                free_memory(device)
+            except (RecipeError, KernelSelectionError):
+                raise
+            except Exception as e:  # noqa: BLE001  (report it and go on with the other set)
+                row = {**head, "status": "FAILED", "note": f"{type(e).__name__}: {str(e).strip()[:300]}"}
+                log_err(f"!!! FAILED bench train {_label(head)}: {row['note']}")
+                free_memory(device)
+            result["rows"].append(row)
+            log("  " + _row_line(row))
+            _write(args, result)
     _compare(result["rows"], args, log_err)
     _write(args, result)
     return result
