@@ -207,6 +207,19 @@ def newton_schulz_(stack: Tensor, coefficients: tuple[float, float, float], step
 
 
 # ----------------------------------------------------------------------------------------------
+def _stored_shape(p: Tensor) -> tuple[int, int]:
+    """The matrix that a dense 2-D ``p``'s elements form in memory, read row-major: ``p``'s shape, or for
+    a transposed ``p`` (strides (1, m)) that of ``p.T``.
+
+    The momentum and update kernels copy the parameter's elements in storage order into its slot of a
+    stack and back, so the slot must have that shape: the iterations then orthogonalize ``p.T``, whose
+    orthogonal factor is the transpose of ``p``'s (the iteration commutes with transposition), and the
+    update lands on ``p``'s elements as the matrix's. A slot of ``p``'s own shape would hold a reshape of
+    the matrix, not the matrix.
+    """
+    return tuple(p.shape) if p.is_contiguous() else (p.shape[1], p.shape[0])
+
+
 # The optimizer
 # ----------------------------------------------------------------------------------------------
 def muon_lr_scale(shape: torch.Size, adjust_lr_fn: Optional[str]) -> float:
@@ -379,11 +392,11 @@ class Muon(_FusedOptimizer):
 
     def _allocate_stacks(self, muon: list[tuple[int, Tensor, Tensor]], ns_dtype: torch.dtype,
                          device: torch.device) -> list[_NSStack]:
-        """One zeroed [L, m, n] buffer per (shape, iteration settings); records each matrix's slot."""
+        """One zeroed [L, m, n] buffer per (stored shape, iteration settings); records each matrix's slot."""
         members: dict[tuple, list[Tensor]] = {}
         for gi, p, _ in muon:
             group = self.param_groups[gi]
-            settings = (tuple(p.shape), tuple(group["ns_coefficients"]), group["ns_steps"], group["eps"])
+            settings = (_stored_shape(p), tuple(group["ns_coefficients"]), group["ns_steps"], group["eps"])
             members.setdefault(settings, []).append(p)
         self._ns_slot = {}
         stacks = []
