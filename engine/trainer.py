@@ -272,8 +272,10 @@ class TrainStep:
 
         grad_norm = None
         if self.clips_in_step:
-            # The fused optimizer unscales, clips, detects inf/NaN and skips on the device.
+            # The fused optimizer unscales, clips, detects inf/NaN and skips on the device; a non-finite
+            # loss (whose gradients may well be finite) skips it too, as the step is reported.
             self.optimizer.grad_scale = self.scaler.scale
+            self.optimizer.skip = ~loss_ok
             self.optimizer.step()
             found_inf, grad_norm = self.optimizer.found_inf.float(), self.optimizer.grad_norm
         else:

@@ -219,6 +219,24 @@ def test_overflow_skips_the_whole_step():
     assert opt.state[ours[-1]]["step"].item() == 2.0
 
 
+def test_skip_flag_skips_the_whole_step():
+    """``opt.skip`` (a non-finite loss with finite gradients) at step 1: nothing moves, Muon or AdamW part."""
+    ours, ref = make_params(), make_params(torch.float64)
+    opt = kernels.Muon(mixed_groups(ours), lr=0.02)
+    opt_ref = TorchMuon(mixed_groups(ref), lr=0.02)
+    for step in range(3):
+        grads = gradients(step, ours)
+        set_grads(ours, grads)
+        opt.skip = torch.tensor(step == 1)
+        opt.step()
+        assert opt.found_inf.item() == 0.0
+        if step != 1:
+            set_grads(ref, grads)
+            opt_ref.step()
+    assert_close(ours, ref, FP32_RTOL)
+    assert opt.state[ours[-1]]["step"].item() == 2.0
+
+
 def test_bf16_params_with_master_weights_track_fp32_run():
     ours, ref = make_params(torch.bfloat16), make_params(torch.bfloat16)
     ref = [p.detach().float().requires_grad_() for p in ref]
