@@ -16,8 +16,8 @@ upcast exactly), so the only error left is the kernel's own:
   only matters for V = 1, whose gradient vanishes). fp32: 1e-5 (summation order); fp16: 2e-3 (rounded once to
   fp16); bf16: 2e-2 (rounded once to bf16, truncated rather than rounded in the interpreter). Logits near
   +-1e3 get 1e-4: exp(x - lse) with an fp32 lse there is good to an ulp of 1e3 (6e-5).
-* with a soft cap c the reference caps the float64 logits; the kernel's tanh (from one exp) is good to
-  a few fp32 ulps, so the tolerances above hold.
+* with a soft cap c the reference caps the float64 logits; the kernel's tanh (a polynomial for small
+  arguments, one exp above) is good to 2 fp32 ulps, so the tolerances above hold.
 * linear_cross_entropy in fp32: loss 1e-5, gradients 1e-4 (the matmuls' summation order). Under bf16 autocast
   (the matmuls in bf16, as F.linear does) against the fp32 inputs' float64 reference: loss 2e-2, gradients
   5e-2.
@@ -31,6 +31,8 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
 from tritonforge import kernels
 from tritonforge.kernels.cross_entropy import cross_entropy, linear_cross_entropy
@@ -45,6 +47,11 @@ LOSS_TOL = 1e-5
 GRAD_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 LINEAR_LOSS_TOL, LINEAR_GRAD_TOL = 1e-5, 1e-4
 AUTOCAST_LOSS_TOL, AUTOCAST_GRAD_TOL = 2e-2, 5e-2
+# fp32 logits soft-capped at small |z / c|: the capped logits and the gradient to fp32 rounding (a tanh from one
+# exp, 1 - 2 / (exp(2u) + 1), is off by an ulp of 1 there: up to 3e-4 relative on the capped logit).
+SMALL_CAP_LOSS_TOL, SMALL_CAP_GRAD_TOL = 1e-6, 1e-6
+# The kernels' tanh in fp32, relative to float64 at any magnitude: 2 ulps.
+TANH_REL_TOL = 2.4e-7
 
 needs_compiler = pytest.mark.skipif(INTERPRET, reason="needs compiled kernels (TRITON_INTERPRET=0): "
                                                       "the interpreter truncates fp32 to bf16")
@@ -295,6 +302,43 @@ def test_large_logits_do_not_overflow():
     loss, grad, _, _ = check(logits, targets, label_smoothing=0.1, grad_tol=1e-4)
     assert torch.isfinite(loss) and torch.all(torch.isfinite(grad))
     check(-logits, targets, reduction="none", grad_tol=1e-4)
+
+
+@triton.jit
+def _tanh_kernel(X, Y, N, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    tl.store(Y + offs, ce_mod._tanh(tl.load(X + offs, mask=mask)), mask=mask)
+
+
+def test_kernel_tanh_is_accurate_at_every_magnitude():
+    """The soft cap's tanh in fp32 against float64, relative: small |u| (where 1 - 2 / (exp(2u) + 1) cancels
+    to an ulp of 1), the switch between formulas, saturation, +-inf and 0."""
+    u = torch.cat([torch.logspace(-30, 1.5, 2000), torch.linspace(0.85, 0.95, 1001), torch.tensor([0.0, float("inf")])])
+    u = torch.cat([u, -u]).float()
+    out = torch.empty_like(u)
+    _tanh_kernel[(triton.cdiv(u.numel(), 1024),)](u, out, u.numel(), BLOCK=1024)
+    ref = torch.tanh(u.double())
+    err = ((out.double() - ref).abs() / ref.abs().clamp(min=1e-300)).max().item()
+    assert err <= TANH_REL_TOL, err
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_softcap_small_logits_fp32(reduction):
+    """fp32 logits |z| < 1 under a cap of 50 (|z / c| < 0.02) over V = 7 classes (softmax ~1/7, so an error
+    in a capped logit shows in the gradient): the loss (it holds the capped target logit) and the gradient
+    against float64 to fp32 rounding."""
+    gen = torch.Generator().manual_seed(84)
+    logits = (2.0 * torch.rand(64, 7, generator=gen) - 1.0).to(DEVICE)
+    targets = make_targets((64,), 7, seed=85)
+    leaf = logits.clone().requires_grad_()
+    loss = cross_entropy(leaf, targets, softcap=50.0, reduction=reduction)
+    leaf64 = logits.double().requires_grad_()
+    ref = reference(leaf64, targets, softcap=50.0, reduction=reduction)
+    assert _loss_err(loss, ref) <= SMALL_CAP_LOSS_TOL, _loss_err(loss, ref)
+    loss.sum().backward()
+    ref.sum().backward()
+    assert _rel_err(leaf.grad, leaf64.grad) <= SMALL_CAP_GRAD_TOL, _rel_err(leaf.grad, leaf64.grad)
 
 
 def test_upstream_gradient_scales_the_gradient():
