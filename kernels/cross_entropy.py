@@ -46,6 +46,7 @@ _BLOCK_V_INTERPRET = 128
 # gets however large the vocabulary (so that its matmuls stay large).
 _CHUNK_ELEMENTS = 2 ** 26
 _MIN_CHUNK_ROWS = 256
+_LOWEST = tl.constexpr(-3.4028234663852886e38)  # the lowest finite fp32
 # The soft cap's tanh: below |u| = 0.9 (tanh 0.72) a polynomial, whose coefficients are below (see _tanh).
 _TANH_SMALL = tl.constexpr(0.9)
 _TANH_P0 = tl.constexpr(-0.33333221077919006)
@@ -114,8 +115,10 @@ def _forward_kernel(LOGITS, GRAD, TARGETS, LOSS, LSE, SCALE, V, stride_l, stride
     base = LOGITS + row * stride_l
     target = tl.load(TARGETS + row).to(tl.int64)
     cols = tl.arange(0, BLOCK_V)
-    # Online log-sum-exp: a running max m and the sum s of exp(x - m), rescaled when m grows.
-    m = tl.full((), float("-inf"), tl.float32)
+    # Online log-sum-exp: a running max m and the sum s of exp(x - m), rescaled when m grows. m starts at
+    # the lowest finite float, not -inf: while every logit so far is -inf (masked classes), x - m is then
+    # -inf (exp 0) instead of -inf - (-inf) = NaN, at no cost in the loop.
+    m = tl.full((), _LOWEST, tl.float32)
     s = tl.zeros((), tl.float32)
     sum_x = tl.zeros((), tl.float32)  # for label smoothing: the mean logit
     for start in range(0, V, BLOCK_V):

@@ -304,6 +304,31 @@ def test_large_logits_do_not_overflow():
     check(-logits, targets, reduction="none", grad_tol=1e-4)
 
 
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+def test_first_block_all_minus_inf(label_smoothing):
+    """Masked vocabulary entries (-inf logits) filling the first 128-column block of a row: the online
+    log-sum-exp starts from a block whose maximum is -inf and must not compute exp(-inf - (-inf)). Torch's loss
+    is finite; so must the kernel's be, and its gradient 0 on the masked columns."""
+    logits = make_logits((4,), 300, seed=80)
+    logits[:2, :150] = float("-inf")  # two rows: the whole first block and part of the second
+    logits[3, 128:256] = float("-inf")  # a later block alone
+    targets = make_targets((4,), 300, seed=81).clamp(min=256)
+    loss, grad, _, _ = check(logits, targets, reduction="none", label_smoothing=0.0)
+    assert torch.all(torch.isfinite(loss)) and torch.all(grad[:2, :150] == 0)
+    if label_smoothing:  # torch: eps / V of -inf logits gives an infinite loss, and so must the kernel
+        loss = cross_entropy(logits, targets, reduction="none", label_smoothing=label_smoothing)
+        ref = reference(logits.double(), targets, reduction="none", label_smoothing=label_smoothing)
+        assert torch.equal(torch.isinf(loss), torch.isinf(ref)) and not torch.any(torch.isnan(loss))
+
+
+def test_linear_first_block_all_minus_inf():
+    """The fused head with a bias of -inf on the first 150 classes (masked classes): a finite loss, as torch."""
+    x, weight, b = make_linear((6,), 16, 300, seed=82)
+    b[:150] = float("-inf")
+    targets = make_targets((6,), 300, seed=83).clamp(min=150)
+    check_linear(x, weight, b, targets, chunk_size=4, requires=("x", "weight"))
+
+
 @triton.jit
 def _tanh_kernel(X, Y, N, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
