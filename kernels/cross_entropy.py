@@ -147,6 +147,11 @@ def _forward_kernel(LOGITS, GRAD, TARGETS, LOSS, LSE, SCALE, V, stride_l, stride
     tl.store(LOSS + row, tl.where(valid, loss, 0.0))
     tl.store(LSE + row, lse)
     if WRITE_GRAD:
+        # GRAD may be LOGITS itself. Every thread read the target logit above (one stored the loss), after
+        # the log-sum-exp's last barrier, and nothing else orders those reads before another warp's
+        # stores of the gradient over the same column: a warp ahead could overwrite x_t first. The
+        # barrier completes every thread's read before any store.
+        tl.debug_barrier()
         scale = tl.where(valid, tl.load(SCALE).to(tl.float32), 0.0)
         _row_grad(base, GRAD + row * stride_g, target, lse, scale, V, smoothing, softcap, HAS_SMOOTHING,
                   HAS_SOFTCAP, BLOCK_V)
