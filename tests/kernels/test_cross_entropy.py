@@ -52,6 +52,12 @@ AUTOCAST_LOSS_TOL, AUTOCAST_GRAD_TOL = 2e-2, 5e-2
 SMALL_CAP_LOSS_TOL, SMALL_CAP_GRAD_TOL = 1e-6, 1e-6
 # The kernels' tanh in fp32, relative to float64 at any magnitude: 2 ulps.
 TANH_REL_TOL = 2.4e-7
+# fp16 head at a realistic size: x and weight rounded to fp16 are the reference's inputs; the logits are rounded
+# to fp16 (the loss), their gradient once more before the matmuls, whose fp16 output (dx) once more.
+FP16_LINEAR_LOSS_TOL, FP16_LINEAR_GRAD_TOL = 1e-3, 4e-3
+# Loss scales as the upstream gradient of an fp16 run's loss: one a dynamic scaler reaches after a back-off, and
+# the one it starts from (2^16, which is inf in fp16).
+LOSS_SCALE, INITIAL_LOSS_SCALE = 2.0 ** 15, 2.0 ** 16
 
 needs_compiler = pytest.mark.skipif(INTERPRET, reason="needs compiled kernels (TRITON_INTERPRET=0): "
                                                       "the interpreter truncates fp32 to bf16")
@@ -594,6 +600,33 @@ def test_linear_under_bf16_autocast():
                  loss_tol=AUTOCAST_LOSS_TOL, grad_tol=AUTOCAST_GRAD_TOL)
 
 
+@pytest.mark.slow  # the interpreter walks 33M logits twice: about 75 s of one CPU core
+def test_linear_fp16_gradients_do_not_underflow(monkeypatch):
+    """An fp16 head at a realistic size, N = 8192 counted positions and V = 4096, with the loss scale as the
+    upstream gradient: the mean's 1 / N times a softmax of ~1/V is ~3e-8, below fp16's smallest subnormal
+    (6e-8), so the logits' gradient must not be stored in fp16 with 1 / N applied and the loss scale not
+    yet. dx and dW against float64, and no entry of dW zero (none of the reference's is). One 4096-column
+    block per row, as on a GPU: fewer interpreted steps than the 128-column blocks of the other tests."""
+    monkeypatch.setattr(ce_mod, "_BLOCK_V_INTERPRET", 4096)
+    n, v, d = 8192, 4096, 8
+    gen = torch.Generator().manual_seed(86)
+    x = torch.randn(n, d, generator=gen).to(DEVICE, torch.float16)
+    weight = (torch.randn(v, d, generator=gen) / d ** 0.5).to(DEVICE, torch.float16)
+    targets = make_targets((n,), v, seed=87)
+    _, (dx, dw, _) = check_linear(x, weight, None, targets, scale=LOSS_SCALE, requires=("x", "weight"),
+                                  loss_tol=FP16_LINEAR_LOSS_TOL, grad_tol=FP16_LINEAR_GRAD_TOL)
+    assert torch.all(dw != 0)
+
+
+def test_linear_fp16_initial_loss_scale_is_not_inf():
+    """An upstream gradient of 2^16 (a loss scaler's first step) is applied in fp32: rounded to fp16 it would be
+    inf, and every gradient inf or NaN."""
+    x, weight, b = make_linear((6,), 16, 129, seed=88)
+    targets = make_targets((6,), 129, ignore=(2,), seed=89)
+    check_linear(x.half(), weight.half(), b.half(), targets, scale=INITIAL_LOSS_SCALE, chunk_size=4,
+                 loss_tol=FP16_LINEAR_LOSS_TOL, grad_tol=FP16_LINEAR_GRAD_TOL)
+
+
 def _lin_args(**change):
     x, weight, b = make_linear((4,), 8, 20, seed=47)
     args = {"x": x, "weight": weight, "targets": make_targets((4,), 20, seed=48), "bias": b}
@@ -648,7 +681,7 @@ def test_custom_ops_pass_opcheck():
                           (x, weight, bias, targets.repeat(2)[:7], -100, 0.0, 5.0, True, 3, torch.float32,
                            True, True, True))
     # gradients not asked for come back as empty (0,) tensors
-    _, dx, dw, db = torch.ops.tritonforge.linear_cross_entropy(x, weight, None, targets.repeat(2)[:7], -100, 0.0,
+    _, dx, dw, db, _ = torch.ops.tritonforge.linear_cross_entropy(x, weight, None, targets.repeat(2)[:7], -100, 0.0,
                                                                 0.0, False, 4, torch.float32, False, True, False)
     assert dx.shape == (0,) and db.shape == (0,) and dw.shape == weight.shape
 
