@@ -19,9 +19,9 @@ them by the upstream gradient and the mean's 1 / N, in fp32: the rows' gradients
 either (in [-1, 1]), so that in fp16 they do not underflow before an fp16 run's loss scale reaches them.
 At GPT-2 small's head the matmuls are 6·N·d·V FLOPs and the row kernel reads each chunk's logits twice
 and writes them once. Targets outside [0, V) that are not ignored raise on CPU tensors; on CUDA (a check
-would cost a sync every step) their loss is NaN, which the trainer reports. The custom ops keep
-``torch.compile`` whole; off CUDA without ``TRITON_INTERPRET=1`` both functions run the PyTorch
-composition.
+would cost a sync every step) their loss and their row of the gradient are NaN, which the trainer
+reports (and skips the step). The custom ops keep ``torch.compile`` whole; off CUDA without
+``TRITON_INTERPRET=1`` both functions run the PyTorch composition.
 """
 from __future__ import annotations
 
@@ -111,8 +111,9 @@ def _forward_kernel(LOGITS, GRAD, TARGETS, LOSS, LSE, V, stride_l, stride_g, ign
                     BLOCK_V: tl.constexpr):
     """One program per row: the loss (0 at ignored rows, NaN at out-of-range targets) and the
     log-sum-exp of the row (of its capped logits with ``HAS_SOFTCAP``); with ``WRITE_GRAD`` also the
-    row's gradient of its own loss (0 at ignored rows), entries in [-1, 1]: a reduction's 1 / N and
-    the upstream gradient are applied by the caller, in fp32, after the matmuls that consume it."""
+    row's gradient of its own loss (0 at ignored rows, NaN at out-of-range targets), entries in
+    [-1, 1]: a reduction's 1 / N and the upstream gradient are applied by the caller, in fp32, after
+    the matmuls that consume it."""
     row = tl.program_id(0).to(tl.int64)
     base = LOGITS + row * stride_l
     target = tl.load(TARGETS + row).to(tl.int64)
@@ -154,7 +155,9 @@ def _forward_kernel(LOGITS, GRAD, TARGETS, LOSS, LSE, V, stride_l, stride_g, ign
         # stores of the gradient over the same column: a warp ahead could overwrite x_t first. The
         # barrier completes every thread's read before any store.
         tl.debug_barrier()
-        scale = tl.where(valid, 1.0, 0.0)
+        # NaN at an out-of-range target, as its loss: a check of the gradients for inf/NaN (a loss scaler's,
+        # a fused optimizer's) then sees the bad row too
+        scale = tl.where(valid, tl.where(in_range, 1.0, float("nan")), 0.0)
         _row_grad(base, GRAD + row * stride_g, target, lse, scale, V, smoothing, softcap, HAS_SMOOTHING,
                   HAS_SOFTCAP, BLOCK_V)
 
@@ -167,7 +170,9 @@ def _backward_kernel(LOGITS, GRAD, TARGETS, LSE, DLOSS, V, stride_l, stride_g, s
     row = tl.program_id(0).to(tl.int64)
     target = tl.load(TARGETS + row).to(tl.int64)
     lse = tl.load(LSE + row)
-    scale = tl.where(target != ignore_index, tl.load(DLOSS + row * stride_d).to(tl.float32), 0.0)
+    in_range = (target >= 0) & (target < V)
+    scale = tl.load(DLOSS + row * stride_d).to(tl.float32)
+    scale = tl.where(target != ignore_index, tl.where(in_range, scale, float("nan")), 0.0)  # as the forward's
     _row_grad(LOGITS + row * stride_l, GRAD + row * stride_g, target, lse, scale, V, smoothing, softcap,
               HAS_SMOOTHING, HAS_SOFTCAP, BLOCK_V)
 

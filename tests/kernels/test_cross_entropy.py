@@ -425,6 +425,23 @@ def test_out_of_range_target_is_an_error_on_cpu(bad, ignore_index):
         cross_entropy(logits, targets, ignore_index=ignore_index)
 
 
+def test_out_of_range_target_has_a_nan_gradient_as_well_as_loss():
+    """On CUDA a target outside [0, V) is not checked (a sync per step): its loss is NaN, and so is its row of
+    the gradient, in the fused forward and in the backward, so that a check of the gradients for inf/NaN (a
+    loss scaler's, a fused optimizer's) sees the bad row too. The kernels are run directly here: on CPU
+    tensors the functions raise first."""
+    logits = make_logits((3,), 300, seed=90)
+    targets = torch.tensor([5, 300, -100], device=DEVICE)
+    loss, lse = torch.empty(3, device=DEVICE), torch.empty(3, device=DEVICE)
+    grad = logits.clone()
+    ce_mod._forward_rows(grad, targets, -100, 0.0, 0.0, loss, lse, grad=grad)
+    backward = torch.ops.tritonforge.cross_entropy_backward(torch.ones(3, device=DEVICE), logits, targets, lse,
+                                                             -100, 0.0, 0.0)
+    for g in (grad, backward):
+        assert torch.all(torch.isfinite(g[0])) and torch.all(torch.isnan(g[1])) and torch.all(g[2] == 0)
+    assert math.isnan(loss[1].item()) and torch.isfinite(loss[0]) and loss[2].item() == 0.0
+
+
 def test_interpreter_block_and_exports():
     """The V sizes above assume 128-column blocks in the interpreter."""
     assert ce_mod._BLOCK_V_INTERPRET == 128
