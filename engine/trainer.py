@@ -239,9 +239,9 @@ class TrainStep:
     update and ``zero_grad``, deciding everything on the device. The trainer runs it and ``bench train``
     times it.
 
-    No host synchronisation: a non-finite loss or gradient masks the update on the device (the Triton and
-    torch's fused optimizers skip on their ``found_inf``; others restore the parameters and state they had)
-    and is reported from the :class:`StepResult` when the trainer next reads it. ``batches(step)`` yields the
+    No host synchronisation: a non-finite loss or gradient masks the update on the device (torch's fused
+    optimizers skip on their ``found_inf``, the Triton ones on theirs or on their ``skip`` flag; others
+    restore the parameters and state they had) and is reported from the :class:`StepResult` when the trainer next reads it. ``batches(step)`` yields the
     ``(inputs, targets)`` micro-batches of a step, already on the device.
     """
 
