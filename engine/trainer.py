@@ -239,9 +239,9 @@ class TrainStep:
     update and ``zero_grad``, deciding everything on the device. The trainer runs it and ``bench train``
     times it.
 
-    No host synchronisation: a non-finite loss or gradient masks the update on the device (the Triton and
-    torch's fused optimizers skip on their ``found_inf``; others restore the parameters and state they had)
-    and is reported from the :class:`StepResult` when the trainer next reads it. ``batches(step)`` yields the
+    No host synchronisation: a non-finite loss or gradient masks the update on the device (torch's fused
+    optimizers skip on their ``found_inf``, the Triton ones on theirs or on their ``skip`` flag; others
+    restore the parameters and state they had) and is reported from the :class:`StepResult` when the trainer next reads it. ``batches(step)`` yields the
     ``(inputs, targets)`` micro-batches of a step, already on the device.
     """
 
@@ -272,8 +272,10 @@ class TrainStep:
 
         grad_norm = None
         if self.clips_in_step:
-            # The fused optimizer unscales, clips, detects inf/NaN and skips on the device.
+            # The fused optimizer unscales, clips, detects inf/NaN and skips on the device; a non-finite
+            # loss (whose gradients may well be finite) skips it too, as the step is reported.
             self.optimizer.grad_scale = self.scaler.scale
+            self.optimizer.skip = ~loss_ok
             self.optimizer.step()
             found_inf, grad_norm = self.optimizer.found_inf.float(), self.optimizer.grad_norm
         else:

@@ -15,11 +15,13 @@ vocabulary and 16k tokens). It holds at most ``chunk_size`` rows of logits; per 
 3. turns that into the input gradient and adds the weight gradient (fp32 accumulator) and bias gradient.
 
 The gradients are computed during the forward, where the logits are at hand; the backward only scales
-them by the upstream gradient. At GPT-2 small's head the matmuls are 6·N·d·V FLOPs and the row kernel
-reads each chunk's logits twice and writes them once. Targets outside [0, V) that are not ignored raise on
-CPU tensors; on CUDA (a check would cost a sync every step) their loss is NaN, which the trainer reports.
-The custom ops keep ``torch.compile`` whole; off CUDA without ``TRITON_INTERPRET=1`` both functions run
-the PyTorch composition.
+them by the upstream gradient and the mean's 1 / N, in fp32: the rows' gradients are stored without
+either (in [-1, 1]), so that in fp16 they do not underflow before an fp16 run's loss scale reaches them.
+At GPT-2 small's head the matmuls are 6·N·d·V FLOPs and the row kernel reads each chunk's logits twice
+and writes them once. Targets outside [0, V) that are not ignored raise on CPU tensors; on CUDA (a check
+would cost a sync every step) their loss and their row of the gradient are NaN, which the trainer
+reports (and skips the step). The custom ops keep ``torch.compile`` whole; off CUDA without
+``TRITON_INTERPRET=1`` both functions run the PyTorch composition.
 """
 from __future__ import annotations
 
@@ -46,6 +48,15 @@ _BLOCK_V_INTERPRET = 128
 # gets however large the vocabulary (so that its matmuls stay large).
 _CHUNK_ELEMENTS = 2 ** 26
 _MIN_CHUNK_ROWS = 256
+_LOWEST = tl.constexpr(-3.4028234663852886e38)  # the lowest finite fp32
+# The soft cap's tanh: below |u| = 0.9 (tanh 0.72) a polynomial, whose coefficients are below (see _tanh).
+_TANH_SMALL = tl.constexpr(0.9)
+_TANH_P0 = tl.constexpr(-0.33333221077919006)
+_TANH_P1 = tl.constexpr(0.133305162191391)
+_TANH_P2 = tl.constexpr(-0.05373034626245499)
+_TANH_P3 = tl.constexpr(0.020926008000969887)
+_TANH_P4 = tl.constexpr(-0.006884613540023565)
+_TANH_P5 = tl.constexpr(0.0013142190873622894)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -53,8 +64,20 @@ _MIN_CHUNK_ROWS = 256
 # ----------------------------------------------------------------------------------------------
 @triton.jit
 def _tanh(u):
-    """tanh(u) = 1 - 2 / (exp(2u) + 1): exact limits +-1 where exp overflows or vanishes."""
-    return 1.0 - 2.0 / (tl.exp(2.0 * u) + 1.0)
+    """tanh(u) in fp32 to about 2 ulps at every magnitude.
+
+    For |u| >= 0.9, 1 - 2 / (exp(2u) + 1), with the exact limits +-1 where exp overflows or vanishes.
+    Below, that formula cancels (its error is an ulp of 1: up to all of a tiny tanh, 3e-4 of it at
+    |u| = 1e-3); there tanh(u) = u + u * s * P(s), s = u^2, with P the quintic fitted to
+    (tanh(u) / u - 1) / s on |u| <= 0.9 for relative error (largest 1e-7 in fp32; the Taylor series
+    needs over a dozen terms there). Only multiply-adds: as accurate on a GPU, whose exp is
+    approximate, as in the interpreter.
+    """
+    s = u * u
+    p = ((((_TANH_P5 * s + _TANH_P4) * s + _TANH_P3) * s + _TANH_P2) * s + _TANH_P1) * s + _TANH_P0
+    small = u + u * (s * p)
+    large = 1.0 - 2.0 / (tl.exp(2.0 * u) + 1.0)
+    return tl.where(tl.abs(u) < _TANH_SMALL, small, large)
 
 
 @triton.jit
@@ -83,18 +106,22 @@ def _row_grad(ROW, GROW, target, lse, scale, V, smoothing, softcap, HAS_SMOOTHIN
 
 
 @triton.jit
-def _forward_kernel(LOGITS, GRAD, TARGETS, LOSS, LSE, SCALE, V, stride_l, stride_g, ignore_index, smoothing,
+def _forward_kernel(LOGITS, GRAD, TARGETS, LOSS, LSE, V, stride_l, stride_g, ignore_index, smoothing,
                     softcap, HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr, WRITE_GRAD: tl.constexpr,
                     BLOCK_V: tl.constexpr):
     """One program per row: the loss (0 at ignored rows, NaN at out-of-range targets) and the
     log-sum-exp of the row (of its capped logits with ``HAS_SOFTCAP``); with ``WRITE_GRAD`` also the
-    row's gradient times ``SCALE[0]``."""
+    row's gradient of its own loss (0 at ignored rows, NaN at out-of-range targets), entries in
+    [-1, 1]: a reduction's 1 / N and the upstream gradient are applied by the caller, in fp32, after
+    the matmuls that consume it."""
     row = tl.program_id(0).to(tl.int64)
     base = LOGITS + row * stride_l
     target = tl.load(TARGETS + row).to(tl.int64)
     cols = tl.arange(0, BLOCK_V)
-    # Online log-sum-exp: a running max m and the sum s of exp(x - m), rescaled when m grows.
-    m = tl.full((), float("-inf"), tl.float32)
+    # Online log-sum-exp: a running max m and the sum s of exp(x - m), rescaled when m grows. m starts at
+    # the lowest finite float, not -inf: while every logit so far is -inf (masked classes), x - m is then
+    # -inf (exp 0) instead of -inf - (-inf) = NaN, at no cost in the loop.
+    m = tl.full((), _LOWEST, tl.float32)
     s = tl.zeros((), tl.float32)
     sum_x = tl.zeros((), tl.float32)  # for label smoothing: the mean logit
     for start in range(0, V, BLOCK_V):
@@ -123,7 +150,14 @@ def _forward_kernel(LOGITS, GRAD, TARGETS, LOSS, LSE, SCALE, V, stride_l, stride
     tl.store(LOSS + row, tl.where(valid, loss, 0.0))
     tl.store(LSE + row, lse)
     if WRITE_GRAD:
-        scale = tl.where(valid, tl.load(SCALE).to(tl.float32), 0.0)
+        # GRAD may be LOGITS itself. Every thread read the target logit above (one stored the loss), after
+        # the log-sum-exp's last barrier, and nothing else orders those reads before another warp's
+        # stores of the gradient over the same column: a warp ahead could overwrite x_t first. The
+        # barrier completes every thread's read before any store.
+        tl.debug_barrier()
+        # NaN at an out-of-range target, as its loss: a check of the gradients for inf/NaN (a loss scaler's,
+        # a fused optimizer's) then sees the bad row too
+        scale = tl.where(valid, tl.where(in_range, 1.0, float("nan")), 0.0)
         _row_grad(base, GRAD + row * stride_g, target, lse, scale, V, smoothing, softcap, HAS_SMOOTHING,
                   HAS_SOFTCAP, BLOCK_V)
 
@@ -136,7 +170,9 @@ def _backward_kernel(LOGITS, GRAD, TARGETS, LSE, DLOSS, V, stride_l, stride_g, s
     row = tl.program_id(0).to(tl.int64)
     target = tl.load(TARGETS + row).to(tl.int64)
     lse = tl.load(LSE + row)
-    scale = tl.where(target != ignore_index, tl.load(DLOSS + row * stride_d).to(tl.float32), 0.0)
+    in_range = (target >= 0) & (target < V)
+    scale = tl.load(DLOSS + row * stride_d).to(tl.float32)
+    scale = tl.where(target != ignore_index, tl.where(in_range, scale, float("nan")), 0.0)  # as the forward's
     _row_grad(LOGITS + row * stride_l, GRAD + row * stride_g, target, lse, scale, V, smoothing, softcap,
               HAS_SMOOTHING, HAS_SOFTCAP, BLOCK_V)
 
@@ -165,17 +201,17 @@ def _check_targets(targets: Tensor, vocab: int, ignore_index: int) -> None:
 
 
 def _forward_rows(logits: Tensor, targets: Tensor, ignore_index: int, smoothing: float, softcap: float, loss: Tensor,
-                  lse: Tensor, grad: Optional[Tensor] = None, scale: Optional[Tensor] = None) -> None:
+                  lse: Tensor, grad: Optional[Tensor] = None) -> None:
     """Write the per-row losses and log-sum-exps (fp32, one per row) of 2-D ``logits`` (unit column
-    stride) to ``loss`` and ``lse``; with ``grad`` (may be ``logits``) also the rows' gradients times
-    ``scale[0]``."""
+    stride) to ``loss`` and ``lse``; with ``grad`` (may be ``logits``) also the gradient of each row's
+    own loss (0 at ignored rows)."""
     n, vocab = logits.shape
     if n == 0:
         return
     block, warps = _block_v(vocab)
     write = grad is not None
     _forward_kernel[(n,)](
-        logits, grad if write else logits, targets, loss, lse, scale if write else loss, vocab, logits.stride(0),
+        logits, grad if write else logits, targets, loss, lse, vocab, logits.stride(0),
         grad.stride(0) if write else 0, ignore_index, smoothing, softcap,
         HAS_SMOOTHING=smoothing != 0.0, HAS_SOFTCAP=softcap != 0.0, WRITE_GRAD=write, BLOCK_V=block,
         num_warps=warps)
@@ -243,7 +279,8 @@ _ce_forward_op.register_autograd(_ce_backward, setup_context=_ce_setup_context)
 # ----------------------------------------------------------------------------------------------
 def _accumulate(acc: Tensor, a: Tensor, b: Tensor) -> Tensor:
     """``acc + a @ b`` with ``acc`` fp32 and ``a``, ``b`` possibly 16-bit: one GEMM with an fp32
-    output on CUDA where PyTorch offers it, else the product rounded once and added."""
+    output on CUDA where PyTorch offers it, else the GEMM in fp32 (a 16-bit product of a chunk's
+    unscaled gradient sums could overflow fp16)."""
     if a.dtype == acc.dtype:
         return acc.addmm_(a, b)
     if acc.is_cuda:
@@ -251,28 +288,36 @@ def _accumulate(acc: Tensor, a: Tensor, b: Tensor) -> Tensor:
             return torch.ops.aten.addmm.dtype(acc, a, b, acc.dtype)
         except (RuntimeError, NotImplementedError):
             pass
-    return acc.add_(a @ b)
+    return acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
 
 
 @torch.library.custom_op("tritonforge::linear_cross_entropy", mutates_args=())
 def _lce_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, ignore_index: int,
             smoothing: float, softcap: float, mean: bool, chunk: int, compute_dtype: torch.dtype, need_x: bool, need_weight: bool,
-            need_bias: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(loss, d_x, d_weight, d_bias) of the mean (or sum) loss of ``F.linear(x, weight, bias)`` for 2-D
-    ``x``; the matmuls run in ``compute_dtype``; each gradient is empty unless asked for."""
+            need_bias: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(loss, d_x, d_weight, d_bias, grad_scale) of the mean (or sum) loss of ``F.linear(x, weight,
+    bias)`` for 2-D ``x``; the matmuls run in ``compute_dtype``; each gradient is empty unless asked for.
+
+    The gradients are those of the sum of the rows' losses, d_x in x's dtype, d_weight and d_bias in
+    fp32; ``grad_scale`` (fp32, 0-dim) is what they still need: 1 / (positions counted) for the mean, 1
+    for the sum. The backward applies it with the upstream gradient (an fp16 run's loss scale), in fp32,
+    before rounding to the parameters' dtypes: the logits' gradient stored in fp16 with the mean's 1 / N
+    and without the loss scale would underflow (a softmax of 1/V over N at V = 32k, N = 8k is ~4e-9,
+    under fp16's smallest subnormal), and so would d_x.
+    """
     n, d = x.shape
     vocab = weight.shape[0]
     _check_targets(targets, vocab, ignore_index)
     counted = (targets != ignore_index).sum(dtype=torch.float32) if mean else None
-    # 1 / (the positions counted) for the mean (no host sync: the kernel reads it), 1 for the sum
-    scale = (1.0 / counted).reshape(1) if mean else torch.ones(1, device=x.device)
+    # a device scalar, no host sync (with no position counted every gradient is 0, whatever multiplies it)
+    grad_scale = 1.0 / counted.clamp(min=1.0) if mean else torch.ones((), device=x.device)
     xc_all = x.to(compute_dtype)
     w = weight.to(compute_dtype)
     b = bias.to(compute_dtype) if bias is not None else None
     grads = need_x or need_weight or need_bias
     loss_rows = torch.empty(n, device=x.device, dtype=torch.float32)
     lse = torch.empty(n, device=x.device, dtype=torch.float32)  # written by the row kernel, not needed after
-    # contiguous like the fake implementation's
+    # contiguous like the fake implementation's; the row gradients' sums, scaled in the backward
     dx = torch.empty(x.shape, device=x.device, dtype=x.dtype) if need_x else x.new_empty((0,))
     dw = torch.zeros(weight.shape, device=x.device, dtype=torch.float32) if need_weight else x.new_empty((0,))
     db = torch.zeros(vocab, device=x.device, dtype=torch.float32) if need_bias else x.new_empty((0,))
@@ -281,7 +326,7 @@ def _lce_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, 
         xc = xc_all[start:end]
         logits = F.linear(xc, w, b)
         _forward_rows(logits, targets[start:end], ignore_index, smoothing, softcap, loss_rows[start:end],
-                      lse[start:end], grad=logits if grads else None, scale=scale)
+                      lse[start:end], grad=logits if grads else None)
         if need_x:
             if dx.dtype == compute_dtype:
                 torch.mm(logits, w, out=dx[start:end])
@@ -293,8 +338,7 @@ def _lce_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, 
             db += logits.sum(dim=0, dtype=torch.float32)
     loss = loss_rows.sum()
     loss = loss / counted if mean else loss
-    return (loss, dx, dw.to(weight.dtype) if need_weight else dw,
-            db.to(bias.dtype) if need_bias else db)
+    return loss, dx, dw, db, grad_scale
 
 
 @_lce_op.register_fake
@@ -302,21 +346,30 @@ def _(x, weight, bias, targets, ignore_index, smoothing, softcap, mean, chunk, c
       need_bias):
     empty = x.new_empty((0,))
     return (x.new_empty((), dtype=torch.float32), x.new_empty(x.shape) if need_x else empty,
-            weight.new_empty(weight.shape) if need_weight else empty,
-            bias.new_empty(bias.shape) if need_bias else empty)
+            weight.new_empty(weight.shape, dtype=torch.float32) if need_weight else empty,
+            bias.new_empty(bias.shape, dtype=torch.float32) if need_bias else empty,
+            x.new_empty((), dtype=torch.float32))
 
 
 def _lce_setup_context(ctx, inputs, output):
-    _, dx, dw, db = output
-    ctx.save_for_backward(dx, dw, db)
-    ctx.mark_non_differentiable(dx, dw, db)
+    _, dx, dw, db, grad_scale = output
+    weight, bias = inputs[1], inputs[2]
+    ctx.save_for_backward(dx, dw, db, grad_scale)
+    ctx.weight_dtype = weight.dtype
+    ctx.bias_dtype = bias.dtype if bias is not None else None
+    ctx.mark_non_differentiable(dx, dw, db, grad_scale)
 
 
-def _lce_backward(ctx, dloss, _dx, _dw, _db):
-    dx, dw, db = ctx.saved_tensors
+def _lce_backward(ctx, dloss, _dx, _dw, _db, _grad_scale):
+    dx, dw, db, grad_scale = ctx.saved_tensors
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
-    return (dx * dloss.to(dx.dtype) if need_x else None, dw * dloss.to(dw.dtype) if need_w else None,
-            db * dloss.to(db.dtype) if need_b else None, None, None, None, None, None, None, None, None, None, None)
+    # fp32: the upstream gradient (an fp16 run's loss scale, 2^16, is inf in fp16) meets the mean's 1 / N
+    # before the one rounding to each gradient's dtype
+    g = dloss.float() * grad_scale
+    return ((dx.float() * g).to(dx.dtype) if need_x else None,
+            (dw * g).to(ctx.weight_dtype) if need_w else None,
+            (db * g).to(ctx.bias_dtype) if need_b else None,
+            None, None, None, None, None, None, None, None, None, None)
 
 
 _lce_op.register_autograd(_lce_backward, setup_context=_lce_setup_context)
@@ -469,7 +522,7 @@ def aot_variants() -> list[Variant]:
     soft cap on (its tanh in the loop). Row strides are 16-aligned at V = 50,304."""
     block, warps = _BLOCK_V_GPU, 8
     forward_signature = {"LOGITS": "*{dt}", "GRAD": "*{dt}", "TARGETS": "*i64", "LOSS": "*fp32", "LSE": "*fp32",
-                         "SCALE": "*fp32", "V": "i32", "stride_l": "i32", "stride_g": "i32", "ignore_index": "i32",
+                         "V": "i32", "stride_l": "i32", "stride_g": "i32", "ignore_index": "i32",
                          "smoothing": "fp32", "softcap": "fp32"}
     variants = [
         Variant(kernel=_forward_kernel, name=f"{dt} V-block={block}{' +grad in place' if write else ' loss only'}"
@@ -477,7 +530,7 @@ def aot_variants() -> list[Variant]:
                 signature={k: t.format(dt=dt) for k, t in forward_signature.items()},
                 constexprs={"HAS_SMOOTHING": True, "HAS_SOFTCAP": cap, "WRITE_GRAD": write, "BLOCK_V": block},
                 num_warps=warps, num_stages=1, kind="memory", vector_stores=write,
-                aligned=("LOGITS", "GRAD", "TARGETS", "LOSS", "LSE", "SCALE", "V", "stride_l", "stride_g"))
+                aligned=("LOGITS", "GRAD", "TARGETS", "LOSS", "LSE", "V", "stride_l", "stride_g"))
         for dt, write, cap in (("bf16", True, False), ("bf16", False, False), ("fp32", True, False),
                                ("bf16", True, True))]
     variants += [Variant(

@@ -1,8 +1,9 @@
 """Muon for hidden matrices and AdamW for the rest, fused: ``kernels.Muon``.
 
 One ``torch.optim.Optimizer`` whose groups carry ``use_muon``; it follows ``kernels.AdamW``'s contract
-(``max_grad_norm`` clipping over all gradients, ``grad_scale``, ``found_inf``/``grad_norm`` device
-tensors, the whole step skipped on the device on inf/NaN, no host sync, ``master_weights``) and
+(``max_grad_norm`` clipping over all gradients, ``grad_scale``, ``skip``, ``found_inf``/``grad_norm``
+device tensors, the whole step skipped on the device on inf/NaN or ``skip``, no host sync,
+``master_weights``) and
 writes ``torch.optim.Muon``'s / ``AdamW``'s state keys. Per Muon matrix W (m x n), gradient G:
 
     B = lerp(B, G, 1 - mu);  U = lerp(G, B, mu) (Nesterov) or B                  (momentum kernel)
@@ -42,7 +43,7 @@ from ._common import TL_DTYPES
 from .aot import Variant
 from .optim import (_ADAMW, _COL_GRAD, _COL_INDEX, _COL_MASTER, _COL_NUMEL, _COL_PARAM,
                     _COL_STATE1, _COL_STATE2, _DTYPES, _H_BETA1, _H_BETA2, _H_LR, _H_WD,
-                    _HYPER_COLS, _S_CLIP, _S_FOUND_INF, _S_INV_SCALE, _TABLE_COLS,
+                    _HYPER_COLS, _S_CLIP, _S_INV_SCALE, _S_SKIP, _TABLE_COLS,
                     CHUNK, UPDATE_BLOCK, UPDATE_WARPS, _adamw_update_kernel,
                     _check_betas, _FusedOptimizer, _fp32_like, _launch, _local, _make_buckets, _Plan,
                     _round_to, _shard_group, _to_device)
@@ -63,7 +64,7 @@ def _muon_momentum_kernel(
     chunk_table,  # *int64 [C, 2]: (row in tensor_table, first element) per program
     info_ptr,  # *fp64 [T_muon, _INFO_COLS]: group index and lr scale per Muon tensor
     hyper_ptr,  # *fp64 [G, _HYPER_COLS]: per-group hyperparameters (momentum, Nesterov flag)
-    scalars_ptr,  # *fp32 [4]: grad norm, found_inf, 1/grad_scale, clip factor
+    scalars_ptr,  # *fp32 [5]: grad norm, found_inf, 1/grad_scale, clip factor, skip
     grad_like,  # *grad dtype: unused tensor whose pointer type is the gradients' element type
     ns_like,  # *NS dtype: unused tensor whose pointer type is the iterations' element type
     ALIGNED: tl.constexpr,  # every address in the table is 16-byte aligned
@@ -73,7 +74,7 @@ def _muon_momentum_kernel(
     """B = lerp(B, g, 1-mu); U = lerp(g, B, mu) if Nesterov else B, with g unscaled and clipped.
 
     Memory, per element: reads g (4 or 2 bytes), B (4); writes B (4), U (2 in bf16, 4 in fp32).
-    Nothing when found_inf.
+    Nothing when skipped.
     """
     pid = tl.program_id(0)
     row = tl.load(chunk_table + pid * 2)
@@ -95,7 +96,7 @@ def _muon_momentum_kernel(
     nesterov = tl.load(hyper_ptr + group * _HYPER_COLS + _H_BETA2) != 0.0
     inv_scale = tl.load(scalars_ptr + _S_INV_SCALE)
     clip = tl.load(scalars_ptr + _S_CLIP)
-    skip = tl.load(scalars_ptr + _S_FOUND_INF) != 0.0
+    skip = tl.load(scalars_ptr + _S_SKIP) != 0.0
     end = tl.where(skip, start, tl.minimum(start + CHUNK, numel))
     full_end = start + (end - start) // BLOCK * BLOCK
 
@@ -128,7 +129,7 @@ def _muon_update_kernel(
     chunk_table,  # *int64 [C, 2]: (row in tensor_table, first element) per program
     info_ptr,  # *fp64 [T_muon, _INFO_COLS]: group index and lr scale per Muon tensor
     hyper_ptr,  # *fp64 [G, _HYPER_COLS]: per-group hyperparameters (lr, weight decay)
-    scalars_ptr,  # *fp32 [4]: grad norm, found_inf, 1/grad_scale, clip factor
+    scalars_ptr,  # *fp32 [5]: grad norm, found_inf, 1/grad_scale, clip factor, skip
     param_like,  # *param dtype: unused tensor whose pointer type is the parameters' element type
     ns_like,  # *NS dtype: unused tensor whose pointer type is the iterations' element type
     HAS_MASTER: tl.constexpr,  # parameters are bf16/fp16 with an fp32 master copy
@@ -139,7 +140,7 @@ def _muon_update_kernel(
     """W = W * (1 - lr*wd) - (lr*s) * X, X the orthogonalized update.
 
     Memory, per element (fp32 W, bf16 X): reads W, X, writes W: 10 bytes; with master weights reads
-    the master and X, writes the master and W (2 bytes). Nothing when found_inf.
+    the master and X, writes the master and W (2 bytes). Nothing when skipped.
     """
     pid = tl.program_id(0)
     row = tl.load(chunk_table + pid * 2)
@@ -163,7 +164,7 @@ def _muon_update_kernel(
     wd = tl.load(hyper_ptr + group * _HYPER_COLS + _H_WD)
     decay = (1.0 - lr * wd).to(tl.float32)
     neg_step = (-(lr * tl.load(info + 1))).to(tl.float32)
-    skip = tl.load(scalars_ptr + _S_FOUND_INF) != 0.0
+    skip = tl.load(scalars_ptr + _S_SKIP) != 0.0
     end = tl.where(skip, start, tl.minimum(start + CHUNK, numel))
     full_end = start + (end - start) // BLOCK * BLOCK
 
@@ -206,6 +207,19 @@ def newton_schulz_(stack: Tensor, coefficients: tuple[float, float, float], step
         poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
         out = stack if i == steps - 1 else None
         x = torch.baddbmm(x, x, poly, beta=a, out=out) if tall else torch.baddbmm(x, poly, x, beta=a, out=out)
+
+
+def _stored_shape(p: Tensor) -> tuple[int, int]:
+    """The matrix that a dense 2-D ``p``'s elements form in memory, read row-major: ``p``'s shape, or for
+    a transposed ``p`` (strides (1, m)) that of ``p.T``.
+
+    The momentum and update kernels copy the parameter's elements in storage order into its slot of a
+    stack and back, so the slot must have that shape: the iterations then orthogonalize ``p.T``, whose
+    orthogonal factor is the transpose of ``p``'s (the iteration commutes with transposition), and the
+    update lands on ``p``'s elements as the matrix's. A slot of ``p``'s own shape would hold a reshape of
+    the matrix, not the matrix.
+    """
+    return tuple(p.shape) if p.is_contiguous() else (p.shape[1], p.shape[0])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -392,14 +406,14 @@ class Muon(_FusedOptimizer):
 
     def _allocate_stacks(self, muon: list[tuple[int, Tensor, Tensor]], ns_dtype: torch.dtype,
                          device: torch.device) -> list[_NSStack]:
-        """One zeroed [L, m, n] buffer per (shape, iteration settings); records each matrix's slot.
+        """One zeroed [L, m, n] buffer per (stored shape, iteration settings); records each matrix's slot.
 
         The shape is this rank's part (an FSDP2 shard's rows): the momentum kernel fills it, the
         orthogonalizer, where there is one, replaces it with the same part of X.
         """
         members: dict[tuple, list[Tensor]] = {}
         for gi, p, _ in muon:
-            settings = (tuple(_local(p).shape), *self._ns_settings(self.param_groups[gi]))
+            settings = (_stored_shape(_local(p)), *self._ns_settings(self.param_groups[gi]))
             members.setdefault(settings, []).append(p)
         self._ns_slot = {}
         stacks = []

@@ -4,8 +4,10 @@
 dicts with torch's keys, plus ``max_grad_norm`` (global L2 clipping inside the step, as
 ``clip_grad_norm_``) and ``master_weights`` (bf16/fp16 parameters with an fp32 copy in the same pass).
 Nothing in ``step()`` waits for the device: the trainer may set ``opt.grad_scale`` (the loss scale the
-gradients carry); afterwards ``opt.grad_norm`` (before clipping) and ``opt.found_inf`` are device
-tensors, and when a gradient held inf/NaN nothing was written. Per element, g unscaled and clipped:
+gradients carry) and ``opt.skip`` (a device flag, nonzero to skip the step: a non-finite loss, whose
+gradients need not show it); afterwards ``opt.grad_norm`` (before clipping) and ``opt.found_inf`` (the
+gradients held inf/NaN) are device tensors, and when either flag was set nothing was written. Per
+element, g unscaled and clipped:
 
     AdamW: p *= 1 - lr*wd;  m = lerp(m, g, 1-b1);  v = b2*v + (1-b2)*g*g
            p += -(lr / (1-b1^t)) * m / (sqrt(v) / sqrt(1-b2^t) + eps)
@@ -72,11 +74,14 @@ _HYPER_COLS = tl.constexpr(6)
 #   Lion:  1-lr*wd, b1, 1-b1, b2, 1-b2, -lr
 _COEF_COLS = tl.constexpr(8)
 
-# Per-step scalars (fp32 [4]): grad norm, found_inf, 1/grad_scale, clip factor.
+# Per-step scalars (fp32 [5]): grad norm, found_inf, 1/grad_scale, clip factor, skip (found_inf or the
+# caller's skip flag: the update kernels write nothing when it is set).
 _S_NORM = tl.constexpr(0)
 _S_FOUND_INF = tl.constexpr(1)
 _S_INV_SCALE = tl.constexpr(2)
 _S_CLIP = tl.constexpr(3)
+_S_SKIP = tl.constexpr(4)
+_N_SCALARS = 5
 
 _ADAMW, _SGD, _LION = 0, 1, 2
 
@@ -162,8 +167,9 @@ def _finalize_kernel(
     n_tensors,  # T
     hyper_ptr,  # *fp64 [G, _HYPER_COLS]: per-group hyperparameters
     coef_ptr,  # *fp32 [T, _COEF_COLS]: out, per-tensor coefficients of the update
-    scalars_ptr,  # *fp32 [4]: out, grad norm, found_inf, 1/grad_scale, clip factor
+    scalars_ptr,  # *fp32 [5]: out, grad norm, found_inf, 1/grad_scale, clip factor, skip
     grad_scale_ptr,  # *fp32 [1]: loss scale
+    skip_ptr,  # *fp32 [1]: nonzero skips the step whatever the gradients (the caller's flag)
     max_grad_norm,  # fp32: clipping threshold, 0 for no clipping
     OPT: tl.constexpr,  # 0 AdamW, 1 SGD, 2 Lion
     HAS_NORM: tl.constexpr,  # the norm pass ran (clipping or loss scaling)
@@ -173,8 +179,8 @@ def _finalize_kernel(
     """One program: global norm, found_inf, clip factor, step counts and per-tensor coefficients.
 
     norm = sqrt(sum of partials) (fp64 sum); clip = min(1, max_grad_norm / (norm + 1e-6)) in fp32;
-    step counts (and SGD's buffer-age counts) += 1 - found_inf. Bias corrections 1 - b^t are
-    computed in fp64 as 1 - exp(t * log(b)) and rounded once to fp32.
+    skip = found_inf or the caller's flag; step counts (and SGD's buffer-age counts) += 1 - skip. Bias
+    corrections 1 - b^t are computed in fp64 as 1 - exp(t * log(b)) and rounded once to fp32.
     Memory: 8 bytes per chunk, ~40 bytes per tensor; latency-bound, a few microseconds.
     """
     if HAS_NORM:
@@ -199,7 +205,9 @@ def _finalize_kernel(
     tl.store(scalars_ptr + _S_FOUND_INF, found_inf)
     tl.store(scalars_ptr + _S_INV_SCALE, inv_scale)
     tl.store(scalars_ptr + _S_CLIP, clip)
-    live = 1.0 - found_inf  # 1 when the step is taken
+    skip = tl.maximum(found_inf, (tl.load(skip_ptr) != 0.0).to(tl.float32))
+    tl.store(scalars_ptr + _S_SKIP, skip)
+    live = 1.0 - skip  # 1 when the step is taken
 
     for t0 in tl.range(0, n_tensors, BLOCK_T):
         offs_t = t0 + tl.arange(0, BLOCK_T)
@@ -251,7 +259,7 @@ def _adamw_update_kernel(
     tensor_table,  # *int64 [T, _TABLE_COLS]: this bucket's tensors
     chunk_table,  # *int64 [C, 2]: (row in tensor_table, first element) per program
     coef_ptr,  # *fp32 [T_all, _COEF_COLS]: per-tensor coefficients from the finalize kernel
-    scalars_ptr,  # *fp32 [4]: grad norm, found_inf, 1/grad_scale, clip factor
+    scalars_ptr,  # *fp32 [5]: grad norm, found_inf, 1/grad_scale, clip factor, skip
     param_like,  # *param dtype: unused tensor whose pointer type is the parameters' element type
     HAS_MASTER: tl.constexpr,  # parameters are bf16/fp16 with an fp32 master copy
     ALIGNED: tl.constexpr,  # every address in the table is 16-byte aligned
@@ -261,7 +269,7 @@ def _adamw_update_kernel(
     """AdamW on one chunk: p = p*(1-lr*wd) - lr/(1-b1^t) * m / (sqrt(v)/sqrt(1-b2^t) + eps).
 
     Memory, per element: fp32 reads g, p, m, v and writes p, m, v (28 bytes); with master weights
-    reads g (2), master, m, v and writes master, m, v and p (2): 28 bytes. Nothing when found_inf.
+    reads g (2), master, m, v and writes master, m, v and p (2): 28 bytes. Nothing when skipped.
     """
     pid = tl.program_id(0)
     row = tl.load(chunk_table + pid * 2)
@@ -294,7 +302,7 @@ def _adamw_update_kernel(
     eps = tl.load(coef + 7)
     inv_scale = tl.load(scalars_ptr + _S_INV_SCALE)
     clip = tl.load(scalars_ptr + _S_CLIP)
-    skip = tl.load(scalars_ptr + _S_FOUND_INF) != 0.0
+    skip = tl.load(scalars_ptr + _S_SKIP) != 0.0
     end = tl.where(skip, start, tl.minimum(start + CHUNK, numel))
     full_end = start + (end - start) // BLOCK * BLOCK
 
@@ -333,7 +341,7 @@ def _sgd_update_kernel(
     tensor_table,  # *int64 [T, _TABLE_COLS]: this bucket's tensors
     chunk_table,  # *int64 [C, 2]: (row in tensor_table, first element) per program
     coef_ptr,  # *fp32 [T_all, _COEF_COLS]: per-tensor coefficients from the finalize kernel
-    scalars_ptr,  # *fp32 [4]: grad norm, found_inf, 1/grad_scale, clip factor
+    scalars_ptr,  # *fp32 [5]: grad norm, found_inf, 1/grad_scale, clip factor, skip
     param_like,  # *param dtype: unused tensor whose pointer type is the parameters' element type
     HAS_MASTER: tl.constexpr,  # parameters are bf16/fp16 with an fp32 master copy
     HAS_MOMENTUM: tl.constexpr,  # the bucket's groups have momentum != 0 (a momentum buffer)
@@ -374,7 +382,7 @@ def _sgd_update_kernel(
     neg_lr = tl.load(coef + 5)
     inv_scale = tl.load(scalars_ptr + _S_INV_SCALE)
     clip = tl.load(scalars_ptr + _S_CLIP)
-    skip = tl.load(scalars_ptr + _S_FOUND_INF) != 0.0
+    skip = tl.load(scalars_ptr + _S_SKIP) != 0.0
     end = tl.where(skip, start, tl.minimum(start + CHUNK, numel))
     full_end = start + (end - start) // BLOCK * BLOCK
 
@@ -411,7 +419,7 @@ def _lion_update_kernel(
     tensor_table,  # *int64 [T, _TABLE_COLS]: this bucket's tensors
     chunk_table,  # *int64 [C, 2]: (row in tensor_table, first element) per program
     coef_ptr,  # *fp32 [T_all, _COEF_COLS]: per-tensor coefficients from the finalize kernel
-    scalars_ptr,  # *fp32 [4]: grad norm, found_inf, 1/grad_scale, clip factor
+    scalars_ptr,  # *fp32 [5]: grad norm, found_inf, 1/grad_scale, clip factor, skip
     param_like,  # *param dtype: unused tensor whose pointer type is the parameters' element type
     HAS_MASTER: tl.constexpr,  # parameters are bf16/fp16 with an fp32 master copy
     ALIGNED: tl.constexpr,  # every address in the table is 16-byte aligned
@@ -449,7 +457,7 @@ def _lion_update_kernel(
     neg_lr = tl.load(coef + 5)
     inv_scale = tl.load(scalars_ptr + _S_INV_SCALE)
     clip = tl.load(scalars_ptr + _S_CLIP)
-    skip = tl.load(scalars_ptr + _S_FOUND_INF) != 0.0
+    skip = tl.load(scalars_ptr + _S_SKIP) != 0.0
     end = tl.where(skip, start, tl.minimum(start + CHUNK, numel))
     full_end = start + (end - start) // BLOCK * BLOCK
 
@@ -596,6 +604,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
         self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
         self.master_weights = bool(master_weights)
         self.grad_scale: Optional[Tensor] = None
+        self.skip: Optional[Tensor] = None
         self.grad_norm: Optional[Tensor] = None
         self.found_inf: Optional[Tensor] = None
         self._device: Optional[torch.device] = None
@@ -692,7 +701,8 @@ class _FusedOptimizer(torch.optim.Optimizer):
         device = plan.device
         hyper = self._upload_hyper(device)
         scale = self._grad_scale_tensor(device)
-        scalars = torch.empty(4, dtype=torch.float32, device=device)
+        skip = self._skip_tensor(device)
+        scalars = torch.empty(_N_SCALARS, dtype=torch.float32, device=device)
         if has_norm:
             for b in plan.buckets:
                 _launch(_grad_sumsq_kernel, (b.n_chunks,), b.tensor_table, b.chunk_table,
@@ -703,7 +713,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
         if has_norm and plan.shard_group is not None:
             partials, n_partials = self._reduce_over_shards(plan), 1
         _launch(_finalize_kernel, (1,), partials, n_partials, plan.tensor_info,
-                plan.n_tensors, hyper, plan.coefs, scalars, scale, self.max_grad_norm or 0.0,
+                plan.n_tensors, hyper, plan.coefs, scalars, scale, skip, self.max_grad_norm or 0.0,
                 OPT=self._OPT, HAS_NORM=has_norm, BLOCK_C=FINALIZE_BLOCK_C,
                 BLOCK_T=FINALIZE_BLOCK_T, num_warps=FINALIZE_WARPS, num_stages=1)
         for b in plan.buckets:
@@ -756,6 +766,20 @@ class _FusedOptimizer(torch.optim.Optimizer):
         if scale.device != device:
             raise ValueError(f"grad_scale must be on the parameters' device {device}, got {scale.device}")
         return scale.to(torch.float32).reshape(1)
+
+    def _skip_tensor(self, device: torch.device) -> Tensor:
+        """``skip`` as the finalize kernel reads it: fp32 [1] on the device, 0 when unset (no host sync)."""
+        skip = self.skip
+        if skip is None:
+            key = ("zero", device)
+            if key not in self._constants:
+                self._constants[key] = torch.zeros(1, dtype=torch.float32, device=device)
+            return self._constants[key]
+        if not isinstance(skip, Tensor) or skip.numel() != 1:
+            raise ValueError("skip must be a one-element tensor (nonzero: skip the step) or None")
+        if skip.device != device:
+            raise ValueError(f"skip must be on the parameters' device {device}, got {skip.device}")
+        return skip.to(torch.float32).reshape(1)
 
     def _upload_hyper(self, device: torch.device) -> Tensor:
         """The per-group hyperparameter table on the device; copied only when a value changed."""
@@ -919,7 +943,7 @@ class SGD(_FusedOptimizer):
 
     A buffer's first step takes the gradient as is (torch's rule). Whether a buffer has had its first
     step is a device count kept beside the state dict (set from the loaded state: a loaded buffer
-    has). A buffer created by a step that found_inf then skipped is still zero, which is exact unless
+    has). A buffer created by a step that was skipped is still zero, which is exact unless
     dampening != 0 and the state dict is handed to torch before the next step.
     """
 
@@ -1048,7 +1072,8 @@ def aot_variants() -> list[Variant]:
                 kernel=_finalize_kernel, name=f"{label} {'norm' if has_norm else 'no norm'}",
                 signature={"partial_ptr": "*fp32", "n_chunks": "i32", "tensor_info": "*i64",
                            "n_tensors": "i32", "hyper_ptr": "*fp64", "coef_ptr": "*fp32",
-                           "scalars_ptr": "*fp32", "grad_scale_ptr": "*fp32", "max_grad_norm": "fp32"},
+                           "scalars_ptr": "*fp32", "grad_scale_ptr": "*fp32", "skip_ptr": "*fp32",
+                           "max_grad_norm": "fp32"},
                 constexprs={"OPT": opt, "HAS_NORM": has_norm, "BLOCK_C": FINALIZE_BLOCK_C,
                             "BLOCK_T": FINALIZE_BLOCK_T},
                 num_warps=FINALIZE_WARPS, num_stages=1, kind="memory", vector_stores=False))

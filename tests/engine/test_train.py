@@ -96,6 +96,39 @@ def test_fp16_overflow_step_is_skipped(tmp_path):
     trainer.close()
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_nan_loss_with_finite_gradients_skips_the_update(tmp_path, backend):
+    """A non-finite loss whose gradients are finite (an out-of-range target on CUDA does this: its loss is NaN
+    and its gradient is not) is a bad step: the log says the update was skipped, and no optimizer applies it,
+    the fused Triton one included; the next step updates again."""
+    r = tiny_recipe(tmp_path, "--train.steps=4", "--train.eval_every=0", "--train.grad_clip=1.0",
+                    f"--kernels.optimizer={backend}")
+    trainer = Trainer(r, stream=Sink())
+    real_loss = trainer.task.loss
+
+    def nan_loss_at_step_1(model, x, y):
+        loss = real_loss(model, x, y)
+        return loss + float("nan") if trainer.step == 1 else loss  # the gradient of a constant is zero
+
+    trainer.task.loss = nan_loss_at_step_1
+    trainer.train_step(0)
+    trainer.step = 1
+    before = [p.detach().clone() for p in trainer.task.model.parameters()]
+    state_before = [{k: v.clone() for k, v in s.items() if torch.is_tensor(v)}
+                    for s in trainer.optimizer.state.values()]
+    out = trainer.train_step(1)
+    assert out.bad and not out.scaler_skip
+    for p, q in zip(trainer.task.model.parameters(), before):
+        assert torch.equal(p, q)
+    for state, old in zip(trainer.optimizer.state.values(), state_before):
+        for key, value in old.items():
+            assert torch.equal(state[key], value), key
+    trainer.step = 2
+    assert not trainer.train_step(2).bad
+    assert any(not torch.equal(p, q) for p, q in zip(trainer.task.model.parameters(), before))
+    trainer.close()
+
+
 def test_schedules(tmp_path):
     r = tiny_recipe(tmp_path, "--train.steps=100", "--optim.lr=1.0", "--optim.min_lr=0.1", "--optim.warmup_steps=10")
     assert lr_at(0, r) == 0.1 and lr_at(9, r) == 1.0

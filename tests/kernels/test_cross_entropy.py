@@ -16,8 +16,8 @@ upcast exactly), so the only error left is the kernel's own:
   only matters for V = 1, whose gradient vanishes). fp32: 1e-5 (summation order); fp16: 2e-3 (rounded once to
   fp16); bf16: 2e-2 (rounded once to bf16, truncated rather than rounded in the interpreter). Logits near
   +-1e3 get 1e-4: exp(x - lse) with an fp32 lse there is good to an ulp of 1e3 (6e-5).
-* with a soft cap c the reference caps the float64 logits; the kernel's tanh (from one exp) is good to
-  a few fp32 ulps, so the tolerances above hold.
+* with a soft cap c the reference caps the float64 logits; the kernel's tanh (a polynomial for small
+  arguments, one exp above) is good to 2 fp32 ulps, so the tolerances above hold.
 * linear_cross_entropy in fp32: loss 1e-5, gradients 1e-4 (the matmuls' summation order). Under bf16 autocast
   (the matmuls in bf16, as F.linear does) against the fp32 inputs' float64 reference: loss 2e-2, gradients
   5e-2.
@@ -31,6 +31,8 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
 from tritonforge import kernels
 from tritonforge.kernels.cross_entropy import cross_entropy, linear_cross_entropy
@@ -45,6 +47,17 @@ LOSS_TOL = 1e-5
 GRAD_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 LINEAR_LOSS_TOL, LINEAR_GRAD_TOL = 1e-5, 1e-4
 AUTOCAST_LOSS_TOL, AUTOCAST_GRAD_TOL = 2e-2, 5e-2
+# fp32 logits soft-capped at small |z / c|: the capped logits and the gradient to fp32 rounding (a tanh from one
+# exp, 1 - 2 / (exp(2u) + 1), is off by an ulp of 1 there: up to 3e-4 relative on the capped logit).
+SMALL_CAP_LOSS_TOL, SMALL_CAP_GRAD_TOL = 1e-6, 1e-6
+# The kernels' tanh in fp32, relative to float64 at any magnitude: 2 ulps.
+TANH_REL_TOL = 2.4e-7
+# fp16 head at a realistic size: x and weight rounded to fp16 are the reference's inputs; the logits are rounded
+# to fp16 (the loss), their gradient once more before the matmuls, whose fp16 output (dx) once more.
+FP16_LINEAR_LOSS_TOL, FP16_LINEAR_GRAD_TOL = 1e-3, 4e-3
+# Loss scales as the upstream gradient of an fp16 run's loss: one a dynamic scaler reaches after a back-off, and
+# the one it starts from (2^16, which is inf in fp16).
+LOSS_SCALE, INITIAL_LOSS_SCALE = 2.0 ** 15, 2.0 ** 16
 
 needs_compiler = pytest.mark.skipif(INTERPRET, reason="needs compiled kernels (TRITON_INTERPRET=0): "
                                                       "the interpreter truncates fp32 to bf16")
@@ -297,6 +310,68 @@ def test_large_logits_do_not_overflow():
     check(-logits, targets, reduction="none", grad_tol=1e-4)
 
 
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+def test_first_block_all_minus_inf(label_smoothing):
+    """Masked vocabulary entries (-inf logits) filling the first 128-column block of a row: the online
+    log-sum-exp starts from a block whose maximum is -inf and must not compute exp(-inf - (-inf)). Torch's loss
+    is finite; so must the kernel's be, and its gradient 0 on the masked columns."""
+    logits = make_logits((4,), 300, seed=80)
+    logits[:2, :150] = float("-inf")  # two rows: the whole first block and part of the second
+    logits[3, 128:256] = float("-inf")  # a later block alone
+    targets = make_targets((4,), 300, seed=81).clamp(min=256)
+    loss, grad, _, _ = check(logits, targets, reduction="none", label_smoothing=0.0)
+    assert torch.all(torch.isfinite(loss)) and torch.all(grad[:2, :150] == 0)
+    if label_smoothing:  # torch: eps / V of -inf logits gives an infinite loss, and so must the kernel
+        loss = cross_entropy(logits, targets, reduction="none", label_smoothing=label_smoothing)
+        ref = reference(logits.double(), targets, reduction="none", label_smoothing=label_smoothing)
+        assert torch.equal(torch.isinf(loss), torch.isinf(ref)) and not torch.any(torch.isnan(loss))
+
+
+def test_linear_first_block_all_minus_inf():
+    """The fused head with a bias of -inf on the first 150 classes (masked classes): a finite loss, as torch."""
+    x, weight, b = make_linear((6,), 16, 300, seed=82)
+    b[:150] = float("-inf")
+    targets = make_targets((6,), 300, seed=83).clamp(min=150)
+    check_linear(x, weight, b, targets, chunk_size=4, requires=("x", "weight"))
+
+
+@triton.jit
+def _tanh_kernel(X, Y, N, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    tl.store(Y + offs, ce_mod._tanh(tl.load(X + offs, mask=mask)), mask=mask)
+
+
+def test_kernel_tanh_is_accurate_at_every_magnitude():
+    """The soft cap's tanh in fp32 against float64, relative: small |u| (where 1 - 2 / (exp(2u) + 1) cancels
+    to an ulp of 1), the switch between formulas, saturation, +-inf and 0."""
+    u = torch.cat([torch.logspace(-30, 1.5, 2000), torch.linspace(0.85, 0.95, 1001), torch.tensor([0.0, float("inf")])])
+    u = torch.cat([u, -u]).float()
+    out = torch.empty_like(u)
+    _tanh_kernel[(triton.cdiv(u.numel(), 1024),)](u, out, u.numel(), BLOCK=1024)
+    ref = torch.tanh(u.double())
+    err = ((out.double() - ref).abs() / ref.abs().clamp(min=1e-300)).max().item()
+    assert err <= TANH_REL_TOL, err
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_softcap_small_logits_fp32(reduction):
+    """fp32 logits |z| < 1 under a cap of 50 (|z / c| < 0.02) over V = 7 classes (softmax ~1/7, so an error
+    in a capped logit shows in the gradient): the loss (it holds the capped target logit) and the gradient
+    against float64 to fp32 rounding."""
+    gen = torch.Generator().manual_seed(84)
+    logits = (2.0 * torch.rand(64, 7, generator=gen) - 1.0).to(DEVICE)
+    targets = make_targets((64,), 7, seed=85)
+    leaf = logits.clone().requires_grad_()
+    loss = cross_entropy(leaf, targets, softcap=50.0, reduction=reduction)
+    leaf64 = logits.double().requires_grad_()
+    ref = reference(leaf64, targets, softcap=50.0, reduction=reduction)
+    assert _loss_err(loss, ref) <= SMALL_CAP_LOSS_TOL, _loss_err(loss, ref)
+    loss.sum().backward()
+    ref.sum().backward()
+    assert _rel_err(leaf.grad, leaf64.grad) <= SMALL_CAP_GRAD_TOL, _rel_err(leaf.grad, leaf64.grad)
+
+
 def test_upstream_gradient_scales_the_gradient():
     logits = make_logits((5,), 129, seed=20)
     targets = make_targets((5,), 129, ignore=(2,), seed=21)
@@ -348,6 +423,23 @@ def test_out_of_range_target_is_an_error_on_cpu(bad, ignore_index):
     targets = torch.tensor([0, 3, bad, 6])
     with pytest.raises(ValueError, match="targets"):
         cross_entropy(logits, targets, ignore_index=ignore_index)
+
+
+def test_out_of_range_target_has_a_nan_gradient_as_well_as_loss():
+    """On CUDA a target outside [0, V) is not checked (a sync per step): its loss is NaN, and so is its row of
+    the gradient, in the fused forward and in the backward, so that a check of the gradients for inf/NaN (a
+    loss scaler's, a fused optimizer's) sees the bad row too. The kernels are run directly here: on CPU
+    tensors the functions raise first."""
+    logits = make_logits((3,), 300, seed=90)
+    targets = torch.tensor([5, 300, -100], device=DEVICE)
+    loss, lse = torch.empty(3, device=DEVICE), torch.empty(3, device=DEVICE)
+    grad = logits.clone()
+    ce_mod._forward_rows(grad, targets, -100, 0.0, 0.0, loss, lse, grad=grad)
+    backward = torch.ops.tritonforge.cross_entropy_backward(torch.ones(3, device=DEVICE), logits, targets, lse,
+                                                             -100, 0.0, 0.0)
+    for g in (grad, backward):
+        assert torch.all(torch.isfinite(g[0])) and torch.all(torch.isnan(g[1])) and torch.all(g[2] == 0)
+    assert math.isnan(loss[1].item()) and torch.isfinite(loss[0]) and loss[2].item() == 0.0
 
 
 def test_interpreter_block_and_exports():
@@ -525,6 +617,33 @@ def test_linear_under_bf16_autocast():
                  loss_tol=AUTOCAST_LOSS_TOL, grad_tol=AUTOCAST_GRAD_TOL)
 
 
+@pytest.mark.slow  # the interpreter walks 33M logits twice: about 75 s of one CPU core
+def test_linear_fp16_gradients_do_not_underflow(monkeypatch):
+    """An fp16 head at a realistic size, N = 8192 counted positions and V = 4096, with the loss scale as the
+    upstream gradient: the mean's 1 / N times a softmax of ~1/V is ~3e-8, below fp16's smallest subnormal
+    (6e-8), so the logits' gradient must not be stored in fp16 with 1 / N applied and the loss scale not
+    yet. dx and dW against float64, and no entry of dW zero (none of the reference's is). One 4096-column
+    block per row, as on a GPU: fewer interpreted steps than the 128-column blocks of the other tests."""
+    monkeypatch.setattr(ce_mod, "_BLOCK_V_INTERPRET", 4096)
+    n, v, d = 8192, 4096, 8
+    gen = torch.Generator().manual_seed(86)
+    x = torch.randn(n, d, generator=gen).to(DEVICE, torch.float16)
+    weight = (torch.randn(v, d, generator=gen) / d ** 0.5).to(DEVICE, torch.float16)
+    targets = make_targets((n,), v, seed=87)
+    _, (dx, dw, _) = check_linear(x, weight, None, targets, scale=LOSS_SCALE, requires=("x", "weight"),
+                                  loss_tol=FP16_LINEAR_LOSS_TOL, grad_tol=FP16_LINEAR_GRAD_TOL)
+    assert torch.all(dw != 0)
+
+
+def test_linear_fp16_initial_loss_scale_is_not_inf():
+    """An upstream gradient of 2^16 (a loss scaler's first step) is applied in fp32: rounded to fp16 it would be
+    inf, and every gradient inf or NaN."""
+    x, weight, b = make_linear((6,), 16, 129, seed=88)
+    targets = make_targets((6,), 129, ignore=(2,), seed=89)
+    check_linear(x.half(), weight.half(), b.half(), targets, scale=INITIAL_LOSS_SCALE, chunk_size=4,
+                 loss_tol=FP16_LINEAR_LOSS_TOL, grad_tol=FP16_LINEAR_GRAD_TOL)
+
+
 def _lin_args(**change):
     x, weight, b = make_linear((4,), 8, 20, seed=47)
     args = {"x": x, "weight": weight, "targets": make_targets((4,), 20, seed=48), "bias": b}
@@ -579,7 +698,7 @@ def test_custom_ops_pass_opcheck():
                           (x, weight, bias, targets.repeat(2)[:7], -100, 0.0, 5.0, True, 3, torch.float32,
                            True, True, True))
     # gradients not asked for come back as empty (0,) tensors
-    _, dx, dw, db = torch.ops.tritonforge.linear_cross_entropy(x, weight, None, targets.repeat(2)[:7], -100, 0.0,
+    _, dx, dw, db, _ = torch.ops.tritonforge.linear_cross_entropy(x, weight, None, targets.repeat(2)[:7], -100, 0.0,
                                                                 0.0, False, 4, torch.float32, False, True, False)
     assert dx.shape == (0,) and db.shape == (0,) and dw.shape == weight.shape
 

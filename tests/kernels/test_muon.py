@@ -95,6 +95,43 @@ def test_reference_matches_torch_muon_and_adamw():
     assert_close(deltas[:-2], ref_deltas[:-2], BF16_ITER_RTOL)
 
 
+def make_transposed_params(dtype=torch.float64, seed=0):
+    """Dense non-contiguous matrices, as a transposed weight is (``W.t()`` held as the parameter): a (24, 40)
+    one beside a contiguous matrix of its shape, and a tall (40, 24) one."""
+    torch.manual_seed(seed)
+    transposed = [torch.randn(40, 24, dtype=torch.float64).t(), torch.randn(24, 40, dtype=torch.float64).t()]
+    contiguous = torch.randn(24, 40, dtype=torch.float64)
+    return [t.to(dtype).requires_grad_() for t in (transposed[0], contiguous, transposed[1])]
+
+
+def set_grads_like(params, grads):
+    """Gradients with their parameters' strides, as autograd accumulates them for a dense parameter."""
+    for p, g in zip(params, grads):
+        p.grad = torch.empty_like(p).copy_(g)
+
+
+def test_transposed_parameters_are_orthogonalized_as_matrices():
+    """A parameter with strides (1, m): the update orthogonalizes the matrix, not its storage read as
+    another matrix of the same shape. The fused optimizer against the float64 reference, which against
+    torch.optim.Muon."""
+    ours, ref, theirs = make_transposed_params(torch.float32), make_transposed_params(), make_transposed_params()
+    assert not ours[0].is_contiguous() and not ours[2].is_contiguous()
+    opt = kernels.Muon([dict(params=ours)], lr=0.02)
+    opt_ref = TorchMuon([dict(params=ref)], lr=0.02)
+    opt_torch = torch.optim.Muon(theirs, lr=0.02, adjust_lr_fn="match_rms_adamw", weight_decay=0.1)
+    start = [p.detach().clone() for p in ref]
+    for step in range(STEPS):
+        grads = gradients(step, ours)
+        for params in (ours, ref, theirs):
+            set_grads_like(params, grads)
+        for o in (opt, opt_ref, opt_torch):
+            o.step()
+    assert_close(ours, ref, FP32_RTOL)
+    deltas = [p.detach() - p0 for p, p0 in zip(ref, start)]
+    torch_deltas = [p.detach() - p0 for p, p0 in zip(theirs, start)]
+    assert_close(deltas, torch_deltas, BF16_ITER_RTOL)
+
+
 def test_state_dicts_load_into_torch_muon_and_back():
     ours = make_params()[:5]
     theirs = [p.detach().clone().requires_grad_() for p in ours]
@@ -176,6 +213,24 @@ def test_overflow_skips_the_whole_step():
         opt.step()
         assert opt.found_inf.item() == float(step in (1, 2))
         if step not in (1, 2):
+            set_grads(ref, grads)
+            opt_ref.step()
+    assert_close(ours, ref, FP32_RTOL)
+    assert opt.state[ours[-1]]["step"].item() == 2.0
+
+
+def test_skip_flag_skips_the_whole_step():
+    """``opt.skip`` (a non-finite loss with finite gradients) at step 1: nothing moves, Muon or AdamW part."""
+    ours, ref = make_params(), make_params(torch.float64)
+    opt = kernels.Muon(mixed_groups(ours), lr=0.02)
+    opt_ref = TorchMuon(mixed_groups(ref), lr=0.02)
+    for step in range(3):
+        grads = gradients(step, ours)
+        set_grads(ours, grads)
+        opt.skip = torch.tensor(step == 1)
+        opt.step()
+        assert opt.found_inf.item() == 0.0
+        if step != 1:
             set_grads(ref, grads)
             opt_ref.step()
     assert_close(ours, ref, FP32_RTOL)

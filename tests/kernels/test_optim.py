@@ -236,6 +236,34 @@ def test_overflow_steps_are_skipped_then_training_proceeds():
     assert opt.state[next(ours.parameters())]["step"].item() == 4
 
 
+@pytest.mark.parametrize("make", [
+    lambda ps: kernels.AdamW(ps, lr=1e-2, max_grad_norm=1.0),
+    lambda ps: kernels.SGD(ps, lr=1e-2, momentum=0.9),
+    lambda ps: kernels.Lion(ps, lr=1e-3),
+], ids=["adamw-clipped", "sgd-momentum", "lion"])
+def test_skip_flag_skips_a_step_with_finite_gradients(make):
+    """``opt.skip`` set on the device (the trainer's flag for a non-finite loss, whose gradients may be
+    finite) at step 1: nothing is written, step counts included, and found_inf still reports the gradients
+    (finite); cleared at step 2, the run is the one without step 1, bit for bit."""
+    ours, ref = make_model(), make_model()
+    opt, opt_ref = make(ours.parameters()), make(ref.parameters())
+    for step in range(3):
+        opt.zero_grad()
+        backward(ours, step)
+        opt.skip = torch.tensor(step == 1)
+        before = copy.deepcopy((list(ours.parameters()), opt.state_dict()["state"]))
+        opt.step()
+        assert opt.found_inf.item() == 0.0
+        if step == 1:
+            after = (list(ours.parameters()), opt.state_dict()["state"])
+            torch.testing.assert_close(after, before, rtol=0, atol=0)
+            continue
+        opt_ref.zero_grad()
+        backward(ref, step)
+        opt_ref.step()
+    assert_params_close(ours.parameters(), ref.parameters(), rtol=0)
+
+
 # ----------------------------------------------------------------------------------------------
 # Master weights
 # ----------------------------------------------------------------------------------------------
