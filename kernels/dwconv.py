@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import SUM_BLOCK_G, SUM_BLOCK_N, INTERPRET, sm_count, sum_partials_kernel
+from ._common import SUM_BLOCK_G, SUM_BLOCK_N, INTERPRET, launch, sm_count, sum_partials_kernel
 from .aot import Variant
 
 __all__ = ["depthwise_conv2d"]
@@ -295,7 +295,8 @@ def _conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], ph: int, pw: int, h
     table.copy_((taps.flip(1) if flip else taps).t())
     block_w, block_c = _tile(wo, c)
     grid = (n * triton.cdiv(ho, _ROWS) * triton.cdiv(wo, block_w), triton.cdiv(c, block_c))
-    _conv_kernel[grid](
+    launch(
+        _conv_kernel, grid,
         x, table, bias if bias is not None else table, y, c, h, w, ho, wo, ph, pw, *x.stride(), *y.stride(),
         KH=kh, KW=kw, HAS_BIAS=bias is not None, ROWS=_ROWS, BLOCK_W=block_w, BLOCK_C=block_c,
         num_warps=_CONV_WARPS)
@@ -328,16 +329,19 @@ def _wgrad(x: Tensor, dy: Tensor, kh: int, kw: int, ph: int, pw: int, weight_dty
     splits = triton.cdiv(rows, rows_per_split)  # no empty split
     part = torch.empty((splits, c * taps), device=x.device, dtype=torch.float32)
     db_part = torch.empty((splits, c), device=x.device, dtype=torch.float32) if has_db else part
-    _wgrad_kernel[(kh * j_groups, triton.cdiv(c, block_c), splits)](
+    launch(
+        _wgrad_kernel, (kh * j_groups, triton.cdiv(c, block_c), splits),
         x, dy, part, db_part, c, h, w, ho, wo, ph, pw, *x.stride(), *dy.stride(), rows, rows_per_split,
         KH=kh, KW=kw, HAS_BIAS=has_db, BLOCK_W=block_w, BLOCK_C=block_c, num_warps=_WGRAD_WARPS)
     dw = torch.empty((c, 1, kh, kw), device=x.device, dtype=weight_dtype)
-    sum_partials_kernel[(triton.cdiv(c * taps, SUM_BLOCK_N), 1)](
+    launch(
+        sum_partials_kernel, (triton.cdiv(c * taps, SUM_BLOCK_N), 1),
         part, dw, dw, splits, c * taps, BLOCK_G=SUM_BLOCK_G, BLOCK_N=SUM_BLOCK_N, num_warps=_SUM_WARPS)
     db = None
     if has_db:
         db = torch.empty(c, device=x.device, dtype=bias_dtype)
-        sum_partials_kernel[(triton.cdiv(c, SUM_BLOCK_N), 1)](
+        launch(
+            sum_partials_kernel, (triton.cdiv(c, SUM_BLOCK_N), 1),
             db_part, db, db, splits, c, BLOCK_G=SUM_BLOCK_G, BLOCK_N=SUM_BLOCK_N, num_warps=_SUM_WARPS)
     return dw, db
 
