@@ -277,6 +277,18 @@ def _empty(shape, like: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.empty(shape, device=like.device, dtype=dtype, memory_format=_memory_format(like))
 
 
+def _check_image_offsets(**tensors: Tensor) -> None:
+    """The kernels offset images and rows in 64 bits but channels and columns within an image in 32:
+    refuse (rather than wrap) a tensor whose channel and column offsets reach 2^31 elements, e.g. one
+    NCHW image of 2^31 elements or more; in channels_last they stay below C * W."""
+    for name, t in tensors.items():
+        span = (t.shape[1] - 1) * abs(t.stride(1)) + (t.shape[3] - 1) * abs(t.stride(3))
+        if span >= 2**31:
+            raise ValueError(f"depthwise_conv2d: {name} {tuple(t.shape)} with strides {t.stride()} spans {span} "
+                             "elements over its channels and columns, past the kernels' 32-bit offsets within "
+                             "an image; pass it as channels_last (x.contiguous(memory_format=torch.channels_last))")
+
+
 def _conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], ph: int, pw: int, ho: int, wo: int,
           flip: bool, like: Tensor) -> Tensor:
     """The convolution of x (N, C, H, W) to (N, C, ho, wo) in like's memory format and dtype."""
@@ -285,6 +297,7 @@ def _conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], ph: int, pw: int, h
     y = _empty((n, c, ho, wo), like, like.dtype)
     if y.numel() == 0:
         return y
+    _check_image_offsets(x=x, output=y)
     if bias is not None and bias.stride(0) != 1:
         bias = bias.contiguous()  # C values
     # The (KH * KW, C) fp32 tap table, so that each tap of a channel block is one contiguous vector load:
@@ -320,6 +333,7 @@ def _wgrad(x: Tensor, dy: Tensor, kh: int, kw: int, ph: int, pw: int, weight_dty
     if rows == 0 or wo == 0:
         dw = torch.zeros((c, 1, kh, kw), device=x.device, dtype=weight_dtype)
         return dw, (torch.zeros(c, device=x.device, dtype=bias_dtype) if has_db else None)
+    _check_image_offsets(x=x, output_gradient=dy)
     block_w, block_c = _tile(wo, c)
     j_groups = triton.cdiv(kw, 8)
     taps = kh * kw
