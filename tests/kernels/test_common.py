@@ -186,3 +186,16 @@ def test_grids_fit_cuda_limits_at_extreme_batch_and_head_counts(launches, determ
             assert all(size <= cap for size, cap in zip(grid, CUDA_AXIS_LIMITS)), (record["kernel"], grid)
     # per attention call: forward, preprocess and dK/dV + dQ (or the fused kernel); then rope
     assert len(launches) == 2 * (4 if deterministic else 3) + 1
+
+
+@pytest.mark.parametrize("allow_tf32, expected", [(False, "ieee"), (True, "tf32")])
+def test_fp32_gemms_follow_torchs_tf32_setting(launches, allow_tf32, expected):
+    """The ConvNeXt MLP's fp32 GEMMs: IEEE products unless torch's own matmuls may use TF32."""
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = allow_tf32
+    try:
+        _mlp()
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+    precisions = [r["meta"]["DOT_PRECISION"] for r in launches if "DOT_PRECISION" in r["meta"]]
+    assert len(precisions) == 3 and set(precisions) == {expected}  # forward, input and weight gradients
