@@ -1,14 +1,18 @@
-"""What several kernel modules share: the interpreter switch, the SM count, dtype names, and the
-fixed-order partial-sum reduction that turns per-program partial gradients into one (no atomics)."""
+"""What several kernel modules share: the interpreter switch, the SM count, dtype names, the launch
+helper every launcher goes through, the dot precision torch's settings ask for, and the fixed-order
+partial-sum reduction that turns per-program partial gradients into one (no atomics)."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+from typing import Any, Callable, Sequence, Union
 
 import torch
 import triton
 import triton.language as tl
 
+from . import _compat
 from .aot import Variant
 
 #: The Triton interpreter runs the kernels on CPU tensors (tests). Read once, at import, as Triton does.
@@ -22,6 +26,14 @@ TL_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16
 SUM_BLOCK_G, SUM_BLOCK_N, SUM_WARPS = 128, 32, 4
 
 
+#: CUDA's grid limits, programs per axis: 2^31 - 1 along axis 0, 65,535 along axes 1 and 2. Triton checks
+#: none of them, and the interpreter has none, so a launcher whose grid grows with the batch or the head
+#: count puts that product on axis 0 (the kernel splits its program id) and every launch is checked here.
+MAX_GRID = (2**31 - 1, 65535, 65535)
+
+Grid = Union[Sequence[int], Callable[[dict], Sequence[int]]]
+
+
 def use_triton(t: torch.Tensor) -> bool:
     """The Triton kernels can run on ``t``: it is on a GPU, or the interpreter is on."""
     return t.is_cuda or INTERPRET
@@ -31,6 +43,57 @@ def sm_count(device: torch.device) -> int:
     if device.type == "cuda":
         return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
     return INTERPRETER_SMS
+
+
+def launch(kernel, grid: Grid, *args: Any, **meta: Any) -> None:
+    """``kernel[grid](*args, **meta)`` on the device of the first tensor argument, every grid axis checked.
+
+    Triton launches on the current CUDA device, and neither ``torch.library.custom_op`` nor autograd
+    makes the tensors' device current: a model on ``cuda:1`` while ``cuda:0`` is current would launch
+    on the wrong GPU. ``grid`` is a tuple, or for an autotuned kernel a function of the chosen config's
+    meta-parameters; either way each axis must fit ``MAX_GRID`` (checked on the host, no sync), so an
+    oversized launch raises here instead of failing inside the driver.
+    """
+    device = next(a.device for a in (*args, *meta.values()) if isinstance(a, torch.Tensor))
+    name = getattr(kernel, "__name__", None) or getattr(getattr(kernel, "fn", None), "__name__", "kernel")
+    if callable(grid):
+        def checked(config: dict) -> tuple[int, ...]:
+            return _checked_grid(name, grid(config))
+    else:
+        checked = _checked_grid(name, grid)
+    _launch_on(device, kernel, checked, args, meta)
+
+
+def _checked_grid(name: str, grid: Sequence[int]) -> tuple[int, ...]:
+    grid = tuple(int(g) for g in grid)
+    for axis, (size, cap) in enumerate(zip(grid, MAX_GRID)):
+        if size > cap:
+            raise ValueError(f"{name}: grid axis {axis} has {size} programs; CUDA allows at most {cap}")
+    return grid
+
+
+def _launch_on(device: torch.device, kernel, grid: Grid, args: tuple, meta: dict) -> None:
+    """The launch itself, inside ``device_guard(device)`` (tests record launches by patching this)."""
+    with device_guard(device):
+        kernel[grid](*args, **meta)
+
+
+def device_guard(device: torch.device):
+    """Make ``device`` the current CUDA device within (nothing for other devices)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """``tl.dot``'s ``input_precision`` for operands of ``dtype``, following torch's own fp32 setting.
+
+    fp32 operands: IEEE products unless the user allowed TF32 for torch's matmuls
+    (``torch.backends.cuda.matmul.allow_tf32``, which ``torch.set_float32_matmul_precision("high")``
+    also sets), as torch does. Triton's own default would be TF32 whatever the user asked. 16-bit
+    operands run on the tensor cores either way; they get Triton's default, so their kernels compile
+    as before.
+    """
+    ieee = dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
+    return _compat.DOT_IEEE if ieee else _compat.DOT_TF32
 
 
 @functools.lru_cache(maxsize=None)

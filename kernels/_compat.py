@@ -15,6 +15,8 @@ GPU (their autotuner asks for a driver at import) and lack ``triton.knobs``.
   (``tritonforge kernels report`` prints it).
 - ``jit_types()``: the classes of ``@triton.jit`` functions, compiled and interpreted (the
   interpreter's is no ``KernelInterface`` on 3.4).
+- ``DOT_IEEE``, ``DOT_TF32``: how ``tl.dot(..., input_precision=...)`` names IEEE fp32 products and
+  TF32 ones; 3.6 to 3.9 spell them alike (the older ``allow_tf32`` flag is deprecated throughout).
 - ``compiler_knobs(force)``, ``tool_path(name)``, ``cache_dir()``: what ``kernels.aot`` needs from
   ``triton.knobs``: keep ptxas's log, bypass the cache, find ``cuobjdump``, the cache directory;
   ``version_tag()``: the version stored with each cached analysis.
@@ -28,7 +30,7 @@ from typing import Iterator, Mapping, TypeVar
 import triton
 
 __all__ = ["TRITON_VERSION", "MIN_TRITON", "NEWEST_CHECKED", "parse_version", "by_version", "describe",
-           "jit_types", "compiler_knobs", "tool_path", "cache_dir", "version_tag"]
+           "DOT_IEEE", "DOT_TF32", "jit_types", "compiler_knobs", "tool_path", "cache_dir", "version_tag"]
 
 T = TypeVar("T")
 
@@ -45,6 +47,8 @@ def parse_version(text: str) -> tuple[int, int, int]:
 
 
 TRITON_VERSION = parse_version(triton.__version__)
+
+DOT_IEEE, DOT_TF32 = "ieee", "tf32"
 
 _applied: dict[str, tuple[int, ...]] = {}
 

@@ -20,11 +20,16 @@ FlashAttention's (total tokens, H, D) layout with ``cu_seqlens``; (B, H, S, D) w
   heads and blocks) then dQ: 7 matmuls per block pair, no atomics, bitwise reproducible. ``False``: the
   dK/dV kernel also adds dQ with fp32 atomics (5 matmuls, as FlashAttention-2; dQ's rounding then varies
   run to run, dK and dV do not).
-* Head dims 16-256 (80 and 96 in padded 128 tiles); fp16/bf16 dots with fp32 accumulation (fp32, for
-  tests, is tf32 on a GPU); strided q/k/v from a fused QKV projection read in place. Small autotune lists
-  per kernel and head-dim class (``_GPU_CONFIGS``, per Triton version via ``kernels._compat``;
-  ``_SEGMENT_CONFIGS``), each compiled spill-free with wgmma by ``tritonforge kernels report`` or kept
-  with a reason (``_KEEP_REASONS``). The interpreter runs one small config so tests cross block edges.
+* Head dims 16-256 (80 and 96 in padded 128 tiles); fp16/bf16 dots with fp32 accumulation; fp32 inputs
+  (for tests) take IEEE or TF32 products as torch's ``allow_tf32`` says for its own matmuls. Strided
+  q/k/v from a fused QKV projection are read in place, rows addressed in 64 bits per block (``_row_ptrs``)
+  so offsets past 2^31 elements stay exact. Small config lists per kernel and head-dim class
+  (``_GPU_CONFIGS``, per Triton version via ``kernels._compat``; ``_SEGMENT_CONFIGS``), each compiled
+  spill-free with wgmma by ``tritonforge kernels report`` or kept with a reason (``_KEEP_REASONS``).
+  ``deterministic=True`` runs the first config of each list (no timing: the same tiles in every
+  process); ``False`` autotunes over the list, keyed on power-of-two buckets of S (``_tune_key``). The
+  interpreter runs one small config so tests cross block edges.
+* Grids put (blocks x B * H) on axis 0, whose limit is 2^31 - 1 (axes 1 and 2 stop at 65,535).
 """
 from __future__ import annotations
 
@@ -36,7 +41,7 @@ import triton
 import triton.language as tl
 
 from . import _compat
-from ._common import INTERPRET, TL_DTYPES, use_triton
+from ._common import INTERPRET, TL_DTYPES, dot_precision, launch, use_triton
 from .aot import Variant
 
 __all__ = ["attention", "attention_varlen", "attention_forward", "attention_backward", "SUPPORTED_HEAD_DIMS"]
@@ -185,11 +190,44 @@ def _pruner(kernel: str):
     return prune
 
 
-_AUTOTUNE_KEY = ["seqlen", "head_dim", "window_left", "window_right", "SEGMENTS"]
+def _rule_config(kernel: str, block_d: int, dtype: torch.dtype, segments: bool) -> tuple[int, int, int, int]:
+    """The config a ``deterministic`` launch uses, chosen by rule rather than by timing: the first one
+    listed for the kernel, tile width class, dtype and ``segments`` on the installed Triton (the lists
+    put the measured-fastest first). Every process, run and rank thus runs the same tiles, hence the same
+    summation order (interpreter: its one config)."""
+    if INTERPRET:
+        return _INTERPRETER_CONFIGS[kernel]
+    return _configs_for(kernel, block_d, dtype, segments)[0]
+
+
+def _tune_key(seqlen: int, causal: bool, window: int) -> tuple[int, int]:
+    """(tune_seqlen, tune_band): what the autotuner keys on besides D, dtype and segments. The next power
+    of two of S (of the total tokens for varlen), so that growing or varying lengths re-benchmark once
+    per octave, not at every new length; the band as causal or not and the window's next power of two
+    (0: none), as it changes the work per block, not S."""
+    return triton.next_power_of_2(seqlen), 2 * (triton.next_power_of_2(window) if window else 0) + causal
+
+
+_AUTOTUNE_KEY = ["tune_seqlen", "tune_band", "head_dim", "SEGMENTS", "DOT_PRECISION"]
+# The kernels never read the key-only ints: specializing on their values would only add compiles.
+_TUNE_ARGS = ["tune_seqlen", "tune_band"]
+# Row strides up to this many elements keep the offsets inside a block in 32 bits (see ``_row_ptrs``; the
+# tallest block is the preprocess's at D = 16); an operand with a wider row stride is copied first.
+_MAX_ROW_STRIDE = 2**31 // (_PRE_TILE_ELEMS // 16)
 
 # ---------------------------------------------------------------------------------------------------
 # Kernels
 # ---------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _row_ptrs(base, start, stride, offs_rows, offs_d):
+    """Pointers to rows ``start + offs_rows`` (``offs_rows`` = 0 .. BLOCK - 1), columns ``offs_d``, of a
+    [rows, D] operand with row stride ``stride``. The block's first row is offset in 64 bits (row *
+    stride passes 2^31 elements for long sequences of a wide fused projection), once per block, a
+    scalar; the offsets inside the block stay 32-bit vectors (the launcher keeps BLOCK * stride below
+    2^31), so the tile costs no 64-bit vector math."""
+    return base + start.to(tl.int64) * stride + (offs_rows[:, None] * stride + offs_d[None, :])
 
 
 @triton.jit
@@ -240,7 +278,7 @@ def _segment_blocks(seg_base, start, last, offs, seqlen, lo, hi, inner_lo, inner
 
 @triton.autotune(configs=_autotune_configs("fwd"), key=_AUTOTUNE_KEY,
                  prune_configs_by={"early_config_prune": _pruner("fwd")})
-@triton.jit
+@triton.jit(do_not_specialize=_TUNE_ARGS)
 def _attn_fwd(
     Q, K, V,  # (B, H, S, D), (B, Hkv, S, D), (B, Hkv, S, D); last dim contiguous
     Out,  # (B, H, S, D) contiguous, dtype of Q
@@ -252,10 +290,12 @@ def _attn_fwd(
     num_heads, group_size,  # H and H // Hkv
     seqlen, head_dim,  # S and D
     window_left, window_right,  # band: key j visible from query i iff i - left < j <= i + right
+    tune_seqlen, tune_band,  # read by the autotuner only: its key (``_tune_key``)
     qk_scale,  # scale * log2(e)
     BLOCK_D: tl.constexpr,  # the next power of two of D: the tile width
     PAD_D: tl.constexpr,  # D < BLOCK_D: mask the columns past D
     SEGMENTS: tl.constexpr,  # key j visible from query i only if their segment ids are equal
+    DOT_PRECISION: tl.constexpr,  # tl.dot's input_precision: "ieee" or "tf32" (fp32 inputs only)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """O = softmax(scale * Q K^T | band, segments) V for one block of BLOCK_M queries of one (batch, head).
@@ -264,9 +304,11 @@ def _attn_fwd(
         m' = max(m, max_j t_j);  l' = l * 2^(m - m') + sum_j 2^(t_j - m');
         acc' = acc * 2^(m - m') + 2^(t - m') V;  finally O = acc / l, lse = m + log2(l).
     Reads Q once, K and V once per visited key block; writes O and lse.
+    Grid: (query blocks x B * H,) on axis 0, the query block varying fastest.
     """
-    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # longest causal rows first
-    pid_bh = tl.program_id(1)
+    num_m_blocks = tl.cdiv(seqlen, BLOCK_M)
+    pid_bh = tl.program_id(0) // num_m_blocks
+    pid_m = num_m_blocks - 1 - tl.program_id(0) % num_m_blocks  # longest causal rows first
     batch = pid_bh // num_heads
     head = pid_bh % num_heads
     kv_head = head // group_size
@@ -285,7 +327,7 @@ def _attn_fwd(
     else:
         mask_d = tl.full([BLOCK_D], 1, tl.int1)
 
-    q = tl.load(q_base + offs_m[:, None] * stride_qs + offs_d[None, :],
+    q = tl.load(_row_ptrs(q_base, start_m, stride_qs, tl.arange(0, BLOCK_M), offs_d),
                 mask=mask_m[:, None] & mask_d[None, :], other=0.0)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -318,8 +360,8 @@ def _attn_fwd(
                 mask_kv = (offs_kn < seqlen)[:, None] & mask_d[None, :]
             else:
                 mask_kv = mask_d[None, :]
-            k = tl.load(k_base + offs_kn[:, None] * stride_ks + offs_d[None, :], mask=mask_kv, other=0.0)
-            qk = tl.dot(q, tl.trans(k))
+            k = tl.load(_row_ptrs(k_base, start_n, stride_ks, offs_n, offs_d), mask=mask_kv, other=0.0)
+            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
             if boundary == 0:
                 visible = (offs_kn[None, :] <= key_last[:, None]) & (offs_kn[None, :] > key_before[:, None])
                 if SEGMENTS:
@@ -335,8 +377,8 @@ def _attn_fwd(
             p = tl.exp2(qk * qk_scale - m_ref[:, None])
             alpha = tl.exp2(m_i - m_ref)
             l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(v_base + offs_kn[:, None] * stride_vs + offs_d[None, :], mask=mask_kv, other=0.0)
-            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+            v = tl.load(_row_ptrs(v_base, start_n, stride_vs, offs_n, offs_d), mask=mask_kv, other=0.0)
+            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
             m_i = m_new
 
     l_i = tl.where(mask_m, l_i, 1.0)  # rows past the sequence may see no key; they are not stored
@@ -357,10 +399,11 @@ def _attn_bwd_preprocess(
 ):
     """delta_i = sum_d dO[i, d] * O[i, d] for BLOCK_M rows of one (batch, head).
 
-    Reads O and dO once (2 * S * D elements per head), writes S fp32.
+    Reads O and dO once (2 * S * D elements per head), writes S fp32. Grid: (row blocks x B * H,).
     """
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    num_m_blocks = tl.cdiv(seqlen, BLOCK_M)
+    pid_m = tl.program_id(0) % num_m_blocks
+    pid_bh = tl.program_id(0) // num_m_blocks
     batch = pid_bh // num_heads
     head = pid_bh % num_heads
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -369,14 +412,15 @@ def _attn_bwd_preprocess(
     row_base = pid_bh.to(tl.int64) * seqlen
     o = tl.load(Out + (row_base + offs_m[:, None]) * head_dim + offs_d[None, :], mask=mask, other=0.0)
     do_base = DO + batch.to(tl.int64) * stride_dob + head.to(tl.int64) * stride_doh
-    do = tl.load(do_base + offs_m[:, None] * stride_dos + offs_d[None, :], mask=mask, other=0.0)
+    do = tl.load(_row_ptrs(do_base, pid_m * BLOCK_M, stride_dos, tl.arange(0, BLOCK_M), offs_d), mask=mask,
+                 other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(Delta + row_base + offs_m, delta, mask=offs_m < seqlen)
 
 
 @triton.autotune(configs=_autotune_configs("dkdv"), key=_AUTOTUNE_KEY,
                  prune_configs_by={"early_config_prune": _pruner("dkdv")})
-@triton.jit
+@triton.jit(do_not_specialize=_TUNE_ARGS)
 def _attn_bwd_dkdv(
     Q, K, V, DO,  # (B, H, S, D), (B, Hkv, S, D) x 2, (B, H, S, D); last dims contiguous
     LSE, Delta,  # (B, H, S) fp32 contiguous
@@ -388,10 +432,12 @@ def _attn_bwd_dkdv(
     stride_vb, stride_vh, stride_vs,
     stride_dob, stride_doh, stride_dos,
     num_heads, group_size, seqlen, head_dim, window_left, window_right,
+    tune_seqlen, tune_band,  # read by the autotuner only: its key (``_tune_key``)
     qk_scale,  # scale * log2(e)
     sm_scale,  # scale
     BLOCK_D: tl.constexpr, PAD_D: tl.constexpr,
     SEGMENTS: tl.constexpr,  # key j visible from query i only if their segment ids are equal
+    DOT_PRECISION: tl.constexpr,  # tl.dot's input_precision: "ieee" or "tf32" (fp32 inputs only)
     ATOMIC_DQ: tl.constexpr,  # also add each step's dQ share into DQAcc (the 5-matmul backward)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -406,9 +452,11 @@ def _attn_bwd_dkdv(
     scale * dS K (BLOCK_M x D, fp32), and adds it into DQAcc with ``tl.atomic_add``. Every key block
     that the query block sees adds into the same rows, in whatever order the programs run, so dQ is
     not bitwise reproducible; dK and dV are computed exactly as without the flag.
+    Grid: (key blocks x B * Hkv,) on axis 0, the key block varying fastest.
     """
-    pid_n = tl.program_id(0)
-    pid_bhk = tl.program_id(1)
+    num_n_blocks = tl.cdiv(seqlen, BLOCK_N)
+    pid_n = tl.program_id(0) % num_n_blocks
+    pid_bhk = tl.program_id(0) // num_n_blocks
     num_kv_heads = num_heads // group_size
     batch = pid_bhk // num_kv_heads
     kv_head = pid_bhk % num_kv_heads
@@ -424,8 +472,8 @@ def _attn_bwd_dkdv(
     mask_nd = (offs_n < seqlen)[:, None] & mask_d[None, :]
     k_base = K + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
     v_base = V + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
-    k = tl.load(k_base + offs_n[:, None] * stride_ks + offs_d[None, :], mask=mask_nd, other=0.0)
-    v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :], mask=mask_nd, other=0.0)
+    k = tl.load(_row_ptrs(k_base, start_n, stride_ks, tl.arange(0, BLOCK_N), offs_d), mask=mask_nd, other=0.0)
+    v = tl.load(_row_ptrs(v_base, start_n, stride_vs, tl.arange(0, BLOCK_N), offs_d), mask=mask_nd, other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
 
@@ -464,8 +512,8 @@ def _attn_bwd_dkdv(
                 else:
                     mask_q = mask_d[None, :]
                     lse = tl.load(LSE + row_base + offs_qm)
-                q = tl.load(q_base + offs_qm[:, None] * stride_qs + offs_d[None, :], mask=mask_q, other=0.0)
-                p_t = tl.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse[None, :])
+                q = tl.load(_row_ptrs(q_base, start_m, stride_qs, offs_m, offs_d), mask=mask_q, other=0.0)
+                p_t = tl.exp2(tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale - lse[None, :])
                 if boundary == 0:
                     rel = offs_n[:, None] - offs_qm[None, :]  # j - i
                     visible = (rel <= window_right) & (rel > -window_left)
@@ -473,19 +521,19 @@ def _attn_bwd_dkdv(
                         seg_m = tl.load(seg_base + offs_qm, mask=mask_m, other=-1)
                         visible = visible & (seg_n[:, None] == seg_m[None, :])
                     p_t = tl.where(visible, p_t, 0.0)
-                do = tl.load(do_base + offs_qm[:, None] * stride_dos + offs_d[None, :], mask=mask_q, other=0.0)
-                dv = tl.dot(p_t.to(do.dtype), do, dv)
+                do = tl.load(_row_ptrs(do_base, start_m, stride_dos, offs_m, offs_d), mask=mask_q, other=0.0)
+                dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
                 if boundary == 0:
                     delta = tl.load(Delta + row_base + offs_qm, mask=mask_m, other=0.0)
                 else:
                     delta = tl.load(Delta + row_base + offs_qm)
-                ds_t = (p_t * (tl.dot(v, tl.trans(do)) - delta[None, :])).to(q.dtype)
-                dk = tl.dot(ds_t, q, dk)
+                ds_t = (p_t * (tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION) - delta[None, :])).to(q.dtype)
+                dk = tl.dot(ds_t, q, dk, input_precision=DOT_PRECISION)
                 if ATOMIC_DQ:
                     # dQ^T = K^T dS^T (D x BLOCK_M): the head dim, not the few query rows of a step, is
                     # the dot's M dimension, which wgmma needs to be a multiple of 64. Relaxed atomics:
                     # only the sums at kernel exit matter, not the order of the additions.
-                    dq_t = tl.dot(tl.trans(k), ds_t) * sm_scale
+                    dq_t = tl.dot(tl.trans(k), ds_t, input_precision=DOT_PRECISION) * sm_scale
                     tl.atomic_add(DQAcc + (row_base + offs_qm[None, :]) * head_dim + offs_d[:, None], dq_t,
                                   mask=tl.trans(mask_q), sem="relaxed")
 
@@ -504,7 +552,7 @@ _attn_bwd_dkdvdq = triton.autotune(configs=_autotune_configs("dkdvdq"), key=_AUT
 
 @triton.autotune(configs=_autotune_configs("dq"), key=_AUTOTUNE_KEY,
                  prune_configs_by={"early_config_prune": _pruner("dq")})
-@triton.jit
+@triton.jit(do_not_specialize=_TUNE_ARGS)
 def _attn_bwd_dq(
     Q, K, V, DO,  # (B, H, S, D), (B, Hkv, S, D) x 2, (B, H, S, D); last dims contiguous
     LSE, Delta,  # (B, H, S) fp32 contiguous
@@ -515,19 +563,23 @@ def _attn_bwd_dq(
     stride_vb, stride_vh, stride_vs,
     stride_dob, stride_doh, stride_dos,
     num_heads, group_size, seqlen, head_dim, window_left, window_right,
+    tune_seqlen, tune_band,  # read by the autotuner only: its key (``_tune_key``)
     qk_scale,  # scale * log2(e)
     sm_scale,  # scale
     BLOCK_D: tl.constexpr, PAD_D: tl.constexpr,
     SEGMENTS: tl.constexpr,  # key j visible from query i only if their segment ids are equal
+    DOT_PRECISION: tl.constexpr,  # tl.dot's input_precision: "ieee" or "tf32" (fp32 inputs only)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dQ for one block of BLOCK_M queries of one (batch, head).
 
     For each visible key block: P = 2^(qk_scale * Q K^T - lse); dS = P * (dO V^T - delta); dQ += dS K;
     finally dQ *= scale. Reads Q, dO, lse, delta once and K, V once per visited key block; writes dQ.
+    Grid: (query blocks x B * H,) on axis 0, the query block varying fastest.
     """
-    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # longest causal rows first
-    pid_bh = tl.program_id(1)
+    num_m_blocks = tl.cdiv(seqlen, BLOCK_M)
+    pid_bh = tl.program_id(0) // num_m_blocks
+    pid_m = num_m_blocks - 1 - tl.program_id(0) % num_m_blocks  # longest causal rows first
     batch = pid_bh // num_heads
     head = pid_bh % num_heads
     kv_head = head // group_size
@@ -547,8 +599,8 @@ def _attn_bwd_dq(
     else:
         mask_d = tl.full([BLOCK_D], 1, tl.int1)
     mask_md = mask_m[:, None] & mask_d[None, :]
-    q = tl.load(q_base + offs_m[:, None] * stride_qs + offs_d[None, :], mask=mask_md, other=0.0)
-    do = tl.load(do_base + offs_m[:, None] * stride_dos + offs_d[None, :], mask=mask_md, other=0.0)
+    q = tl.load(_row_ptrs(q_base, start_m, stride_qs, tl.arange(0, BLOCK_M), offs_d), mask=mask_md, other=0.0)
+    do = tl.load(_row_ptrs(do_base, start_m, stride_dos, tl.arange(0, BLOCK_M), offs_d), mask=mask_md, other=0.0)
     lse = tl.load(LSE + row_base + offs_m, mask=mask_m, other=float("inf"))  # padding rows: P = 0
     delta = tl.load(Delta + row_base + offs_m, mask=mask_m, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -578,17 +630,17 @@ def _attn_bwd_dq(
                 mask_kv = (offs_kn < seqlen)[:, None] & mask_d[None, :]
             else:
                 mask_kv = mask_d[None, :]
-            k = tl.load(k_base + offs_kn[:, None] * stride_ks + offs_d[None, :], mask=mask_kv, other=0.0)
-            v = tl.load(v_base + offs_kn[:, None] * stride_vs + offs_d[None, :], mask=mask_kv, other=0.0)
-            p = tl.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None])
+            k = tl.load(_row_ptrs(k_base, start_n, stride_ks, offs_n, offs_d), mask=mask_kv, other=0.0)
+            v = tl.load(_row_ptrs(v_base, start_n, stride_vs, offs_n, offs_d), mask=mask_kv, other=0.0)
+            p = tl.exp2(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale - lse[:, None])
             if boundary == 0:
                 visible = (offs_kn[None, :] <= key_last[:, None]) & (offs_kn[None, :] > key_before[:, None])
                 if SEGMENTS:
                     seg_n = tl.load(seg_base + offs_kn, mask=offs_kn < seqlen, other=-1)
                     visible = visible & (seg_m[:, None] == seg_n[None, :])
                 p = tl.where(visible, p, 0.0)
-            ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
-            dq = tl.dot(ds.to(k.dtype), k, dq)
+            ds = p * (tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION) - delta[:, None])
+            dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
 
     tl.store(DQ + (row_base + offs_m[:, None]) * head_dim + offs_d[None, :],
              (dq * sm_scale).to(DQ.dtype.element_ty), mask=mask_md)
@@ -610,7 +662,20 @@ def _band(seqlen: int, causal: bool, window: int) -> tuple[int, int]:
 
 
 def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
+    """t with unit stride along D and a row stride that ``_row_ptrs`` may form in 32 bits in a block."""
+    return t if t.stride(-1) == 1 and abs(t.stride(-2)) <= _MAX_ROW_STRIDE else t.contiguous()
+
+
+def _launch_tuned(tuned, kernel: str, grid, args, deterministic: bool, **meta) -> None:
+    """Launch an autotuned attention kernel: with ``deterministic``, the rule's config (``_rule_config``)
+    straight to the compiled kernel, so that no timing ever picks the tiles; else through the autotuner.
+    ``grid`` maps a config's meta-parameters to the launch grid."""
+    if not deterministic:
+        launch(tuned, grid, *args, **meta)
+        return
+    block_m, block_n, warps, stages = _rule_config(kernel, meta["BLOCK_D"], args[0].dtype, meta["SEGMENTS"])
+    tiles = {"BLOCK_M": block_m, "BLOCK_N": block_n}
+    launch(tuned.fn, grid(tiles), *args, **meta, **tiles, num_warps=warps, num_stages=stages)
 
 
 def _bhs_strides(t: torch.Tensor) -> tuple[int, int, int]:
@@ -653,10 +718,11 @@ def _segment_table(segment_ids: torch.Tensor) -> torch.Tensor:
     return table
 
 
-def attention_forward(q, k, v, causal: bool, scale: float, window: int,
+def attention_forward(q, k, v, causal: bool, scale: float, window: int, deterministic: bool = True,
                       segment_ids: torch.Tensor | None = None):
     """Launch the forward kernel. Returns ``(out, lse)``: out (B, H, S, D) contiguous in q's dtype,
-    lse (B, H, S) fp32, the base-2 log-sum-exp of ``scale * log2(e) * q . k`` over the visible keys."""
+    lse (B, H, S) fp32, the base-2 log-sum-exp of ``scale * log2(e) * q . k`` over the visible keys.
+    ``deterministic``: tiles by rule (``_rule_config``), else autotuned."""
     q, k, v = (_unit_last_stride(t) for t in (q, k, v))
     batch, num_heads, seqlen, head_dim = q.shape
     out = q.new_empty(q.shape)
@@ -666,16 +732,16 @@ def attention_forward(q, k, v, causal: bool, scale: float, window: int,
     left, right = _band(seqlen, causal, window)
 
     def grid(meta):
-        return (triton.cdiv(seqlen, meta["BLOCK_M"]), batch * num_heads)
+        return (triton.cdiv(seqlen, meta["BLOCK_M"]) * batch * num_heads,)
 
     # Seg is not read without SEGMENTS: any tensor fills the slot.
     seg = lse if segment_ids is None else _segment_table(segment_ids)
-    _attn_fwd[grid](
-        q, k, v, out, lse, seg,
-        *_bhs_strides(q), *_bhs_strides(k), *_bhs_strides(v),
-        num_heads, num_heads // k.shape[1], seqlen, head_dim, left, right, scale * _LOG2E,
-        BLOCK_D=_block_d(head_dim), PAD_D=_block_d(head_dim) != head_dim, SEGMENTS=segment_ids is not None,
-    )
+    args = (q, k, v, out, lse, seg, *_bhs_strides(q), *_bhs_strides(k), *_bhs_strides(v),
+            num_heads, num_heads // k.shape[1], seqlen, head_dim, left, right,
+            *_tune_key(seqlen, causal, window), scale * _LOG2E)
+    _launch_tuned(_attn_fwd, "fwd", grid, args, deterministic, BLOCK_D=_block_d(head_dim),
+                  PAD_D=_block_d(head_dim) != head_dim, SEGMENTS=segment_ids is not None,
+                  DOT_PRECISION=dot_precision(q.dtype))
     return out, lse
 
 
@@ -684,9 +750,10 @@ def attention_backward(do, q, k, v, out, lse, causal: bool, scale: float, window
     """Launch the backward kernels. Returns ``(dq, dk, dv)``, contiguous, in the inputs' dtype.
 
     ``deterministic=True``: the delta preprocess, the dK/dV kernel and the dQ kernel (7 matmuls per
-    block pair, no atomics, bitwise reproducible). ``deterministic=False``: the preprocess and one fused
-    kernel (5 matmuls) that adds dQ into a zeroed fp32 buffer with atomics; dQ's summation order then
-    varies from run to run.
+    block pair, no atomics), with tiles chosen by rule (``_rule_config``): bitwise reproducible across
+    runs and processes. ``deterministic=False``: the preprocess and one fused kernel (5 matmuls,
+    autotuned) that adds dQ into a zeroed fp32 buffer with atomics; dQ's summation order then varies
+    from run to run.
     """
     do, q, k, v = (_unit_last_stride(t) for t in (do, q, k, v))
     batch, num_heads, seqlen, head_dim = q.shape
@@ -701,35 +768,35 @@ def attention_backward(do, q, k, v, out, lse, causal: bool, scale: float, window
 
     delta = torch.empty_like(lse)
     pre_block_m = _PRE_TILE_ELEMS // block_d
-    _attn_bwd_preprocess[(triton.cdiv(seqlen, pre_block_m), batch * num_heads)](
-        out, do, delta, *_bhs_strides(do), num_heads, seqlen, head_dim,
-        BLOCK_M=pre_block_m, BLOCK_D=block_d, num_warps=_PRE_NUM_WARPS,
-    )
+    launch(_attn_bwd_preprocess, (triton.cdiv(seqlen, pre_block_m) * batch * num_heads,),
+           out, do, delta, *_bhs_strides(do), num_heads, seqlen, head_dim,
+           BLOCK_M=pre_block_m, BLOCK_D=block_d, num_warps=_PRE_NUM_WARPS)
     common = (*_bhs_strides(q), *_bhs_strides(k), *_bhs_strides(v), *_bhs_strides(do),
-              num_heads, group_size, seqlen, head_dim, left, right, scale * _LOG2E, scale)
-    pad_d = block_d != head_dim
+              num_heads, group_size, seqlen, head_dim, left, right, *_tune_key(seqlen, causal, window),
+              scale * _LOG2E, scale)
     segments = segment_ids is not None
     seg = _segment_table(segment_ids) if segments else delta  # not read without SEGMENTS
+    meta = dict(BLOCK_D=block_d, PAD_D=block_d != head_dim, SEGMENTS=segments,
+                DOT_PRECISION=dot_precision(q.dtype))
 
-    def grid_dkdv(meta):
-        return (triton.cdiv(seqlen, meta["BLOCK_N"]), batch * num_kv_heads)
+    def grid_dkdv(tiles):
+        return (triton.cdiv(seqlen, tiles["BLOCK_N"]) * batch * num_kv_heads,)
 
     if not deterministic:
         dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-        _attn_bwd_dkdvdq[grid_dkdv](q, k, v, do, lse, delta, dk, dv, dq_acc, seg, *common,
-                                    BLOCK_D=block_d, PAD_D=pad_d, SEGMENTS=segments, ATOMIC_DQ=True)
+        launch(_attn_bwd_dkdvdq, grid_dkdv, q, k, v, do, lse, delta, dk, dv, dq_acc, seg, *common, **meta,
+               ATOMIC_DQ=True)
         return dq_acc.to(q.dtype), dk, dv
 
     # DQAcc is neither read nor written without ATOMIC_DQ: any fp32 tensor fills the slot.
-    _attn_bwd_dkdv[grid_dkdv](q, k, v, do, lse, delta, dk, dv, delta, seg, *common,
-                              BLOCK_D=block_d, PAD_D=pad_d, SEGMENTS=segments, ATOMIC_DQ=False)
+    _launch_tuned(_attn_bwd_dkdv, "dkdv", grid_dkdv, (q, k, v, do, lse, delta, dk, dv, delta, seg, *common),
+                  True, **meta, ATOMIC_DQ=False)
 
-    def grid_dq(meta):
-        return (triton.cdiv(seqlen, meta["BLOCK_M"]), batch * num_heads)
+    def grid_dq(tiles):
+        return (triton.cdiv(seqlen, tiles["BLOCK_M"]) * batch * num_heads,)
 
     dq = q.new_empty(q.shape)
-    _attn_bwd_dq[grid_dq](q, k, v, do, lse, delta, dq, seg, *common, BLOCK_D=block_d, PAD_D=pad_d,
-                          SEGMENTS=segments)
+    _launch_tuned(_attn_bwd_dq, "dq", grid_dq, (q, k, v, do, lse, delta, dq, seg, *common), True, **meta)
     return dq, dk, dv
 
 
@@ -787,10 +854,10 @@ def _reference_backward(do, q, k, v, causal, scale, window, segment_ids=None):
 def _attention_forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float,
                           window: int, deterministic: bool = True, segment_ids: torch.Tensor | None = None
                           ) -> tuple[torch.Tensor, torch.Tensor]:
-    # ``deterministic`` does not change the forward; it is an argument so that autograd's context
-    # (``_setup_context``) receives it and picks the backward.
+    # ``deterministic`` picks the forward's tiles by rule rather than by timing (``_rule_config``); autograd's
+    # context (``_setup_context``) also receives it and picks the backward.
     if use_triton(q):
-        return attention_forward(q, k, v, causal, scale, window, segment_ids)
+        return attention_forward(q, k, v, causal, scale, window, deterministic, segment_ids)
     return _reference_forward(q, k, v, causal, scale, window, segment_ids)
 
 
@@ -906,10 +973,14 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
         scale: multiplies ``q . k`` before the softmax; default ``1 / sqrt(D)``; must be > 0.
         window: int >= 1 or None. With ``causal=True``: the ``window`` most recent keys,
             ``i - window < j <= i``. With ``causal=False``: the symmetric window ``|i - j| < window``.
-        deterministic: True (default): the backward uses no atomics and its gradients are bitwise
-            reproducible run to run. False: a faster backward (5 matmuls instead of 7 per block pair)
-            that sums dq with fp32 atomics, so dq may differ in the last bits between runs; dk and dv
-            are still reduced in a fixed order. The forward is the same either way.
+        deterministic: True (default): output and gradients are bitwise reproducible run to run, across
+            processes, resumed runs and data-parallel ranks on the same GPU model and Triton version:
+            the backward uses no atomics, and every kernel's tiles (which fix the summation order) are
+            chosen by rule, per kernel, head-dim class, dtype and segments (the first config its list
+            holds for the installed Triton, ``_rule_config``), never by timing. False: the tiles are
+            autotuned (timed once per shape bucket: the next power of two of S and the band's kind),
+            and a faster backward (5 matmuls instead of 7 per block pair) sums dq with fp32 atomics,
+            so results may differ in the last bits between runs.
         segment_ids: None, or a (B, S) integer tensor: key ``j`` is visible from query ``i`` only if
             ``segment_ids[b, i] == segment_ids[b, j]`` (and causal/window allow it). Packed documents,
             each a contiguous run of one id, cost in proportion to the documents' lengths; an id that
@@ -987,14 +1058,17 @@ def aot_variants() -> list[Variant]:
     """Every configuration the launchers and autotune lists may use on a GPU: per kernel, tile width
     (D rounded up to a power of two), dtype and config. Aligned: all pointers, the batch/head/sequence
     strides, H, S, D and the band ints (S or 0 at the benchmark shapes: hidden 2048, full or causal).
-    Every dot kernel config is listed without and with ``SEGMENTS``. The dK/dV kernel is listed
-    twice: with its own configs, and with ``ATOMIC_DQ`` and the "dkdvdq" configs (the fused kernel of
-    the ``deterministic=False`` backward)."""
+    Every dot kernel config is listed without and with ``SEGMENTS``, fp32 ones with IEEE and TF32 dots.
+    The dK/dV kernel is listed twice: with its own configs, and with ``ATOMIC_DQ`` and the "dkdvdq"
+    configs (the fused kernel of the ``deterministic=False`` backward)."""
     variants = []
-    ints = ["num_heads", "group_size", "seqlen", "head_dim", "window_left", "window_right"]
+    ints = ["num_heads", "group_size", "seqlen", "head_dim", "window_left", "window_right", "tune_seqlen",
+            "tune_band"]
     aligned_ints = ("num_heads", "seqlen", "head_dim", "window_left", "window_right")
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
         ty = TL_DTYPES[dtype]
+        # fp32 dots: IEEE by default, TF32 where torch allows it for its matmuls (``dot_precision``)
+        precisions = (_compat.DOT_IEEE, _compat.DOT_TF32) if dtype == torch.float32 else (_compat.DOT_TF32,)
         for block_d in sorted({_block_d(d) for d in SUPPORTED_HEAD_DIMS}):
             pre_sig = {"Out": f"*{ty}", "DO": f"*{ty}", "Delta": "*fp32",
                        **dict.fromkeys(_stride_args("do"), "i32"),
@@ -1021,8 +1095,8 @@ def aot_variants() -> list[Variant]:
                         ("dkdv", _attn_bwd_dkdv, dkdv_sig, {"ATOMIC_DQ": False}),
                         ("dkdvdq", _attn_bwd_dkdv, dkdv_sig, {"ATOMIC_DQ": True}),
                         ("dq", _attn_bwd_dq, dq_sig, {}))
-            for (name, kernel, sig, switches), pad_d, segments in itertools.product(launches, pads,
-                                                                                    (False, True)):
+            for (name, kernel, sig, switches), pad_d, segments, precision in itertools.product(
+                    launches, pads, (False, True), precisions):
                 pointers = tuple(n for n, t in sig.items() if t.startswith("*"))
                 strides = tuple(n for n in sig if n.startswith("stride_"))
                 config_class = _config_class(block_d, dtype)
@@ -1032,10 +1106,11 @@ def aot_variants() -> list[Variant]:
                     label = f"{ty} BLOCK_D={block_d}{' padded' if pad_d else ''}"
                     label += " segments" if segments else ""
                     label += " atomic dQ" if switches.get("ATOMIC_DQ") else ""
+                    label += f" {precision}" if dtype == torch.float32 else ""
                     variants.append(Variant(
                         kernel=kernel.fn, name=f"{label} {block_m}x{block_n} w{warps} s{stages}",
                         signature=sig, constexprs={"BLOCK_D": block_d, "PAD_D": pad_d, "SEGMENTS": segments,
-                                                   **switches,
+                                                   "DOT_PRECISION": precision, **switches,
                                                    "BLOCK_M": block_m, "BLOCK_N": block_n},
                         num_warps=warps, num_stages=stages, kind="dot", aligned=pointers + strides + aligned_ints,
                         keep_reason=keep_reason, keep_archs=keep_archs))

@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import INTERPRET
+from ._common import INTERPRET, launch
 from .aot import Variant
 
 __all__ = ["cross_entropy", "linear_cross_entropy"]
@@ -210,7 +210,8 @@ def _forward_rows(logits: Tensor, targets: Tensor, ignore_index: int, smoothing:
         return
     block, warps = _block_v(vocab)
     write = grad is not None
-    _forward_kernel[(n,)](
+    launch(
+        _forward_kernel, (n,),
         logits, grad if write else logits, targets, loss, lse, vocab, logits.stride(0),
         grad.stride(0) if write else 0, ignore_index, smoothing, softcap,
         HAS_SMOOTHING=smoothing != 0.0, HAS_SOFTCAP=softcap != 0.0, WRITE_GRAD=write, BLOCK_V=block,
@@ -246,7 +247,8 @@ def _ce_backward_op(dloss: Tensor, logits: Tensor, targets: Tensor, lse: Tensor,
     if n == 0:
         return grad
     block, warps = _block_v(vocab)
-    _backward_kernel[(n,)](
+    launch(
+        _backward_kernel, (n,),
         logits, grad, targets, lse, dloss, vocab, logits.stride(0), grad.stride(0), dloss.stride(0), ignore_index,
         smoothing, softcap, HAS_SMOOTHING=smoothing != 0.0, HAS_SOFTCAP=softcap != 0.0, BLOCK_V=block,
         num_warps=warps)

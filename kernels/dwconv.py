@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import SUM_BLOCK_G, SUM_BLOCK_N, INTERPRET, sm_count, sum_partials_kernel
+from ._common import SUM_BLOCK_G, SUM_BLOCK_N, INTERPRET, launch, sm_count, sum_partials_kernel
 from .aot import Variant
 
 __all__ = ["depthwise_conv2d"]
@@ -277,6 +277,18 @@ def _empty(shape, like: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.empty(shape, device=like.device, dtype=dtype, memory_format=_memory_format(like))
 
 
+def _check_image_offsets(**tensors: Tensor) -> None:
+    """The kernels offset images and rows in 64 bits but channels and columns within an image in 32:
+    refuse (rather than wrap) a tensor whose channel and column offsets reach 2^31 elements, e.g. one
+    NCHW image of 2^31 elements or more; in channels_last they stay below C * W."""
+    for name, t in tensors.items():
+        span = (t.shape[1] - 1) * abs(t.stride(1)) + (t.shape[3] - 1) * abs(t.stride(3))
+        if span >= 2**31:
+            raise ValueError(f"depthwise_conv2d: {name} {tuple(t.shape)} with strides {t.stride()} spans {span} "
+                             "elements over its channels and columns, past the kernels' 32-bit offsets within "
+                             "an image; pass it as channels_last (x.contiguous(memory_format=torch.channels_last))")
+
+
 def _conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], ph: int, pw: int, ho: int, wo: int,
           flip: bool, like: Tensor) -> Tensor:
     """The convolution of x (N, C, H, W) to (N, C, ho, wo) in like's memory format and dtype."""
@@ -285,6 +297,7 @@ def _conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], ph: int, pw: int, h
     y = _empty((n, c, ho, wo), like, like.dtype)
     if y.numel() == 0:
         return y
+    _check_image_offsets(x=x, output=y)
     if bias is not None and bias.stride(0) != 1:
         bias = bias.contiguous()  # C values
     # The (KH * KW, C) fp32 tap table, so that each tap of a channel block is one contiguous vector load:
@@ -295,7 +308,8 @@ def _conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], ph: int, pw: int, h
     table.copy_((taps.flip(1) if flip else taps).t())
     block_w, block_c = _tile(wo, c)
     grid = (n * triton.cdiv(ho, _ROWS) * triton.cdiv(wo, block_w), triton.cdiv(c, block_c))
-    _conv_kernel[grid](
+    launch(
+        _conv_kernel, grid,
         x, table, bias if bias is not None else table, y, c, h, w, ho, wo, ph, pw, *x.stride(), *y.stride(),
         KH=kh, KW=kw, HAS_BIAS=bias is not None, ROWS=_ROWS, BLOCK_W=block_w, BLOCK_C=block_c,
         num_warps=_CONV_WARPS)
@@ -319,6 +333,7 @@ def _wgrad(x: Tensor, dy: Tensor, kh: int, kw: int, ph: int, pw: int, weight_dty
     if rows == 0 or wo == 0:
         dw = torch.zeros((c, 1, kh, kw), device=x.device, dtype=weight_dtype)
         return dw, (torch.zeros(c, device=x.device, dtype=bias_dtype) if has_db else None)
+    _check_image_offsets(x=x, output_gradient=dy)
     block_w, block_c = _tile(wo, c)
     j_groups = triton.cdiv(kw, 8)
     taps = kh * kw
@@ -328,16 +343,19 @@ def _wgrad(x: Tensor, dy: Tensor, kh: int, kw: int, ph: int, pw: int, weight_dty
     splits = triton.cdiv(rows, rows_per_split)  # no empty split
     part = torch.empty((splits, c * taps), device=x.device, dtype=torch.float32)
     db_part = torch.empty((splits, c), device=x.device, dtype=torch.float32) if has_db else part
-    _wgrad_kernel[(kh * j_groups, triton.cdiv(c, block_c), splits)](
+    launch(
+        _wgrad_kernel, (kh * j_groups, triton.cdiv(c, block_c), splits),
         x, dy, part, db_part, c, h, w, ho, wo, ph, pw, *x.stride(), *dy.stride(), rows, rows_per_split,
         KH=kh, KW=kw, HAS_BIAS=has_db, BLOCK_W=block_w, BLOCK_C=block_c, num_warps=_WGRAD_WARPS)
     dw = torch.empty((c, 1, kh, kw), device=x.device, dtype=weight_dtype)
-    sum_partials_kernel[(triton.cdiv(c * taps, SUM_BLOCK_N), 1)](
+    launch(
+        sum_partials_kernel, (triton.cdiv(c * taps, SUM_BLOCK_N), 1),
         part, dw, dw, splits, c * taps, BLOCK_G=SUM_BLOCK_G, BLOCK_N=SUM_BLOCK_N, num_warps=_SUM_WARPS)
     db = None
     if has_db:
         db = torch.empty(c, device=x.device, dtype=bias_dtype)
-        sum_partials_kernel[(triton.cdiv(c, SUM_BLOCK_N), 1)](
+        launch(
+            sum_partials_kernel, (triton.cdiv(c, SUM_BLOCK_N), 1),
             db_part, db, db, splits, c, BLOCK_G=SUM_BLOCK_G, BLOCK_N=SUM_BLOCK_N, num_warps=_SUM_WARPS)
     return dw, db
 

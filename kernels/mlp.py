@@ -17,7 +17,8 @@ flop/byte against the ~270 an H100 needs), so:
   reduction into fp32 partials; bias/LayerScale gradients are column sums. Every partial is added by
   ``kernels._common.sum_partials_kernel`` in a fixed order: no atomics, bitwise reproducible.
 * GELU math and accumulation in fp32, operands rounded to h's dtype, one rounding of the output
-  (``promote_types(residual, h)``); fp32 master parameters are converted in-kernel. Tiles are sized for
+  (``promote_types(residual, h)``); fp32 master parameters are converted in-kernel; fp32 operands
+  take IEEE or TF32 products as torch's ``allow_tf32`` says for its own matmuls. Tiles are sized for
   two 64-row wgmma warpgroups without spills (``_GPU_CONFIGS``; ``tritonforge kernels report`` shows
   registers and shared memory); the interpreter runs one small config so tests cross tile edges.
 
@@ -34,7 +35,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import SUM_BLOCK_G, SUM_BLOCK_N, INTERPRET, sm_count, sum_partials_kernel, sum_partials_variant
+from ._compat import DOT_IEEE, DOT_TF32
+from ._common import (SUM_BLOCK_G, SUM_BLOCK_N, INTERPRET, dot_precision, launch, sm_count, sum_partials_kernel,
+                      sum_partials_variant)
 from .aot import Variant
 # The deterministic fixed-order reduction of fp32 partial sums, and the SM count, shared with the norms.
 
@@ -150,6 +153,7 @@ def _fwd_kernel(
     STORE_Y: tl.constexpr,
     GELU_ON_LOAD: tl.constexpr,  # H holds h and the A operand is gelu(h + hb); else H holds that itself
     HAS_HB: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,  # tl.dot's input_precision: "ieee" or "tf32" (fp32 operands only)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """One BLOCK_M x BLOCK_N tile of y = gelu(h + hb) @ W^T + bias and out = residual + rs * gamma * y.
@@ -183,7 +187,7 @@ def _fwd_kernel(
             a = h
         w = tl.load(W + offs_n[None, :] * stride_w + offs_k[:, None],
                     mask=mask_n[None, :] & mask_k[:, None], other=0.0)
-        acc = tl.dot(a, w.to(dtype), acc)
+        acc = tl.dot(a, w.to(dtype), acc, input_precision=DOT_PRECISION)
 
     y = acc
     if HAS_BIAS:
@@ -216,6 +220,7 @@ def _dgrad_kernel(
     stride_g, stride_w, stride_h,
     HAS_GAMMA: tl.constexpr, HAS_ROW_SCALE: tl.constexpr,
     HAS_HB: tl.constexpr, SUM_DH: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,  # tl.dot's input_precision: "ieee" or "tf32" (fp32 operands only)
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One BLOCK_M x BLOCK_K tile of d_h = ((g * gamma) @ W) * rs[:, None] * gelu'(h + hb).
@@ -250,7 +255,7 @@ def _dgrad_kernel(
             a = g.to(dtype)
         w = tl.load(W + offs_n[:, None] * stride_w + offs_k[None, :],
                     mask=mask_n[:, None] & mask_k[None, :], other=0.0)
-        acc = tl.dot(a, w.to(dtype), acc)
+        acc = tl.dot(a, w.to(dtype), acc, input_precision=DOT_PRECISION)
 
     if HAS_ROW_SCALE:
         acc *= tl.load(RS + offs_m, mask=mask_m, other=0.0).to(tl.float32)[:, None]
@@ -278,6 +283,7 @@ def _wgrad_kernel(
     HAS_GAMMA: tl.constexpr, HAS_ROW_SCALE: tl.constexpr,
     GELU_ON_LOAD: tl.constexpr,  # H holds h and B is gelu(h + hb); else H holds that itself
     HAS_HB: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,  # tl.dot's input_precision: "ieee" or "tf32" (fp32 operands only)
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     """Split program_id(1)'s partial of one BLOCK_N x BLOCK_K tile of dW = t^T @ gelu(h + hb).
@@ -317,7 +323,7 @@ def _wgrad_kernel(
             b = _gelu_operand(h, HB, offs_k, mask_k, HAS_HB, dtype)
         else:
             b = h
-        acc = tl.dot(tl.trans(g.to(dtype)), b, acc)
+        acc = tl.dot(tl.trans(g.to(dtype)), b, acc, input_precision=DOT_PRECISION)
 
     if HAS_GAMMA:
         acc *= tl.load(GAMMA + offs_n, mask=mask_n, other=0.0).to(tl.float32)[:, None]
@@ -414,11 +420,13 @@ def _forward(h, weight, bias, layer_scale, residual, row_scale, store_y: bool, g
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
 
     has_hb = h_bias is not None and gelu_on_load
-    _fwd_kernel[grid](
-        h, _dummy(h_bias if has_hb else None, weight), weight, _dummy(bias, weight), _dummy(layer_scale, weight), _dummy(row_scale, h), residual,
+    launch(
+        _fwd_kernel, grid,
+        h, _dummy(h_bias if has_hb else None, weight), weight, _dummy(bias, weight), _dummy(layer_scale, weight),
+        _dummy(row_scale, h), residual,
         _dummy(y, out), out, m, n, k, h.stride(0), weight.stride(0), residual.stride(0),
         HAS_BIAS=bias is not None, HAS_GAMMA=layer_scale is not None, HAS_ROW_SCALE=row_scale is not None,
-        STORE_Y=store_y, GELU_ON_LOAD=gelu_on_load, HAS_HB=has_hb)
+        STORE_Y=store_y, GELU_ON_LOAD=gelu_on_load, HAS_HB=has_hb, DOT_PRECISION=dot_precision(h.dtype))
     return out, y
 
 
@@ -439,15 +447,17 @@ def _dgrad(g, layer_scale, row_scale, weight, h, h_bias=None, hb_dtype=None):
         assert meta["BLOCK_M"] == block_m  # the partials' row count assumes it
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(k, meta["BLOCK_K"]),)
 
-    _dgrad_kernel[grid](
+    launch(
+        _dgrad_kernel, grid,
         g, _dummy(layer_scale, weight), _dummy(row_scale, h), weight, h, _dummy(h_bias, weight), dh,
         _dummy(part, dh), m, n, k, g.stride(0), weight.stride(0), h.stride(0),
         HAS_GAMMA=layer_scale is not None, HAS_ROW_SCALE=row_scale is not None, HAS_HB=h_bias is not None,
-        SUM_DH=part is not None)
+        SUM_DH=part is not None, DOT_PRECISION=dot_precision(h.dtype))
     if part is None:
         return dh, None
     dhb = torch.empty(k, device=h.device, dtype=hb_dtype)
-    sum_partials_kernel[(triton.cdiv(k, SUM_BLOCK_N), 1)](
+    launch(
+        sum_partials_kernel, (triton.cdiv(k, SUM_BLOCK_N), 1),
         part, dhb, dhb, part.shape[0], k, BLOCK_G=SUM_BLOCK_G, BLOCK_N=SUM_BLOCK_N,
         num_warps=_SUM_WARPS)
     return dh, dhb
@@ -479,14 +489,16 @@ def _wgrad(g, layer_scale, row_scale, h, weight, splits: Optional[int] = None, g
     part = torch.empty((splits, n, k), device=h.device, dtype=torch.float32)
     grid = (triton.cdiv(n, block_n) * triton.cdiv(k, block_k), splits)
     has_hb = h_bias is not None and gelu_on_load
-    _wgrad_kernel[grid](
+    launch(
+        _wgrad_kernel, grid,
         g, _dummy(layer_scale, weight), _dummy(row_scale, h), h, _dummy(h_bias if has_hb else None, weight), part,
         m, n, k, g.stride(0), h.stride(0), rows_per_split,
         HAS_GAMMA=layer_scale is not None, HAS_ROW_SCALE=row_scale is not None, GELU_ON_LOAD=gelu_on_load,
-        HAS_HB=has_hb,
+        HAS_HB=has_hb, DOT_PRECISION=dot_precision(h.dtype),
         BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_M=block_m, num_warps=warps, num_stages=stages)
     dw = torch.empty((n, k), device=h.device, dtype=weight.dtype)
-    sum_partials_kernel[(triton.cdiv(n * k, _WSUM_BLOCK_N), 1)](
+    launch(
+        sum_partials_kernel, (triton.cdiv(n * k, _WSUM_BLOCK_N), 1),
         part, dw, dw, splits, n * k, BLOCK_G=_WSUM_BLOCK_G, BLOCK_N=_WSUM_BLOCK_N, num_warps=_SUM_WARPS)
     return dw
 
@@ -505,7 +517,8 @@ def _colsums(g, row_scale, layer_scale, y, n, bias_dtype, gamma_dtype):
     programs = triton.cdiv(m, rows_per_program)
     has_db, has_dg = bias_dtype is not None, gamma_dtype is not None
     part = torch.empty((has_db + has_dg, programs, n), device=dev, dtype=torch.float32)
-    _colsum_kernel[(programs, col_blocks)](
+    launch(
+        _colsum_kernel, (programs, col_blocks),
         g, _dummy(row_scale, g), _dummy(layer_scale, g), _dummy(y, g), part[0], part[-1], m, n,
         g.stride(0), rows_per_program,
         HAS_ROW_SCALE=row_scale is not None, HAS_GAMMA=layer_scale is not None, HAS_DB=has_db,
@@ -513,7 +526,8 @@ def _colsums(g, row_scale, layer_scale, y, n, bias_dtype, gamma_dtype):
     db = torch.empty(n, device=dev, dtype=bias_dtype) if has_db else None
     dg = torch.empty(n, device=dev, dtype=gamma_dtype) if has_dg else None
     sums = [t for t in (db, dg) if t is not None]
-    sum_partials_kernel[(triton.cdiv(n, SUM_BLOCK_N), len(sums))](
+    launch(
+        sum_partials_kernel, (triton.cdiv(n, SUM_BLOCK_N), len(sums)),
         part, sums[0], sums[-1], programs, n, BLOCK_G=SUM_BLOCK_G, BLOCK_N=SUM_BLOCK_N,
         num_warps=_SUM_WARPS)
     return db, dg
@@ -702,7 +716,8 @@ def gelu_linear_residual(h: Tensor, weight: Tensor, bias: Optional[Tensor], laye
 
     Args:
         h: (..., K) pre-activation (the first Linear's output); float16, bfloat16 or float32. Its
-            dtype is the compute dtype of the GEMMs (fp32 runs as tf32 on a GPU).
+            dtype is the compute dtype of the GEMMs (fp32: IEEE products on a GPU unless torch's
+            ``allow_tf32`` lets its own matmuls use TF32, then TF32 here too).
         weight: (N, K), ``nn.Linear`` layout; any of the three dtypes (converted in-kernel).
         bias: (N,) or None.
         layer_scale: (N,) LayerScale gamma, or None for 1.
@@ -737,10 +752,17 @@ _AOT_DTYPES = (("fp16", "fp16"), ("bf16", "fp32"), ("fp32", "fp32"))
 _TORCH_DTYPE = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
-def _gemm_variant(kernel, name: str, signature: dict[str, str], switches: dict, dt: str, pdt: str) -> Variant:
+def _dot_precisions(dt: str) -> tuple[str, ...]:
+    """The ``DOT_PRECISION`` values a launch with ``dt`` operands may pass (``dot_precision``)."""
+    return (DOT_IEEE, DOT_TF32) if dt == "fp32" else (DOT_TF32,)
+
+
+def _gemm_variant(kernel, name: str, signature: dict[str, str], switches: dict, dt: str, pdt: str,
+                  precision: str) -> Variant:
     *blocks, warps, stages = _GPU_CONFIGS[(name, _dtype_class(_TORCH_DTYPE[dt]))]
-    constexprs = {**switches, **dict(zip(_BLOCK_NAMES[name], blocks))}
+    constexprs = {**switches, "DOT_PRECISION": precision, **dict(zip(_BLOCK_NAMES[name], blocks))}
     label = f"{dt}{'' if pdt == dt else f' params={pdt}'} " + "x".join(map(str, blocks))
+    label += f" {precision}" if dt == "fp32" else ""
     if "GELU_ON_LOAD" in switches:
         label += " gelu-on-load" if switches["GELU_ON_LOAD"] else " gelu-read"
     aligned = tuple(a for a, ty in signature.items() if ty.startswith("*") or a in ("N", "K", "rows_per_split")
@@ -756,24 +778,27 @@ def aot_variants() -> list[Variant]:
     the dgrad with its column sums): the configurations the launchers use on a GPU. Aligned: all
     pointers, N, K and the row strides (multiples of 16 at ConvNeXt widths, C = 96 * 2^i)."""
     variants = []
-    for dt, pdt in _AOT_DTYPES:
+    for (dt, pdt), precision in ((d, p) for d in _AOT_DTYPES for p in _dot_precisions(d[0])):
         for on_load in (True, False):  # GELU on the operand load (narrow N), or gelu(h) materialized
             variants.append(_gemm_variant(_fwd_kernel.fn, "fwd", {
                 "H": f"*{dt}", "HB": f"*{pdt}", "W": f"*{pdt}", "BIAS": f"*{pdt}", "GAMMA": f"*{pdt}",
                 "RS": f"*{dt}", "RES": f"*{dt}", "Y": f"*{dt}", "OUT": f"*{dt}", "M": "i32", "N": "i32", "K": "i32",
                 "stride_h": "i32", "stride_w": "i32", "stride_res": "i32"},
                 {"HAS_BIAS": True, "HAS_GAMMA": True, "HAS_ROW_SCALE": True, "STORE_Y": True,
-                 "GELU_ON_LOAD": on_load, "HAS_HB": on_load}, dt, pdt))
+                 "GELU_ON_LOAD": on_load, "HAS_HB": on_load}, dt, pdt, precision))
             variants.append(_gemm_variant(_wgrad_kernel, "wgrad", {
                 "G": f"*{dt}", "GAMMA": f"*{pdt}", "RS": f"*{dt}", "H": f"*{dt}", "HB": f"*{pdt}",
                 "PART": "*fp32", "M": "i32", "N": "i32", "K": "i32", "stride_g": "i32", "stride_h": "i32",
                 "rows_per_split": "i32"},
-                {"HAS_GAMMA": True, "HAS_ROW_SCALE": True, "GELU_ON_LOAD": on_load, "HAS_HB": on_load}, dt, pdt))
+                {"HAS_GAMMA": True, "HAS_ROW_SCALE": True, "GELU_ON_LOAD": on_load, "HAS_HB": on_load}, dt, pdt,
+                precision))
         variants.append(_gemm_variant(_dgrad_kernel.fn, "dgrad", {
             "G": f"*{dt}", "GAMMA": f"*{pdt}", "RS": f"*{dt}", "W": f"*{pdt}", "H": f"*{dt}", "HB": f"*{pdt}",
             "DH": f"*{dt}", "DHB_PART": "*fp32",
             "M": "i32", "N": "i32", "K": "i32", "stride_g": "i32", "stride_w": "i32", "stride_h": "i32"},
-            {"HAS_GAMMA": True, "HAS_ROW_SCALE": True, "HAS_HB": True, "SUM_DH": True}, dt, pdt))
+            {"HAS_GAMMA": True, "HAS_ROW_SCALE": True, "HAS_HB": True, "SUM_DH": True}, dt, pdt, precision))
+        if precision != _dot_precisions(dt)[0]:
+            continue  # no dot below: the column sums once per dtype pair
         # Partial sums are one row per program: their stores are not 128-bit vectors (judged on loads).
         variants.append(Variant(
             kernel=_colsum_kernel, name=f"{dt} params={pdt} {_COL_BLOCK_M}x{_COL_BLOCK_N}",

@@ -27,7 +27,6 @@ element), the backward reads x and dy and writes dx (6·M·N). Design:
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
 from typing import Optional
@@ -37,7 +36,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import SUM_BLOCK_G, SUM_BLOCK_N, SUM_WARPS, sm_count, sum_partials_kernel, use_triton
+from ._common import SUM_BLOCK_G, SUM_BLOCK_N, SUM_WARPS, launch, sm_count, sum_partials_kernel, use_triton
 from .aot import Variant
 
 __all__ = ["layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm", "LayerNorm", "RMSNorm"]
@@ -488,14 +487,12 @@ def _norm_fwd_triton(x, residual, weight, bias, eps, rms, max_block_n):
         )
         flags = dict(IS_RMS=rms, HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None,
                      HAS_BIAS=bias is not None)
-        with _device_of(x):
-            if cfg["looped"]:
-                _norm_fwd_looped_kernel[(m,)](*args, **flags, BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"],
-                                              num_stages=_NUM_STAGES)
-            else:
-                grid = (triton.cdiv(m, cfg["BLOCK_M"]),)
-                _norm_fwd_kernel[grid](*args, **flags, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-                                       num_warps=cfg["num_warps"], num_stages=_NUM_STAGES)
+        if cfg["looped"]:
+            launch(_norm_fwd_looped_kernel, (m,), *args, **flags, BLOCK_N=cfg["BLOCK_N"],
+                   num_warps=cfg["num_warps"], num_stages=_NUM_STAGES)
+        else:
+            launch(_norm_fwd_kernel, (triton.cdiv(m, cfg["BLOCK_M"]),), *args, **flags, BLOCK_M=cfg["BLOCK_M"],
+                   BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"], num_stages=_NUM_STAGES)
     lead = x.shape[:-1]
     res_out = res_out.view(x.shape) if res_out is not None else x.new_empty(0)
     return y.view(x.shape), res_out, mean.view(lead) if not rms else mean, rstd.view(lead)
@@ -531,27 +528,19 @@ def _norm_bwd_triton(dy, dres_out, xin, weight, bias, mean, rstd, rms, max_block
         flags = dict(IS_RMS=rms, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
                      HAS_DRES=dres_out is not None, BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"],
                      num_stages=_NUM_STAGES)
-        with _device_of(xin):
-            if cfg["looped"]:
-                c = torch.empty((2, m), device=xin.device, dtype=torch.float32)
-                _norm_bwd_looped_kernel[(programs,)](*head, c[0], c[1], *tail, **flags)
-            else:
-                _norm_bwd_kernel[(programs,)](*head, *tail, **flags, BLOCK_M=cfg["BLOCK_M"],
-                                              NUM_STAGES=cfg["NUM_STAGES"])
-            if grads:
-                grid = (triton.cdiv(n, SUM_BLOCK_N), len(grads))
-                sum_partials_kernel[grid](part, grads[0], grads[-1], programs, n, BLOCK_G=SUM_BLOCK_G,
-                                          BLOCK_N=SUM_BLOCK_N, num_warps=SUM_WARPS, num_stages=_NUM_STAGES)
+        if cfg["looped"]:
+            c = torch.empty((2, m), device=xin.device, dtype=torch.float32)
+            launch(_norm_bwd_looped_kernel, (programs,), *head, c[0], c[1], *tail, **flags)
+        else:
+            launch(_norm_bwd_kernel, (programs,), *head, *tail, **flags, BLOCK_M=cfg["BLOCK_M"],
+                   NUM_STAGES=cfg["NUM_STAGES"])
+        if grads:
+            launch(sum_partials_kernel, (triton.cdiv(n, SUM_BLOCK_N), len(grads)), part, grads[0], grads[-1],
+                   programs, n, BLOCK_G=SUM_BLOCK_G, BLOCK_N=SUM_BLOCK_N, num_warps=SUM_WARPS,
+                   num_stages=_NUM_STAGES)
     dw = grads[0] if weight is not None else xin.new_empty(0)
     db = grads[-1] if bias is not None else xin.new_empty(0)
     return dx.view(xin.shape), dw, db
-
-
-def _device_of(t: Tensor):
-    """Make t's GPU current for the launch (Triton launches on the current device)."""
-    if t.is_cuda and t.device.index != torch.cuda.current_device():
-        return torch.cuda.device(t.device)
-    return contextlib.nullcontext()
 
 
 # ----------------------------------------------------------------------------------------------

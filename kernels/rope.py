@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import INTERPRET, sm_count, use_triton
+from ._common import INTERPRET, launch, sm_count, use_triton
 from .aot import Variant
 
 __all__ = ["rope"]
@@ -83,13 +83,16 @@ def _rope_kernel(
 ):
     """Rotate BLOCK_T positions of batch row b for a range of heads of q and then of k.
 
-    Grid (cdiv(T, BLOCK_T), B, head groups). cos/sin rows are loaded once per program (NaN for a
-    position outside [0, P)) and applied to each head of its range. Memory: every element of q and k
-    read once and written once; 8 * HALF bytes of table per position per program.
+    Grid (cdiv(T, BLOCK_T) * B, head groups): position blocks and batch rows share axis 0 (axis 1's
+    limit, 65,535, is below real batch sizes), the position block varying fastest. cos/sin rows are
+    loaded once per program (NaN for a position outside [0, P)) and applied to each head of its range.
+    Memory: every element of q and k read once and written once; 8 * HALF bytes of table per position
+    per program.
     """
-    pid_t = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    group = tl.program_id(2)
+    t_blocks = tl.cdiv(T, BLOCK_T)
+    pid_t = tl.program_id(0) % t_blocks
+    b = (tl.program_id(0) // t_blocks).to(tl.int64)
+    group = tl.program_id(1)
     offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_d = tl.arange(0, BLOCK_HALF)
     mask_t = offs_t < T
@@ -108,11 +111,15 @@ def _rope_kernel(
     t64 = offs_t.to(tl.int64)[:, None]
     first = group * heads_per_program
     last = tl.minimum(first + heads_per_program, H + HKV)
+    # Head offsets in 64 bits (64-bit head strides, scalars): (H - 1) * T * D passes 2^31 elements for
+    # long sequences of many heads.
+    q_head, qo_head = tl.cast(stride_qh, tl.int64), tl.cast(stride_qoh, tl.int64)
+    k_head, ko_head = tl.cast(stride_kh, tl.int64), tl.cast(stride_koh, tl.int64)
     for h in range(first, tl.minimum(last, H)):
-        _rotate_head(Q + b * stride_qb + h * stride_qh, QO + b * stride_qob + h * stride_qoh,
+        _rotate_head(Q + b * stride_qb + h * q_head, QO + b * stride_qob + h * qo_head,
                      t64 * stride_qt, t64 * stride_qot, offs_d, cos, sin, mask, HALF)
     for h in range(tl.maximum(first, H) - H, last - H):
-        _rotate_head(K + b * stride_kb + h * stride_kh, KO + b * stride_kob + h * stride_koh,
+        _rotate_head(K + b * stride_kb + h * k_head, KO + b * stride_kob + h * ko_head,
                      t64 * stride_kt, t64 * stride_kot, offs_d, cos, sin, mask, HALF)
 
 
@@ -121,7 +128,7 @@ def _rope_kernel(
 # ----------------------------------------------------------------------------------------------
 def _config(batch: int, seq: int, heads: int, half: int, device: torch.device) -> dict:
     """Block sizes and the grid: BLOCK_T positions x next_pow2(D/2) per tile; the heads are split over
-    a third grid axis only when the positions alone give fewer than 4 programs per SM."""
+    a second grid axis only when the positions alone give fewer than 4 programs per SM."""
     block_half = triton.next_power_of_2(half)
     tile = _TILE_INTERPRET if INTERPRET else _TILE_GPU
     block_t = max(1, min(triton.next_power_of_2(seq), tile // block_half))
@@ -129,7 +136,7 @@ def _config(batch: int, seq: int, heads: int, half: int, device: torch.device) -
     groups = min(heads, max(1, triton.cdiv(_PROGRAMS_PER_SM * sm_count(device), batch * t_blocks)))
     per_program = triton.cdiv(heads, groups)
     return {"BLOCK_T": block_t, "BLOCK_HALF": block_half, "heads_per_program": per_program,
-            "grid": (t_blocks, batch, triton.cdiv(heads, per_program))}
+            "grid": (t_blocks * batch, triton.cdiv(heads, per_program))}
 
 
 def _rope_triton(q, k, qo, ko, cos, sin, position_ids, inverse):
@@ -139,7 +146,8 @@ def _rope_triton(q, k, qo, ko, cos, sin, position_ids, inverse):
         return
     cfg = _config(B, T, H + Hkv, D // 2, q.device)
     pos = position_ids.contiguous() if position_ids is not None else cos
-    _rope_kernel[cfg["grid"]](
+    launch(
+        _rope_kernel, cfg["grid"],
         q, k, qo, ko, cos, sin, pos, T, H, Hkv, cos.shape[0], cfg["heads_per_program"],
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         qo.stride(0), qo.stride(1), qo.stride(2), ko.stride(0), ko.stride(1), ko.stride(2),

@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import INTERPRET, use_triton
+from ._common import INTERPRET, launch, use_triton
 from .aot import Variant
 
 __all__ = ["swiglu"]
@@ -119,8 +119,8 @@ def _blocks(m: int, f: int) -> tuple[int, int]:
 def _launch(kernel, m: int, f: int, *args) -> None:
     block_m, block_f = _blocks(m, f)
     grid = (triton.cdiv(m, block_m), triton.cdiv(f, block_f))
-    kernel[grid](*args, m, f, *[a.stride(0) for a in args], BLOCK_M=block_m, BLOCK_F=block_f,
-                 num_warps=1 if INTERPRET else _WARPS)
+    launch(kernel, grid, *args, m, f, *[a.stride(0) for a in args], BLOCK_M=block_m, BLOCK_F=block_f,
+           num_warps=1 if INTERPRET else _WARPS)
 
 
 def _split(h: Tensor) -> tuple[Tensor, Tensor]:

@@ -1,5 +1,9 @@
 """Helpers shared by the test modules (importable because tests/conftest.py puts this folder on sys.path)."""
 import json
+import os
+import subprocess
+import sys
+import textwrap
 
 import torch
 
@@ -47,3 +51,20 @@ def visible_pairs(seqlen: int, causal: bool, window: int | None, segment_ids=Non
     if segment_ids is not None:
         visible = visible & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
     return visible
+
+
+def run_isolated(script: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run ``script`` in a fresh Python with the interpreter on and ``tritonforge`` bound to this
+    checkout (as tests/conftest.py binds it), for cases that may crash the process, e.g. a kernel
+    addressing memory it does not own. Returns the finished process; stdout and stderr are captured."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    prelude = textwrap.dedent(f"""
+        import sys, types
+        sys.path[:] = [p for p in sys.path if p not in ("", {root!r})]
+        package = types.ModuleType("tritonforge")
+        package.__path__ = [{root!r}]
+        sys.modules["tritonforge"] = package
+    """)
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    return subprocess.run([sys.executable, "-c", prelude + textwrap.dedent(script)], env=env,
+                          capture_output=True, text=True, timeout=timeout)

@@ -63,6 +63,39 @@ def rotary_tables(head_dim: int, context: int, base: float) -> tuple[torch.Tenso
     return angles.cos().float(), angles.sin().float()
 
 
+class KVCache:
+    """The keys and values every block computed for the tokens so far, for generation: a new token's
+    attention reads them instead of recomputing the whole prefix (O(T) work per token, not O(T^2)).
+
+    One (B, Hkv, context, D) buffer pair per block, filled left to right; ``length`` tokens are held.
+    """
+
+    def __init__(self, n_layer: int):
+        self.keys: list[torch.Tensor | None] = [None] * n_layer
+        self.values: list[torch.Tensor | None] = [None] * n_layer
+        self.length = 0
+
+    def extend(self, layer: int, k: torch.Tensor, v: torch.Tensor, context: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store ``k``, ``v`` (B, Hkv, t, D) after the held tokens; return every held key and value."""
+        if self.keys[layer] is None:
+            shape = (*k.shape[:2], context, k.shape[3])
+            self.keys[layer], self.values[layer] = k.new_empty(shape), v.new_empty(shape)
+        end = self.length + k.shape[2]
+        self.keys[layer][:, :, self.length:end] = k
+        self.values[layer][:, :, self.length:end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+
+def attend_to_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int) -> torch.Tensor:
+    """Causal attention of the t newest queries q (B, H, t, D) to all T held keys and values (B, Hkv, T, D):
+    query i sits at position T - t + i; with ``window`` it sees only the ``window`` most recent keys."""
+    t, T = q.shape[2], k.shape[2]
+    pos_q = torch.arange(T - t, T, device=q.device)[:, None]
+    pos_k = torch.arange(T, device=q.device)[None, :]
+    visible = (pos_k <= pos_q) & ((pos_k > pos_q - window) if window else True)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, enable_gqa=True)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: GPTConfig, ops: Ops):
         super().__init__()
@@ -77,7 +110,10 @@ class Attention(nn.Module):
         self.k_norm = Norm(cfg.head_dim, "rmsnorm", False, ops) if cfg.qk_norm else None
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
-                segment_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+                segment_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                cache: tuple[KVCache, int] | None = None) -> torch.Tensor:
+        """``cache``: (the generation's cache, this block's index): keys and values are stored there,
+        and the new tokens (positions from ``cache.length`` on) attend to every held one."""
         H, Hkv, D = self.cfg.n_head, self.cfg.kv_heads, self.cfg.head_dim
         qkv = rearrange(self.qkv(x), "b t (heads d) -> b heads t d", d=D)  # a strided view, no copy
         q, k, v = qkv.split((H, Hkv, Hkv), dim=1)
@@ -85,8 +121,14 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:  # rotate pairs (x[i], x[i + D/2]) of q and k by the angle of position t
             q, k = self.ops.rope(q, k, *rope, *(() if position_ids is None else (position_ids,)))
-        packed = {} if segment_ids is None else {"segment_ids": segment_ids}  # unpacked: the ops' plain signature
-        y = self.ops.attention(q, k, v, causal=True, window=self.cfg.window or None, **packed)
+        if cache is not None:
+            kv_cache, layer = cache
+            k, v = kv_cache.extend(layer, k, v, self.cfg.context)
+        if k.shape[2] == q.shape[2]:  # a whole sequence: training, evaluation, the prompt of a generation
+            packed = {} if segment_ids is None else {"segment_ids": segment_ids}  # unpacked: the ops' plain signature
+            y = self.ops.attention(q, k, v, causal=True, window=self.cfg.window or None, **packed)
+        else:  # generated tokens after held ones: the few new queries against the cache, in torch
+            y = attend_to_cache(q, k, v, self.cfg.window)
         return self.proj(rearrange(y, "b h t d -> b t (h d)"))
 
 
@@ -124,9 +166,9 @@ class Block(nn.Module):
         self.mlp = MLP(cfg, ops)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, delta, rope, segment_ids=None, position_ids=None):
+    def forward(self, x, delta, rope, segment_ids=None, position_ids=None, cache=None):
         h, x = (self.ln1(x), x) if delta is None else self.ln1.add(delta, x)
-        h, x = self.ln2.add(self.drop(self.attn(h, rope, segment_ids, position_ids)), x)
+        h, x = self.ln2.add(self.drop(self.attn(h, rope, segment_ids, position_ids, cache)), x)
         return x, self.drop(self.mlp(h))
 
 
@@ -190,25 +232,33 @@ class GPT(nn.Module):
         return 6 * self.num_params() + 6 * self.cfg.n_layer * seq_len * self.cfg.d_model
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, per_sequence: bool = False,
-                segment_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+                segment_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                cache: KVCache | None = None) -> torch.Tensor:
         """Logits (B, T, V) for ``idx`` (B, T); with ``targets``, the mean cross-entropy loss instead (over
         the targets that are not -100), or with ``per_sequence`` each sequence's mean loss (B,) (for an
         evaluation's standard error).
 
         Packed documents: ``segment_ids`` (B, T) integers keep each token's attention inside its own
         document; ``position_ids`` (B, T) replace the positions 0 .. T-1 (rotary or learned).
+        Generation: with ``cache``, ``idx`` continues the ``cache.length`` tokens held there (positions
+        from ``cache.length`` on), whose keys and values are not recomputed; the new ones are added.
         """
         B, T = idx.shape[:2]
-        if T > self.cfg.context:
-            raise ValueError(f"sequence of length {T} is longer than the model's context {self.cfg.context}")
+        start = cache.length if cache is not None else 0
+        if start + T > self.cfg.context:
+            raise ValueError(f"sequence of length {start + T} is longer than the model's context {self.cfg.context}")
+        if start:
+            position_ids = torch.arange(start, start + T, device=idx.device).expand(B, T)
         x = self.wte(idx)
         if self.wpe is not None:
             x = x + self.wpe(torch.arange(T, device=idx.device) if position_ids is None else position_ids)
         x = self.drop(x)
         rope = (self.rope_cos, self.rope_sin) if self.cfg.pos == "rope" else None
         delta = None
-        for block in self.blocks:
-            x, delta = block(x, delta, rope, segment_ids, position_ids)
+        for i, block in enumerate(self.blocks):
+            x, delta = block(x, delta, rope, segment_ids, position_ids, None if cache is None else (cache, i))
+        if cache is not None:
+            cache.length += T
         h, _ = self.ln_f.add(delta, x)
         cap = self.cfg.logit_softcap
         if targets is None:
@@ -224,9 +274,19 @@ class GPT(nn.Module):
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 0.8,
                  top_k: int | None = 40, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Sample ``max_new_tokens`` tokens after ``idx`` (B, T)."""
+        """Sample ``max_new_tokens`` tokens after ``idx`` (B, T).
+
+        While the sequence fits the context, a KV cache holds every block's keys and values: the prompt
+        runs once, then each step runs the model on the one new token. Past the context the window of
+        the last ``context`` tokens slides, every position changes, and each step recomputes it.
+        """
+        cache = KVCache(self.cfg.n_layer)
         for _ in range(max_new_tokens):
-            logits = self(idx[:, -self.cfg.context:])[:, -1, :].float() / max(temperature, 1e-5)
+            if idx.shape[1] <= self.cfg.context:
+                logits = self(idx[:, cache.length:], cache=cache)
+            else:
+                logits = self(idx[:, -self.cfg.context:])
+            logits = logits[:, -1, :].float() / max(temperature, 1e-5)
             if top_k is not None:
                 kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
                 logits = logits.masked_fill(logits < kth, float("-inf"))

@@ -180,3 +180,24 @@ def test_a_nan_is_the_worst_error_and_fails():
     check._judge(row)
     assert row["status"] == "FAIL" and row["worst"] == "dx" and row["forward"] == 1e-7
     assert "| nan " in check.table([row])
+
+
+def test_gpu_only_rows_say_what_they_need_where_it_is_missing(monkeypatch):
+    """One GPU: the other-device row is not checked and says so; too little free memory: the varlen row
+    past 2^31 elements is not checked and names the memory it needs."""
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2**30, 80 * 2**30))
+    args = check.CheckArgs(["attention", "rms_norm"], [torch.bfloat16], ["small", "real"], torch.device("cuda"))
+    rows = check._gpu_only_rows(args, log=lambda line: None, log_err=lambda line: None)
+    assert [(r["size"], r["status"]) for r in rows] == [("other GPU", "not checked"), ("past 2^31", "not checked")]
+    assert "two GPUs" in rows[0]["note"] and "GiB of free GPU memory" in rows[1]["note"]
+    tokens, heads, head_dim = check.WIDE_VARLEN
+    assert tokens * heads * head_dim > 2**31
+
+
+@pytest.mark.gpu
+def test_gpu_only_rows_pass_on_this_gpu():
+    args = check.CheckArgs(["attention", "rope", "layer_norm"], [torch.bfloat16], ["small", "real"],
+                           torch.device("cuda"))
+    rows = check._gpu_only_rows(args, log=lambda line: None, log_err=print)
+    assert all(r["status"] in ("ok", "not checked") for r in rows), rows

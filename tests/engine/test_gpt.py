@@ -98,6 +98,51 @@ def test_generate_appends_tokens():
     assert out.shape == (1, 23) and out.max() < 64
 
 
+def generate_without_cache(model, idx, max_new_tokens, temperature=0.8, top_k=40, generator=None):
+    """Generation as the whole prefix recomputed for every token: what the KV cache must reproduce."""
+    for _ in range(max_new_tokens):
+        logits = model(idx[:, -model.cfg.context:])[:, -1, :].float() / max(temperature, 1e-5)
+        if top_k is not None:
+            kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        idx = torch.cat((idx, torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)), dim=1)
+    return idx
+
+
+GENERATE_OPTIONS = [dict(), dict(pos="rope", n_kv_head=2, qk_norm=True),
+                    dict(window=3, norm="rmsnorm", mlp="swiglu"), dict(n_kv_head=1, pos="rope", window=5)]
+
+
+@pytest.mark.parametrize("opts", GENERATE_OPTIONS, ids=[",".join(f"{k}={v}" for k, v in o.items()) or "default"
+                                                        for o in GENERATE_OPTIONS])
+@pytest.mark.parametrize("sampling", [dict(temperature=0.8, top_k=40), dict(temperature=1.0, top_k=None),
+                                      dict(temperature=0.0, top_k=1)], ids=["top-k", "full", "greedy"])
+def test_generate_with_the_kv_cache_gives_the_tokens_of_recomputing(opts, sampling):
+    """Same seed, same tokens as recomputing the prefix, past the context too (16 positions: 3 + 20)."""
+    torch.manual_seed(0)
+    model = tiny(**opts).eval()
+    prompt = torch.randint(0, 64, (2, 3))
+    cached = model.generate(prompt, 20, generator=torch.Generator().manual_seed(1), **sampling)
+    recomputed = generate_without_cache(model, prompt, 20, generator=torch.Generator().manual_seed(1), **sampling)
+    assert torch.equal(cached, recomputed)
+
+
+def test_generate_feeds_each_new_token_once(monkeypatch):
+    """Within the context, every step after the prompt runs the model on the one new token."""
+    torch.manual_seed(0)
+    model = tiny(pos="rope").eval()
+    lengths = []
+    forward = GPT.forward
+
+    def recording(self, idx, *args, **kwargs):
+        lengths.append(idx.shape[1])
+        return forward(self, idx, *args, **kwargs)
+
+    monkeypatch.setattr(GPT, "forward", recording)
+    model.generate(torch.zeros(1, 5, dtype=torch.long), 8, generator=torch.Generator().manual_seed(0))
+    assert lengths == [5] + [1] * 7
+
+
 def test_state_dict_keys_do_not_depend_on_the_backend():
     a = GPT(GPTConfig(n_layer=1, n_head=2, d_model=16, context=8, vocab_size=32), resolve({}, "cpu"))
     b = GPT(GPTConfig(n_layer=1, n_head=2, d_model=16, context=8, vocab_size=32),

@@ -7,7 +7,9 @@ interpreter, so bf16 (and fp32, which a GPU runs as tf32) are checked by the GPU
 Gradients are checked for both backwards: ``deterministic=True`` (dK/dV and dQ kernels, no atomics)
 and ``deterministic=False`` (one fused kernel that sums dQ with atomics), to the same tolerances.
 """
+import contextlib
 import importlib
+import itertools
 import inspect
 import math
 import os
@@ -510,3 +512,156 @@ def test_gpu_benchmark_shape_matches_sdpa(causal, deterministic):
             (name, leaf.grad, ref_leaf.grad) for name, leaf, ref_leaf in zip(("dq", "dk", "dv"), leaves, ref_leaves)]:
         relative_error = (actual.float() - expected).norm() / expected.norm()
         assert relative_error < REL_ERR_BF16, (name, relative_error.item())
+
+
+# A row stride of 2^29 elements puts row 4 at 2^31: an index times a stride formed in 32 bits wraps
+# there. q, k, v and dO are views of one (virtual, mostly untouched) buffer, as of a fused projection
+# whose rows are that wide; only the rows the kernels read are ever backed by memory.
+WIDE_ROW_STRIDE = 2**29
+WIDE_ROWS = 5
+WIDE_CASE = """
+    import math, torch
+    from tritonforge.kernels.attention import attention, attention_varlen
+    S, D, stride = {rows}, 16, {stride}
+    store = torch.empty(stride * (S - 1) + 4 * D, dtype=torch.float16)
+    views = [store.as_strided((1, 1, S, D), (4 * D, D, stride, 1), i * D) for i in range(4)]
+    gen = torch.Generator().manual_seed(0)
+    for t in views:
+        t.copy_(torch.randn(t.shape, generator=gen))
+    q, k, v, do = views
+    gathered = [t.detach().double().clone().requires_grad_() for t in (q, k, v)]
+    scores = gathered[0] @ gathered[1].transpose(-1, -2) / math.sqrt(D)
+    causal = torch.ones(S, S, dtype=torch.bool).tril()
+    ref = torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1) @ gathered[2]
+    ref.backward(do.double())
+    for leaf in (q, k, v):
+        leaf.requires_grad_()
+    if {varlen}:  # (T, H, D) tokens: the same rows, one sequence
+        out = attention_varlen(*(t[0].transpose(0, 1) for t in (q, k, v)), torch.tensor([0, S]),
+                               causal=True).transpose(0, 1)[None]
+    else:
+        out = attention(q, k, v, causal=True, deterministic={deterministic})
+    out.backward(do)
+    for name, got, want in zip(("out", "dq", "dk", "dv"), (out, q.grad, k.grad, v.grad),
+                               (ref, *(t.grad for t in gathered))):
+        err = (got.double() - want).abs().max().item()
+        assert err < {tol}, (name, err)
+    print("ok")
+"""
+
+
+@pytest.mark.parametrize("variant", ["deterministic", "atomic dq", "varlen"])
+def test_rows_past_2_to_the_31_elements_are_addressed_in_64_bits(variant):
+    """Forward, dK/dV and dQ (both backwards, and the varlen layout) read rows at element offsets
+    >= 2^31 in place. In a subprocess: a wrapped offset points outside the buffer and may crash."""
+    from support import run_isolated
+    script = WIDE_CASE.format(rows=WIDE_ROWS, stride=WIDE_ROW_STRIDE, tol=TOL_FP16,
+                              deterministic=variant != "atomic dq", varlen=variant == "varlen")
+    done = run_isolated(script)
+    assert done.returncode == 0 and "ok" in done.stdout, (done.returncode, done.stderr[-2000:])
+
+
+@contextlib.contextmanager
+def allowing_tf32(allow: bool):
+    """torch's own switch for TF32 in fp32 matmuls, set within."""
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = allow
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+
+
+@pytest.fixture
+def tuner_calls(monkeypatch):
+    """The autotune key of every launch through an autotuner, which may benchmark (here: at random)."""
+    from triton.runtime.autotuner import Autotuner
+    calls, run = [], Autotuner.run
+
+    def record(self, *args, **kwargs):
+        named = {**dict(zip(self.arg_names, args)), **kwargs}
+        calls.append((self.base_fn.__name__, tuple(named.get(name) for name in self.keys)))
+        return run(self, *args, **kwargs)
+
+    gen = torch.Generator().manual_seed(0)
+    monkeypatch.setattr(Autotuner, "run", record)
+    monkeypatch.setattr(Autotuner, "_bench", lambda self, *a, **k: [torch.rand(1, generator=gen).item()] * 3)
+    return calls
+
+
+@pytest.fixture
+def launched(monkeypatch):
+    """(kernel name, meta-parameters) of every attention launch, run as usual."""
+    common = importlib.import_module("tritonforge.kernels._common")
+    records, launch_on = [], common._launch_on
+
+    def record(device, kernel, grid, args, meta):
+        records.append((getattr(kernel, "__name__", None) or kernel.fn.__name__, meta))
+        launch_on(device, kernel, grid, args, meta)
+
+    monkeypatch.setattr(common, "_launch_on", record)
+    return records
+
+
+def _forward_backward(seqlen, dtype=torch.float16, deterministic=True, **kwargs):
+    q, k, v, do = make_inputs(1, 2, 1, seqlen, 16, dtype)
+    leaves = [t.requires_grad_() for t in (q, k, v)]
+    attention(*leaves, deterministic=deterministic, **kwargs).backward(do)
+
+
+def test_deterministic_launches_never_consult_the_autotuner(tuner_calls, launched):
+    """With deterministic=True the tiles are chosen by rule, not by timing: no autotuner runs (its
+    benchmark returns random times here), and each kernel runs the rule's config."""
+    attn = importlib.import_module("tritonforge.kernels.attention")
+    for seqlen in (9, 40):
+        _forward_backward(seqlen, causal=True)
+        _forward_backward(seqlen, segment_ids=torch.tensor([[0] * 5 + [1] * (seqlen - 5)]))
+    assert tuner_calls == []
+    for name, meta in launched:
+        kernel = {"_attn_fwd": "fwd", "_attn_bwd_dkdv": "dkdv", "_attn_bwd_dq": "dq"}.get(name)
+        if kernel is not None:
+            config = attn._rule_config(kernel, 16, torch.float16, meta["SEGMENTS"])
+            assert (meta["BLOCK_M"], meta["BLOCK_N"], meta["num_warps"], meta["num_stages"]) == config
+
+
+def test_the_deterministic_rule_is_the_first_listed_gpu_config(monkeypatch):
+    attn = importlib.import_module("tritonforge.kernels.attention")
+    monkeypatch.setattr(attn, "INTERPRET", False)
+    for kernel in ("fwd", "dkdv", "dq"):
+        for block_d, dtype, segments in itertools.product((16, 64, 128, 256), attn._SUPPORTED_DTYPES,
+                                                           (False, True)):
+            rule = attn._rule_config(kernel, block_d, dtype, segments)
+            assert rule == attn._configs_for(kernel, block_d, dtype, segments)[0]
+
+
+def test_autotune_keys_bucket_sequence_lengths(tuner_calls):
+    """The non-deterministic path autotunes, keyed on the next power of two of the sequence length
+    (total tokens for varlen) and the band's kind, so growing lengths re-tune once per octave."""
+    def keys(seqlen, **kwargs):
+        tuner_calls.clear()
+        _forward_backward(seqlen, deterministic=False, **kwargs)
+        return sorted(tuner_calls)
+
+    assert keys(33, causal=True) == keys(47, causal=True) == keys(64, causal=True) != keys(65, causal=True)
+    assert keys(40, causal=True, window=8) == keys(50, causal=True, window=7) != keys(50, causal=True)
+    assert keys(40) != keys(40, causal=True)
+
+    def varlen_keys(cu_seqlens):
+        tuner_calls.clear()
+        q, k, v, _ = (t[0].transpose(0, 1) for t in make_inputs(1, 2, 1, cu_seqlens[-1], 16, torch.float16))
+        attention_varlen(q, k, v, torch.tensor(cu_seqlens), causal=True, deterministic=False)
+        return sorted(tuner_calls)
+
+    assert varlen_keys([0, 20, 45]) == varlen_keys([0, 7, 30, 60])
+
+
+@pytest.mark.parametrize("dtype, allow_tf32, expected", [(torch.float32, False, "ieee"),
+                                                         (torch.float32, True, "tf32"),
+                                                         (torch.float16, False, "tf32")])
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_fp32_dots_follow_torchs_tf32_setting(launched, dtype, allow_tf32, expected, deterministic):
+    """fp32 dots are IEEE unless torch's matmuls may use TF32; 16-bit dots keep Triton's default."""
+    with allowing_tf32(allow_tf32):
+        _forward_backward(20, dtype=dtype, deterministic=deterministic)
+    dot_launches = [meta for name, meta in launched if name != "_attn_bwd_preprocess"]
+    assert len(dot_launches) >= 2 and {meta["DOT_PRECISION"] for meta in dot_launches} == {expected}

@@ -343,3 +343,21 @@ def test_padding_strings_as_f_conv2d_takes_them(padding):
     out = depthwise_conv2d(x, weight, bias, padding)
     expected = F.conv2d(x.double(), weight.double(), bias.double(), padding=padding, groups=3)
     assert out.shape == expected.shape and _rel_err(out, expected) <= TOL[torch.float32]
+
+
+def test_offsets_within_an_image_past_2_to_the_31_are_refused():
+    """Channel and column offsets within an image are 32-bit in the kernels: an NCHW image whose channel
+    stride puts a channel at element 2^31 is refused before any launch (a view over virtual memory; in
+    a subprocess, as a kernel reading a wrapped offset may crash)."""
+    from support import run_isolated
+    done = run_isolated("""
+        import torch
+        from tritonforge.kernels.dwconv import depthwise_conv2d
+        store = torch.empty(2**31 + 16, dtype=torch.float16)
+        x = store.as_strided((1, 2, 2, 2), (2**31 + 8, 2**31, 2, 1))
+        try:
+            depthwise_conv2d(x, torch.ones(2, 1, 1, 1, dtype=torch.float16))
+        except ValueError as e:
+            print("refused" if "channels_last" in str(e) else e)
+    """)
+    assert done.returncode == 0 and "refused" in done.stdout, (done.returncode, done.stderr[-2000:])

@@ -216,3 +216,34 @@ def test_gpu_llama_shape(dtype):
     (qo.float().sum() + ko.float().sum()).backward()
     grad_q = qkv.grad.view(B, T, H + 2 * Hkv, D).transpose(1, 2)[:, :H]
     assert_close(grad_q, reference(torch.ones(q.shape, device="cuda"), cos, sin, pos, inverse=True), dtype)
+
+
+# A head stride of 2^30 elements puts head 2 at 2^31: ``head * stride`` formed in 32 bits wraps there.
+# q is a view of a (virtual, mostly untouched) buffer; only the rows the kernel reads are backed.
+WIDE_HEAD_STRIDE = 2**30
+WIDE_HEAD_CASE = """
+    import torch
+    from tritonforge.kernels.rope import rope
+    H, T, D, stride = 3, 2, 16, {stride}
+    store = torch.empty(stride * (H - 1) + T * D, dtype=torch.float16)
+    q = store.as_strided((1, H, T, D), (H * stride, stride, D, 1))
+    q.copy_(torch.randn(q.shape, generator=torch.Generator().manual_seed(0)))
+    k = torch.randn(1, 1, T, D, dtype=torch.float16)
+    inv_freq = 10000.0 ** (-torch.arange(0, D, 2, dtype=torch.float64) / D)
+    angles = torch.outer(torch.arange(T, dtype=torch.float64), inv_freq)
+    cos, sin = angles.cos(), angles.sin()
+    qo, _ = rope(q, k, cos.float(), sin.float())
+    x1, x2 = q.double().chunk(2, dim=-1)
+    ref = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    err = (qo.double() - ref).abs().max().item()
+    assert err < {tol}, err
+    print("ok")
+"""
+
+
+def test_heads_past_2_to_the_31_elements_are_addressed_in_64_bits():
+    """A head at element offset >= 2^31 of q's storage is read in place. In a subprocess: a wrapped
+    offset points outside the buffer and may crash."""
+    from support import run_isolated
+    done = run_isolated(WIDE_HEAD_CASE.format(stride=WIDE_HEAD_STRIDE, tol=sum(TOL[torch.float16])))
+    assert done.returncode == 0 and "ok" in done.stdout, (done.returncode, done.stderr[-2000:])
