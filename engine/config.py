@@ -292,8 +292,8 @@ class TrainConfig:
     #: "auto" (the architecture's own task: language modelling or image classification), "forecast"
     #: (time series: train.seq_len steps of context predict the next train.horizon steps), or
     #: self-supervised pretraining of an image backbone (see [ssl]): "simclr" (contrastive, NT-Xent) or
-    #: "simsiam" (a predictor against a stop-gradient target; no negatives, small batches).
-    task: Literal["auto", "forecast", "simclr", "simsiam"] = "auto"
+    #: "vicreg" (variance-invariance-covariance; no negatives, small batches).
+    task: Literal["auto", "forecast", "simclr", "vicreg"] = "auto"
     #: Steps a forecast predicts.
     horizon: int = 24
     #: Truncated backpropagation through time (arch "lstm"/"gru"): each batch row reads consecutive windows
@@ -428,7 +428,7 @@ class ParallelConfig:
 
 @dataclass
 class SSLConfig:
-    """Self-supervised pretraining of an image backbone (``train.task = "simclr"`` or ``"simsiam"``): the
+    """Self-supervised pretraining of an image backbone (``train.task = "simclr"`` or ``"vicreg"``): the
     views, the heads, the loss and the frozen-feature evaluation. The defaults are SimCLR's for CIFAR-10
     as solo-learn trains it (no blur at 32 pixels)."""
 
@@ -436,8 +436,7 @@ class SSLConfig:
     temperature: float = 0.2
     #: Output width of the projection head (an MLP on the backbone's pooled features).
     proj_dim: int = 128
-    #: Hidden width of the projection head (and of simsiam's predictor: a quarter of it); 0: the backbone's
-    #: feature width.
+    #: Hidden width of the projection head; 0: the backbone's feature width.
     proj_hidden: int = 0
     #: Side of the square views; 0 means model.image_size. At most the stored images' side.
     view_size: int = 0
@@ -488,7 +487,7 @@ class SSLConfig:
 
 
 #: The self-supervised tasks (train.task), which train an image backbone without labels.
-SSL_TASKS = ("simclr", "simsiam")
+SSL_TASKS = ("simclr", "vicreg")
 
 
 @dataclass

@@ -9,7 +9,7 @@ unless ``train.init_strict = false``. ``train.freeze`` glob patterns (``fnmatch`
 ``model.named_parameters()``, tied names included) switch ``requires_grad`` off, which keeps those
 parameters out of the optimizer; a pattern that matches nothing is an error. Freezing fixes parameters,
 not BatchNorm running statistics (those follow the data in training mode). A self-supervised pretraining
-run (``train.task = "simclr"``/``"simsiam"``) gives its backbone: its heads are dropped and the
+run (``train.task = "simclr"``/``"vicreg"``) gives its backbone: its projection head is dropped and the
 classifier's head starts fresh, both listed in the log.
 """
 from __future__ import annotations
@@ -83,11 +83,11 @@ def source_state(src: str, log=print) -> dict[str, torch.Tensor]:
 
 
 def pretrained_backbone(state: dict[str, torch.Tensor], task: str, log=print) -> dict[str, torch.Tensor]:
-    """A pretraining checkpoint's backbone under the classifier's own names; its heads (projector,
-    predictor) are dropped and listed. The classifier's head is not in it: it keeps its initialisation."""
+    """A pretraining checkpoint's backbone under the classifier's own names; its projection head is dropped
+    and listed. The classifier's head is not in it: it keeps its initialisation."""
     backbone = {k[len(BACKBONE_PREFIX):]: v for k, v in state.items() if k.startswith(BACKBONE_PREFIX)}
     heads = sorted(k for k in state if not k.startswith(BACKBONE_PREFIX))
-    log(f"init_from: the backbone of a train.task = {task!r} run; its heads are dropped: {_few(heads)}")
+    log(f"init_from: the backbone of a train.task = {task!r} run; its projection head is dropped: {_few(heads)}")
     return backbone
 
 

@@ -3,7 +3,7 @@
 The trainer runs the same loop for every task; a task supplies the pieces that differ between language
 modelling and image classification (see :class:`Task`). :func:`build_task` picks one by ``model.arch``,
 the forecasting task when ``train.task = "forecast"``, or self-supervised pretraining (``"simclr"``,
-``"simsiam"``, :mod:`.ssl`).
+``"vicreg"``, :mod:`.ssl`).
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Self-supervised pretraining of an image backbone (``train.task = "simclr"`` or ``"simsiam"``).
+"""Self-supervised pretraining of an image backbone (``train.task = "simclr"`` or ``"vicreg"``).
 
 The backbone is the engine's ResNet or ConvNeXt (any preset) without its classifier; a projection head (an
 MLP on the pooled features) maps each view to the space the loss compares. Each step takes a batch of
@@ -11,14 +11,16 @@ pairs: rows 2k and 2k+1 are the views of image k.
   :class:`_GatherViews`) and scores its own rows against all of them, so a run on W processes computes the
   loss and the gradients of one process holding the whole batch. The negatives are the other images of the
   batch: it wants large batches.
-- ``simsiam`` (Chen & He, 2021): a predictor MLP maps one view's projection to the other's, which is held
-  fixed (stop-gradient); negative cosine similarity, symmetrized. No negatives, so no large batch; BatchNorm
-  in the heads keeps it from collapsing.
+- ``vicreg`` (Bardes et al., 2022): no negatives, so no large batch: the two views' projections are
+  pulled together while every projection dimension keeps a unit standard deviation over the batch and the
+  dimensions stay decorrelated, which is what prevents collapse. On the built-in shapes it learned faster
+  than SimSiam (a predictor against a stop-gradient target) at the same small budget, which is why it is
+  the non-contrastive choice (the README has the figures).
 
 Evaluation (:mod:`engine.ssl.evaluation`) is on frozen backbone features: k-NN top-1 at every periodic
 evaluation, and the k-NN and a linear probe at the end. The checkpoint's model holds ``backbone.*`` (the
-classifier's own parameter names behind the prefix) and the heads, so ``train.init_from`` of a classifier
-takes the backbone and drops the heads (:func:`engine.transfer.source_state`).
+classifier's own parameter names behind the prefix) and the projection head, so ``train.init_from`` of a classifier
+takes the backbone and drops the head (:func:`engine.transfer.source_state`).
 """
 from __future__ import annotations
 
@@ -56,42 +58,36 @@ def strip_head(model: nn.Module) -> int:
     return width
 
 
-def _mlp(widths: list[int], last_norm: bool) -> nn.Sequential:
-    """Linear layers of the given widths with BatchNorm and ReLU between them (and BatchNorm after the last)."""
+def _mlp(widths: list[int]) -> nn.Sequential:
+    """Linear layers of the given widths with BatchNorm and ReLU between them (the hidden layers' biases
+    are left out: BatchNorm follows them)."""
     layers: list[nn.Module] = []
     for i, (a, b) in enumerate(zip(widths, widths[1:])):
         last = i == len(widths) - 2
-        layers.append(nn.Linear(a, b, bias=last and not last_norm))
+        layers.append(nn.Linear(a, b, bias=last))
         if not last:
             layers += [nn.BatchNorm1d(b), nn.ReLU(inplace=True)]
-        elif last_norm:
-            layers.append(nn.BatchNorm1d(b))
     return nn.Sequential(*layers)
 
 
 class PretrainingModel(nn.Module):
-    """A backbone and its heads: ``forward`` returns the projections, and with a predictor (simsiam) the
-    predictions too."""
+    """A backbone and its projection head: ``forward`` returns the projections."""
 
     def __init__(self, backbone: nn.Module, width: int, task: str, cfg: SSLConfig):
         super().__init__()
         self.backbone = backbone
         hidden = cfg.proj_hidden or width
-        if task == "simclr":  # SimCLR's two-layer head
-            self.projector = _mlp([width, hidden, cfg.proj_dim], last_norm=False)
-            self.predictor = None
-        else:  # SimSiam's three-layer projector ending in BatchNorm, and its bottleneck predictor
-            self.projector = _mlp([width, hidden, hidden, cfg.proj_dim], last_norm=True)
-            self.predictor = _mlp([cfg.proj_dim, max(1, hidden // 4), cfg.proj_dim], last_norm=False)
+        # SimCLR's two-layer head, VICReg's three-layer expander
+        widths = [width, hidden, cfg.proj_dim] if task == "simclr" else [width, hidden, hidden, cfg.proj_dim]
+        self.projector = _mlp(widths)
         self.ops_used = getattr(backbone, "ops_used", ())
 
     @property
     def blocks(self) -> list[nn.Module]:
         return self.backbone.blocks
 
-    def forward(self, x: torch.Tensor):
-        z = self.projector(self.backbone(x))
-        return z if self.predictor is None else (z, self.predictor(z))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.projector(self.backbone(x))
 
 
 class _GatherViews(torch.autograd.Function):
@@ -116,12 +112,21 @@ def gather_views(z: torch.Tensor) -> torch.Tensor:
     return _GatherViews.apply(z) if distributed.world() > 1 else z
 
 
-def simsiam_loss(z: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """Negative cosine similarity of each view's prediction to the other view's projection (held fixed),
-    averaged over both directions; views in pairs (rows 2k, 2k+1)."""
-    z = z.detach().float()
-    p = p.float()
-    return -0.5 * (F.cosine_similarity(p[0::2], z[1::2]).mean() + F.cosine_similarity(p[1::2], z[0::2]).mean())
+def vicreg_loss(z: torch.Tensor) -> torch.Tensor:
+    """VICReg (Bardes et al., 2022) with its weights 25 / 25 / 1: invariance (the views' mean squared
+    distance), variance (a hinge keeping every dimension's standard deviation at 1) and covariance (the
+    off-diagonal covariances squared), the last two per view; views in pairs."""
+    z = z.float()
+    a, b = z[0::2], z[1::2]
+    invariance = F.mse_loss(a, b)
+    variance = covariance = 0.0
+    for x in (a, b):
+        x = x - x.mean(dim=0)
+        std = torch.sqrt(x.var(dim=0) + 1e-4)
+        variance = variance + F.relu(1 - std).mean() / 2
+        cov = (x.T @ x) / (len(x) - 1)
+        covariance = covariance + (cov.square().sum() - cov.diagonal().square().sum()) / x.shape[1]
+    return 25 * invariance + 25 * variance + covariance
 
 
 class ImagePool:
@@ -189,8 +194,8 @@ class PretrainingTask(Task):
         return augment.normalize(pairs, self.mean, self.std, self.memory_format), torch.empty(0, device=self.device)
 
     def loss(self, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        if self.recipe.train.task == "simsiam":
-            return simsiam_loss(*model(inputs))
+        if self.recipe.train.task == "vicreg":
+            return vicreg_loss(model(inputs))
         z = model(inputs)
         rows = z.shape[0]
         return self.ops.nt_xent(gather_views(z), self.recipe.ssl.temperature, self.rank * rows, rows)
