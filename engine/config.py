@@ -21,8 +21,8 @@ from typing import Any, Literal, get_args, get_origin
 from . import registry
 from .errors import RecipeError
 
-__all__ = ["RecipeError", "Recipe", "load_recipe", "dump_toml", "parse_overrides", "PRESETS", "IMAGE_ARCHS", "RNN_ARCHS",
-           "SSL_TASKS"]
+__all__ = ["RecipeError", "Recipe", "load_recipe", "dump_toml", "parse_overrides", "PRESETS", "IMAGE_ARCHS",
+           "RNN_ARCHS", "SSL_TASKS"]
 
 
 def _positive(where: str, value: float, allow_zero: bool = False) -> None:

@@ -19,8 +19,8 @@ pairs: rows 2k and 2k+1 are the views of image k.
 
 Evaluation (:mod:`engine.ssl.evaluation`) is on frozen backbone features: k-NN top-1 at every periodic
 evaluation, and the k-NN and a linear probe at the end. The checkpoint's model holds ``backbone.*`` (the
-classifier's own parameter names behind the prefix) and the projection head, so ``train.init_from`` of a classifier
-takes the backbone and drops the head (:func:`engine.transfer.source_state`).
+classifier's own parameter names behind the prefix) and the projection head, so ``train.init_from`` of a
+classifier takes the backbone and drops the head (:func:`engine.transfer.source_state`).
 """
 from __future__ import annotations
 
@@ -226,8 +226,9 @@ class PretrainingTask(Task):
         for idx in eval_indices(len(labels), t.batch_size, -(-count // (t.batch_size * self.world)), self.rank,
                                 self.world):
             x = torch.from_numpy(images[idx]).to(self.device)
+            x = to_model_input(x, self.mean, self.std, self.view_size, self.memory_format)
             with autocast(t.precision, self.device):
-                feats.append(backbone(to_model_input(x, self.mean, self.std, self.view_size, self.memory_format)).float())
+                feats.append(backbone(x).float())
             labs.append(torch.from_numpy(labels[idx]).to(self.device))
         return _gather_rows(torch.cat(feats)), _gather_rows(torch.cat(labs))
 

@@ -104,10 +104,11 @@ def test_bad_inputs_name_the_problem(n, d, temperature, rows, match):
 @pytest.mark.skipif(not INTERPRET, reason="the 64-bit offsets are checked in the interpreter")
 def test_row_offsets_past_two_to_the_31():
     """Rows 2**30 elements apart (a view over 6 GiB of untouched virtual memory): a 32-bit row offset wraps."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     script = textwrap.dedent(f"""
         import os, sys, types
         os.environ["TRITON_INTERPRET"] = "1"
-        pkg = types.ModuleType("tritonforge"); pkg.__path__ = [{os.path.dirname(os.path.dirname(os.path.dirname(__file__)))!r}]
+        pkg = types.ModuleType("tritonforge"); pkg.__path__ = [{root!r}]
         sys.modules["tritonforge"] = pkg
         import torch
         from tritonforge.kernels.ntxent import nt_xent, nt_xent_reference
