@@ -142,3 +142,18 @@ def test_gpu_shapes(dtype, n, d):
 @pytest.mark.skipif(INTERPRET or torch.cuda.device_count() < 2, reason="needs two GPUs")
 def test_launches_on_the_tensors_device():
     compare(34, 20, torch.float32, device="cuda:1")
+
+
+def test_fp32_dots_follow_torchs_tf32_setting():
+    from tritonforge.kernels import ntxent
+
+    before = torch.get_float32_matmul_precision()
+    try:
+        assert ntxent._precision() == ("ieee" if before == "highest" else "tf32")
+        torch.set_float32_matmul_precision("high")  # what torch.backends.cuda.matmul.allow_tf32 = True sets
+        assert ntxent._precision() == "tf32"
+        compare(18, 20, torch.float32)  # the interpreter computes the tf32 dot in full precision
+        torch.set_float32_matmul_precision("highest")
+        assert ntxent._precision() == "ieee"
+    finally:
+        torch.set_float32_matmul_precision(before)
