@@ -162,18 +162,20 @@ def _ntxent_bwd_kernel(
 # ----------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------
-def _config(dim: int, backward: bool, interpret: bool = INTERPRET) -> dict:
-    """Block sizes and launch options for projections of width ``dim``. Forward: 64 query rows, 64 key
-    columns up to D = 128 (32 beyond), 4 warps (8 past 128). Backward: 64 rows, 32 columns (16 past
-    D = 128), 8 warps: it holds the 64 x D fp32 gradient accumulator beside the rows and the similarities,
-    and wider blocks or fewer warps spill registers on sm_90 (``kernels.aot``; 32 rows would leave
-    wgmma, which needs 64 per warp group)."""
+def _config(dim: int, element_size: int, backward: bool, interpret: bool = INTERPRET) -> dict:
+    """Block sizes and launch options for projections of width ``dim`` stored in ``element_size`` bytes.
+    Forward: 64 query rows, 64 key columns up to D = 128 (32 beyond), 4 warps (8 past 128). Backward: 64
+    rows, 8 warps, and 32 columns in two stages for rows up to 256 bytes (bf16 at D = 128), 16 columns in one
+    stage for wider ones: it holds the 64 x D fp32 gradient accumulator beside the rows and the
+    similarities, and wider blocks or fewer warps spill registers on sm_90 with triton 3.6 or 3.9
+    (``kernels.aot``; 32 rows would leave wgmma, which needs 64 per warp group)."""
     block_d = max(16, triton.next_power_of_2(dim))
     if interpret:
         return dict(BLOCK_M=_BLOCK_INTERPRET, BLOCK_N=_BLOCK_INTERPRET, BLOCK_D=block_d, num_warps=1, num_stages=1)
     if backward:
-        return dict(BLOCK_M=_BLOCK_M_GPU, BLOCK_N=32 if block_d <= 128 else 16, BLOCK_D=block_d, num_warps=8,
-                    num_stages=_NUM_STAGES if block_d <= 128 else 1)
+        narrow = block_d * element_size <= 256
+        return dict(BLOCK_M=_BLOCK_M_GPU, BLOCK_N=32 if narrow else 16, BLOCK_D=block_d, num_warps=8,
+                    num_stages=_NUM_STAGES if narrow else 1)
     return dict(BLOCK_M=_BLOCK_M_GPU, BLOCK_N=64 if block_d <= 128 else 32, BLOCK_D=block_d,
                 num_warps=4 if block_d <= 128 else 8, num_stages=_NUM_STAGES)
 
@@ -193,7 +195,7 @@ def _forward_op(z: Tensor, inv_temp: float, row_start: int, num_rows: int, preci
     """(loss, lse) of the query rows, fp32, for 2-D ``z`` with unit column stride."""
     loss = torch.empty(num_rows, device=z.device, dtype=torch.float32)
     lse = torch.empty(num_rows, device=z.device, dtype=torch.float32)
-    cfg = _config(z.shape[1], backward=False)
+    cfg = _config(z.shape[1], z.element_size(), backward=False)
     with _on_device(z):
         _ntxent_fwd_kernel[(triton.cdiv(num_rows, cfg["BLOCK_M"]),)](
             z, loss, lse, z.shape[0], z.shape[1], z.stride(0), row_start, num_rows, inv_temp, PRECISION=precision,
@@ -210,7 +212,7 @@ def _(z, inv_temp, row_start, num_rows, precision):
 def _backward_op(dloss: Tensor, z: Tensor, lse: Tensor, inv_temp: float, row_start: int, num_rows: int,
                  precision: str) -> Tensor:
     dz = torch.empty(z.shape, device=z.device, dtype=z.dtype)
-    cfg = _config(z.shape[1], backward=True)
+    cfg = _config(z.shape[1], z.element_size(), backward=True)
     with _on_device(z):
         _ntxent_bwd_kernel[(triton.cdiv(z.shape[0], cfg["BLOCK_M"]),)](
             z, lse, dloss, dz, z.shape[0], z.shape[1], z.stride(0), dz.stride(0), row_start, num_rows, inv_temp,
@@ -305,7 +307,7 @@ def aot_variants() -> list[Variant]:
     for dt, dim in (("bf16", 128), ("bf16", 256), ("fp32", 128)):
         for kernel, signature in signatures.items():
             backward = kernel is _ntxent_bwd_kernel
-            cfg = _config(dim, backward, interpret=False)
+            cfg = _config(dim, 4 if dt == "fp32" else 2, backward, interpret=False)
             variants.append(Variant(
                 kernel=kernel, name=f"{dt} D={dim} {'backward' if backward else 'forward'}",
                 signature={k: t.format(dt=dt) for k, t in signature.items()},
