@@ -82,10 +82,6 @@ class PretrainingModel(nn.Module):
         self.projector = _mlp(widths)
         self.ops_used = getattr(backbone, "ops_used", ())
 
-    @property
-    def blocks(self) -> list[nn.Module]:
-        return self.backbone.blocks
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.projector(self.backbone(x))
 
@@ -235,7 +231,9 @@ class PretrainingTask(Task):
     @torch.no_grad()
     def evaluate(self, model: nn.Module, final: bool = False) -> dict[str, float]:
         """k-NN top-1 of the frozen backbone (the periodic sample of validation images, or all of them at
-        the end), and at the end the linear probe's top-1."""
+        the end), and at the end the linear probe's top-1. The backbone runs unwrapped (``model`` may be the
+        DDP wrapper, whose forward would need every process): each process embeds its share of the images and
+        the features are gathered."""
         was_training = self.model.training
         self.model.eval()
         t, s = self.recipe.train, self.recipe.ssl
