@@ -21,7 +21,8 @@ from typing import Any, Literal, get_args, get_origin
 from . import registry
 from .errors import RecipeError
 
-__all__ = ["RecipeError", "Recipe", "load_recipe", "dump_toml", "parse_overrides", "PRESETS", "IMAGE_ARCHS", "RNN_ARCHS"]
+__all__ = ["RecipeError", "Recipe", "load_recipe", "dump_toml", "parse_overrides", "PRESETS", "IMAGE_ARCHS",
+           "RNN_ARCHS", "SSL_TASKS"]
 
 
 def _positive(where: str, value: float, allow_zero: bool = False) -> None:
@@ -224,6 +225,9 @@ class DataConfig:
     augment: bool = True
     #: Padding of the random crop, in pixels of the stored images (0: flips only).
     crop_padding: int = 4
+    #: Train an image classifier on only this many labelled images of each class (0: all): the first N of
+    #: each class in a fixed shuffle of the training split, the same for every run and seed.
+    labels_per_class: int = 0
     # Time series (train.task = "forecast"): source "series" (built in, generated) or a .csv/.parquet file.
     #: Comma-separated columns to forecast; "" takes every numeric column.
     columns: str = ""
@@ -245,6 +249,7 @@ class DataConfig:
         _positive("data.image_size", self.image_size, allow_zero=True)
         _positive("data.num_images", self.num_images)
         _positive("data.crop_padding", self.crop_padding, allow_zero=True)
+        _positive("data.labels_per_class", self.labels_per_class, allow_zero=True)
 
 
 @dataclass
@@ -284,9 +289,11 @@ class TrainConfig:
     label_smoothing: float = 0.0
     #: Decay of an exponential moving average of the weights used for evaluation (image models; 0: off).
     ema_decay: float = 0.0
-    #: "auto" (the architecture's own task: language modelling or image classification) or "forecast"
-    #: (time series: train.seq_len steps of context predict the next train.horizon steps).
-    task: Literal["auto", "forecast"] = "auto"
+    #: "auto" (the architecture's own task: language modelling or image classification), "forecast"
+    #: (time series: train.seq_len steps of context predict the next train.horizon steps), or
+    #: self-supervised pretraining of an image backbone (see [ssl]): "simclr" (contrastive, NT-Xent) or
+    #: "vicreg" (variance-invariance-covariance; no negatives, small batches).
+    task: Literal["auto", "forecast", "simclr", "vicreg"] = "auto"
     #: Steps a forecast predicts.
     horizon: int = 24
     #: Truncated backpropagation through time (arch "lstm"/"gru"): each batch row reads consecutive windows
@@ -438,6 +445,70 @@ class ParallelConfig:
 
 
 @dataclass
+class SSLConfig:
+    """Self-supervised pretraining of an image backbone (``train.task = "simclr"`` or ``"vicreg"``): the
+    views, the heads, the loss and the frozen-feature evaluation. The defaults are SimCLR's for CIFAR-10
+    as solo-learn trains it (no blur at 32 pixels)."""
+
+    #: NT-Xent's temperature (simclr).
+    temperature: float = 0.2
+    #: Output width of the projection head (an MLP on the backbone's pooled features).
+    proj_dim: int = 128
+    #: Hidden width of the projection head; 0: the backbone's feature width.
+    proj_hidden: int = 0
+    #: Side of the square views; 0 means model.image_size. At most the stored images' side.
+    view_size: int = 0
+    #: Area of the random resized crop, as fractions of the image.
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    #: Share of views that get colour jitter, and its strengths (factors in [1 - s, 1 + s]; hue in turns).
+    jitter_p: float = 0.8
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.2
+    hue: float = 0.1
+    #: Share of views turned grayscale.
+    gray_p: float = 0.2
+    #: Share of views blurred, and the blur's sigma range in pixels of the view (SimCLR's ImageNet setting
+    #: is 0.5 and (0.1, 2.0) at 224 pixels).
+    blur_p: float = 0.0
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    #: More image sources whose training images join the pretraining images (their labels are not read);
+    #: data.source provides images too, and the labels of the k-NN and linear-probe evaluations.
+    unlabelled: tuple[str, ...] = ()
+    #: k-NN evaluation: neighbours, the temperature of their similarity-weighted vote, and how many
+    #: labelled training images form the memory bank (0: all).
+    knn_k: int = 20
+    knn_temperature: float = 0.07
+    knn_bank: int = 0
+    #: Full-batch epochs of the final linear probe (a softmax classifier on frozen features; 0: none).
+    probe_epochs: int = 100
+
+    def validate(self) -> None:
+        _positive("ssl.temperature", self.temperature)
+        for key in ("proj_dim", "knn_k", "knn_temperature"):
+            _positive(f"ssl.{key}", getattr(self, key))
+        for key in ("proj_hidden", "view_size", "knn_bank", "probe_epochs"):
+            _positive(f"ssl.{key}", getattr(self, key), allow_zero=True)
+        low, high = self.crop_scale
+        if not 0.0 < low <= high <= 1.0:
+            raise RecipeError(f"ssl.crop_scale must be two fractions 0 < low <= high <= 1, got {list(self.crop_scale)}")
+        for key in ("jitter_p", "gray_p", "blur_p"):
+            if not 0.0 <= getattr(self, key) <= 1.0:
+                raise RecipeError(f"ssl.{key} is a probability in [0, 1], got {getattr(self, key)}")
+        for key in ("brightness", "contrast", "saturation"):
+            if not 0.0 <= getattr(self, key) < 1.0:
+                raise RecipeError(f"ssl.{key} must be in [0, 1), got {getattr(self, key)}")
+        if not 0.0 <= self.hue <= 0.5:
+            raise RecipeError(f"ssl.hue must be in [0, 0.5] (turns), got {self.hue}")
+        if not 0.0 < self.blur_sigma[0] <= self.blur_sigma[1]:
+            raise RecipeError(f"ssl.blur_sigma must be 0 < low <= high pixels, got {list(self.blur_sigma)}")
+
+
+#: The self-supervised tasks (train.task), which train an image backbone without labels.
+SSL_TASKS = ("simclr", "vicreg")
+
+
+@dataclass
 class Recipe:
     """A whole training recipe."""
 
@@ -450,6 +521,7 @@ class Recipe:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    ssl: SSLConfig = field(default_factory=SSLConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         """Every section as a flat table, as TOML holds it."""
@@ -642,6 +714,7 @@ def validate(r: Recipe) -> None:
                           f"(model.arch = 'gpt', train.task = 'auto'), got model.arch = {r.model.arch!r}, "
                           f"train.task = {r.train.task!r}")
     _validate_sequence_models(r)
+    _validate_ssl(r)
 
 
 def dump_toml(recipe: Recipe) -> str:
@@ -703,3 +776,25 @@ def _validate_sequence_models(r: Recipe) -> None:
                               f"got {d.source!r}")
         if not path.is_file():
             raise RecipeError(f"data.source: no such file: {path}")
+
+
+def _validate_ssl(r: Recipe) -> None:
+    """Self-supervised pretraining: an image backbone, at least two images per process, views that fit."""
+    t, m, d = r.train, r.model, r.data
+    if t.task not in SSL_TASKS:
+        return
+    if m.arch not in IMAGE_ARCHS:
+        raise RecipeError(f"train.task = {t.task!r} pretrains an image backbone (model.arch = 'resnet' or "
+                          f"'convnext'), not model.arch = {m.arch!r}")
+    if t.batch_size < 2:
+        raise RecipeError(f"train.batch_size must be >= 2 for train.task = {t.task!r}: each image's views need "
+                          f"other images in the batch (negatives, batch statistics), got {t.batch_size}")
+    stored = d.image_size or m.image_size
+    if r.ssl.view_size > stored:
+        raise RecipeError(f"ssl.view_size ({r.ssl.view_size}) is larger than the images (data.image_size = {stored}); "
+                          f"a view is a crop of an image resized to view_size, at most the image's side")
+    if r.parallel.strategy == "fsdp":
+        raise RecipeError(f"train.task = {t.task!r} runs in one process or under parallel.strategy = 'ddp'")
+    if d.labels_per_class:
+        raise RecipeError("data.labels_per_class selects labelled images for a classifier; self-supervised "
+                          "pretraining reads no labels (the k-NN evaluation uses the whole training split)")

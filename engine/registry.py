@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from . import KERNELS_PACKAGE, flex
 from .errors import KernelSelectionError
 from .optim_muon import TorchMuon
+from .ssl import opbench as ntxent_bench
 
 Backend = Literal["auto", "torch", "triton"]
 BACKENDS: tuple[str, ...] = get_args(Backend)
@@ -165,6 +166,19 @@ def torch_linear_cross_entropy(x, weight, targets, bias=None, ignore_index: int 
     return torch_cross_entropy(F.linear(x, weight, bias), targets, ignore_index, label_smoothing, softcap)
 
 
+def torch_nt_xent(z, temperature: float, row_start: int = 0, num_rows: int | None = None):
+    """SimCLR's NT-Xent over views ``z`` (N, D) laid out in pairs (rows 2k and 2k+1 are the two views of
+    image k): the mean over the query rows ``row_start .. row_start + num_rows - 1`` (all by default) of
+    ``-log softmax`` of the positive's cosine similarity / temperature among every other row. Materializes
+    the (num_rows, N) similarities, in fp32 for 16-bit ``z``."""
+    num_rows = z.shape[0] - row_start if num_rows is None else num_rows
+    u = F.normalize(z if z.dtype == torch.float64 else z.float(), dim=1, eps=1e-12)
+    rows = torch.arange(row_start, row_start + num_rows, device=z.device)
+    sim = u[rows] @ u.T / temperature
+    sim = sim.masked_fill(rows[:, None] == torch.arange(z.shape[0], device=z.device)[None, :], float("-inf"))
+    return F.cross_entropy(sim, rows ^ 1)
+
+
 class TorchLion(torch.optim.Optimizer):
     """Lion (Chen et al., 2023) in plain PyTorch; the reference for the Triton Lion.
 
@@ -290,6 +304,9 @@ TABLE: list[Op] = [
        {"rope": (torch_rope, "rope")}),
     Op("swiglu", "SwiGLU's silu(gate) * up on the fused gate/up projection output",
        {"swiglu": (torch_swiglu, "swiglu")}),
+    Op("nt_xent", "SimCLR's contrastive loss: normalize, cosine similarities / temperature, the positive's "
+                  "log-softmax with the diagonal masked",
+       {"nt_xent": (torch_nt_xent, "nt_xent")}, bench=ntxent_bench),
     Op("optimizer", "the optimizer step (optim.name), with clipping, loss-scale unscaling and overflow skips",
        {}, kernel_names=tuple(name for _, name in OPTIMIZERS.values())),
 ]

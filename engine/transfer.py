@@ -8,7 +8,9 @@ keeps its fresh initialisation and is listed in the log; a tensor present on one
 unless ``train.init_strict = false``. ``train.freeze`` glob patterns (``fnmatch`` over the names of
 ``model.named_parameters()``, tied names included) switch ``requires_grad`` off, which keeps those
 parameters out of the optimizer; a pattern that matches nothing is an error. Freezing fixes parameters,
-not BatchNorm running statistics (those follow the data in training mode).
+not BatchNorm running statistics (those follow the data in training mode). A self-supervised pretraining
+run (``train.task = "simclr"``/``"vicreg"``) gives its backbone: its projection head is dropped and the
+classifier's head starts fresh, both listed in the log.
 """
 from __future__ import annotations
 
@@ -21,8 +23,9 @@ import torch.nn as nn
 
 from . import checkpoint, hf
 from .checkpoint import CheckpointError
-from .config import Recipe, RecipeError, validate
+from .config import SSL_TASKS, Recipe, RecipeError, validate
 from .models.gpt import GPTConfig
+from .tasks.ssl import BACKBONE_PREFIX, CLASSIFIER_HEADS
 
 
 def find_checkpoint(path: str | Path, where: str) -> Path:
@@ -61,8 +64,9 @@ def adopt_hf_config(recipe: Recipe, log=print) -> None:
         log("model from " + str(Path(src) / "config.json") + ": " + ", ".join(f"{k}={v}" for k, v in changed.items()))
 
 
-def source_state(src: str) -> dict[str, torch.Tensor]:
-    """The model state dict that ``train.init_from`` names, under the engine's parameter names."""
+def source_state(src: str, log=print) -> dict[str, torch.Tensor]:
+    """The model state dict that ``train.init_from`` names, under the engine's parameter names. A
+    self-supervised pretraining run gives its backbone (:func:`pretrained_backbone`)."""
     path = Path(src)
     if hf.is_hf_folder(path):
         try:
@@ -71,17 +75,32 @@ def source_state(src: str) -> dict[str, torch.Tensor]:
             raise RecipeError(f"train.init_from: {path}: {e}") from None
     ckpt = find_checkpoint(path, "train.init_from")
     try:
-        return checkpoint.consolidate(ckpt)["model"]
+        state = checkpoint.consolidate(ckpt)["model"]
+        task = checkpoint.load(ckpt)["recipe"]["train"].get("task")
     except CheckpointError as e:
         raise RecipeError(f"train.init_from: {e}") from None
+    return pretrained_backbone(state, task, log) if task in SSL_TASKS else state
 
 
-def load_matching(model: nn.Module, state: dict[str, torch.Tensor], src: str, strict: bool, log=print) -> None:
-    """Copy ``state`` into ``model`` where names and shapes agree; log (or refuse) the rest."""
+def pretrained_backbone(state: dict[str, torch.Tensor], task: str, log=print) -> dict[str, torch.Tensor]:
+    """A pretraining checkpoint's backbone under the classifier's own names; its projection head is dropped
+    and listed. The classifier's head is not in it: it keeps its initialisation."""
+    backbone = {k[len(BACKBONE_PREFIX):]: v for k, v in state.items() if k.startswith(BACKBONE_PREFIX)}
+    heads = sorted(k for k in state if not k.startswith(BACKBONE_PREFIX))
+    log(f"init_from: the backbone of a train.task = {task!r} run; its projection head is dropped: {_few(heads)}")
+    return backbone
+
+
+def load_matching(model: nn.Module, state: dict[str, torch.Tensor], src: str, strict: bool, log=print,
+                  fresh: tuple[str, ...] = ()) -> None:
+    """Copy ``state`` into ``model`` where names and shapes agree; log (or refuse) the rest. Tensors under
+    the module names ``fresh`` may be missing from ``state`` even when ``strict``: they keep their
+    initialisation (and are listed)."""
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
+    expected = [k for k in missing if k.split(".")[0] in fresh]
     unexpected = sorted(set(state) - set(own))
-    if strict and (missing or unexpected):
+    if strict and (len(missing) > len(expected) or unexpected):
         parts = ([f"not in {src}: {_few(missing)}"] if missing else []) + \
                 ([f"not in this model: {_few(unexpected)}"] if unexpected else [])
         raise RecipeError(f"train.init_from: {src} and this model hold different parameters ({'; '.join(parts)}); "
@@ -127,7 +146,10 @@ def apply(recipe: Recipe, task, log=print, load: bool = True) -> None:
     """
     t = recipe.train
     if t.init_from and load:
-        load_matching(task.model, source_state(t.init_from), t.init_from, t.init_strict, log)
+        state = source_state(t.init_from, log)
+        # A pretrained backbone has no classifier head: this model's starts fresh.
+        fresh = CLASSIFIER_HEADS if not any(k.split(".")[0] in CLASSIFIER_HEADS for k in state) else ()
+        load_matching(task.model, state, t.init_from, t.init_strict, log, fresh=fresh)
         if getattr(task, "ema", None) is not None:  # a weight average starts from the loaded weights
             task.ema.load_state_dict(task.model.state_dict())
     if t.freeze:

@@ -17,3 +17,4 @@ from .dwconv import depthwise_conv2d  # noqa: E402,F401
 from .cross_entropy import cross_entropy, linear_cross_entropy  # noqa: E402,F401
 from .rope import rope  # noqa: E402,F401
 from .swiglu import swiglu  # noqa: E402,F401
+from .ntxent import nt_xent  # noqa: E402,F401

@@ -44,6 +44,8 @@ CACHE_FORMAT = 1
 SHAPES_SEED = 0
 #: A held-out validation share is drawn from this seed, so the split is fixed for a source.
 HOLDOUT_SEED = 0
+#: The few-label subset (data.labels_per_class) is drawn from this seed: the same images for every run.
+SUBSET_SEED = 0
 
 # Inside tests of the ten shapes in coordinates (u, v) centred on the shape and scaled by its radius
 # (u to the right, v down); each maps arrays of u and v to a boolean mask.
@@ -380,6 +382,20 @@ class ImageBatches:
             parts.append(self._permutation(epoch)[offset:offset + take])
             start, count = start + take, count - take
         return np.concatenate(parts)
+
+
+def labelled_subset(labels: np.ndarray, per_class: int) -> np.ndarray:
+    """Sorted indices of ``per_class`` training images of each class: the first of their class in a fixed
+    shuffle of the split (:data:`SUBSET_SEED`), so every run and every seed trains on the same images."""
+    order = np.random.default_rng(SUBSET_SEED).permutation(len(labels))
+    picked = []
+    for label in np.unique(labels):
+        of_class = order[labels[order] == label][:per_class]
+        if len(of_class) < per_class:
+            raise RecipeError(f"data.labels_per_class = {per_class}: class {label} has only {len(of_class)} "
+                              f"training images")
+        picked.append(of_class)
+    return np.sort(np.concatenate(picked))
 
 
 def eval_indices(n: int, batch_size: int, batches: int, rank: int = 0, world: int = 1) -> Iterator[np.ndarray]:

@@ -2,7 +2,8 @@
 
 The trainer runs the same loop for every task; a task supplies the pieces that differ between language
 modelling and image classification (see :class:`Task`). :func:`build_task` picks one by ``model.arch``,
-or the forecasting task when ``train.task = "forecast"``.
+the forecasting task when ``train.task = "forecast"``, or self-supervised pretraining (``"simclr"``,
+``"vicreg"``, :mod:`.ssl`).
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from ..config import Recipe, RecipeError
+from ..config import SSL_TASKS, Recipe, RecipeError
 from ..registry import Ops
 
 
@@ -105,6 +106,10 @@ def build_task(recipe: Recipe, ops: Ops, device: torch.device, rank: int = 0, wo
         from .forecast import ForecastTask
 
         return ForecastTask(recipe, ops, device, rank, world, log)
+    if recipe.train.task in SSL_TASKS:
+        from . import ssl
+
+        return ssl.build(recipe, ops, device, rank, world, log)
     for module in _TASK_MODULES:  # each registers its architectures on import
         importlib.import_module(module, __name__)
     if recipe.model.arch not in _BUILDERS:

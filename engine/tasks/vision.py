@@ -20,8 +20,8 @@ import torch.nn.functional as F
 
 from .. import distributed, registry
 from ..config import ModelConfig, Recipe, RecipeError
-from ..data.images import (ImageBatches, augmentation_seed, crop_and_flip, eval_indices, load_images,
-                           to_model_input)
+from ..data.images import (ImageBatches, augmentation_seed, crop_and_flip, eval_indices, labelled_subset,
+                           load_images, to_model_input)
 from ..models.convnext import Block as ConvNeXtBlock, ConvNeXt, ConvNeXtConfig
 from ..models.resnet import ResNet, ResNetConfig
 from ..precision import autocast
@@ -139,11 +139,14 @@ class ImageClassificationTask(Task):
             self.ema = copy.deepcopy(self.model).requires_grad_(False)
         self.mean = torch.tensor(self.data.mean, device=device, dtype=torch.float32)
         self.std = torch.tensor(self.data.std, device=device, dtype=torch.float32)
-        self.train_batches = ImageBatches(len(self.data.train_labels), t.batch_size, t.grad_accum, recipe.run.seed,
-                                          world)
+        # data.labels_per_class: the training images are a fixed few of each class (None: all of them).
+        self.subset = labelled_subset(self.data.train_labels, d.labels_per_class) if d.labels_per_class else None
+        n_train = len(self.subset) if self.subset is not None else len(self.data.train_labels)
+        self.train_batches = ImageBatches(n_train, t.batch_size, t.grad_accum, recipe.run.seed, world)
         self.items_per_micro_batch = t.batch_size
         self._flops: float | None = None
-        log(f"data: {len(self.data.train_labels):,} train / {len(self.data.val_labels):,} val images of "
+        labelled = f" ({d.labels_per_class} labelled per class: {n_train:,})" if self.subset is not None else ""
+        log(f"data: {len(self.data.train_labels):,} train{labelled} / {len(self.data.val_labels):,} val images of "
             f"{size}x{size}, {len(self.data.classes)} classes ({d.source}); model: "
             f"{sum(p.numel() for p in self.model.parameters()):,} parameters")
 
@@ -155,6 +158,8 @@ class ImageClassificationTask(Task):
 
     def batch(self, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
         idx = self.train_batches.indices(step, micro, self.rank)
+        if self.subset is not None:
+            idx = self.subset[idx]
         images, labels = self._to_device(self.data.train_images[idx], self.data.train_labels[idx])
         d = self.recipe.data
         if d.augment:

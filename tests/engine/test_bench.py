@@ -15,7 +15,7 @@ from tritonforge.engine.bench import BenchError, gpu, ops, train
 
 # One small shape per op (the Triton interpreter runs these in about a second).
 TINY_SHAPES = ("attention=1x2x16x16:causal,layer_norm=8x32,rms_norm=8x32,mlp=10x8,dwconv=1x4x2x2,"
-               "cross_entropy=8x16x64,optimizer=1x16x64x16:clip,rope=1x2x1x5x8,swiglu=5x12")
+               "cross_entropy=8x16x64,optimizer=1x16x64x16:clip,rope=1x2x1x5x8,swiglu=5x12,nt_xent=34x20")
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY_GPT = ["--model.preset=gpt-tiny", "--model.n_layer=1", "--model.d_model=32", "--model.n_head=2",
             "--model.context=16", "--train.seq_len=16", "--train.batch_size=2"]
@@ -165,7 +165,9 @@ def test_ops_cpu_defaults():
     args = ops.parse_args(["--device", "cpu"])
     assert args.dtypes == [torch.float32]
     assert args.backends["attention"] == ["torch", "triton"]
-    assert args.shapes == ops.SHAPE_SETS["tiny"]
+    # the built-in ops' tiny set, and the tiny shapes of the ops whose registry row brings its own case
+    own = {op.name: op.bench.shapes["tiny"] for op in registry.TABLE if op.bench is not None}
+    assert args.shapes == {**ops.SHAPE_SETS["tiny"], **own}
     args = ops.parse_args(["--device", "cpu", "--backends", "liger,torch", "--op", "attention,rms_norm"])
     assert args.backends == {"attention": ["torch"], "rms_norm": ["torch", "liger"]}
 

@@ -26,7 +26,7 @@ def test_preset_then_recipe_then_overrides(tmp_path):
     assert r.kernels.deterministic is False
     assert r.kernels.backends() == {"attention": "auto", "layer_norm": "auto", "rms_norm": "auto", "mlp": "torch",
                                     "dwconv": "auto", "cross_entropy": "auto", "rope": "auto", "swiglu": "auto",
-                                    "optimizer": "auto"}
+                                    "nt_xent": "auto", "optimizer": "auto"}
 
 
 def test_toml_ints_are_accepted_for_floats(tmp_path):

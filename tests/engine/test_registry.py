@@ -17,7 +17,7 @@ def test_auto_is_torch_on_cpu():
 
 
 def test_unknown_op_and_backend_list_valid_names():
-    valid = "valid ops: attention, layer_norm, rms_norm, mlp, dwconv, cross_entropy, rope, swiglu, optimizer"
+    valid = "valid ops: attention, layer_norm, rms_norm, mlp, dwconv, cross_entropy, rope, swiglu, nt_xent, optimizer"
     with pytest.raises(KernelSelectionError, match=valid):
         resolve({"softmax": "torch"})
     with pytest.raises(KernelSelectionError, match="valid backends: auto, torch, triton"):
