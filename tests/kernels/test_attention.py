@@ -675,3 +675,24 @@ def test_row_offsets_are_64_bit_only_where_they_may_pass_2_to_the_31(launched):
     assert launched and not any(meta["WIDE_ROWS"] for _, meta in launched)
     fused = torch.empty(2, 12288).as_strided((1, 1, 2, 16), (0, 0, 12288, 1))
     assert attn._wide_rows(174_763, fused) and not attn._wide_rows(170_000, fused)
+
+
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_heads_folded_onto_grid_axis_0_give_the_same_bits(monkeypatch, launched, deterministic):
+    """Past CUDA's 65,535 programs on axis 1, B * H joins the blocks on axis 0: forced here at 1."""
+    attn = importlib.import_module("tritonforge.kernels.attention")
+    q, k, v, do = make_inputs(2, 2, 1, 40, 16, torch.float16)
+
+    def grads():
+        leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+        out = attention(*leaves, causal=True, deterministic=deterministic)
+        out.backward(do)
+        return [out, *(t.grad for t in leaves)]
+
+    plain = grads()
+    assert not any(meta["FOLD_HEADS"] for _, meta in launched)
+    monkeypatch.setattr(attn, "_MAX_GRID_HEADS", 1)
+    folded = grads()
+    assert all(meta["FOLD_HEADS"] for _, meta in launched[len(launched) // 2:])
+    for a, b in zip(plain, folded):
+        assert torch.equal(a, b)
