@@ -22,14 +22,15 @@ FlashAttention's (total tokens, H, D) layout with ``cu_seqlens``; (B, H, S, D) w
   run to run, dK and dV do not).
 * Head dims 16-256 (80 and 96 in padded 128 tiles); fp16/bf16 dots with fp32 accumulation; fp32 inputs
   (for tests) take IEEE or TF32 products as torch's ``allow_tf32`` says for its own matmuls. Strided
-  q/k/v from a fused QKV projection are read in place, rows addressed in 64 bits per block (``_row_ptrs``)
-  so offsets past 2^31 elements stay exact. Small config lists per kernel and head-dim class
-  (``_GPU_CONFIGS``, per Triton version via ``kernels._compat``; ``_SEGMENT_CONFIGS``), each compiled
-  spill-free with wgmma by ``tritonforge kernels report`` or kept with a reason (``_KEEP_REASONS``).
-  ``deterministic=True`` runs the first config of each list (no timing: the same tiles in every
-  process); ``False`` autotunes over the list, keyed on power-of-two buckets of S (``_tune_key``). The
-  interpreter runs one small config so tests cross block edges.
-* Grids put (blocks x B * H) on axis 0, whose limit is 2^31 - 1 (axes 1 and 2 stop at 65,535).
+  q/k/v from a fused QKV projection are read in place; where a row offset may pass 2^31 elements the
+  launcher switches the kernels to 64-bit row offsets (``_row_ptrs``, ``_wide_rows``). Small config
+  lists per kernel and head-dim class (``_GPU_CONFIGS``, per Triton version via ``kernels._compat``;
+  ``_SEGMENT_CONFIGS``), each compiled spill-free with wgmma by ``tritonforge kernels report`` or kept
+  with a reason (``_KEEP_REASONS``). ``deterministic=True`` runs the first config of each list (no
+  timing: the same tiles in every process); ``False`` autotunes over the list, keyed on power-of-two
+  buckets of S (``_tune_key``). The interpreter runs one small config so tests cross block edges.
+* Grids are (blocks, B * H); past 65,535 (CUDA's limit on axes 1 and 2) B * H joins the blocks on
+  axis 0.
 """
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ import triton
 import triton.language as tl
 
 from . import _compat
-from ._common import INTERPRET, TL_DTYPES, dot_precision, launch, use_triton
+from ._common import INTERPRET, MAX_GRID, TL_DTYPES, dot_precision, launch, use_triton
 from .aot import Variant
 
 __all__ = ["attention", "attention_varlen", "attention_forward", "attention_backward", "SUPPORTED_HEAD_DIMS"]
@@ -214,6 +215,8 @@ _TUNE_ARGS = ["tune_seqlen", "tune_band"]
 # Row strides up to this many elements keep the offsets inside a block in 32 bits (see ``_row_ptrs``; the
 # tallest block is the preprocess's at D = 16); an operand with a wider row stride is copied first.
 _MAX_ROW_STRIDE = 2**31 // (_PRE_TILE_ELEMS // 16)
+# B * heads above this many programs go onto grid axis 0 with the blocks (CUDA caps axis 1 there).
+_MAX_GRID_HEADS = MAX_GRID[1]
 
 # ---------------------------------------------------------------------------------------------------
 # Kernels
@@ -221,13 +224,35 @@ _MAX_ROW_STRIDE = 2**31 // (_PRE_TILE_ELEMS // 16)
 
 
 @triton.jit
-def _row_ptrs(base, start, stride, offs_rows, offs_d):
+def _block_and_head(seqlen, BLOCK: tl.constexpr, REVERSE: tl.constexpr, FOLD_HEADS: tl.constexpr):
+    """(block of the sequence, batch x head index) of this program. The grid is (blocks, B * heads), or
+    with ``FOLD_HEADS`` (B * heads past CUDA's 65,535 on axis 1) (blocks * B * heads,), blocks varying
+    fastest either way, so the programs run in the same order. The folded form costs a division: the
+    launcher asks for it only when needed. ``REVERSE``: the last block first (longest causal rows)."""
+    if FOLD_HEADS:
+        num_blocks = tl.cdiv(seqlen, BLOCK)
+        block = tl.program_id(0) % num_blocks
+        head = tl.program_id(0) // num_blocks
+    else:
+        num_blocks = tl.num_programs(0)
+        block = tl.program_id(0)
+        head = tl.program_id(1)
+    if REVERSE:
+        block = num_blocks - 1 - block
+    return block, head
+
+
+@triton.jit
+def _row_ptrs(base, start, stride, offs_rows, offs_d, WIDE_ROWS: tl.constexpr):
     """Pointers to rows ``start + offs_rows`` (``offs_rows`` = 0 .. BLOCK - 1), columns ``offs_d``, of a
-    [rows, D] operand with row stride ``stride``. The block's first row is offset in 64 bits (row *
-    stride passes 2^31 elements for long sequences of a wide fused projection), once per block, a
-    scalar; the offsets inside the block stay 32-bit vectors (the launcher keeps BLOCK * stride below
-    2^31), so the tile costs no 64-bit vector math."""
-    return base + start.to(tl.int64) * stride + (offs_rows[:, None] * stride + offs_d[None, :])
+    [rows, D] operand with row stride ``stride``. With ``WIDE_ROWS`` (row * stride may pass 2^31
+    elements: long sequences of a wide fused projection) the block's first row is offset in 64 bits, a
+    scalar once per block, and the offsets inside the block stay 32-bit (the launcher keeps BLOCK *
+    stride below 2^31). Without it, all in 32 bits: measured on sm_90, the 64-bit form costs up to 12
+    registers and spills 16-40 B in the 128 x 128 forward, so the launcher asks for it only when needed."""
+    if WIDE_ROWS:
+        return base + start.to(tl.int64) * stride + (offs_rows[:, None] * stride + offs_d[None, :])
+    return base + (start + offs_rows)[:, None] * stride + offs_d[None, :]
 
 
 @triton.jit
@@ -296,6 +321,8 @@ def _attn_fwd(
     PAD_D: tl.constexpr,  # D < BLOCK_D: mask the columns past D
     SEGMENTS: tl.constexpr,  # key j visible from query i only if their segment ids are equal
     DOT_PRECISION: tl.constexpr,  # tl.dot's input_precision: "ieee" or "tf32" (fp32 inputs only)
+    WIDE_ROWS: tl.constexpr,  # row * stride of q, k or v may reach 2^31 elements (``_wide_rows``)
+    FOLD_HEADS: tl.constexpr,  # B * H on grid axis 0 with the blocks (``_block_and_head``)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """O = softmax(scale * Q K^T | band, segments) V for one block of BLOCK_M queries of one (batch, head).
@@ -304,11 +331,8 @@ def _attn_fwd(
         m' = max(m, max_j t_j);  l' = l * 2^(m - m') + sum_j 2^(t_j - m');
         acc' = acc * 2^(m - m') + 2^(t - m') V;  finally O = acc / l, lse = m + log2(l).
     Reads Q once, K and V once per visited key block; writes O and lse.
-    Grid: (query blocks x B * H,) on axis 0, the query block varying fastest.
     """
-    num_m_blocks = tl.cdiv(seqlen, BLOCK_M)
-    pid_bh = tl.program_id(0) // num_m_blocks
-    pid_m = num_m_blocks - 1 - tl.program_id(0) % num_m_blocks  # longest causal rows first
+    pid_m, pid_bh = _block_and_head(seqlen, BLOCK_M, True, FOLD_HEADS)  # longest causal rows first
     batch = pid_bh // num_heads
     head = pid_bh % num_heads
     kv_head = head // group_size
@@ -327,7 +351,7 @@ def _attn_fwd(
     else:
         mask_d = tl.full([BLOCK_D], 1, tl.int1)
 
-    q = tl.load(_row_ptrs(q_base, start_m, stride_qs, tl.arange(0, BLOCK_M), offs_d),
+    q = tl.load(_row_ptrs(q_base, start_m, stride_qs, tl.arange(0, BLOCK_M), offs_d, WIDE_ROWS),
                 mask=mask_m[:, None] & mask_d[None, :], other=0.0)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -360,7 +384,7 @@ def _attn_fwd(
                 mask_kv = (offs_kn < seqlen)[:, None] & mask_d[None, :]
             else:
                 mask_kv = mask_d[None, :]
-            k = tl.load(_row_ptrs(k_base, start_n, stride_ks, offs_n, offs_d), mask=mask_kv, other=0.0)
+            k = tl.load(_row_ptrs(k_base, start_n, stride_ks, offs_n, offs_d, WIDE_ROWS), mask=mask_kv, other=0.0)
             qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
             if boundary == 0:
                 visible = (offs_kn[None, :] <= key_last[:, None]) & (offs_kn[None, :] > key_before[:, None])
@@ -377,7 +401,7 @@ def _attn_fwd(
             p = tl.exp2(qk * qk_scale - m_ref[:, None])
             alpha = tl.exp2(m_i - m_ref)
             l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(_row_ptrs(v_base, start_n, stride_vs, offs_n, offs_d), mask=mask_kv, other=0.0)
+            v = tl.load(_row_ptrs(v_base, start_n, stride_vs, offs_n, offs_d, WIDE_ROWS), mask=mask_kv, other=0.0)
             acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
             m_i = m_new
 
@@ -396,14 +420,14 @@ def _attn_bwd_preprocess(
     stride_dob, stride_doh, stride_dos,
     num_heads, seqlen, head_dim,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    WIDE_ROWS: tl.constexpr,  # row * stride of dO may reach 2^31 elements (``_wide_rows``)
+    FOLD_HEADS: tl.constexpr,  # B * H on grid axis 0 with the row blocks (``_block_and_head``)
 ):
     """delta_i = sum_d dO[i, d] * O[i, d] for BLOCK_M rows of one (batch, head).
 
-    Reads O and dO once (2 * S * D elements per head), writes S fp32. Grid: (row blocks x B * H,).
+    Reads O and dO once (2 * S * D elements per head), writes S fp32.
     """
-    num_m_blocks = tl.cdiv(seqlen, BLOCK_M)
-    pid_m = tl.program_id(0) % num_m_blocks
-    pid_bh = tl.program_id(0) // num_m_blocks
+    pid_m, pid_bh = _block_and_head(seqlen, BLOCK_M, False, FOLD_HEADS)
     batch = pid_bh // num_heads
     head = pid_bh % num_heads
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -412,7 +436,7 @@ def _attn_bwd_preprocess(
     row_base = pid_bh.to(tl.int64) * seqlen
     o = tl.load(Out + (row_base + offs_m[:, None]) * head_dim + offs_d[None, :], mask=mask, other=0.0)
     do_base = DO + batch.to(tl.int64) * stride_dob + head.to(tl.int64) * stride_doh
-    do = tl.load(_row_ptrs(do_base, pid_m * BLOCK_M, stride_dos, tl.arange(0, BLOCK_M), offs_d), mask=mask,
+    do = tl.load(_row_ptrs(do_base, pid_m * BLOCK_M, stride_dos, tl.arange(0, BLOCK_M), offs_d, WIDE_ROWS), mask=mask,
                  other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(Delta + row_base + offs_m, delta, mask=offs_m < seqlen)
@@ -438,6 +462,8 @@ def _attn_bwd_dkdv(
     BLOCK_D: tl.constexpr, PAD_D: tl.constexpr,
     SEGMENTS: tl.constexpr,  # key j visible from query i only if their segment ids are equal
     DOT_PRECISION: tl.constexpr,  # tl.dot's input_precision: "ieee" or "tf32" (fp32 inputs only)
+    WIDE_ROWS: tl.constexpr,  # row * stride of q, k, v or dO may reach 2^31 elements (``_wide_rows``)
+    FOLD_HEADS: tl.constexpr,  # B * heads on grid axis 0 with the blocks (``_block_and_head``)
     ATOMIC_DQ: tl.constexpr,  # also add each step's dQ share into DQAcc (the 5-matmul backward)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -452,11 +478,8 @@ def _attn_bwd_dkdv(
     scale * dS K (BLOCK_M x D, fp32), and adds it into DQAcc with ``tl.atomic_add``. Every key block
     that the query block sees adds into the same rows, in whatever order the programs run, so dQ is
     not bitwise reproducible; dK and dV are computed exactly as without the flag.
-    Grid: (key blocks x B * Hkv,) on axis 0, the key block varying fastest.
     """
-    num_n_blocks = tl.cdiv(seqlen, BLOCK_N)
-    pid_n = tl.program_id(0) % num_n_blocks
-    pid_bhk = tl.program_id(0) // num_n_blocks
+    pid_n, pid_bhk = _block_and_head(seqlen, BLOCK_N, False, FOLD_HEADS)
     num_kv_heads = num_heads // group_size
     batch = pid_bhk // num_kv_heads
     kv_head = pid_bhk % num_kv_heads
@@ -472,8 +495,10 @@ def _attn_bwd_dkdv(
     mask_nd = (offs_n < seqlen)[:, None] & mask_d[None, :]
     k_base = K + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
     v_base = V + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
-    k = tl.load(_row_ptrs(k_base, start_n, stride_ks, tl.arange(0, BLOCK_N), offs_d), mask=mask_nd, other=0.0)
-    v = tl.load(_row_ptrs(v_base, start_n, stride_vs, tl.arange(0, BLOCK_N), offs_d), mask=mask_nd, other=0.0)
+    k = tl.load(_row_ptrs(k_base, start_n, stride_ks, tl.arange(0, BLOCK_N), offs_d, WIDE_ROWS),
+                mask=mask_nd, other=0.0)
+    v = tl.load(_row_ptrs(v_base, start_n, stride_vs, tl.arange(0, BLOCK_N), offs_d, WIDE_ROWS),
+                mask=mask_nd, other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
 
@@ -512,7 +537,7 @@ def _attn_bwd_dkdv(
                 else:
                     mask_q = mask_d[None, :]
                     lse = tl.load(LSE + row_base + offs_qm)
-                q = tl.load(_row_ptrs(q_base, start_m, stride_qs, offs_m, offs_d), mask=mask_q, other=0.0)
+                q = tl.load(_row_ptrs(q_base, start_m, stride_qs, offs_m, offs_d, WIDE_ROWS), mask=mask_q, other=0.0)
                 p_t = tl.exp2(tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale - lse[None, :])
                 if boundary == 0:
                     rel = offs_n[:, None] - offs_qm[None, :]  # j - i
@@ -521,7 +546,7 @@ def _attn_bwd_dkdv(
                         seg_m = tl.load(seg_base + offs_qm, mask=mask_m, other=-1)
                         visible = visible & (seg_n[:, None] == seg_m[None, :])
                     p_t = tl.where(visible, p_t, 0.0)
-                do = tl.load(_row_ptrs(do_base, start_m, stride_dos, offs_m, offs_d), mask=mask_q, other=0.0)
+                do = tl.load(_row_ptrs(do_base, start_m, stride_dos, offs_m, offs_d, WIDE_ROWS), mask=mask_q, other=0.0)
                 dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
                 if boundary == 0:
                     delta = tl.load(Delta + row_base + offs_qm, mask=mask_m, other=0.0)
@@ -569,17 +594,16 @@ def _attn_bwd_dq(
     BLOCK_D: tl.constexpr, PAD_D: tl.constexpr,
     SEGMENTS: tl.constexpr,  # key j visible from query i only if their segment ids are equal
     DOT_PRECISION: tl.constexpr,  # tl.dot's input_precision: "ieee" or "tf32" (fp32 inputs only)
+    WIDE_ROWS: tl.constexpr,  # row * stride of q, k, v or dO may reach 2^31 elements (``_wide_rows``)
+    FOLD_HEADS: tl.constexpr,  # B * heads on grid axis 0 with the blocks (``_block_and_head``)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dQ for one block of BLOCK_M queries of one (batch, head).
 
     For each visible key block: P = 2^(qk_scale * Q K^T - lse); dS = P * (dO V^T - delta); dQ += dS K;
     finally dQ *= scale. Reads Q, dO, lse, delta once and K, V once per visited key block; writes dQ.
-    Grid: (query blocks x B * H,) on axis 0, the query block varying fastest.
     """
-    num_m_blocks = tl.cdiv(seqlen, BLOCK_M)
-    pid_bh = tl.program_id(0) // num_m_blocks
-    pid_m = num_m_blocks - 1 - tl.program_id(0) % num_m_blocks  # longest causal rows first
+    pid_m, pid_bh = _block_and_head(seqlen, BLOCK_M, True, FOLD_HEADS)  # longest causal rows first
     batch = pid_bh // num_heads
     head = pid_bh % num_heads
     kv_head = head // group_size
@@ -599,8 +623,10 @@ def _attn_bwd_dq(
     else:
         mask_d = tl.full([BLOCK_D], 1, tl.int1)
     mask_md = mask_m[:, None] & mask_d[None, :]
-    q = tl.load(_row_ptrs(q_base, start_m, stride_qs, tl.arange(0, BLOCK_M), offs_d), mask=mask_md, other=0.0)
-    do = tl.load(_row_ptrs(do_base, start_m, stride_dos, tl.arange(0, BLOCK_M), offs_d), mask=mask_md, other=0.0)
+    q = tl.load(_row_ptrs(q_base, start_m, stride_qs, tl.arange(0, BLOCK_M), offs_d, WIDE_ROWS),
+                mask=mask_md, other=0.0)
+    do = tl.load(_row_ptrs(do_base, start_m, stride_dos, tl.arange(0, BLOCK_M), offs_d, WIDE_ROWS),
+                 mask=mask_md, other=0.0)
     lse = tl.load(LSE + row_base + offs_m, mask=mask_m, other=float("inf"))  # padding rows: P = 0
     delta = tl.load(Delta + row_base + offs_m, mask=mask_m, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -630,8 +656,8 @@ def _attn_bwd_dq(
                 mask_kv = (offs_kn < seqlen)[:, None] & mask_d[None, :]
             else:
                 mask_kv = mask_d[None, :]
-            k = tl.load(_row_ptrs(k_base, start_n, stride_ks, offs_n, offs_d), mask=mask_kv, other=0.0)
-            v = tl.load(_row_ptrs(v_base, start_n, stride_vs, offs_n, offs_d), mask=mask_kv, other=0.0)
+            k = tl.load(_row_ptrs(k_base, start_n, stride_ks, offs_n, offs_d, WIDE_ROWS), mask=mask_kv, other=0.0)
+            v = tl.load(_row_ptrs(v_base, start_n, stride_vs, offs_n, offs_d, WIDE_ROWS), mask=mask_kv, other=0.0)
             p = tl.exp2(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale - lse[:, None])
             if boundary == 0:
                 visible = (offs_kn[None, :] <= key_last[:, None]) & (offs_kn[None, :] > key_before[:, None])
@@ -664,6 +690,22 @@ def _band(seqlen: int, causal: bool, window: int) -> tuple[int, int]:
 def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
     """t with unit stride along D and a row stride that ``_row_ptrs`` may form in 32 bits in a block."""
     return t if t.stride(-1) == 1 and abs(t.stride(-2)) <= _MAX_ROW_STRIDE else t.contiguous()
+
+
+def _wide_rows(seqlen: int, *tensors: torch.Tensor) -> bool:
+    """Whether a row offset (row * row stride, rows up to S plus a block of padding) of any of these
+    (B, H, S, D) operands may reach 2^31 elements, so the kernels must form it in 64 bits."""
+    rows = seqlen + _PRE_TILE_ELEMS // 16
+    return any(rows * abs(t.stride(2)) >= 2**31 for t in tensors)
+
+
+def _grid(blocks: int, heads: int) -> tuple[int, ...]:
+    """The launch grid for ``_block_and_head``: (blocks, heads), or folded into axis 0 past axis 1's limit."""
+    return (blocks * heads,) if _fold_heads(heads) else (blocks, heads)
+
+
+def _fold_heads(heads: int) -> bool:
+    return heads > _MAX_GRID_HEADS
 
 
 def _launch_tuned(tuned, kernel: str, grid, args, deterministic: bool, **meta) -> None:
@@ -732,7 +774,7 @@ def attention_forward(q, k, v, causal: bool, scale: float, window: int, determin
     left, right = _band(seqlen, causal, window)
 
     def grid(meta):
-        return (triton.cdiv(seqlen, meta["BLOCK_M"]) * batch * num_heads,)
+        return _grid(triton.cdiv(seqlen, meta["BLOCK_M"]), batch * num_heads)
 
     # Seg is not read without SEGMENTS: any tensor fills the slot.
     seg = lse if segment_ids is None else _segment_table(segment_ids)
@@ -741,7 +783,8 @@ def attention_forward(q, k, v, causal: bool, scale: float, window: int, determin
             *_tune_key(seqlen, causal, window), scale * _LOG2E)
     _launch_tuned(_attn_fwd, "fwd", grid, args, deterministic, BLOCK_D=_block_d(head_dim),
                   PAD_D=_block_d(head_dim) != head_dim, SEGMENTS=segment_ids is not None,
-                  DOT_PRECISION=dot_precision(q.dtype))
+                  DOT_PRECISION=dot_precision(q.dtype), WIDE_ROWS=_wide_rows(seqlen, q, k, v),
+                  FOLD_HEADS=_fold_heads(batch * num_heads))
     return out, lse
 
 
@@ -768,35 +811,36 @@ def attention_backward(do, q, k, v, out, lse, causal: bool, scale: float, window
 
     delta = torch.empty_like(lse)
     pre_block_m = _PRE_TILE_ELEMS // block_d
-    launch(_attn_bwd_preprocess, (triton.cdiv(seqlen, pre_block_m) * batch * num_heads,),
-           out, do, delta, *_bhs_strides(do), num_heads, seqlen, head_dim,
-           BLOCK_M=pre_block_m, BLOCK_D=block_d, num_warps=_PRE_NUM_WARPS)
+    launch(_attn_bwd_preprocess, _grid(triton.cdiv(seqlen, pre_block_m), batch * num_heads),
+           out, do, delta, *_bhs_strides(do), num_heads, seqlen, head_dim, BLOCK_M=pre_block_m, BLOCK_D=block_d,
+           WIDE_ROWS=_wide_rows(seqlen, do), FOLD_HEADS=_fold_heads(batch * num_heads), num_warps=_PRE_NUM_WARPS)
     common = (*_bhs_strides(q), *_bhs_strides(k), *_bhs_strides(v), *_bhs_strides(do),
               num_heads, group_size, seqlen, head_dim, left, right, *_tune_key(seqlen, causal, window),
               scale * _LOG2E, scale)
     segments = segment_ids is not None
     seg = _segment_table(segment_ids) if segments else delta  # not read without SEGMENTS
     meta = dict(BLOCK_D=block_d, PAD_D=block_d != head_dim, SEGMENTS=segments,
-                DOT_PRECISION=dot_precision(q.dtype))
+                DOT_PRECISION=dot_precision(q.dtype), WIDE_ROWS=_wide_rows(seqlen, q, k, v, do))
 
     def grid_dkdv(tiles):
-        return (triton.cdiv(seqlen, tiles["BLOCK_N"]) * batch * num_kv_heads,)
+        return _grid(triton.cdiv(seqlen, tiles["BLOCK_N"]), batch * num_kv_heads)
 
     if not deterministic:
         dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         launch(_attn_bwd_dkdvdq, grid_dkdv, q, k, v, do, lse, delta, dk, dv, dq_acc, seg, *common, **meta,
-               ATOMIC_DQ=True)
+               FOLD_HEADS=_fold_heads(batch * num_kv_heads), ATOMIC_DQ=True)
         return dq_acc.to(q.dtype), dk, dv
 
     # DQAcc is neither read nor written without ATOMIC_DQ: any fp32 tensor fills the slot.
     _launch_tuned(_attn_bwd_dkdv, "dkdv", grid_dkdv, (q, k, v, do, lse, delta, dk, dv, delta, seg, *common),
-                  True, **meta, ATOMIC_DQ=False)
+                  True, **meta, FOLD_HEADS=_fold_heads(batch * num_kv_heads), ATOMIC_DQ=False)
 
     def grid_dq(tiles):
-        return (triton.cdiv(seqlen, tiles["BLOCK_M"]) * batch * num_heads,)
+        return _grid(triton.cdiv(seqlen, tiles["BLOCK_M"]), batch * num_heads)
 
     dq = q.new_empty(q.shape)
-    _launch_tuned(_attn_bwd_dq, "dq", grid_dq, (q, k, v, do, lse, delta, dq, seg, *common), True, **meta)
+    _launch_tuned(_attn_bwd_dq, "dq", grid_dq, (q, k, v, do, lse, delta, dq, seg, *common), True, **meta,
+                  FOLD_HEADS=_fold_heads(batch * num_heads))
     return dq, dk, dv
 
 
@@ -1076,7 +1120,8 @@ def aot_variants() -> list[Variant]:
             # Its stores are one fp32 per row (a reduction over D): not 128-bit vectors.
             variants.append(Variant(
                 kernel=_attn_bwd_preprocess, name=f"{ty} BLOCK_D={block_d}", signature=pre_sig,
-                constexprs={"BLOCK_M": _PRE_TILE_ELEMS // block_d, "BLOCK_D": block_d},
+                constexprs={"BLOCK_M": _PRE_TILE_ELEMS // block_d, "BLOCK_D": block_d, "WIDE_ROWS": False,
+                            "FOLD_HEADS": False},
                 num_warps=_PRE_NUM_WARPS, num_stages=1, kind="memory", vector_stores=False,
                 aligned=("Out", "DO", "Delta", *_stride_args("do"), "num_heads", "seqlen", "head_dim")))
             fwd_sig = {"Q": f"*{ty}", "K": f"*{ty}", "V": f"*{ty}", "Out": f"*{ty}", "LSE": "*fp32",
@@ -1110,7 +1155,8 @@ def aot_variants() -> list[Variant]:
                     variants.append(Variant(
                         kernel=kernel.fn, name=f"{label} {block_m}x{block_n} w{warps} s{stages}",
                         signature=sig, constexprs={"BLOCK_D": block_d, "PAD_D": pad_d, "SEGMENTS": segments,
-                                                   "DOT_PRECISION": precision, **switches,
+                                                   "DOT_PRECISION": precision, "WIDE_ROWS": False,
+                                                   "FOLD_HEADS": False, **switches,
                                                    "BLOCK_M": block_m, "BLOCK_N": block_n},
                         num_warps=warps, num_stages=stages, kind="dot", aligned=pointers + strides + aligned_ints,
                         keep_reason=keep_reason, keep_archs=keep_archs))

@@ -665,3 +665,34 @@ def test_fp32_dots_follow_torchs_tf32_setting(launched, dtype, allow_tf32, expec
         _forward_backward(20, dtype=dtype, deterministic=deterministic)
     dot_launches = [meta for name, meta in launched if name != "_attn_bwd_preprocess"]
     assert len(dot_launches) >= 2 and {meta["DOT_PRECISION"] for meta in dot_launches} == {expected}
+
+
+def test_row_offsets_are_64_bit_only_where_they_may_pass_2_to_the_31(launched):
+    """The 64-bit row offsets cost registers: ordinary shapes launch the 32-bit form; a fused QKV view
+    of (H + 2 Hkv) D = 12,288 columns switches from S = 174,763 on (rows * 12,288 >= 2^31)."""
+    attn = importlib.import_module("tritonforge.kernels.attention")
+    _forward_backward(20)
+    assert launched and not any(meta["WIDE_ROWS"] for _, meta in launched)
+    fused = torch.empty(2, 12288).as_strided((1, 1, 2, 16), (0, 0, 12288, 1))
+    assert attn._wide_rows(174_763, fused) and not attn._wide_rows(170_000, fused)
+
+
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_heads_folded_onto_grid_axis_0_give_the_same_bits(monkeypatch, launched, deterministic):
+    """Past CUDA's 65,535 programs on axis 1, B * H joins the blocks on axis 0: forced here at 1."""
+    attn = importlib.import_module("tritonforge.kernels.attention")
+    q, k, v, do = make_inputs(2, 2, 1, 40, 16, torch.float16)
+
+    def grads():
+        leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+        out = attention(*leaves, causal=True, deterministic=deterministic)
+        out.backward(do)
+        return [out, *(t.grad for t in leaves)]
+
+    plain = grads()
+    assert not any(meta["FOLD_HEADS"] for _, meta in launched)
+    monkeypatch.setattr(attn, "_MAX_GRID_HEADS", 1)
+    folded = grads()
+    assert all(meta["FOLD_HEADS"] for _, meta in launched[len(launched) // 2:])
+    for a, b in zip(plain, folded):
+        assert torch.equal(a, b)
