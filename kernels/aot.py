@@ -74,8 +74,10 @@ class Variant:
                  argument a real launch passes as 1 (a unit stride) is specialized by Triton into a
                  constant: list it here with the value 1 instead of in ``signature``.
     num_warps, num_stages: the launch options the wrapper (or autotune config) uses.
-    kind:        ``"memory"`` (bandwidth-bound, judged on 128-bit vector memory ops) or ``"dot"``
-                 (matrix-bound, judged on ``wgmma``/``mma`` use).
+    kind:        ``"memory"`` (bandwidth-bound, judged on 128-bit vector memory ops), ``"dot"``
+                 (matrix-bound, judged on ``wgmma``/``mma`` use) or ``"ieee-dot"`` (matrix-shaped work
+                 in IEEE fp32, which no tensor-core instruction computes: judged on spills and shared
+                 memory only; see :func:`dot_kind`).
     aligned:     argument names a real launch specializes as 16-byte aligned (pointers) or divisible
                  by 16 (integers such as row strides and N at the benchmark shapes).
     keep_reason: why a config that spills or exceeds an architecture's shared memory stays in the
@@ -134,7 +136,13 @@ ARCHS: dict[str, ArchLimits] = {
                         matrix="mma"),
 }
 DEFAULT_ARCHS = ("sm_90", "sm_80")
-KINDS = ("memory", "dot")
+KINDS = ("memory", "dot", "ieee-dot")
+
+
+def dot_kind(precision: str) -> str:
+    """A dot kernel's ``kind`` for ``tl.dot``'s ``input_precision``: IEEE fp32 products run on the FMA
+    units (there is no tensor-core instruction for them), so their variants are not judged on ``wgmma``."""
+    return "ieee-dot" if precision == "ieee" else "dot"
 
 
 def _check_archs(archs: Iterable[str]) -> tuple[str, ...]:

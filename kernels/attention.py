@@ -43,7 +43,7 @@ import triton.language as tl
 
 from . import _compat
 from ._common import INTERPRET, MAX_GRID, TL_DTYPES, dot_precision, launch, use_triton
-from .aot import Variant
+from .aot import Variant, dot_kind
 
 __all__ = ["attention", "attention_varlen", "attention_forward", "attention_backward", "SUPPORTED_HEAD_DIMS"]
 
@@ -102,6 +102,9 @@ _FP32_D256 = ("fp32 (for testing) at D = 256: spills on sm_90 and exceeds sm_80'
 _D256_ACCUMULATORS = ("D = 256: the dK and dV accumulators (2 x 64 x 256 fp32) exceed the registers at every "
                       "wgmma tiling; this one spills the least", ())
 _FP32_SPILLS = ("fp32 (for testing): the tf32 wgmma tiling spills at D = 128", ())
+_FP32_IEEE = ("fp32 with IEEE products (torch's fp32 default; tests and exact-fp32 use): no tensor-core "
+              "instruction computes them, so the tf32 tiles run on the FMA units and spill at D >= 64; "
+              "training on CUDA allows TF32", ())
 _KEEP_REASONS = {
     ("fwd", "d128", (128, 128, 8, 3)): _SM80_SPILLS,
     ("fwd", "d128", (128, 64, 8, 3)): _SM80_SPILLS,
@@ -1147,7 +1150,8 @@ def aot_variants() -> list[Variant]:
                 config_class = _config_class(block_d, dtype)
                 for config in _configs_for(name, block_d, dtype, segments):
                     block_m, block_n, warps, stages = config
-                    keep_reason, keep_archs = _KEEP_REASONS.get((name, config_class, config), ("", ()))
+                    keep_reason, keep_archs = (_FP32_IEEE if precision == _compat.DOT_IEEE else
+                                               _KEEP_REASONS.get((name, config_class, config), ("", ())))
                     label = f"{ty} BLOCK_D={block_d}{' padded' if pad_d else ''}"
                     label += " segments" if segments else ""
                     label += " atomic dQ" if switches.get("ATOMIC_DQ") else ""
@@ -1158,6 +1162,6 @@ def aot_variants() -> list[Variant]:
                                                    "DOT_PRECISION": precision, "WIDE_ROWS": False,
                                                    "FOLD_HEADS": False, **switches,
                                                    "BLOCK_M": block_m, "BLOCK_N": block_n},
-                        num_warps=warps, num_stages=stages, kind="dot", aligned=pointers + strides + aligned_ints,
+                        num_warps=warps, num_stages=stages, kind=dot_kind(precision), aligned=pointers + strides + aligned_ints,
                         keep_reason=keep_reason, keep_archs=keep_archs))
     return variants

@@ -28,14 +28,17 @@ fp32 dots follow torch's TF32 setting (``torch.backends.cuda.matmul.allow_tf32``
 """
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import _compat
 from ._common import INTERPRET, dot_precision, launch
-from .aot import Variant
+from .aot import Variant, dot_kind
 
 __all__ = ["nt_xent", "nt_xent_reference"]
 
@@ -290,15 +293,18 @@ def aot_variants() -> list[Variant]:
         _ntxent_bwd_kernel: {"Z": "*{dt}", "LSE": "*fp32", "DLOSS": "*fp32", "DZ": "*{dt}", **common,
                              "stride_dz": "i32", "row_start": "i32", "num_rows": "i32", "inv_temp": "fp32"}}
     variants = []
-    for dt, dim in (("bf16", 128), ("bf16", 256), ("fp32", 128)):
-        for kernel, signature in signatures.items():
-            backward = kernel is _ntxent_bwd_kernel
-            cfg = _config(dim, 4 if dt == "fp32" else 2, backward, interpret=False)
+    for (dt, dim), kernel in itertools.product((("bf16", 128), ("bf16", 256), ("fp32", 128)), signatures):
+        signature = signatures[kernel]
+        backward = kernel is _ntxent_bwd_kernel
+        cfg = _config(dim, 4 if dt == "fp32" else 2, backward, interpret=False)
+        # the launcher's dot_precision: fp32 IEEE or TF32 as torch allows, 16-bit operands Triton's default
+        for precision in (_compat.DOT_IEEE, _compat.DOT_TF32) if dt == "fp32" else (_compat.DOT_TF32,):
             variants.append(Variant(
-                kernel=kernel, name=f"{dt} D={dim} {'backward' if backward else 'forward'}",
+                kernel=kernel, name=f"{dt} D={dim} {'backward' if backward else 'forward'}"
+                                    + (f" {precision}" if dt == "fp32" else ""),
                 signature={k: t.format(dt=dt) for k, t in signature.items()},
                 constexprs={"BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"], "BLOCK_D": cfg["BLOCK_D"],
-                            "PRECISION": "tf32" if dt == "fp32" else "ieee"},
-                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], kind="dot",
+                            "PRECISION": precision},
+                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], kind=dot_kind(precision),
                 aligned=tuple(k for k in signature if k not in ("row_start", "num_rows", "inv_temp"))))
     return variants
