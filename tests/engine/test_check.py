@@ -160,18 +160,19 @@ def test_gpu_command_runs_the_check_first_and_no_benchmark_after_a_failure(tmp_p
 
     monkeypatch.setattr(gpu, "stage_tests", fake("tests"))
     monkeypatch.setattr(gpu, "stage_ops", fake("ops"))
+    monkeypatch.setattr(gpu, "stage_tune", fake("tune"))
     monkeypatch.setattr(gpu, "stage_train", fake("train"))
     a = gpu.parse_args(["--out", str(tmp_path)])
     monkeypatch.setattr(gpu, "stage_check", fake("check"))
-    assert [s.status for s in gpu.run_stages(a, tmp_path, gpu.Budget(60))] == ["ok"] * 4
-    assert ran == ["check", "tests", "ops", "train"]
+    assert [s.status for s in gpu.run_stages(a, tmp_path, gpu.Budget(60))] == ["ok"] * 5
+    assert ran == ["check", "tests", "tune", "ops", "train"]
     ran.clear()
     monkeypatch.setattr(gpu, "stage_check", fake("check", "FAILED"))
     stages = gpu.run_stages(a, tmp_path, gpu.Budget(60))
-    assert ran == ["check", "tests"]
-    assert [(s.name, s.status) for s in stages] == [("check", "FAILED"), ("tests", "ok"), ("ops", "not run"),
-                                                    ("train", "not run")]
-    assert "kernels check failed" in stages[2].note
+    assert ran == ["check", "tests", "tune"]  # tune rejects, by its own check, any kernel it finds wrong
+    assert [(s.name, s.status) for s in stages] == [("check", "FAILED"), ("tests", "ok"), ("tune", "ok"),
+                                                    ("ops", "not run"), ("train", "not run")]
+    assert "kernels check failed" in stages[3].note
 
 
 def test_a_nan_is_the_worst_error_and_fails():
