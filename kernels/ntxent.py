@@ -283,6 +283,11 @@ def nt_xent(z: Tensor, temperature: float, row_start: int = 0, num_rows: int | N
 # ----------------------------------------------------------------------------------------------
 # Ahead-of-time variants
 # ----------------------------------------------------------------------------------------------
+_FP32_IEEE = ("fp32 with IEEE products (torch's fp32 default, when TF32 is not allowed): no tensor-core "
+              "instruction computes them, so the TF32 tiles run on the FMA units and spill; training on CUDA "
+              "allows TF32")
+
+
 def aot_variants() -> list[Variant]:
     """Forward and backward at SimCLR's projection width (128) and a wide one (256), bf16 (training under
     autocast) and fp32 (TF32 dots), row strides 16-aligned."""
@@ -306,5 +311,6 @@ def aot_variants() -> list[Variant]:
                 constexprs={"BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"], "BLOCK_D": cfg["BLOCK_D"],
                             "PRECISION": precision},
                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], kind=dot_kind(precision),
+                keep_reason=_FP32_IEEE if precision == _compat.DOT_IEEE else "",
                 aligned=tuple(k for k in signature if k not in ("row_start", "num_rows", "inv_temp"))))
     return variants
