@@ -575,6 +575,17 @@ def _import_root() -> str:
     return str(Path(__file__).resolve().parents[_this_module_name().count(".")])
 
 
+def _worker_import() -> tuple[str, str]:
+    """Where a fresh process finds this module and the name it imports it by: its dotted name where the
+    directory above its top-level package holds that package (installed, or a plain checkout), else the
+    kernels folder as a top-level package of its checkout (a name bound in this process only, as the test
+    suite binds ``tritonforge`` to the checkout it lives in)."""
+    name, root = _this_module_name(), _import_root()
+    if (Path(root) / name.split(".")[0]).is_dir():
+        return root, name
+    return str(Path(__file__).resolve().parents[1]), f"{Path(__file__).parent.name}.aot"
+
+
 def _job(variant: Variant, arch: str) -> bytes:
     raw = _unwrap(variant.kernel).fn
     payload = {"module": raw.__module__, "file": inspect.getfile(raw), "function": raw.__name__,
@@ -634,8 +645,8 @@ class _Worker:
         env = dict(os.environ, TRITON_INTERPRET="0")
         # Triton 3.9 warns once per process that fp fusion defaults to on; state the default.
         env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-        boot = (f"import sys; sys.path.insert(0, {_import_root()!r}); "
-                f"from {_this_module_name()} import _serve; _serve()")
+        root, name = _worker_import()
+        boot = f"import sys; sys.path.insert(0, {root!r}); from {name} import _serve; _serve()"
         self.stderr = tempfile.TemporaryFile()
         self.proc = subprocess.Popen([sys.executable, "-c", boot], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=self.stderr, env=env)
