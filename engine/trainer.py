@@ -285,7 +285,8 @@ class TrainStep:
                 found_inf = torch.maximum(found_inf, (~torch.isfinite(grad_norm)).float())
             skip = found_inf.bool() | ~loss_ok
             if self._fused_skip:
-                self.optimizer.found_inf = skip.float().reshape(1)
+                # Shaped like the step counts on CPU, whose foreach fallback does not broadcast (1,) into them.
+                self.optimizer.found_inf = skip.float().reshape(1 if self.device.type == "cuda" else ())
                 self.optimizer.step()
                 self.optimizer.found_inf = None
             else:
@@ -303,24 +304,38 @@ def masked_step(optimizer, apply: torch.Tensor) -> None:
     from a copy. State this step creates is reset to zeros where ``apply`` is false: the state a fresh AdamW,
     SGD (momentum without dampening) or Lion starts from. (Costs a copy of parameters and state per step;
     the Triton and torch's fused optimizers skip on the device without one.)"""
-    before, fresh = [], []
+    changed, fresh = [], []
     for group in optimizer.param_groups:
         for p in group["params"]:
             if p.grad is None:
                 continue
             state = optimizer.state.get(p)
             tensors = [p, *state.values()] if state else [p]
-            before += [(t, t.clone()) for t in tensors if torch.is_tensor(t) and t.device == apply.device]
+            changed += [t for t in tensors if torch.is_tensor(t) and t.device == apply.device]
             if not state:
                 fresh.append(p)
-    optimizer.step()
     with torch.no_grad():
-        for t, old in before:
-            t.copy_(torch.where(apply, t, old))
+        before = _copies(changed)
+        optimizer.step()
+        for t, old in zip(changed, before):
+            torch.where(apply, t, old, out=t)  # in place: no temporary, no second pass
         for p in fresh:
             for t in optimizer.state[p].values():
                 if torch.is_tensor(t) and t.device == apply.device:
-                    t.copy_(torch.where(apply, t, torch.zeros_like(t)))
+                    torch.where(apply, t, t.new_zeros(()), out=t)
+
+
+def _copies(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """A copy of each tensor, made as one concatenation per dtype (one launch, not one clone per tensor)."""
+    copies: list[torch.Tensor | None] = [None] * len(tensors)
+    by_dtype: dict[torch.dtype, list[int]] = {}
+    for i, t in enumerate(tensors):
+        by_dtype.setdefault(t.dtype, []).append(i)
+    for indices in by_dtype.values():
+        flat = torch.cat([tensors[i].reshape(-1) for i in indices])
+        for i, part in zip(indices, flat.split([tensors[i].numel() for i in indices])):
+            copies[i] = part.view(tensors[i].shape)
+    return copies
 
 
 class _BudgetClock:
