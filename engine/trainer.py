@@ -60,7 +60,8 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
 
 
 def lr_at(step: int, recipe: Recipe) -> float:
-    """Learning rate for optimizer step ``step`` (0-based): linear warmup, then cosine, constant or linear decay."""
+    """Learning rate for optimizer step ``step`` (0-based): linear warmup, then cosine, constant, linear or
+    warmup-stable-decay ("wsd")."""
     o, total = recipe.optim, recipe.train.steps
     if step < o.warmup_steps:
         return o.lr * (step + 1) / o.warmup_steps
@@ -68,6 +69,10 @@ def lr_at(step: int, recipe: Recipe) -> float:
         return o.lr
     if o.schedule == "onecycle":  # warmup, then a straight line down to min_lr at the last step
         progress = (step - o.warmup_steps) / max(1, total - 1 - o.warmup_steps)
+        return o.lr + min(1.0, progress) * (o.min_lr - o.lr)
+    if o.schedule == "wsd":
+        decay = max(1, min(round(o.cooldown * total), total - o.warmup_steps))
+        progress = max(0.0, (step - (total - decay)) / decay)
         return o.lr + min(1.0, progress) * (o.min_lr - o.lr)
     progress = min(1.0, (step - o.warmup_steps) / max(1, total - o.warmup_steps))
     return o.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (o.lr - o.min_lr)
