@@ -338,9 +338,13 @@ class OptimConfig:
     #: Floor of the cosine schedule.
     min_lr: float = 1e-4
     #: "cosine" (warmup then cosine decay to min_lr), "constant" (warmup then flat), "onecycle" (warmup
-    #: then a linear decay to min_lr).
-    schedule: Literal["cosine", "constant", "onecycle"] = "cosine"
+    #: then a linear decay to min_lr), "wsd" (warmup, flat, then a linear decay to min_lr over the last
+    #: ``cooldown`` share of the steps: the trapezoid of the GPT-2 speedruns).
+    schedule: Literal["cosine", "constant", "onecycle", "wsd"] = "cosine"
     warmup_steps: int = 100
+    #: The share of the steps over which "wsd" decays; under a time budget the flat part does not depend
+    #: on the step count, so re-timing the budget changes nothing that already ran until the decay starts.
+    cooldown: float = 0.4
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
     weight_decay: float = 0.1
@@ -361,6 +365,8 @@ class OptimConfig:
                 raise RecipeError(f"optim.betas[{i}] must be in [0, 1), got {beta}")
         if not 0.0 <= self.muon_momentum < 1.0:
             raise RecipeError(f"optim.muon_momentum must be in [0, 1), got {self.muon_momentum}")
+        if not 0.0 < self.cooldown <= 1.0:
+            raise RecipeError(f"optim.cooldown must be in (0, 1], got {self.cooldown}")
         if self.min_lr > self.lr:
             raise RecipeError(f"optim.min_lr ({self.min_lr}) must not exceed optim.lr ({self.lr})")
 

@@ -437,7 +437,12 @@ class Ops:
         if self.backends["optimizer"] == "triton":
             cls = getattr(_kernels_module(), triton_name)
             return cls(param_groups, lr=lr, weight_decay=weight_decay, max_grad_norm=max_grad_norm or None, **kw), True
-        if torch_cls in (torch.optim.AdamW, torch.optim.SGD):  # torch's fused ones, where the device has them
+        # torch's fused ones: one pass over all the tensors instead of about ten launches per parameter, and a
+        # skip on the device (``found_inf``) instead of the trainer's masked step. On CPU only AdamW: fused SGD
+        # leaves a momentum buffer it creates in a skipped step uninitialised.
+        if torch_cls is torch.optim.AdamW and device is not None:
+            kw["fused"] = True
+        elif torch_cls is torch.optim.SGD:
             kw["fused"] = (device is not None and device.type == "cuda") or None
         return torch_cls(param_groups, lr=lr, weight_decay=weight_decay, **kw), False
 

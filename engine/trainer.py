@@ -60,7 +60,8 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
 
 
 def lr_at(step: int, recipe: Recipe) -> float:
-    """Learning rate for optimizer step ``step`` (0-based): linear warmup, then cosine, constant or linear decay."""
+    """Learning rate for optimizer step ``step`` (0-based): linear warmup, then cosine, constant, linear or
+    warmup-stable-decay ("wsd")."""
     o, total = recipe.optim, recipe.train.steps
     if step < o.warmup_steps:
         return o.lr * (step + 1) / o.warmup_steps
@@ -68,6 +69,10 @@ def lr_at(step: int, recipe: Recipe) -> float:
         return o.lr
     if o.schedule == "onecycle":  # warmup, then a straight line down to min_lr at the last step
         progress = (step - o.warmup_steps) / max(1, total - 1 - o.warmup_steps)
+        return o.lr + min(1.0, progress) * (o.min_lr - o.lr)
+    if o.schedule == "wsd":
+        decay = max(1, min(round(o.cooldown * total), total - o.warmup_steps))
+        progress = max(0.0, (step - (total - decay)) / decay)
         return o.lr + min(1.0, progress) * (o.min_lr - o.lr)
     progress = min(1.0, (step - o.warmup_steps) / max(1, total - o.warmup_steps))
     return o.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (o.lr - o.min_lr)
@@ -287,7 +292,8 @@ class TrainStep:
                 found_inf = torch.maximum(found_inf, (~torch.isfinite(grad_norm)).float())
             skip = found_inf.bool() | ~loss_ok
             if self._fused_skip:
-                self.optimizer.found_inf = skip.float().reshape(1)
+                # Shaped like the step counts on CPU, whose foreach fallback does not broadcast (1,) into them.
+                self.optimizer.found_inf = skip.float().reshape(1 if self.device.type == "cuda" else ())
                 self.optimizer.step()
                 self.optimizer.found_inf = None
             else:
@@ -305,24 +311,38 @@ def masked_step(optimizer, apply: torch.Tensor) -> None:
     from a copy. State this step creates is reset to zeros where ``apply`` is false: the state a fresh AdamW,
     SGD (momentum without dampening) or Lion starts from. (Costs a copy of parameters and state per step;
     the Triton and torch's fused optimizers skip on the device without one.)"""
-    before, fresh = [], []
+    changed, fresh = [], []
     for group in optimizer.param_groups:
         for p in group["params"]:
             if p.grad is None:
                 continue
             state = optimizer.state.get(p)
             tensors = [p, *state.values()] if state else [p]
-            before += [(t, t.clone()) for t in tensors if torch.is_tensor(t) and t.device == apply.device]
+            changed += [t for t in tensors if torch.is_tensor(t) and t.device == apply.device]
             if not state:
                 fresh.append(p)
-    optimizer.step()
     with torch.no_grad():
-        for t, old in before:
-            t.copy_(torch.where(apply, t, old))
+        before = _copies(changed)
+        optimizer.step()
+        for t, old in zip(changed, before):
+            torch.where(apply, t, old, out=t)  # in place: no temporary, no second pass
         for p in fresh:
             for t in optimizer.state[p].values():
                 if torch.is_tensor(t) and t.device == apply.device:
-                    t.copy_(torch.where(apply, t, torch.zeros_like(t)))
+                    torch.where(apply, t, t.new_zeros(()), out=t)
+
+
+def _copies(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """A copy of each tensor, made as one concatenation per dtype (one launch, not one clone per tensor)."""
+    copies: list[torch.Tensor | None] = [None] * len(tensors)
+    by_dtype: dict[torch.dtype, list[int]] = {}
+    for i, t in enumerate(tensors):
+        by_dtype.setdefault(t.dtype, []).append(i)
+    for indices in by_dtype.values():
+        flat = torch.cat([tensors[i].reshape(-1) for i in indices])
+        for i, part in zip(indices, flat.split([tensors[i].numel() for i in indices])):
+            copies[i] = part.view(tensors[i].shape)
+    return copies
 
 
 class _BudgetClock:

@@ -11,7 +11,8 @@ from tritonforge import kernels
 
 from tritonforge.engine.config import load_recipe
 from tritonforge.engine.precision import LossScaler
-from tritonforge.engine.trainer import Trainer, lr_at
+from tritonforge.engine.optim_muon import TorchMuon
+from tritonforge.engine.trainer import Trainer, lr_at, masked_step
 from support import Sink
 
 TINY = ["--model.n_layer=2", "--model.d_model=64", "--model.n_head=4", "--model.context=32", "--train.seq_len=32",
@@ -137,9 +138,42 @@ def test_schedules(tmp_path):
     assert lr_at(99, r) == 1.0
     r.optim.schedule = "onecycle"
     assert lr_at(10, r) == 1.0 and abs(lr_at(99, r) - 0.1) < 1e-9
+    r.optim.schedule, r.optim.cooldown = "wsd", 0.4  # flat to step 60, then 40 steps down toward min_lr
+    assert lr_at(10, r) == lr_at(60, r) == 1.0 and lr_at(61, r) < 1.0
+    assert abs(lr_at(99, r) - (0.1 + 0.9 / 40)) < 1e-9
 
 
 HOST_READS = ("item", "tolist", "__bool__", "__float__", "__int__", "cpu", "numpy")
+
+
+def test_a_masked_step_applies_the_update_bit_for_bit_or_leaves_everything_as_it_was():
+    """Muon (and AdamW in its other group) through the trainer's masked step: a good step is the plain step's
+    bits, a bad one (NaN gradients) changes no parameter or state, a skipped first step leaves fresh state."""
+    def make():
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(8, 4)), torch.nn.Parameter(torch.randn(4))]
+        return params, TorchMuon([{"params": params[:1]}, {"params": params[1:], "use_muon": False}], lr=0.1)
+
+    skipped, opt_skipped = make()
+    for p in skipped:
+        p.grad = torch.full_like(p, float("nan"))
+    masked_step(opt_skipped, torch.tensor(False))
+    assert all(torch.equal(p, q) for p, q in zip(skipped, make()[0]))
+    assert all(not t.any() for p in skipped for t in opt_skipped.state[p].values())
+
+    plain, opt_plain = make()
+    masked, opt_masked = make()
+    for step in range(4):
+        grads = [torch.randn(8, 4), torch.randn(4)]
+        bad = step == 2
+        for p, q, g in zip(plain, masked, grads):
+            p.grad, q.grad = g.clone(), g * float("nan") if bad else g.clone()
+        if not bad:
+            opt_plain.step()
+        masked_step(opt_masked, torch.tensor(not bad))
+        assert all(torch.equal(p, q) for p, q in zip(plain, masked))
+        assert all(torch.equal(opt_plain.state[p][k], opt_masked.state[q][k])
+                   for p, q in zip(plain, masked) for k in opt_plain.state[p])
 
 
 @pytest.mark.parametrize("extra", [[], ["--train.precision=fp16", "--kernels.optimizer=triton"]],
