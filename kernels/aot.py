@@ -575,15 +575,23 @@ def _import_root() -> str:
     return str(Path(__file__).resolve().parents[_this_module_name().count(".")])
 
 
-def _worker_import() -> tuple[str, str]:
-    """Where a fresh process finds this module and the name it imports it by: its dotted name where the
-    directory above its top-level package holds that package (installed, or a plain checkout), else the
-    kernels folder as a top-level package of its checkout (a name bound in this process only, as the test
-    suite binds ``tritonforge`` to the checkout it lives in)."""
-    name, root = _this_module_name(), _import_root()
-    if (Path(root) / name.split(".")[0]).is_dir():
-        return root, name
-    return str(Path(__file__).resolve().parents[1]), f"{Path(__file__).parent.name}.aot"
+def _worker_boot() -> str:
+    """The code a fresh compiler process starts with: import this module by its dotted name and serve.
+
+    A top-level package that this process bound by hand rather than found on ``sys.path`` (the test suite
+    binds ``tritonforge`` to the checkout it lives in) is bound the same way there first, so the worker
+    imports the kernels, and any module a job names, exactly as this process does."""
+    name = _this_module_name()
+    top = name.split(".")[0]
+    package = sys.modules.get(top)
+    lines = ["import sys", f"sys.path.insert(0, {_import_root()!r})"]
+    paths = list(getattr(package, "__path__", None) or [])
+    if package is not None and getattr(package, "__spec__", None) is None and paths:
+        lines += ["import types", f"_p = types.ModuleType({top!r})", f"_p.__path__ = {paths!r}",
+                  f"sys.modules[{top!r}] = _p"]
+    lines.append(f"from {name} import _serve")
+    lines.append("_serve()")
+    return "; ".join(lines)
 
 
 def _job(variant: Variant, arch: str) -> bytes:
@@ -645,8 +653,7 @@ class _Worker:
         env = dict(os.environ, TRITON_INTERPRET="0")
         # Triton 3.9 warns once per process that fp fusion defaults to on; state the default.
         env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-        root, name = _worker_import()
-        boot = f"import sys; sys.path.insert(0, {root!r}); from {name} import _serve; _serve()"
+        boot = _worker_boot()
         self.stderr = tempfile.TemporaryFile()
         self.proc = subprocess.Popen([sys.executable, "-c", boot], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=self.stderr, env=env)
