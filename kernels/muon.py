@@ -40,7 +40,7 @@ from torch import Tensor
 from torch.distributed.tensor import DTensor
 
 from ._common import TL_DTYPES
-from .aot import Variant
+from .variant import Variant
 from .optim import (_ADAMW, _COL_GRAD, _COL_INDEX, _COL_MASTER, _COL_NUMEL, _COL_PARAM,
                     _COL_STATE1, _COL_STATE2, _DTYPES, _H_BETA1, _H_BETA2, _H_LR, _H_WD,
                     _HYPER_COLS, _S_CLIP, _S_INV_SCALE, _S_SKIP, _TABLE_COLS,

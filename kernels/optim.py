@@ -39,7 +39,7 @@ from torch import Tensor
 from torch.distributed.tensor import DTensor
 
 from ._common import TL_DTYPES, launch
-from .aot import Variant
+from .variant import Variant
 
 __all__ = ["AdamW", "SGD", "Lion"]
 

@@ -503,7 +503,7 @@ def test_torch_arguments_are_accepted():
 def test_aot_variants_cover_every_kernel():
     variants = ko.aot_variants()
     reached = aot.covered_functions(variants)
-    jit = aot._module_jit_functions(ko)
+    jit = aot.module_jit_functions(ko)
     assert jit and all(id(fn.fn) in reached for fn in jit.values())
     names = {v.name for v in variants if v.kernel is ko._adamw_update_kernel}
     assert {"fp32 aligned BLOCK=1024", "bf16 aligned BLOCK=1024", "fp16 unaligned BLOCK=1024"} <= names
