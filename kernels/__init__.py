@@ -4,8 +4,10 @@ This package does not import ``engine``; it can be used on its own. Each module 
 family: its ``@triton.jit`` kernels, the Python launchers, and the autograd as ``torch.library``
 custom ops (``custom_op`` + ``register_autograd``, with a CPU implementation that calls the torch
 reference, so ``torch.compile`` traces them without a graph break). Each lists the configurations it
-may launch with in ``aot_variants()`` so that ``kernels.aot`` can compile them ahead of time for GPUs
-this machine does not have. ``kernels._common`` holds what several modules share.
+may launch with in ``aot_variants()`` (``kernels.variant``) so that the ``kernels.aot`` tool can compile
+them ahead of time for GPUs this machine does not have; no kernel module imports that tool.
+``kernels._common`` holds what several modules share, ``kernels._fused`` the fused optimizer core that
+``optim`` and ``muon`` share.
 """
 
 from .norm import LayerNorm, RMSNorm, add_layer_norm, add_rms_norm, layer_norm, rms_norm  # noqa: E402,F401

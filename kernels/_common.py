@@ -12,8 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _compat
-from .aot import Variant
+from ._compat import DOT_IEEE, DOT_TF32
+from .variant import Variant
 
 #: The Triton interpreter runs the kernels on CPU tensors (tests). Read once, at import, as Triton does.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -93,7 +93,7 @@ def dot_precision(dtype: torch.dtype) -> str:
     as before.
     """
     ieee = dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
-    return _compat.DOT_IEEE if ieee else _compat.DOT_TF32
+    return DOT_IEEE if ieee else DOT_TF32
 
 
 @functools.lru_cache(maxsize=None)

@@ -41,9 +41,9 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _compat
+from ._compat import DOT_IEEE, DOT_TF32, by_version
 from ._common import INTERPRET, MAX_GRID, TL_DTYPES, dot_precision, launch, use_triton
-from .aot import Variant, dot_kind
+from .variant import Variant, dot_kind
 
 __all__ = ["attention", "attention_varlen", "attention_forward", "attention_backward", "SUPPORTED_HEAD_DIMS"]
 
@@ -87,7 +87,7 @@ _GPU_CONFIGS = {
 # with 2 stages (234 registers) and 32 x 64 with 3 (253) do not. With dQ atomics on 3.6, 32 x 128 with 3
 # stages spills 48 B at D <= 64 and 16 x 128 16 B at D = 128; 32 x 128 with 2 stages (252 registers) and
 # 16 x 64 with 2 (237) do not.
-_GPU_CONFIGS = _compat.by_version("attention", {
+_GPU_CONFIGS = by_version("attention", {
     (3, 6): {**_GPU_CONFIGS, ("dkdv", "d<=64"): [(32, 128, 8, 2), (32, 64, 8, 3)],
              ("dkdvdq", "d<=64"): [(32, 128, 8, 2)], ("dkdvdq", "d128"): [(16, 64, 8, 2)],
              ("dq", "d256"): [(64, 32, 8, 2)]},
@@ -139,7 +139,7 @@ _SEGMENT_CONFIGS = {
 # Triton 3.6 (and, unmeasured, 3.7-3.8, which get the same lists) takes more registers for the segment
 # variants: on 3.6 the D <= 64 forward at 128 x 128, the D <= 64 dK/dV at 32 x 128, the D = 128 dK/dV at
 # 16 x 128 and dQ at 64 x 64, and the D = 256 dQ at 64 x 16 spill 8-64 B on sm_90; these smaller tiles do not.
-_SEGMENT_CONFIGS = _compat.by_version("attention segments", {
+_SEGMENT_CONFIGS = by_version("attention segments", {
     (3, 6): {**_SEGMENT_CONFIGS, ("fwd", "d<=64"): [(128, 64, 8, 3)], ("dkdv", "d<=64"): [(32, 64, 8, 2)],
              ("dkdv", "d128"): [(16, 64, 8, 2)], ("dq", "d128"): [(64, 32, 4, 2)],
              ("dq", "d256"): [(64, 16, 8, 2)]},
@@ -1115,7 +1115,7 @@ def aot_variants() -> list[Variant]:
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
         ty = TL_DTYPES[dtype]
         # fp32 dots: IEEE by default, TF32 where torch allows it for its matmuls (``dot_precision``)
-        precisions = (_compat.DOT_IEEE, _compat.DOT_TF32) if dtype == torch.float32 else (_compat.DOT_TF32,)
+        precisions = (DOT_IEEE, DOT_TF32) if dtype == torch.float32 else (DOT_TF32,)
         for block_d in sorted({_block_d(d) for d in SUPPORTED_HEAD_DIMS}):
             pre_sig = {"Out": f"*{ty}", "DO": f"*{ty}", "Delta": "*fp32",
                        **dict.fromkeys(_stride_args("do"), "i32"),
@@ -1150,7 +1150,7 @@ def aot_variants() -> list[Variant]:
                 config_class = _config_class(block_d, dtype)
                 for config in _configs_for(name, block_d, dtype, segments):
                     block_m, block_n, warps, stages = config
-                    keep_reason, keep_archs = (_FP32_IEEE if precision == _compat.DOT_IEEE else
+                    keep_reason, keep_archs = (_FP32_IEEE if precision == DOT_IEEE else
                                                _KEEP_REASONS.get((name, config_class, config), ("", ())))
                     label = f"{ty} BLOCK_D={block_d}{' padded' if pad_d else ''}"
                     label += " segments" if segments else ""

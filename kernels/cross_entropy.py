@@ -34,7 +34,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ._common import INTERPRET, launch
-from .aot import Variant
+from .variant import Variant
 
 __all__ = ["cross_entropy", "linear_cross_entropy"]
 

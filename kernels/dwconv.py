@@ -36,7 +36,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ._common import SUM_BLOCK_G, SUM_BLOCK_N, INTERPRET, launch, sm_count, sum_partials_kernel
-from .aot import Variant
+from .variant import Variant
 
 __all__ = ["depthwise_conv2d"]
 

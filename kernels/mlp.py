@@ -38,7 +38,7 @@ from torch import Tensor
 from ._compat import DOT_IEEE, DOT_TF32
 from ._common import (SUM_BLOCK_G, SUM_BLOCK_N, INTERPRET, dot_precision, launch, sm_count, sum_partials_kernel,
                       sum_partials_variant)
-from .aot import Variant, dot_kind
+from .variant import Variant, dot_kind
 # The deterministic fixed-order reduction of fp32 partial sums, and the SM count, shared with the norms.
 
 __all__ = ["gelu_linear_residual"]

@@ -40,13 +40,16 @@ from torch import Tensor
 from torch.distributed.tensor import DTensor
 
 from ._common import TL_DTYPES
-from .aot import Variant
-from .optim import (_ADAMW, _COL_GRAD, _COL_INDEX, _COL_MASTER, _COL_NUMEL, _COL_PARAM,
-                    _COL_STATE1, _COL_STATE2, _DTYPES, _H_BETA1, _H_BETA2, _H_LR, _H_WD,
-                    _HYPER_COLS, _S_CLIP, _S_INV_SCALE, _S_SKIP, _TABLE_COLS,
-                    CHUNK, UPDATE_BLOCK, UPDATE_WARPS, _adamw_update_kernel,
-                    _check_betas, _FusedOptimizer, _fp32_like, _launch, _local, _make_buckets, _Plan,
-                    _round_to, _shard_group, _to_device)
+from ._fused import (CHUNK, UPDATE_BLOCK, UPDATE_WARPS, COL_GRAD as _COL_GRAD, COL_INDEX as _COL_INDEX,
+                     COL_MASTER as _COL_MASTER, COL_NUMEL as _COL_NUMEL, COL_PARAM as _COL_PARAM,
+                     COL_STATE1 as _COL_STATE1, COL_STATE2 as _COL_STATE2, DTYPES as _DTYPES,
+                     HYPER_COLS as _HYPER_COLS, H_BETA1 as _H_BETA1, H_BETA2 as _H_BETA2, H_LR as _H_LR,
+                     H_WD as _H_WD, OPT_ADAMW as _ADAMW, S_CLIP as _S_CLIP, S_INV_SCALE as _S_INV_SCALE,
+                     S_SKIP as _S_SKIP, TABLE_COLS as _TABLE_COLS, FusedOptimizer, Plan, check_betas,
+                     fp32_like, launch, local, make_buckets, shard_group, to_device)
+from .optim import (adamw_update_kernel as _adamw_update_kernel, finalize_kernel, grad_sumsq_kernel,
+                    round_to as _round_to)
+from .variant import Variant
 
 __all__ = ["Muon"]
 
@@ -244,7 +247,7 @@ class _NSStack:
 
 
 @dataclass
-class _MuonPlan(_Plan):
+class _MuonPlan(Plan):
     """``buckets``: the AdamW buckets, then the Muon ones (``momentum=True``); ``tensor_info`` and
     the finalize kernel's coefficients cover the AdamW tensors only."""
 
@@ -255,7 +258,7 @@ class _MuonPlan(_Plan):
     ns_dtype: torch.dtype = torch.float32
 
 
-class Muon(_FusedOptimizer):
+class Muon(FusedOptimizer):
     """Muon (``use_muon=True`` groups, 2-D matrices) and AdamW (``use_muon=False``) in one step.
 
     Arguments and group keys are ``torch.optim.Muon``'s (``eps``: the Newton-Schulz normalization's),
@@ -269,6 +272,8 @@ class Muon(_FusedOptimizer):
     """
 
     _OPT = _ADAMW
+    _sumsq_kernel = grad_sumsq_kernel
+    _finalize_kernel = finalize_kernel
     _update_kernel = _adamw_update_kernel
 
     def __init__(self, params, lr: float | Tensor = 1e-3, weight_decay: float = 0.1,
@@ -306,7 +311,7 @@ class Muon(_FusedOptimizer):
         if group["use_muon"]:
             self._validate_muon_group(group)
         else:
-            _check_betas(group["betas"])
+            check_betas(group["betas"])
             if not 0.0 <= group["eps"]:
                 raise ValueError(f"Muon: invalid eps {group['eps']} of an AdamW group; expected >= 0")
         super()._validate_group(group)
@@ -339,11 +344,11 @@ class Muon(_FusedOptimizer):
     def _init_state(self, p, group, state):
         if group["use_muon"]:
             if "momentum_buffer" not in state:
-                state["momentum_buffer"] = _fp32_like(p)
+                state["momentum_buffer"] = fp32_like(p)
         elif "step" not in state:
             state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-            state["exp_avg"] = _fp32_like(p)
-            state["exp_avg_sq"] = _fp32_like(p)
+            state["exp_avg"] = fp32_like(p)
+            state["exp_avg_sq"] = fp32_like(p)
 
     def _state_tensors(self, p, group, state):
         if group["use_muon"]:
@@ -387,18 +392,18 @@ class Muon(_FusedOptimizer):
             muon_info.append((float(gi), muon_lr_scale(p.shape, self.param_groups[gi]["adjust_lr_fn"])))
             muon_rows.setdefault((p.dtype, aligned, True), []).append(row)
 
-        buckets, n_adamw_chunks = _make_buckets(adamw_rows, device)
-        muon_buckets, n_chunks = _make_buckets(muon_rows, device, first_chunk=n_adamw_chunks)
+        buckets, n_adamw_chunks = make_buckets(adamw_rows, device)
+        muon_buckets, n_chunks = make_buckets(muon_rows, device, first_chunk=n_adamw_chunks)
         return _MuonPlan(
             key=key, device=device, chunk=CHUNK, buckets=buckets + muon_buckets,
-            shard_group=_shard_group(p for _, p, _ in entries),
-            tensor_info=_to_device(torch.tensor(info, dtype=torch.int64).reshape(-1, 2), device),
+            shard_group=shard_group(p for _, p, _ in entries),
+            tensor_info=to_device(torch.tensor(info, dtype=torch.int64).reshape(-1, 2), device),
             n_tensors=len(adamw), n_chunks=n_chunks,
             coefs=torch.empty(max(len(adamw), 1), 8, dtype=torch.float32, device=device),
             partials=torch.zeros(max(2 * n_chunks, 2), dtype=torch.float32, device=device),
             stacks=stacks, ns_dtype=ns_dtype, muon_params=[p for _, p, _ in muon],
             muon_settings=[self._ns_settings(self.param_groups[gi]) for gi, _, _ in muon],
-            muon_info=_to_device(torch.tensor(muon_info, dtype=torch.float64).reshape(-1, 2), device))
+            muon_info=to_device(torch.tensor(muon_info, dtype=torch.float64).reshape(-1, 2), device))
 
     @staticmethod
     def _ns_settings(group: dict[str, Any]) -> tuple[tuple, int, float]:
@@ -413,7 +418,7 @@ class Muon(_FusedOptimizer):
         """
         members: dict[tuple, list[Tensor]] = {}
         for gi, p, _ in muon:
-            settings = (_stored_shape(_local(p)), *self._ns_settings(self.param_groups[gi]))
+            settings = (_stored_shape(local(p)), *self._ns_settings(self.param_groups[gi]))
             members.setdefault(settings, []).append(p)
         self._ns_slot = {}
         stacks = []
@@ -433,7 +438,7 @@ class Muon(_FusedOptimizer):
         ns_like = self._like(plan.ns_dtype, device)
         muon_buckets = [b for b in plan.buckets if b.momentum]
         for b in muon_buckets:
-            _launch(_muon_momentum_kernel, (b.n_chunks,), b.tensor_table, b.chunk_table,
+            launch(_muon_momentum_kernel, (b.n_chunks,), b.tensor_table, b.chunk_table,
                     plan.muon_info, self._hyper, scalars, self._like(b.dtype, device), ns_like,
                     ALIGNED=b.aligned, BLOCK=UPDATE_BLOCK, CHUNK=plan.chunk,
                     num_warps=UPDATE_WARPS, num_stages=1)
@@ -444,7 +449,7 @@ class Muon(_FusedOptimizer):
             for s in plan.stacks:
                 newton_schulz_(s.buffer, s.coefficients, s.steps, s.eps)
         for b in muon_buckets:
-            _launch(_muon_update_kernel, (b.n_chunks,), b.tensor_table, b.chunk_table,
+            launch(_muon_update_kernel, (b.n_chunks,), b.tensor_table, b.chunk_table,
                     plan.muon_info, self._hyper, scalars, self._like(b.dtype, device), ns_like,
                     HAS_MASTER=b.dtype != torch.float32, ALIGNED=b.aligned, BLOCK=UPDATE_BLOCK,
                     CHUNK=plan.chunk, num_warps=UPDATE_WARPS, num_stages=1)

@@ -37,7 +37,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ._common import SUM_BLOCK_G, SUM_BLOCK_N, SUM_WARPS, launch, sm_count, sum_partials_kernel, use_triton
-from .aot import Variant
+from .variant import Variant
 
 __all__ = ["layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm", "LayerNorm", "RMSNorm"]
 

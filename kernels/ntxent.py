@@ -36,9 +36,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import _compat
+from ._compat import DOT_IEEE, DOT_TF32
 from ._common import INTERPRET, dot_precision, launch
-from .aot import Variant, dot_kind
+from .variant import Variant, dot_kind
 
 __all__ = ["nt_xent", "nt_xent_reference"]
 
@@ -303,7 +303,7 @@ def aot_variants() -> list[Variant]:
         backward = kernel is _ntxent_bwd_kernel
         cfg = _config(dim, 4 if dt == "fp32" else 2, backward, interpret=False)
         # the launcher's dot_precision: fp32 IEEE or TF32 as torch allows, 16-bit operands Triton's default
-        for precision in (_compat.DOT_IEEE, _compat.DOT_TF32) if dt == "fp32" else (_compat.DOT_TF32,):
+        for precision in (DOT_IEEE, DOT_TF32) if dt == "fp32" else (DOT_TF32,):
             variants.append(Variant(
                 kernel=kernel, name=f"{dt} D={dim} {'backward' if backward else 'forward'}"
                                     + (f" {precision}" if dt == "fp32" else ""),
@@ -311,6 +311,6 @@ def aot_variants() -> list[Variant]:
                 constexprs={"BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"], "BLOCK_D": cfg["BLOCK_D"],
                             "PRECISION": precision},
                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], kind=dot_kind(precision),
-                keep_reason=_FP32_IEEE if precision == _compat.DOT_IEEE else "",
+                keep_reason=_FP32_IEEE if precision == DOT_IEEE else "",
                 aligned=tuple(k for k in signature if k not in ("row_start", "num_rows", "inv_temp"))))
     return variants

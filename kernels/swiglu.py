@@ -28,7 +28,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ._common import INTERPRET, launch, use_triton
-from .aot import Variant
+from .variant import Variant
 
 __all__ = ["swiglu"]
 

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from tritonforge.kernels import aot
-from tritonforge.kernels.aot import Variant
+from tritonforge.kernels.variant import Variant
 
 # ----------------------------------------------------------------------------------------------
 # Sample kernels
@@ -231,7 +231,7 @@ def test_an_analysis_stored_by_another_triton_is_not_reused(tmp_path, monkeypatc
 
 def test_coverage_follows_calls_and_names_unlisted_kernels():
     module = sys.modules[_copy_scale_kernel.fn.__module__]
-    found = aot.Discovery(variants=[COPY, MATMUL], jit_functions=aot._module_jit_functions(module),
+    found = aot.Discovery(variants=[COPY, MATMUL], jit_functions=aot.module_jit_functions(module),
                           modules=[module.__name__])
     tail = module.__name__.rpartition(".")[2]
     assert set(found.jit_functions) == {f"{tail}.{n}" for n in (
@@ -463,7 +463,7 @@ def test_every_jit_function_is_covered_by_a_variant():
 
 def test_discovery_sees_the_kernel_package():
     found = _discovery()
-    package = Path(aot.__file__).parent
-    name = aot.__package__
-    expected = {f"{name}.{p.stem}" for p in package.glob("*.py")} - {f"{name}.__init__", f"{name}.aot"}
+    package = Path(aot.__file__).parents[1]
+    name = aot.__package__.rpartition(".")[0]
+    expected = {f"{name}.{p.stem}" for p in package.glob("*.py")} - {f"{name}.__init__"}
     assert set(found.modules) == expected

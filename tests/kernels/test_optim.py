@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from tritonforge import kernels
+import tritonforge.kernels._fused as fused
 import tritonforge.kernels.optim as ko
 from tritonforge.kernels import aot
 
@@ -418,13 +419,13 @@ def test_lion_state_dict_round_trip():
 # ----------------------------------------------------------------------------------------------
 def count_launches(monkeypatch):
     launched = []
-    real = ko._launch
+    real = fused.launch
 
     def counting(kernel, grid, *args, **meta):
         launched.append(kernel.fn.__name__)
         real(kernel, grid, *args, **meta)
 
-    monkeypatch.setattr(ko, "_launch", counting)
+    monkeypatch.setattr(fused, "launch", counting)
     return launched
 
 
@@ -447,7 +448,7 @@ def test_small_chunks_span_many_programs(monkeypatch):
     the finalize kernel loops over partials and tensors."""
     for name, value in dict(CHUNK=256, UPDATE_BLOCK=64, NORM_BLOCK=128, FINALIZE_BLOCK_C=4,
                             FINALIZE_BLOCK_T=2).items():
-        monkeypatch.setattr(ko, name, value)
+        monkeypatch.setattr(fused, name, value)
     ours, ref = make_model(), make_model()
     opt = kernels.AdamW(ours.parameters(), lr=1e-2, max_grad_norm=0.1)
     opt_ref = torch.optim.AdamW(ref.parameters(), lr=1e-2, foreach=False)
@@ -503,7 +504,7 @@ def test_torch_arguments_are_accepted():
 def test_aot_variants_cover_every_kernel():
     variants = ko.aot_variants()
     reached = aot.covered_functions(variants)
-    jit = aot._module_jit_functions(ko)
+    jit = aot.module_jit_functions(ko)
     assert jit and all(id(fn.fn) in reached for fn in jit.values())
     names = {v.name for v in variants if v.kernel is ko._adamw_update_kernel}
     assert {"fp32 aligned BLOCK=1024", "bf16 aligned BLOCK=1024", "fp16 unaligned BLOCK=1024"} <= names
