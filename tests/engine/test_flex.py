@@ -1,4 +1,4 @@
-"""The torch backend's FlexAttention path (engine/flex.py): block masks built from segment ids.
+"""The torch backend's FlexAttention path (engine/ops/flex.py): block masks built from segment ids.
 
 The block tables are checked pair by pair against an independent dense mask, against PyTorch's own
 ``create_block_mask``, and end to end through FlexAttention's compiled CPU kernel, which skips the blocks

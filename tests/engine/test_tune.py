@@ -1,4 +1,4 @@
-"""The measured ``auto`` (engine/tune.py), on CPU: an injected clock and injected candidates stand in for the
+"""The measured ``auto`` (engine/ops/tune/), on CPU: an injected clock and injected candidates stand in for the
 GPU, so every rule of the decision is exercised without one."""
 import json
 import os

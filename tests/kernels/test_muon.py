@@ -1,4 +1,4 @@
-"""kernels.Muon against the float64 reference engine.optim_muon.TorchMuon, and both against torch.
+"""kernels.Muon against the float64 reference engine.optim.muon.TorchMuon, and both against torch.
 
 Runs through the Triton interpreter on CPU (the iterations in fp32 there). The parameter set mixes
 what breaks naive code: two matrices of one shape (one batched stack), a wide and a tall one

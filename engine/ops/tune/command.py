@@ -35,7 +35,7 @@ def main(argv: Sequence[str]) -> int:
 
 
 def _tune_command(recipe, synthetic: bool, json_path: str | None) -> int:
-    from ...metrics import environment
+    from ...runlog import environment
     from ...tasks import build_task
     from ...trainer import resolve_device
 
