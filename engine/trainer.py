@@ -29,7 +29,6 @@ from torch.distributed.tensor import DTensor
 from torch.utils._pytree import tree_leaves
 
 from . import checkpoint, distributed, transfer
-
 from .ops import select as op_select
 from .checkpoint import CheckpointError
 from .config import BUDGET_MIN_WARMUP, Recipe, RecipeError, dump_toml

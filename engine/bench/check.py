@@ -44,7 +44,6 @@ from typing import Callable, Sequence
 import torch
 
 from .. import KERNELS_PACKAGE
-
 from ..ops import reference as op_reference, select as op_select, table as op_table
 from ..optim.build import build_optimizer
 

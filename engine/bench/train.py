@@ -70,7 +70,7 @@ from ..ops import tune
 from ..optim.sharing import sharing_for_run
 from ..optim.build import recipe_optimizer
 
-from ..ops import table as op_table, select as op_select
+from ..ops import select as op_select, table as op_table
 from . import (ArgumentParser, BenchError, describe_ceilings, environment, fmt, format_table, free_memory,
                measure_ceilings, pick_device, timer_label, write_csv, write_json)
 from ..config import Recipe, RecipeError, load_recipe

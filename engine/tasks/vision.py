@@ -19,8 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import distributed
-
-from ..ops import table as op_table, select as op_select
+from ..ops import select as op_select, table as op_table
 from ..config import ModelConfig, Recipe, RecipeError
 from ..data.images import (ImageBatches, augmentation_seed, crop_and_flip, eval_indices, labelled_subset,
                            load_images, to_model_input)

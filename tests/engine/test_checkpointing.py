@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 
-from tritonforge.engine.ops import table as op_table, select as op_select
+from tritonforge.engine.ops import select as op_select, table as op_table
 from tritonforge.engine.config import RecipeError, load_recipe
 from tritonforge.engine.models import recompute
 from tritonforge.engine.models.gpt import GPT, GPTConfig

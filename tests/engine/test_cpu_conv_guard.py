@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from tritonforge.engine.ops import table as op_table, select as op_select
+from tritonforge.engine.ops import select as op_select, table as op_table
 from tritonforge.engine.config import load_recipe
 from tritonforge.engine.tasks import build_task
 from tritonforge.engine.tasks.vision import SubsampledConv2d, build_model, onednn_unsafe
@@ -28,7 +28,7 @@ WIDTH_4 = ["--model.width=4", "--model.depths=1,1,1,1", "--model.image_size=16",
 GRADIENTS = """
 import copy, sys
 import torch
-from engine.ops import table as op_table, select as op_select
+from engine.ops import select as op_select, table as op_table
 from engine.config import load_recipe
 from engine.tasks.vision import build_model, guard_onednn_convs
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tritonforge.engine import hf
-from tritonforge.engine.ops import table as op_table, select as op_select
+from tritonforge.engine.ops import select as op_select, table as op_table
 from tritonforge.engine.models.gpt import GPT, GPTConfig
 
 #: fp32 logits of the same tiny model computed by two implementations (different op order).

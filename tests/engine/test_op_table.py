@@ -5,7 +5,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from tritonforge.engine.ops import table as op_table, select as op_select
+from tritonforge.engine.ops import select as op_select, table as op_table
 from tritonforge.engine.bench import ops as bench_ops
 from tritonforge.engine.config import RecipeError, dump_toml, load_recipe
 

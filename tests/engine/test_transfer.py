@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from tritonforge.engine import cli, hf, transfer
-from tritonforge.engine.ops import table as op_table, select as op_select
+from tritonforge.engine.ops import select as op_select, table as op_table
 from tritonforge.engine.config import RecipeError, load_recipe
 from tritonforge.engine.models.gpt import GPT, GPTConfig
 from tritonforge.engine.trainer import Trainer
