@@ -29,12 +29,11 @@ from torch.distributed.tensor import DTensor
 from torch.utils._pytree import tree_leaves
 
 from . import checkpoint, distributed, transfer
-from .ops import select as op_select
 from .checkpoint import CheckpointError
 from .config import BUDGET_MIN_WARMUP, Recipe, RecipeError, dump_toml
-from .ops import tune
-from .optim.sharing import sharing_for_run
+from .ops import select as op_select, tune
 from .optim.build import recipe_optimizer
+from .optim.sharing import sharing_for_run
 from .runlog import RunLogger, environment, format_duration, peak_flops
 from .precision import LossScaler, autocast
 from .tasks import Task, build_task

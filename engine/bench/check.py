@@ -45,9 +45,8 @@ import torch
 
 from .. import KERNELS_PACKAGE
 from ..ops import reference as op_reference, select as op_select, table as op_table
-from ..optim.build import build_optimizer
-
 from ..optim import lion
+from ..optim.build import build_optimizer
 from . import (ArgumentParser, BenchError, environment, fmt, format_table, free_memory, pick_device,
                rel_error, write_json)
 from . import ops as bench_ops

@@ -66,11 +66,9 @@ import torch
 import torch.nn as nn
 
 from .. import distributed
-from ..ops import tune
-from ..optim.sharing import sharing_for_run
+from ..ops import select as op_select, table as op_table, tune
 from ..optim.build import recipe_optimizer
-
-from ..ops import select as op_select, table as op_table
+from ..optim.sharing import sharing_for_run
 from . import (ArgumentParser, BenchError, describe_ceilings, environment, fmt, format_table, free_memory,
                measure_ceilings, pick_device, timer_label, write_csv, write_json)
 from ..config import Recipe, RecipeError, load_recipe
