@@ -38,7 +38,8 @@ is torch and nothing is measured.
 """
 from .cache import CACHE_VERSION, TuneCache, cache_dir, environment_key, kernel_sources_hash
 from .candidates import SDPA_CANDIDATES, Candidate, candidates, chunked_linear_cross_entropy, torch_candidates
-from .measure import (CLEAR_GAP, MAX_REPEATS, MIN_REPEATS, START_REPEATS, Budget, CallWork, CudaClock, Measured,
+from .measure import (CLEAR_GAP, MAX_REPEATS, MIN_REPEATS, MUON_CUDA_TOLERANCE, OPTIMIZER_TOLERANCE, START_REPEATS,
+                      TOLERANCE, Budget, CallWork, CudaClock, Measured,
                       OptimizerWork, choose, measure_op)
 from .record import Call, describe, record_calls
 from .run import (NO_CUDA, TASK_STATE, Decision, Settings, agree, apply, decide, optimizer_work, probe_step, record,
