@@ -53,7 +53,7 @@ def _split_resume(args: list[str]) -> tuple[str | None, list[str]]:
 def train_main(argv: list[str]) -> int:
     from .checkpoint import CheckpointError
     from .config import RecipeError, load_recipe
-    from .registry import KernelSelectionError
+    from .errors import KernelSelectionError
 
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: tritonforge train RECIPE [--resume [PATH]] [--section.key=value ...]")
@@ -99,9 +99,9 @@ def kernels_main(argv: list[str]) -> int:
 
         return check.main(argv[1:])
     if argv and argv[0] == "tune":
-        from . import tune
+        from .ops.tune import command as tune_command
 
-        return tune.main(argv[1:])
+        return tune_command.main(argv[1:])
     print(KERNELS_USAGE, file=sys.stderr)
     return 2
 

@@ -19,7 +19,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .metrics import read_metrics
+from .runlog import read_metrics
 
 AXES = ("steps", "tokens")
 _UNIT_NAMES = {"tok": "tokens", "img": "images"}

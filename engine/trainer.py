@@ -28,10 +28,13 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from torch.distributed.tensor import DTensor
 from torch.utils._pytree import tree_leaves
 
-from . import checkpoint, distributed, muon_dist, registry, transfer, tune
+from . import checkpoint, distributed, transfer
 from .checkpoint import CheckpointError
 from .config import BUDGET_MIN_WARMUP, Recipe, RecipeError, dump_toml
-from .metrics import RunLogger, environment, format_duration, peak_flops
+from .ops import select as op_select, tune
+from .optim.build import recipe_optimizer
+from .optim.sharing import sharing_for_run
+from .runlog import RunLogger, environment, format_duration, peak_flops
 from .precision import LossScaler, autocast
 from .tasks import Task, build_task
 
@@ -503,7 +506,7 @@ class Trainer:
         self.run_dir, resume_from = self._locate_run()
         self.ckpt_dir = self.run_dir / "checkpoints"
         # Under kernels.tune = "measure" on CUDA, auto ops start on torch until the tuner has measured them.
-        self.ops = registry.resolve(tune.starting_choices(r.kernels.backends(), r.kernels.tune, self.device),
+        self.ops = op_select.resolve(tune.starting_choices(r.kernels.backends(), r.kernels.tune, self.device),
                                     self.device, r.kernels.deterministic)
         self.log.print(f"device: {self.device} | world: {self.dist.world} | precision: {r.train.precision}")
         self.task: Task = build_task(r, self.ops, self.device, self.dist.rank, self.dist.world, log=self.log.print)
@@ -519,13 +522,9 @@ class Trainer:
         groups = self.task.param_groups(o.weight_decay, muon=o.name == "muon")
         sharing = None
         if o.name == "muon" and self.dist.world > 1:
-            sharing = muon_dist.sharing_for_run(self.task.model, groups[0]["params"], r.parallel.strategy)
+            sharing = sharing_for_run(self.task.model, groups[0]["params"], r.parallel.strategy)
             self.log.print(sharing.describe(groups[0]["params"]))
-        self.optimizer, self.clips_in_step = self.ops.make_optimizer(
-            o.name, groups, lr=o.lr, betas=o.betas,
-            eps=o.eps, weight_decay=o.weight_decay, momentum=o.momentum, nesterov=o.nesterov,
-            muon_momentum=o.muon_momentum, max_grad_norm=r.train.grad_clip, device=self.device,
-            muon_sharing=sharing)
+        self.optimizer, self.clips_in_step = recipe_optimizer(self.ops, r, groups, self.device, muon_sharing=sharing)
         self.scaler = LossScaler(self.device, enabled=r.train.precision == "fp16")
         self.prefetcher = Prefetcher(self.task, r.train.grad_accum, self.device)
         self.step_fn = TrainStep(self.task, self.model, self.forward_model, self.optimizer, self.clips_in_step,

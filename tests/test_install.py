@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tritonforge.engine import registry
+from tritonforge.engine.ops import table as op_table
 from support import tiny_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,15 +29,15 @@ pytestmark = pytest.mark.slow
 PROBE = r"""
 import importlib.metadata, json, sys
 import kernels, tritonforge.engine, tritonforge.kernels
-from tritonforge.engine import registry
+from tritonforge.engine.ops import table as op_table
 import transformers.integrations.hub_kernels as hub
 print(json.dumps({
     "hf_kernels_file": kernels.__file__,
     "hf_kernels_has_get_kernel": hasattr(kernels, "get_kernel"),
     "transformers_uses_hf_kernels": hub.get_kernel_hub is kernels.get_kernel,
     "engine_file": tritonforge.engine.__file__,
-    "kernels_package": registry.KERNELS_PACKAGE,
-    "triton_available": all(registry.triton_available(op) for op in registry.op_names()),
+    "kernels_package": op_table.KERNELS_PACKAGE,
+    "triton_available": all(op_table.triton_available(op) for op in op_table.op_names()),
     "top_level": sorted(importlib.metadata.distribution("tritonforge").read_text("top_level.txt").split()),
 }))
 """
@@ -101,7 +101,7 @@ def test_installs_beside_hugging_face_kernels_and_trains_on_its_triton_kernels(w
           "--train.eval_every=0", "--train.eval_batches=1", "--train.final_eval_tokens=0",
           "--train.sample_tokens=0", "--train.log_every=1", *tiny_corpus(tmp_path_factory),
           "--optim.name=adamw", "--run.threads=1", f"--run.dir={run_dir}",
-          *(f"--kernels.{op}=triton" for op in registry.op_names())],
+          *(f"--kernels.{op}=triton" for op in op_table.op_names())],
          cwd=work, env=env)
     env_json = json.loads((run_dir / "env.json").read_text())
     assert set(env_json["kernels"].values()) == {"triton"}, env_json["kernels"]

@@ -149,7 +149,7 @@ def describe_ceilings(ceilings: dict[str, float]) -> str:
 
 def environment(device: torch.device) -> dict[str, Any]:
     """Versions and device, for the JSON (the run directory's env.json record, plus the interpreter switch)."""
-    from ..metrics import environment as run_environment
+    from ..runlog import environment as run_environment
 
     return run_environment(device, {}, triton_interpret=os.environ.get("TRITON_INTERPRET", "0"))
 

@@ -43,7 +43,10 @@ from typing import Callable, Sequence
 
 import torch
 
-from .. import KERNELS_PACKAGE, registry
+from .. import KERNELS_PACKAGE
+from ..ops import reference as op_reference, select as op_select, table as op_table
+from ..optim import lion
+from ..optim.build import build_optimizer
 from . import (ArgumentParser, BenchError, environment, fmt, format_table, free_memory, pick_device,
                rel_error, write_json)
 from . import ops as bench_ops
@@ -96,7 +99,7 @@ def shapes_for(op: str, size: str) -> list:
     if op in ODD_SHAPES:
         sets = {"small": bench_ops.SHAPE_SETS["tiny"], "odd": ODD_SHAPES, "real": bench_ops.SHAPE_SETS["default"]}
         return sets[size][op]
-    shapes = registry.find(op).bench.shapes
+    shapes = op_table.find(op).bench.shapes
     return shapes.get({"small": "tiny", "odd": "odd", "real": "default"}[size], [])
 
 
@@ -106,7 +109,7 @@ def backends_for(op: str) -> tuple[str, ...]:
 
 def checkable(op: str) -> bool:
     """Whether this module knows how to build ``op``'s inputs and reference."""
-    return op in ODD_SHAPES or registry.find(op).bench is not None
+    return op in ODD_SHAPES or op_table.find(op).bench is not None
 
 
 class CheckError(BenchError):
@@ -173,7 +176,7 @@ def _variant_case(function: str, op: str, shape, dtype: torch.dtype, device: tor
         q, k, v = rand(b, h, seq, d), rand(b, 1, seq, d), rand(b, 1, seq, d)
         case = cls(op, shape, dtype, device, [q, k, v], torch.randn_like(q), ("out", "dq", "dk", "dv"), {}, "")
         ref = bench_ops._upcast(case)
-        out = registry.dense_attention(*ref, causal=True, window=WINDOW, segment_ids=shape.segment_ids(device))
+        out = op_reference.dense_attention(*ref, causal=True, window=WINDOW, segment_ids=shape.segment_ids(device))
         case._reference = bench_ops._backward_reference(case, out, ref)
         return case
     if function == "cross_entropy":
@@ -192,7 +195,7 @@ def _variant_case(function: str, op: str, shape, dtype: torch.dtype, device: tor
     names = ("y|sum", "dx", "dresidual", "dw") + (("db",) if op == "layer_norm" else ())
     case = cls(op, shape, dtype, device, inputs, torch.randn(2 * m * n, dtype=dtype, device=device), names, {}, "")
     ref = bench_ops._upcast(case)
-    case._reference = bench_ops._backward_reference(case, _joined(getattr(registry, f"torch_{function}"), ref), ref)
+    case._reference = bench_ops._backward_reference(case, _joined(getattr(op_reference, f"torch_{function}"), ref), ref)
     return case
 
 
@@ -205,9 +208,9 @@ def _joined(fn: Callable, inputs: list[torch.Tensor]) -> torch.Tensor:
 def _variant_runner(function: str):
     def build(case: bench_ops.Case, backend: str) -> bench_ops.Runner:
         try:  # "triton-nondet": the triton backend with kernels.deterministic = false
-            ops = registry.resolve({case.op: backend.removesuffix("-nondet")}, case.device,
+            ops = op_select.resolve({case.op: backend.removesuffix("-nondet")}, case.device,
                                    deterministic=backend != "triton-nondet")
-        except registry.KernelSelectionError as e:
+        except op_table.KernelSelectionError as e:
             raise NotAvailable(str(e)) from None
         if function == WINDOWED_GQA:
             q, k, v = case.inputs
@@ -331,13 +334,13 @@ def _is_muon_matrix(index: int, param: torch.Tensor) -> bool:
 def _reference_optimizer(name: str, param: torch.Tensor, index: int = 0):
     settings, _ = OPTIMIZERS[name]
     if name == "muon":  # the registry's torch Muon, which iterates in float64 for float64 parameters
-        return registry.resolve({"optimizer": "torch"}, "cpu").make_optimizer(
+        return build_optimizer(op_select.resolve({"optimizer": "torch"}, "cpu"),
             "muon", [dict(params=[param], use_muon=_is_muon_matrix(index, param))], **settings)[0]
     if name == "adamw":
         return torch.optim.AdamW([param], **settings, foreach=False)
     if name == "sgd":
         return torch.optim.SGD([param], **settings, foreach=False)
-    return registry.TorchLion([param], **settings)
+    return lion.TorchLion([param], **settings)
 
 
 def _optimizer_errors(name: str, params: list[torch.Tensor], state: dict, p0: list[torch.Tensor],
@@ -376,8 +379,8 @@ def _run_optimizer_row(name: str, shape: ParamSetShape, backend: str, size: str,
     opt = None
     try:
         try:
-            ops = registry.resolve({"optimizer": backend}, device)
-        except registry.KernelSelectionError as e:
+            ops = op_select.resolve({"optimizer": backend}, device)
+        except op_table.KernelSelectionError as e:
             raise NotAvailable(str(e)) from None
         params = [p.clone().requires_grad_() for p in p0]
         settings, _ = OPTIMIZERS[name]
@@ -388,7 +391,7 @@ def _run_optimizer_row(name: str, shape: ParamSetShape, backend: str, size: str,
                       dict(params=[p for i, p in enumerate(params) if not _is_muon_matrix(i, p)], use_muon=False)]
             if device.type == "cuda":  # the Newton-Schulz iterations run in bf16 on a GPU
                 row["tolerance"] = bench_ops.MUON_CUDA_TOLERANCE
-        opt, clips_in_step = ops.make_optimizer(name, groups, **settings, max_grad_norm=max_norm, device=device)
+        opt, clips_in_step = build_optimizer(ops, name, groups, **settings, max_grad_norm=max_norm, device=device)
         for step in range(OPTIMIZER_STEPS):
             for i, p in enumerate(params):
                 p.grad = _grad(step, i, p)
@@ -622,7 +625,7 @@ def _parser() -> ArgumentParser:
     p = ArgumentParser(prog="tritonforge kernels check", allow_abbrev=False,
                        description="Check every op's Triton kernel and torch backend, forward and backward, "
                                    "against an upcast reference on this machine; exit 1 on any failure.")
-    p.add_argument("--op", default="all", help=f"comma list of {', '.join(registry.op_names())} (default: all)")
+    p.add_argument("--op", default="all", help=f"comma list of {', '.join(op_table.op_names())} (default: all)")
     p.add_argument("--dtype", default="bf16,fp16,fp32",
                    help="comma list of bf16, fp16, fp32 (default: all three); the optimizer runs fp32")
     p.add_argument("--sizes", default=None,
@@ -643,7 +646,7 @@ def _comma_list(text: str, option: str, valid: Sequence[str]) -> list[str]:
 def parse_args(argv: Sequence[str]) -> CheckArgs:
     a = _parser().parse_args(list(argv))
     device = pick_device(a.device)
-    ops = list(registry.op_names()) if a.op == "all" else _comma_list(a.op, "--op", registry.op_names())
+    ops = list(op_table.op_names()) if a.op == "all" else _comma_list(a.op, "--op", op_table.op_names())
     dtypes = [DTYPES[n] for n in _comma_list(a.dtype, "--dtype", tuple(DTYPES))]
     cuda = device.type == "cuda"
     sizes = _comma_list(a.sizes, "--sizes", SIZES) if a.sizes else list(SIZES if cuda else SIZES[:2])

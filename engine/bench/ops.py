@@ -11,7 +11,7 @@ For each op, dtype and shape, and each backend:
 2. **Time.** fwd (the op), bwd (backward of one retained forward) and fwd+bwd, each the median of
    ``triton.testing.do_bench`` on CUDA, warm-up excluded. The optimizer's one step is in fwd+bwd.
 
-Backends. ``torch`` and ``triton`` go through :func:`engine.registry.resolve`, exactly as models get
+Backends. ``torch`` and ``triton`` go through :func:`engine.ops.select.resolve`, exactly as models get
 them; ``triton`` for an op that has no kernel yet is reported "not available" and the run goes on. Peers
 a user might pick instead run when importable and are never required: ``sdpa-flash``, ``sdpa-cudnn``,
 ``sdpa-mem_eff`` (one SDPA backend each, through ``torch.nn.attention.sdpa_kernel``), ``flex``
@@ -89,7 +89,8 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from .. import registry
+from ..ops import reference as op_reference, select as op_select, table as op_table
+from ..optim.build import build_optimizer
 from ..models.gpt import rotary_tables
 from . import (ArgumentParser, BenchError, check_plot_support, describe_ceilings, environment, fmt,
                format_table, free_memory, measure_ceilings, pick_device, rel_error, time_ms, timer_label,
@@ -114,7 +115,7 @@ PROJECT_BACKENDS = ("torch", "triton")
 
 def bench_ops() -> tuple[str, ...]:
     """Every op of the registry's table: each has a built-in benchmark here or an :class:`OpBench` in its row."""
-    return registry.op_names()
+    return op_table.op_names()
 
 
 def backends_of(op: str) -> tuple[str, ...]:
@@ -122,7 +123,7 @@ def backends_of(op: str) -> tuple[str, ...]:
 
 
 def _op_bench(op: str) -> "OpBench":
-    bench = registry.find(op).bench
+    bench = op_table.find(op).bench
     if bench is None:
         raise BenchError(f"--op: {op!r} has neither a built-in benchmark nor an OpBench in its registry row")
     return bench
@@ -463,7 +464,7 @@ class OpBench:
     ``syntax`` describes a shape spec; ``parse(spec)`` returns the shapes it names (each with a ``label``)
     or raises ValueError; ``shapes`` holds the ``default`` (GPU) and ``tiny`` (CPU) sets;
     ``make_case(shape, dtype, device)`` builds the :class:`Case` (inputs, upstream gradient, names, work);
-    ``call(ops, case)`` runs the op through a resolved :class:`~engine.registry.Ops`; ``reference(case)``
+    ``call(ops, case)`` runs the op through a resolved :class:`~engine.ops.select.Ops`; ``reference(case)``
     returns the output and the gradients on upcast inputs (see :func:`_upcast` and :func:`_backward_reference`).
     """
 
@@ -593,12 +594,12 @@ def _norm_reference(case: Case) -> list[torch.Tensor]:
 
 def _mlp_reference(case: Case) -> list[torch.Tensor]:
     leaves = _upcast(case)
-    return _backward_reference(case, registry.torch_mlp(*leaves), leaves)
+    return _backward_reference(case, op_reference.torch_mlp(*leaves), leaves)
 
 
 def _dwconv_reference(case: Case) -> list[torch.Tensor]:
     leaves = _upcast(case)
-    return _backward_reference(case, registry.torch_depthwise_conv2d(*leaves, padding=DWCONV_PADDING), leaves)
+    return _backward_reference(case, op_reference.torch_depthwise_conv2d(*leaves, padding=DWCONV_PADDING), leaves)
 
 
 def _cross_entropy_reference(case: Case) -> list[torch.Tensor]:
@@ -617,13 +618,13 @@ def _rope_views(qkv: torch.Tensor, shape: RopeShape) -> tuple[torch.Tensor, torc
 def _rope_reference(case: Case) -> list[torch.Tensor]:
     qkv = case.inputs[0].detach().to(case.ref_dtype).requires_grad_()
     cos, sin = (t.to(case.ref_dtype) for t in case.inputs[1:])
-    out = torch.cat(registry.torch_rope(*_rope_views(qkv, case.shape), cos, sin), dim=1)
+    out = torch.cat(op_reference.torch_rope(*_rope_views(qkv, case.shape), cos, sin), dim=1)
     return _backward_reference(case, out, [qkv])
 
 
 def _swiglu_reference(case: Case) -> list[torch.Tensor]:
     leaves = _upcast(case)
-    return _backward_reference(case, registry.torch_swiglu(leaves[0]), leaves)
+    return _backward_reference(case, op_reference.torch_swiglu(leaves[0]), leaves)
 
 
 _REFERENCES = {"attention": _attention_reference, "layer_norm": _norm_reference, "rms_norm": _norm_reference,
@@ -646,7 +647,7 @@ class Runner:
 def _registry_runner(case: Case, backend: str) -> Runner:
     # "triton-nondet": the triton backend with ``kernels.deterministic = false`` (atomics allowed)
     deterministic = backend != "triton-nondet"
-    ops = registry.resolve({case.op: backend.removesuffix("-nondet")}, case.device,
+    ops = op_select.resolve({case.op: backend.removesuffix("-nondet")}, case.device,
                            deterministic)  # KernelSelectionError: not available
     if case.op not in SHAPE_SYNTAX:
         bench = _op_bench(case.op)
@@ -721,19 +722,19 @@ def _compile_runner(case: Case, backend: str) -> Runner:
     torch._dynamo.reset()
     if case.op == "rope":
         qkv, cos, sin = case.inputs
-        rope = torch.compile(lambda qkv, cos, sin: torch.cat(registry.torch_rope(*_rope_views(qkv, case.shape), cos, sin),
+        rope = torch.compile(lambda qkv, cos, sin: torch.cat(op_reference.torch_rope(*_rope_views(qkv, case.shape), cos, sin),
                                                              dim=1), dynamic=False)
         return Runner(lambda: rope(qkv, cos, sin), [qkv])
     if case.op == "layer_norm":
-        fn, eps, n_leaves = registry.torch_layer_norm, (LAYER_NORM_EPS,), 3
+        fn, eps, n_leaves = op_reference.torch_layer_norm, (LAYER_NORM_EPS,), 3
     elif case.op == "rms_norm":
-        fn, eps, n_leaves = registry.torch_rms_norm, (RMS_NORM_EPS,), 2
+        fn, eps, n_leaves = op_reference.torch_rms_norm, (RMS_NORM_EPS,), 2
     elif case.op == "mlp":
-        fn, eps, n_leaves = registry.torch_mlp, (), 7
+        fn, eps, n_leaves = op_reference.torch_mlp, (), 7
     elif case.op == "swiglu":
-        fn, eps, n_leaves = registry.torch_swiglu, (), 1
+        fn, eps, n_leaves = op_reference.torch_swiglu, (), 1
     else:
-        fn, eps, n_leaves = registry.torch_linear_cross_entropy, (), 2
+        fn, eps, n_leaves = op_reference.torch_linear_cross_entropy, (), 2
     compiled = torch.compile(fn, dynamic=False)
     args = case.inputs
     return Runner(lambda: compiled(*args, *eps), list(args[:n_leaves]))
@@ -785,7 +786,7 @@ def _liger_runner(case: Case, backend: str) -> Runner:
 def _chunked_runner(case: Case, backend: str) -> Runner:
     """``F.linear_cross_entropy``'s chunked path (torch 2.13 and later): the logits never in memory whole, as
     in the Triton kernel; its ``peak_mb`` is the figure to compare."""
-    from ..tune import chunked_linear_cross_entropy
+    from ..ops.tune.candidates import chunked_linear_cross_entropy
 
     if not hasattr(F, "linear_cross_entropy") or not hasattr(torch.nn, "LinearCrossEntropyOptions"):
         raise NotAvailable(f"F.linear_cross_entropy is missing from this PyTorch ({torch.__version__})")
@@ -801,7 +802,7 @@ def build_runner(case: Case, backend: str) -> Runner:
     if backend in REGISTRY_BACKENDS:
         try:
             return _registry_runner(case, backend)
-        except registry.KernelSelectionError as e:
+        except op_table.KernelSelectionError as e:
             raise NotAvailable(str(e)) from None
     return _PEERS[backend](case, backend)
 
@@ -961,16 +962,16 @@ def _optimizer_step(backend: str, params: list[torch.Tensor], clip: bool, device
     clips_in_step = False
     if backend in PROJECT_BACKENDS:
         try:
-            ops = registry.resolve({"optimizer": backend}, device)
-        except registry.KernelSelectionError as e:
+            ops = op_select.resolve({"optimizer": backend}, device)
+        except op_table.KernelSelectionError as e:
             raise NotAvailable(str(e)) from None
-        opt, clips_in_step = ops.make_optimizer("adamw", params, **ADAMW, max_grad_norm=max_norm, device=device)
+        opt, clips_in_step = build_optimizer(ops, "adamw", params, **ADAMW, max_grad_norm=max_norm, device=device)
     elif backend.endswith("-muon"):
         try:
-            ops = registry.resolve({"optimizer": backend.removesuffix("-muon")}, device)
-        except registry.KernelSelectionError as e:
+            ops = op_select.resolve({"optimizer": backend.removesuffix("-muon")}, device)
+        except op_table.KernelSelectionError as e:
             raise NotAvailable(str(e)) from None
-        opt, clips_in_step = ops.make_optimizer("muon", _muon_groups(params), **ADAMW, nesterov=True,
+        opt, clips_in_step = build_optimizer(ops, "muon", _muon_groups(params), **ADAMW, nesterov=True,
                                                 max_grad_norm=max_norm, device=device)
     else:
         impl = {"torch-fused": dict(fused=True), "torch-foreach": dict(foreach=True)}[backend]
@@ -994,7 +995,7 @@ def _muon_reference_deltas(p0: list[torch.Tensor], grads: list[list[torch.Tensor
     """Parameter change after len(grads) Muon/AdamW steps of the registry's torch Muon in float64 (which
     iterates in float64), on the parameters' device."""
     params = [p.double().requires_grad_() for p in p0]
-    opt, _ = registry.resolve({"optimizer": "torch"}, "cpu").make_optimizer(
+    opt, _ = build_optimizer(op_select.resolve({"optimizer": "torch"}, "cpu"),
         "muon", _muon_groups(params), **ADAMW, nesterov=True)
     for step_grads in grads:
         _set_grads(params, [g.double() for g in step_grads])

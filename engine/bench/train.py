@@ -12,7 +12,7 @@ Kernel sets (``--kernels``, default ``triton``; ``--vs``, default ``torch``):
 - ``auto``: the registry's ``auto`` for every op (the Triton kernels on CUDA, untimed); ``recipe``: the recipe's
   own ``[kernels]`` table.
 - ``tuned``, labelled ``auto (tuned)``: every op on what ``kernels.tune = "measure"`` picks here (see
-  :mod:`engine.tune`: measured on the recipe's shapes, or read from the cache); its choices are listed under
+  :mod:`engine.ops.tune`: measured on the recipe's shapes, or read from the cache); its choices are listed under
   the table. ``--tuned`` adds this set to the other two, so one table compares it with them.
 - ``OP=BACKEND[,OP=BACKEND...]`` (e.g. ``attention=triton,layer_norm=torch``): those ops exactly as given
   (a ``triton`` without a kernel is an error), every op not named on torch.
@@ -48,7 +48,7 @@ row's throughput to that ``--vs`` row's. On CPU the timings are labelled CPU.
 Under ``torchrun`` the model is wrapped as ``parallel.strategy`` says (DDP or FSDP2) and every process
 runs the same rows; rank 0's times are reported and ``tok/s`` counts every process's items. With
 ``optim.name = "muon"``, ``--muon-sharing on,off`` runs every set with the Newton-Schulz iterations shared
-out over the ranks (``engine.muon_dist``; what the trainer does) and, under DDP only, repeated whole on
+out over the ranks (``engine.optim.sharing``; what the trainer does) and, under DDP only, repeated whole on
 every rank (how Muon ran under DDP before the ranks shared it), one row each.
 """
 from __future__ import annotations
@@ -65,13 +65,17 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-from .. import distributed, muon_dist, registry, tune
+from .. import distributed
+from ..ops import select as op_select, table as op_table, tune
+from ..optim.build import recipe_optimizer
+from ..optim.sharing import sharing_for_run
 from . import (ArgumentParser, BenchError, describe_ceilings, environment, fmt, format_table, free_memory,
                measure_ceilings, pick_device, timer_label, write_csv, write_json)
 from ..config import Recipe, RecipeError, load_recipe
-from ..models import checkpointing
+from ..models import recompute
 from ..precision import LossScaler
-from ..registry import KernelSelectionError, Ops
+from ..errors import KernelSelectionError
+from ..ops.select import Ops
 from ..tasks import Task
 from ..trainer import TrainStep
 
@@ -104,7 +108,7 @@ def parse_kernel_set(text: str, option: str) -> str | dict[str, str]:
             raise BenchError(f"{option}: {item.strip()!r} is neither a kernel set ({', '.join(NAMED_SETS)}) nor "
                              f"OP=BACKEND (e.g. attention=triton,layer_norm=torch)")
         try:
-            registry.check_backend_name(op, backend)
+            op_table.check_backend_name(op, backend)
         except KernelSelectionError as e:
             raise BenchError(f"{option}: {e}") from None
         choices[op] = backend
@@ -123,21 +127,21 @@ def resolve_set(kernel_set: str | dict[str, str], recipe: Recipe, device: torch.
     """The registry's ops for a kernel set (see the module docstring for what each set means)."""
     if kernel_set == "triton":
         choices = {}
-        for op in registry.op_names():
+        for op in op_table.op_names():
             try:
-                registry.resolve({op: "triton"}, device)
+                op_select.resolve({op: "triton"}, device)
                 choices[op] = "triton"
             except KernelSelectionError:
                 choices[op] = "torch"
     elif kernel_set in ("torch", "auto"):
-        choices = {op: kernel_set for op in registry.op_names()}
+        choices = {op: kernel_set for op in op_table.op_names()}
     elif kernel_set == "tuned":  # torch on CUDA until run_one's measurement decides
-        choices = tune.starting_choices({op: "auto" for op in registry.op_names()}, "measure", device)
+        choices = tune.starting_choices({op: "auto" for op in op_table.op_names()}, "measure", device)
     elif kernel_set == "recipe":
         choices = recipe.kernels.backends()
     else:
-        choices = {op: "torch" for op in registry.op_names()} | dict(kernel_set)
-    return registry.resolve(choices, device, recipe.kernels.deterministic)
+        choices = {op: "torch" for op in op_table.op_names()} | dict(kernel_set)
+    return op_select.resolve(choices, device, recipe.kernels.deterministic)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -182,7 +186,7 @@ class SyntheticTask(Task):
                              torch.randint(0, m.num_classes, (t.batch_size,), generator=gen).to(device))
                             for _ in range(SYNTHETIC_BATCHES)]
             self._flops = 3.0 * forward_flops(m)
-        checkpointing.apply(self.model, t.activation_checkpointing)
+        recompute.apply(self.model, t.activation_checkpointing)
 
     def batch(self, step: int, micro: int):
         return self.batches[(step * self.recipe.train.grad_accum + micro) % len(self.batches)]
@@ -356,7 +360,7 @@ def run_one(args: TrainArgs, kernel_set, compiled: bool, ceilings: dict, policy:
     ops = resolve_set(kernel_set, r, device)
     task = SyntheticTask(r, ops, device)
     if kernel_set == "tuned":
-        measured = dataclasses.replace(r.kernels, ops={op: "auto" for op in registry.op_names()}, tune="measure")
+        measured = dataclasses.replace(r.kernels, ops={op: "auto" for op in op_table.op_names()}, tune="measure")
         decisions = tune.tune_run(dataclasses.replace(r, kernels=measured), ops, task, device)
         row["tuned"] = {op: d.choice for op, d in decisions.items()}
     row["backends"] = {op: b for op, b in ops.backends.items() if op in task.ops_used()}
@@ -367,11 +371,8 @@ def run_one(args: TrainArgs, kernel_set, compiled: bool, ceilings: dict, policy:
     groups = task.param_groups(o.weight_decay, muon=o.name == "muon")
     muon_sharing = None
     if row["muon_sharing"] == "on":
-        muon_sharing = muon_dist.sharing_for_run(task.model, groups[0]["params"], r.parallel.strategy)
-    optimizer, clips_in_step = ops.make_optimizer(
-        o.name, groups, lr=o.lr, betas=o.betas, eps=o.eps,
-        weight_decay=o.weight_decay, momentum=o.momentum, nesterov=o.nesterov, muon_momentum=o.muon_momentum,
-        max_grad_norm=r.train.grad_clip, device=device, muon_sharing=muon_sharing)
+        muon_sharing = sharing_for_run(task.model, groups[0]["params"], r.parallel.strategy)
+    optimizer, clips_in_step = recipe_optimizer(ops, r, groups, device, muon_sharing=muon_sharing)
     scaler = LossScaler(device, enabled=r.train.precision == "fp16")
     train_step = TrainStep(task, model, forward_model, optimizer, clips_in_step, scaler, r, device)
 
@@ -416,7 +417,7 @@ def run_one(args: TrainArgs, kernel_set, compiled: bool, ceilings: dict, policy:
     items_per_step = task.items_per_micro_batch * r.train.grad_accum * world
     row["items_per_s"] = items_per_step / (row["step_ms"] / 1e3)
     row["tflops"] = task.flops_per_item() * row["items_per_s"] / 1e12
-    from ..metrics import peak_flops
+    from ..runlog import peak_flops
 
     peak = peak_flops(device)
     row["mfu"] = 100 * row["tflops"] * 1e12 / peak if peak else None
@@ -630,7 +631,7 @@ def parse_policies(text: str | None, recipe: Recipe) -> list[str]:
     policies = [p.strip() for p in text.split(",")]
     for policy in policies:
         try:
-            checkpointing.parse_policy(policy)
+            recompute.parse_policy(policy)
         except RecipeError:
             raise BenchError(f"--checkpointing: {policy!r} is not one of none, blocks, every_N (N >= 1)") from None
     if len(set(policies)) < len(policies):

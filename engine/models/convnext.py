@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from ..registry import Ops
+from ..ops.select import Ops
 
 
 @dataclass

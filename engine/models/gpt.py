@@ -1,6 +1,6 @@
 """A decoder-only transformer (GPT), readable top to bottom.
 
-Every normalization and attention call goes through the kernel registry's :class:`~engine.registry.Ops`,
+Every normalization and attention call goes through the kernel registry's :class:`~engine.ops.select.Ops`,
 so the same model runs on PyTorch's kernels or the project's Triton kernels, chosen per op. The pre-norm
 residual stream uses the fused "add + norm" form: each block hands its branch output to the next norm,
 which adds it to the residual stream and normalizes in one call (one pass over memory with the Triton
@@ -15,18 +15,61 @@ Every option's default is GPT-2's. With ``input_dim > 0`` the model reads contin
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from ..config import ModelConfig
-from ..registry import Ops
+from ..ops.select import Ops
 
 
-#: A GPT is configured by the recipe's model section itself (``vocab_size`` resolved to the tokenizer's).
-GPTConfig = ModelConfig
+@dataclass
+class GPTConfig:
+    """A GPT's shape and options: the recipe's ``[model]`` fields of the same names (see
+    :class:`engine.config.ModelConfig` for each one's meaning), ``vocab_size`` resolved to the tokenizer's."""
+
+    n_layer: int = 4
+    n_head: int = 4
+    n_kv_head: int = 0
+    d_model: int = 192
+    context: int = 256
+    vocab_size: int = 0
+    pos: str = "learned"  # "learned" | "rope"
+    rope_base: float = 10000.0
+    norm: str = "layernorm"  # "layernorm" | "rmsnorm"
+    mlp: str = "gelu"  # "gelu" | "swiglu" | "relu2"
+    d_ff: int = 0
+    bias: bool = True
+    tie_embeddings: bool = True
+    dropout: float = 0.0
+    window: int = 0
+    norm_eps: float = 0.0
+    qk_norm: bool = False
+    zero_init_proj: bool = False
+    logit_softcap: float = 0.0
+
+    @classmethod
+    def from_section(cls, section, **changes) -> "GPTConfig":
+        """The fields of the same names from ``section`` (the recipe's ``[model]``), then ``changes``."""
+        return cls(**{**{f.name: getattr(section, f.name) for f in fields(cls)}, **changes})
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head or self.n_head
+
+    @property
+    def ff_dim(self) -> int:
+        if self.d_ff:
+            return self.d_ff
+        if self.mlp == "swiglu":
+            return (8 * self.d_model // 3 + 63) // 64 * 64
+        return 4 * self.d_model
 
 
 class Norm(nn.Module):

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..registry import Ops
+from ..ops.select import Ops
 
 #: The recurrent state: (h, c) for an LSTM, (h,) for a GRU; each (n_layer, batch, hidden).
 State = tuple[torch.Tensor, ...]

@@ -59,7 +59,7 @@ def call(ops, case) -> torch.Tensor:
 
 def reference(case) -> list[torch.Tensor]:
     from ..bench import ops as bench_ops
-    from ..registry import torch_nt_xent
+    from ..ops.reference import torch_nt_xent
 
     leaves = bench_ops._upcast(case)
     return bench_ops._backward_reference(case, torch_nt_xent(leaves[0], TEMPERATURE), leaves)

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 from ..config import SSL_TASKS, Recipe, RecipeError
-from ..registry import Ops
+from ..ops.select import Ops
 
 
 class Task:

@@ -11,8 +11,6 @@ seasonal-naive one (the value one season, ``data.season`` steps, earlier).
 """
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import torch
 import torch.nn as nn
@@ -21,11 +19,11 @@ import torch.nn.functional as F
 from .. import distributed
 from ..config import RNN_ARCHS, Recipe, RecipeError
 from ..data.series import load_series
-from ..models import checkpointing
-from ..models.gpt import GPT
+from ..models import recompute
+from ..models.gpt import GPT, GPTConfig
 from ..models.rnn import RNN, RNNConfig
 from ..precision import autocast
-from ..registry import Ops
+from ..ops.select import Ops
 from . import Task
 
 #: Validation forecasts per evaluation forward pass.
@@ -38,7 +36,7 @@ def build_forecaster(recipe: Recipe, channels: int, ops: Ops) -> nn.Module:
     if m.arch in RNN_ARCHS:
         return RNN(RNNConfig(cell=m.arch, n_layer=m.n_layer, d_model=m.d_model, hidden=m.hidden, vocab_size=out,
                              dropout=m.dropout, tie_embeddings=m.tie_embeddings, input_dim=channels), ops)
-    model = GPT(dataclasses.replace(m, vocab_size=out, tie_embeddings=False), ops, input_dim=channels)
+    model = GPT(GPTConfig.from_section(m, vocab_size=out, tie_embeddings=False), ops, input_dim=channels)
     model.ops_used = tuple(op for op in model.ops_used if op != "cross_entropy")  # the head feeds a squared error
     return model
 
@@ -65,7 +63,7 @@ class ForecastTask(Task):
         self.mean, self.std = mean, np.where(std > 0, std, 1.0)
         self.series = torch.from_numpy((values - self.mean) / self.std).float().to(device)
         self.model = build_forecaster(recipe, channels, ops).to(device)
-        checkpointing.apply(self.model, t.activation_checkpointing, log)
+        recompute.apply(self.model, t.activation_checkpointing, log)
         self.recurrent = isinstance(self.model, RNN)
         # Validation origins: windows starting here forecast steps at or after the split, and only those.
         self.val_starts = np.arange(self.split - self.context, steps - self.context - self.horizon + 1)

@@ -7,19 +7,17 @@ the checkpoint, so a resumed run continues bit for bit.
 """
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 import torch.nn as nn
 
 from .. import distributed
 from ..config import RNN_ARCHS, Recipe, RecipeError
 from ..data.text import Packed, StreamWindows, TokenWindows, get_tokenizer, load_tokens
-from ..models import checkpointing
+from ..models import recompute
 from ..models.gpt import GPT, GPTConfig
 from ..models.rnn import RNN, RNNConfig
 from ..precision import autocast
-from ..registry import Ops
+from ..ops.select import Ops
 from . import Task, register
 
 
@@ -34,7 +32,7 @@ def _vocab(recipe: Recipe, tokenizer_vocab: int) -> int:
 
 
 def gpt_config(recipe: Recipe, tokenizer_vocab: int) -> GPTConfig:
-    return dataclasses.replace(recipe.model, vocab_size=_vocab(recipe, tokenizer_vocab))
+    return GPTConfig.from_section(recipe.model, vocab_size=_vocab(recipe, tokenizer_vocab))
 
 
 def rnn_config(recipe: Recipe, tokenizer_vocab: int) -> RNNConfig:
@@ -61,7 +59,7 @@ class LanguageModelingTask(Task):
         self.tokenizer = data.tokenizer
         self.model = build_model(recipe, data.tokenizer.vocab_size, ops).to(device)
         self.cfg = self.model.cfg
-        checkpointing.apply(self.model, t.activation_checkpointing, log)
+        recompute.apply(self.model, t.activation_checkpointing, log)
         self.recurrent = isinstance(self.model, RNN)
         windows = StreamWindows if t.carry_state else TokenWindows
         d = recipe.data

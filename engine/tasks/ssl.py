@@ -35,9 +35,9 @@ import torch.nn.functional as F
 from .. import distributed
 from ..config import Recipe, RecipeError, SSLConfig
 from ..data.images import ImageBatches, eval_indices, load_images, to_model_input
-from ..models import checkpointing
+from ..models import recompute
 from ..precision import autocast
-from ..registry import Ops
+from ..ops.select import Ops
 from ..ssl import augment, evaluation
 from ..ssl.augment import Draw
 from . import Task
@@ -161,7 +161,7 @@ class PretrainingTask(Task):
         backbone = build_model(m, ops)
         width = strip_head(backbone)
         self.model = PretrainingModel(backbone, width, t.task, s).to(device, memory_format=self.memory_format)
-        checkpointing.apply(self.model.backbone, t.activation_checkpointing, log)
+        recompute.apply(self.model.backbone, t.activation_checkpointing, log)
         self.mean = torch.tensor(self.data.mean, device=device, dtype=torch.float32)
         self.std = torch.tensor(self.data.std, device=device, dtype=torch.float32)
         self.train_batches = ImageBatches(len(self.pool), t.batch_size, t.grad_accum, recipe.run.seed, world)

@@ -18,15 +18,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .. import distributed, registry
+from .. import distributed
+from ..ops import select as op_select, table as op_table
 from ..config import ModelConfig, Recipe, RecipeError
 from ..data.images import (ImageBatches, augmentation_seed, crop_and_flip, eval_indices, labelled_subset,
                            load_images, to_model_input)
 from ..models.convnext import Block as ConvNeXtBlock, ConvNeXt, ConvNeXtConfig
 from ..models.resnet import ResNet, ResNetConfig
 from ..precision import autocast
-from ..registry import Ops
-from ..models import checkpointing
+from ..ops.select import Ops
+from ..models import recompute
 from . import Task, register
 
 
@@ -106,7 +107,7 @@ def forward_flops(m: ModelConfig) -> float:
             macs += output.numel() * module.in_features
 
     with torch.device("meta"):
-        model = build_model(m, registry.resolve({op: "torch" for op in registry.op_names()})).eval()
+        model = build_model(m, op_select.resolve({op: "torch" for op in op_table.op_names()})).eval()
         for module in model.modules():
             if isinstance(module, (nn.Conv2d, nn.Linear, ConvNeXtBlock)):
                 module.register_forward_hook(count)
@@ -130,7 +131,7 @@ class ImageClassificationTask(Task):
         self.model = build_model(m, ops).to(device, memory_format=self.memory_format)
         if device.type == "cpu":
             guard_onednn_convs(self.model, log)
-        checkpointing.apply(self.model, recipe.train.activation_checkpointing, log)
+        recompute.apply(self.model, recipe.train.activation_checkpointing, log)
         self.ema = None
         if t.ema_decay:
             if sharded:

@@ -10,7 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tritonforge.engine import cli, registry
+from tritonforge.engine import cli
+from tritonforge.engine.ops import reference as op_reference, select as op_select, table as op_table
 from tritonforge.engine.bench import BenchError, gpu, ops, train
 
 # One small shape per op (the Triton interpreter runs these in about a second).
@@ -47,7 +48,7 @@ def test_ops_wrong_backend_fails_loudly_and_is_not_timed(tmp_path, monkeypatch, 
     def wrong_layer_norm(x, weight=None, bias=None, eps=1e-5):
         return F.layer_norm(x, (x.shape[-1],), weight, bias, eps) * 1.1
 
-    monkeypatch.setitem(registry.find("layer_norm").functions, "layer_norm", (wrong_layer_norm, "layer_norm"))
+    monkeypatch.setitem(op_table.find("layer_norm").functions, "layer_norm", (wrong_layer_norm, "layer_norm"))
     code, rows, csv_rows = run_ops(tmp_path, "--op", "layer_norm,rms_norm", "--backends", "torch",
                                    "--shapes", "8x32")
     assert code == 1
@@ -166,7 +167,7 @@ def test_ops_cpu_defaults():
     assert args.dtypes == [torch.float32]
     assert args.backends["attention"] == ["torch", "triton"]
     # the built-in ops' tiny set, and the tiny shapes of the ops whose registry row brings its own case
-    own = {op.name: op.bench.shapes["tiny"] for op in registry.TABLE if op.bench is not None}
+    own = {op.name: op.bench.shapes["tiny"] for op in op_table.TABLE if op.bench is not None}
     assert args.shapes == {**ops.SHAPE_SETS["tiny"], **own}
     args = ops.parse_args(["--device", "cpu", "--backends", "liger,torch", "--op", "attention,rms_norm"])
     assert args.backends == {"attention": ["torch"], "rms_norm": ["torch", "liger"]}
@@ -258,7 +259,7 @@ def test_train_uses_the_recipes_checkpointing_by_default():
     args = train.parse_args(["recipes/gpt_cpu.toml", "--train.activation_checkpointing=every_2", *TINY_GPT,
                              "--model.n_layer=3"])
     assert args.checkpointing == ["every_2"]
-    task = train.SyntheticTask(args.recipe, registry.resolve({}, "cpu"), torch.device("cpu"))
+    task = train.SyntheticTask(args.recipe, op_select.resolve({}, "cpu"), torch.device("cpu"))
     assert [type(b).__name__ for b in task.model.blocks] == ["CheckpointedBlock", "Block", "CheckpointedBlock"]
 
 
@@ -276,9 +277,9 @@ def test_saved_activations_count_each_storage_once_until_the_backward_frees_it()
 
 def test_train_mismatched_loss_is_failed(tmp_path, monkeypatch):
     def wrong_loss(x, weight, targets, bias=None, **options):
-        return 2 * registry.torch_linear_cross_entropy(x, weight, targets, bias, **options)
+        return 2 * op_reference.torch_linear_cross_entropy(x, weight, targets, bias, **options)
 
-    real_resolve = registry.resolve
+    real_resolve = op_select.resolve
 
     def resolve(choices=None, device="cpu", deterministic=True):  # the --kernels set gets the wrong loss
         ops_ = real_resolve(choices, device, deterministic)
@@ -286,7 +287,7 @@ def test_train_mismatched_loss_is_failed(tmp_path, monkeypatch):
             return ops_.replace(linear_cross_entropy=wrong_loss)
         return ops_
 
-    monkeypatch.setattr(registry, "resolve", resolve)
+    monkeypatch.setattr(op_select, "resolve", resolve)
     code = train.main(["recipes/gpt_cpu.toml", "--kernels", "auto", "--vs", "torch", "--steps", "1", "--warmup", "1",
                        "--json", str(tmp_path / "t.json"), *TINY_GPT])
     assert code == 1
@@ -301,11 +302,11 @@ def test_kernel_sets(monkeypatch):
     recipe = train.load_recipe("recipes/gpt_cpu.toml")
     cpu = torch.device("cpu")
     explicit = train.resolve_set({"layer_norm": "auto"}, recipe, cpu).backends
-    assert explicit == {op: "torch" for op in registry.op_names()}  # unnamed ops on torch, auto is torch on CPU
+    assert explicit == {op: "torch" for op in op_table.op_names()}  # unnamed ops on torch, auto is torch on CPU
     lenient = train.resolve_set("triton", recipe, cpu).backends  # the interpreter is on in the tests
-    assert lenient == {op: "triton" for op in registry.op_names()}
-    monkeypatch.setattr(registry, "_kernels_module", lambda: None)
-    with pytest.raises(registry.KernelSelectionError, match="the kernels package cannot be imported"):
+    assert lenient == {op: "triton" for op in op_table.op_names()}
+    monkeypatch.setattr(op_table, "kernels_module", lambda: None)
+    with pytest.raises(op_table.KernelSelectionError, match="the kernels package cannot be imported"):
         train.resolve_set({"attention": "triton"}, recipe, cpu)
 
 

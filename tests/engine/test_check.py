@@ -11,7 +11,9 @@ import pytest
 import torch
 
 from tritonforge import kernels
-from tritonforge.engine import cli, registry
+from tritonforge.engine import cli
+from tritonforge.engine.ops import table as op_table
+from tritonforge.engine.optim import build as optim_build
 from tritonforge.engine.bench import BenchError, check, gpu
 from tritonforge.engine.bench import ops as bench_ops
 
@@ -95,7 +97,7 @@ def test_the_command_switches_the_interpreter_on_itself():
     assert "4 rows (4 ok)" in proc.stdout
 
 
-def _doubling_row() -> registry.Op:
+def _doubling_row() -> op_table.Op:
     """A stand-in row of the op table, ``x * 2``, with the OpBench a new op brings."""
     def case(shape, dtype, device):
         x = torch.randn(shape.rows, shape.cols, dtype=dtype, device=device, requires_grad=True)
@@ -107,13 +109,13 @@ def _doubling_row() -> registry.Op:
 
     bench = bench_ops.OpBench("MxN", lambda spec: [], {"tiny": [bench_ops.MatrixShape(3, 5)], "default": []}, case,
                               lambda ops, case: ops.double(case.inputs[0]), reference)
-    return registry.Op("double", "x * 2", {"double": (lambda x: 2 * x, lambda kernels, det: lambda x: x + x)},
+    return op_table.Op("double", "x * 2", {"double": (lambda x: 2 * x, lambda kernels, det: lambda x: x + x)},
                        bench=bench)
 
 
 @in_interpreter
 def test_a_new_row_of_the_op_table_is_checked(tmp_path, monkeypatch):
-    monkeypatch.setattr(registry, "TABLE", registry.TABLE + [_doubling_row()])
+    monkeypatch.setattr(op_table, "TABLE", op_table.TABLE + [_doubling_row()])
     code, rows = run_check(tmp_path, "--op", "double", "--dtype", "fp32")
     assert code == 0
     assert [(r["backend"], r["size"], r["shape"], r["status"]) for r in rows] == [
@@ -121,8 +123,8 @@ def test_a_new_row_of_the_op_table_is_checked(tmp_path, monkeypatch):
 
 
 def test_every_registry_op_has_a_check_and_options_are_validated(monkeypatch):
-    assert all(check.checkable(op) for op in registry.op_names())
-    assert set(registry.OPTIMIZERS) <= set(check.OPTIMIZERS)
+    assert all(check.checkable(op) for op in op_table.op_names())
+    assert set(optim_build.OPTIMIZERS) <= set(check.OPTIMIZERS)
     assert check.parse_args(["--device", "cpu"]).sizes == ["small", "odd"]
     with pytest.raises(BenchError, match="--op: unknown name 'gemm'"):
         check.parse_args(["--device", "cpu", "--op", "gemm"])

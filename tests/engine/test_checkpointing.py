@@ -6,16 +6,16 @@ import copy
 import pytest
 import torch
 
-from tritonforge.engine import registry
+from tritonforge.engine.ops import select as op_select, table as op_table
 from tritonforge.engine.config import RecipeError, load_recipe
-from tritonforge.engine.models import checkpointing
+from tritonforge.engine.models import recompute
 from tritonforge.engine.models.gpt import GPT, GPTConfig
 from tritonforge.engine.models.rnn import RNN, RNNConfig
 from tritonforge.engine.tasks.vision import build_model
 
-OPS = registry.resolve({}, "cpu")
+OPS = op_select.resolve({}, "cpu")
 #: Every op on its Triton kernel (tests/conftest.py turns the interpreter on, so they run on CPU tensors).
-TRITON = registry.resolve({op: "triton" for op in registry.op_names()}, "cpu")
+TRITON = op_select.resolve({op: "triton" for op in op_table.op_names()}, "cpu")
 
 
 def _grads(model, loss_fn):
@@ -28,7 +28,7 @@ def _grads(model, loss_fn):
 
 def _same_with_and_without(model, loss_fn, policy):
     plain = copy.deepcopy(model)
-    assert checkpointing.apply(model, policy) > 0
+    assert recompute.apply(model, policy) > 0
     assert [n for n, _ in model.named_parameters()] == [n for n, _ in plain.named_parameters()]
     loss_a, grads_a = _grads(plain, loss_fn)
     loss_b, grads_b = _grads(model, loss_fn)
@@ -61,7 +61,7 @@ def test_a_copy_stays_checkpointed_with_its_own_weights():
     """A weight EMA is a deep copy: it must run its own weights, not the original's."""
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=2, n_head=2, d_model=32, context=16, vocab_size=64), OPS)
-    checkpointing.apply(model, "blocks")
+    recompute.apply(model, "blocks")
     twin = copy.deepcopy(model)
     with torch.no_grad():
         for p in twin.parameters():
@@ -102,7 +102,7 @@ def test_gpt_under_torch_compile(ops):
 
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=2, n_head=2, d_model=32, context=16, vocab_size=64), ops).train()
-    assert checkpointing.apply(model, "blocks") == 2
+    assert recompute.apply(model, "blocks") == 2
     regions = []
 
     def backend(gm, example_inputs):
@@ -124,11 +124,11 @@ def test_gpt_under_torch_compile(ops):
 def test_a_model_without_residual_blocks_is_refused():
     rnn = RNN(RNNConfig(cell="lstm", n_layer=1, d_model=16, hidden=16, vocab_size=32), OPS)
     with pytest.raises(RecipeError, match="train.activation_checkpointing = 'blocks': RNN has no residual blocks"):
-        checkpointing.apply(rnn, "blocks")
-    assert checkpointing.apply(rnn, "none") == 0
+        recompute.apply(rnn, "blocks")
+    assert recompute.apply(rnn, "none") == 0
 
 
 def test_the_count_of_checkpointed_blocks():
     model = GPT(GPTConfig(n_layer=3, n_head=2, d_model=32, context=16, vocab_size=64), OPS)
-    assert checkpointing.apply(model, "every_2") == 2
-    assert checkpointing.checkpointed_blocks(model) == 2
+    assert recompute.apply(model, "every_2") == 2
+    assert recompute.checkpointed_blocks(model) == 2

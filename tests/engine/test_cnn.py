@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from tritonforge.engine import registry
+from tritonforge.engine.ops import reference as op_reference, select as op_select, table as op_table
 from tritonforge.engine.config import DataConfig, RecipeError, load_recipe
 from tritonforge.engine.data.images import ImageBatches, crop_and_flip, eval_indices, load_images, to_model_input
 from tritonforge.engine.tasks import build_task
@@ -25,7 +25,7 @@ def model_config(*overrides):
 
 
 def torch_ops():
-    return registry.resolve({op: "torch" for op in registry.op_names()}, "cpu")
+    return op_select.resolve({op: "torch" for op in op_table.op_names()}, "cpu")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -69,7 +69,7 @@ def test_convnext_norms_read_contiguous_nhwc_views():
 
     def layer_norm(x, weight, bias, eps):
         seen.append(x.is_contiguous())
-        return registry.torch_layer_norm(x, weight, bias, eps)
+        return op_reference.torch_layer_norm(x, weight, bias, eps)
 
     ops = torch_ops().replace(layer_norm=layer_norm)
     model = build_model(model_config("--model.arch=convnext", "--model.width=8", "--model.depths=1,1,1,1"), ops)
@@ -237,7 +237,7 @@ def test_short_training_run_beats_chance(tmp_path):
 def test_convnext_triton_ops_match_torch(op):
     """ConvNeXt's LayerNorms, its fused block tails (GELU, fc2, LayerScale, stochastic depth, residual) or its
     depthwise convolutions on the Triton kernels give the torch backend's outputs and gradients."""
-    triton_ops = registry.resolve({op: "triton"}, "cpu")
+    triton_ops = op_select.resolve({op: "triton"}, "cpu")
     cfg = model_config("--model.arch=convnext", "--model.width=8", "--model.depths=1,1,2,1",
                        "--model.drop_path=0.5")
     torch.manual_seed(0)

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from tritonforge.engine import registry
+from tritonforge.engine.ops import select as op_select, table as op_table
 from tritonforge.engine.config import load_recipe
 from tritonforge.engine.tasks import build_task
 from tritonforge.engine.tasks.vision import SubsampledConv2d, build_model, onednn_unsafe
@@ -28,13 +28,13 @@ WIDTH_4 = ["--model.width=4", "--model.depths=1,1,1,1", "--model.image_size=16",
 GRADIENTS = """
 import copy, sys
 import torch
-from engine import registry
+from engine.ops import select as op_select, table as op_table
 from engine.config import load_recipe
 from engine.tasks.vision import build_model, guard_onednn_convs
 
 cfg = load_recipe(None, ["--data.source=shapes", *sys.argv[1:]]).model
 torch.manual_seed(0)
-reference = build_model(cfg, registry.resolve({op: "torch" for op in registry.op_names()}, "cpu"))
+reference = build_model(cfg, op_select.resolve({op: "torch" for op in op_table.op_names()}, "cpu"))
 guarded = copy.deepcopy(reference).to(memory_format=torch.channels_last)
 guard_onednn_convs(guarded)
 x = torch.randn(8, 3, 16, 16)
@@ -50,7 +50,7 @@ for threads in (2, 1):
 
 
 def torch_ops():
-    return registry.resolve({op: "torch" for op in registry.op_names()}, "cpu")
+    return op_select.resolve({op: "torch" for op in op_table.op_names()}, "cpu")
 
 
 def python(*args: str) -> subprocess.CompletedProcess:

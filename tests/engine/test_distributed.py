@@ -186,7 +186,7 @@ COUNTING = """
 import os, sys
 import torch
 from tritonforge.engine import distributed
-from tritonforge.engine.models import checkpointing, gpt
+from tritonforge.engine.models import recompute, gpt
 forwards = [0]
 block_forward = gpt.Block.forward
 def forward(self, *args):
@@ -197,7 +197,7 @@ real_wrap = distributed.wrap
 def wrap(model, recipe, device):
     model = real_wrap(model, recipe, device)
     blocks = getattr(model, "module", model).blocks
-    print("wrapped blocks:", ",".join(type(b).__name__ for b in blocks), checkpointing.checkpointed_blocks(model))
+    print("wrapped blocks:", ",".join(type(b).__name__ for b in blocks), recompute.checkpointed_blocks(model))
     return model
 distributed.wrap = wrap
 from tritonforge.engine.cli import train_main

@@ -1,4 +1,4 @@
-"""The torch backend's FlexAttention path (engine/flex.py): block masks built from segment ids.
+"""The torch backend's FlexAttention path (engine/ops/flex.py): block masks built from segment ids.
 
 The block tables are checked pair by pair against an independent dense mask, against PyTorch's own
 ``create_block_mask``, and end to end through FlexAttention's compiled CPU kernel, which skips the blocks
@@ -11,7 +11,8 @@ import warnings
 import pytest
 import torch
 
-from tritonforge.engine import flex, registry
+from tritonforge.engine.ops import flex
+from tritonforge.engine.ops import reference as op_reference
 from support import visible_pairs
 
 pytestmark = pytest.mark.skipif(flex._flex_module() is None, reason="this PyTorch has no FlexAttention")
@@ -124,7 +125,7 @@ def test_compiled_flex_kernel_with_the_block_mask_matches_dense_sdpa():
     ids = documents([30, 90, 50, 30], [200])
     q, k, v = (torch.randn(2, 4, 200, 16) for _ in range(3))
     k, v = k[:, :2], v[:, :2]  # grouped-query attention: two kv heads
-    want = registry.dense_attention(q, k, v, True, 40, None, ids)
+    want = op_reference.dense_attention(q, k, v, True, 40, None, ids)
     bm = flex.block_mask(ids, 200, True, 40, block=64)
     run = torch.compile(flex_attention, dynamic=False)
     got = run(q, k, v, block_mask=bm, enable_gqa=True)
@@ -155,8 +156,8 @@ def test_new_batch_sizes_recompile_once_not_per_shape(monkeypatch):
     for batch in (1, 2, 3, 5):
         ids = documents(*[[60, 1, 139]] * batch)
         q = torch.randn(batch, 2, 200, 16)
-        torch.testing.assert_close(registry.torch_attention(q, q, q, True, None, None, ids),
-                                   registry.dense_attention(q, q, q, True, None, None, ids), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(op_reference.torch_attention(q, q, q, True, None, None, ids),
+                                   op_reference.dense_attention(q, q, q, True, None, None, ids), atol=1e-5, rtol=1e-5)
     assert counters["stats"]["unique_graphs"] == 2
 
 
@@ -169,11 +170,11 @@ def test_torch_backend_traces_whole_into_a_compiled_model(monkeypatch):
     k, v = torch.randn(2, 2, 200, 16), torch.randn(2, 2, 200, 16)
 
     def layers(q, k, v, ids):
-        out = registry.torch_attention(q, k, v, True, 40, None, ids)
-        return registry.torch_attention(out, k, v, True, 40, None, ids)
+        out = op_reference.torch_attention(q, k, v, True, 40, None, ids)
+        return op_reference.torch_attention(out, k, v, True, 40, None, ids)
 
     got = torch.compile(layers, fullgraph=True, backend="eager")(q, k, v, ids)
-    want = registry.dense_attention(registry.dense_attention(q, k, v, True, 40, None, ids), k, v, True, 40, None, ids)
+    want = op_reference.dense_attention(op_reference.dense_attention(q, k, v, True, 40, None, ids), k, v, True, 40, None, ids)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
@@ -185,15 +186,15 @@ def test_under_autocast_flex_gets_the_autocast_dtype_as_sdpa_would(monkeypatch):
 
     def recorder(q, k, v, block_mask, scale, enable_gqa):
         seen.append((q.dtype, k.dtype, v.dtype))
-        return registry.dense_attention(q, k, v, True, None, scale, ids)
+        return op_reference.dense_attention(q, k, v, True, None, scale, ids)
 
     monkeypatch.setattr(flex, "_compiled_flex", lambda: recorder)
     ids = documents([7, 13])
     q, k = torch.randn(1, 2, 20, 16), torch.randn(1, 2, 20, 16)
     v = torch.randn(1, 2, 20, 16, dtype=torch.bfloat16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = registry.torch_attention(q, k, v, True, None, None, ids)
-        want = registry.dense_attention(q, k, v, True, None, None, ids)
+        out = op_reference.torch_attention(q, k, v, True, None, None, ids)
+        want = op_reference.dense_attention(q, k, v, True, None, None, ids)
     assert seen == [(torch.bfloat16,) * 3] and out.dtype == want.dtype == torch.bfloat16
     torch.testing.assert_close(out, want, atol=0, rtol=0)
 
@@ -214,8 +215,8 @@ def test_torch_backend_uses_the_dense_mask_off_cuda():
     q = torch.randn(1, 2, 20, 16)
     assert not flex.usable(q, q, q)
     ids = documents([7, 13])
-    torch.testing.assert_close(registry.torch_attention(q, q, q, True, None, None, ids),
-                               registry.dense_attention(q, q, q, True, None, None, ids), atol=0, rtol=0)
+    torch.testing.assert_close(op_reference.torch_attention(q, q, q, True, None, None, ids),
+                               op_reference.dense_attention(q, q, q, True, None, None, ids), atol=0, rtol=0)
 
 
 def test_what_flexattention_cannot_take_keeps_the_dense_mask(monkeypatch):
@@ -226,7 +227,7 @@ def test_what_flexattention_cannot_take_keeps_the_dense_mask(monkeypatch):
     assert not flex.usable(*(torch.randn(0, 2, 20, 16),) * 3)
     assert not flex.usable(torch.randn(1, 2, 20, 16), torch.randn(1, 2, 30, 16), torch.randn(1, 2, 30, 16))
     q = torch.randn(1, 2, 0, 16)
-    out = registry.torch_attention(q, q, q, True, None, None, torch.zeros(1, 0, dtype=torch.int64))
+    out = op_reference.torch_attention(q, q, q, True, None, None, torch.zeros(1, 0, dtype=torch.int64))
     assert out.shape == (1, 2, 0, 16)
 
 
@@ -239,14 +240,14 @@ def test_a_configuration_that_fails_warns_once_and_falls_back_to_the_dense_mask(
     q, k, v = (torch.randn(1, 2, 20, 16, dtype=torch.float64, requires_grad=True) for _ in range(3))
     assert flex.usable(q, k, v)
     with pytest.warns(UserWarning, match=r"FlexAttention failed for torch.float64 head dim 16.*dense mask"):
-        out = registry.torch_attention(q, k, v, True, None, None, ids)
+        out = op_reference.torch_attention(q, k, v, True, None, None, ids)
     assert not flex.usable(q, k, v)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        again = registry.torch_attention(q, k, v, True, None, None, ids)
+        again = op_reference.torch_attention(q, k, v, True, None, None, ids)
     monkeypatch.undo()
     ref = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-    want = registry.dense_attention(*ref, True, None, None, ids)
+    want = op_reference.dense_attention(*ref, True, None, None, ids)
     torch.testing.assert_close(out, want, atol=0, rtol=0)
     torch.testing.assert_close(again, want, atol=0, rtol=0)
     out.sum().backward()
@@ -264,9 +265,9 @@ def test_a_failure_under_autocast_is_remembered_for_the_inputs_as_given(monkeypa
     q = torch.randn(1, 2, 20, 16, requires_grad=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         with pytest.warns(UserWarning, match="FlexAttention failed for torch.bfloat16"):
-            out = registry.torch_attention(q, q, q, True, None, None, ids)
+            out = op_reference.torch_attention(q, q, q, True, None, None, ids)
         assert not flex.usable(q, q, q)
-        torch.testing.assert_close(out, registry.dense_attention(q, q, q, True, None, None, ids), atol=0, rtol=0)
+        torch.testing.assert_close(out, op_reference.dense_attention(q, q, q, True, None, None, ids), atol=0, rtol=0)
 
 
 def test_without_a_fallback_the_failure_is_raised(monkeypatch):
@@ -291,11 +292,11 @@ def test_cuda_torch_backend_runs_flexattention_forward_and_backward(dtype, autoc
     assert flex.usable(q, k, v)
     with warnings.catch_warnings(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
         warnings.simplefilter("error")
-        out = registry.torch_attention(q, k, v, True, 200, None, ids)
+        out = op_reference.torch_attention(q, k, v, True, 200, None, ids)
         out.backward(do.to(out.dtype))
     assert not flex._FAILED and flex._COMPILED
     ref = [t.detach().float().requires_grad_() for t in (q, k, v)]
-    want = registry.dense_attention(*ref, True, 200, None, ids)
+    want = op_reference.dense_attention(*ref, True, 200, None, ids)
     want.backward(do.float())
     tol = 2e-2 if dtype == torch.bfloat16 or autocast else 2e-3
     for name, got, exp in zip(("out", "dq", "dk", "dv"), (out, q.grad, k.grad, v.grad),

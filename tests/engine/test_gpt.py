@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from tritonforge.engine.models.gpt import GPT, GPTConfig, rotary_tables
-from tritonforge.engine.registry import resolve, torch_rope
+from tritonforge.engine.ops.select import resolve
+from tritonforge.engine.ops.reference import torch_rope
 
 OPS = resolve({}, "cpu")
 OPTIONS = [

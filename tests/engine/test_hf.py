@@ -7,12 +7,13 @@ import json
 import pytest
 import torch
 
-from tritonforge.engine import hf, registry
+from tritonforge.engine import hf
+from tritonforge.engine.ops import select as op_select, table as op_table
 from tritonforge.engine.models.gpt import GPT, GPTConfig
 
 #: fp32 logits of the same tiny model computed by two implementations (different op order).
 FP32_ATOL = 1e-5
-TORCH_OPS = registry.resolve({op: "torch" for op in registry.op_names()})
+TORCH_OPS = op_select.resolve({op: "torch" for op in op_table.op_names()})
 
 
 def _randomize(model: torch.nn.Module, seed: int) -> None:

@@ -1,4 +1,4 @@
-"""Muon's Newton-Schulz iterations shared over ranks (engine.muon_dist): owners, layouts, and the shared
+"""Muon's Newton-Schulz iterations shared over ranks (engine.optim.sharing): owners, layouts, and the shared
 step's exactness at three ranks. Whole training runs under torchrun are in test_distributed.py."""
 import os
 import subprocess
@@ -10,7 +10,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
-from tritonforge.engine.muon_dist import MuonSharing, MuonShardingError, assign_owners, newton_schulz_flops, shard_sizes
+from tritonforge.engine.optim.sharing import MuonSharing, MuonShardingError, assign_owners, newton_schulz_flops, shard_sizes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
@@ -56,8 +56,8 @@ def test_unsupported_layouts_name_the_parameter(world_of_one):
 EXACT = """
 import torch, torch.distributed as dist
 from torch.distributed.tensor import Shard, distribute_tensor, init_device_mesh
-from tritonforge.engine.muon_dist import MuonSharing
-from tritonforge.engine.optim_muon import NS_COEFFICIENTS, newton_schulz_stack_
+from tritonforge.engine.optim.sharing import MuonSharing
+from tritonforge.engine.optim.muon import NS_COEFFICIENTS, newton_schulz_stack_
 dist.init_process_group("gloo")
 mesh = init_device_mesh("cpu", (dist.get_world_size(),))
 torch.manual_seed(0)

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from tritonforge.engine import registry
+from tritonforge.engine.ops import select as op_select, table as op_table
 from tritonforge.engine.bench import ops as bench_ops
 from tritonforge.engine.config import RecipeError, dump_toml, load_recipe
 
@@ -41,7 +41,7 @@ def _reference(case):
     return bench_ops._backward_reference(case, torch_scale(leaves[0]), leaves)
 
 
-SCALE = registry.Op(
+SCALE = op_table.Op(
     "scale", "x * alpha (a stand-in op for this test)",
     # The "Triton" entry is a factory, as rows use where a kernel's call needs adapting.
     {"scale": (torch_scale, lambda kernels, deterministic: lambda x, alpha=2.0: x * alpha)},
@@ -51,7 +51,7 @@ SCALE = registry.Op(
 
 @pytest.fixture
 def with_scale(monkeypatch):
-    monkeypatch.setattr(registry, "TABLE", registry.TABLE + [SCALE])
+    monkeypatch.setattr(op_table, "TABLE", op_table.TABLE + [SCALE])
 
 
 def test_a_new_row_is_a_recipe_key(with_scale, tmp_path):
@@ -66,8 +66,8 @@ def test_a_new_row_is_a_recipe_key(with_scale, tmp_path):
 
 def test_a_new_row_is_resolved(with_scale):
     x = torch.arange(3.0)
-    assert torch.equal(registry.resolve({"scale": "torch"}).scale(x), 2 * x)
-    ops = registry.resolve({"scale": "triton"}, "cpu")  # the tests run with the interpreter on
+    assert torch.equal(op_select.resolve({"scale": "torch"}).scale(x), 2 * x)
+    ops = op_select.resolve({"scale": "triton"}, "cpu")  # the tests run with the interpreter on
     assert ops.backends["scale"] == "triton" and torch.equal(ops.scale(x), 2 * x)
     assert "scale=triton" in ops.describe()
 
@@ -86,9 +86,9 @@ def test_unknown_keys_list_the_table():
 
 
 def test_the_table_is_the_one_op_list():
-    names = registry.op_names()
+    names = op_table.op_names()
     assert len(set(names)) == len(names)
     assert tuple(load_recipe(None).kernels.backends()) == names
     assert bench_ops.bench_ops() == names
-    for op in registry.TABLE:  # every built-in op has a Triton kernel in this build
-        assert registry.triton_available(op.name), op.name
+    for op in op_table.TABLE:  # every built-in op has a Triton kernel in this build
+        assert op_table.triton_available(op.name), op.name

@@ -6,9 +6,10 @@ import torch
 
 from tritonforge import kernels
 from tritonforge.engine.models.gpt import GPT, GPTConfig
-from tritonforge.engine.optim_muon import TorchMuon
-from tritonforge.engine.registry import resolve
+from tritonforge.engine.optim.muon import TorchMuon
+from tritonforge.engine.ops.select import resolve
 from tritonforge.engine.tasks import Task
+from tritonforge.engine.optim.build import build_optimizer
 
 FP32_RTOL = 1e-5  # interpreted kernels vs the torch backend, both iterating in fp32 on CPU
 
@@ -40,7 +41,7 @@ def test_torch_and_triton_backends_take_the_same_first_step():
     x = torch.randint(0, 24, (2, 8))
     opts = []
     for task, backend in zip(tasks, ("torch", "triton")):
-        opt, clips = resolve({"optimizer": backend}, "cpu").make_optimizer(
+        opt, clips = build_optimizer(resolve({"optimizer": backend}, "cpu"),
             "muon", task.param_groups(0.1, muon=True), lr=0.01, betas=(0.9, 0.95), eps=1e-8,
             weight_decay=0.1, nesterov=True, muon_momentum=0.9, max_grad_norm=1.0)
         assert isinstance(opt, (TorchMuon if backend == "torch" else kernels.Muon))

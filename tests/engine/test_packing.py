@@ -10,7 +10,7 @@ from tritonforge.engine.config import DataConfig, RecipeError, load_recipe
 from tritonforge.engine.data import text
 from tritonforge.engine.data.text import IGNORE, Packed, TokenWindows, load_tokens
 from tritonforge.engine.models.gpt import GPT, GPTConfig
-from tritonforge.engine.registry import resolve
+from tritonforge.engine.ops.select import resolve
 from tritonforge.engine.trainer import Trainer
 from support import Sink
 

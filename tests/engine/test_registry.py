@@ -5,13 +5,17 @@ import warnings
 import pytest
 import torch
 
-from tritonforge.engine import registry
-from tritonforge.engine.registry import KernelSelectionError, resolve
+from tritonforge.engine.ops import reference as op_reference, table as op_table
+
+from tritonforge.engine.optim import lion
+from tritonforge.engine.errors import KernelSelectionError
+from tritonforge.engine.ops.select import resolve
+from tritonforge.engine.optim.build import build_optimizer
 
 
 def test_auto_is_torch_on_cpu():
     ops = resolve({}, "cpu")
-    assert set(ops.backends) == set(registry.op_names())
+    assert set(ops.backends) == set(op_table.op_names())
     assert all(b == "torch" for b in ops.backends.values())
     assert "attention=torch" in ops.describe()
 
@@ -25,7 +29,7 @@ def test_unknown_op_and_backend_list_valid_names():
 
 
 def test_triton_without_a_kernel_is_an_error_not_a_fallback(monkeypatch):
-    monkeypatch.setattr(registry, "_kernels_module", lambda: None)  # e.g. no triton on this platform
+    monkeypatch.setattr(op_table, "kernels_module", lambda: None)  # e.g. no triton on this platform
     with pytest.raises(KernelSelectionError, match="kernels.layer_norm = 'triton': the kernels package cannot be"):
         resolve({"layer_norm": "triton"}, "cpu")
     assert resolve({"layer_norm": "auto"}, "cpu").backends["layer_norm"] == "torch"
@@ -36,7 +40,7 @@ def test_auto_on_cuda_warns_naming_the_import_error_when_the_kernels_cannot_be_i
     broken.mkdir()
     (broken / "__init__.py").write_text("from triton import no_such_name\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setattr(registry, "KERNELS_PACKAGE", "broken_kernels")
+    monkeypatch.setattr(op_table, "KERNELS_PACKAGE", "broken_kernels")
     with pytest.warns(RuntimeWarning, match=r"serves attention, layer_norm.* with torch, not the Triton kernels: "
                                             r"broken_kernels cannot be imported \(ImportError: cannot import name "
                                             r"'no_such_name'"):
@@ -46,12 +50,12 @@ def test_auto_on_cuda_warns_naming_the_import_error_when_the_kernels_cannot_be_i
         resolve({"rope": "triton"}, "cuda")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        resolve({op: "torch" for op in registry.op_names()}, "cuda")  # torch chosen on purpose: no warning
+        resolve({op: "torch" for op in op_table.op_names()}, "cuda")  # torch chosen on purpose: no warning
         resolve({}, "cpu")  # auto is torch on CPU by design
 
 
 def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
-    monkeypatch.setattr(registry, "triton_available", lambda op: True)
+    monkeypatch.setattr(op_table, "triton_available", lambda op: True)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(KernelSelectionError, match="needs a CUDA device"):
         resolve({"attention": "triton"}, "cpu")
@@ -84,7 +88,7 @@ def test_torch_attention_matches_reference(causal, window, hkv):
     g = torch.Generator().manual_seed(0)
     q = torch.randn(2, 4, 9, 8, generator=g, dtype=torch.float64)
     k, v = (torch.randn(2, hkv, 9, 8, generator=g, dtype=torch.float64) for _ in range(2))
-    out = registry.torch_attention(q, k, v, causal=causal, window=window)
+    out = op_reference.torch_attention(q, k, v, causal=causal, window=window)
     torch.testing.assert_close(out, _reference_attention(q, k, v, causal, window))
 
 
@@ -95,31 +99,31 @@ def test_torch_attention_with_segment_ids_matches_reference(causal, window):
     q = torch.randn(2, 4, 9, 8, generator=g, dtype=torch.float64)
     k, v = (torch.randn(2, 2, 9, 8, generator=g, dtype=torch.float64) for _ in range(2))
     ids = torch.tensor([[0, 0, 0, 1, 2, 2, 2, 2, 2], [4, 4, 4, 4, 4, 4, 7, 7, 7]])
-    out = registry.torch_attention(q, k, v, causal=causal, window=window, segment_ids=ids)
+    out = op_reference.torch_attention(q, k, v, causal=causal, window=window, segment_ids=ids)
     torch.testing.assert_close(out, _reference_attention(q, k, v, causal, window, ids))
 
 
 def test_fused_add_norm_references():
     x, r = torch.randn(3, 5, 16), torch.randn(3, 5, 16)
     w, b = torch.randn(16), torch.randn(16)
-    y, new_r = registry.torch_add_layer_norm(x, r, w, b)
+    y, new_r = op_reference.torch_add_layer_norm(x, r, w, b)
     torch.testing.assert_close(new_r, x + r)
     torch.testing.assert_close(y, torch.nn.functional.layer_norm(x + r, (16,), w, b))
-    y, new_r = registry.torch_add_rms_norm(x, r, w)
+    y, new_r = op_reference.torch_add_rms_norm(x, r, w)
     torch.testing.assert_close(y, torch.nn.functional.rms_norm(x + r, (16,), w, 1e-6))
 
 
 def test_optimizers_from_the_torch_backend():
     ops = resolve({"optimizer": "torch"}, "cpu")
     p = torch.nn.Parameter(torch.ones(3))
-    for name, cls in (("adamw", torch.optim.AdamW), ("sgd", torch.optim.SGD), ("lion", registry.TorchLion)):
-        opt, clips = ops.make_optimizer(name, [p], lr=0.1, momentum=0.9)
+    for name, cls in (("adamw", torch.optim.AdamW), ("sgd", torch.optim.SGD), ("lion", lion.TorchLion)):
+        opt, clips = build_optimizer(ops, name, [p], lr=0.1, momentum=0.9)
         assert isinstance(opt, cls) and clips is False
 
 
 def test_torch_lion_matches_its_formula():
     p = torch.nn.Parameter(torch.tensor([1.0, -2.0, 3.0]))
-    opt = registry.TorchLion([p], lr=0.1, betas=(0.9, 0.99), weight_decay=0.5)
+    opt = lion.TorchLion([p], lr=0.1, betas=(0.9, 0.99), weight_decay=0.5)
     g = torch.tensor([0.5, -1.0, 0.0])
     for _ in range(2):
         p.grad = g.clone()
@@ -141,10 +145,10 @@ def test_gelu_linear_residual_reference():
     rows = torch.tensor([0.0, 2.0]).repeat_interleave(15).double()  # the first sample's branch dropped
     gelu = 0.5 * h * (1 + torch.erf(h / math.sqrt(2)))
     expect = res + rows.view(2, 3, 5, 1) * gamma * (gelu @ w.T + b)
-    out = registry.torch_gelu_linear_residual(h, w, b, gamma, res, rows)
+    out = op_reference.torch_gelu_linear_residual(h, w, b, gamma, res, rows)
     torch.testing.assert_close(out, expect)
     assert torch.equal(out[0], res[0])
-    torch.testing.assert_close(registry.torch_gelu_linear_residual(h, w), gelu @ w.T)
+    torch.testing.assert_close(op_reference.torch_gelu_linear_residual(h, w), gelu @ w.T)
 
 
 def test_deterministic_reaches_the_triton_attention(monkeypatch):
@@ -156,7 +160,7 @@ def test_deterministic_reaches_the_triton_attention(monkeypatch):
             seen.update(kw)
             return q
 
-    monkeypatch.setattr(registry, "_kernels_module", lambda: FakeKernels)
+    monkeypatch.setattr(op_table, "kernels_module", lambda: FakeKernels)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     q = torch.zeros(1, 1, 2, 16)
     resolve({"attention": "triton"}, "cpu").attention(q, q, q)

@@ -12,9 +12,9 @@ import torch
 from tritonforge.engine import checkpoint
 from tritonforge.engine.config import RecipeError, load_recipe
 from tritonforge.engine.data.text import StreamWindows
-from tritonforge.engine.metrics import read_metrics
+from tritonforge.engine.runlog import read_metrics
 from tritonforge.engine.models.rnn import RNN, RNNConfig
-from tritonforge.engine.registry import resolve
+from tritonforge.engine.ops.select import resolve
 from tritonforge.engine.trainer import Trainer
 from support import Sink, tiny_corpus
 

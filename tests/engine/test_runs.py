@@ -17,7 +17,7 @@ from tritonforge.engine import checkpoint, plot
 from tritonforge.engine.checkpoint import CheckpointError
 from tritonforge.engine.cli import main as cli_main
 from tritonforge.engine.config import RecipeError, load_recipe
-from tritonforge.engine.metrics import RunLogger, read_metrics
+from tritonforge.engine.runlog import RunLogger, read_metrics
 from tritonforge.engine.trainer import Trainer, TrainingError, lr_at
 from support import Sink, tiny_corpus
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from tritonforge.engine import registry
+from tritonforge.engine.ops import select as op_select
 from tritonforge.engine.config import RecipeError, load_recipe
 from tritonforge.engine.data.images import labelled_subset
 from tritonforge.engine.ssl import augment
@@ -84,7 +84,7 @@ def test_a_classifier_trains_on_the_subset_only(tmp_path):
     r = load_recipe(None, ["--model.arch=resnet", "--model.width=8", "--model.num_classes=8", "--data.source=shapes-b",
                            "--data.num_images=400", "--data.labels_per_class=3", "--train.batch_size=6",
                            f"--data.cache_dir={tmp_path.parent / 'cache'}"])
-    task = build_task(r, registry.resolve({}, "cpu"), torch.device("cpu"), log=lambda *_: None)
+    task = build_task(r, op_select.resolve({}, "cpu"), torch.device("cpu"), log=lambda *_: None)
     seen = np.concatenate([task.subset[task.train_batches.indices(s)] for s in range(8)])
     assert set(seen) == set(task.subset) and len(task.subset) == 24
 
@@ -107,7 +107,7 @@ def test_views_do_not_depend_on_how_many_processes_share_the_batch(tmp_path):
 
 
 def test_training_batches_are_pairs_of_views_and_a_pure_function_of_the_step(tmp_path):
-    task = build_task(tiny(tmp_path), registry.resolve({}, "cpu"), torch.device("cpu"), log=lambda *_: None)
+    task = build_task(tiny(tmp_path), op_select.resolve({}, "cpu"), torch.device("cpu"), log=lambda *_: None)
     x, _ = task.batch(3, 0)
     assert x.shape == (16, 3, 32, 32)
     assert torch.equal(x, task.batch(3, 0)[0]) and not torch.equal(x, task.batch(4, 0)[0])
@@ -168,7 +168,7 @@ pkg = types.ModuleType("tritonforge"); pkg.__path__ = [sys.argv[1]]; sys.modules
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
-from tritonforge.engine import registry
+from tritonforge.engine.ops import select as op_select
 from tritonforge.engine.tasks.ssl import gather_views
 
 dist.init_process_group("gloo")
@@ -176,7 +176,7 @@ rank, world = dist.get_rank(), dist.get_world_size()
 torch.manual_seed(0)
 views = torch.randn(16, 10)  # 8 images, two views each, in pairs; the same on every process
 for backend in ("torch", "triton"):
-    ops = registry.resolve({"nt_xent": backend}, "cpu")
+    ops = op_select.resolve({"nt_xent": backend}, "cpu")
     torch.manual_seed(1)
     whole = torch.nn.Linear(10, 6)
     part = DistributedDataParallel(torch.nn.Linear(10, 6))

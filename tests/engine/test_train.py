@@ -11,7 +11,7 @@ from tritonforge import kernels
 
 from tritonforge.engine.config import load_recipe
 from tritonforge.engine.precision import LossScaler
-from tritonforge.engine.optim_muon import TorchMuon
+from tritonforge.engine.optim.muon import TorchMuon
 from tritonforge.engine.trainer import Trainer, lr_at, masked_step
 from support import Sink
 

@@ -4,7 +4,8 @@ import json
 import pytest
 import torch
 
-from tritonforge.engine import cli, hf, registry, transfer
+from tritonforge.engine import cli, hf, transfer
+from tritonforge.engine.ops import select as op_select, table as op_table
 from tritonforge.engine.config import RecipeError, load_recipe
 from tritonforge.engine.models.gpt import GPT, GPTConfig
 from tritonforge.engine.trainer import Trainer
@@ -124,7 +125,7 @@ def test_init_from_a_hugging_face_folder_and_export_back(corpus, tmp_path, capsy
     cfg = GPTConfig(n_layer=1, n_head=2, n_kv_head=1, d_model=32, context=64, vocab_size=256, pos="rope",
                     rope_base=500.0, norm="rmsnorm", mlp="swiglu", bias=False, tie_embeddings=False, norm_eps=1e-5, d_ff=96)
     torch.manual_seed(0)
-    original = GPT(cfg, registry.resolve({op: "torch" for op in registry.op_names()}))
+    original = GPT(cfg, op_select.resolve({op: "torch" for op in op_table.op_names()}))
     hf.save_folder(tmp_path / "hf", original.state_dict(), cfg)
     sink = Sink()
     # The recipe's model (2 layers, learned positions, ...) gives way to the folder's config.json.

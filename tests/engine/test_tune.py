@@ -1,4 +1,4 @@
-"""The measured ``auto`` (engine/tune.py), on CPU: an injected clock and injected candidates stand in for the
+"""The measured ``auto`` (engine/ops/tune/), on CPU: an injected clock and injected candidates stand in for the
 GPU, so every rule of the decision is exercised without one."""
 import json
 import os
@@ -11,9 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from tritonforge.engine import registry, tune
+from tritonforge.engine.ops import tune
+from tritonforge.engine.ops import reference as op_reference, select as op_select, table as op_table
+from tritonforge.engine.optim.build import build_optimizer
 from tritonforge.engine.models.gpt import GPT, GPTConfig
-from tritonforge.engine.registry import resolve, torch_layer_norm
+from tritonforge.engine.ops.select import resolve
+from tritonforge.engine.ops.reference import torch_layer_norm
 
 ROOT = Path(__file__).resolve().parents[2]
 TORCH_MS, SLOW_MS, FAST_MS = 1.0, 2.0, 0.5
@@ -229,7 +232,7 @@ def test_the_choice_reaches_a_model_built_before_it():
 def test_explicit_backends_and_other_modes_are_not_tuned():
     cuda = torch.device("cuda")  # a device value only: nothing runs on it
     used = ("attention", "layer_norm", "cross_entropy", "optimizer")
-    choices = {op: "auto" for op in registry.op_names()} | {"attention": "triton", "layer_norm": "torch"}
+    choices = {op: "auto" for op in op_table.op_names()} | {"attention": "triton", "layer_norm": "torch"}
     assert tune.tunable(choices, used, tune.Settings(), cuda) == ["cross_entropy", "optimizer"]
     assert tune.tunable(choices, used, tune.Settings(mode="trust"), cuda) == []
     assert tune.tunable(choices, used, tune.Settings(), torch.device("cpu")) == []
@@ -254,9 +257,9 @@ def test_recording_the_calls_of_a_training_step_leaves_no_trace():
     assert signature["kwargs"]["window"] == 4 and signature["args"][0]["shape"] == [3, 2, 8, 16]
     assert {c.function for c in calls["layer_norm"]} >= {"layer_norm"}
     assert all(p.grad is None for p in model.parameters())
-    assert ops.attention is registry.torch_attention  # unwrapped again
-    work = tune.CallWork(attention[0], registry.torch_attention, torch.device("cpu"))
-    _, error = work.first_run(tune.Candidate("torch", "torch", {"attention": registry.torch_attention}))
+    assert ops.attention is op_reference.torch_attention  # unwrapped again
+    work = tune.CallWork(attention[0], op_reference.torch_attention, torch.device("cpu"))
+    _, error = work.first_run(tune.Candidate("torch", "torch", {"attention": op_reference.torch_attention}))
     assert error < 1e-5
 
 
@@ -276,7 +279,7 @@ def test_the_optimizer_step_is_checked_against_float64():
     params = [torch.randn(16, 8, requires_grad=True), torch.randn(8, requires_grad=True)]
 
     def make(backend, groups, device):
-        return registry.Ops({"optimizer": backend}, {}).make_optimizer("adamw", groups, lr=1e-3, weight_decay=0.1,
+        return build_optimizer(op_select.Ops({"optimizer": backend}, {}), "adamw", groups, lr=1e-3, weight_decay=0.1,
                                                                        max_grad_norm=1.0, device=device)
     work = tune.OptimizerWork([{"params": params}], make, 1.0, torch.device("cpu"), "adamw")
     _, error = work.first_run(tune.Candidate("torch", "torch"))
@@ -300,7 +303,8 @@ import os, sys, json, warnings
 import torch, torch.distributed as dist
 sys.path[:0] = [{tests!r}, {tests!r} + "/engine"]
 import conftest  # binds tritonforge to the checkout
-from tritonforge.engine import registry, tune
+from tritonforge.engine.ops import tune
+from tritonforge.engine.ops import reference as op_reference, select as op_select, table as op_table
 from test_tune import FakeClock, candidates, layer_norm_work
 
 dist.init_process_group("gloo")
@@ -308,7 +312,7 @@ rank = dist.get_rank()
 clock = FakeClock()
 # rank 1's candidates would make triton win: only rank 0's measurement counts
 cands = candidates(clock, 2.0 if rank == 0 else 0.5)
-ops = registry.resolve({{}}, "cpu")
+ops = op_select.resolve({{}}, "cpu")
 works = {{"layer_norm": [layer_norm_work()]}} if rank == 0 else {{}}
 d = tune.tune_ops(ops, works, cands, tune.Settings(), clock, None, {{}}, rank, 2, log=lambda _: None)
 with open(f"rank{{rank}}.json", "w") as f:
@@ -376,7 +380,7 @@ def test_torchs_chunked_linear_cross_entropy_matches_the_reference():
     targets = torch.randint(0, 40, (2, 5))
     targets[0, 1] = -100
     got = tune.chunked_linear_cross_entropy(x, w, targets, b)
-    assert torch.allclose(got.float(), registry.torch_linear_cross_entropy(x, w, targets, b))  # fp32 loss
+    assert torch.allclose(got.float(), op_reference.torch_linear_cross_entropy(x, w, targets, b))  # fp32 loss
     for unsupported in ({"softcap": 30.0}, {"label_smoothing": 0.1}):
         with pytest.raises(NotImplementedError, match="soft-cap or label smoothing"):
             tune.chunked_linear_cross_entropy(x, w, targets, **unsupported)
@@ -387,7 +391,7 @@ def test_clipping_in_one_candidates_check_leaves_the_next_ones_gradients_alone()
     params = [torch.randn(64, 32, requires_grad=True)]
 
     def make(backend, groups, device):
-        return registry.Ops({"optimizer": "torch"}, {}).make_optimizer("sgd", groups, lr=1e-2, momentum=0.0,
+        return build_optimizer(op_select.Ops({"optimizer": "torch"}, {}), "sgd", groups, lr=1e-2, momentum=0.0,
                                                                        device=device)
     work = tune.OptimizerWork([{"params": params}], make, 0.1, torch.device("cpu"), "sgd")  # clipping applies
     first, second = (work.first_run(tune.Candidate(name, "torch"))[1] for name in ("first", "second"))
@@ -421,10 +425,10 @@ def test_a_run_records_its_tuning_and_a_resumed_run_keeps_it(tmp_path, monkeypat
                                   "--train.eval_batches=1", f"--data.source={corpus}", "--data.val_fraction=0.1",
                                   f"--data.cache_dir={tmp_path / 'data'}", f"--run.dir={tmp_path / 'run'}", *extra])
 
-    monkeypatch.setattr(tune, "tunable", lambda choices, used, settings, device: [
-        op for op in registry.op_names() if op in used and choices.get(op) == "auto"])
-    monkeypatch.setattr(tune, "CudaClock", lambda device: WallClock())
-    monkeypatch.setattr(tune, "environment_key", lambda device: {"gpu": "stand-in"})
+    monkeypatch.setattr(tune.run, "tunable", lambda choices, used, settings, device: [
+        op for op in op_table.op_names() if op in used and choices.get(op) == "auto"])
+    monkeypatch.setattr(tune.run, "CudaClock", lambda device: WallClock())
+    monkeypatch.setattr(tune.run, "environment_key", lambda device: {"gpu": "stand-in"})
     args = ["--train.eval_every=0", "--train.log_every=1", "--train.sample_tokens=0",
             "--kernels.tune_op_seconds=0.2", f"--kernels.tune_cache={tmp_path / 'cache'}"]
     trainer = Trainer(tiny_recipe(*args, "--train.steps=2"), stream=Sink())

@@ -1,4 +1,4 @@
-"""kernels.Muon against the float64 reference engine.optim_muon.TorchMuon, and both against torch.
+"""kernels.Muon against the float64 reference engine.optim.muon.TorchMuon, and both against torch.
 
 Runs through the Triton interpreter on CPU (the iterations in fp32 there). The parameter set mixes
 what breaks naive code: two matrices of one shape (one batched stack), a wide and a tall one
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from tritonforge import kernels
-from tritonforge.engine.optim_muon import TorchMuon
+from tritonforge.engine.optim.muon import TorchMuon
 
 FP32_RTOL = 1e-5  # fp32 kernels + fp32 iterations vs float64, after a few steps
 BF16_ITER_RTOL = 3e-2  # torch.optim.Muon iterates in bf16: its update vs a float64 one

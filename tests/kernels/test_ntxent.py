@@ -74,11 +74,11 @@ def test_strided_rows_and_large_scale():
 
 
 def test_backends_agree_through_the_registry():
-    from tritonforge.engine import registry
+    from tritonforge.engine.ops import select as op_select
 
     z = torch.randn(18, 20, device=DEVICE)
-    torch_loss = registry.resolve({"nt_xent": "torch"}, DEVICE).nt_xent(z, 0.2)
-    triton_ops = registry.resolve({"nt_xent": "triton"}, DEVICE)
+    torch_loss = op_select.resolve({"nt_xent": "torch"}, DEVICE).nt_xent(z, 0.2)
+    triton_ops = op_select.resolve({"nt_xent": "triton"}, DEVICE)
     assert triton_ops.backends["nt_xent"] == "triton"
     assert torch.allclose(triton_ops.nt_xent(z, 0.2), torch_loss, rtol=1e-5)
 

@@ -110,7 +110,7 @@ def test_backward_is_the_inverse_rotation(dtype):
 def test_matches_the_torch_reference_convention():
     """Same pairs and tables as the registry's torch ``rope`` (the GPT's): interchangeable in fp32."""
     from tritonforge.engine.models.gpt import rotary_tables
-    from tritonforge.engine.registry import torch_rope
+    from tritonforge.engine.ops.reference import torch_rope
 
     B, H, Hkv, T, D = 2, 2, 2, 9, 16
     _, q, k = fused_qk(B, H, Hkv, T, D, seed=4)

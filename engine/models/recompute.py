@@ -19,26 +19,11 @@ other than ``"none"`` is refused.
 
 from __future__ import annotations
 
-import re
-
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
+from ..config.checks import CHECKPOINTING_FIELD as FIELD, parse_policy
 from ..errors import RecipeError
-
-FIELD = "train.activation_checkpointing"
-
-
-def parse_policy(policy: str) -> int:
-    """The stride of checkpointed blocks: 0 for "none", 1 for "blocks", N for "every_N"."""
-    if policy == "none":
-        return 0
-    if policy == "blocks":
-        return 1
-    m = re.fullmatch(r"every_(\d+)", policy)
-    if not m or int(m[1]) < 1:
-        raise RecipeError(f"{FIELD}: {policy!r} is not one of \"none\", \"blocks\", \"every_N\" (N >= 1)")
-    return int(m[1])
 
 
 def residual_blocks(model: nn.Module) -> list[nn.Module]:

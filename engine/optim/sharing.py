@@ -1,6 +1,6 @@
 """Muon's Newton-Schulz iterations shared out over the ranks of a data-parallel run.
 
-Both Muon optimizers (``engine.optim_muon.TorchMuon`` and the Triton ``kernels.Muon``) take a
+Both Muon optimizers (``engine.optim.muon.TorchMuon`` and the Triton ``kernels.Muon``) take a
 :class:`MuonSharing` as ``orthogonalizer``: after their momentum step each rank holds, per Muon matrix,
 its part of the momentum-updated gradient U (DDP: the whole matrix, identical on every rank; FSDP2: the
 rows of its shard), and :meth:`MuonSharing.__call__` replaces that part with the same part of the

@@ -20,7 +20,7 @@ parameters iterate in float64 on any device (the reference). Tensors of other ra
 put them in a ``use_muon=False`` group.
 
 A step takes the momentum of every matrix first, then orthogonalizes them all, then applies them: under
-DDP or FSDP2 an ``orthogonalizer`` (``engine.muon_dist.MuonSharing``) shares the middle part out over the
+DDP or FSDP2 an ``orthogonalizer`` (``engine.optim.sharing.MuonSharing``) shares the middle part out over the
 ranks, and every part of the step works on what this rank holds (an FSDP2 shard's local rows).
 """
 from __future__ import annotations
@@ -76,6 +76,8 @@ def _local(t: Tensor) -> Tensor:
 
 
 def _check_group(group: dict[str, Any], name: str, shared: bool = False) -> None:
+    """Refuse a group Muon cannot run. ``kernels.Muon`` checks its groups alike in its own package: the
+    kernels never import the engine, and this optimizer must run where triton (so the kernels) is absent."""
     if not 0.0 <= group["lr"]:
         raise ValueError(f"{name}: invalid lr {group['lr']}; expected lr >= 0")
     if not 0.0 <= group["weight_decay"]:
@@ -95,7 +97,7 @@ def _check_group(group: dict[str, Any], name: str, shared: bool = False) -> None
             if isinstance(p, DTensor) and not shared:
                 raise ValueError(f"{name}: use_muon=True groups take DTensor (FSDP2-sharded) parameters "
                                  "only with an orthogonalizer that assembles whole matrices "
-                                 "(engine.muon_dist.MuonSharing)")
+                                 "(engine.optim.sharing.MuonSharing)")
             if p.ndim != 2:
                 raise ValueError(f"{name}: a use_muon=True group holds a parameter of shape "
                                  f"{tuple(p.shape)}; Muon takes 2-D matrices, put the others in a "
@@ -127,7 +129,7 @@ class TorchMuon(torch.optim.Optimizer):
     the AdamW groups, whose own ``betas``/``eps`` keys override them. A group without ``use_muon``
     is a Muon group. ``weight_decay`` is decoupled in both (``p *= 1 - lr*wd``).
 
-    ``orthogonalizer`` (``engine.muon_dist.MuonSharing``) shares the iterations out over the ranks of a
+    ``orthogonalizer`` (``engine.optim.sharing.MuonSharing``) shares the iterations out over the ranks of a
     DDP or FSDP2 run; without it every matrix is orthogonalized here, whole (DTensors are refused).
     """
 

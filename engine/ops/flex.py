@@ -15,7 +15,7 @@ mask, as in ``create_block_mask``). For packing's ids (non-decreasing, one apart
 tables are exactly those of the pairs: a block is skipped iff nothing in it is visible, and full iff all
 of it is (tests/engine/test_flex.py).
 
-:func:`attention` is what :func:`engine.registry.torch_attention` calls on CUDA (see :func:`usable`); the
+:func:`attention` is what :func:`engine.ops.reference.torch_attention` calls on CUDA (see :func:`usable`); the
 compiled FlexAttention kernel needs ``torch.compile`` (Triton), which a CUDA machine with this project
 installed has. Within one step every layer passes the same ids, so the last block mask is kept and reused
 while the ids are the same tensor, unmodified.

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .config import RecipeError
+from .errors import RecipeError
 
 
 def format_duration(seconds: float) -> str:
