@@ -272,6 +272,13 @@ def test_progress_line_on_a_terminal_and_on_cuda():
                         "ETA 1:05\r\x1b[2Keval\n")
 
 
+def test_progress_line_before_a_time_budget_fixes_the_step_count():
+    record = {"kind": "train", "step": 25, "loss": 2.5, "lr": 1e-3, "throughput": 2500.0}
+    sink = Sink()
+    RunLogger(stream=sink).progress(record, None, "tok", None, budget_left_s=31.2)
+    assert sink.text == "step 25 | loss 2.5000 | lr 1.00e-03 | 2.5k tok/s | budget left 0:31 (step count not fixed yet)\n"
+
+
 # ---------------------------------------------------------------------------------------------------
 # Weights & Biases
 # ---------------------------------------------------------------------------------------------------
@@ -404,8 +411,14 @@ def test_a_time_budget_fixes_the_step_count_records_it_and_resumes_with_it(data,
     monkeypatch.setattr(budget.BudgetClock, "steps_that_fit", lambda self, step, per_step, forward: 7)  # the machine's speed
     common = ("--train.time_budget=30s", "--train.steps=1000", "--optim.warmup_steps=5", "--checkpoint.every=6")
     sink = Sink()
-    run(recipe(data, tmp_path / "a", *common), sink)
+    given = recipe(data, tmp_path / "a", *common)
+    run(given, sink)
+    assert given.train.steps == 1000  # the run follows the count; the recipe it was given stays as it was
     assert [s for k, s, _ in losses(tmp_path / "a") if k == "train"] == list(range(1, 8))
+    progress = [line for line in sink.text.splitlines() if line.startswith("step ")]
+    # Before the count is fixed (after step 5) a line shows no total and no ETA, but the budget left.
+    assert progress[0].startswith("step 1 | loss ") and "ETA" not in progress[0] and "budget left " in progress[0]
+    assert progress[4].startswith("step 5/7 | loss ") and "ETA " in progress[4]
     assert load_recipe(tmp_path / "a" / "recipe.toml").train.steps == 7
     assert checkpoint.load(checkpoint.latest(tmp_path / "a" / "checkpoints"))["budget_steps"] == 7
 
