@@ -202,6 +202,15 @@ def latest(folder: str | Path) -> Path | None:
     return manifests[-1].with_suffix(".pt") if manifests else None
 
 
+def find(path: str | Path) -> Path | None:
+    """The checkpoint ``path`` names: ``path`` itself when it is a file, else the newest complete checkpoint
+    in the run directory ``path`` (its ``checkpoints`` folder) or in the folder ``path``; None if none."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    return latest(path / "checkpoints" if (path / "checkpoints").is_dir() else path)
+
+
 def _others(path: Path) -> str:
     others = [m.with_suffix(".pt").name for m in list_checkpoints(path.parent) if m.with_suffix(".pt") != path]
     return f"; other checkpoints in {path.parent}: {', '.join(others)}" if others else ""

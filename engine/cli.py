@@ -61,10 +61,10 @@ def train_main(argv: list[str]) -> int:
     recipe_path, rest = argv[0], argv[1:]
     resume, overrides = _split_resume(rest)
     try:
+        if resume is not None:  # --resume is checkpoint.resume, settled with the other overrides
+            overrides = [*overrides, f"--checkpoint.resume={resume}"]
         recipe = load_recipe(recipe_path, overrides)
-        if resume is not None:
-            recipe.checkpoint.resume = resume
-        from .trainer import Interrupted, TrainingError, train
+        from .train.trainer import Interrupted, TrainingError, train
 
         train(recipe)
     except (RecipeError, KernelSelectionError) as e:

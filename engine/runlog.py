@@ -127,11 +127,14 @@ class RunLogger:
         if self._wandb is not None:
             self._wandb.log({k: v for k, v in record.items() if k not in ("step", "kind")}, step=record["step"])
 
-    def progress(self, record: dict[str, Any], total_steps: int, unit: str, eta_s: float) -> None:
-        """The progress line for a train record."""
+    def progress(self, record: dict[str, Any], total_steps: int | None, unit: str, eta_s: float | None,
+                 budget_left_s: float | None = None) -> None:
+        """The progress line for a train record. While a time budget has not fixed the step count yet
+        (``total_steps`` and ``eta_s`` None), the line shows the time left of the budget instead."""
         if not self.enabled:
             return
-        parts = [f"step {record['step']}/{total_steps}", f"loss {record['loss']:.4f}", f"lr {record['lr']:.2e}"]
+        step = f"step {record['step']}" if total_steps is None else f"step {record['step']}/{total_steps}"
+        parts = [step, f"loss {record['loss']:.4f}", f"lr {record['lr']:.2e}"]
         if "grad_norm" in record:
             parts.append(f"gnorm {record['grad_norm']:.2f}")
         parts.append(f"{_si(record['throughput'])} {unit}/s")
@@ -139,7 +142,10 @@ class RunLogger:
             parts.append(f"{record['tflops']:.1f} TFLOP/s")
         if "mfu" in record:
             parts.append(f"MFU {100 * record['mfu']:.1f}%")
-        parts.append(f"ETA {format_duration(eta_s)}")
+        if eta_s is not None:
+            parts.append(f"ETA {format_duration(eta_s)}")
+        if budget_left_s is not None:
+            parts.append(f"budget left {format_duration(max(budget_left_s, 0.0))} (step count not fixed yet)")
         line = " | ".join(parts)
         if self.live:
             self.stream.write("\r\033[2K" + line)

@@ -35,19 +35,19 @@ def find_checkpoint(path: str | Path, where: str) -> Path:
         return path
     if not path.is_dir():
         raise RecipeError(f"{where}: no such run directory, checkpoint or Hugging Face folder: {path}")
-    folder = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-    found = checkpoint.latest(folder)
+    found = checkpoint.find(path)
     if found is None:
         raise RecipeError(f"{where}: {path} holds no complete checkpoint and is not a Hugging Face model folder "
                           f"(no config.json)")
     return found
 
 
-def adopt_hf_config(recipe: Recipe, log=print) -> None:
-    """When ``train.init_from`` is a Hugging Face folder, set the ``[model]`` architecture from its config."""
+def adopt_hf_config(recipe: Recipe, log=print) -> Recipe:
+    """The recipe a run trains: ``recipe`` itself, or, when ``train.init_from`` is a Hugging Face folder, a
+    validated copy whose ``[model]`` architecture is the folder's config (``recipe`` is left as it is)."""
     src = recipe.train.init_from
     if not src or not hf.is_hf_folder(src):
-        return
+        return recipe
     if recipe.model.arch != "gpt":
         raise RecipeError(f"train.init_from: {src} is a Hugging Face language model; model.arch must be 'gpt', "
                           f"not {recipe.model.arch!r}")
@@ -56,12 +56,11 @@ def adopt_hf_config(recipe: Recipe, log=print) -> None:
     except hf.HFError as e:
         raise RecipeError(f"train.init_from: {src}: {e}") from None
     changed = {k: v for k, v in fields.items() if getattr(recipe.model, k) != v}
-    recipe.model.preset = ""
-    for key, value in fields.items():
-        setattr(recipe.model, key, value)
-    validate(recipe)
+    adopted = dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, preset="", **fields))
+    validate(adopted)
     if changed:
         log("model from " + str(Path(src) / "config.json") + ": " + ", ".join(f"{k}={v}" for k, v in changed.items()))
+    return adopted
 
 
 def source_state(src: str, log=print) -> dict[str, torch.Tensor]:

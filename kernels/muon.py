@@ -22,7 +22,7 @@ finalize kernel, AdamW's update), one momentum and one update launch per Muon bu
 torch ops per distinct Muon shape. Memory per fp32 Muon element: momentum reads g, B and writes B
 and U (bf16): 14 bytes; update reads W and X (bf16) and writes W: 10 bytes.
 
-Under DDP or FSDP2 an ``orthogonalizer`` (``engine.muon_dist.MuonSharing``) takes the place of the
+Under DDP or FSDP2 an ``orthogonalizer`` (``engine.optim.sharing.MuonSharing``) takes the place of the
 iterations: it gathers each matrix whole on one rank, iterates there with :func:`newton_schulz_` and hands
 every rank its part of the result in the buffer the update kernel reads. Without one, FSDP2 (sharded
 DTensor) parameters are refused in Muon groups: the iterations need whole matrices.
@@ -267,8 +267,8 @@ class Muon(FusedOptimizer):
     defaulting to ``adamw_betas`` and ``adamw_eps``. A group without ``use_muon`` is a Muon group.
     Extras as ``kernels.AdamW``: ``max_grad_norm``, ``master_weights``; ``orthogonalizer``: a callable
     ``(params, updates, settings, newton_schulz_)`` that replaces each rank's part of every U with its part
-    of the orthogonalized X (``engine.muon_dist.MuonSharing``, for DDP and FSDP2). The reference is
-    ``engine.optim_muon.TorchMuon``.
+    of the orthogonalized X (``engine.optim.sharing.MuonSharing``, for DDP and FSDP2). The reference is
+    ``engine.optim.muon.TorchMuon``.
     """
 
     _OPT = _ADAMW
@@ -332,7 +332,7 @@ class Muon(FusedOptimizer):
             if isinstance(p, DTensor) and self.orthogonalizer is None:
                 raise ValueError("Muon: use_muon=True groups take DTensor (FSDP2-sharded) parameters only "
                                  "with an orthogonalizer that assembles whole matrices "
-                                 "(engine.muon_dist.MuonSharing)")
+                                 "(engine.optim.sharing.MuonSharing)")
             if p.ndim != 2:
                 raise ValueError(f"Muon: a use_muon=True group holds a parameter of shape "
                                  f"{tuple(p.shape)}; Muon takes 2-D matrices, put the others (conv "

@@ -23,7 +23,7 @@ vocabulary (no dataset, tokenizer or download); for an image classifier, Gaussia
 ``model.image_size`` (channels_last on CUDA) and random labels. A step is the trainer's: ``train.grad_accum``
 micro-batches under the recipe's precision (autocast; loss scaling for fp16), gradient clipping at
 ``train.grad_clip`` (inside the Triton optimizer's step, or ``clip_grad_norm_`` for torch's), the recipe's
-optimizer, ``zero_grad``: the very :class:`~engine.trainer.TrainStep` the trainer runs, at the recipe's peak
+optimizer, ``zero_grad``: the very :class:`~engine.train.step.TrainStep` the trainer runs, at the recipe's peak
 learning rate.
 ``--compile`` adds a ``torch.compile`` run of each set. ``--checkpointing none,blocks`` (any
 ``train.activation_checkpointing`` policies, comma-separated; default the recipe's own) runs every set
@@ -77,7 +77,7 @@ from ..precision import LossScaler
 from ..errors import KernelSelectionError
 from ..ops.select import Ops
 from ..tasks import Task
-from ..trainer import TrainStep
+from ..train.step import TrainStep
 
 #: Largest relative difference of the first step's loss between two kernel sets, by precision.
 LOSS_TOLERANCE = {"fp32": 1e-3, "bf16": 2e-2, "fp16": 1e-2}

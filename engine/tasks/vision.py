@@ -1,9 +1,8 @@
 """Image classification: a ResNet or ConvNeXt trained on labelled images.
 
 Images come from the uint8 cache of :mod:`engine.data.images` and are augmented and normalized on the
-device in whole batches. The model and its inputs are channels_last: what cuDNN's fastest convolutions
-want on CUDA, and measured 1.3x faster than NCHW for a small ResNet on CPU too. (A sharded run keeps
-NCHW: FSDP shards only contiguous parameters.) On CPU, the few convolutions whose channels_last backward
+device in whole batches. The model and its inputs are channels_last, on CUDA and on CPU (a sharded run
+keeps NCHW: FSDP shards only contiguous parameters). On CPU, the few convolutions whose channels_last backward
 oneDNN gets wrong run another way: see :func:`guard_onednn_convs`. The loss is the registry's cross-entropy
 with optional label smoothing; evaluation reports top-1 accuracy, with an exponential moving average of
 the weights when ``train.ema_decay`` is set.
@@ -50,8 +49,9 @@ def onednn_unsafe(module: nn.Module) -> bool:
 
     An unpadded strided 1x1 convolution first gathers the pixels it reads into a workspace; for an NHWC
     input with fewer channels (per group) than a block, the weight-gradient kernel indexes that workspace by
-    whole blocks and writes past it: heap corruption with one thread, wrong weight gradients with more
-    (uxlfoundation/oneDNN issue 6035, open as of oneDNN 3.12 in torch 2.13). Stride 1 needs no workspace.
+    whole blocks and writes past it: heap corruption with one thread, wrong weight gradients with more.
+    Stride 1 needs no workspace, so the convolutions this flags run at stride 1 on CPU (see
+    :func:`guard_onednn_convs`).
     """
     return (isinstance(module, nn.Conv2d) and module.kernel_size == (1, 1) and module.stride != (1, 1)
             and module.padding == (0, 0) and module.in_channels // module.groups < ONEDNN_IC_BLOCK)

@@ -13,7 +13,7 @@ from tritonforge.engine.config import DataConfig, RecipeError, load_recipe
 from tritonforge.engine.data.images import ImageBatches, crop_and_flip, eval_indices, load_images, to_model_input
 from tritonforge.engine.tasks import build_task
 from tritonforge.engine.tasks.vision import build_model, forward_flops
-from tritonforge.engine.trainer import Trainer
+from tritonforge.engine.train.trainer import Trainer
 from support import Sink
 
 #: Tolerances of the Triton LayerNorm (fp32, interpreter) against torch's through a whole ConvNeXt.

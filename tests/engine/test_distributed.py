@@ -250,7 +250,7 @@ def _copy_until(src: Path, dst: Path, step: int) -> None:
 
 CRASHER = """
 import os, sys
-from tritonforge.engine import trainer
+from tritonforge.engine.train import trainer
 real = trainer.Trainer.train_step
 def train_step(self, step):
     if step == 4 and os.environ.get("TORCHELASTIC_RESTART_COUNT") == "0" and os.environ.get("RANK") == "1":

@@ -9,7 +9,7 @@ from tritonforge.engine.config import RecipeError, load_recipe
 from tritonforge.engine.data.series import SERIES_LENGTH, generated_series
 from tritonforge.engine.ops.select import resolve
 from tritonforge.engine.tasks.forecast import ForecastTask
-from tritonforge.engine.trainer import Trainer
+from tritonforge.engine.train.trainer import Trainer
 from support import Sink
 
 OPS = resolve({}, "cpu")

@@ -11,7 +11,7 @@ from tritonforge.engine.data import text
 from tritonforge.engine.data.text import IGNORE, Packed, TokenWindows, load_tokens
 from tritonforge.engine.models.gpt import GPT, GPTConfig
 from tritonforge.engine.ops.select import resolve
-from tritonforge.engine.trainer import Trainer
+from tritonforge.engine.train.trainer import Trainer
 from support import Sink
 
 SEP = 2  # the byte tokenizer's separator: a blank line

@@ -15,7 +15,7 @@ from tritonforge.engine.data.text import StreamWindows
 from tritonforge.engine.runlog import read_metrics
 from tritonforge.engine.models.rnn import RNN, RNNConfig
 from tritonforge.engine.ops.select import resolve
-from tritonforge.engine.trainer import Trainer
+from tritonforge.engine.train.trainer import Trainer
 from support import Sink, tiny_corpus
 
 OPS = resolve({}, "cpu")

@@ -18,7 +18,8 @@ from tritonforge.engine.checkpoint import CheckpointError
 from tritonforge.engine.cli import main as cli_main
 from tritonforge.engine.config import RecipeError, load_recipe
 from tritonforge.engine.runlog import RunLogger, read_metrics
-from tritonforge.engine.trainer import Trainer, TrainingError, lr_at
+from tritonforge.engine.optim.schedule import lr_at
+from tritonforge.engine.train.trainer import Trainer, TrainingError
 from support import Sink, tiny_corpus
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -271,6 +272,13 @@ def test_progress_line_on_a_terminal_and_on_cuda():
                         "ETA 1:05\r\x1b[2Keval\n")
 
 
+def test_progress_line_before_a_time_budget_fixes_the_step_count():
+    record = {"kind": "train", "step": 25, "loss": 2.5, "lr": 1e-3, "throughput": 2500.0}
+    sink = Sink()
+    RunLogger(stream=sink).progress(record, None, "tok", None, budget_left_s=31.2)
+    assert sink.text == "step 25 | loss 2.5000 | lr 1.00e-03 | 2.5k tok/s | budget left 0:31 (step count not fixed yet)\n"
+
+
 # ---------------------------------------------------------------------------------------------------
 # Weights & Biases
 # ---------------------------------------------------------------------------------------------------
@@ -398,13 +406,19 @@ def test_plot_refuses_a_folder_without_metrics(tmp_path, capsys):
 def test_a_time_budget_fixes_the_step_count_records_it_and_resumes_with_it(data, tmp_path, monkeypatch):
     """The count is fixed after the warmup steps are timed, recorded, and kept by a resumed run, which then
     computes exactly what the run would have without the interruption."""
-    from tritonforge.engine import trainer as trainer_module
+    from tritonforge.engine.train import budget
 
-    monkeypatch.setattr(trainer_module._BudgetClock, "fit", lambda self, per_step, forward: 7)  # the machine's speed
+    monkeypatch.setattr(budget.BudgetClock, "steps_that_fit", lambda self, step, per_step, forward: 7)  # the machine's speed
     common = ("--train.time_budget=30s", "--train.steps=1000", "--optim.warmup_steps=5", "--checkpoint.every=6")
     sink = Sink()
-    run(recipe(data, tmp_path / "a", *common), sink)
+    given = recipe(data, tmp_path / "a", *common)
+    run(given, sink)
+    assert given.train.steps == 1000  # the run follows the count; the recipe it was given stays as it was
     assert [s for k, s, _ in losses(tmp_path / "a") if k == "train"] == list(range(1, 8))
+    progress = [line for line in sink.text.splitlines() if line.startswith("step ")]
+    # Before the count is fixed (after step 5) a line shows no total and no ETA, but the budget left.
+    assert progress[0].startswith("step 1 | loss ") and "ETA" not in progress[0] and "budget left " in progress[0]
+    assert progress[4].startswith("step 5/7 | loss ") and "ETA " in progress[4]
     assert load_recipe(tmp_path / "a" / "recipe.toml").train.steps == 7
     assert checkpoint.load(checkpoint.latest(tmp_path / "a" / "checkpoints"))["budget_steps"] == 7
 
@@ -416,7 +430,7 @@ def test_a_time_budget_fixes_the_step_count_records_it_and_resumes_with_it(data,
 
     with pytest.raises(Crash):
         run(recipe(data, tmp_path / "b", *common), patch=crash_after_step_7)
-    monkeypatch.setattr(trainer_module._BudgetClock, "fit", lambda self, per_step, forward: 99)  # never asked again
+    monkeypatch.setattr(budget.BudgetClock, "steps_that_fit", lambda self, step, per_step, forward: 99)  # never asked again
     sink = Sink()
     run(recipe(data, tmp_path / "b", *common, "--checkpoint.resume=latest"), sink)
     assert "recipe changes" not in sink.text
@@ -439,17 +453,17 @@ def test_a_run_re_times_itself_lowering_its_count_when_slower_and_raising_it_whe
     """Re-timed at its logging steps, a run whose rest no longer fits lowers its count, one with room for
     more than 2% more raises it (less moves nothing), each change is recorded, and the rest of the
     learning rate is scheduled over the new count."""
-    from tritonforge.engine import trainer as trainer_module
+    from tritonforge.engine.train import budget
 
     answers = {0: 20, 1: 20, 2: 15, 3: 15, 4: 18}  # the counts the machine's pace gives at the fix and each re-timing
     calls = []
 
-    def fit(self, per_step, forward):
-        calls.append(self.trainer.step)
-        return answers.get(len(calls) - 1, self.trainer.recipe.train.steps)
+    def steps_that_fit(self, step, per_step, forward):
+        calls.append(step)
+        return answers.get(len(calls) - 1, self.steps)
 
-    monkeypatch.setattr(trainer_module._BudgetClock, "fit", fit)
-    monkeypatch.setattr(trainer_module._BudgetClock, "MIN_WINDOW", 1)
+    monkeypatch.setattr(budget.BudgetClock, "steps_that_fit", steps_that_fit)
+    monkeypatch.setattr(budget.BudgetClock, "MIN_WINDOW", 1)
     sink = Sink()
     trainer = run(recipe(data, tmp_path / "r", "--train.time_budget=30s", "--train.steps=1000",
                          "--optim.warmup_steps=5", "--train.log_every=2"), sink)

@@ -20,7 +20,7 @@ from tritonforge.engine.data.images import labelled_subset
 from tritonforge.engine.ssl import augment
 from tritonforge.engine.ssl.augment import Draw
 from tritonforge.engine.tasks import build_task
-from tritonforge.engine.trainer import Trainer
+from tritonforge.engine.train.trainer import Trainer
 from support import Sink
 
 ROOT = Path(__file__).resolve().parents[2]

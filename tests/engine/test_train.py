@@ -12,7 +12,9 @@ from tritonforge import kernels
 from tritonforge.engine.config import load_recipe
 from tritonforge.engine.precision import LossScaler
 from tritonforge.engine.optim.muon import TorchMuon
-from tritonforge.engine.trainer import Trainer, lr_at, masked_step
+from tritonforge.engine.optim.schedule import lr_at
+from tritonforge.engine.train.step import masked_step
+from tritonforge.engine.train.trainer import Trainer
 from support import Sink
 
 TINY = ["--model.n_layer=2", "--model.d_model=64", "--model.n_head=4", "--model.context=32", "--train.seq_len=32",

@@ -8,7 +8,7 @@ from tritonforge.engine import cli, hf, transfer
 from tritonforge.engine.ops import select as op_select, table as op_table
 from tritonforge.engine.config import RecipeError, load_recipe
 from tritonforge.engine.models.gpt import GPT, GPTConfig
-from tritonforge.engine.trainer import Trainer
+from tritonforge.engine.train.trainer import Trainer
 from support import Sink
 
 TINY = ["--model.n_layer=2", "--model.d_model=32", "--model.n_head=4", "--model.context=32", "--train.seq_len=32",

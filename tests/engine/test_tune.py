@@ -414,7 +414,7 @@ def test_a_run_records_its_tuning_and_a_resumed_run_keeps_it(tmp_path, monkeypat
     from support import Sink
 
     from tritonforge.engine.config import load_recipe
-    from tritonforge.engine.trainer import Trainer
+    from tritonforge.engine.train.trainer import Trainer
 
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text("\n".join(json.dumps({"text": f"the quick brown fox {i} jumps. " * 8}) for i in range(100)))
