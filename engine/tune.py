@@ -58,7 +58,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from . import KERNELS_PACKAGE, registry
 # The relative errors ``tritonforge kernels check`` allows, by dtype, for the optimizer, and for Muon on a GPU.
-from .bench.ops import MUON_CUDA_TOLERANCE, OPTIMIZER_TOLERANCE, TOLERANCE
+from .bench.catalogue import MUON_CUDA_TOLERANCE, OPTIMIZER_TOLERANCE, TOLERANCE
 from .registry import Ops
 
 #: Timed repeats of every candidate before the first decision; doubled while the answer is unclear, up to
@@ -779,7 +779,7 @@ def tune_ops(ops: Ops, works: dict[str, Sequence], cands: dict[str, list[Candida
 
 def table(decisions: dict[str, Decision]) -> str:
     """One line per op: each candidate's ms per micro-batch (or why it has none), the choice, why."""
-    from .bench import format_table
+    from .bench.tables import format_table
 
     rows = []
     for op, d in decisions.items():
@@ -896,7 +896,7 @@ def record_works(recipe, ops: Ops, task, device: torch.device, to_tune: Sequence
 # ---------------------------------------------------------------------------------------------------
 
 def main(argv: Sequence[str]) -> int:
-    from .bench import ArgumentParser
+    from .bench.args import ArgumentParser
     from .config import RecipeError, load_recipe
     from .errors import KernelSelectionError
 
@@ -932,14 +932,14 @@ def _tune_command(recipe, synthetic: bool, json_path: str | None) -> int:
     ops = registry.resolve(starting_choices(recipe.kernels.backends(), "measure", device), device,
                            recipe.kernels.deterministic)
     if synthetic:
-        from .bench.train import SyntheticTask
+        from .bench.synthetic import SyntheticTask
 
         task = SyntheticTask(recipe, ops, device)
     else:
         task = build_task(recipe, ops, device, log=print)
     decisions = tune_run(recipe, ops, task, device)
     if json_path:
-        from .bench import write_json
+        from .bench.tables import write_json
 
         write_json(json_path, {"env": environment(device, dict(ops.backends)), "recipe": recipe.to_dict(),
                                "synthetic": synthetic, "tuning": record(decisions)})
