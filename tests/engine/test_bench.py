@@ -441,3 +441,25 @@ def test_gpu_summary_lists_the_tuned_choices(tmp_path):
     assert line["triton"] == "triton" and line["torch"] == "torch 2.8, sdpa-cudnn raised, triton 2"
     assert "1.40x torch's speed" in text
     assert "tune" in gpu.parse_args(["--only", "tune"]).only
+
+
+#: Each command module's interface, called by module: ``ops.main``, ``check.run``, ``train.table``...
+COMMAND_INTERFACE = {"main", "run", "parse_args", "table"}
+
+
+def test_each_bench_helper_is_defined_once():
+    """The bench package is split by concern: a function lives in one module, which the others import it from
+    (the commands' own ``main``, ``run``, ``parse_args`` and ``table`` aside); no module is over 450 lines."""
+    import ast
+    from pathlib import Path
+
+    folder = Path(ROOT) / "engine" / "bench"
+    where: dict[str, list[str]] = {}
+    for path in sorted(folder.glob("*.py")):
+        text = path.read_text()
+        assert len(text.splitlines()) <= 450, f"{path.name} has {len(text.splitlines())} lines"
+        for node in ast.parse(text).body:
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name not in COMMAND_INTERFACE:
+                where.setdefault(node.name, []).append(path.name)
+    twice = {name: files for name, files in where.items() if len(files) > 1}
+    assert not twice, f"defined in more than one bench module: {twice}"
