@@ -113,9 +113,9 @@ def plot_main(argv: list[str]) -> int:
 
 
 def bench_main(argv: list[str]) -> int:
-    from . import bench
+    from .bench import cli as bench_cli
 
-    return bench.main(argv)
+    return bench_cli.main(argv)
 
 
 def export_main(argv: list[str]) -> int:

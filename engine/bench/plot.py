@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import check_plot_support
+from .tables import check_plot_support
 
 
 def plot_ops(rows: list[dict], path: str | Path, title: str = "") -> None:

@@ -12,7 +12,7 @@ Kernel sets (``--kernels``, default ``triton``; ``--vs``, default ``torch``):
 - ``auto``: the registry's ``auto`` for every op (the Triton kernels on CUDA, untimed); ``recipe``: the recipe's
   own ``[kernels]`` table.
 - ``tuned``, labelled ``auto (tuned)``: every op on what ``kernels.tune = "measure"`` picks here (see
-  :mod:`engine.ops.tune`: measured on the recipe's shapes, or read from the cache); its choices are listed under
+  :mod:`engine.tune`: measured on the recipe's shapes, or read from the cache); its choices are listed under
   the table. ``--tuned`` adds this set to the other two, so one table compares it with them.
 - ``OP=BACKEND[,OP=BACKEND...]`` (e.g. ``attention=triton,layer_norm=torch``): those ops exactly as given
   (a ``triton`` without a kernel is an error), every op not named on torch.
@@ -23,7 +23,7 @@ vocabulary (no dataset, tokenizer or download); for an image classifier, Gaussia
 ``model.image_size`` (channels_last on CUDA) and random labels. A step is the trainer's: ``train.grad_accum``
 micro-batches under the recipe's precision (autocast; loss scaling for fp16), gradient clipping at
 ``train.grad_clip`` (inside the Triton optimizer's step, or ``clip_grad_norm_`` for torch's), the recipe's
-optimizer, ``zero_grad``: the very :class:`~engine.train.step.TrainStep` the trainer runs, at the recipe's peak
+optimizer, ``zero_grad``: the very :class:`~engine.trainer.TrainStep` the trainer runs, at the recipe's peak
 learning rate.
 ``--compile`` adds a ``torch.compile`` run of each set. ``--checkpointing none,blocks`` (any
 ``train.activation_checkpointing`` policies, comma-separated; default the recipe's own) runs every set
@@ -53,9 +53,7 @@ every rank (how Muon ran under DDP before the ranks shared it), one row each.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
-import os
 import statistics
 import sys
 import time
@@ -63,216 +61,30 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
-import torch.nn as nn
+
+import dataclasses
 
 from .. import distributed
-from ..ops import select as op_select, table as op_table, tune
+from ..config import Recipe, RecipeError, load_recipe
+from ..errors import KernelSelectionError
+from ..ops import table as op_table, tune
 from ..optim.build import recipe_optimizer
 from ..optim.sharing import sharing_for_run
-from . import (ArgumentParser, BenchError, describe_ceilings, environment, fmt, format_table, free_memory,
-               measure_ceilings, pick_device, timer_label, write_csv, write_json)
-from ..config import Recipe, RecipeError, load_recipe
-from ..models import recompute
 from ..precision import LossScaler
-from ..errors import KernelSelectionError
-from ..ops.select import Ops
-from ..tasks import Task
 from ..train.step import TrainStep
+from .args import ArgumentParser, BenchError
+from .kernelsets import kernel_set_label, parse_kernel_set, parse_muon_sharing, parse_policies, resolve_set, with_policy
+from .synthetic import SavedActivations, SyntheticTask
+from .tables import fmt, format_table, write_results
+from .timing import describe_ceilings, environment, free_memory, measure_ceilings, pick_device, timer_label
+
 
 #: Largest relative difference of the first step's loss between two kernel sets, by precision.
 LOSS_TOLERANCE = {"fp32": 1e-3, "bf16": 2e-2, "fp16": 1e-2}
-#: Distinct synthetic micro-batches cycled through (kept on the device, so no copies are timed).
-SYNTHETIC_BATCHES = 4
 
 COLUMNS = ("kernels", "mode", "checkpointing", "world", "muon_sharing", "status", "unit", "items_per_s", "step_ms", "step_ms_mean", "peak_gb",
            "activations_mb", "tflops", "mfu", "pct_matmul", "gpu_idle_pct", "first_loss", "last_loss", "vs",
            "backends", "timer", "note")
-
-
-# ---------------------------------------------------------------------------------------------------
-# Kernel sets
-# ---------------------------------------------------------------------------------------------------
-
-NAMED_SETS = ("torch", "triton", "auto", "recipe", "tuned")
-
-
-def parse_kernel_set(text: str, option: str) -> str | dict[str, str]:
-    """A named set, or ``{op: backend}`` for the ``OP=BACKEND,...`` form (checked against the registry)."""
-    text = text.strip()
-    if text in NAMED_SETS:
-        return text
-    choices: dict[str, str] = {}
-    for item in text.split(","):
-        op, eq, backend = (s.strip() for s in item.partition("="))
-        if not eq:
-            raise BenchError(f"{option}: {item.strip()!r} is neither a kernel set ({', '.join(NAMED_SETS)}) nor "
-                             f"OP=BACKEND (e.g. attention=triton,layer_norm=torch)")
-        try:
-            op_table.check_backend_name(op, backend)
-        except KernelSelectionError as e:
-            raise BenchError(f"{option}: {e}") from None
-        choices[op] = backend
-    return choices
-
-
-def kernel_set_label(kernel_set: str | dict[str, str]) -> str:
-    if kernel_set == "tuned":
-        return "auto (tuned)"
-    if isinstance(kernel_set, str):
-        return kernel_set
-    return ",".join(f"{op}={b}" for op, b in kernel_set.items())
-
-
-def resolve_set(kernel_set: str | dict[str, str], recipe: Recipe, device: torch.device) -> Ops:
-    """The registry's ops for a kernel set (see the module docstring for what each set means)."""
-    if kernel_set == "triton":
-        choices = {}
-        for op in op_table.op_names():
-            try:
-                op_select.resolve({op: "triton"}, device)
-                choices[op] = "triton"
-            except KernelSelectionError:
-                choices[op] = "torch"
-    elif kernel_set in ("torch", "auto"):
-        choices = {op: kernel_set for op in op_table.op_names()}
-    elif kernel_set == "tuned":  # torch on CUDA until run_one's measurement decides
-        choices = tune.starting_choices({op: "auto" for op in op_table.op_names()}, "measure", device)
-    elif kernel_set == "recipe":
-        choices = recipe.kernels.backends()
-    else:
-        choices = {op: "torch" for op in op_table.op_names()} | dict(kernel_set)
-    return op_select.resolve(choices, device, recipe.kernels.deterministic)
-
-
-# ---------------------------------------------------------------------------------------------------
-# The synthetic task
-# ---------------------------------------------------------------------------------------------------
-
-class SyntheticTask(Task):
-    """The recipe's model on random inputs of the recipe's shapes: no dataset, tokenizer or download."""
-
-    def __init__(self, recipe: Recipe, ops: Ops, device: torch.device):
-        self.recipe, self.device, self.ops = recipe, device, ops
-        m, t = recipe.model, recipe.train
-        # Inputs come from their own generator so that every kernel set sees the same batches.
-        gen = torch.Generator().manual_seed(recipe.run.seed)
-        if m.arch == "gpt":
-            from ..data.text import ByteTokenizer, GPT2Tokenizer
-            from ..models.gpt import GPT
-            from ..tasks.lm import gpt_config
-
-            vocab = {"byte": ByteTokenizer, "gpt2": GPT2Tokenizer}[recipe.data.tokenizer].vocab_size
-            self.model = GPT(gpt_config(recipe, vocab), ops).to(device)
-            self.unit, self.items_per_micro_batch = "tok", t.batch_size * t.seq_len
-            tokens = [torch.randint(0, vocab, (t.batch_size, t.seq_len + 1), generator=gen)
-                      for _ in range(SYNTHETIC_BATCHES)]
-            self.batches = [(x[:, :-1].contiguous().to(device), x[:, 1:].contiguous().to(device)) for x in tokens]
-            self._flops = self.model.flops_per_token(t.seq_len)
-        else:
-            from ..config import IMAGE_ARCHS
-
-            if m.arch not in IMAGE_ARCHS:
-                raise BenchError(f"model.arch: bench train builds gpt, {', '.join(IMAGE_ARCHS)} models; "
-                                 f"got {m.arch!r}")
-            from ..tasks.vision import build_model, forward_flops, guard_onednn_convs
-
-            layout = torch.channels_last if device.type == "cuda" else torch.contiguous_format
-            self.model = build_model(m, ops).to(device, memory_format=layout)
-            if device.type == "cpu":  # torch.compile runs CPU convolutions channels_last whatever the layout
-                guard_onednn_convs(self.model)
-            self.unit, self.items_per_micro_batch = "img", t.batch_size
-            shape = (t.batch_size, m.channels, m.image_size, m.image_size)
-            self.batches = [(torch.randn(shape, generator=gen).to(device, memory_format=layout),
-                             torch.randint(0, m.num_classes, (t.batch_size,), generator=gen).to(device))
-                            for _ in range(SYNTHETIC_BATCHES)]
-            self._flops = 3.0 * forward_flops(m)
-        recompute.apply(self.model, t.activation_checkpointing)
-
-    def batch(self, step: int, micro: int):
-        return self.batches[(step * self.recipe.train.grad_accum + micro) % len(self.batches)]
-
-    def loss(self, model: nn.Module, inputs, targets):
-        if self.unit == "tok":
-            return model(inputs, targets)
-        return self.ops.cross_entropy(model(inputs), targets, label_smoothing=self.recipe.train.label_smoothing)
-
-    def flops_per_item(self) -> float:
-        return self._flops
-
-    def ops_used(self) -> tuple[str, ...]:
-        return (*super().ops_used(), "cross_entropy") if self.unit == "img" else super().ops_used()
-
-
-
-# ---------------------------------------------------------------------------------------------------
-# Activation memory
-# ---------------------------------------------------------------------------------------------------
-
-class SavedActivations:
-    """The most memory held at once by the tensors autograd saves for the backward, in bytes (``peak``).
-
-    While the context is open, every tensor a forward saves for its backward passes through
-    ``torch.autograd.graph.saved_tensors_hooks`` and is counted by its storage, once however many saved
-    tensors view it, from when it is saved until autograd lets go of it (the backward that used it, or the
-    graph freed). The model's parameters and buffers are left out: they are held whether or not a backward
-    follows. A checkpointed block saves only its inputs here; the activations its backward recomputes are held
-    by the checkpoint, one block at a time and briefly, and are not counted. Gradients, optimizer state and
-    an op's temporaries are not activations and are not counted either. The same on every device.
-    """
-
-    def __init__(self, model: nn.Module):
-        self._skip = {self._key(t) for t in (*model.parameters(), *model.buffers())}
-        self._live: dict[tuple, list[int]] = {}  # storage -> [saved tensors holding it, bytes]
-        self.bytes = self.peak = 0
-        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
-
-    @staticmethod
-    def _key(t: torch.Tensor) -> tuple:
-        return t.device, t.untyped_storage().data_ptr()
-
-    def _pack(self, t: torch.Tensor):
-        try:
-            key, size = self._key(t), t.untyped_storage().nbytes()
-        except (RuntimeError, NotImplementedError):  # no plain storage (a sparse tensor): not counted
-            return t
-        if key in self._skip or not size:
-            return t
-        entry = self._live.setdefault(key, [0, size])
-        if not entry[0]:
-            self.bytes += size
-            self.peak = max(self.peak, self.bytes)
-        entry[0] += 1
-        return _Saved(self, key, t)
-
-    @staticmethod
-    def _unpack(saved):
-        return saved.tensor if isinstance(saved, _Saved) else saved
-
-    def _release(self, key: tuple) -> None:
-        entry = self._live[key]
-        entry[0] -= 1
-        if not entry[0]:
-            self.bytes -= entry[1]
-            del self._live[key]
-
-    def __enter__(self) -> "SavedActivations":
-        self._hooks.__enter__()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._hooks.__exit__(*exc)
-
-
-class _Saved:
-    """One saved tensor, as autograd holds it while the counter watches: releasing it counts it out."""
-
-    __slots__ = ("owner", "key", "tensor")
-
-    def __init__(self, owner: SavedActivations, key: tuple, tensor: torch.Tensor):
-        self.owner, self.key, self.tensor = owner, key, tensor
-
-    def __del__(self):
-        self.owner._release(self.key)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -335,11 +147,6 @@ def gpu_idle_share(step, first: int, steps: int, device: torch.device) -> tuple[
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def with_policy(recipe: Recipe, policy: str) -> Recipe:
-    """``recipe`` with ``train.activation_checkpointing = policy``."""
-    return dataclasses.replace(recipe, train=dataclasses.replace(recipe.train, activation_checkpointing=policy))
 
 
 def run_one(args: TrainArgs, kernel_set, compiled: bool, ceilings: dict, policy: str | None = None,
@@ -505,9 +312,9 @@ def _run_rows(args: TrainArgs, log, log_err) -> dict:
                 free_memory(device)
             result["rows"].append(row)
             log("  " + _row_line(row))
-            _write(args, result)
+            _write_on_rank0(args, result)
     _compare(result["rows"], args, log_err)
-    _write(args, result)
+    _write_on_rank0(args, result)
     return result
 
 
@@ -531,13 +338,10 @@ def _row_line(r: dict) -> str:
             f"loss {r['first_loss']:.4f} -> {r['last_loss']:.4f}")
 
 
-def _write(args: TrainArgs, result: dict) -> None:
+def _write_on_rank0(args: TrainArgs, result: dict) -> None:
     if distributed.rank() != 0:  # under torchrun every rank holds the same rows; rank 0 writes them
         return
-    if args.json:
-        write_json(args.json, result)
-    if args.csv:
-        write_csv(args.csv, COLUMNS, result["rows"])
+    write_results(result, args.json, args.csv, COLUMNS)
 
 
 def table(result: dict, args: TrainArgs) -> str:
@@ -567,7 +371,7 @@ def table(result: dict, args: TrainArgs) -> str:
 # The command
 # ---------------------------------------------------------------------------------------------------
 
-def _parser() -> ArgumentParser:
+def _train_parser() -> ArgumentParser:
     p = ArgumentParser(prog="tritonforge bench train", allow_abbrev=False,
                        description="Train RECIPE's model on synthetic inputs once per kernel set (and "
                                    "activation-checkpointing policy) and compare throughput and memory; any "
@@ -594,7 +398,7 @@ def _parser() -> ArgumentParser:
 
 
 def parse_args(argv: Sequence[str]) -> TrainArgs:
-    a, overrides = _parser().parse_known_args(list(argv))
+    a, overrides = _train_parser().parse_known_args(list(argv))
     kernels = parse_kernel_set(a.kernels, "--kernels")
     vs = parse_kernel_set(a.vs, "--vs")
     if a.steps is not None and a.steps < 1:
@@ -607,36 +411,6 @@ def parse_args(argv: Sequence[str]) -> TrainArgs:
     steps = a.steps if a.steps is not None else (20 if device.type == "cuda" else 3)
     return TrainArgs(recipe, kernels, vs, policies, steps, a.warmup, a.compile, device, a.json, a.csv,
                      list(overrides), a.tuned, parse_muon_sharing(a.muon_sharing, recipe))
-
-
-def parse_muon_sharing(text: str, recipe: Recipe) -> list[str]:
-    """``--muon-sharing``'s modes in order; "off" exists only where the ranks hold whole matrices (DDP)."""
-    modes = [m.strip() for m in text.split(",")]
-    if any(m not in ("on", "off") for m in modes) or len(set(modes)) < len(modes):
-        raise BenchError(f"--muon-sharing: expected on, off or on,off; got {text!r}")
-    several = distributed.launched_by_torchrun() and int(os.environ["WORLD_SIZE"]) > 1
-    if modes != ["on"] and not (several and recipe.optim.name == "muon"):
-        raise BenchError("--muon-sharing: compares Muon's iterations shared or not over the ranks: it needs "
-                         "optim.name = 'muon' and several processes under torchrun")
-    if "off" in modes and recipe.parallel.strategy != "ddp":
-        raise BenchError("--muon-sharing=off: FSDP2 shards the matrices, so only a shared step can "
-                         "orthogonalize them whole; use parallel.strategy = 'ddp'")
-    return modes
-
-
-def parse_policies(text: str | None, recipe: Recipe) -> list[str]:
-    """``--checkpointing``'s policies in order (checked as the recipe field is); the recipe's own without it."""
-    if text is None:
-        return [recipe.train.activation_checkpointing]
-    policies = [p.strip() for p in text.split(",")]
-    for policy in policies:
-        try:
-            recompute.parse_policy(policy)
-        except RecipeError:
-            raise BenchError(f"--checkpointing: {policy!r} is not one of none, blocks, every_N (N >= 1)") from None
-    if len(set(policies)) < len(policies):
-        raise BenchError(f"--checkpointing: {text!r} names a policy twice")
-    return policies
 
 
 def main(argv: Sequence[str]) -> int:

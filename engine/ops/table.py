@@ -96,7 +96,7 @@ class Op:
     #: Public ``kernels`` names the Triton backend needs (default: the functions' string entries).
     kernel_names: tuple[str, ...] = ()
     #: How ``bench ops`` and ``kernels check`` exercise the op when they have no built-in case for it (an
-    #: ``engine.bench.ops.OpBench``).
+    #: ``engine.bench.cases.OpBench``).
     bench: Any = field(default=None, compare=False)
 
     def needs(self) -> tuple[str, ...]:

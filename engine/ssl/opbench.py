@@ -1,7 +1,7 @@
 """How ``bench ops`` and ``kernels check`` exercise the ``nt_xent`` op: the registry row's ``OpBench``.
 
 The module itself is that object (its attributes are the ``OpBench`` fields): the registry imports it while
-the benchmark package may still be importing the registry, so ``engine.bench.ops`` is imported only inside
+the benchmark package may still be importing the registry, so ``engine.bench.cases`` is imported only inside
 the functions, when a benchmark runs.
 """
 from __future__ import annotations
@@ -44,12 +44,12 @@ def parse(spec: str) -> list[ViewsShape]:
 
 
 def make_case(shape: ViewsShape, dtype: torch.dtype, device: torch.device):
-    from ..bench import ops as bench_ops
+    from ..bench import cases as bench_cases
 
     z = torch.randn(shape.views, shape.dim, dtype=dtype, device=device, requires_grad=True)
     # Forward: the similarities (2·N²·D); backward: recomputed and multiplied back (4·N²·D).
     fwd = 2.0 * shape.views ** 2 * shape.dim
-    return bench_ops.Case("nt_xent", shape, dtype, device, [z], torch.ones((), device=device), ("loss", "dz"),
+    return bench_cases.Case("nt_xent", shape, dtype, device, [z], torch.ones((), device=device), ("loss", "dz"),
                           {"fwd": fwd, "bwd": 2 * fwd, "fwdbwd": 3 * fwd}, "TFLOP/s")
 
 
@@ -58,8 +58,8 @@ def call(ops, case) -> torch.Tensor:
 
 
 def reference(case) -> list[torch.Tensor]:
-    from ..bench import ops as bench_ops
+    from ..bench import cases as bench_cases
     from ..ops.reference import torch_nt_xent
 
-    leaves = bench_ops._upcast(case)
-    return bench_ops._backward_reference(case, torch_nt_xent(leaves[0], TEMPERATURE), leaves)
+    leaves = bench_cases.upcast(case)
+    return bench_cases.backward_reference(case, torch_nt_xent(leaves[0], TEMPERATURE), leaves)

@@ -1,6 +1,7 @@
 """Benchmarks on CPU: the checks run, a wrong backend FAILS without being timed, outputs have their
 columns, arguments are validated, and the GPU command's summary is built from the stages' results."""
 import csv
+import importlib.util
 import json
 import os
 import subprocess
@@ -12,7 +13,8 @@ import torch.nn.functional as F
 
 from tritonforge.engine import cli
 from tritonforge.engine.ops import reference as op_reference, select as op_select, table as op_table
-from tritonforge.engine.bench import BenchError, gpu, ops, train
+from tritonforge.engine.bench import catalogue, kernelsets, ops, shapes, synthetic, train
+from tritonforge.engine.bench.args import BenchError
 
 # One small shape per op (the Triton interpreter runs these in about a second).
 TINY_SHAPES = ("attention=1x2x16x16:causal,layer_norm=8x32,rms_norm=8x32,mlp=10x8,dwconv=1x4x2x2,"
@@ -20,6 +22,18 @@ TINY_SHAPES = ("attention=1x2x16x16:causal,layer_norm=8x32,rms_norm=8x32,mlp=10x
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY_GPT = ["--model.preset=gpt-tiny", "--model.n_layer=1", "--model.d_model=32", "--model.n_head=2",
             "--model.context=16", "--train.seq_len=16", "--train.batch_size=2"]
+
+def _load_gpu_tool():
+    """tools/gpu.py, the repository's GPU suite: a script outside the package, loaded from its file."""
+    name = "tritonforge_tools_gpu"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "tools", "gpu.py"))
+        sys.modules[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[name])
+    return sys.modules[name]
+
+
+gpu = _load_gpu_tool()
 
 
 def run_ops(tmp_path, *args):
@@ -31,10 +45,10 @@ def run_ops(tmp_path, *args):
 def test_ops_torch_backend_checks_and_times_every_op(tmp_path, capsys):
     code, rows, csv_rows = run_ops(tmp_path, "--backends", "torch", "--shapes", TINY_SHAPES)
     assert code == 0
-    assert [r["op"] for r in rows] == list(ops.bench_ops())
+    assert [r["op"] for r in rows] == list(catalogue.bench_ops())
     for r in rows:
         assert r["status"] == "ok", r
-        assert r["max_err"] < ops.TOLERANCE[torch.float32]
+        assert r["max_err"] < catalogue.TOLERANCE[torch.float32]
         assert r["fwdbwd_ms"] > 0 and r["fwdbwd_rate"] > 0 and r["vs_torch"] == 1.0
         assert r["timer"] == "CPU"
         if r["op"] != "optimizer":
@@ -65,7 +79,7 @@ def test_ops_triton_rows_through_the_interpreter(tmp_path):
     code, rows, _ = run_ops(tmp_path, "--backends", "torch,triton", "--shapes", TINY_SHAPES)
     assert code == 0
     triton_rows = [r for r in rows if r["backend"] == "triton"]
-    assert {r["op"] for r in triton_rows} == set(ops.bench_ops())
+    assert {r["op"] for r in triton_rows} == set(catalogue.bench_ops())
     for r in triton_rows:
         assert r["status"] == "ok" and r["fwdbwd_ms"] > 0, r
 
@@ -77,7 +91,7 @@ def test_ops_muon_rows_beside_adamw(tmp_path):
     assert code == 0
     assert [r["backend"] for r in rows] == ["torch", "torch-muon", "triton-muon"]
     for r in rows:
-        assert r["status"] == "ok" and r["max_err"] < ops.OPTIMIZER_TOLERANCE and r["fwdbwd_ms"] > 0, r
+        assert r["status"] == "ok" and r["max_err"] < catalogue.OPTIMIZER_TOLERANCE and r["fwdbwd_ms"] > 0, r
 
 
 def test_ops_nondeterministic_triton_attention(tmp_path):
@@ -96,7 +110,7 @@ def test_ops_attention_with_packed_documents(tmp_path):
     assert code == 0
     assert [r["status"] for r in rows] == ["ok", "ok", "ok", "not available"], rows
     assert rows[0]["shape"] == "1x2x40x16 causal segments=3"
-    shape = ops.parse_shapes("attention=1x2x40x16:causal:segments=3", ["attention"])["attention"][0]
+    shape = shapes.parse_shapes("attention=1x2x40x16:causal:segments=3", ["attention"])["attention"][0]
     assert shape.score_pairs() == 14 * 14 + 13 * 13 + 13 * 13
     assert shape.segment_ids(torch.device("cpu")).tolist() == [[0] * 14 + [1] * 13 + [2] * 13]
 
@@ -123,24 +137,24 @@ def test_ops_plot_without_matplotlib_is_a_clear_error(monkeypatch):
 
 
 def test_shape_syntax():
-    shapes = ops.parse_shapes("attention=4x16x4096x128,layer_norm=32768x768", ["attention", "layer_norm"])
-    assert [s.label for s in shapes["attention"]] == ["4x16x4096x128 causal", "4x16x4096x128 full"]
-    assert shapes["layer_norm"] == [ops.MatrixShape(32768, 768)]
-    both = ops.parse_shapes("64x256", ["layer_norm", "rms_norm"])
-    assert both["layer_norm"] == both["rms_norm"] == [ops.MatrixShape(64, 256)]
-    opt = ops.parse_shapes("124m:clip,2x64x512x32", ["optimizer"])["optimizer"]
+    chosen = shapes.parse_shapes("attention=4x16x4096x128,layer_norm=32768x768", ["attention", "layer_norm"])
+    assert [s.label for s in chosen["attention"]] == ["4x16x4096x128 causal", "4x16x4096x128 full"]
+    assert chosen["layer_norm"] == [shapes.MatrixShape(32768, 768)]
+    both = shapes.parse_shapes("64x256", ["layer_norm", "rms_norm"])
+    assert both["layer_norm"] == both["rms_norm"] == [shapes.MatrixShape(64, 256)]
+    opt = shapes.parse_shapes("124m:clip,2x64x512x32", ["optimizer"])["optimizer"]
     assert opt[0].name == "124M" and opt[0].clip and 124e6 < opt[0].numel < 125e6
     assert [(s.layers, s.width, s.vocab, s.context, s.clip) for s in opt[1:]] == [(2, 64, 512, 32, False),
                                                                                     (2, 64, 512, 32, True)]
-    default = ops.parse_shapes("default", list(ops.bench_ops()))
+    default = shapes.parse_shapes("default", list(catalogue.bench_ops()))
     assert len(default["attention"]) == 12 and all(s.batch * s.seq == 16384 for s in default["attention"])
     assert len(default["optimizer"]) == 4 and len(default["layer_norm"]) == 4
-    assert default["mlp"][0] == ops.MatrixShape(128 * 56 * 56, 96)
-    assert ops.parse_shapes("mlp=100x24", ["mlp"])["mlp"] == [ops.MatrixShape(100, 24)]
-    assert default["dwconv"][0] == ops.ImageShape(128, 96, 56, 56)
-    assert ops.parse_shapes("dwconv=2x96x56x56", ["dwconv"])["dwconv"] == [ops.ImageShape(2, 96, 56, 56)]
+    assert default["mlp"][0] == shapes.MatrixShape(128 * 56 * 56, 96)
+    assert shapes.parse_shapes("mlp=100x24", ["mlp"])["mlp"] == [shapes.MatrixShape(100, 24)]
+    assert default["dwconv"][0] == shapes.ImageShape(128, 96, 56, 56)
+    assert shapes.parse_shapes("dwconv=2x96x56x56", ["dwconv"])["dwconv"] == [shapes.ImageShape(2, 96, 56, 56)]
     with pytest.raises(BenchError, match="not a dwconv shape; expected NxCxHxW"):
-        ops.parse_shapes("dwconv=96x56x56", ["dwconv"])
+        shapes.parse_shapes("dwconv=96x56x56", ["dwconv"])
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -168,7 +182,7 @@ def test_ops_cpu_defaults():
     assert args.backends["attention"] == ["torch", "triton"]
     # the built-in ops' tiny set, and the tiny shapes of the ops whose registry row brings its own case
     own = {op.name: op.bench.shapes["tiny"] for op in op_table.TABLE if op.bench is not None}
-    assert args.shapes == {**ops.SHAPE_SETS["tiny"], **own}
+    assert args.shapes == {**shapes.SHAPE_SETS["tiny"], **own}
     args = ops.parse_args(["--device", "cpu", "--backends", "liger,torch", "--op", "attention,rms_norm"])
     assert args.backends == {"attention": ["torch"], "rms_norm": ["torch", "liger"]}
 
@@ -259,17 +273,17 @@ def test_train_uses_the_recipes_checkpointing_by_default():
     args = train.parse_args(["recipes/gpt_cpu.toml", "--train.activation_checkpointing=every_2", *TINY_GPT,
                              "--model.n_layer=3"])
     assert args.checkpointing == ["every_2"]
-    task = train.SyntheticTask(args.recipe, op_select.resolve({}, "cpu"), torch.device("cpu"))
+    task = synthetic.SyntheticTask(args.recipe, op_select.resolve({}, "cpu"), torch.device("cpu"))
     assert [type(b).__name__ for b in task.model.blocks] == ["CheckpointedBlock", "Block", "CheckpointedBlock"]
 
 
 def test_saved_activations_count_each_storage_once_until_the_backward_frees_it():
     linear = torch.nn.Linear(64, 64)
-    with train.SavedActivations(linear) as saved:  # linear saves its input (and its weight: not counted),
+    with synthetic.SavedActivations(linear) as saved:  # linear saves its input (and its weight: not counted),
         linear(torch.randn(8, 64)).relu().sum().backward()  # relu its output
     assert (saved.peak, saved.bytes) == (2 * 8 * 64 * 4, 0)
     a = torch.randn(8, 64, requires_grad=True)
-    with train.SavedActivations(linear) as saved:
+    with synthetic.SavedActivations(linear) as saved:
         b = a.exp()  # saves its output
         (b[:4] * b[4:]).sum().backward()  # saves two views of the same storage
     assert (saved.peak, saved.bytes) == (8 * 64 * 4, 0)
@@ -296,18 +310,18 @@ def test_train_mismatched_loss_is_failed(tmp_path, monkeypatch):
 
 
 def test_kernel_sets(monkeypatch):
-    assert train.parse_kernel_set("triton", "--kernels") == "triton"
-    assert train.parse_kernel_set("attention=triton, layer_norm=torch", "--kernels") == {
+    assert kernelsets.parse_kernel_set("triton", "--kernels") == "triton"
+    assert kernelsets.parse_kernel_set("attention=triton, layer_norm=torch", "--kernels") == {
         "attention": "triton", "layer_norm": "torch"}
     recipe = train.load_recipe("recipes/gpt_cpu.toml")
     cpu = torch.device("cpu")
-    explicit = train.resolve_set({"layer_norm": "auto"}, recipe, cpu).backends
+    explicit = kernelsets.resolve_set({"layer_norm": "auto"}, recipe, cpu).backends
     assert explicit == {op: "torch" for op in op_table.op_names()}  # unnamed ops on torch, auto is torch on CPU
-    lenient = train.resolve_set("triton", recipe, cpu).backends  # the interpreter is on in the tests
+    lenient = kernelsets.resolve_set("triton", recipe, cpu).backends  # the interpreter is on in the tests
     assert lenient == {op: "triton" for op in op_table.op_names()}
     monkeypatch.setattr(op_table, "kernels_module", lambda: None)
     with pytest.raises(op_table.KernelSelectionError, match="the kernels package cannot be imported"):
-        train.resolve_set({"attention": "triton"}, recipe, cpu)
+        kernelsets.resolve_set({"attention": "triton"}, recipe, cpu)
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -428,3 +442,25 @@ def test_gpu_summary_lists_the_tuned_choices(tmp_path):
     assert line["triton"] == "triton" and line["torch"] == "torch 2.8, sdpa-cudnn raised, triton 2"
     assert "1.40x torch's speed" in text
     assert "tune" in gpu.parse_args(["--only", "tune"]).only
+
+
+#: Each command module's interface, called by module: ``ops.main``, ``check.run``, ``train.table``...
+COMMAND_INTERFACE = {"main", "run", "parse_args", "table"}
+
+
+def test_each_bench_helper_is_defined_once():
+    """The bench package is split by concern: a function lives in one module, which the others import it from
+    (the commands' own ``main``, ``run``, ``parse_args`` and ``table`` aside); no module is over 450 lines."""
+    import ast
+    from pathlib import Path
+
+    folder = Path(ROOT) / "engine" / "bench"
+    where: dict[str, list[str]] = {}
+    for path in sorted(folder.glob("*.py")):
+        text = path.read_text()
+        assert len(text.splitlines()) <= 450, f"{path.name} has {len(text.splitlines())} lines"
+        for node in ast.parse(text).body:
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name not in COMMAND_INTERFACE:
+                where.setdefault(node.name, []).append(path.name)
+    twice = {name: files for name, files in where.items() if len(files) > 1}
+    assert not twice, f"defined in more than one bench module: {twice}"

@@ -1,6 +1,7 @@
 """``tritonforge kernels check`` on CPU: the kernels pass through the interpreter, a wrong kernel fails the
 check with exit status 1, the interpreter is switched on by the command itself, and the GPU command stops
 its kernel benchmarks when the check fails."""
+import importlib.util
 import json
 import os
 import subprocess
@@ -14,14 +15,27 @@ from tritonforge import kernels
 from tritonforge.engine import cli
 from tritonforge.engine.ops import table as op_table
 from tritonforge.engine.optim import build as optim_build
-from tritonforge.engine.bench import BenchError, check, gpu
-from tritonforge.engine.bench import ops as bench_ops
+from tritonforge.engine.bench import cases as bench_cases
+from tritonforge.engine.bench import check, checkgpu, checkrows, optimizer, shapes
+from tritonforge.engine.bench.args import BenchError
 
 ROOT = Path(__file__).resolve().parents[2]
 #: The CPU check runs the kernels through the interpreter; a session that compiles them for a GPU
 #: (TRITON_INTERPRET=0) imported them compiled, and the check rightly refuses to run them on CPU tensors.
 in_interpreter = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                                     reason="the kernels were imported without the Triton interpreter")
+
+def _load_gpu_tool():
+    """tools/gpu.py, the repository's GPU suite: a script outside the package, loaded from its file."""
+    name = "tritonforge_tools_gpu"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "tools", "gpu.py"))
+        sys.modules[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[name])
+    return sys.modules[name]
+
+
+gpu = _load_gpu_tool()
 
 
 def run_check(tmp_path, *args):
@@ -39,7 +53,7 @@ def test_every_op_and_backend_passes_on_cpu(tmp_path, capsys):
     assert {r["shape"] for r in rows if r["op"] == "rms_norm"} == {
         "1x1000", "37x1000", "add_rms_norm 1x1000", "add_rms_norm 37x1000"}
     assert {r["dtype"] for r in rows if r["op"] == "rms_norm"} == {"fp32", "bf16"}
-    assert {r["shape"].split()[0] for r in rows if r["op"] == "optimizer"} == set(check.OPTIMIZERS)
+    assert {r["shape"].split()[0] for r in rows if r["op"] == "optimizer"} == set(optimizer.OPTIMIZERS)
     for r in rows:
         assert r["status"] == "ok" and r["reference"] == "fp64", r
         assert 0 < r["forward"] <= r["tolerance"] and 0 < r["backward"] <= r["tolerance"]
@@ -101,13 +115,13 @@ def _doubling_row() -> op_table.Op:
     """A stand-in row of the op table, ``x * 2``, with the OpBench a new op brings."""
     def case(shape, dtype, device):
         x = torch.randn(shape.rows, shape.cols, dtype=dtype, device=device, requires_grad=True)
-        return bench_ops.Case("double", shape, dtype, device, [x], torch.randn_like(x), ("y", "dx"), {}, "GB/s")
+        return bench_cases.Case("double", shape, dtype, device, [x], torch.randn_like(x), ("y", "dx"), {}, "GB/s")
 
     def reference(case):
-        leaves = bench_ops._upcast(case)
-        return bench_ops._backward_reference(case, 2 * leaves[0], leaves)
+        leaves = bench_cases.upcast(case)
+        return bench_cases.backward_reference(case, 2 * leaves[0], leaves)
 
-    bench = bench_ops.OpBench("MxN", lambda spec: [], {"tiny": [bench_ops.MatrixShape(3, 5)], "default": []}, case,
+    bench = bench_cases.OpBench("MxN", lambda spec: [], {"tiny": [shapes.MatrixShape(3, 5)], "default": []}, case,
                               lambda ops, case: ops.double(case.inputs[0]), reference)
     return op_table.Op("double", "x * 2", {"double": (lambda x: 2 * x, lambda kernels, det: lambda x: x + x)},
                        bench=bench)
@@ -124,7 +138,7 @@ def test_a_new_row_of_the_op_table_is_checked(tmp_path, monkeypatch):
 
 def test_every_registry_op_has_a_check_and_options_are_validated(monkeypatch):
     assert all(check.checkable(op) for op in op_table.op_names())
-    assert set(optim_build.OPTIMIZERS) <= set(check.OPTIMIZERS)
+    assert set(optim_build.OPTIMIZERS) <= set(optimizer.OPTIMIZERS)
     assert check.parse_args(["--device", "cpu"]).sizes == ["small", "odd"]
     with pytest.raises(BenchError, match="--op: unknown name 'gemm'"):
         check.parse_args(["--device", "cpu", "--op", "gemm"])
@@ -178,9 +192,9 @@ def test_gpu_command_runs_the_check_first_and_no_benchmark_after_a_failure(tmp_p
 
 
 def test_a_nan_is_the_worst_error_and_fails():
-    row = check._new_row("rms_norm", "triton", "small", "8x32", "fp32", "fp64", 2e-3)
+    row = checkrows.new_check_row("rms_norm", "triton", "small", "8x32", "fp32", "fp64", 2e-3)
     row["errors"] = {"y": 1e-7, "dx": float("nan"), "dw": 5e-3}
-    check._judge(row)
+    checkrows.judge(row)
     assert row["status"] == "FAIL" and row["worst"] == "dx" and row["forward"] == 1e-7
     assert "| nan " in check.table([row])
 
@@ -191,10 +205,10 @@ def test_gpu_only_rows_say_what_they_need_where_it_is_missing(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2**30, 80 * 2**30))
     args = check.CheckArgs(["attention", "rms_norm"], [torch.bfloat16], ["small", "real"], torch.device("cuda"))
-    rows = check._gpu_only_rows(args, log=lambda line: None, log_err=lambda line: None)
+    rows = checkgpu.gpu_only_rows(args, log=lambda line: None, log_err=lambda line: None)
     assert [(r["size"], r["status"]) for r in rows] == [("other GPU", "not checked"), ("past 2^31", "not checked")]
     assert "two GPUs" in rows[0]["note"] and "GiB of free GPU memory" in rows[1]["note"]
-    tokens, heads, head_dim = check.WIDE_VARLEN
+    tokens, heads, head_dim = checkgpu.WIDE_VARLEN
     assert tokens * heads * head_dim > 2**31
 
 
@@ -202,5 +216,5 @@ def test_gpu_only_rows_say_what_they_need_where_it_is_missing(monkeypatch):
 def test_gpu_only_rows_pass_on_this_gpu():
     args = check.CheckArgs(["attention", "rope", "layer_norm"], [torch.bfloat16], ["small", "real"],
                            torch.device("cuda"))
-    rows = check._gpu_only_rows(args, log=lambda line: None, log_err=print)
+    rows = checkgpu.gpu_only_rows(args, log=lambda line: None, log_err=print)
     assert all(r["status"] in ("ok", "not checked") for r in rows), rows

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from tritonforge.engine.ops import select as op_select, table as op_table
+from tritonforge.engine.bench import cases as bench_cases
 from tritonforge.engine.bench import ops as bench_ops
 from tritonforge.engine.config import RecipeError, dump_toml, load_recipe
 
@@ -32,20 +33,20 @@ def _parse(spec: str) -> list[Length]:
 def _case(shape, dtype, device):
     x = torch.randn(shape.n, dtype=dtype, device=device, requires_grad=True)
     size = x.element_size() * shape.n
-    return bench_ops.Case("scale", shape, dtype, device, [x], torch.randn_like(x), ("y", "dx"),
+    return bench_cases.Case("scale", shape, dtype, device, [x], torch.randn_like(x), ("y", "dx"),
                           {"fwd": 2 * size, "bwd": 2 * size, "fwdbwd": 4 * size}, "GB/s")
 
 
 def _reference(case):
-    leaves = bench_ops._upcast(case)
-    return bench_ops._backward_reference(case, torch_scale(leaves[0]), leaves)
+    leaves = bench_cases.upcast(case)
+    return bench_cases.backward_reference(case, torch_scale(leaves[0]), leaves)
 
 
 SCALE = op_table.Op(
     "scale", "x * alpha (a stand-in op for this test)",
     # The "Triton" entry is a factory, as rows use where a kernel's call needs adapting.
     {"scale": (torch_scale, lambda kernels, deterministic: lambda x, alpha=2.0: x * alpha)},
-    bench=bench_ops.OpBench(syntax="N, e.g. 1024", parse=_parse, shapes={"default": [Length(4096)], "tiny": [Length(33)]},
+    bench=bench_cases.OpBench(syntax="N, e.g. 1024", parse=_parse, shapes={"default": [Length(4096)], "tiny": [Length(33)]},
                             make_case=_case, call=lambda ops, case: ops.scale(case.inputs[0]), reference=_reference))
 
 

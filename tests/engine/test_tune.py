@@ -351,7 +351,7 @@ class WallClock:
 def test_the_project_kernels_pass_the_check_on_a_runs_recorded_calls():
     """The whole measurement on a tiny GPT's real calls, the Triton candidates run by the interpreter: each is
     checked against the upcast reference and timed (times meaningless here), and a decision is made."""
-    from tritonforge.engine.bench.train import SyntheticTask
+    from tritonforge.engine.bench.synthetic import SyntheticTask
     from tritonforge.engine.config import load_recipe
 
     recipe = load_recipe(ROOT / "recipes" / "gpt_cpu.toml", [

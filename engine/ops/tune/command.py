@@ -14,7 +14,7 @@ from .run import NO_CUDA, record, starting_choices, tune_run
 # ---------------------------------------------------------------------------------------------------
 
 def main(argv: Sequence[str]) -> int:
-    from ...bench import ArgumentParser
+    from ...bench.args import ArgumentParser
     from ...config import RecipeError, load_recipe
     from ...errors import KernelSelectionError
 
@@ -50,14 +50,14 @@ def _tune_command(recipe, synthetic: bool, json_path: str | None) -> int:
     ops = select.resolve(starting_choices(recipe.kernels.backends(), "measure", device), device,
                            recipe.kernels.deterministic)
     if synthetic:
-        from ...bench.train import SyntheticTask
+        from ...bench.synthetic import SyntheticTask
 
         task = SyntheticTask(recipe, ops, device)
     else:
         task = build_task(recipe, ops, device, log=print)
     decisions = tune_run(recipe, ops, task, device)
     if json_path:
-        from ...bench import write_json
+        from ...bench.tables import write_json
 
         write_json(json_path, {"env": environment(device, dict(ops.backends)), "recipe": recipe.to_dict(),
                                "synthetic": synthetic, "tuning": record(decisions)})

@@ -15,7 +15,7 @@ import torch
 from torch.utils._pytree import tree_flatten, tree_map
 
 # The relative errors ``tritonforge kernels check`` allows, by dtype, for the optimizer, and for Muon on a GPU.
-from ...bench.ops import MUON_CUDA_TOLERANCE, OPTIMIZER_TOLERANCE, TOLERANCE
+from ...bench.catalogue import MUON_CUDA_TOLERANCE, OPTIMIZER_TOLERANCE, TOLERANCE
 from .candidates import Candidate
 from .record import Call, describe
 

@@ -152,7 +152,7 @@ def tune_ops(ops: Ops, works: dict[str, Sequence], cands: dict[str, list[Candida
 
 def table(decisions: dict[str, Decision]) -> str:
     """One line per op: each candidate's ms per micro-batch (or why it has none), the choice, why."""
-    from ...bench import format_table
+    from ...bench.tables import format_table
 
     rows = []
     for op, d in decisions.items():

@@ -1,6 +1,6 @@
 """The one command for a GPU machine: kernel check, GPU tests, op benchmarks, a training benchmark, one summary.
 
-    python -m engine.bench.gpu [--anchors DIR] [--out DIR] [--only STAGES] [--ops OPS] [--recipe TOML]
+    python tools/gpu.py [--anchors DIR] [--out DIR] [--only STAGES] [--ops OPS] [--recipe TOML]
                                [--steps N] [--compile] [--budget S]
 
 Run from the repository root of a plain checkout: nothing to install, and neither ``datasets`` nor
@@ -31,18 +31,14 @@ triton/torch speed-up; the training throughputs; the test counts) and writes ``s
 ``summary.csv``, each stage's JSON/CSV and log under ``$OUT`` if set, else ``./bench-results/``.
 The exit status is 1 if any stage failed, timed out or reported a FAILED row.
 
-Budget: the stages are sized for about 9 minutes on one H100 without ``--anchors`` (check ~1-2 with
-FlexAttention's compiles for the torch backend's packed-documents rows, tests ~2, ops ~4, train ~1;
-estimates, not measurements), plus ~1-3 for ``tune`` (compiling every kernel at two models' shapes: not
-measured; ``--only check,tests,ops,train`` leaves it out). Each stage has its own time limit, and ``--budget`` (default
-570 s) caps them together: a stage that would start with too little time left is reported "not run", so
-the summary is always printed within a 10-minute call. The peers' scripts add about 4 minutes: run
-``--only check,tests,ops,train`` and ``--only anchors --anchors DIR`` as two calls. The device machine does not
-see folders outside the checkout: copy the peers' scripts into an ignored folder of the repository first.
+Each stage has its own time limit, and ``--budget`` (default 570 s) caps them together: a stage that would
+start with too little time left is reported "not run", so the summary is always printed within a 10-minute
+call. docs/benchmarks-notes.md gives the stages' expected durations.
 """
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import re
@@ -55,10 +51,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-#: The engine package as ``python -m`` names it: ``engine`` in a checkout, ``tritonforge.engine`` installed.
-ENGINE = __package__.rpartition(".")[0]
+#: The engine package as ``python -m`` names it from the repository root.
+ENGINE = "engine"
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("check", "tests", "tune", "ops", "train", "anchors")
 #: Seconds each stage may run before it is stopped (its partial results are still summarized); --budget caps
 #: them all together.
@@ -78,6 +74,16 @@ TRAIN_RECIPE = "recipes/gpt2_124m.toml"
 #: The recipes whose tuned choices the ``tune`` stage reports.
 TUNE_RECIPES = ("recipes/gpt2_124m.toml", "recipes/convnext_tiny.toml")
 TIMING = ["--warmup-ms", "10", "--rep-ms", "40"]
+
+
+def bench_names(module: str, *names: str) -> tuple:
+    """Names from a module of the engine's bench package: of the engine already imported (``tritonforge.engine``
+    where the test suite loads this file), else of the checkout's ``engine``, imported from :data:`ROOT`."""
+    package = "tritonforge.engine" if "tritonforge.engine" in sys.modules else ENGINE
+    if package == ENGINE and str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    found = importlib.import_module(f"{package}.bench.{module}")
+    return tuple(getattr(found, name) for name in names)
 
 
 @dataclass
@@ -207,8 +213,7 @@ def _plot_args(out: Path, name: str) -> list[str]:
 def backends_for(ops: str) -> str:
     """The part of :data:`OPS_BACKENDS` that serves at least one of ``ops`` (a comma list or "all"):
     ``bench ops`` rejects a backend that none of its ops has."""
-    from .ops import backends_of, bench_ops
-
+    backends_of, bench_ops = bench_names("catalogue", "backends_of", "bench_ops")
     chosen = bench_ops() if ops == "all" else ops.split(",")
     known = {b for op in chosen for b in backends_of(op)}
     return ",".join(b for b in OPS_BACKENDS.split(",") if b in known)
@@ -402,8 +407,7 @@ SUMMARY_COLUMNS = ("item", "unit", "triton", "torch", "best_peer", "triton_vs_to
 
 def summarize(out: Path, stages: list[StageResult]) -> tuple[str, dict]:
     """The summary table (text) and its JSON payload, from what the stages wrote under ``out``."""
-    from . import format_table
-
+    format_table, = bench_names("tables", "format_table")
     ops, flex, train = _load(out / "ops.json"), _load(out / "ops_flex.json"), _load(out / "train.json")
     documents = _load(out / "ops_documents.json")
     check = _load(out / "check.json")
@@ -439,9 +443,8 @@ def failed_anywhere(stages: list[StageResult], payload: dict) -> bool:
 # ---------------------------------------------------------------------------------------------------
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    from . import ArgumentParser, BenchError
-
-    p = ArgumentParser(prog="python -m engine.bench.gpu", allow_abbrev=False,
+    ArgumentParser, BenchError = bench_names("args", "ArgumentParser", "BenchError")
+    p = ArgumentParser(prog="python tools/gpu.py", allow_abbrev=False,
                        description="GPU tests, op benchmarks and a short training benchmark, with one summary.")
     p.add_argument("--anchors", type=Path, default=None, metavar="DIR",
                    help=f"folder holding the peers' {' and '.join(ANCHOR_SCRIPTS)} (run last when given)")
@@ -461,8 +464,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         if s not in STAGES:
             raise BenchError(f"--only: unknown stage {s!r}; valid: {', '.join(STAGES)}")
     a.only = stages
-    from .ops import bench_ops
-
+    bench_ops, = bench_names("catalogue", "bench_ops")
     if a.ops != "all":
         for op in a.ops.split(","):
             if op not in bench_ops():
@@ -504,8 +506,7 @@ def run_stages(a: argparse.Namespace, out: Path, budget: Budget) -> list[StageRe
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from . import BenchError
-
+    BenchError, = bench_names("args", "BenchError")
     try:
         a = parse_args(sys.argv[1:] if argv is None else argv)
     except BenchError as e:
@@ -521,8 +522,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     stages = run_stages(a, out, Budget(a.budget))
     text, payload = summarize(out, stages)
-    from . import write_csv, write_json
-
+    write_csv, write_json = bench_names("tables", "write_csv", "write_json")
     write_json(out / "summary.json", payload)
     write_csv(out / "summary.csv", SUMMARY_COLUMNS, payload["summary"])
     print("\n" + text)
