@@ -225,7 +225,8 @@ def torch_optimizer_states(optim_state: dict[str, Any], model) -> tuple[dict[str
     ``optim_state`` is the optimizer part of a checkpoint, keyed by parameter names: ``checkpoint.consolidate
     (path)["optimizer"]`` (any world size, any backend) or ``get_state_dict(model, optimizer)[1]`` of a
     one-process run. ``model`` (a module, or a ``{name: tensor}`` state dict such as the checkpoint's
-    ``"model"``) is checked against it: every state entry must name one of its parameters, with its shape.
+    ``"model"``) is checked against it: every state entry must name one of its parameters, with its shape,
+    and a module's every parameter must be in a group (a state dict also holds buffers and tied names).
 
     Returns ``(muon, adamw)``: the ``use_muon=True`` groups and the others, in the engine's group order,
     each group with the torch optimizer's own hyperparameter keys (ours where it has them, its defaults
@@ -265,7 +266,7 @@ def torch_optimizer_states(optim_state: dict[str, Any], model) -> tuple[dict[str
         else:
             keys["betas"] = tuple(keys["betas"])
         target["param_groups"].append({**keys, "params": ids, "param_names": list(group["params"])})
-    missing = [n for n in shapes if n not in seen]
+    missing = [n for n in shapes if n not in seen] if isinstance(model, torch.nn.Module) else []
     if missing:
         raise ValueError(f"optimizer state: no param group holds {', '.join(missing)} of the model "
                          "(the state of another model?)")
