@@ -168,8 +168,8 @@ def test_muon_under_fsdp_matches_one_process_with_triton_kernels(corpus, tmp_pat
 
 def test_muon_under_fsdp_at_four_processes_matches_one_with_triton_kernels(corpus, tmp_path,
                                                                            triton_muon_one_process):
-    """4 FSDP2 processes x 2 micro-batches x 1 with the Triton optimizer: each rank's stacks hold 8 rows of
-    the 32-row matrices (the 32 x 128 MLP matrices' shards), and the shared iterations gather them whole."""
+    """4 FSDP2 processes x 2 micro-batches x 1 with the Triton optimizer: each rank's stacks hold a quarter of
+    every matrix's rows (8 of the 32-row ones), and the shared iterations gather them whole on their owner."""
     args = common(corpus, MUON_STEPS) + MUON + ["--kernels.optimizer=triton"]
     proc = run(args + ["--train.batch_size=1", "--train.grad_accum=2", "--parallel.strategy=fsdp",
                        f"--run.dir={tmp_path / 'fsdp'}"], nproc=4)
