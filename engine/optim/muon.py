@@ -215,3 +215,91 @@ class TorchMuon(torch.optim.Optimizer):
         exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
         denom = (exp_avg_sq.sqrt() / (1 - beta2 ** t).sqrt()).add_(group["eps"])
         p.addcdiv_(exp_avg / (1 - beta1 ** t), denom, value=-lr)
+
+
+#: The state keys ``torch.optim.Muon`` and ``torch.optim.AdamW`` keep per parameter.
+TORCH_STATE_KEYS = {True: ("momentum_buffer",), False: ("step", "exp_avg", "exp_avg_sq")}
+
+
+def torch_optimizer_states(optim_state: dict[str, Any], model) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The engine's Muon state as two state dicts: ``torch.optim.Muon``'s and ``torch.optim.AdamW``'s.
+
+    ``optim_state`` is the optimizer part of a checkpoint, keyed by parameter names: ``checkpoint.consolidate
+    (path)["optimizer"]`` (any world size, any backend) or ``get_state_dict(model, optimizer)[1]`` of a
+    one-process run. ``model`` (a module, or a ``{name: tensor}`` state dict such as the checkpoint's
+    ``"model"``) is checked against it: every state entry must name one of its parameters, with its shape,
+    and a module's every parameter must be in a group (a state dict also holds buffers and tied names).
+
+    Returns ``(muon, adamw)``: the ``use_muon=True`` groups and the others, in the engine's group order,
+    each group with the torch optimizer's own hyperparameter keys (ours where it has them, its defaults
+    otherwise) and ``param_names``, the order its parameters must be given in::
+
+        params = dict(model.named_parameters())
+        muon_sd, adamw_sd = torch_optimizer_states(state, model)
+        muon = torch.optim.Muon([{"params": [params[n] for n in g["param_names"]]}
+                                 for g in muon_sd["param_groups"]])
+        muon.load_state_dict(muon_sd)   # likewise torch.optim.AdamW with adamw_sd
+
+    Only the keys torch keeps are carried (``momentum_buffer``; ``step``, ``exp_avg``, ``exp_avg_sq``): the
+    Triton backend's fp32 ``master_param`` copies stay out (load the weights from the model state).
+    Raises ``ValueError`` naming the parameter when the state is sharded (consolidate it first), keyed by
+    position, missing a parameter or a state key, or does not fit ``model``.
+    """
+    shapes = _parameter_shapes(model)
+    groups, state = optim_state.get("param_groups"), optim_state.get("state")
+    if not isinstance(groups, list) or not isinstance(state, dict):
+        raise ValueError("optimizer state: expected a state dict with 'state' and 'param_groups'")
+    seen = set()
+    out = {True: {"state": {}, "param_groups": []}, False: {"state": {}, "param_groups": []}}
+    defaults = {True: torch.optim.Muon([torch.zeros(1, 1)]).param_groups[0],
+                False: torch.optim.AdamW([torch.zeros(1)]).param_groups[0]}
+    for group in groups:
+        use_muon = bool(group.get("use_muon", True))
+        target = out[use_muon]
+        ids = []
+        for name in group["params"]:
+            _check_entry(name, state, shapes, use_muon)
+            seen.add(name)
+            ids.append(len(target["state"]))
+            target["state"][ids[-1]] = {k: state[name][k] for k in TORCH_STATE_KEYS[use_muon]}
+        keys = {k: group.get(k, v) for k, v in defaults[use_muon].items() if k != "params"}
+        if use_muon:
+            keys["ns_coefficients"] = tuple(keys["ns_coefficients"])
+        else:
+            keys["betas"] = tuple(keys["betas"])
+        target["param_groups"].append({**keys, "params": ids, "param_names": list(group["params"])})
+    missing = [n for n in shapes if n not in seen] if isinstance(model, torch.nn.Module) else []
+    if missing:
+        raise ValueError(f"optimizer state: no param group holds {', '.join(missing)} of the model "
+                         "(the state of another model?)")
+    return out[True], out[False]
+
+
+def _parameter_shapes(model) -> dict[str, torch.Size]:
+    if isinstance(model, torch.nn.Module):
+        return {n: p.shape for n, p in model.named_parameters()}
+    return {n: t.shape for n, t in model.items()}
+
+
+def _check_entry(name, state: dict, shapes: dict, use_muon: bool) -> None:
+    """One parameter of the optimizer state: named, in the model with its shape, whole, with its keys."""
+    kind = "Muon" if use_muon else "AdamW"
+    if not isinstance(name, str):
+        raise ValueError(f"optimizer state: parameter {name!r} is keyed by position; pass the state keyed by "
+                         "parameter names (a checkpoint's, or get_state_dict(model, optimizer)[1])")
+    if name not in shapes:
+        raise ValueError(f"optimizer state: {name} is not a parameter of the model (the state of another "
+                         "model?)")
+    if name not in state:
+        raise ValueError(f"optimizer state: {name} ({kind}) has no state (was a step taken?)")
+    absent = [k for k in TORCH_STATE_KEYS[use_muon] if k not in state[name]]
+    if absent:
+        raise ValueError(f"optimizer state: {name} ({kind}) lacks {', '.join(absent)}")
+    for key in TORCH_STATE_KEYS[use_muon]:
+        value = state[name][key]
+        if isinstance(value, DTensor):
+            raise ValueError(f"optimizer state: {name}.{key} is sharded (a DTensor); consolidate the checkpoint "
+                             "first (checkpoint.consolidate)")
+        if key != "step" and value.shape != shapes[name]:
+            raise ValueError(f"optimizer state: {name}.{key} has shape {tuple(value.shape)}, the model's "
+                             f"parameter {tuple(shapes[name])} (the state of another model?)")

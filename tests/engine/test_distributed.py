@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from tritonforge.engine import checkpoint
+from tritonforge.engine.optim.muon import torch_optimizer_states
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = str(ROOT / "recipes" / "gpt_cpu.toml")
@@ -148,13 +149,32 @@ def test_muon_under_fsdp_matches_one_process_and_resumes_at_any_world_size(corpu
     assert_consolidates_to_torch_muon(tmp_path / "two" / "checkpoints")
 
 
-def test_muon_under_fsdp_matches_one_process_with_triton_kernels(corpus, tmp_path):
+@pytest.fixture(scope="module")
+def triton_muon_one_process(corpus, tmp_path_factory):
+    """One process's losses with the Triton Muon (through the interpreter): the reference of both FSDP2 runs."""
+    run_dir = tmp_path_factory.mktemp("triton_one")
+    run(common(corpus, MUON_STEPS) + MUON + ["--kernels.optimizer=triton", "--train.batch_size=8",
+                                             f"--run.dir={run_dir}"])
+    return losses(run_dir)
+
+
+def test_muon_under_fsdp_matches_one_process_with_triton_kernels(corpus, tmp_path, triton_muon_one_process):
     """The same with the Triton optimizer (through the interpreter): its stacks hold each rank's rows."""
     args = common(corpus, MUON_STEPS) + MUON + ["--kernels.optimizer=triton"]
-    run(args + ["--train.batch_size=8", f"--run.dir={tmp_path / 'one'}"])
     run(args + ["--train.batch_size=2", "--train.grad_accum=2", "--parallel.strategy=fsdp",
                 f"--run.dir={tmp_path / 'fsdp'}"], nproc=2)
-    assert_same_losses(losses(tmp_path / "one"), losses(tmp_path / "fsdp"), range(1, MUON_STEPS + 1))
+    assert_same_losses(triton_muon_one_process, losses(tmp_path / "fsdp"), range(1, MUON_STEPS + 1))
+
+
+def test_muon_under_fsdp_at_four_processes_matches_one_with_triton_kernels(corpus, tmp_path,
+                                                                           triton_muon_one_process):
+    """4 FSDP2 processes x 2 micro-batches x 1 with the Triton optimizer: each rank's stacks hold a quarter of
+    every matrix's rows (8 of the 32-row ones), and the shared iterations gather them whole on their owner."""
+    args = common(corpus, MUON_STEPS) + MUON + ["--kernels.optimizer=triton"]
+    proc = run(args + ["--train.batch_size=1", "--train.grad_accum=2", "--parallel.strategy=fsdp",
+                       f"--run.dir={tmp_path / 'fsdp'}"], nproc=4)
+    assert "Newton-Schulz shared over 4 ranks (FSDP2 shards" in proc.stdout
+    assert_same_losses(triton_muon_one_process, losses(tmp_path / "fsdp"), range(1, MUON_STEPS + 1))
 
 
 def test_muon_under_fsdp_at_four_processes_matches_one(corpus, tmp_path):
@@ -180,6 +200,22 @@ def assert_consolidates_to_torch_muon(folder):
                                "param_groups": [{**group, "params": list(range(len(names)))}]})
     for p, n in zip(matrices, names):
         assert torch.equal(reference.state[p]["momentum_buffer"], optim["state"][n]["momentum_buffer"])
+    assert_converts_to_torch_optimizers(checkpoint.consolidate(folder))
+
+
+def assert_converts_to_torch_optimizers(consolidated):
+    """torch_optimizer_states splits the consolidated FSDP2 state into torch.optim.Muon's and AdamW's."""
+    model, optim = consolidated["model"], consolidated["optimizer"]
+    muon_sd, adamw_sd = torch_optimizer_states(optim, model)
+    params = {n: torch.zeros_like(t) for n, t in model.items()}
+    for cls, sd in ((torch.optim.Muon, muon_sd), (torch.optim.AdamW, adamw_sd)):
+        opt = cls([{"params": [params[n] for n in g["param_names"]]} for g in sd["param_groups"]])
+        opt.load_state_dict(sd)
+        for g in opt.param_groups:
+            for p, n in zip(g["params"], g["param_names"]):
+                assert all(torch.equal(opt.state[p][k], optim["state"][n][k]) for k in opt.state[p]), n
+    converted = [n for sd in (muon_sd, adamw_sd) for g in sd["param_groups"] for n in g["param_names"]]
+    assert sorted(converted) == sorted(n for g in optim["param_groups"] for n in g["params"])
 
 
 COUNTING = """
