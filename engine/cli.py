@@ -91,7 +91,7 @@ def kernels_main(argv: list[str]) -> int:
     if argv and argv[0] == "report":
         import importlib
 
-        from . import KERNELS_PACKAGE
+        from .kernels_package import KERNELS_PACKAGE
 
         return importlib.import_module(f"{KERNELS_PACKAGE}.aot").main(argv[1:])
     if argv and argv[0] == "check":

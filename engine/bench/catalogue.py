@@ -34,7 +34,7 @@ def backends_of(op: str) -> tuple[str, ...]:
 
 
 def op_bench(op: str) -> "OpBench":
-    bench = op_table.find(op).bench
+    bench = op_table.bench_of(op)
     if bench is None:
         raise BenchError(f"--op: {op!r} has neither a built-in benchmark nor an OpBench in its registry row")
     return bench

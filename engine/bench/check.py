@@ -34,7 +34,7 @@ from typing import Sequence
 
 import torch
 
-from .. import KERNELS_PACKAGE
+from ..kernels_package import KERNELS_PACKAGE
 from ..ops import table as op_table
 from .args import ArgumentParser, BenchError, CheckError, known_names
 from .catalogue import DTYPES, DTYPE_NAMES, OPTIMIZER_TOLERANCE, TOLERANCE

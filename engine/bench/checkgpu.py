@@ -8,7 +8,7 @@ from typing import Sequence
 
 import torch
 
-from .. import KERNELS_PACKAGE
+from ..kernels_package import KERNELS_PACKAGE
 from .catalogue import DTYPE_NAMES, TOLERANCE
 from .checkrows import (MAIN_FUNCTION, CheckArgs, check_case, checkable, judge, new_check_row, raised, report,
                         row_line, run_op_row, shapes_for)

@@ -34,7 +34,7 @@ def shapes_for(op: str, size: str) -> list:
     if op in ODD_SHAPES:
         sets = {"small": SHAPE_SETS["tiny"], "odd": ODD_SHAPES, "real": SHAPE_SETS["default"]}
         return sets[size][op]
-    shapes = op_table.find(op).bench.shapes
+    shapes = op_table.bench_of(op).shapes
     return shapes.get({"small": "tiny", "odd": "odd", "real": "default"}[size], [])
 
 
@@ -44,7 +44,7 @@ def backends_for(op: str) -> tuple[str, ...]:
 
 def checkable(op: str) -> bool:
     """Whether this module knows how to build ``op``'s inputs and reference."""
-    return op in ODD_SHAPES or op_table.find(op).bench is not None
+    return op in ODD_SHAPES or op_table.bench_of(op) is not None
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ vocabulary (no dataset, tokenizer or download); for an image classifier, Gaussia
 ``model.image_size`` (channels_last on CUDA) and random labels. A step is the trainer's: ``train.grad_accum``
 micro-batches under the recipe's precision (autocast; loss scaling for fp16), gradient clipping at
 ``train.grad_clip`` (inside the Triton optimizer's step, or ``clip_grad_norm_`` for torch's), the recipe's
-optimizer, ``zero_grad``: the very :class:`~engine.trainer.TrainStep` the trainer runs, at the recipe's peak
+optimizer, ``zero_grad``: the very :class:`~engine.train.step.TrainStep` the trainer runs, at the recipe's peak
 learning rate.
 ``--compile`` adds a ``torch.compile`` run of each set. ``--checkpointing none,blocks`` (any
 ``train.activation_checkpointing`` policies, comma-separated; default the recipe's own) runs every set

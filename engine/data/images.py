@@ -84,9 +84,7 @@ SHAPES_B: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
 GENERATED: dict[str, tuple[dict, tuple[int, ...]]] = {"shapes": (SHAPES, ()), "shapes-b": (SHAPES_B, (1,))}
 
 
-# ---------------------------------------------------------------------------------------------------
-# The generated "shapes" source
-# ---------------------------------------------------------------------------------------------------
+# --- The generated "shapes" source ---------------------------------------------------------------
 
 def draw_shapes(rng: np.random.Generator, n: int, size: int, channels: int = 3,
                 shapes: dict = SHAPES) -> tuple[np.ndarray, np.ndarray]:
@@ -139,9 +137,7 @@ def _build_shapes(cfg: DataConfig, size: int, channels: int, out: Path) -> dict:
     return {"classes": list(shapes), **writer.stats}
 
 
-# ---------------------------------------------------------------------------------------------------
-# Sources read through ``datasets``
-# ---------------------------------------------------------------------------------------------------
+# --- Sources read through ``datasets`` -----------------------------------------------------------
 
 def _local_kind(path: Path) -> str:
     """"parquet" or "imagefolder" for a local source."""
@@ -223,9 +219,7 @@ def _build_decoded(cfg: DataConfig, size: int, channels: int, out: Path) -> dict
     return {"classes": list(names) if names else [str(i) for i in range(writer.max_label + 1)], **writer.stats}
 
 
-# ---------------------------------------------------------------------------------------------------
-# The image cache
-# ---------------------------------------------------------------------------------------------------
+# --- The image cache -----------------------------------------------------------------------------
 
 def _check_counts(counts: dict[str, int]) -> None:
     if counts["val"] == 0:
@@ -349,9 +343,7 @@ def load_images(cfg: DataConfig, size: int, channels: int = 3, log=print) -> Ima
                          announce=lambda: log(f"{what} {cfg.source} images at {size}x{size} into {folder} (once)"))
 
 
-# ---------------------------------------------------------------------------------------------------
-# Sampling
-# ---------------------------------------------------------------------------------------------------
+# --- Sampling ------------------------------------------------------------------------------------
 
 class ImageBatches:
     """Indices of training images, a pure function of (seed, step, micro-step, rank).
@@ -414,9 +406,7 @@ def augmentation_seed(seed: int, step: int, micro: int, rank: int) -> int:
     return int(np.random.SeedSequence([seed, step, micro, rank]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
-# ---------------------------------------------------------------------------------------------------
-# Device-side transforms (whole batches)
-# ---------------------------------------------------------------------------------------------------
+# --- Device-side transforms (whole batches) ------------------------------------------------------
 
 def crop_and_flip(images: torch.Tensor, padding: int, generator: torch.Generator) -> torch.Tensor:
     """Random crops of zero-padded images and random horizontal flips, as one gather.

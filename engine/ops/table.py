@@ -25,13 +25,13 @@ from __future__ import annotations
 import importlib
 import os
 from dataclasses import dataclass, field
+import importlib
 from typing import Any, Callable, Literal, get_args
 
 import torch.nn.functional as F
 
-from .. import KERNELS_PACKAGE
+from ..kernels_package import KERNELS_PACKAGE
 from ..errors import KernelSelectionError
-from ..ssl import opbench as ntxent_bench
 from .reference import (torch_add_layer_norm, torch_add_rms_norm, torch_attention, torch_cross_entropy,
                         torch_depthwise_conv2d, torch_layer_norm, torch_linear_cross_entropy, torch_mlp, torch_nt_xent,
                         torch_rms_norm, torch_rope, torch_swiglu)
@@ -95,15 +95,16 @@ class Op:
     functions: dict[str, tuple[Callable, TritonEntry]]
     #: Public ``kernels`` names the Triton backend needs (default: the functions' string entries).
     kernel_names: tuple[str, ...] = ()
-    #: How ``bench ops`` and ``kernels check`` exercise the op when they have no built-in case for it (an
-    #: ``engine.bench.cases.OpBench``).
+    #: How ``bench ops`` and ``kernels check`` exercise the op when they have no built-in case for it: an
+    #: ``engine.bench.cases.OpBench``, or the name of a module under the engine that is one (imported by
+    #: :func:`bench_of` on first use, so that the table never imports the benchmarks).
     bench: Any = field(default=None, compare=False)
 
     def needs(self) -> tuple[str, ...]:
         return self.kernel_names or tuple(e for _, e in self.functions.values() if isinstance(e, str))
 
 
-#: Optimizers by ``optim.name``: the torch class and the name of the Triton one in ``kernels``.#: Optimizers by ``optim.name``: the name of the Triton one in ``kernels`` (the torch classes are
+#: Optimizers by ``optim.name``: the name of the Triton one in ``kernels`` (the torch classes are
 #: :data:`engine.optim.build.OPTIMIZERS`).
 OPTIMIZER_KERNELS: dict[str, str] = {"adamw": "AdamW", "sgd": "SGD", "lion": "Lion", "muon": "Muon"}
 
@@ -129,7 +130,7 @@ TABLE: list[Op] = [
        {"swiglu": (torch_swiglu, "swiglu")}),
     Op("nt_xent", "SimCLR's contrastive loss: normalize, cosine similarities / temperature, the positive's "
                   "log-softmax with the diagonal masked",
-       {"nt_xent": (torch_nt_xent, "nt_xent")}, bench=ntxent_bench),
+       {"nt_xent": (torch_nt_xent, "nt_xent")}, bench="ssl.opbench"),
     Op("optimizer", "the optimizer step (optim.name), with clipping, loss-scale unscaling and overflow skips",
        {}, kernel_names=tuple(OPTIMIZER_KERNELS.values())),
 ]
@@ -144,6 +145,14 @@ def find(name: str) -> Op:
         if op.name == name:
             return op
     raise KernelSelectionError(f"unknown op {name!r}; valid ops: {', '.join(op_names())}")
+
+
+def bench_of(name: str) -> Any:
+    """The ``bench`` of op ``name``'s row (None without one), its module imported if it names one."""
+    bench = find(name).bench
+    if isinstance(bench, str):
+        bench = importlib.import_module(f"{__name__.rsplit('.', 2)[0]}.{bench}")
+    return bench
 
 
 def check_backend_name(op: str, backend: str) -> None:

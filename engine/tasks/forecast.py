@@ -24,7 +24,7 @@ from ..models.gpt import GPT, GPTConfig
 from ..models.rnn import RNN, RNNConfig
 from ..precision import autocast
 from ..ops.select import Ops
-from . import Task
+from .base import Task
 
 #: Validation forecasts per evaluation forward pass.
 EVAL_CHUNK = 256

@@ -18,7 +18,7 @@ from ..models.gpt import GPT, GPTConfig
 from ..models.rnn import RNN, RNNConfig
 from ..precision import autocast
 from ..ops.select import Ops
-from . import Task, register
+from .base import Task, register
 
 
 def _vocab(recipe: Recipe, tokenizer_vocab: int) -> int:

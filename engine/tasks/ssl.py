@@ -40,7 +40,7 @@ from ..precision import autocast
 from ..ops.select import Ops
 from ..ssl import augment, evaluation
 from ..ssl.augment import Draw
-from . import Task
+from .base import Task
 from .vision import build_model, forward_flops
 
 #: The state-dict prefix of the backbone in a pretraining checkpoint; everything else there is a head.

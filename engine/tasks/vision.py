@@ -27,7 +27,7 @@ from ..models.resnet import ResNet, ResNetConfig
 from ..precision import autocast
 from ..ops.select import Ops
 from ..models import recompute
-from . import Task, register
+from .base import Task, register
 
 
 def build_model(m: ModelConfig, ops: Ops) -> nn.Module:

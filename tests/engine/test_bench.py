@@ -181,7 +181,7 @@ def test_ops_cpu_defaults():
     assert args.dtypes == [torch.float32]
     assert args.backends["attention"] == ["torch", "triton"]
     # the built-in ops' tiny set, and the tiny shapes of the ops whose registry row brings its own case
-    own = {op.name: op.bench.shapes["tiny"] for op in op_table.TABLE if op.bench is not None}
+    own = {op.name: op_table.bench_of(op.name).shapes["tiny"] for op in op_table.TABLE if op.bench is not None}
     assert args.shapes == {**shapes.SHAPE_SETS["tiny"], **own}
     args = ops.parse_args(["--device", "cpu", "--backends", "liger,torch", "--op", "attention,rms_norm"])
     assert args.backends == {"attention": ["torch"], "rms_norm": ["torch", "liger"]}

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from ... import KERNELS_PACKAGE
+from ...kernels_package import KERNELS_PACKAGE
 
 #: Bumped when the meaning of a cache entry changes.
 CACHE_VERSION = 1
