@@ -3,7 +3,7 @@
 A folder is ``config.json`` plus ``model.safetensors`` (or ``pytorch_model.bin``, or shards listed in
 ``model.safetensors.index.json``). Nothing is downloaded: users bring the folder.
 
-- GPT-2 (``GPT2LMHeadModel``): learned positions, LayerNorm, tanh-GELU MLP, biases. Its Conv1D weights
+- GPT-2 (``GPT2LMHeadModel``): learned positions, LayerNorm, tanh-GELU (or exact GELU) MLP, biases. Its Conv1D weights
   are stored (in, out), so they are transposed; its fused ``c_attn`` is our ``qkv`` as it is.
 - Llama (``LlamaForCausalLM``): rotary positions, RMSNorm, SwiGLU, grouped-query attention. ``q/k/v_proj``
   are concatenated into our ``qkv`` and ``gate/up_proj`` into our ``mlp.fc`` (gate first, as
@@ -63,10 +63,15 @@ def model_fields(hf: dict) -> dict:
                   f"the engine reads GPT-2 ('gpt2') and Llama ('llama') models")
 
 
+#: GPT-2's ``activation_function`` values the GPT's MLP computes, and the ``model.mlp`` of each.
+_GELU_KINDS = {"gelu_new": "gelu", "gelu_pytorch_tanh": "gelu", "gelu": "gelu_exact"}
+
+
 def _gpt2_fields(hf: dict) -> dict:
     act = hf.get("activation_function", "gelu_new")
-    if act not in ("gelu_new", "gelu_pytorch_tanh"):
-        raise _refuse(f"activation_function = {act!r}", "the GPT's MLP uses the tanh GELU (gelu_new)")
+    if act not in _GELU_KINDS:
+        raise _refuse(f"activation_function = {act!r}", "the GPT's MLP uses the tanh GELU (gelu_new) or the "
+                      "exact one (gelu)")
     if not hf.get("scale_attn_weights", True) or hf.get("scale_attn_by_inverse_layer_idx", False):
         raise _refuse("scale_attn_weights / scale_attn_by_inverse_layer_idx", "attention is scaled by 1/sqrt(head_dim) only")
     if hf.get("add_cross_attention", False):
@@ -75,7 +80,7 @@ def _gpt2_fields(hf: dict) -> dict:
     if d % heads:
         raise _refuse(f"n_embd = {d}, n_head = {heads}", "n_embd must be divisible by n_head")
     return dict(arch="gpt", n_layer=hf["n_layer"], n_head=heads, n_kv_head=0, d_model=d, context=hf["n_positions"],
-                vocab_size=hf["vocab_size"], pos="learned", norm="layernorm", mlp="gelu", d_ff=hf.get("n_inner") or 0,
+                vocab_size=hf["vocab_size"], pos="learned", norm="layernorm", mlp=_GELU_KINDS[act], d_ff=hf.get("n_inner") or 0,
                 bias=True, tie_embeddings=hf.get("tie_word_embeddings", True), window=0,
                 norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)))
 
@@ -118,7 +123,7 @@ def layout_of(cfg: GPTConfig) -> str:
     gpt2 = {"pos": "learned", "norm": "layernorm", "mlp": "gelu"}
     llama = {"pos": "rope", "norm": "rmsnorm", "mlp": "swiglu"}
     ours = {k: getattr(cfg, k) for k in gpt2}
-    if ours == gpt2:
+    if {**ours, "mlp": "gelu" if ours["mlp"] == "gelu_exact" else ours["mlp"]} == gpt2:
         if cfg.kv_heads != cfg.n_head:
             raise HFError(f"model.n_kv_head = {cfg.n_kv_head}: GPT-2 has no grouped-query attention")
         return "gpt2"
@@ -136,7 +141,8 @@ def hf_config(cfg: GPTConfig) -> dict:
                   bos_token_id=None, eos_token_id=None)
     if layout_of(cfg) == "gpt2":
         return dict(architectures=["GPT2LMHeadModel"], model_type="gpt2", n_layer=cfg.n_layer, n_head=cfg.n_head,
-                    n_embd=cfg.d_model, n_positions=cfg.context, n_inner=cfg.ff_dim, activation_function="gelu_new",
+                    n_embd=cfg.d_model, n_positions=cfg.context, n_inner=cfg.ff_dim,
+                    activation_function="gelu" if cfg.mlp == "gelu_exact" else "gelu_new",
                     layer_norm_epsilon=eps, resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=0.0,
                     scale_attn_weights=True, **common)
     return dict(architectures=["LlamaForCausalLM"], model_type="llama", num_hidden_layers=cfg.n_layer,

@@ -32,8 +32,9 @@ class ModelConfig:
     pos: Literal["learned", "rope"] = "learned"
     rope_base: float = 10000.0
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    #: "gelu" is GPT-2's tanh-approximated GELU, "gelu_exact" the erf GELU (nanoGPT's, and cheaper on CPUs),
     #: "relu2" is ReLU squared.
-    mlp: Literal["gelu", "swiglu", "relu2"] = "gelu"
+    mlp: Literal["gelu", "gelu_exact", "swiglu", "relu2"] = "gelu"
     #: MLP hidden width; 0 means 4·d_model for GELU and ReLU², 8/3·d_model (rounded to 64) for SwiGLU.
     d_ff: int = 0
     bias: bool = True

@@ -191,7 +191,7 @@ class MLP(nn.Module):
             return self.proj(self.ops.swiglu(h))  # silu(gate) * up, gate and up the halves of h
         if self.kind == "relu2":
             return self.proj(F.relu(h).square())
-        return self.proj(F.gelu(h, approximate="tanh"))
+        return self.proj(F.gelu(h, approximate="none" if self.kind == "gelu_exact" else "tanh"))
 
 
 class Block(nn.Module):

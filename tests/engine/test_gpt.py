@@ -266,6 +266,18 @@ def test_relu2_mlp():
     assert mlp.fc.weight.shape == (128, 32)  # 4·d, as GELU
 
 
+@pytest.mark.parametrize("kind, approximate", [("gelu", "tanh"), ("gelu_exact", "none")])
+def test_gelu_mlps(kind, approximate):
+    torch.manual_seed(0)
+    mlp = tiny(mlp=kind).blocks[0].mlp
+    x = torch.randn(3, 32)
+    h = mlp.fc(x)
+    torch.testing.assert_close(mlp(x), mlp.proj(torch.nn.functional.gelu(h, approximate=approximate)), rtol=0, atol=0)
+    # the two differ: each kind computes its own GELU
+    other = "none" if approximate == "tanh" else "tanh"
+    assert not torch.equal(mlp(x), mlp.proj(torch.nn.functional.gelu(h, approximate=other)))
+
+
 def test_zero_init_proj_starts_every_block_as_the_identity():
     torch.manual_seed(0)
     model = tiny(zero_init_proj=True)

@@ -41,6 +41,7 @@ GPT2_CONFIGS = {
     "tied": dict(n_embd=32, n_layer=2, n_head=4, vocab_size=61, n_positions=16, layer_norm_epsilon=1e-5),
     "untied-inner": dict(n_embd=32, n_layer=1, n_head=2, vocab_size=40, n_positions=16, n_inner=48,
                          tie_word_embeddings=False, layer_norm_epsilon=3e-5),
+    "exact-gelu": dict(n_embd=32, n_layer=2, n_head=4, vocab_size=61, n_positions=16, activation_function="gelu"),
 }
 LLAMA_CONFIGS = {
     "gqa-untied": dict(hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
@@ -82,6 +83,7 @@ EXPORTS = {
     "gpt2-tied": GPTConfig(n_layer=2, n_head=4, d_model=32, context=16, vocab_size=64),
     "gpt2-untied-nobias": GPTConfig(n_layer=1, n_head=2, d_model=32, context=16, vocab_size=40, bias=False,
                                     tie_embeddings=False, norm_eps=2e-5),
+    "gpt2-exact-gelu": GPTConfig(n_layer=1, n_head=2, d_model=32, context=16, vocab_size=40, mlp="gelu_exact"),
     "llama-gqa": GPTConfig(n_layer=2, n_head=4, n_kv_head=2, d_model=32, context=32, vocab_size=48, pos="rope",
                            rope_base=300.0, norm="rmsnorm", mlp="swiglu", bias=False, tie_embeddings=False),
     "llama-tied-bias": GPTConfig(n_layer=1, n_head=2, d_model=32, context=32, vocab_size=48, pos="rope",
@@ -134,7 +136,7 @@ LLAMA = dict(model_type="llama", hidden_size=32, intermediate_size=64, num_hidde
     ({**LLAMA, "attention_bias": True, "mlp_bias": False}, "attention_bias = True, mlp_bias = False"),
     ({**LLAMA, "hidden_act": "gelu"}, "hidden_act = 'gelu'"),
     (dict(model_type="gpt2", n_embd=32, n_head=4, n_layer=1, n_positions=8, vocab_size=9,
-          activation_function="gelu"), "activation_function = 'gelu'"),
+          activation_function="relu"), "activation_function = 'relu'"),
 ])
 def test_unrepresentable_configs_are_refused(config, match):
     with pytest.raises(hf.HFError, match=match):
