@@ -33,7 +33,7 @@ The exit status is 1 if any stage failed, timed out or reported a FAILED row.
 
 Each stage has its own time limit, and ``--budget`` (default 570 s) caps them together: a stage that would
 start with too little time left is reported "not run", so the summary is always printed within a 10-minute
-call. docs/benchmarks-notes.md gives the stages' expected durations.
+call. docs/benchmarks.md gives the stages' expected durations.
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The shapes of each op's cases: one dataclass per kind, the built-in sets, and ``--shapes`` parsing.
 
-``bench ops --help`` lists each op's spec; docs/benchmarks-notes.md lists the default shapes.
+``bench ops --help`` lists each op's spec; docs/benchmarks.md lists the default shapes.
 """
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ pairs: rows 2k and 2k+1 are the views of image k.
   pulled together while every projection dimension keeps a unit standard deviation over the batch and the
   dimensions stay decorrelated, which is what prevents collapse. On the built-in shapes it learned faster
   than SimSiam (a predictor against a stop-gradient target) at the same small budget, which is why it is
-  the non-contrastive choice (the README has the figures).
+  the non-contrastive choice (docs/models.md has the figures).
 
 Evaluation (:mod:`engine.ssl.evaluation`) is on frozen backbone features: k-NN top-1 at every periodic
 evaluation, and the k-NN and a linear probe at the end. The checkpoint's model holds ``backbone.*`` (the

@@ -310,7 +310,7 @@ def test_per_sequence_losses_average_to_the_batch_loss():
 
 
 # Each option's own behaviour is tested above; training is checked with all of them on at once (and alone
-# in the README's measurements).
+# in docs/recipes.md's measurements).
 SPEEDRUN_OPTIONS = [dict(qk_norm=True, mlp="relu2", zero_init_proj=True, logit_softcap=3.0, tie_embeddings=False)]
 
 
