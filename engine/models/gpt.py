@@ -39,7 +39,7 @@ class GPTConfig:
     pos: str = "learned"  # "learned" | "rope"
     rope_base: float = 10000.0
     norm: str = "layernorm"  # "layernorm" | "rmsnorm"
-    mlp: str = "gelu"  # "gelu" | "swiglu" | "relu2"
+    mlp: str = "gelu"  # "gelu" | "gelu_exact" | "swiglu" | "relu2"
     d_ff: int = 0
     bias: bool = True
     tie_embeddings: bool = True
