@@ -11,6 +11,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict
 from tritonforge import kernels
 from tritonforge.engine.models.gpt import GPT, GPTConfig
 from tritonforge.engine.ops.select import resolve
+from tritonforge.engine.optim.build import build_optimizer
 from tritonforge.engine.optim.muon import TorchMuon, torch_optimizer_states
 from tritonforge.engine.tasks import Task
 from tritonforge.engine.optim.build import build_optimizer
@@ -73,8 +74,8 @@ BF16_STEP_RTOL = 0.15
 def stepped(backend, untied=True, d_model=16, steps=2):
     """A GPT and the engine's Muon (``backend``) after ``steps`` steps, so both kinds of state are there."""
     task = gpt_task(untied=untied, d_model=d_model)
-    opt, _ = resolve({"optimizer": backend}, "cpu").make_optimizer(
-        "muon", task.param_groups(0.1, muon=True), lr=0.01, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1,
+    opt, _ = build_optimizer(
+        resolve({"optimizer": backend}, "cpu"), "muon", task.param_groups(0.1, muon=True), lr=0.01, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1,
         nesterov=True, muon_momentum=0.9)
     for step in range(steps):
         backward(task.model, seed=step)
