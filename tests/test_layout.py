@@ -3,6 +3,7 @@
 engine/ and kernels/ are parsed with :mod:`ast` (nothing is imported), so a rule that breaks is reported
 even when the package no longer imports. Each failure names the file and the culprit:
 
+- every relative import names a module of the project (one inside a function fails only when it runs);
 - no import cycle between modules (every import counts, those inside functions too; an
   ``if TYPE_CHECKING:`` block does not);
 - no module imports a package above it (a name taken from an ancestor package's ``__init__``);
@@ -236,6 +237,27 @@ def test_no_import_cycles():
                 " -> ".join(f"{_rel(imp.importer)}:{imp.line}" for imp in chain) + f" -> {_rel(start)}"
             )
     assert not problems, "import cycles (each: the files and the lines of their imports):\n" + "\n".join(problems)
+
+
+def _unresolved_relative_imports() -> list[str]:
+    """``from .x import y`` lines whose module ``x`` is no file of the project (a module moved away)."""
+    problems = []
+    for module, path in MODULES.items():
+        for node in _import_nodes(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                package = module if _is_package(module) else module.rpartition(".")[0]
+                parts = package.split(".")
+                base = ".".join(parts[: len(parts) - (node.level - 1)])
+                source = f"{base}.{node.module}" if node.module else base
+                if node.level - 1 >= len(parts) or source not in MODULES:
+                    problems.append(f"{_rel(module)}:{node.lineno}: from {'.' * node.level}{node.module or ''} "
+                                    f"names no module of the project")
+    return problems
+
+
+def test_relative_imports_resolve():
+    problems = _unresolved_relative_imports()
+    assert not problems, "relative imports of missing modules:\n" + "\n".join(problems)
 
 
 def test_no_import_of_a_package_above():

@@ -37,7 +37,7 @@ def main(argv: Sequence[str]) -> int:
 def _tune_command(recipe, synthetic: bool, json_path: str | None) -> int:
     from ...runlog import environment
     from ...tasks import build_task
-    from ...trainer import resolve_device
+    from ...device import resolve_device
 
     device = resolve_device(recipe.run.device)
     if device.type != "cuda":  # before building the task: its data would be read for nothing
