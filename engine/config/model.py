@@ -14,7 +14,7 @@ Arch = Literal["gpt", "resnet", "convnext", "lstm", "gru"]
 class ModelConfig:
     """The network. ``arch`` picks the family; the other fields configure it.
 
-    A GPT (``engine.models.gpt``) takes this section itself as its config, once ``vocab_size`` is resolved.
+    A GPT builds its own config (``engine.models.gpt.GPTConfig``) from the fields of the same names here.
     """
 
     arch: Arch = "gpt"
@@ -73,22 +73,6 @@ class ModelConfig:
     #: Width of the recurrent state; 0 means d_model. Tied embeddings with hidden != d_model add a projection.
     hidden: int = 0
 
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_head
-
-    @property
-    def kv_heads(self) -> int:
-        return self.n_kv_head or self.n_head
-
-    @property
-    def ff_dim(self) -> int:
-        if self.d_ff:
-            return self.d_ff
-        if self.mlp == "swiglu":
-            return (8 * self.d_model // 3 + 63) // 64 * 64
-        return 4 * self.d_model
-
     def validate(self) -> None:
         if self.arch == "gpt":
             self._validate_gpt()
@@ -105,10 +89,11 @@ class ModelConfig:
             raise RecipeError(f"model.logit_softcap must be a finite number >= 0 (0: off), got {self.logit_softcap}")
         if self.d_model % self.n_head:
             raise RecipeError(f"model.d_model ({self.d_model}) must be divisible by model.n_head ({self.n_head})")
-        if self.n_head % self.kv_heads:
-            raise RecipeError(f"model.n_head ({self.n_head}) must be divisible by model.n_kv_head ({self.kv_heads})")
-        if self.pos == "rope" and self.head_dim % 2:
-            raise RecipeError(f"model.pos = 'rope' needs an even head dim, got {self.head_dim}")
+        kv_heads, head_dim = self.n_kv_head or self.n_head, self.d_model // self.n_head
+        if self.n_head % kv_heads:
+            raise RecipeError(f"model.n_head ({self.n_head}) must be divisible by model.n_kv_head ({kv_heads})")
+        if self.pos == "rope" and head_dim % 2:
+            raise RecipeError(f"model.pos = 'rope' needs an even head dim, got {head_dim}")
 
     def _validate_image_classifier(self) -> None:
         for key in ("num_classes", "image_size", "width"):
