@@ -1,4 +1,5 @@
 """Helpers shared by the test modules (importable because tests/conftest.py puts this folder on sys.path)."""
+import importlib.util
 import json
 import os
 import subprocess
@@ -6,6 +7,8 @@ import sys
 import textwrap
 
 import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class Sink:
@@ -68,3 +71,13 @@ def run_isolated(script: str, timeout: float = 300) -> subprocess.CompletedProce
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     return subprocess.run([sys.executable, "-c", prelude + textwrap.dedent(script)], env=env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def load_gpu_tool():
+    """tools/gpu.py, the repository's GPU suite: a script outside the package, loaded from its file."""
+    name = "tritonforge_tools_gpu"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "tools", "gpu.py"))
+        sys.modules[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[name])
+    return sys.modules[name]

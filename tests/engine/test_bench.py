@@ -1,7 +1,6 @@
 """Benchmarks on CPU: the checks run, a wrong backend FAILS without being timed, outputs have their
 columns, arguments are validated, and the GPU command's summary is built from the stages' results."""
 import csv
-import importlib.util
 import json
 import os
 import subprocess
@@ -16,6 +15,8 @@ from tritonforge.engine.ops import reference as op_reference, select as op_selec
 from tritonforge.engine.bench import catalogue, kernelsets, ops, shapes, synthetic, train
 from tritonforge.engine.bench.args import BenchError
 
+from support import load_gpu_tool
+
 # One small shape per op (the Triton interpreter runs these in about a second).
 TINY_SHAPES = ("attention=1x2x16x16:causal,layer_norm=8x32,rms_norm=8x32,mlp=10x8,dwconv=1x4x2x2,"
                "cross_entropy=8x16x64,optimizer=1x16x64x16:clip,rope=1x2x1x5x8,swiglu=5x12,nt_xent=34x20")
@@ -23,17 +24,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 TINY_GPT = ["--model.preset=gpt-tiny", "--model.n_layer=1", "--model.d_model=32", "--model.n_head=2",
             "--model.context=16", "--train.seq_len=16", "--train.batch_size=2"]
 
-def _load_gpu_tool():
-    """tools/gpu.py, the repository's GPU suite: a script outside the package, loaded from its file."""
-    name = "tritonforge_tools_gpu"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "tools", "gpu.py"))
-        sys.modules[name] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(sys.modules[name])
-    return sys.modules[name]
-
-
-gpu = _load_gpu_tool()
+gpu = load_gpu_tool()
 
 
 def run_ops(tmp_path, *args):

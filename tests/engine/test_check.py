@@ -1,7 +1,6 @@
 """``tritonforge kernels check`` on CPU: the kernels pass through the interpreter, a wrong kernel fails the
 check with exit status 1, the interpreter is switched on by the command itself, and the GPU command stops
 its kernel benchmarks when the check fails."""
-import importlib.util
 import json
 import os
 import subprocess
@@ -19,23 +18,15 @@ from tritonforge.engine.bench import cases as bench_cases
 from tritonforge.engine.bench import check, checkgpu, checkrows, optimizer, shapes
 from tritonforge.engine.bench.args import BenchError
 
+from support import load_gpu_tool
+
 ROOT = Path(__file__).resolve().parents[2]
 #: The CPU check runs the kernels through the interpreter; a session that compiles them for a GPU
 #: (TRITON_INTERPRET=0) imported them compiled, and the check rightly refuses to run them on CPU tensors.
 in_interpreter = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                                     reason="the kernels were imported without the Triton interpreter")
 
-def _load_gpu_tool():
-    """tools/gpu.py, the repository's GPU suite: a script outside the package, loaded from its file."""
-    name = "tritonforge_tools_gpu"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "tools", "gpu.py"))
-        sys.modules[name] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(sys.modules[name])
-    return sys.modules[name]
-
-
-gpu = _load_gpu_tool()
+gpu = load_gpu_tool()
 
 
 def run_check(tmp_path, *args):
