@@ -20,3 +20,4 @@ from .cross_entropy import cross_entropy, linear_cross_entropy  # noqa: E402,F40
 from .rope import rope  # noqa: E402,F401
 from .swiglu import swiglu  # noqa: E402,F401
 from .ntxent import nt_xent  # noqa: E402,F401
+from ._common import ConfigStore, set_config_store  # noqa: E402,F401

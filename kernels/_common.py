@@ -1,12 +1,14 @@
 """What several kernel modules share: the interpreter switch, the SM count, dtype names, the launch
-helper every launcher goes through, the dot precision torch's settings ask for, and the fixed-order
-partial-sum reduction that turns per-program partial gradients into one (no atomics)."""
+helper every launcher goes through, the store that keeps autotuned configurations, the dot precision
+torch's settings ask for, and the fixed-order partial-sum reduction that turns per-program partial
+gradients into one (no atomics)."""
 from __future__ import annotations
 
 import contextlib
 import functools
 import os
-from typing import Any, Callable, Sequence, Union
+import warnings
+from typing import Any, Callable, Protocol, Sequence, Union
 
 import torch
 import triton
@@ -76,6 +78,53 @@ def _launch_on(device: torch.device, kernel, grid: Grid, args: tuple, meta: dict
     """The launch itself, inside ``device_guard(device)`` (tests record launches by patching this)."""
     with device_guard(device):
         kernel[grid](*args, **meta)
+
+
+class ConfigStore(Protocol):
+    """Where an autotuned kernel's chosen configuration is kept, so that a later process launches the same one
+    without timing again. ``kernel`` names the kernel (``"attention.fwd"``); ``key`` is a JSON-able dict of
+    what the choice depends on (shape buckets, head dim, dtype, flags); ``config`` a JSON-able dict of the
+    meta-parameters and ``num_warps``/``num_stages``. The store adds what the kernels cannot know: the card,
+    the versions, the kernel sources (the engine keeps it in its tuning cache)."""
+
+    def get(self, kernel: str, key: dict) -> dict | None: ...
+
+    def put(self, kernel: str, key: dict, config: dict) -> None: ...
+
+
+_config_store: ConfigStore | None = None
+
+
+def set_config_store(store: ConfigStore | None) -> ConfigStore | None:
+    """Keep autotuned configurations in ``store`` from now on (None: autotune in each process, Triton's
+    default); returns the previous store."""
+    global _config_store
+    previous, _config_store = _config_store, store
+    return previous
+
+
+def kept_config(kernel: str, key: dict) -> dict | None:
+    """The store's configuration for ``kernel`` at ``key`` (None: no store, no entry, or the store failed,
+    which is warned about and never stops a launch)."""
+    if _config_store is None:
+        return None
+    try:
+        return _config_store.get(kernel, key)
+    except Exception as error:  # noqa: BLE001  (a broken store costs a timing, never a launch)
+        warnings.warn(f"{kernel}: the configuration store failed ({type(error).__name__}: {error}); autotuning",
+                      RuntimeWarning, stacklevel=2)
+        return None
+
+
+def keep_config(kernel: str, key: dict, config: dict) -> None:
+    """Give the store the configuration the autotuner chose for ``kernel`` at ``key`` (nothing without one)."""
+    if _config_store is None:
+        return
+    try:
+        _config_store.put(kernel, key, config)
+    except Exception as error:  # noqa: BLE001
+        warnings.warn(f"{kernel}: the configuration store could not keep {config} ({type(error).__name__}: "
+                      f"{error})", RuntimeWarning, stacklevel=2)
 
 
 def device_guard(device: torch.device):

@@ -42,7 +42,7 @@ import triton
 import triton.language as tl
 
 from ._compat import DOT_IEEE, DOT_TF32, by_version
-from ._common import INTERPRET, MAX_GRID, TL_DTYPES, dot_precision, launch, use_triton
+from ._common import INTERPRET, MAX_GRID, TL_DTYPES, dot_precision, keep_config, kept_config, launch, use_triton
 from .variant import Variant, dot_kind
 
 __all__ = ["attention", "attention_varlen", "attention_forward", "attention_backward", "SUPPORTED_HEAD_DIMS"]
@@ -711,16 +711,49 @@ def _fold_heads(heads: int) -> bool:
     return heads > _MAX_GRID_HEADS
 
 
-def _launch_tuned(tuned, kernel: str, grid, args, deterministic: bool, **meta) -> None:
+def _launch_tuned(tuned, kernel: str, grid, args, deterministic: bool, tune_key: tuple[int, int], **meta) -> None:
     """Launch an autotuned attention kernel: with ``deterministic``, the rule's config (``_rule_config``)
-    straight to the compiled kernel, so that no timing ever picks the tiles; else through the autotuner.
-    ``grid`` maps a config's meta-parameters to the launch grid."""
-    if not deterministic:
-        launch(tuned, grid, *args, **meta)
-        return
-    block_m, block_n, warps, stages = _rule_config(kernel, meta["BLOCK_D"], args[0].dtype, meta["SEGMENTS"])
+    straight to the compiled kernel, so that no timing ever picks the tiles; else the config the
+    configuration store kept for this launch's autotuning key (``kernels.set_config_store``), and without
+    one the autotuner's choice, then given to the store. ``grid`` maps a config's meta-parameters to the
+    launch grid; ``tune_key`` is ``_tune_key``'s (tune_seqlen, tune_band)."""
+    dtype = args[0].dtype
+    if deterministic:
+        config = _rule_config(kernel, meta["BLOCK_D"], dtype, meta["SEGMENTS"])
+    else:
+        store_key = _store_key(tune_key, dtype, meta)
+        config = _valid_config(kernel, kept_config(f"attention.{kernel}", store_key), meta["BLOCK_D"], dtype,
+                               meta["SEGMENTS"])
+        if config is None:
+            launch(tuned, grid, *args, **meta)
+            chosen = tuned.best_config
+            keep_config(f"attention.{kernel}", store_key, {**chosen.kwargs, "num_warps": chosen.num_warps,
+                                                           "num_stages": chosen.num_stages})
+            return
+    block_m, block_n, warps, stages = config
     tiles = {"BLOCK_M": block_m, "BLOCK_N": block_n}
     launch(tuned.fn, grid(tiles), *args, **meta, **tiles, num_warps=warps, num_stages=stages)
+
+
+def _store_key(tune_key: tuple[int, int], dtype: torch.dtype, meta: dict) -> dict:
+    """What the autotuner's choice depends on (its key, as ``_AUTOTUNE_KEY``, and the operands' dtype), for
+    the configuration store."""
+    return {"tune_seqlen": tune_key[0], "tune_band": tune_key[1], "block_d": meta["BLOCK_D"],
+            "segments": bool(meta["SEGMENTS"]), "dot_precision": meta["DOT_PRECISION"], "dtype": TL_DTYPES[dtype]}
+
+
+def _valid_config(kernel: str, kept: dict | None, block_d: int, dtype: torch.dtype,
+                  segments: bool) -> tuple[int, int, int, int] | None:
+    """A kept config as (BLOCK_M, BLOCK_N, num_warps, num_stages), if it is one this launch may use (one
+    listed for its kernel, tile width, dtype and segments on the installed Triton); else None."""
+    if kept is None:
+        return None
+    try:
+        config = tuple(int(kept[name]) for name in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"))
+    except (KeyError, TypeError, ValueError):
+        return None
+    allowed = [_INTERPRETER_CONFIGS[kernel]] if INTERPRET else _configs_for(kernel, block_d, dtype, segments)
+    return config if config in allowed else None
 
 
 def _bhs_strides(t: torch.Tensor) -> tuple[int, int, int]:
@@ -784,7 +817,8 @@ def attention_forward(q, k, v, causal: bool, scale: float, window: int, determin
     args = (q, k, v, out, lse, seg, *_bhs_strides(q), *_bhs_strides(k), *_bhs_strides(v),
             num_heads, num_heads // k.shape[1], seqlen, head_dim, left, right,
             *_tune_key(seqlen, causal, window), scale * _LOG2E)
-    _launch_tuned(_attn_fwd, "fwd", grid, args, deterministic, BLOCK_D=_block_d(head_dim),
+    _launch_tuned(_attn_fwd, "fwd", grid, args, deterministic, _tune_key(seqlen, causal, window),
+                  BLOCK_D=_block_d(head_dim),
                   PAD_D=_block_d(head_dim) != head_dim, SEGMENTS=segment_ids is not None,
                   DOT_PRECISION=dot_precision(q.dtype), WIDE_ROWS=_wide_rows(seqlen, q, k, v),
                   FOLD_HEADS=_fold_heads(batch * num_heads))
@@ -817,8 +851,9 @@ def attention_backward(do, q, k, v, out, lse, causal: bool, scale: float, window
     launch(_attn_bwd_preprocess, _grid(triton.cdiv(seqlen, pre_block_m), batch * num_heads),
            out, do, delta, *_bhs_strides(do), num_heads, seqlen, head_dim, BLOCK_M=pre_block_m, BLOCK_D=block_d,
            WIDE_ROWS=_wide_rows(seqlen, do), FOLD_HEADS=_fold_heads(batch * num_heads), num_warps=_PRE_NUM_WARPS)
+    tune_key = _tune_key(seqlen, causal, window)
     common = (*_bhs_strides(q), *_bhs_strides(k), *_bhs_strides(v), *_bhs_strides(do),
-              num_heads, group_size, seqlen, head_dim, left, right, *_tune_key(seqlen, causal, window),
+              num_heads, group_size, seqlen, head_dim, left, right, *tune_key,
               scale * _LOG2E, scale)
     segments = segment_ids is not None
     seg = _segment_table(segment_ids) if segments else delta  # not read without SEGMENTS
@@ -830,20 +865,21 @@ def attention_backward(do, q, k, v, out, lse, causal: bool, scale: float, window
 
     if not deterministic:
         dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-        launch(_attn_bwd_dkdvdq, grid_dkdv, q, k, v, do, lse, delta, dk, dv, dq_acc, seg, *common, **meta,
-               FOLD_HEADS=_fold_heads(batch * num_kv_heads), ATOMIC_DQ=True)
+        _launch_tuned(_attn_bwd_dkdvdq, "dkdvdq", grid_dkdv,
+                      (q, k, v, do, lse, delta, dk, dv, dq_acc, seg, *common), False, tune_key, **meta,
+                      FOLD_HEADS=_fold_heads(batch * num_kv_heads), ATOMIC_DQ=True)
         return dq_acc.to(q.dtype), dk, dv
 
     # DQAcc is neither read nor written without ATOMIC_DQ: any fp32 tensor fills the slot.
     _launch_tuned(_attn_bwd_dkdv, "dkdv", grid_dkdv, (q, k, v, do, lse, delta, dk, dv, delta, seg, *common),
-                  True, **meta, FOLD_HEADS=_fold_heads(batch * num_kv_heads), ATOMIC_DQ=False)
+                  True, tune_key, **meta, FOLD_HEADS=_fold_heads(batch * num_kv_heads), ATOMIC_DQ=False)
 
     def grid_dq(tiles):
         return _grid(triton.cdiv(seqlen, tiles["BLOCK_M"]), batch * num_heads)
 
     dq = q.new_empty(q.shape)
-    _launch_tuned(_attn_bwd_dq, "dq", grid_dq, (q, k, v, do, lse, delta, dq, seg, *common), True, **meta,
-                  FOLD_HEADS=_fold_heads(batch * num_heads))
+    _launch_tuned(_attn_bwd_dq, "dq", grid_dq, (q, k, v, do, lse, delta, dq, seg, *common), True, tune_key,
+                  **meta, FOLD_HEADS=_fold_heads(batch * num_heads))
     return dq, dk, dv
 
 

@@ -16,7 +16,7 @@ BACKENDS: dict[str, tuple[str, ...]] = {
     "mlp": ("torch", "triton", "compile"),
     # torch.compile hands a convolution to cuDNN unchanged: its row would be the torch row again
     "dwconv": ("torch", "triton"),
-    "cross_entropy": ("torch", "triton", "torch-chunked", "compile", "liger"),
+    "cross_entropy": ("torch", "triton", "torch-chunked", "torch-logits", "compile", "liger"),
     "optimizer": ("torch", "triton", "torch-fused", "torch-foreach", "torch-muon", "triton-muon"),
     "rope": ("torch", "triton", "compile", "liger"),
     "swiglu": ("torch", "triton", "compile", "liger"),

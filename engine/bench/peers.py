@@ -117,7 +117,8 @@ def _compile_runner(case: Case, backend: str) -> Runner:
     elif case.op == "swiglu":
         fn, eps, n_leaves = op_reference.torch_swiglu, (), 1
     else:
-        fn, eps, n_leaves = op_reference.torch_linear_cross_entropy, (), 2
+        # the materialized logits and their loss, for inductor to fuse
+        fn, eps, n_leaves = op_reference.torch_logits_linear_cross_entropy, (), 2
     compiled = torch.compile(fn, dynamic=False)
     args = case.inputs
     return Runner(lambda: compiled(*args, *eps), list(args[:n_leaves]))
@@ -166,19 +167,23 @@ def _liger_runner(case: Case, backend: str) -> Runner:
     return Runner(lambda: module(x), [x] + own)
 
 
-def _chunked_runner(case: Case, backend: str) -> Runner:
-    """``F.linear_cross_entropy``'s chunked path (torch 2.13 and later): the logits never in memory whole, as
-    in the Triton kernel; its ``peak_mb`` is the figure to compare."""
-    from ..ops.tune.candidates import chunked_linear_cross_entropy
+def _head_path_runner(case: Case, backend: str) -> Runner:
+    """One of torch's two paths for the head and its loss, whichever the registry's ``torch`` takes at this
+    shape: ``torch-chunked``, ``F.linear_cross_entropy``'s chunked path (torch 2.13 and later; the logits never
+    in memory whole, as in the Triton kernel), or ``torch-logits``, the logits materialized. Their ``peak_mb``
+    figures are the ones to compare."""
+    from ..ops.tune.candidates import LINEAR_CROSS_ENTROPY_PATHS
 
-    if not hasattr(F, "linear_cross_entropy") or not hasattr(torch.nn, "LinearCrossEntropyOptions"):
+    if backend == "torch-chunked" and not op_reference.has_chunked_linear_cross_entropy():
         raise NotAvailable(f"F.linear_cross_entropy is missing from this PyTorch ({torch.__version__})")
+    path = LINEAR_CROSS_ENTROPY_PATHS[backend]
     x, weight, targets = case.inputs
-    return Runner(lambda: chunked_linear_cross_entropy(x, weight, targets), [x, weight])
+    return Runner(lambda: path(x, weight, targets), [x, weight])
 
 
 _PEERS = {"sdpa-flash": _sdpa_runner, "sdpa-cudnn": _sdpa_runner, "sdpa-mem_eff": _sdpa_runner,
-          "flex": _flex_runner, "compile": _compile_runner, "liger": _liger_runner, "torch-chunked": _chunked_runner}
+          "flex": _flex_runner, "compile": _compile_runner, "liger": _liger_runner, "torch-chunked": _head_path_runner,
+          "torch-logits": _head_path_runner}
 
 
 def build_runner(case: Case, backend: str) -> Runner:

@@ -124,11 +124,69 @@ def torch_cross_entropy(logits, targets, ignore_index: int = -100, label_smoothi
                            ignore_index=ignore_index, label_smoothing=label_smoothing)
 
 
+#: ``F.linear_cross_entropy``'s chunked path serves a head with at least this many classes per input feature.
+#: There the (positions, classes) logits, with their fp32 copy and gradient, would take many times the memory
+#: of the head's input (GPT-2: 50,304 classes over 768 features, about 8 GB of logits at 16 windows of 1,024
+#: tokens); below it the materialized path was faster on a CPU (1.9x at 256 classes over 192 features, the
+#: main job's byte vocabulary) and its memory is small. ``kernels.tune`` measures both paths on a GPU.
+CHUNKED_CLASSES_PER_FEATURE = 4
+
+
+def has_chunked_linear_cross_entropy() -> bool:
+    """This PyTorch has ``F.linear_cross_entropy`` with its chunked path (2.13 and later)."""
+    return hasattr(F, "linear_cross_entropy") and hasattr(torch.nn, "LinearCrossEntropyOptions")
+
+
 def torch_linear_cross_entropy(x, weight, targets, bias=None, ignore_index: int = -100,
                                label_smoothing: float = 0.0, softcap: float = 0.0):
-    """A classifier head and its loss, ``torch_cross_entropy(F.linear(x, weight, bias), targets)``: the
-    (positions, classes) logits are materialized, and copied to fp32."""
+    """A classifier head and its mean loss, ``torch_cross_entropy(F.linear(x, weight, bias), targets)``, the
+    loss in fp32: ``F.linear_cross_entropy``'s chunked path (:func:`torch_chunked_linear_cross_entropy`, the
+    logits never whole) where this PyTorch has it, the call is one it serves (no soft-cap, no label
+    smoothing) and the head has at least :data:`CHUNKED_CLASSES_PER_FEATURE` classes per feature; else the
+    logits materialized (:func:`torch_logits_linear_cross_entropy`)."""
+    chunked = (has_chunked_linear_cross_entropy() and not softcap and not label_smoothing
+               and weight.shape[0] >= CHUNKED_CLASSES_PER_FEATURE * weight.shape[1])
+    path = torch_chunked_linear_cross_entropy if chunked else torch_logits_linear_cross_entropy
+    return path(x, weight, targets, bias, ignore_index, label_smoothing, softcap)
+
+
+def torch_logits_linear_cross_entropy(x, weight, targets, bias=None, ignore_index: int = -100,
+                                      label_smoothing: float = 0.0, softcap: float = 0.0):
+    """:func:`torch_linear_cross_entropy` with the (positions, classes) logits materialized, and copied to
+    fp32."""
     return torch_cross_entropy(F.linear(x, weight, bias), targets, ignore_index, label_smoothing, softcap)
+
+
+def torch_chunked_linear_cross_entropy(x, weight, targets, bias=None, ignore_index: int = -100,
+                                       label_smoothing: float = 0.0, softcap: float = 0.0):
+    """:func:`torch_linear_cross_entropy` by ``F.linear_cross_entropy``'s chunked path: a chunk of positions
+    at a time, so the (positions, classes) logits are never whole; 16-bit operands accumulate in fp32 where
+    the hardware has mixed-precision matmuls (torch's choice: CPUs, CUDA from sm_80 for bf16).
+
+    Under autocast the operands are cast to autocast's dtype first, as ``F.linear`` would be (the op itself
+    is not on autocast's lists: it would run in fp32). The loss comes back in the operands' dtype and is
+    returned as fp32 (a 16-bit loss keeps its 16-bit rounding). What the chunked path does not do raises
+    ``NotImplementedError``: a logit soft-cap, and label smoothing (which torch would serve unchunked, with a
+    warning per call); so does a PyTorch without it.
+    """
+    if not has_chunked_linear_cross_entropy():
+        raise NotImplementedError(f"F.linear_cross_entropy is missing from this PyTorch ({torch.__version__})")
+    if softcap or label_smoothing:
+        raise NotImplementedError("F.linear_cross_entropy's chunked path has no logit soft-cap or label smoothing")
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        x, weight = x.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
+    options = torch.nn.LinearCrossEntropyOptions(allow_retain_graph=torch.compiler.is_compiling())
+    targets = targets.reshape(-1)
+    with torch.autocast(device_type, enabled=False):
+        total = F.linear_cross_entropy(x.reshape(-1, x.shape[-1]), weight, targets, linear_bias=bias,
+                                       reduction="sum", ignore_index=ignore_index, options=options)
+    # The mean as the logits path has it, without a host sync: NaN when every target is ignored (or there
+    # are none), with zero gradients there (the chunked path's own mean would give NaN gradients).
+    counted = (targets != ignore_index).sum()
+    return (total.float() / counted.clamp(min=1)).masked_fill(counted == 0, float("nan"))
 
 
 def torch_nt_xent(z, temperature: float, row_start: int = 0, num_rows: int | None = None):

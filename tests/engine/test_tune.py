@@ -314,16 +314,20 @@ clock = FakeClock()
 cands = candidates(clock, 2.0 if rank == 0 else 0.5)
 ops = op_select.resolve({{}}, "cpu")
 works = {{"layer_norm": [layer_norm_work()]}} if rank == 0 else {{}}
-d = tune.tune_ops(ops, works, cands, tune.Settings(), clock, None, {{}}, rank, 2, log=lambda _: None)
+# rank 0 autotuned a Triton kernel while it measured: its choice goes to rank 1 with the decisions
+kept = tune.KeptConfigs(None, torch.device("cpu"), env={{}})
+if rank == 0:
+    kept.put("attention.fwd", {{"tune_seqlen": 64}}, {{"BLOCK_M": 64, "num_warps": 4}})
+d = tune.tune_ops(ops, works, cands, tune.Settings(), clock, None, {{}}, rank, 2, log=lambda _: None, configs=kept)
 with open(f"rank{{rank}}.json", "w") as f:
     json.dump({{"rank": rank, "choice": d["layer_norm"].choice, "backend": ops.backends["layer_norm"],
-               "measured_here": clock.seconds > 0}}, f)
+               "measured_here": clock.seconds > 0, "tiles": kept.get("attention.fwd", {{"tune_seqlen": 64}})}}, f)
 dist.destroy_process_group()
 """
 
 
 @pytest.mark.slow
-def test_ranks_agree_on_rank_zeros_choice(tmp_path):
+def test_ranks_agree_on_rank_zeros_choice_and_its_kept_tiles(tmp_path):
     script = tmp_path / "agree.py"
     script.write_text(AGREE.format(tests=str(ROOT / "tests")))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "1"}
@@ -333,6 +337,7 @@ def test_ranks_agree_on_rank_zeros_choice(tmp_path):
     results = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     assert [(r["choice"], r["backend"]) for r in results] == [("torch", "torch"), ("torch", "torch")]
     assert [r["measured_here"] for r in results] == [True, False]
+    assert [r["tiles"] for r in results] == [{"BLOCK_M": 64, "num_warps": 4}] * 2
 
 
 class WallClock:
@@ -370,20 +375,6 @@ def test_the_project_kernels_pass_the_check_on_a_runs_recorded_calls():
     for op in to_tune:
         assert decisions[op].candidates["triton"]["status"] == "ok", (op, decisions[op].candidates["triton"])
         assert decisions[op].candidates["torch"]["error"] < 1e-4
-
-
-@pytest.mark.skipif(not hasattr(torch.nn.functional, "linear_cross_entropy"), reason="no F.linear_cross_entropy")
-def test_torchs_chunked_linear_cross_entropy_matches_the_reference():
-    torch.manual_seed(0)
-    x, w, b = (torch.randn(2, 5, 16, dtype=torch.float64), torch.randn(40, 16, dtype=torch.float64),
-               torch.randn(40, dtype=torch.float64))
-    targets = torch.randint(0, 40, (2, 5))
-    targets[0, 1] = -100
-    got = tune.chunked_linear_cross_entropy(x, w, targets, b)
-    assert torch.allclose(got.float(), op_reference.torch_linear_cross_entropy(x, w, targets, b))  # fp32 loss
-    for unsupported in ({"softcap": 30.0}, {"label_smoothing": 0.1}):
-        with pytest.raises(NotImplementedError, match="soft-cap or label smoothing"):
-            tune.chunked_linear_cross_entropy(x, w, targets, **unsupported)
 
 
 def test_clipping_in_one_candidates_check_leaves_the_next_ones_gradients_alone():
@@ -470,3 +461,46 @@ def test_the_probe_leaves_a_carried_recurrent_state_alone():
     task = Task()
     tune.probe_step(task, None, "fp32", torch.device("cpu"))()
     assert task.carried == [None] and task.forwards == 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# Triton's autotuned choices, kept (engine/ops/tune/kept.py)
+# ---------------------------------------------------------------------------------------------------
+
+def test_kept_configs_survive_the_process_and_are_keyed_by_the_environment(tmp_path):
+    cpu = torch.device("cpu")
+    key, config = {"tune_seqlen": 1024, "dtype": "bf16"}, {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8,
+                                                             "num_stages": 3}
+    first = tune.KeptConfigs(tune.TuneCache(tmp_path), cpu)
+    assert first.get("attention.fwd", key) is None
+    first.put("attention.fwd", key, config)
+    again = tune.KeptConfigs(tune.TuneCache(tmp_path), cpu)  # a later run on the same card and versions
+    assert again.get("attention.fwd", key) == config
+    assert again.get("attention.dkdvdq", key) is None and again.get("attention.fwd", {**key, "dtype": "fp16"}) is None
+    other = tune.KeptConfigs(tune.TuneCache(tmp_path), cpu, env={**again.env, "triton": "0.0"})  # another version
+    assert other.get("attention.fwd", key) is None
+    assert tune.KeptConfigs(tune.TuneCache(tmp_path), cpu, retune=True).get("attention.fwd", key) is None
+
+
+def test_a_damaged_kept_config_is_ignored_with_a_warning(tmp_path):
+    cpu = torch.device("cpu")
+    store = tune.KeptConfigs(tune.TuneCache(tmp_path), cpu)
+    store.put("attention.fwd", {"s": 1}, {"BLOCK_M": 64})
+    (entry,) = (tmp_path / "tune").glob("*.json")
+    entry.write_text(entry.read_text()[:20])  # a torn write
+    with pytest.warns(RuntimeWarning, match="damaged cache entry"):
+        assert tune.KeptConfigs(tune.TuneCache(tmp_path), cpu).get("attention.fwd", {"s": 1}) is None
+
+
+def test_the_trainer_installs_the_store_only_on_cuda(monkeypatch, tmp_path):
+    from tritonforge.engine.ops.tune import kept as kept_module
+    installed = []
+
+    class Kernels:
+        def set_config_store(self, store):
+            installed.append(store)
+    monkeypatch.setattr(kept_module, "kernels_module", lambda: Kernels())
+    assert kept_module.install(tune.TuneCache(tmp_path), torch.device("cpu")) is None and installed == []
+    monkeypatch.setattr(kept_module, "environment_key", lambda device: {"gpu": "test"})
+    store = kept_module.install(tune.TuneCache(tmp_path), torch.device("cuda"))
+    assert installed == [store] and store.env == {"gpu": "test"}

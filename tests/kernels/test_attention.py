@@ -655,6 +655,91 @@ def test_autotune_keys_bucket_sequence_lengths(tuner_calls):
     assert varlen_keys([0, 20, 45]) == varlen_keys([0, 7, 30, 60])
 
 
+class DictStore:
+    """A configuration store in a dict, counting what it is asked."""
+
+    def __init__(self):
+        self.entries, self.gets, self.puts = {}, [], []
+
+    def get(self, kernel, key):
+        self.gets.append(kernel)
+        return self.entries.get((kernel, tuple(sorted(key.items()))))
+
+    def put(self, kernel, key, config):
+        self.puts.append(kernel)
+        self.entries[(kernel, tuple(sorted(key.items())))] = config
+
+
+@pytest.fixture
+def store():
+    common = importlib.import_module("tritonforge.kernels._common")
+    kept = DictStore()
+    previous = common.set_config_store(kept)
+    yield kept
+    common.set_config_store(previous)
+
+
+def test_a_kept_configuration_is_launched_without_the_autotuner(store, tuner_calls, launched):
+    """deterministic=False: the first process autotunes and gives the store its choice; a process that finds
+    it there launches it straight away, the same tiles, the same bits."""
+    torch.manual_seed(0)
+    q, k, v, do = make_inputs(1, 2, 1, 40, 16, torch.float16)
+
+    def grads():
+        leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+        out = attention(*leaves, causal=True, deterministic=False)
+        out.backward(do)
+        return [out] + [t.grad for t in leaves]
+
+    first = grads()
+    assert len(tuner_calls) == 2, tuner_calls  # the forward and the fused backward
+    assert sorted(store.puts) == ["attention.dkdvdq", "attention.fwd"]
+    (fwd_key, fwd_config), = [(key, c) for (kernel, key), c in store.entries.items() if kernel == "attention.fwd"]
+    assert dict(fwd_key) == {"tune_seqlen": 64, "tune_band": 1, "block_d": 16, "segments": False,
+                             "dot_precision": "tf32", "dtype": "fp16"}
+    assert set(fwd_config) == {"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"}
+    tuner_calls.clear(), launched.clear()
+    again = grads()
+    assert tuner_calls == [] and len(store.puts) == 2
+    fwd_launch = next(meta for name, meta in launched if name == "_attn_fwd")
+    assert {name: fwd_launch[name] for name in fwd_config} == fwd_config
+    assert all(torch.equal(a, b) for a, b in zip(first[:1], again[:1]))  # the forward: same tiles, same bits
+
+
+def test_a_kept_configuration_this_launch_may_not_use_is_tuned_again(store, tuner_calls):
+    _forward_backward(20, deterministic=False)
+    for key in list(store.entries):
+        store.entries[key] = {"BLOCK_M": 7, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}  # not a listed tile
+    tuner_calls.clear()
+    _forward_backward(20, deterministic=False)
+    assert len(tuner_calls) == 2 and len(store.puts) == 4
+    assert all(c["BLOCK_M"] != 7 for c in store.entries.values())  # overwritten by the autotuner's choice
+
+
+def test_a_failing_store_warns_and_the_launch_autotunes(tuner_calls):
+    common = importlib.import_module("tritonforge.kernels._common")
+
+    class Broken:
+        def get(self, kernel, key):
+            raise OSError("disk gone")
+
+        def put(self, kernel, key, config):
+            raise OSError("disk gone")
+
+    previous = common.set_config_store(Broken())
+    try:
+        with pytest.warns(RuntimeWarning, match="attention.fwd: the configuration store failed.*disk gone"):
+            _forward_backward(20, deterministic=False)
+    finally:
+        common.set_config_store(previous)
+    assert len(tuner_calls) == 2
+
+
+def test_deterministic_launches_never_consult_the_store(store):
+    _forward_backward(20, deterministic=True)
+    assert store.gets == [] and store.puts == []
+
+
 @pytest.mark.parametrize("dtype, allow_tf32, expected", [(torch.float32, False, "ieee"),
                                                          (torch.float32, True, "tf32"),
                                                          (torch.float16, False, "tf32")])

@@ -10,8 +10,9 @@ first step, in five parts (:mod:`.record`, :mod:`.candidates`, :mod:`.measure` f
    of that are one :class:`Call`, counted. The optimizer is one :class:`OptimizerWork` over the run's
    parameter groups. RNG, buffers (BatchNorm statistics) and gradients are restored afterwards.
 2. **The candidates** (:func:`candidates`): torch (the op table's reference), PyTorch's other ways where the
-   installed version has them (each SDPA backend for attention, ``F.linear_cross_entropy``'s chunked path
-   for a classifier head; torch's optimizer is already its fused one on CUDA), and the project's Triton
+   installed version has them (each SDPA backend for attention; for a classifier head both paths of torch's
+   own, ``F.linear_cross_entropy``'s chunked one and the materialized logits, whichever the head's shape
+   gave the ``torch`` candidate; torch's optimizer is already its fused one on CUDA), and the project's Triton
    kernels.
 3. **Measure** (:func:`measure_op`). Each candidate runs every call once, forward and backward, on the
    recorded inputs (the first call of each kind: real activations, real targets and document ids); that
@@ -30,17 +31,19 @@ first step, in five parts (:mod:`.record`, :mod:`.candidates`, :mod:`.measure` f
    torch, triton, kernel sources, op, calls, flags), written atomically; a later run with the same key reads
    it, and spends only the recording forward and backward. A damaged file is ignored with a warning. A checkpoint records the choice, and a
    resumed run keeps it (``kernels.retune = true`` measures again). Under torchrun rank 0 decides and
-   broadcasts, so every rank runs the same backends.
+   broadcasts, so every rank runs the same backends. Triton's own autotuned choices (the attention tiles of
+   ``kernels.deterministic = false`` runs) are kept the same way (:mod:`.kept`), rank 0's sent to every rank.
 
 An op set explicitly (``--kernels.OP=torch|triton``) is never tuned; ``kernels.tune = "trust"`` takes the
 Triton kernels untimed (:func:`engine.ops.select.resolve`'s ``auto``), ``"off"`` takes torch. On a CPU ``auto``
 is torch and nothing is measured.
 """
 from .cache import CACHE_VERSION, TuneCache, cache_dir, environment_key, kernel_sources_hash
-from .candidates import SDPA_CANDIDATES, Candidate, candidates, chunked_linear_cross_entropy, torch_candidates
+from .candidates import LINEAR_CROSS_ENTROPY_PATHS, SDPA_CANDIDATES, Candidate, candidates, torch_candidates
 from .measure import (CLEAR_GAP, MAX_REPEATS, MIN_REPEATS, MUON_CUDA_TOLERANCE, OPTIMIZER_TOLERANCE, START_REPEATS,
                       TOLERANCE, Budget, CallWork, CudaClock, Measured,
                       OptimizerWork, choose, measure_op)
+from .kept import KeptConfigs
 from .record import Call, describe, record_calls
 from .run import (NO_CUDA, TASK_STATE, Decision, Settings, agree, apply, decide, optimizer_work, probe_step, record,
                   record_works, recorded_choice, starting_choices, table, tunable, tune_ops, tune_run)

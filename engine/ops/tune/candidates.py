@@ -6,7 +6,6 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 from .. import reference, select, table
 
@@ -41,16 +40,9 @@ SDPA_CANDIDATES = {"sdpa-flash": "FLASH_ATTENTION", "sdpa-efficient": "EFFICIENT
                    "sdpa-cudnn": "CUDNN_ATTENTION"}
 
 
-def chunked_linear_cross_entropy(x, weight, targets, bias=None, ignore_index: int = -100,
-                                 label_smoothing: float = 0.0, softcap: float = 0.0):
-    """``F.linear_cross_entropy`` with its chunked path: the (positions, classes) logits are never
-    materialized. What the chunked path does not do (a logit soft-cap; label smoothing, which torch serves
-    unchunked, with a warning per call) raises, and the candidate is rejected."""
-    if softcap or label_smoothing:
-        raise NotImplementedError("F.linear_cross_entropy's chunked path has no logit soft-cap or label smoothing")
-    x2 = x.reshape(-1, x.shape[-1])
-    return F.linear_cross_entropy(x2, weight, targets.reshape(-1), linear_bias=bias, ignore_index=ignore_index,
-                                  label_smoothing=label_smoothing, options=torch.nn.LinearCrossEntropyOptions())
+#: The torch head's two paths, by candidate name (``torch`` itself is the one its shape picks).
+LINEAR_CROSS_ENTROPY_PATHS = {"torch-chunked": reference.torch_chunked_linear_cross_entropy,
+                              "torch-logits": reference.torch_logits_linear_cross_entropy}
 
 
 def torch_candidates(op: str, device: torch.device) -> list[Candidate]:
@@ -61,9 +53,10 @@ def torch_candidates(op: str, device: torch.device) -> list[Candidate]:
     if op == "attention":
         found += [Candidate(name, "torch", {"attention": _sdpa_backend(backend)})
                   for name, backend in SDPA_CANDIDATES.items()]
-    if op == "cross_entropy" and hasattr(F, "linear_cross_entropy") and hasattr(torch.nn, "LinearCrossEntropyOptions"):
-        found.append(Candidate("torch-chunked", "torch", {"cross_entropy": reference.torch_cross_entropy,
-                                                          "linear_cross_entropy": chunked_linear_cross_entropy}))
+    if op == "cross_entropy" and reference.has_chunked_linear_cross_entropy():
+        # torch's head picks one of its two paths by shape (reference.CHUNKED_CLASSES_PER_FEATURE): measure both
+        found += [Candidate(name, "torch", {"cross_entropy": reference.torch_cross_entropy, "linear_cross_entropy": fn})
+                  for name, fn in LINEAR_CROSS_ENTROPY_PATHS.items()]
     return found
 
 

@@ -16,6 +16,7 @@ from ..select import Ops
 from ..table import op_names
 from .cache import TuneCache, cache_dir, environment_key
 from .candidates import Candidate, candidates
+from .kept import KeptConfigs, install
 from .measure import Budget, CallWork, CudaClock, OptimizerWork, choose, measure_op
 from .record import record_calls
 
@@ -110,12 +111,15 @@ def decide(works: dict[str, Sequence], cands: dict[str, list[Candidate]], settin
     return decisions
 
 
-def agree(decisions: dict[str, Decision] | None, world: int) -> dict[str, Decision]:
-    """Rank 0's decisions on every rank (``decisions`` is None on the others)."""
+def agree(decisions: dict[str, Decision] | None, world: int, kept: KeptConfigs | None = None) -> dict[str, Decision]:
+    """Rank 0's decisions on every rank (``decisions`` is None on the others), and rank 0's kept Triton
+    configurations (autotuned while it measured) in every rank's ``kept``."""
     if world == 1:
         return decisions
-    box = [decisions]
+    box = [decisions, kept.entries() if kept is not None else []]
     torch.distributed.broadcast_object_list(box, src=0)
+    if kept is not None and torch.distributed.get_rank() != 0:
+        kept.adopt(box[1])
     return box[0]
 
 
@@ -134,9 +138,10 @@ def apply(ops: Ops, decisions: dict[str, Decision], cands: dict[str, list[Candid
 
 def tune_ops(ops: Ops, works: dict[str, Sequence], cands: dict[str, list[Candidate]], settings: Settings, clock,
              cache: TuneCache | None, env: dict, rank: int = 0, world: int = 1, recorded: dict[str, str] | None = None,
-             notes: dict[str, str] | None = None, log=print) -> dict[str, Decision]:
+             notes: dict[str, str] | None = None, log=print, configs: KeptConfigs | None = None) -> dict[str, Decision]:
     """Decide the ops of ``cands`` (rank 0: the ``recorded`` choices kept unless ``settings.retune``, the
-    rest measured or read from the cache), agree across ranks, serve them from ``ops``, print the table."""
+    rest measured or read from the cache), agree across ranks (``configs``: the kept Triton configurations too),
+    serve them from ``ops``, print the table."""
     decisions = None
     if rank == 0:
         kept = {} if settings.retune else {op: name for op, name in (recorded or {}).items() if op in cands}
@@ -144,7 +149,7 @@ def tune_ops(ops: Ops, works: dict[str, Sequence], cands: dict[str, list[Candida
         rest = {op: c for op, c in cands.items() if op not in kept}
         if rest:
             decisions.update(decide(works, rest, settings, clock, cache, env, notes, log))
-    decisions = agree(decisions, world)
+    decisions = agree(decisions, world, configs)
     apply(ops, decisions, cands)
     log("kernels tune:\n" + table(decisions))
     return decisions
@@ -222,10 +227,13 @@ def tune_run(recipe, ops: Ops, task, device: torch.device, rank: int = 0, world:
              recorded: dict[str, str] | None = None, log=print) -> dict[str, Decision]:
     """Decide every op ``task`` uses whose backend is ``auto`` and serve the decisions from ``ops`` (which
     the model holds); returns them (op -> :class:`Decision`) for env.json and the checkpoint. ``recorded``:
-    a resumed run's choices, kept unless ``kernels.retune``."""
+    a resumed run's choices, kept unless ``kernels.retune``. On CUDA it also installs the kernels'
+    configuration store (:mod:`.kept`), whatever is tuned: Triton's autotuned tiles are kept from then on."""
     settings = Settings.of(recipe.kernels)
     choices = recipe.kernels.backends()
     used = task.ops_used()
+    cache = TuneCache(cache_dir(settings.cache))
+    kept = install(cache, device, settings.retune)
     to_tune = tunable(choices, used, settings, device)
     if not to_tune:
         if settings.mode == "measure" and device.type != "cuda" and any(choices.get(op) == "auto" for op in used):
@@ -238,8 +246,8 @@ def tune_run(recipe, ops: Ops, task, device: torch.device, rank: int = 0, world:
                       f"{next(iter(notes.values()))}", RuntimeWarning, stacklevel=2)
     works = record_works(recipe, ops, task, device, to_tune) if rank == 0 else {}
     started = time.perf_counter()
-    decisions = tune_ops(ops, works, cands, settings, CudaClock(device), TuneCache(cache_dir(settings.cache)),
-                         environment_key(device), rank, world, recorded, notes, log)
+    decisions = tune_ops(ops, works, cands, settings, CudaClock(device), cache, kept.env if kept else
+                         environment_key(device), rank, world, recorded, notes, log, kept)
     del works  # the recorded inputs and references: give their memory back before training allocates
     torch.cuda.empty_cache()
     log(f"kernels tune: decided in {time.perf_counter() - started:.1f} s")
