@@ -12,6 +12,9 @@ Sources (``data.source``):
 - a local path: a folder of images with one sub-folder per class (optionally inside ``train/`` and
   ``test/`` folders, which become splits), or a ``.parquet`` file or a folder of them.
 
+Images used without their labels (``load_images(..., labelled=False)``: self-supervised pretraining's
+``ssl.unlabelled``) need only the image column: a parquet file without labels, a flat folder of images.
+
 Every source is decoded once into square ``uint8`` arrays of ``data.image_size`` pixels (N, S, S, C) under
 ``data.cache_dir``, in a folder keyed by what the source is; it is built atomically (see
 :mod:`engine.data.cache`). Images of another size are resized so their shorter side fits, then
@@ -45,6 +48,9 @@ CACHE_FORMAT = 1
 HOLDOUT_SEED = 0
 #: The few-label subset (data.labels_per_class) is drawn from this seed: the same images for every run.
 SUBSET_SEED = 0
+#: Ends the error of a labelled use of a source without labels.
+LABELS_HINT = ("; a classifier, and the k-NN and probe evaluations of data.source in self-supervised pretraining, "
+               "need class ids there (images without labels can join pretraining through ssl.unlabelled)")
 
 # --- The generated "shapes" source ---------------------------------------------------------------
 
@@ -116,39 +122,49 @@ def _to_pixels(value, size: int, channels: int) -> np.ndarray:
     return pixels[..., None] if channels == 1 else pixels
 
 
-def _build_decoded(cfg: DataConfig, size: int, channels: int, out: Path) -> dict:
+def _build_decoded(cfg: DataConfig, size: int, channels: int, out: Path, labelled: bool = True) -> dict:
+    """Decode the source's images (and, when ``labelled``, its class labels) into the cache in ``out``.
+
+    Unlabelled, only the column ``data.image_field`` is read, every image of ``data.split`` is a training
+    image and none is held out (no validation reads them); each label is stored as -1.
+    """
     train = _load_split(cfg, cfg.split)
-    val = _load_split(cfg, cfg.val_split) if cfg.val_split else None
+    val = _load_split(cfg, cfg.val_split) if cfg.val_split and labelled else None
     for ds in (train, val):
         for where, column in (("data.image_field", cfg.image_field), ("data.label_field", cfg.label_field)):
-            if ds is not None and column not in ds.column_names:
-                raise RecipeError(f"{where}: column {column!r} not found; columns: {', '.join(ds.column_names)}")
-    if val is None:  # hold out a fixed random share of the training split
+            if ds is not None and column not in ds.column_names and (labelled or column == cfg.image_field):
+                raise RecipeError(f"{where}: column {column!r} not found in {cfg.source}; columns: "
+                                  f"{', '.join(ds.column_names)}" + (LABELS_HINT if column == cfg.label_field else ""))
+    if not labelled:
+        parts, counts = [(train, np.zeros(len(train), dtype=bool))], {"train": len(train), "val": 0}
+    elif val is None:  # hold out a fixed random share of the training split
         held_out = np.random.default_rng(HOLDOUT_SEED).random(len(train)) < cfg.val_fraction
         parts = [(train, held_out)]
         counts = {"train": int((~held_out).sum()), "val": int(held_out.sum())}
     else:
         parts = [(train, np.zeros(len(train), dtype=bool)), (val, np.ones(len(val), dtype=bool))]
         counts = {"train": len(train), "val": len(val)}
-    _check_counts(counts)
+    _check_counts(counts, need_val=labelled)
+    columns = [cfg.image_field, cfg.label_field] if labelled else [cfg.image_field]
     with _ArrayWriter(out, counts, size, channels) as writer:
         for ds, to_val in parts:
-            for row, is_val in zip(ds.select_columns([cfg.image_field, cfg.label_field]), to_val):
-                label = row[cfg.label_field]
-                if not isinstance(label, (int, np.integer)) or label < 0:
+            for row, is_val in zip(ds.select_columns(columns), to_val):
+                label = row[cfg.label_field] if labelled else -1
+                if labelled and (not isinstance(label, (int, np.integer)) or label < 0):
                     raise RecipeError(f"data.label_field: column {cfg.label_field!r} must hold class ids "
                                       f"(integers >= 0), found {label!r}")
                 writer.write("val" if is_val else "train", _to_pixels(row[cfg.image_field], size, channels)[None],
                              np.asarray([label]))
-    feature = train.features[cfg.label_field]
-    names = getattr(feature, "names", None)
+    if not labelled:
+        return {"classes": [], **writer.stats}
+    names = getattr(train.features[cfg.label_field], "names", None)
     return {"classes": list(names) if names else [str(i) for i in range(writer.max_label + 1)], **writer.stats}
 
 
 # --- The image cache -----------------------------------------------------------------------------
 
-def _check_counts(counts: dict[str, int]) -> None:
-    if counts["val"] == 0:
+def _check_counts(counts: dict[str, int], need_val: bool = True) -> None:
+    if need_val and counts["val"] == 0:
         raise RecipeError("no validation images: raise data.val_fraction, or name a split in data.val_split")
     if counts["train"] == 0:
         raise RecipeError("no training images: lower data.val_fraction, or check data.split")
@@ -212,12 +228,14 @@ class ImageData:
     path: Path
 
 
-def _fingerprint(cfg: DataConfig) -> dict:
-    """What identifies the source's content, cheaply (for local sources: paths, sizes, modification times)."""
+def _fingerprint(cfg: DataConfig, labelled: bool = True) -> dict:
+    """What identifies the source's content, cheaply (for local sources: paths, sizes, modification times),
+    and what is read of it: an unlabelled decode reads neither labels nor a validation split."""
     if cfg.source in GENERATED:
         return {"source": cfg.source, "seed": SHAPES_SEED, "num_images": cfg.num_images}
-    fields = {"image_field": cfg.image_field, "label_field": cfg.label_field, "split": cfg.split,
-              "val_split": cfg.val_split}
+    fields = ({"image_field": cfg.image_field, "label_field": cfg.label_field, "split": cfg.split,
+               "val_split": cfg.val_split} if labelled else {"image_field": cfg.image_field, "split": cfg.split,
+                                                              "labels": False})
     if cfg.source.startswith("hf:"):
         return {"source": cfg.source, **fields}
     path = Path(cfg.source).expanduser()
@@ -229,9 +247,9 @@ def _fingerprint(cfg: DataConfig) -> dict:
                       for f in files]}
 
 
-def cache_folder(cfg: DataConfig, size: int, channels: int) -> Path:
+def cache_folder(cfg: DataConfig, size: int, channels: int, labelled: bool = True) -> Path:
     blob = json.dumps({"format": CACHE_FORMAT, "size": size, "channels": channels, "val_fraction": cfg.val_fraction,
-                       "fingerprint": _fingerprint(cfg)}, sort_keys=True)
+                       "fingerprint": _fingerprint(cfg, labelled)}, sort_keys=True)
     key = hashlib.sha256(blob.encode()).hexdigest()[:20]
     slug = "".join(c if c.isalnum() else "-" for c in cfg.source.rsplit("/", 1)[-1]).strip("-")[:40] or "images"
     return Path(cfg.cache_dir).expanduser() / f"{slug}-{size}px{channels}c-{key}"
@@ -254,17 +272,23 @@ def _open_cache(folder: Path) -> ImageData | None:
         return None
 
 
-def load_images(cfg: DataConfig, size: int, channels: int = 3, log=print) -> ImageData:
-    """Decode (or generate) the source once into the cache and return its memory-mapped arrays."""
-    folder = cache_folder(cfg, size, channels)
+def load_images(cfg: DataConfig, size: int, channels: int = 3, log=print, labelled: bool = True) -> ImageData:
+    """Decode (or generate) the source once into the cache and return its memory-mapped arrays.
+
+    ``labelled=False`` is for images used without their labels (self-supervised pretraining's
+    ``ssl.unlabelled``): a source read through ``datasets`` then needs no ``data.label_field`` column (an
+    image folder no class folders) and gives all of ``data.split`` as training images, labels -1 and no
+    validation images. The generated sources are the same either way.
+    """
+    decoded = cfg.source not in GENERATED
+    folder = cache_folder(cfg, size, channels, labelled)
 
     def build(tmp: Path) -> None:
-        make = _build_shapes if cfg.source in GENERATED else _build_decoded
-        meta = {"format": CACHE_FORMAT, "source": cfg.source, "size": size, "channels": channels,
-                **make(cfg, size, channels, tmp)}
+        made = _build_decoded(cfg, size, channels, tmp, labelled) if decoded else _build_shapes(cfg, size, channels, tmp)
+        meta = {"format": CACHE_FORMAT, "source": cfg.source, "size": size, "channels": channels, **made}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
 
-    what = "generating" if cfg.source in GENERATED else "decoding"
+    what = ("decoding" if labelled else "decoding the images of") if decoded else "generating"
     return open_or_build(folder, _open_cache, build,
                          announce=lambda: log(f"{what} {cfg.source} images at {size}x{size} into {folder} (once)"))
 
