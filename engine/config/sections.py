@@ -287,6 +287,9 @@ class ParallelConfig:
 
     #: "ddp" (DistributedDataParallel) or "fsdp" (FSDP2 ``fully_shard`` per block).
     strategy: Literal["ddp", "fsdp"] = "ddp"
+    #: BatchNorm statistics over the global batch (every process's rows) instead of each process's own:
+    #: the model's BatchNorm layers become torch's SyncBatchNorm (CUDA only; the state-dict keys stay).
+    sync_bn: bool = False
 
 
 @dataclass
