@@ -130,11 +130,12 @@ def _build_decoded(cfg: DataConfig, size: int, channels: int, out: Path, labelle
     """
     train = _load_split(cfg, cfg.split)
     val = _load_split(cfg, cfg.val_split) if cfg.val_split and labelled else None
+    needed = {"data.image_field": cfg.image_field, **({"data.label_field": cfg.label_field} if labelled else {})}
     for ds in (train, val):
-        for where, column in (("data.image_field", cfg.image_field), ("data.label_field", cfg.label_field)):
-            if ds is not None and column not in ds.column_names and (labelled or column == cfg.image_field):
+        for where, column in needed.items():
+            if ds is not None and column not in ds.column_names:
                 raise RecipeError(f"{where}: column {column!r} not found in {cfg.source}; columns: "
-                                  f"{', '.join(ds.column_names)}" + (LABELS_HINT if column == cfg.label_field else ""))
+                                  f"{', '.join(ds.column_names)}" + (LABELS_HINT if where == "data.label_field" else ""))
     if not labelled:
         parts, counts = [(train, np.zeros(len(train), dtype=bool))], {"train": len(train), "val": 0}
     elif val is None:  # hold out a fixed random share of the training split
