@@ -16,6 +16,8 @@ from typing import Callable, TypeVar
 import torch
 import torch.distributed as dist
 
+from .errors import RecipeError
+
 T = TypeVar("T")
 
 
@@ -90,7 +92,29 @@ def mean(t: torch.Tensor) -> torch.Tensor:
     return t / world()
 
 
-def wrap(model: torch.nn.Module, recipe, device: torch.device) -> torch.nn.Module:
+def check_sync_bn(recipe, device: torch.device, world_: int) -> None:
+    """Stop a run that asks for ``parallel.sync_bn`` where torch's SyncBatchNorm cannot run: several
+    processes on CPUs (it synchronizes CUDA tensors only). A world of one has nothing to synchronize."""
+    if recipe.parallel.sync_bn and world_ > 1 and device.type != "cuda":
+        raise RecipeError(f"parallel.sync_bn: torch's SyncBatchNorm synchronizes CUDA tensors only, and this run "
+                          f"has {world_} processes on {device.type}; set it to false (each process then keeps its "
+                          f"own BatchNorm statistics)")
+
+
+def sync_batchnorm(model: torch.nn.Module, log=print) -> torch.nn.Module:
+    """Make every BatchNorm layer of ``model`` a SyncBatchNorm, in place: the same parameters and buffers
+    under the same names (checkpoints load either way), and in training its statistics (and their
+    gradients) are computed over every process's rows. Out of training, or in a world of one, it is
+    BatchNorm."""
+    if torch.nn.SyncBatchNorm.convert_sync_batchnorm(model) is not model:  # a bare BatchNorm layer: not in place
+        raise ValueError("sync_batchnorm converts the BatchNorm layers inside a model, not a layer itself")
+    count = sum(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules())
+    log(f"parallel.sync_bn: {count} BatchNorm layer(s) synchronized over {world()} processes" if count else
+        "parallel.sync_bn: the model has no BatchNorm layer; nothing to synchronize")
+    return model
+
+
+def wrap(model: torch.nn.Module, recipe, device: torch.device, log=print) -> torch.nn.Module:
     """Wrap ``model`` for data parallelism as ``parallel.strategy`` says.
 
     ``ddp``: DistributedDataParallel (gradients all-reduced, bucketed, overlapping the backward).
@@ -99,7 +123,11 @@ def wrap(model: torch.nn.Module, recipe, device: torch.device) -> torch.nn.Modul
     unit's parameters are gathered just in time. Its mixed-precision policy follows ``train.precision``:
     parameters cast to bf16/fp16 for compute, gradients reduced in fp32. The model object itself becomes
     the sharded module (its parameters turn into DTensors), so the task keeps using it.
+
+    With ``parallel.sync_bn`` the model's BatchNorm layers become SyncBatchNorm first (:func:`sync_batchnorm`).
     """
+    if recipe.parallel.sync_bn:
+        sync_batchnorm(model, log)
     if recipe.parallel.strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 

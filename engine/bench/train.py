@@ -172,7 +172,7 @@ def run_one(args: TrainArgs, kernel_set, compiled: bool, ceilings: dict, policy:
         row["tuned"] = {op: d.choice for op, d in decisions.items()}
     row["backends"] = {op: b for op, b in ops.backends.items() if op in task.ops_used()}
     row["unit"] = task.unit
-    model = distributed.wrap(task.model, r, device) if world > 1 else task.model
+    model = distributed.wrap(task.model, r, device, log=lambda text: None) if world > 1 else task.model
     forward_model = torch.compile(model) if compiled else model
     o = r.optim
     groups = task.param_groups(o.weight_decay, muon=o.name == "muon")
@@ -270,6 +270,7 @@ def run(args: TrainArgs, log=print, log_err=None) -> dict:
     if not info.is_main:
         log = log_err = lambda text: None
     try:
+        distributed.check_sync_bn(args.recipe, args.device, info.world)
         result = _run_rows(args, log, log_err)
     finally:
         distributed.cleanup()

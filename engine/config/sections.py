@@ -287,6 +287,9 @@ class ParallelConfig:
 
     #: "ddp" (DistributedDataParallel) or "fsdp" (FSDP2 ``fully_shard`` per block).
     strategy: Literal["ddp", "fsdp"] = "ddp"
+    #: BatchNorm statistics over the global batch (every process's rows) instead of each process's own:
+    #: the model's BatchNorm layers become torch's SyncBatchNorm (CUDA only; the state-dict keys stay).
+    sync_bn: bool = False
 
 
 @dataclass
@@ -317,8 +320,9 @@ class SSLConfig:
     #: is 0.5 and (0.1, 2.0) at 224 pixels).
     blur_p: float = 0.0
     blur_sigma: tuple[float, float] = (0.1, 2.0)
-    #: More image sources whose training images join the pretraining images (their labels are not read);
-    #: data.source provides images too, and the labels of the k-NN and linear-probe evaluations.
+    #: More image sources whose images join the pretraining images: only their images are read (no label
+    #: column or class folders needed), all of data.split; data.source provides images too, and the labels
+    #: of the k-NN and linear-probe evaluations.
     unlabelled: tuple[str, ...] = ()
     #: k-NN evaluation: neighbours, the temperature of their similarity-weighted vote, and how many
     #: labelled training images form the memory bank (0: all).

@@ -31,6 +31,8 @@ def validate(r: Recipe) -> None:
         raise RecipeError(f"data.packing = {r.data.packing!r} packs documents for a GPT language model "
                           f"(model.arch = 'gpt', train.task = 'auto'), got model.arch = {r.model.arch!r}, "
                           f"train.task = {r.train.task!r}")
+    if r.parallel.sync_bn and r.model.arch not in IMAGE_ARCHS:
+        raise RecipeError(f"parallel.sync_bn synchronizes BatchNorm layers; model.arch = {r.model.arch!r} has none")
     _validate_sequence_models(r)
     _validate_ssl(r)
 

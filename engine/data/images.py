@@ -4,13 +4,16 @@ Sources (``data.source``):
 
 - ``shapes``: the built-in default, generated (no download). Ten classes of geometric shapes (disk, ring,
   square, frame, triangle, diamond, plus, cross, bar, bow tie) drawn at random positions, sizes and colours
-  on noisy, shaded backgrounds. The same seed always draws the same images.
+  on noisy, shaded backgrounds (:mod:`engine.data.shapes`). The same seed always draws the same images.
 - ``shapes-b``: the same generator with eight other classes (hexagon, star, crescent, ellipse, tee, ell,
   chevron, hourglass): a second task for fine-tuning a model trained on ``shapes``.
 - ``hf:NAME`` or ``hf:NAME:CONFIG``: a dataset by name through ``datasets`` (``hf:uoft-cs/cifar10``),
   reading the columns ``data.image_field`` and ``data.label_field``.
 - a local path: a folder of images with one sub-folder per class (optionally inside ``train/`` and
   ``test/`` folders, which become splits), or a ``.parquet`` file or a folder of them.
+
+Images used without their labels (``load_images(..., labelled=False)``: self-supervised pretraining's
+``ssl.unlabelled``) need only the image column: a parquet file without labels, a flat folder of images.
 
 Every source is decoded once into square ``uint8`` arrays of ``data.image_size`` pixels (N, S, S, C) under
 ``data.cache_dir``, in a folder keyed by what the source is; it is built atomically (see
@@ -30,7 +33,7 @@ import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -38,89 +41,18 @@ import torch.nn.functional as F
 
 from ..config import DataConfig, RecipeError
 from .cache import fsync_file, open_or_build
+from .shapes import GENERATED, SHAPES_SEED, draw_shapes
 
 CACHE_FORMAT = 1
-#: The generated "shapes" set is always drawn from this seed (like a downloaded dataset, it never changes).
-SHAPES_SEED = 0
 #: A held-out validation share is drawn from this seed, so the split is fixed for a source.
 HOLDOUT_SEED = 0
 #: The few-label subset (data.labels_per_class) is drawn from this seed: the same images for every run.
 SUBSET_SEED = 0
-
-# Inside tests of the ten shapes in coordinates (u, v) centred on the shape and scaled by its radius
-# (u to the right, v down); each maps arrays of u and v to a boolean mask.
-SHAPES: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
-    "disk": lambda u, v: u * u + v * v <= 1.0,
-    "ring": lambda u, v: (u * u + v * v <= 1.0) & (u * u + v * v >= 0.45),
-    "square": lambda u, v: np.maximum(abs(u), abs(v)) <= 0.8,
-    "frame": lambda u, v: (np.maximum(abs(u), abs(v)) <= 0.85) & (np.maximum(abs(u), abs(v)) >= 0.5),
-    "triangle": lambda u, v: (v <= 0.8) & (abs(u) <= 0.55 * (v + 0.9)),
-    "diamond": lambda u, v: abs(u) + abs(v) <= 1.0,
-    "plus": lambda u, v: (np.minimum(abs(u), abs(v)) <= 0.3) & (np.maximum(abs(u), abs(v)) <= 1.0),
-    "cross": lambda u, v: _rotated_plus(u, v),
-    "bar": lambda u, v: (abs(u) <= 1.0) & (abs(v) <= 0.3),
-    "bowtie": lambda u, v: (abs(v) <= abs(u)) & (abs(u) <= 0.9),
-}
-
-
-def _rotated_plus(u: np.ndarray, v: np.ndarray) -> np.ndarray:
-    p, q = abs(u + v) * np.sqrt(0.5), abs(u - v) * np.sqrt(0.5)  # coordinates along the diagonals
-    return (np.minimum(p, q) <= 0.25) & (np.maximum(p, q) <= 1.0)
-
-
-# The "shapes-b" classes, in the same coordinates: none of them is one of the ten above.
-SHAPES_B: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
-    "hexagon": lambda u, v: (abs(v) <= 0.85) & (0.866 * abs(u) + 0.5 * abs(v) <= 0.85),
-    "star": lambda u, v: np.hypot(u, v) <= 0.55 + 0.4 * np.cos(5 * np.arctan2(v, u)),
-    "crescent": lambda u, v: (u * u + v * v <= 1.0) & ((u - 0.45) ** 2 + v * v >= 0.6),
-    "ellipse": lambda u, v: u * u + (v / 0.55) ** 2 <= 1.0,
-    "tee": lambda u, v: ((abs(u) <= 0.9) & (abs(v + 0.65) <= 0.25)) | ((abs(u) <= 0.25) & (v >= -0.65) & (v <= 0.9)),
-    "ell": lambda u, v: ((abs(u + 0.6) <= 0.3) & (abs(v) <= 0.9)) | ((abs(v - 0.6) <= 0.3) & (abs(u) <= 0.9)),
-    "chevron": lambda u, v: (abs(v - abs(u) + 0.3) <= 0.3) & (abs(u) <= 0.9),
-    "hourglass": lambda u, v: (abs(u) <= abs(v)) & (abs(v) <= 0.9),
-}
-
-#: The generated sources: their classes, and what their random streams are drawn from besides SHAPES_SEED.
-GENERATED: dict[str, tuple[dict, tuple[int, ...]]] = {"shapes": (SHAPES, ()), "shapes-b": (SHAPES_B, (1,))}
-
+#: Ends the error of a labelled use of a source without labels.
+LABELS_HINT = ("; a classifier, and the k-NN and probe evaluations of data.source in self-supervised pretraining, "
+               "need class ids there (images without labels can join pretraining through ssl.unlabelled)")
 
 # --- The generated "shapes" source ---------------------------------------------------------------
-
-def draw_shapes(rng: np.random.Generator, n: int, size: int, channels: int = 3,
-                shapes: dict = SHAPES) -> tuple[np.ndarray, np.ndarray]:
-    """``n`` images (n, size, size, channels) uint8 of random ``shapes``, and their labels (n,) int64."""
-    labels = rng.integers(0, len(shapes), n)
-    radius = size * rng.uniform(0.14, 0.34, n).astype(np.float32)
-    cx = rng.uniform(radius, size - radius).astype(np.float32)
-    cy = rng.uniform(radius, size - radius).astype(np.float32)
-    grid = np.arange(size, dtype=np.float32) + 0.5  # pixel centres
-    u = (grid[None, None, :] - cx[:, None, None]) / radius[:, None, None]  # (n, 1, size)
-    v = (grid[None, :, None] - cy[:, None, None]) / radius[:, None, None]  # (n, size, 1)
-    u, v = np.broadcast_arrays(u, v)
-    inside = np.zeros((n, size, size), dtype=bool)
-    for label, test in enumerate(shapes.values()):
-        sel = labels == label
-        inside[sel] = test(u[sel], v[sel])
-
-    # Random colours, the shape brighter than its background on every channel.
-    background = rng.uniform(0.0, 0.5, (n, channels)).astype(np.float32)
-    colour = rng.uniform(0.5, 1.0, (n, channels)).astype(np.float32)
-    # The background is shaded by a random linear gradient; everything gets pixel noise. (In place: this
-    # is the bulk of the work.)
-    ramp = grid / size - 0.5
-    slope = rng.uniform(-0.3, 0.3, (n, 2)).astype(np.float32)
-    shade = slope[:, 0, None, None] * ramp[None, None, :] + slope[:, 1, None, None] * ramp[None, :, None]
-    image = background[:, None, None, :] + shade[..., None]
-    np.copyto(image, colour[:, None, None, :], where=inside[..., None])
-    noise = rng.random(image.shape, dtype=np.float32)
-    noise -= 0.5
-    noise *= 0.25
-    image += noise
-    np.clip(image, 0.0, 1.0, out=image)
-    image *= 255.0
-    image += 0.5
-    return image.astype(np.uint8), labels
-
 
 def _build_shapes(cfg: DataConfig, size: int, channels: int, out: Path) -> dict:
     n_val = round(cfg.num_images * cfg.val_fraction)
@@ -190,39 +122,50 @@ def _to_pixels(value, size: int, channels: int) -> np.ndarray:
     return pixels[..., None] if channels == 1 else pixels
 
 
-def _build_decoded(cfg: DataConfig, size: int, channels: int, out: Path) -> dict:
+def _build_decoded(cfg: DataConfig, size: int, channels: int, out: Path, labelled: bool = True) -> dict:
+    """Decode the source's images (and, when ``labelled``, its class labels) into the cache in ``out``.
+
+    Unlabelled, only the column ``data.image_field`` is read, every image of ``data.split`` is a training
+    image and none is held out (no validation reads them); each label is stored as -1.
+    """
     train = _load_split(cfg, cfg.split)
-    val = _load_split(cfg, cfg.val_split) if cfg.val_split else None
+    val = _load_split(cfg, cfg.val_split) if cfg.val_split and labelled else None
+    needed = {"data.image_field": cfg.image_field, **({"data.label_field": cfg.label_field} if labelled else {})}
     for ds in (train, val):
-        for where, column in (("data.image_field", cfg.image_field), ("data.label_field", cfg.label_field)):
+        for where, column in needed.items():
             if ds is not None and column not in ds.column_names:
-                raise RecipeError(f"{where}: column {column!r} not found; columns: {', '.join(ds.column_names)}")
-    if val is None:  # hold out a fixed random share of the training split
+                raise RecipeError(f"{where}: column {column!r} not found in {cfg.source}; columns: "
+                                  f"{', '.join(ds.column_names)}" + (LABELS_HINT if where == "data.label_field" else ""))
+    if not labelled:
+        parts, counts = [(train, np.zeros(len(train), dtype=bool))], {"train": len(train), "val": 0}
+    elif val is None:  # hold out a fixed random share of the training split
         held_out = np.random.default_rng(HOLDOUT_SEED).random(len(train)) < cfg.val_fraction
         parts = [(train, held_out)]
         counts = {"train": int((~held_out).sum()), "val": int(held_out.sum())}
     else:
         parts = [(train, np.zeros(len(train), dtype=bool)), (val, np.ones(len(val), dtype=bool))]
         counts = {"train": len(train), "val": len(val)}
-    _check_counts(counts)
+    _check_counts(counts, need_val=labelled)
+    columns = [cfg.image_field, cfg.label_field] if labelled else [cfg.image_field]
     with _ArrayWriter(out, counts, size, channels) as writer:
         for ds, to_val in parts:
-            for row, is_val in zip(ds.select_columns([cfg.image_field, cfg.label_field]), to_val):
-                label = row[cfg.label_field]
-                if not isinstance(label, (int, np.integer)) or label < 0:
+            for row, is_val in zip(ds.select_columns(columns), to_val):
+                label = row[cfg.label_field] if labelled else -1
+                if labelled and (not isinstance(label, (int, np.integer)) or label < 0):
                     raise RecipeError(f"data.label_field: column {cfg.label_field!r} must hold class ids "
                                       f"(integers >= 0), found {label!r}")
                 writer.write("val" if is_val else "train", _to_pixels(row[cfg.image_field], size, channels)[None],
                              np.asarray([label]))
-    feature = train.features[cfg.label_field]
-    names = getattr(feature, "names", None)
+    if not labelled:
+        return {"classes": [], **writer.stats}
+    names = getattr(train.features[cfg.label_field], "names", None)
     return {"classes": list(names) if names else [str(i) for i in range(writer.max_label + 1)], **writer.stats}
 
 
 # --- The image cache -----------------------------------------------------------------------------
 
-def _check_counts(counts: dict[str, int]) -> None:
-    if counts["val"] == 0:
+def _check_counts(counts: dict[str, int], need_val: bool = True) -> None:
+    if need_val and counts["val"] == 0:
         raise RecipeError("no validation images: raise data.val_fraction, or name a split in data.val_split")
     if counts["train"] == 0:
         raise RecipeError("no training images: lower data.val_fraction, or check data.split")
@@ -286,12 +229,14 @@ class ImageData:
     path: Path
 
 
-def _fingerprint(cfg: DataConfig) -> dict:
-    """What identifies the source's content, cheaply (for local sources: paths, sizes, modification times)."""
+def _fingerprint(cfg: DataConfig, labelled: bool = True) -> dict:
+    """What identifies the source's content, cheaply (for local sources: paths, sizes, modification times),
+    and what is read of it: an unlabelled decode reads neither labels nor a validation split."""
     if cfg.source in GENERATED:
         return {"source": cfg.source, "seed": SHAPES_SEED, "num_images": cfg.num_images}
-    fields = {"image_field": cfg.image_field, "label_field": cfg.label_field, "split": cfg.split,
-              "val_split": cfg.val_split}
+    fields = ({"image_field": cfg.image_field, "label_field": cfg.label_field, "split": cfg.split,
+               "val_split": cfg.val_split} if labelled else {"image_field": cfg.image_field, "split": cfg.split,
+                                                              "labels": False})
     if cfg.source.startswith("hf:"):
         return {"source": cfg.source, **fields}
     path = Path(cfg.source).expanduser()
@@ -303,9 +248,9 @@ def _fingerprint(cfg: DataConfig) -> dict:
                       for f in files]}
 
 
-def cache_folder(cfg: DataConfig, size: int, channels: int) -> Path:
+def cache_folder(cfg: DataConfig, size: int, channels: int, labelled: bool = True) -> Path:
     blob = json.dumps({"format": CACHE_FORMAT, "size": size, "channels": channels, "val_fraction": cfg.val_fraction,
-                       "fingerprint": _fingerprint(cfg)}, sort_keys=True)
+                       "fingerprint": _fingerprint(cfg, labelled)}, sort_keys=True)
     key = hashlib.sha256(blob.encode()).hexdigest()[:20]
     slug = "".join(c if c.isalnum() else "-" for c in cfg.source.rsplit("/", 1)[-1]).strip("-")[:40] or "images"
     return Path(cfg.cache_dir).expanduser() / f"{slug}-{size}px{channels}c-{key}"
@@ -328,17 +273,23 @@ def _open_cache(folder: Path) -> ImageData | None:
         return None
 
 
-def load_images(cfg: DataConfig, size: int, channels: int = 3, log=print) -> ImageData:
-    """Decode (or generate) the source once into the cache and return its memory-mapped arrays."""
-    folder = cache_folder(cfg, size, channels)
+def load_images(cfg: DataConfig, size: int, channels: int = 3, log=print, labelled: bool = True) -> ImageData:
+    """Decode (or generate) the source once into the cache and return its memory-mapped arrays.
+
+    ``labelled=False`` is for images used without their labels (self-supervised pretraining's
+    ``ssl.unlabelled``): a source read through ``datasets`` then needs no ``data.label_field`` column (an
+    image folder no class folders) and gives all of ``data.split`` as training images, labels -1 and no
+    validation images. The generated sources are the same either way.
+    """
+    decoded = cfg.source not in GENERATED
+    folder = cache_folder(cfg, size, channels, labelled)
 
     def build(tmp: Path) -> None:
-        make = _build_shapes if cfg.source in GENERATED else _build_decoded
-        meta = {"format": CACHE_FORMAT, "source": cfg.source, "size": size, "channels": channels,
-                **make(cfg, size, channels, tmp)}
+        made = _build_decoded(cfg, size, channels, tmp, labelled) if decoded else _build_shapes(cfg, size, channels, tmp)
+        meta = {"format": CACHE_FORMAT, "source": cfg.source, "size": size, "channels": channels, **made}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
 
-    what = "generating" if cfg.source in GENERATED else "decoding"
+    what = ("decoding" if labelled else "decoding the images of") if decoded else "generating"
     return open_or_build(folder, _open_cache, build,
                          announce=lambda: log(f"{what} {cfg.source} images at {size}x{size} into {folder} (once)"))
 

@@ -153,8 +153,9 @@ class PretrainingTask(Task):
         self.stored = d.image_size or m.image_size
         self.view_size = s.view_size or m.image_size
         self.data = distributed.main_first(lambda: load_images(d, self.stored, m.channels, log=log), rank, world)
-        extra = [distributed.main_first(lambda: load_images(_source(d, src), self.stored, m.channels, log=log),
-                                        rank, world) for src in s.unlabelled]
+        # Only the images of the ssl.unlabelled sources are read: they need no labels, nor a validation split.
+        extra = [distributed.main_first(lambda: load_images(_source(d, src), self.stored, m.channels, log=log,
+                                                            labelled=False), rank, world) for src in s.unlabelled]
         self.pool = ImagePool([self.data.train_images, *(e.train_images for e in extra)])
         self.num_classes = len(self.data.classes)
         self.memory_format = torch.channels_last

@@ -70,6 +70,7 @@ class Trainer:
         self.recipe = r = recipe  # replaced, never changed in place, where the run settles a field
         self.dist = distributed.init("cuda" if r.run.device != "cpu" and torch.cuda.is_available() else "cpu")
         self.device = resolve_device(r.run.device, self.dist.local_rank)
+        distributed.check_sync_bn(r, self.device, self.dist.world)
         if r.run.threads:
             torch.set_num_threads(r.run.threads)
         torch.manual_seed(r.run.seed)
@@ -98,7 +99,8 @@ class Trainer:
         self.tuned = tune.tune_run(r, self.ops, self.task, self.device, self.dist.rank, self.dist.world,
                                    recorded=tune.recorded_choice(resume_from), log=self.log.print)
         self.log.print(f"kernels: {self.ops.describe(self.task.ops_used())}")
-        self.model: nn.Module = distributed.wrap(self.task.model, r, self.device) if self.dist.world > 1 else self.task.model
+        self.model: nn.Module = (distributed.wrap(self.task.model, r, self.device, self.log.print) if self.dist.world > 1
+                                 else self.task.model)
         self.forward_model = torch.compile(self.model) if r.train.compile else self.model
         o = r.optim
         groups = self.task.param_groups(o.weight_decay, muon=o.name == "muon")

@@ -230,8 +230,8 @@ def forward(self, *args):
     return block_forward(self, *args)
 gpt.Block.forward = forward
 real_wrap = distributed.wrap
-def wrap(model, recipe, device):
-    model = real_wrap(model, recipe, device)
+def wrap(model, recipe, device, *rest, **options):
+    model = real_wrap(model, recipe, device, *rest, **options)
     blocks = getattr(model, "module", model).blocks
     print("wrapped blocks:", ",".join(type(b).__name__ for b in blocks), recompute.checkpointed_blocks(model))
     return model

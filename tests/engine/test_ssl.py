@@ -4,6 +4,8 @@ pretraining run, and two processes matching one under DDP.
 Runs use a ResNet of width 8 on 32x32 generated shapes, a few steps long; the k-NN bank and the linear
 probe are kept small.
 """
+import dataclasses
+import io
 import json
 import os
 import subprocess
@@ -16,7 +18,7 @@ import torch
 
 from tritonforge.engine.ops import select as op_select
 from tritonforge.engine.config import RecipeError, load_recipe
-from tritonforge.engine.data.images import labelled_subset
+from tritonforge.engine.data.images import labelled_subset, load_images
 from tritonforge.engine.ssl import augment
 from tritonforge.engine.ssl.augment import Draw
 from tritonforge.engine.tasks import build_task
@@ -160,6 +162,72 @@ def test_a_classifier_starts_from_a_pretraining_run(tmp_path):
     assert [n for n, p in trainer.task.model.named_parameters() if p.requires_grad] == ["fc.weight", "fc.bias"]
     trainer.fit()
     trainer.close()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Sources without labels
+# ---------------------------------------------------------------------------------------------------
+
+def label_free_source(tmp_path, kind: str, monkeypatch, n: int = 12) -> Path:
+    """``n`` images of various sizes and nothing else: a parquet file with only an image column, or a flat
+    folder of image files (no class folders)."""
+    Image = pytest.importorskip("PIL.Image", reason="PIL is needed to write the test images")
+    datasets = pytest.importorskip("datasets", reason="local image sources are read through datasets")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf"))
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (20 + i, 24, 3), dtype=np.uint8)) for i in range(n)]
+    if kind == "parquet":
+        pa = pytest.importorskip("pyarrow")
+        import pyarrow.parquet as pq
+
+        rows = []
+        for img in images:
+            buf = io.BytesIO()
+            img.save(buf, format="PNG")
+            rows.append({"image": {"bytes": buf.getvalue(), "path": None}})
+        path = tmp_path / "unlabelled.parquet"
+        pq.write_table(pa.Table.from_pylist(rows), path)
+        return path
+    path = tmp_path / "flat"
+    path.mkdir()
+    for i, img in enumerate(images):
+        img.save(path / f"{i}.png")
+    return path
+
+
+@pytest.mark.parametrize("kind", ["parquet", "imagefolder"])
+def test_label_free_sources_join_pretraining(tmp_path, kind, monkeypatch):
+    """A source without labels (no label column, no class folders) adds all of its images to the pool; its
+    missing validation split does not matter either (data.val_split names one it lacks)."""
+    source = label_free_source(tmp_path, kind, monkeypatch)
+    recipe = tiny(tmp_path, f"--ssl.unlabelled={source}", "--data.val_split=test", "--train.steps=3")
+    trainer = Trainer(recipe, stream=Sink())
+    try:
+        pool = trainer.task.pool
+        assert len(pool) == 360 + 12  # the 360 shapes-b training images and all 12 label-free ones
+        assert pool[np.arange(360, 372)].shape == (12, 32, 32, 3)
+        summary = trainer.fit()
+    finally:
+        trainer.close()
+    assert np.isfinite([loss for _, loss in train_losses(tmp_path / "run")]).all() and "knn_top1" in summary
+    cached = load_images(dataclasses.replace(recipe.data, source=str(source)), 32, labelled=False)  # from the cache
+    assert (len(cached.train_images), len(cached.val_images), cached.classes) == (12, 0, [])
+    assert (cached.train_labels == -1).all()
+
+
+@pytest.mark.parametrize("kind", ["parquet", "imagefolder"])
+def test_labelled_uses_of_a_label_free_source_name_the_field(tmp_path, kind, monkeypatch):
+    """A classifier, and data.source of pretraining (its labels score the k-NN and the probe), need labels:
+    a source without them stops the run before it writes anything, naming data.label_field."""
+    source = label_free_source(tmp_path, kind, monkeypatch)
+    classify = load_recipe(None, ["--model.arch=resnet", "--model.width=8", "--model.num_classes=8",
+                                  f"--data.source={source}", f"--data.cache_dir={tmp_path / 'cache'}",
+                                  f"--run.dir={tmp_path / 'classify'}", "--run.device=cpu"])
+    with pytest.raises(RecipeError, match=r"data\.label_field: column 'label' not found.*ssl\.unlabelled"):
+        Trainer(classify, stream=Sink())
+    with pytest.raises(RecipeError, match=r"data\.label_field: column 'label' not found"):
+        Trainer(tiny(tmp_path, f"--data.source={source}", "--ssl.unlabelled="), stream=Sink())
+    assert not (tmp_path / "classify").exists() and not (tmp_path / "run").exists()
 
 
 GATHER_WORKER = """
