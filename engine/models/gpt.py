@@ -254,10 +254,6 @@ class GPT(nn.Module):
         self.cfg = cfg
         self.ops = ops
         self.wte = nn.Linear(input_dim, cfg.d_model) if input_dim else nn.Embedding(cfg.vocab_size, cfg.d_model)
-        # Value embeddings (the GPT-2 speedruns): table i is mixed into the values of block i and of its
-        # mirror, block n_layer - value_embeds + i, with learned weights (Attention.value_mix).
-        self.value_embeds = nn.ModuleList(nn.Embedding(cfg.vocab_size, cfg.kv_heads * cfg.head_dim)
-                                          for _ in range(cfg.value_embeds))
         # U-net skips: block i's output, times skip_weights[i], joins the input of its mirror n_layer - 1 - i.
         self.skip_weights = nn.Parameter(torch.ones(cfg.n_layer // 2)) if cfg.unet_skips else None
         self.smear = Smear(cfg.d_model) if cfg.smear else None
@@ -288,6 +284,14 @@ class GPT(nn.Module):
                     nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
         if input_dim:  # unit-variance inputs, unit-variance features: the series outweighs the positions at init
             nn.init.normal_(self.wte.weight, mean=0.0, std=1.0 / math.sqrt(input_dim))
+        # Value embeddings (the GPT-2 speedruns): table i is mixed into the values of block i and of its
+        # mirror, block n_layer - value_embeds + i, with learned weights (Attention.value_mix). Drawn last and
+        # on a fork of the generator, so the other weights of a seed are those of the model without them.
+        with torch.random.fork_rng(devices=[]):
+            self.value_embeds = nn.ModuleList(nn.Embedding(cfg.vocab_size, cfg.kv_heads * cfg.head_dim)
+                                              for _ in range(cfg.value_embeds))
+            for table in self.value_embeds:
+                nn.init.normal_(table.weight, mean=0.0, std=0.02)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
