@@ -120,6 +120,13 @@ def layout_of(cfg: GPTConfig) -> str:
         raise HFError("model.qk_norm = true: neither GPT-2 nor Llama normalizes queries and keys")
     if cfg.logit_softcap:
         raise HFError(f"model.logit_softcap = {cfg.logit_softcap}: neither GPT-2 nor Llama caps its logits")
+    if cfg.value_embeds:
+        raise HFError(f"model.value_embeds = {cfg.value_embeds}: neither GPT-2 nor Llama mixes token embeddings "
+                      f"into the attention values")
+    if cfg.unet_skips:
+        raise HFError("model.unet_skips = true: neither GPT-2 nor Llama has skip connections between blocks")
+    if cfg.smear:
+        raise HFError("model.smear = true: neither GPT-2 nor Llama mixes the previous token's embedding into the input")
     gpt2 = {"pos": "learned", "norm": "layernorm", "mlp": "gelu"}
     llama = {"pos": "rope", "norm": "rmsnorm", "mlp": "swiglu"}
     ours = {k: getattr(cfg, k) for k in gpt2}

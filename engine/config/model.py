@@ -50,6 +50,14 @@ class ModelConfig:
     zero_init_proj: bool = False
     #: Soft-cap the logits to (-c, c) as c·tanh(logits / c) (0: off).
     logit_softcap: float = 0.0
+    #: Value embeddings: this many extra token-embedding tables, table i mixed (with two learned weights)
+    #: into the attention values of block i and of its mirror, block n_layer - value_embeds + i (0: off).
+    value_embeds: int = 0
+    #: U-net skips: block i's output, times a learned weight (starting at 1), is added to the input of its
+    #: mirror, block n_layer - 1 - i, for i < n_layer / 2.
+    unet_skips: bool = False
+    #: Smear: each token's embedding gains the previous token's, times a learned gate read from the token.
+    smear: bool = False
     #: Classes of an image classifier (arch "resnet" or "convnext").
     num_classes: int = 10
     #: Side of the square images an image classifier sees; batches are resized on the device if the stored
@@ -87,6 +95,9 @@ class ModelConfig:
         fraction("model.dropout", self.dropout)
         if not 0.0 <= self.logit_softcap < float("inf"):
             raise RecipeError(f"model.logit_softcap must be a finite number >= 0 (0: off), got {self.logit_softcap}")
+        if not (isinstance(self.value_embeds, int) and 0 <= 2 * self.value_embeds <= self.n_layer):
+            raise RecipeError(f"model.value_embeds must be an integer from 0 to n_layer / 2 ({self.n_layer // 2}): "
+                              f"each table serves a block and its mirror; got {self.value_embeds}")
         if self.d_model % self.n_head:
             raise RecipeError(f"model.d_model ({self.d_model}) must be divisible by model.n_head ({self.n_head})")
         kv_heads, head_dim = self.n_kv_head or self.n_head, self.d_model // self.n_head

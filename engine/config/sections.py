@@ -193,6 +193,8 @@ class OptimConfig:
     nesterov: bool = True
     #: Muon's momentum.
     muon_momentum: float = 0.95
+    #: Muon's Newton-Schulz iterations per step (both backends).
+    ns_steps: int = 5
 
     def validate(self) -> None:
         positive("optim.lr", self.lr)
@@ -204,6 +206,8 @@ class OptimConfig:
                 raise RecipeError(f"optim.betas[{i}] must be in [0, 1), got {beta}")
         if not 0.0 <= self.muon_momentum < 1.0:
             raise RecipeError(f"optim.muon_momentum must be in [0, 1), got {self.muon_momentum}")
+        if not (isinstance(self.ns_steps, int) and 1 <= self.ns_steps < 100):
+            raise RecipeError(f"optim.ns_steps must be an integer in [1, 100), got {self.ns_steps}")
         if not 0.0 < self.cooldown <= 1.0:
             raise RecipeError(f"optim.cooldown must be in (0, 1], got {self.cooldown}")
         if self.min_lr > self.lr:

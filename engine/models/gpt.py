@@ -8,7 +8,8 @@ backend; an add followed by a norm with the torch backend — the same math).
 
 Options cover both GPT-2 and the newer Llama-style block: learned or rotary positions, LayerNorm or
 RMSNorm, GELU, SwiGLU or ReLU² MLP, grouped-query attention, tied embeddings, a sliding attention window;
-and what the GPT-2 speedruns found to pay: QK-norm, zero-initialised output projections, logit soft-capping.
+and what the GPT-2 speedruns found to pay: QK-norm, zero-initialised output projections, logit soft-capping,
+value embeddings, U-net skip connections and the smear of the previous token's embedding.
 Every option's default is GPT-2's. With ``input_dim > 0`` the model reads continuous vectors
 (B, T, input_dim) through a linear projection instead of token ids, and its head is untied.
 """
@@ -49,6 +50,9 @@ class GPTConfig:
     qk_norm: bool = False
     zero_init_proj: bool = False
     logit_softcap: float = 0.0
+    value_embeds: int = 0
+    unet_skips: bool = False
+    smear: bool = False
 
     @classmethod
     def from_section(cls, section, **changes) -> "GPTConfig":
@@ -117,6 +121,8 @@ class KVCache:
         self.keys: list[torch.Tensor | None] = [None] * n_layer
         self.values: list[torch.Tensor | None] = [None] * n_layer
         self.length = 0
+        #: The last held token's embedding (B, 1, d), for the smear of the next one (``smear``).
+        self.last_embedding: torch.Tensor | None = None
 
     def extend(self, layer: int, k: torch.Tensor, v: torch.Tensor, context: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Store ``k``, ``v`` (B, Hkv, t, D) after the held tokens; return every held key and value."""
@@ -140,7 +146,7 @@ def attend_to_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: i
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: GPTConfig, ops: Ops):
+    def __init__(self, cfg: GPTConfig, ops: Ops, value_embed: bool = False):
         super().__init__()
         self.cfg = cfg
         self.ops = ops
@@ -151,15 +157,20 @@ class Attention(nn.Module):
         # rate train stably (Dehghani et al., 2023; the GPT-2 speedruns).
         self.q_norm = Norm(cfg.head_dim, "rmsnorm", False, ops) if cfg.qk_norm else None
         self.k_norm = Norm(cfg.head_dim, "rmsnorm", False, ops) if cfg.qk_norm else None
+        #: With a value embedding: the weights of the values and of the token's value embedding in their mix.
+        self.value_mix = nn.Parameter(torch.tensor([1.0, 0.5])) if value_embed else None
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
                 segment_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                cache: tuple[KVCache, int] | None = None) -> torch.Tensor:
+                cache: tuple[KVCache, int] | None = None, ve: torch.Tensor | None = None) -> torch.Tensor:
         """``cache``: (the generation's cache, this block's index): keys and values are stored there,
-        and the new tokens (positions from ``cache.length`` on) attend to every held one."""
+        and the new tokens (positions from ``cache.length`` on) attend to every held one. ``ve``: the
+        tokens' value embeddings (B, T, Hkv·D), mixed into the values."""
         H, Hkv, D = self.cfg.n_head, self.cfg.kv_heads, self.cfg.head_dim
         qkv = rearrange(self.qkv(x), "b t (heads d) -> b heads t d", d=D)  # a strided view, no copy
         q, k, v = qkv.split((H, Hkv, Hkv), dim=1)
+        if ve is not None:
+            v = self.value_mix[0] * v + self.value_mix[1] * rearrange(ve, "b t (h d) -> b h t d", d=D)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:  # rotate pairs (x[i], x[i + D/2]) of q and k by the angle of position t
@@ -201,33 +212,58 @@ class Block(nn.Module):
     ``delta`` (None for the first block), and returns the updated stream and this block's pending output.
     """
 
-    def __init__(self, cfg: GPTConfig, ops: Ops):
+    def __init__(self, cfg: GPTConfig, ops: Ops, value_embed: bool = False):
         super().__init__()
         self.ln1 = Norm(cfg.d_model, cfg.norm, cfg.bias, ops, cfg.norm_eps)
-        self.attn = Attention(cfg, ops)
+        self.attn = Attention(cfg, ops, value_embed)
         self.ln2 = Norm(cfg.d_model, cfg.norm, cfg.bias, ops, cfg.norm_eps)
         self.mlp = MLP(cfg, ops)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, delta, rope, segment_ids=None, position_ids=None, cache=None):
+    def forward(self, x, delta, rope, segment_ids=None, position_ids=None, cache=None, ve=None):
         h, x = (self.ln1(x), x) if delta is None else self.ln1.add(delta, x)
-        h, x = self.ln2.add(self.drop(self.attn(h, rope, segment_ids, position_ids, cache)), x)
+        h, x = self.ln2.add(self.drop(self.attn(h, rope, segment_ids, position_ids, cache, ve)), x)
         return x, self.drop(self.mlp(h))
+
+
+class Smear(nn.Module):
+    """Adds to each token's embedding the previous token's, through a learned gate that reads the token's
+    first 12 channels (the smear of the GPT-2 speedruns): a bigram in the input, before any attention."""
+
+    def __init__(self, d: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(min(12, d)))
+        self.scale = nn.Parameter(torch.full((1,), 0.5))
+
+    def forward(self, x: torch.Tensor, segment_ids: torch.Tensor | None = None,
+                previous: torch.Tensor | None = None) -> torch.Tensor:
+        """``x`` (B, T, d); ``previous`` (B, 1, d): the embedding of the token before ``x[:, 0]`` (generation
+        after held tokens), else the first token has none. Packed documents do not smear across a boundary."""
+        before = F.pad(x[:, :-1], (0, 0, 1, 0)) if previous is None else torch.cat((previous, x[:, :-1]), 1)
+        gate = self.scale * torch.sigmoid(x[..., :self.weight.numel()] @ self.weight)
+        if segment_ids is not None:
+            gate = gate * F.pad((segment_ids[:, 1:] == segment_ids[:, :-1]).to(gate.dtype), (1, 0))
+        return x + gate.unsqueeze(-1) * before
 
 
 class GPT(nn.Module):
     def __init__(self, cfg: GPTConfig, ops: Ops, input_dim: int = 0):
         super().__init__()
+        if cfg.value_embeds and input_dim:
+            raise ValueError("model.value_embeds needs token ids; a model of continuous inputs has none")
         self.cfg = cfg
         self.ops = ops
         self.wte = nn.Linear(input_dim, cfg.d_model) if input_dim else nn.Embedding(cfg.vocab_size, cfg.d_model)
+        # U-net skips: block i's output, times skip_weights[i], joins the input of its mirror n_layer - 1 - i.
+        self.skip_weights = nn.Parameter(torch.ones(cfg.n_layer // 2)) if cfg.unet_skips else None
+        self.smear = Smear(cfg.d_model) if cfg.smear else None
         self.wpe = nn.Embedding(cfg.context, cfg.d_model) if cfg.pos == "learned" else None
         if cfg.pos == "rope":
             cos, sin = rotary_tables(cfg.head_dim, cfg.context, cfg.rope_base)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
         self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(Block(cfg, ops) for _ in range(cfg.n_layer))
+        self.blocks = nn.ModuleList(Block(cfg, ops, self.value_embed_of(i) is not None) for i in range(cfg.n_layer))
         self.ln_f = Norm(cfg.d_model, cfg.norm, cfg.bias, ops, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings and not input_dim:
@@ -248,6 +284,14 @@ class GPT(nn.Module):
                     nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
         if input_dim:  # unit-variance inputs, unit-variance features: the series outweighs the positions at init
             nn.init.normal_(self.wte.weight, mean=0.0, std=1.0 / math.sqrt(input_dim))
+        # Value embeddings (the GPT-2 speedruns): table i is mixed into the values of block i and of its
+        # mirror, block n_layer - value_embeds + i, with learned weights (Attention.value_mix). Drawn last and
+        # on a fork of the generator, so the other weights of a seed are those of the model without them.
+        with torch.random.fork_rng(devices=[]):
+            self.value_embeds = nn.ModuleList(nn.Embedding(cfg.vocab_size, cfg.kv_heads * cfg.head_dim)
+                                              for _ in range(cfg.value_embeds))
+            for table in self.value_embeds:
+                nn.init.normal_(table.weight, mean=0.0, std=0.02)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -258,16 +302,22 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
+    def value_embed_of(self, layer: int) -> int | None:
+        """The value-embedding table block ``layer`` mixes into its values, or None."""
+        k, L = self.cfg.value_embeds, self.cfg.n_layer
+        return layer if layer < k else layer - (L - k) if layer >= L - k else None
+
     def hidden_matrices(self) -> list[nn.Parameter]:
         """The blocks' 2-D weights (attention and MLP projections), which Muon orthogonalizes; the
         embeddings and the head are not hidden layers and stay with AdamW."""
         return [p for p in self.blocks.parameters() if p.dim() == 2]
 
     def num_params(self, non_embedding: bool = True) -> int:
-        """Parameter count; by default without position embeddings (they cost no matmul FLOPs)."""
+        """Parameter count; by default without position and value embeddings (they cost no matmul FLOPs)."""
         n = sum(p.numel() for p in self.parameters())
-        if non_embedding and self.wpe is not None:
-            n -= self.wpe.weight.numel()
+        if non_embedding:
+            n -= sum(p.numel() for p in self.value_embeds.parameters())
+            n -= self.wpe.weight.numel() if self.wpe is not None else 0
         return n
 
     def flops_per_token(self, seq_len: int) -> float:
@@ -293,13 +343,23 @@ class GPT(nn.Module):
         if start:
             position_ids = torch.arange(start, start + T, device=idx.device).expand(B, T)
         x = self.wte(idx)
+        if self.smear is not None:
+            embedded, x = x, self.smear(x, segment_ids, cache.last_embedding if cache is not None else None)
+            if cache is not None:
+                cache.last_embedding = embedded[:, -1:]
         if self.wpe is not None:
             x = x + self.wpe(torch.arange(T, device=idx.device) if position_ids is None else position_ids)
         x = self.drop(x)
         rope = (self.rope_cos, self.rope_sin) if self.cfg.pos == "rope" else None
-        delta = None
+        delta, L, skips = None, self.cfg.n_layer, []
+        ves = [table(idx) for table in self.value_embeds]
         for i, block in enumerate(self.blocks):
-            x, delta = block(x, delta, rope, segment_ids, position_ids, None if cache is None else (cache, i))
+            if self.skip_weights is not None and i >= L - L // 2:
+                x = x + self.skip_weights[L - 1 - i] * skips.pop()
+            ve = None if not ves or self.value_embed_of(i) is None else ves[self.value_embed_of(i)]
+            x, delta = block(x, delta, rope, segment_ids, position_ids, None if cache is None else (cache, i), ve)
+            if self.skip_weights is not None and i < L // 2:
+                skips.append(x if delta is None else x + delta)
         if cache is not None:
             cache.length += T
         h, _ = self.ln_f.add(delta, x)

@@ -23,12 +23,13 @@ OPTIMIZERS: dict[str, tuple[Callable, str]] = {
 def build_optimizer(ops, name: str, param_groups: Iterable[dict[str, Any]] | Iterable[torch.Tensor], *,
                     lr: float, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
                     momentum: float = 0.0, nesterov: bool = False, max_grad_norm: float = 0.0,
-                    muon_momentum: float = 0.95, device: torch.device | None = None, muon_sharing=None):
+                    muon_momentum: float = 0.95, ns_steps: int = 5, device: torch.device | None = None,
+                    muon_sharing=None):
     """Build the optimizer ``optim.name`` names on ``ops``'s optimizer backend (an
     :class:`engine.ops.select.Ops`); returns ``(optimizer, clips_in_step)``.
 
-    ``muon_sharing`` (an ``engine.optim.sharing.MuonSharing``): Muon's iterations shared out over the ranks
-    of a DDP or FSDP2 run.
+    ``ns_steps``: Muon's Newton-Schulz iterations per step. ``muon_sharing`` (an
+    ``engine.optim.sharing.MuonSharing``): Muon's iterations shared out over the ranks of a DDP or FSDP2 run.
 
     ``clips_in_step`` is True when the optimizer applies ``max_grad_norm`` inside its own step (the
     Triton optimizers fuse it); otherwise the trainer clips with ``clip_grad_norm_`` first.
@@ -39,7 +40,7 @@ def build_optimizer(ops, name: str, param_groups: Iterable[dict[str, Any]] | Ite
     kw = {"adamw": dict(betas=betas, eps=eps), "sgd": dict(momentum=momentum, nesterov=nesterov),
           "lion": dict(betas=betas),
           "muon": dict(momentum=muon_momentum, nesterov=nesterov, adamw_betas=betas, adamw_eps=eps,
-                       orthogonalizer=muon_sharing)}[name]
+                       ns_steps=ns_steps, orthogonalizer=muon_sharing)}[name]
     if ops.backends["optimizer"] == "triton":
         cls = getattr(table.kernels_module(), triton_name)
         return cls(param_groups, lr=lr, weight_decay=weight_decay, max_grad_norm=max_grad_norm or None, **kw), True
@@ -58,5 +59,5 @@ def recipe_optimizer(ops, recipe, groups: list[dict[str, Any]], device: torch.de
     (a task's ``param_groups``); returns ``(optimizer, clips_in_step)``."""
     o = recipe.optim
     return build_optimizer(ops, o.name, groups, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay,
-                           momentum=o.momentum, nesterov=o.nesterov, muon_momentum=o.muon_momentum,
+                           momentum=o.momentum, nesterov=o.nesterov, muon_momentum=o.muon_momentum, ns_steps=o.ns_steps,
                            max_grad_norm=recipe.train.grad_clip, device=device, muon_sharing=muon_sharing)
