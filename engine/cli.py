@@ -16,6 +16,10 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
+
+#: When this command started, near enough (before torch is imported): a time budget counts from here.
+STARTED = time.perf_counter()
 
 USAGE = """usage: tritonforge COMMAND ...
 
@@ -66,7 +70,7 @@ def train_main(argv: list[str]) -> int:
         recipe = load_recipe(recipe_path, overrides)
         from .train.trainer import Interrupted, TrainingError, train
 
-        train(recipe)
+        train(recipe, started=STARTED)
     except (RecipeError, KernelSelectionError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

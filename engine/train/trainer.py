@@ -65,8 +65,8 @@ class Trainer:
     A task with state of its own (a weight EMA) provides ``state_dict()`` and ``load_state_dict()``.
     """
 
-    def __init__(self, recipe: Recipe, stream=None):
-        self._t_created = time.perf_counter()  # a time budget counts from here
+    def __init__(self, recipe: Recipe, stream=None, started: float | None = None):
+        self._t_created = time.perf_counter() if started is None else started  # a time budget counts from here
         self.recipe = r = recipe  # replaced, never changed in place, where the run settles a field
         self.dist = distributed.init("cuda" if r.run.device != "cpu" and torch.cuda.is_available() else "cpu")
         self.device = resolve_device(r.run.device, self.dist.local_rank)
@@ -424,9 +424,10 @@ class Trainer:
         distributed.cleanup(drain=clean)
 
 
-def train(recipe: Recipe, stream=None) -> dict:
-    """Build a trainer for ``recipe``, run it to the end, and return its summary."""
-    trainer = Trainer(recipe, stream=stream)
+def train(recipe: Recipe, stream=None, started: float | None = None) -> dict:
+    """Build a trainer for ``recipe``, run it to the end, and return its summary; a time budget counts from
+    ``started`` (a ``time.perf_counter()``: the command's start), else from now."""
+    trainer = Trainer(recipe, stream=stream, started=started)
     exit_code = 1
     try:
         summary = trainer.fit()

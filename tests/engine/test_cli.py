@@ -15,3 +15,31 @@ def test_output_into_a_closed_pipe_ends_quietly():
                           cwd=ROOT, text=True, timeout=120)
     os.close(write)
     assert proc.returncode == 141 and proc.stderr == ""
+
+
+def test_a_time_budget_counts_from_the_commands_start(monkeypatch):
+    """``tritonforge train`` hands the trainer the time it started (before torch was imported), so the
+    command's wall time, imports and data loading included, is the budget."""
+    from tritonforge.engine import cli
+    from tritonforge.engine.train import trainer
+
+    seen = []
+    monkeypatch.setattr(trainer, "train", lambda recipe, stream=None, started=None: seen.append(started))
+    root = Path(__file__).resolve().parents[2]
+    assert cli.train_main([str(root / "recipes" / "gpt_cpu.toml"), "--train.steps=1"]) == 0
+    assert seen == [cli.STARTED]
+
+
+def test_a_trainer_counts_its_budget_from_the_start_it_is_given(tmp_path):
+    from tritonforge.engine.config import load_recipe
+    from tritonforge.engine.train.trainer import Trainer
+    import time
+
+    root = Path(__file__).resolve().parents[2]
+    recipe = load_recipe(root / "recipes" / "gpt_cpu.toml", [f"--run.dir={tmp_path / 'run'}", "--train.steps=2"])
+    started = time.perf_counter() - 100.0
+    trainer = Trainer(recipe, started=started)
+    try:
+        assert trainer._t_created == started
+    finally:
+        trainer.close(0)
