@@ -95,9 +95,11 @@ class ModelConfig:
         fraction("model.dropout", self.dropout)
         if not 0.0 <= self.logit_softcap < float("inf"):
             raise RecipeError(f"model.logit_softcap must be a finite number >= 0 (0: off), got {self.logit_softcap}")
-        if not (isinstance(self.value_embeds, int) and 0 <= 2 * self.value_embeds <= self.n_layer):
-            raise RecipeError(f"model.value_embeds must be an integer from 0 to n_layer / 2 ({self.n_layer // 2}): "
-                              f"each table serves a block and its mirror; got {self.value_embeds}")
+        # a one-block model is its own mirror: its one block takes the one table
+        if not (isinstance(self.value_embeds, int) and 0 <= self.value_embeds <= max(1, self.n_layer // 2)):
+            raise RecipeError(f"model.value_embeds must be an integer from 0 to n_layer / 2 "
+                              f"({max(1, self.n_layer // 2)}): each table serves a block and its mirror; got "
+                              f"{self.value_embeds}")
         if self.d_model % self.n_head:
             raise RecipeError(f"model.d_model ({self.d_model}) must be divisible by model.n_head ({self.n_head})")
         kv_heads, head_dim = self.n_kv_head or self.n_head, self.d_model // self.n_head
