@@ -18,9 +18,6 @@ import signal
 import sys
 import time
 
-#: When this command started, near enough (before torch is imported): a time budget counts from here.
-STARTED = time.perf_counter()
-
 USAGE = """usage: tritonforge COMMAND ...
 
 commands:
@@ -54,7 +51,9 @@ def _split_resume(args: list[str]) -> tuple[str | None, list[str]]:
     return resume, rest
 
 
-def train_main(argv: list[str]) -> int:
+def train_main(argv: list[str], started: float | None = None) -> int:
+    """``tritonforge train``; ``started``: when the command started (``time.perf_counter()``), where its time
+    budget counts from (None: from the trainer's creation)."""
     from .checkpoint import CheckpointError
     from .config import RecipeError, load_recipe
     from .errors import KernelSelectionError
@@ -70,7 +69,7 @@ def train_main(argv: list[str]) -> int:
         recipe = load_recipe(recipe_path, overrides)
         from .train.trainer import Interrupted, TrainingError, train
 
-        train(recipe, started=STARTED)
+        train(recipe, started=started)
     except (RecipeError, KernelSelectionError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -148,8 +147,9 @@ COMMANDS = {"train": train_main, "plot": plot_main, "kernels": kernels_main, "be
 
 
 def main(argv: list[str] | None = None) -> int:
+    started = time.perf_counter()  # before torch is imported: a time budget is the command's wall time
     try:
-        return _dispatch(sys.argv[1:] if argv is None else argv)
+        return _dispatch(sys.argv[1:] if argv is None else argv, started)
     except BrokenPipeError:
         # The reader went away (``tritonforge --help | head``): stop quietly, as other command-line tools do.
         # stdout is pointed at /dev/null so that the interpreter's final flush does not raise again.
@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         return 141  # 128 + SIGPIPE, what a shell reports for a tool killed by a closed pipe
 
 
-def _dispatch(argv: list[str]) -> int:
+def _dispatch(argv: list[str], started: float) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0 if argv else 2
@@ -165,7 +165,7 @@ def _dispatch(argv: list[str]) -> int:
     if command is None:
         print(f"error: unknown command {argv[0]!r}\n{USAGE}", file=sys.stderr)
         return 2
-    return command(argv[1:])
+    return train_main(argv[1:], started) if command is train_main else command(argv[1:])
 
 
 if __name__ == "__main__":

@@ -19,15 +19,19 @@ def test_output_into_a_closed_pipe_ends_quietly():
 
 def test_a_time_budget_counts_from_the_commands_start(monkeypatch):
     """``tritonforge train`` hands the trainer the time it started (before torch was imported), so the
-    command's wall time, imports and data loading included, is the budget."""
+    command's wall time, imports and data loading included, is the budget; a call of ``train_main`` from a
+    program of one's own counts from the trainer's creation."""
+    import time
     from tritonforge.engine import cli
     from tritonforge.engine.train import trainer
 
     seen = []
     monkeypatch.setattr(trainer, "train", lambda recipe, stream=None, started=None: seen.append(started))
-    root = Path(__file__).resolve().parents[2]
-    assert cli.train_main([str(root / "recipes" / "gpt_cpu.toml"), "--train.steps=1"]) == 0
-    assert seen == [cli.STARTED]
+    recipe = str(Path(__file__).resolve().parents[2] / "recipes" / "gpt_cpu.toml")
+    before = time.perf_counter()
+    assert cli.main(["train", recipe, "--train.steps=1"]) == 0
+    assert cli.train_main([recipe, "--train.steps=1"]) == 0
+    assert before <= seen[0] <= time.perf_counter() and seen[1] is None
 
 
 def test_a_trainer_counts_its_budget_from_the_start_it_is_given(tmp_path):

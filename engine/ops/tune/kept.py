@@ -10,8 +10,6 @@ choices, made while it measures, go to every rank with the decisions (:func:`eng
 """
 from __future__ import annotations
 
-import json
-
 import torch
 
 from ..table import kernels_module
@@ -25,11 +23,12 @@ class KeptConfigs:
     def __init__(self, cache: TuneCache | None, device: torch.device, retune: bool = False, env: dict | None = None):
         self.cache, self.retune = cache, retune
         self.env = env if env is not None else environment_key(device)
-        self.held: dict[tuple[str, str], dict] = {}
+        self.held: dict[tuple, dict] = {}
 
     @staticmethod
-    def _ident(kernel: str, key: dict) -> tuple[str, str]:
-        return kernel, json.dumps(key, sort_keys=True)
+    def _ident(kernel: str, key: dict) -> tuple:
+        """The memory's key: asked on every launch that autotunes, so a tuple of the (scalar) items, not JSON."""
+        return kernel, tuple(sorted(key.items()))
 
     def _cache_key(self, kernel: str, key: dict) -> dict:
         return {"kind": "kernel-config", "kernel": kernel, "env": self.env, "key": key}
@@ -49,7 +48,7 @@ class KeptConfigs:
 
     def entries(self) -> list[tuple[str, dict, dict]]:
         """(kernel, key, config) of every choice held, to send to the other ranks."""
-        return [(kernel, json.loads(key), config) for (kernel, key), config in self.held.items()]
+        return [(kernel, dict(items), config) for (kernel, items), config in self.held.items()]
 
     def adopt(self, entries: list[tuple[str, dict, dict]]) -> None:
         """Take another rank's choices as this process's own (and keep them in this machine's cache)."""
