@@ -218,6 +218,8 @@ def assert_converts_to_torch_optimizers(consolidated):
     assert sorted(converted) == sorted(n for g in optim["param_groups"] for n in g["params"])
 
 
+# torchrun sets PYTHONUNBUFFERED, so each piece of a print() is its own write and two ranks printing at once
+# interleave their pieces; a line written with one write() of under 4 KB reaches the pipe whole.
 COUNTING = """
 import os, sys
 import torch
@@ -233,12 +235,13 @@ real_wrap = distributed.wrap
 def wrap(model, recipe, device, *rest, **options):
     model = real_wrap(model, recipe, device, *rest, **options)
     blocks = getattr(model, "module", model).blocks
-    print("wrapped blocks:", ",".join(type(b).__name__ for b in blocks), recompute.checkpointed_blocks(model))
+    names = ",".join(type(b).__name__ for b in blocks)
+    sys.stdout.write(f"wrapped blocks: {names} {recompute.checkpointed_blocks(model)}\n")
     return model
 distributed.wrap = wrap
 from tritonforge.engine.cli import train_main
 code = train_main(sys.argv[1:])
-print(f"rank {os.environ['RANK']}: {forwards[0]} block forwards with grad", flush=True)
+sys.stdout.write(f"rank {os.environ['RANK']}: {forwards[0]} block forwards with grad\n")
 sys.exit(code)
 """
 
