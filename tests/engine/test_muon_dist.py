@@ -56,6 +56,7 @@ def test_unsupported_layouts_name_the_parameter(world_of_one):
 EXACT = """
 import torch, torch.distributed as dist
 from torch.distributed.tensor import Shard, distribute_tensor, init_device_mesh
+from tritonforge.engine.distributed import cleanup
 from tritonforge.engine.optim.sharing import MuonSharing
 from tritonforge.engine.optim.muon import NS_COEFFICIENTS, newton_schulz_stack_
 dist.init_process_group("gloo")
@@ -79,7 +80,10 @@ MuonSharing(dist.group.WORLD)(whole, updates, settings, newton_schulz_stack_)
 assert all(torch.equal(u, x) for u, x in zip(updates, expected))
 sys.stdout.write(f"exact {dist.get_rank()}\\n")  # one write: the ranks share the pipe
 sys.stdout.flush()
-dist.destroy_process_group()
+# the engine's own teardown: a barrier (no rank leaves while another is still in a collective) and the
+# mesh and DTensors freed before the group
+del mesh, sharded
+cleanup()
 """
 
 

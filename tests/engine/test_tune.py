@@ -303,6 +303,7 @@ import os, sys, json, warnings
 import torch, torch.distributed as dist
 sys.path[:0] = [{tests!r}, {tests!r} + "/engine"]
 import conftest  # binds tritonforge to the checkout
+from tritonforge.engine.distributed import cleanup
 from tritonforge.engine.ops import tune
 from tritonforge.engine.ops import reference as op_reference, select as op_select, table as op_table
 from test_tune import FakeClock, candidates, layer_norm_work
@@ -322,7 +323,7 @@ d = tune.tune_ops(ops, works, cands, tune.Settings(), clock, None, {{}}, rank, 2
 with open(f"rank{{rank}}.json", "w") as f:
     json.dump({{"rank": rank, "choice": d["layer_norm"].choice, "backend": ops.backends["layer_norm"],
                "measured_here": clock.seconds > 0, "tiles": kept.get("attention.fwd", {{"tune_seqlen": 64}})}}, f)
-dist.destroy_process_group()
+cleanup()  # the engine's teardown: a barrier first
 """
 
 
