@@ -17,6 +17,10 @@ from ..tasks import Task
 BUDGET_MARGIN = 0.06
 #: A re-timed budget raises its step count only by more than this share (pace measurements are noisy).
 BUDGET_RAISE = 0.02
+#: The pace a re-timing acts on: the steps of this many logging windows (one slow spell moves it less).
+PACE_WINDOWS = 4
+#: Evaluation-sized forwards timed when the count is fixed (their median: the first may pay for allocations).
+FORWARD_REPEATS = 3
 
 
 class BudgetClock:
@@ -27,12 +31,15 @@ class BudgetClock:
     ``time.perf_counter()`` reading taken when the run began) with the periodic and final evaluations, the
     end-of-run sample, and a margin of :data:`BUDGET_MARGIN` on the measured step time. Machines also change
     speed while they run (a neighbour's job, a throttled clock), and an evaluation's cost is known only once
-    one has run: at every logging step the clock re-times the steps since the last one (and the last
-    evaluation) and sets the count to what fits at that pace: lower whenever the rest no longer fits, higher
+    one has run: at every logging step the clock re-times the steps of the last :data:`PACE_WINDOWS` logging
+    windows and sets the count to what fits at that pace: lower whenever the rest no longer fits, higher
     when at least :data:`BUDGET_RAISE` more steps fit (so noise does not move it), never past
     ``train.steps``. Each change goes to ``on_change(steps)`` (which makes the run follow it: the rest of the
     learning rate is scheduled over the new count), then is printed and recorded through ``log``. All
-    ``world`` processes take the smallest count any of them computes. Timing reads the clock only where the
+    ``world`` processes take the smallest count any of them computes. An evaluation batch costs a fixed share
+    of a training step on a given machine, so its time (timed at the fix, or from the last periodic
+    evaluation) follows the pace: the final evaluation is reserved at today's pace, not at the warmup's (whose
+    steps run slower). Timing reads the clock only where the
     trainer already waits for the device (logging and evaluation steps), except at the two ends of the
     warmup window.
 
@@ -54,7 +61,10 @@ class BudgetClock:
         self.window_start: float | None = None
         self.paused = 0.0
         self.fixed = False
-        self.forward = 0.0  # seconds of one evaluation batch: timed at the fix, then from each evaluation
+        self.forward = 0.0  # seconds of one evaluation batch at the current pace
+        self.forward_share = 0.0  # an evaluation batch's seconds over a training step's: timed, then from each evaluation
+        self.pace = 0.0  # seconds a training step: the last re-timing's
+        self.windows: list[tuple[int, int, float]] = []  # (first step, steps, seconds) of the recent logging windows
         #: ``train.steps``: the count never goes past it.
         self.ceiling = recipe.train.steps
         #: The run's step count: the ceiling until the count is fixed.
@@ -77,6 +87,7 @@ class BudgetClock:
         now = time.perf_counter()
         per_step = (now - self.window_start - self.paused) / (step - self.start_step)
         self.forward = self._forward_seconds()
+        self.pace, self.forward_share = per_step, self.forward / per_step
         steps = self._agree(self.steps_that_fit(step, per_step, self.forward))
         self._set(step, steps, per_step, f"{steps} steps fit ({1e3 * per_step:.0f} ms/step measured over steps "
                                          f"{self.start_step + 1}-{step}")
@@ -86,15 +97,21 @@ class BudgetClock:
     def after_eval(self, seconds: float) -> None:
         """A periodic evaluation took ``seconds``: the cost of the ones still to come."""
         self.forward = seconds / max(1, self.task.eval_batches(final=False))
+        self.forward_share = self.forward / self.pace if self.pace > 0 else 0.0
 
     def after_log(self, step: int) -> None:
         """Called at logging steps (the device is idle): move the count to what fits at the pace just measured."""
         if not self.fixed or step >= self.steps or step - self.start_step < self.MIN_WINDOW:
             return
         now = time.perf_counter()
-        per_step = (now - self.window_start - self.paused) / (step - self.start_step)
-        window = f"{self.start_step + 1}-{step}"
+        self.windows = [*self.windows, (self.start_step + 1, step - self.start_step,
+                                        now - self.window_start - self.paused)][-PACE_WINDOWS:]
+        per_step = sum(w[2] for w in self.windows) / sum(w[1] for w in self.windows)
+        window = f"{self.windows[0][0]}-{step}"
         self.window_start, self.start_step, self.paused = now, step, 0.0
+        self.pace = per_step
+        if self.forward_share > 0:
+            self.forward = self.forward_share * per_step
         steps, current = self._agree(self.steps_that_fit(step, per_step, self.forward)), self.steps
         if steps < current or steps > current * (1 + BUDGET_RAISE):
             self._set(step, steps, per_step, f"{steps} steps fit (steps {window} ran at {1e3 * per_step:.0f} ms/step")
@@ -117,18 +134,21 @@ class BudgetClock:
         return int(box.item())
 
     def _forward_seconds(self) -> float:
-        """One evaluation-sized forward (no gradients, eval mode) of a training batch, timed."""
+        """An evaluation-sized forward (no gradients, eval mode) of a training batch: the median of
+        :data:`FORWARD_REPEATS` timings."""
         model = self.forward_model
         inputs, targets = self.task.batch(0, 0)
         was_training = model.training
         model.eval()
+        seconds = []
         with torch.no_grad(), autocast(self.settings.precision, self.device):
-            begin = time.perf_counter()
-            self.task.loss(model, inputs, targets)
-            sync(self.device)
-            seconds = time.perf_counter() - begin
+            for _ in range(FORWARD_REPEATS):
+                begin = time.perf_counter()
+                self.task.loss(model, inputs, targets)
+                sync(self.device)
+                seconds.append(time.perf_counter() - begin)
         model.train(was_training)
-        return seconds
+        return sorted(seconds)[len(seconds) // 2]
 
     def steps_that_fit(self, step: int, per_step: float, forward: float) -> int:
         """The step count that fits what is left of the budget after ``step`` steps, at ``per_step`` seconds a

@@ -471,11 +471,83 @@ def test_a_run_re_times_itself_lowering_its_count_when_slower_and_raising_it_whe
     assert trainer.step == 18 and load_recipe(tmp_path / "r" / "recipe.toml").train.steps == 18
     records = read_metrics(tmp_path / "r" / "metrics.jsonl")
     assert [(b["step"], b["steps"]) for b in records if b["kind"] == "budget"] == [(5, 20), (8, 15), (12, 18)]
-    assert "steps 7-8 ran at" in sink.text and "15 steps fit" in sink.text
+    assert "steps 6-8 ran at" in sink.text  # the pace of the last logging windows (here 6 and 7-8) and "15 steps fit" in sink.text
     final = load_recipe(tmp_path / "r" / "recipe.toml")
     for m in records:
         if m["kind"] == "train" and m["step"] > 12:  # after the last change, the schedule of 18 steps
             assert m["lr"] == pytest.approx(lr_at(m["step"] - 1, final))
+
+
+class _Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+class _TimedTask:
+    """A task whose forward costs ``forward_share`` of the clock's current step time."""
+
+    def __init__(self, clock):
+        self.clock, self.step_seconds, self.forward_share = clock, 1.0, 0.25
+
+    def batch(self, step, micro):
+        return None, None
+
+    def loss(self, model, inputs, targets):
+        self.clock.now += self.forward_share * self.step_seconds
+
+    def eval_batches(self, final):
+        return 100 if final else 10
+
+
+class _Log:
+    def __init__(self):
+        self.lines, self.records = [], []
+
+    def print(self, line):
+        self.lines.append(line)
+
+    def record(self, record):
+        self.records.append(record)
+
+
+def test_a_budget_reserves_the_final_evaluation_at_the_current_pace_over_recent_windows(monkeypatch):
+    """The warmup's steps run slow, and so does the forward timed beside them: the final evaluation is then
+    reserved at the pace the run keeps (an evaluation batch is a fixed share of a step), and a re-timing acts
+    on the pace of the last few logging windows, not the last one alone."""
+    from tritonforge.engine.train import budget
+
+    clock = _Clock()
+    monkeypatch.setattr(budget.time, "perf_counter", clock)
+    r = load_recipe(None, ["--train.time_budget=200s", "--train.steps=100000", "--optim.warmup_steps=5",
+                           "--train.eval_every=0", "--train.sample_tokens=0"])
+    task, log = _TimedTask(clock), _Log()
+    clock_ = budget.BudgetClock(r, 0.0, task, torch.nn.Linear(1, 1), torch.device("cpu"), 1, lambda n: None, log)
+
+    def steps(first, last, seconds):
+        task.step_seconds = seconds
+        for step in range(first, last + 1):
+            clock.now += seconds
+            clock_.after_step(step)
+
+    steps(1, 5, 1.0)  # warmup at 1 s a step: fixed after step 5, the forward timed at 0.25 s
+    fix = log.records[-1]
+    assert fix["step_ms"] == pytest.approx(1000) and fix["eval_forward_ms"] == pytest.approx(250)
+    steps(6, 15, 0.5)  # the run's own pace: twice as fast
+    clock_.after_log(15)
+    assert log.records[-1]["step_ms"] == pytest.approx(500) and log.records[-1]["eval_forward_ms"] == pytest.approx(125)
+    left = log.records[-1]["seconds_left"]
+    # the rest fits the evaluation's 100 batches at 0.125 s, and the steps at 0.5 s plus the margin
+    assert log.records[-1]["steps"] == 15 + int((left - 100 * 0.125) / (0.5 * (1 + budget.BUDGET_MARGIN)))
+    steps(16, 25, 1.0)  # one slow window: the pace is that of steps 6-25, not of 16-25 alone
+    clock_.after_log(25)
+    assert log.records[-1]["step_ms"] == pytest.approx(750) and "steps 6-25 ran at 750 ms/step" in log.lines[-1]
+    for i in range(budget.PACE_WINDOWS):  # older windows drop out
+        steps(26 + 10 * i, 35 + 10 * i, 1.0)
+        clock_.after_log(35 + 10 * i)
+    assert log.records[-1]["step_ms"] == pytest.approx(1000)
 
 
 def test_a_time_budget_needs_warmup_steps_to_time():
