@@ -24,7 +24,8 @@ from .optimizer import adamw_reference_deltas, delta_error, muon_reference_delta
 from .peers import Runner, build_runner, runner_errors
 from .shapes import SHAPE_SYNTAX, ParamSetShape, parse_shapes
 from .tables import check_plot_support, fmt, format_table, write_results
-from .timing import describe_ceilings, environment, free_memory, measure_ceilings, pick_device, time_ms, timer_label
+from .timing import (describe_ceilings, environment, free_memory, measure_ceilings, pick_device, time_after_ms, time_ms,
+                     timer_label)
 
 
 COLUMNS = ("op", "backend", "shape", "dtype", "status", "max_err", "fwd_ms", "bwd_ms", "fwdbwd_ms", "fwd_rate",
@@ -76,11 +77,14 @@ def _time(case: Case, runner: Runner, s: Settings, row: dict) -> None:
     try:
         row["bwd_ms"] = time_ms(lambda: out.backward(case.dout, retain_graph=True), s.device, grad_to_none=leaves,
                                 **kw)
-    except RuntimeError as e:  # a compiled backward may not support retain_graph
+    except RuntimeError as e:  # a compiled backward, or torch's chunked linear_cross_entropy, refuses retain_graph
         if "out of memory" in str(e).lower():
             raise
-        row["bwd_ms"] = row["fwdbwd_ms"] - row["fwd_ms"]
-        row["note"] = "bwd = (fwd+bwd) - fwd: this backend's backward cannot be re-run"
+        # Timed alone after a fresh forward each repeat: (fwd+bwd) - fwd would be the difference of two noisy
+        # medians, below zero on a busy machine when the backward is short.
+        row["bwd_ms"] = time_after_ms(runner.forward, lambda y: y.backward(case.dout), s.device,
+                                      grad_to_none=leaves)
+        row["note"] = "bwd timed after a fresh forward each repeat: this backend's backward cannot be re-run"
     del out
 
 

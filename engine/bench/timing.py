@@ -60,6 +60,35 @@ def time_ms(fn: Callable[[], Any], device: torch.device, *, grad_to_none: Sequen
     return 1e3 * statistics.median(times)
 
 
+def time_after_ms(setup: Callable[[], Any], fn: Callable[[Any], Any], device: torch.device, *,
+                  grad_to_none: Sequence[torch.Tensor] | None = None, reps: int = 10, budget_s: float = 2.0) -> float:
+    """Median milliseconds of ``fn(setup())`` with ``setup`` outside the timed region, one warm-up pair
+    first: for work that cannot be repeated on its own input (a backward whose graph frees itself).
+    CUDA events on CUDA, ``time.perf_counter`` on CPU; ``reps`` repeats within ``budget_s`` (at least one)."""
+    cuda = device.type == "cuda"
+
+    def once() -> float:
+        for t in grad_to_none or ():
+            t.grad = None
+        arg = setup()
+        if cuda:
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            fn(arg)
+            end.record()
+            end.synchronize()
+            return begin.elapsed_time(end) / 1e3
+        start = time.perf_counter()
+        fn(arg)
+        return time.perf_counter() - start
+
+    once()
+    times, start = [], time.perf_counter()
+    while len(times) < reps and (not times or time.perf_counter() - start < budget_s):
+        times.append(once())
+    return 1e3 * statistics.median(times)
+
+
 def measure_ceilings(device: torch.device) -> dict[str, float]:
     """The card's bf16 matrix-product rate and device copy bandwidth, measured here (CUDA only).
 

@@ -455,3 +455,24 @@ def test_each_bench_helper_is_defined_once():
                 where.setdefault(node.name, []).append(path.name)
     twice = {name: files for name, files in where.items() if len(files) > 1}
     assert not twice, f"defined in more than one bench module: {twice}"
+
+
+def test_a_backward_that_cannot_rerun_is_timed_alone_after_a_fresh_forward():
+    """``time_after_ms`` keeps the setup (a forward) out of the timed region: the figure is never the
+    difference of two noisy medians, so it cannot come out negative."""
+    import time as _time
+
+    from tritonforge.engine.bench.timing import time_after_ms
+
+    calls = []
+
+    def setup():
+        _time.sleep(0.05)  # a slow forward, outside the timed region
+        calls.append("setup")
+        return len(calls)
+
+    ms = time_after_ms(setup, lambda n: calls.append(n), torch.device("cpu"), reps=3)
+    assert 0 <= ms < 50 and calls.count("setup") == 4  # one warm-up pair, then three timed
+    x = torch.randn(4, requires_grad=True)
+    ms = time_after_ms(lambda: (x * 2).sum(), lambda y: y.backward(), torch.device("cpu"), grad_to_none=[x])
+    assert ms > 0 and torch.equal(x.grad, torch.full((4,), 2.0))  # gradients reset before each repeat
