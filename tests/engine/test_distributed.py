@@ -236,12 +236,12 @@ def wrap(model, recipe, device, *rest, **options):
     model = real_wrap(model, recipe, device, *rest, **options)
     blocks = getattr(model, "module", model).blocks
     names = ",".join(type(b).__name__ for b in blocks)
-    sys.stdout.write(f"wrapped blocks: {names} {recompute.checkpointed_blocks(model)}\n")
+    sys.stdout.write(f"wrapped blocks: {names} {recompute.checkpointed_blocks(model)}\\n")
     return model
 distributed.wrap = wrap
 from tritonforge.engine.cli import train_main
 code = train_main(sys.argv[1:])
-sys.stdout.write(f"rank {os.environ['RANK']}: {forwards[0]} block forwards with grad\n")
+sys.stdout.write(f"rank {os.environ['RANK']}: {forwards[0]} block forwards with grad\\n")
 sys.exit(code)
 """
 
