@@ -195,10 +195,14 @@ class OptimConfig:
     muon_momentum: float = 0.95
     #: Muon's Newton-Schulz iterations per step (both backends).
     ns_steps: int = 5
+    #: The embedding tables' learning rate as a multiple of ``lr`` (token, position and value embeddings; a
+    #: tied head with them), for models that name their tables (the GPT).
+    embed_lr_scale: float = 1.0
 
     def validate(self) -> None:
         positive("optim.lr", self.lr)
         positive("optim.eps", self.eps)
+        positive("optim.embed_lr_scale", self.embed_lr_scale)
         for key in ("min_lr", "warmup_steps", "weight_decay"):
             positive(f"optim.{key}", getattr(self, key), allow_zero=True)
         for i, beta in enumerate(self.betas):

@@ -312,6 +312,12 @@ class GPT(nn.Module):
         embeddings and the head are not hidden layers and stay with AdamW."""
         return [p for p in self.blocks.parameters() if p.dim() == 2]
 
+    def embedding_tables(self) -> list[nn.Parameter]:
+        """The token, position and value embedding tables (the token table is also the head when tied)."""
+        tables = [self.wte.weight] if isinstance(self.wte, nn.Embedding) else []
+        tables += [self.wpe.weight] if self.wpe is not None else []
+        return tables + [t.weight for t in self.value_embeds]
+
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameter count; by default without position and value embeddings (they cost no matmul FLOPs)."""
         n = sum(p.numel() for p in self.parameters())

@@ -41,18 +41,25 @@ class Task:
         """Training FLOPs per token/image, for TFLOP/s and MFU; None if unknown."""
         return None
 
-    def param_groups(self, weight_decay: float, muon: bool = False) -> list[dict]:
+    def param_groups(self, weight_decay: float, muon: bool = False, embed_lr_scale: float = 1.0) -> list[dict]:
         """Decay matrices and conv kernels; leave 1-D parameters (norms, biases, LayerScale) undecayed.
 
         With ``muon``, the :meth:`muon_params` come first in a ``use_muon=True`` group and the other
-        groups are marked ``use_muon=False`` (AdamW).
+        groups are marked ``use_muon=False`` (AdamW). With ``embed_lr_scale`` other than 1, the model's
+        ``embedding_tables()`` form a decayed group of their own whose ``lr_scale`` multiplies the
+        schedule's learning rate (the trainer reads it each step).
         """
         hidden = {id(p) for p in self.muon_params()} if muon else set()
-        matrices, decay, no_decay = [], [], []
+        tables = getattr(self.model, "embedding_tables", None)
+        apart = {id(p) for p in tables()} if tables is not None and embed_lr_scale != 1.0 else set()
+        matrices, decay, no_decay, embeds = [], [], [], []
         for p in self.model.parameters():
             if p.requires_grad:
-                (matrices if id(p) in hidden else decay if p.dim() >= 2 else no_decay).append(p)
+                (matrices if id(p) in hidden else embeds if id(p) in apart else decay if p.dim() >= 2
+                 else no_decay).append(p)
         groups = [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
+        if embeds:
+            groups.append(dict(params=embeds, weight_decay=weight_decay, lr_scale=embed_lr_scale))
         if not muon:
             return groups
         for group in groups:

@@ -54,7 +54,7 @@ class TrainStep:
     def __call__(self, step: int, lr: float) -> StepResult:
         settings = self.recipe.train
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         loss_sum = torch.zeros((), device=self.device)
         for micro, (inputs, targets) in enumerate(self.batches(step)):
             # Only the last micro-batch reduces gradients across processes.

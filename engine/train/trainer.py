@@ -103,7 +103,7 @@ class Trainer:
                                  else self.task.model)
         self.forward_model = torch.compile(self.model) if r.train.compile else self.model
         o = r.optim
-        groups = self.task.param_groups(o.weight_decay, muon=o.name == "muon")
+        groups = self.task.param_groups(o.weight_decay, muon=o.name == "muon", embed_lr_scale=o.embed_lr_scale)
         sharing = None
         if o.name == "muon" and self.dist.world > 1:
             sharing = sharing_for_run(self.task.model, groups[0]["params"], r.parallel.strategy)

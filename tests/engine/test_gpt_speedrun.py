@@ -184,6 +184,8 @@ def test_hf_export_refuses_the_options(tmp_path, opts, match):
     (["--model.smear=2"], "model.smear: expected true/false"),
     (["--optim.ns_steps=0"], "optim.ns_steps must be an integer in [1, 100), got 0"),
     (["--optim.ns_steps=4.5"], "optim.ns_steps: expected an integer"),
+    (["--optim.embed_lr_scale=0"], "optim.embed_lr_scale"),
+    (["--optim.embed_lr_scale=-1"], "optim.embed_lr_scale"),
 ])
 def test_bad_values_name_the_field(args, message):
     with pytest.raises(RecipeError) as e:
@@ -231,3 +233,51 @@ def test_a_seed_draws_the_same_shared_weights_with_or_without_the_option(name):
     torch.manual_seed(0)
     GPT(GPTConfig(**{**BASE, **shape}), OPS)
     assert all(torch.equal(default[k], model[k]) for k in default) and torch.equal(torch.rand(3), after)
+
+
+@pytest.mark.parametrize("pos", ["learned", "rope"])
+def test_embed_lr_scale_puts_the_tables_in_a_group_of_their_own(pos):
+    """Token (and tied head), position and value tables form one decayed AdamW group carrying ``lr_scale``;
+    at 1 (the default) the groups are as before."""
+    torch.manual_seed(0)
+    task = Task()
+    task.model = GPT(GPTConfig(**{**BASE, "value_embeds": 1, "pos": pos}), OPS)
+    names = {id(p): n for n, p in task.model.named_parameters()}
+    tables = {"wte.weight", "value_embeds.0.weight"} | ({"wpe.weight"} if pos == "learned" else set())
+    for muon in (False, True):
+        plain = task.param_groups(0.1, muon=muon)
+        assert not any("lr_scale" in g for g in plain)
+        groups = task.param_groups(0.1, muon=muon, embed_lr_scale=0.5)
+        scaled = [g for g in groups if "lr_scale" in g]
+        assert len(scaled) == 1 and scaled[0]["lr_scale"] == 0.5 and scaled[0]["weight_decay"] == 0.1
+        assert {names[id(p)] for p in scaled[0]["params"]} == tables
+        assert sorted(names[id(p)] for g in groups for p in g["params"]) == sorted(names.values())
+        if muon:
+            assert scaled[0]["use_muon"] is False and groups[0]["use_muon"]
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_embed_lr_scale_scales_the_tables_step(backend, tmp_path, tmp_path_factory):
+    """The trainer sets each group's lr to the schedule's times its ``lr_scale``: under AdamW at a constant
+    rate, a table's first update is ``lr_scale`` times what it is without the scale, on both backends."""
+    from support import tiny_corpus
+    from tritonforge.engine.train.trainer import Trainer
+
+    data = tiny_corpus(tmp_path_factory)
+    moved = {}
+    for scale in (1.0, 0.25):
+        recipe = load_recipe(None, data + [
+            "--model.n_layer=1", "--model.d_model=16", "--model.n_head=2", "--model.context=8",
+            "--train.seq_len=8", "--train.batch_size=2", "--train.steps=1", "--train.time_budget=",
+            "--train.eval_batches=1", "--train.sample_tokens=0", "--optim.name=adamw", "--optim.lr=1e-2",
+            "--optim.warmup_steps=0", "--optim.schedule=constant", "--optim.weight_decay=0",
+            f"--kernels.optimizer={backend}", f"--optim.embed_lr_scale={scale}", "--run.device=cpu",
+            f"--run.dir={tmp_path / str(scale)}", "--data.val_fraction=0.2"])
+        trainer = Trainer(recipe)
+        before = trainer.task.model.wpe.weight.detach().clone()
+        trainer.step_fn(0, 1e-2)
+        lrs = sorted({g["lr"] for g in trainer.optimizer.param_groups})
+        assert lrs == ([1e-2] if scale == 1.0 else [pytest.approx(2.5e-3), 1e-2])
+        moved[scale] = (trainer.task.model.wpe.weight.detach() - before).abs().max().item()
+    # Adam's first step moves each entry by lr (times sign): a quarter of the rate, a quarter of the move
+    assert moved[0.25] == pytest.approx(0.25 * moved[1.0], rel=1e-3)
