@@ -19,8 +19,12 @@ BUDGET_MARGIN = 0.06
 BUDGET_RAISE = 0.02
 #: The pace a re-timing acts on: the steps of this many logging windows (one slow spell moves it less).
 PACE_WINDOWS = 4
-#: Evaluation-sized forwards timed when the count is fixed (their median: the first may pay for allocations).
+#: Evaluation-sized forwards timed when the count is fixed (their median: the first may pay for allocations);
+#: near the end each re-timing times one more, and the median of the last this many is the estimate.
 FORWARD_REPEATS = 3
+#: A re-timing times an evaluation forward when what is left of the budget is under this many times the
+#: final evaluation's reserve: the reserve is then what decides the count, so it is measured, not carried.
+FORWARD_RETIME = 2.0
 
 
 class BudgetClock:
@@ -36,10 +40,11 @@ class BudgetClock:
     when at least :data:`BUDGET_RAISE` more steps fit (so noise does not move it), never past
     ``train.steps``. Each change goes to ``on_change(steps)`` (which makes the run follow it: the rest of the
     learning rate is scheduled over the new count), then is printed and recorded through ``log``. All
-    ``world`` processes take the smallest count any of them computes. An evaluation batch costs a fixed share
-    of a training step on a given machine, so its time (timed at the fix, or from the last periodic
-    evaluation) follows the pace: the final evaluation is reserved at today's pace, not at the warmup's (whose
-    steps run slower). Timing reads the clock only where the
+    ``world`` processes take the smallest count any of them computes. The final evaluation is reserved at the
+    median of :data:`FORWARD_REPEATS` evaluation forwards timed at the fix (or the last periodic evaluation's
+    pace), and re-timed in the run's last stretch (:data:`FORWARD_RETIME`): a forward's time does not follow
+    the training steps' pace (the warmup's steps run slower, the forward does not). Timing reads the clock
+    only where the
     trainer already waits for the device (logging and evaluation steps), except at the two ends of the
     warmup window.
 
@@ -61,9 +66,8 @@ class BudgetClock:
         self.window_start: float | None = None
         self.paused = 0.0
         self.fixed = False
-        self.forward = 0.0  # seconds of one evaluation batch at the current pace
-        self.forward_share = 0.0  # an evaluation batch's seconds over a training step's: timed, then from each evaluation
-        self.pace = 0.0  # seconds a training step: the last re-timing's
+        self.forward = 0.0  # seconds of one evaluation batch: timed at the fix, then from evaluations and re-timings
+        self.forwards: list[float] = []  # the latest forward timings, whose median is ``forward``
         self.windows: list[tuple[int, int, float]] = []  # (first step, steps, seconds) of the recent logging windows
         #: ``train.steps``: the count never goes past it.
         self.ceiling = recipe.train.steps
@@ -86,8 +90,8 @@ class BudgetClock:
         sync(self.device)
         now = time.perf_counter()
         per_step = (now - self.window_start - self.paused) / (step - self.start_step)
-        self.forward = self._forward_seconds()
-        self.pace, self.forward_share = per_step, self.forward / per_step
+        self.forwards = self._forward_seconds(FORWARD_REPEATS)
+        self.forward = _median(self.forwards)
         steps = self._agree(self.steps_that_fit(step, per_step, self.forward))
         self._set(step, steps, per_step, f"{steps} steps fit ({1e3 * per_step:.0f} ms/step measured over steps "
                                          f"{self.start_step + 1}-{step}")
@@ -97,7 +101,7 @@ class BudgetClock:
     def after_eval(self, seconds: float) -> None:
         """A periodic evaluation took ``seconds``: the cost of the ones still to come."""
         self.forward = seconds / max(1, self.task.eval_batches(final=False))
-        self.forward_share = self.forward / self.pace if self.pace > 0 else 0.0
+        self.forwards = [self.forward]
 
     def after_log(self, step: int) -> None:
         """Called at logging steps (the device is idle): move the count to what fits at the pace just measured."""
@@ -109,9 +113,10 @@ class BudgetClock:
         per_step = sum(w[2] for w in self.windows) / sum(w[1] for w in self.windows)
         window = f"{self.windows[0][0]}-{step}"
         self.window_start, self.start_step, self.paused = now, step, 0.0
-        self.pace = per_step
-        if self.forward_share > 0:
-            self.forward = self.forward_share * per_step
+        if self._any(self.seconds_left() < FORWARD_RETIME * self.forward * self.task.eval_batches(final=True)):
+            self.forwards = [*self.forwards, *self._forward_seconds(1)][-FORWARD_REPEATS:]
+            self.forward = _median(self.forwards)
+            self.window_start = time.perf_counter()  # the timing is not a training step's
         steps, current = self._agree(self.steps_that_fit(step, per_step, self.forward)), self.steps
         if steps < current or steps > current * (1 + BUDGET_RAISE):
             self._set(step, steps, per_step, f"{steps} steps fit (steps {window} ran at {1e3 * per_step:.0f} ms/step")
@@ -133,22 +138,30 @@ class BudgetClock:
         torch.distributed.all_reduce(box, op=torch.distributed.ReduceOp.MIN)
         return int(box.item())
 
-    def _forward_seconds(self) -> float:
-        """An evaluation-sized forward (no gradients, eval mode) of a training batch: the median of
-        :data:`FORWARD_REPEATS` timings."""
+    def _any(self, flag: bool) -> bool:
+        """Whether any process's ``flag`` is set: a forward of a sharded model is a collective, so either every
+        process times one or none does."""
+        if self.world == 1:
+            return flag
+        box = torch.tensor([int(flag)], device=self.device, dtype=torch.int64)
+        torch.distributed.all_reduce(box, op=torch.distributed.ReduceOp.MAX)
+        return bool(box.item())
+
+    def _forward_seconds(self, repeats: int) -> list[float]:
+        """Timings of ``repeats`` evaluation-sized forwards (no gradients, eval mode) of a training batch."""
         model = self.forward_model
         inputs, targets = self.task.batch(0, 0)
         was_training = model.training
         model.eval()
         seconds = []
         with torch.no_grad(), autocast(self.settings.precision, self.device):
-            for _ in range(FORWARD_REPEATS):
+            for _ in range(repeats):
                 begin = time.perf_counter()
                 self.task.loss(model, inputs, targets)
                 sync(self.device)
                 seconds.append(time.perf_counter() - begin)
         model.train(was_training)
-        return sorted(seconds)[len(seconds) // 2]
+        return seconds
 
     def steps_that_fit(self, step: int, per_step: float, forward: float) -> int:
         """The step count that fits what is left of the budget after ``step`` steps, at ``per_step`` seconds a
@@ -163,3 +176,7 @@ class BudgetClock:
             cost = fixed + evals * forward * self.task.eval_batches(final=False)
             steps = step + max(0, int((left - cost) / per_step))
         return min(steps, self.ceiling)
+
+
+def _median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2]

@@ -487,16 +487,17 @@ class _Clock:
 
 
 class _TimedTask:
-    """A task whose forward costs ``forward_share`` of the clock's current step time."""
+    """A task whose evaluation-sized forward takes ``forward_seconds`` of the fake clock."""
 
     def __init__(self, clock):
-        self.clock, self.step_seconds, self.forward_share = clock, 1.0, 0.25
+        self.clock, self.forward_seconds, self.forwards = clock, 0.25, 0
 
     def batch(self, step, micro):
         return None, None
 
     def loss(self, model, inputs, targets):
-        self.clock.now += self.forward_share * self.step_seconds
+        self.clock.now += self.forward_seconds
+        self.forwards += 1
 
     def eval_batches(self, final):
         return 100 if final else 10
@@ -513,10 +514,10 @@ class _Log:
         self.records.append(record)
 
 
-def test_a_budget_reserves_the_final_evaluation_at_the_current_pace_over_recent_windows(monkeypatch):
-    """The warmup's steps run slow, and so does the forward timed beside them: the final evaluation is then
-    reserved at the pace the run keeps (an evaluation batch is a fixed share of a step), and a re-timing acts
-    on the pace of the last few logging windows, not the last one alone."""
+def test_a_budget_re_times_over_recent_windows_and_measures_the_final_evaluation_near_the_end(monkeypatch):
+    """A re-timing acts on the pace of the last few logging windows, not the last one alone; the final
+    evaluation is reserved at the median of three forwards timed at the fix and, in the run's last stretch,
+    at the median of the latest timings (one per re-timing), whatever the training steps' pace."""
     from tritonforge.engine.train import budget
 
     clock = _Clock()
@@ -524,30 +525,42 @@ def test_a_budget_reserves_the_final_evaluation_at_the_current_pace_over_recent_
     r = load_recipe(None, ["--train.time_budget=200s", "--train.steps=100000", "--optim.warmup_steps=5",
                            "--train.eval_every=0", "--train.sample_tokens=0"])
     task, log = _TimedTask(clock), _Log()
-    clock_ = budget.BudgetClock(r, 0.0, task, torch.nn.Linear(1, 1), torch.device("cpu"), 1, lambda n: None, log)
+    timer = budget.BudgetClock(r, 0.0, task, torch.nn.Linear(1, 1), torch.device("cpu"), 1, lambda n: None, log)
 
     def steps(first, last, seconds):
-        task.step_seconds = seconds
         for step in range(first, last + 1):
             clock.now += seconds
-            clock_.after_step(step)
+            timer.after_step(step)
 
-    steps(1, 5, 1.0)  # warmup at 1 s a step: fixed after step 5, the forward timed at 0.25 s
+    steps(1, 5, 1.0)  # warmup at 1 s a step: fixed after step 5, the forward timed three times
+    assert task.forwards == budget.FORWARD_REPEATS
     fix = log.records[-1]
     assert fix["step_ms"] == pytest.approx(1000) and fix["eval_forward_ms"] == pytest.approx(250)
-    steps(6, 15, 0.5)  # the run's own pace: twice as fast
-    clock_.after_log(15)
-    assert log.records[-1]["step_ms"] == pytest.approx(500) and log.records[-1]["eval_forward_ms"] == pytest.approx(125)
+    steps(6, 15, 0.5)  # twice as fast: the forward is not assumed to follow
+    timer.after_log(15)
+    assert log.records[-1]["step_ms"] == pytest.approx(500) and log.records[-1]["eval_forward_ms"] == pytest.approx(250)
     left = log.records[-1]["seconds_left"]
-    # the rest fits the evaluation's 100 batches at 0.125 s, and the steps at 0.5 s plus the margin
-    assert log.records[-1]["steps"] == 15 + int((left - 100 * 0.125) / (0.5 * (1 + budget.BUDGET_MARGIN)))
+    assert log.records[-1]["steps"] == 15 + int((left - 100 * 0.25) / (0.5 * (1 + budget.BUDGET_MARGIN)))
+    assert task.forwards == budget.FORWARD_REPEATS  # far from the end: nothing timed
     steps(16, 25, 1.0)  # one slow window: the pace is that of steps 6-25, not of 16-25 alone
-    clock_.after_log(25)
+    timer.after_log(25)
     assert log.records[-1]["step_ms"] == pytest.approx(750) and "steps 6-25 ran at 750 ms/step" in log.lines[-1]
     for i in range(budget.PACE_WINDOWS):  # older windows drop out
         steps(26 + 10 * i, 35 + 10 * i, 1.0)
-        clock_.after_log(35 + 10 * i)
+        timer.after_log(35 + 10 * i)
     assert log.records[-1]["step_ms"] == pytest.approx(1000)
+    # The last stretch (under twice the 25 s reserve left): each re-timing times one forward, now 0.1 s.
+    task.forward_seconds = 0.1
+    timer.started = clock.now - (200 - 2 * 100 * 0.25 + 1)  # 49 s left
+    forwards, step = task.forwards, 65
+    estimates = []
+    for _ in range(2):
+        steps(step + 1, step + 10, 1.0)
+        step += 10
+        timer.after_log(step)
+        estimates.append(timer.forward)
+    assert task.forwards == forwards + 2
+    assert estimates == [pytest.approx(0.25), pytest.approx(0.1)]  # medians of (.25, .25, .1), (.25, .1, .1)
 
 
 def test_a_time_budget_needs_warmup_steps_to_time():
