@@ -41,12 +41,11 @@ class BudgetClock:
     ``train.steps``. Each change goes to ``on_change(steps)`` (which makes the run follow it: the rest of the
     learning rate is scheduled over the new count), then is printed and recorded through ``log``. All
     ``world`` processes take the smallest count any of them computes. The final evaluation is reserved at the
-    median of :data:`FORWARD_REPEATS` evaluation forwards timed at the fix (or the last periodic evaluation's
-    pace), and re-timed in the run's last stretch (:data:`FORWARD_RETIME`): a forward's time does not follow
-    the training steps' pace (the warmup's steps run slower, the forward does not). Timing reads the clock
-    only where the
-    trainer already waits for the device (logging and evaluation steps), except at the two ends of the
-    warmup window.
+    median of :data:`FORWARD_REPEATS` evaluation forwards timed at the fix (then at the last periodic
+    evaluation's time per batch), and re-timed in the run's last stretch (:data:`FORWARD_RETIME`): a forward's
+    time does not follow the training steps' pace (the warmup's steps run slower, the forward does not).
+    Timing reads the clock only where the trainer already waits for the device (logging and evaluation
+    steps), except at the two ends of the warmup window.
 
     The trainer calls :meth:`after_step`, :meth:`after_log` and :meth:`after_eval` with the number of
     steps taken so far, and adds the seconds it spends outside training steps to :attr:`paused`.

@@ -121,7 +121,8 @@ def masked_step(optimizer, apply: torch.Tensor) -> None:
         for p in fresh:
             for t in optimizer.state[p].values():
                 if torch.is_tensor(t) and t.device == apply.device:
-                    torch.where(apply, _local(t), _local(t).new_zeros(()), out=_local(t))
+                    shard = _local(t)
+                    torch.where(apply, shard, shard.new_zeros(()), out=shard)
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
