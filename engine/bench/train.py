@@ -66,6 +66,7 @@ import dataclasses
 
 from .. import distributed
 from ..config import Recipe, RecipeError, load_recipe
+from ..device import set_up_host
 from ..errors import KernelSelectionError
 from ..ops import table as op_table, tune
 from ..optim.build import recipe_optimizer
@@ -282,8 +283,7 @@ def _run_rows(args: TrainArgs, log, log_err) -> dict:
     log_err = log_err or (lambda text: print(text, file=sys.stderr, flush=True))
     device = args.device
     r = args.recipe
-    if r.run.threads:
-        torch.set_num_threads(r.run.threads)
+    set_up_host(device, r.run.threads, r.run.cpu_memory)  # as the trainer sets the process up
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # as the trainer sets it
         torch.backends.cudnn.allow_tf32 = True

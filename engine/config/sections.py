@@ -24,6 +24,10 @@ class RunConfig:
     device: str = "auto"
     #: CPU threads for intra-op parallelism; 0 keeps torch's default.
     threads: int = 0
+    #: CPU runs: "keep" has glibc's malloc keep the memory a step frees for the next step (no page faults
+    #: per step; the process keeps its peak memory, see ``engine.device.keep_freed_memory``); "release"
+    #: leaves glibc's defaults. Nothing changes on CUDA or without glibc.
+    cpu_memory: Literal["keep", "release"] = "keep"
 
     def validate(self) -> None:
         positive("run.threads", self.threads, allow_zero=True)

@@ -29,7 +29,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from .. import checkpoint, distributed, transfer
 from ..checkpoint import CheckpointError
 from ..config import Recipe, RecipeError, dump_toml, validate
-from ..device import resolve_device, sync
+from ..device import resolve_device, set_up_host, sync
 from ..ops import select as op_select, tune
 from ..optim.build import recipe_optimizer
 from ..optim.sharing import sharing_for_run
@@ -71,8 +71,7 @@ class Trainer:
         self.dist = distributed.init("cuda" if r.run.device != "cpu" and torch.cuda.is_available() else "cpu")
         self.device = resolve_device(r.run.device, self.dist.local_rank)
         distributed.check_sync_bn(r, self.device, self.dist.world)
-        if r.run.threads:
-            torch.set_num_threads(r.run.threads)
+        self.memory_kept = set_up_host(self.device, r.run.threads, r.run.cpu_memory)
         torch.manual_seed(r.run.seed)
         np.random.seed(r.run.seed)
         random.seed(r.run.seed)
@@ -129,7 +128,7 @@ class Trainer:
             (self.run_dir / "recipe.toml").write_text(dump_toml(self.resolved))
             used = self.task.ops_used()
             env = environment(self.device, {op: b for op, b in self.ops.backends.items() if op in used},
-                              world=self.dist.world, unit=self.task.unit,
+                              world=self.dist.world, unit=self.task.unit, cpu_memory_kept=self.memory_kept,
                               **({"tuning": tune.record(self.tuned)} if self.tuned else {}))
             (self.run_dir / "env.json").write_text(json.dumps(env, indent=1))
         self.log.open(self.run_dir, state.get("step"), project=r.logging.wandb_project, name=r.run.name,

@@ -3,6 +3,7 @@
 Every run here is a one-layer GPT of about 20k parameters on a small local corpus, a few steps long.
 """
 import json
+import platform
 import signal
 import struct
 import subprocess
@@ -250,6 +251,7 @@ def test_run_directory_and_console(data, tmp_path):
     assert load_recipe(run_dir / "recipe.toml").to_dict() == r.to_dict()
     env = json.loads((run_dir / "env.json").read_text())
     assert env["torch"] == torch.__version__ and env["device"] == "cpu" and env["kernels"]["attention"] == "torch"
+    assert env["cpu_memory_kept"] is (platform.libc_ver()[0] == "glibc")  # run.cpu_memory = "keep", the default
     records = read_metrics(run_dir / "metrics.jsonl")
     assert [(m["kind"], m["step"]) for m in records] == [("train", 2), ("eval", 2), ("train", 4), ("eval", 4)]
     assert {"loss", "lr", "throughput", "items", "step_ms"} <= set(records[0]) and "val_loss" in records[1]
