@@ -328,7 +328,7 @@ class Trainer:
         finally:
             for sig, old in handlers.items():
                 signal.signal(sig, old)
-        sample = self.task.finish(self.task.model) if self.dist.is_main else None
+        sample = self.task.finish(self.task.model)  # every rank: a sharded model's forward is a collective
         if sample is not None:
             self.log.print("sample:\n" + sample)
         elapsed = time.perf_counter() - t_start
