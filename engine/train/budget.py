@@ -44,8 +44,10 @@ class BudgetClock:
     median of :data:`FORWARD_REPEATS` evaluation forwards timed at the fix (then at the last periodic
     evaluation's time per batch), and re-timed in the run's last stretch (:data:`FORWARD_RETIME`): a forward's
     time does not follow the training steps' pace (the warmup's steps run slower, the forward does not).
-    Timing reads the clock only where the trainer already waits for the device (logging and evaluation
-    steps), except at the two ends of the warmup window.
+    In that last stretch the clock also re-times every :attr:`MIN_WINDOW` steps, logging steps or not, at
+    the slower of the recent windows' pace and the latest window's: a slowdown there leaves no time to be
+    averaged in. Timing reads the clock only where the trainer already waits for the device (logging and
+    evaluation steps), except at the two ends of the warmup window and in the last stretch.
 
     The trainer calls :meth:`after_step`, :meth:`after_log` and :meth:`after_eval` with the number of
     steps taken so far, and adds the seconds it spends outside training steps to :attr:`paused`.
@@ -67,6 +69,8 @@ class BudgetClock:
         self.fixed = False
         self.forward = 0.0  # seconds of one evaluation batch: timed at the fix, then from evaluations and re-timings
         self.forwards: list[float] = []  # the latest forward timings, whose median is ``forward``
+        #: Under :data:`FORWARD_RETIME` times the final evaluation's reserve left, as all processes agreed.
+        self.last_stretch = False
         self.windows: list[tuple[int, int, float]] = []  # (first step, steps, seconds) of the recent logging windows
         #: ``train.steps``: the count never goes past it.
         self.ceiling = recipe.train.steps
@@ -77,8 +81,12 @@ class BudgetClock:
         return self.settings.budget_seconds() - (time.perf_counter() - self.started)
 
     def after_step(self, step: int) -> None:
-        """Called after each step; fixes the count at the end of the warmup window."""
+        """Called after each step; fixes the count at the end of the warmup window, and re-times every
+        :attr:`MIN_WINDOW` steps in the run's last stretch, logging step or not."""
         if self.fixed:
+            if self.last_stretch and step - self.start_step >= self.MIN_WINDOW:
+                sync(self.device)
+                self.after_log(step)
             return
         if step == 1 or self.window_start is None:  # the first step pays one-time costs: not timed
             sync(self.device)
@@ -112,7 +120,11 @@ class BudgetClock:
         per_step = sum(w[2] for w in self.windows) / sum(w[1] for w in self.windows)
         window = f"{self.windows[0][0]}-{step}"
         self.window_start, self.start_step, self.paused = now, step, 0.0
-        if self._any(self.seconds_left() < FORWARD_RETIME * self.forward * self.task.eval_batches(final=True)):
+        self.last_stretch = self._any(self.seconds_left() < FORWARD_RETIME * self.forward * self.task.eval_batches(final=True))
+        if self.last_stretch:
+            first, count, seconds = self.windows[-1]
+            if seconds / count > per_step:  # a slowdown this late cannot wait to be averaged in
+                per_step, window = seconds / count, f"{first}-{step}"
             self.forwards = [*self.forwards, *self._forward_seconds(1)][-FORWARD_REPEATS:]
             self.forward = _median(self.forwards)
             self.window_start = time.perf_counter()  # the timing is not a training step's

@@ -565,6 +565,43 @@ def test_a_budget_re_times_over_recent_windows_and_measures_the_final_evaluation
     assert estimates == [pytest.approx(0.25), pytest.approx(0.1)]  # medians of (.25, .25, .1), (.25, .1, .1)
 
 
+def test_a_slowdown_in_the_last_stretch_lowers_the_count_between_logging_steps(monkeypatch):
+    """In the run's last stretch the clock re-times every MIN_WINDOW steps without waiting for a logging
+    step, at the latest window's pace when that is the slower: a late slowdown cuts the steps it no longer
+    has time for (a 35% slower end of a 1m45s run had overrun its budget by 4 s)."""
+    from tritonforge.engine.train import budget
+
+    clock = _Clock()
+    monkeypatch.setattr(budget.time, "perf_counter", clock)
+    r = load_recipe(None, ["--train.time_budget=200s", "--train.steps=100000", "--optim.warmup_steps=5",
+                           "--train.eval_every=0", "--train.sample_tokens=0"])
+    task, log = _TimedTask(clock), _Log()
+    timer = budget.BudgetClock(r, 0.0, task, torch.nn.Linear(1, 1), torch.device("cpu"), 1, lambda n: None, log)
+
+    def steps(first, last, seconds):
+        for step in range(first, last + 1):
+            clock.now += seconds
+            timer.after_step(step)
+
+    steps(1, 5, 1.0)
+    for end in range(15, 55, 10):  # four windows at 1 s a step, each re-timed at its logging step
+        steps(end - 9, end, 1.0)
+        timer.after_log(end)
+    assert not timer.last_stretch
+    timer.started = clock.now - (200 - 59)  # 59 s left, 49 s at the next re-timing: under twice the 25 s reserve
+    steps(46, 55, 1.0)
+    timer.after_log(55)
+    assert timer.last_stretch and timer.forward == pytest.approx(0.25)
+    count, records = timer.steps, len(log.records)
+    steps(56, 65, 2.0)  # twice as slow: re-timed after step 65, no logging step called
+    assert len(log.records) == records + 1 and log.records[-1]["step"] == 65
+    assert log.records[-1]["step_ms"] == pytest.approx(2000) and "steps 56-65 ran at 2000 ms/step" in log.lines[-1]
+    left = log.records[-1]["seconds_left"]
+    assert timer.steps == 65 + int((left - 100 * 0.25) / (2.0 * (1 + budget.BUDGET_MARGIN))) < count
+    steps(66, 70, 2.0)  # fewer than MIN_WINDOW steps since: nothing re-timed
+    assert len(log.records) == records + 1
+
+
 def test_a_time_budget_needs_warmup_steps_to_time():
     with pytest.raises(RecipeError, match="optim.warmup_steps must be >= 5"):
         load_recipe(None, ["--train.time_budget=4m", "--optim.warmup_steps=2"])
