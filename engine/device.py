@@ -39,7 +39,7 @@ def keep_freed_memory() -> bool:
     By default glibc hands each block over 128 KiB (the threshold then adapts, to at most 32 MiB) to a fresh
     ``mmap`` and returns it on ``free``, and trims the heap's free top: a CPU training step allocates and frees
     its activations and gradients each step, so each step faults their pages in again, and the kernel clears
-    every page first (4,000 to 45,000 faults per step on the main job's model at nanoGPT's batch; with this,
+    every page first (3,000 to 45,000 faults per step on the main job's model at nanoGPT's batch; with this,
     about 15). Blocks up to 32 MiB then come from the heap and freed memory stays with the process, as
     PyTorch's CUDA caching allocator does on a GPU: the process keeps its peak memory until it exits.
 
