@@ -46,7 +46,8 @@ class BudgetClock:
     time does not follow the training steps' pace (the warmup's steps run slower, the forward does not).
     In that last stretch the clock also re-times every :attr:`MIN_WINDOW` steps, logging steps or not, at
     the slower of the recent windows' pace and the latest window's: a slowdown there leaves no time to be
-    averaged in. Timing reads the clock only where the trainer already waits for the device (logging and
+    averaged in; and there the count is only ever lowered. The evaluations' reserve carries the same margin
+    as the steps. Timing reads the clock only where the trainer already waits for the device (logging and
     evaluation steps), except at the two ends of the warmup window and in the last stretch.
 
     The trainer calls :meth:`after_step`, :meth:`after_log` and :meth:`after_eval` with the number of
@@ -129,7 +130,8 @@ class BudgetClock:
             self.forward = _median(self.forwards)
             self.window_start = time.perf_counter()  # the timing is not a training step's
         steps, current = self._agree(self.steps_that_fit(step, per_step, self.forward)), self.steps
-        if steps < current or steps > current * (1 + BUDGET_RAISE):
+        # Never raised in the last stretch: there a low reading of the noisy forward would spend the reserve.
+        if steps < current or (steps > current * (1 + BUDGET_RAISE) and not self.last_stretch):
             self._set(step, steps, per_step, f"{steps} steps fit (steps {window} ran at {1e3 * per_step:.0f} ms/step")
 
     def _set(self, step: int, steps: int, per_step: float, how: str) -> None:
@@ -180,6 +182,7 @@ class BudgetClock:
         s = self.settings
         left = self.seconds_left()
         per_step *= 1 + BUDGET_MARGIN
+        forward *= 1 + BUDGET_MARGIN  # the evaluation's batches vary as the steps do
         fixed = forward * (self.task.eval_batches(final=True) + s.sample_tokens / s.batch_size)
         steps = step
         for _ in range(3):  # the periodic evaluations depend on the count

@@ -542,7 +542,8 @@ def test_a_budget_re_times_over_recent_windows_and_measures_the_final_evaluation
     timer.after_log(15)
     assert log.records[-1]["step_ms"] == pytest.approx(500) and log.records[-1]["eval_forward_ms"] == pytest.approx(250)
     left = log.records[-1]["seconds_left"]
-    assert log.records[-1]["steps"] == 15 + int((left - 100 * 0.25) / (0.5 * (1 + budget.BUDGET_MARGIN)))
+    margin = 1 + budget.BUDGET_MARGIN  # on the steps and on the evaluation alike
+    assert log.records[-1]["steps"] == 15 + int((left - 100 * 0.25 * margin) / (0.5 * margin))
     assert task.forwards == budget.FORWARD_REPEATS  # far from the end: nothing timed
     steps(16, 25, 1.0)  # one slow window: the pace is that of steps 6-25, not of 16-25 alone
     timer.after_log(25)
@@ -565,10 +566,9 @@ def test_a_budget_re_times_over_recent_windows_and_measures_the_final_evaluation
     assert estimates == [pytest.approx(0.25), pytest.approx(0.1)]  # medians of (.25, .25, .1), (.25, .1, .1)
 
 
-def test_a_slowdown_in_the_last_stretch_lowers_the_count_between_logging_steps(monkeypatch):
-    """In the run's last stretch the clock re-times every MIN_WINDOW steps without waiting for a logging
-    step, at the latest window's pace when that is the slower: a late slowdown cuts the steps it no longer
-    has time for (a 35% slower end of a 1m45s run had overrun its budget by 4 s)."""
+def _in_the_last_stretch(monkeypatch):
+    """A budget clock (200 s, a 25 s final-evaluation reserve) run at 1 s a step into its last stretch, which
+    begins at the re-timing after step 55: (clock, task, log, steps(first, last, seconds))."""
     from tritonforge.engine.train import budget
 
     clock = _Clock()
@@ -592,14 +592,36 @@ def test_a_slowdown_in_the_last_stretch_lowers_the_count_between_logging_steps(m
     steps(46, 55, 1.0)
     timer.after_log(55)
     assert timer.last_stretch and timer.forward == pytest.approx(0.25)
+    return timer, task, log, steps
+
+
+def test_a_slowdown_in_the_last_stretch_lowers_the_count_between_logging_steps(monkeypatch):
+    """In the run's last stretch the clock re-times every MIN_WINDOW steps without waiting for a logging
+    step, at the latest window's pace when that is the slower: a late slowdown cuts the steps it no longer
+    has time for (a 35% slower end of a 1m45s run had overrun its budget by 4 s)."""
+    from tritonforge.engine.train import budget
+
+    timer, task, log, steps = _in_the_last_stretch(monkeypatch)
     count, records = timer.steps, len(log.records)
-    steps(56, 65, 2.0)  # twice as slow: re-timed after step 65, no logging step called
+    steps(56, 65, 1.5)  # slower: re-timed after step 65, no logging step called
     assert len(log.records) == records + 1 and log.records[-1]["step"] == 65
-    assert log.records[-1]["step_ms"] == pytest.approx(2000) and "steps 56-65 ran at 2000 ms/step" in log.lines[-1]
-    left = log.records[-1]["seconds_left"]
-    assert timer.steps == 65 + int((left - 100 * 0.25) / (2.0 * (1 + budget.BUDGET_MARGIN))) < count
-    steps(66, 70, 2.0)  # fewer than MIN_WINDOW steps since: nothing re-timed
+    assert log.records[-1]["step_ms"] == pytest.approx(1500) and "steps 56-65 ran at 1500 ms/step" in log.lines[-1]
+    left, margin = log.records[-1]["seconds_left"], 1 + budget.BUDGET_MARGIN
+    assert timer.steps == 65 + int((left - 100 * 0.25 * margin) / (1.5 * margin)) == 69 < count
+    steps(66, 68, 1.5)  # fewer than MIN_WINDOW steps since: nothing re-timed
     assert len(log.records) == records + 1
+
+
+def test_the_last_stretch_never_raises_the_count(monkeypatch):
+    """A low reading of the evaluation forward near the end would fit more steps: the count stays (a 3m45s
+    run raised it on one and overran its budget by 5 s)."""
+    timer, task, log, steps = _in_the_last_stretch(monkeypatch)
+    count, records = timer.steps, len(log.records)
+    task.forward_seconds, timer.forwards = 0.01, [0.01, 0.01]
+    steps(56, 65, 1.0)  # re-timed after step 65: the forward's median is now 0.01 s, a reserve of 1 s
+    assert task.forwards and timer.forward == pytest.approx(0.01)
+    assert timer.steps_that_fit(65, 1.0, timer.forward) > count * 1.1  # what a raise would have set
+    assert timer.steps == count and len(log.records) == records
 
 
 def test_a_time_budget_needs_warmup_steps_to_time():
