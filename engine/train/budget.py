@@ -15,6 +15,10 @@ from ..tasks import Task
 
 #: Share added to the measured step time when a time budget fixes the step count (machines vary while they run).
 BUDGET_MARGIN = 0.06
+#: Seconds reserved for what follows the final evaluation and sample: the last checkpoint and the process's
+#: exit (on a 2-core CPU the main job's checkpoint took 0.16 s, and the command exited 1.0 s after its last
+#: line; importing torch alone adds 0.5 s of interpreter teardown).
+END_SECONDS = 1.5
 #: A re-timed budget raises its step count only by more than this share (pace measurements are noisy).
 BUDGET_RAISE = 0.02
 #: The pace a re-timing acts on: the steps of this many logging windows (one slow spell moves it less).
@@ -33,7 +37,8 @@ class BudgetClock:
     The steps before the count is fixed are warmup steps, whose learning rate does not depend on the count,
     so fixing it changes nothing that already ran. The count fits the budget (counted from ``started``, a
     ``time.perf_counter()`` reading taken when the run began) with the periodic and final evaluations, the
-    end-of-run sample, and a margin of :data:`BUDGET_MARGIN` on the measured step time. Machines also change
+    end-of-run sample, the end (:data:`END_SECONDS`), and a margin of :data:`BUDGET_MARGIN` on the measured
+    step time. Machines also change
     speed while they run (a neighbour's job, a throttled clock), and an evaluation's cost is known only once
     one has run: at every logging step the clock re-times the steps of the last :data:`PACE_WINDOWS` logging
     windows and sets the count to what fits at that pace: lower whenever the rest no longer fits, higher
@@ -183,7 +188,7 @@ class BudgetClock:
         left = self.seconds_left()
         per_step *= 1 + BUDGET_MARGIN
         forward *= 1 + BUDGET_MARGIN  # the evaluation's batches vary as the steps do
-        fixed = forward * (self.task.eval_batches(final=True) + s.sample_tokens / s.batch_size)
+        fixed = forward * (self.task.eval_batches(final=True) + s.sample_tokens / s.batch_size) + END_SECONDS
         steps = step
         for _ in range(3):  # the periodic evaluations depend on the count
             evals = max(0, steps // s.eval_every - step // s.eval_every) if s.eval_every else 0
