@@ -49,11 +49,11 @@ class BudgetClock:
     median of :data:`FORWARD_REPEATS` evaluation forwards timed at the fix (then at the last periodic
     evaluation's time per batch), and re-timed in the run's last stretch (:data:`FORWARD_RETIME`): a forward's
     time does not follow the training steps' pace (the warmup's steps run slower, the forward does not).
-    In that last stretch the clock also re-times every :attr:`MIN_WINDOW` steps, logging steps or not, at
-    the slower of the recent windows' pace and the latest window's: a slowdown there leaves no time to be
-    averaged in; and there the count is only ever lowered. The evaluations' reserve carries the same margin
-    as the steps. Timing reads the clock only where the trainer already waits for the device (logging and
-    evaluation steps), except at the two ends of the warmup window and in the last stretch.
+    In that last stretch the clock also re-times every :attr:`MIN_WINDOW` steps on a CPU, logging steps or
+    not, at the slower of the recent windows' pace and the latest window's: a slowdown there leaves no time
+    to be averaged in; and there the count is only ever lowered. The evaluations' reserve carries the same
+    margin as the steps. Timing reads the clock only where the trainer already waits for the device (logging and
+    evaluation steps), except at the two ends of the warmup window.
 
     The trainer calls :meth:`after_step`, :meth:`after_log` and :meth:`after_eval` with the number of
     steps taken so far, and adds the seconds it spends outside training steps to :attr:`paused`.
@@ -87,11 +87,11 @@ class BudgetClock:
         return self.settings.budget_seconds() - (time.perf_counter() - self.started)
 
     def after_step(self, step: int) -> None:
-        """Called after each step; fixes the count at the end of the warmup window, and re-times every
-        :attr:`MIN_WINDOW` steps in the run's last stretch, logging step or not."""
+        """Called after each step; fixes the count at the end of the warmup window, and on a CPU re-times
+        every :attr:`MIN_WINDOW` steps in the run's last stretch, logging step or not (there the clock needs
+        no wait for a device; on CUDA a quiet step never reads the device, so only logging steps re-time)."""
         if self.fixed:
-            if self.last_stretch and step - self.start_step >= self.MIN_WINDOW:
-                sync(self.device)
+            if self.last_stretch and self.device.type == "cpu" and step - self.start_step >= self.MIN_WINDOW:
                 self.after_log(step)
             return
         if step == 1 or self.window_start is None:  # the first step pays one-time costs: not timed
@@ -126,7 +126,8 @@ class BudgetClock:
         per_step = sum(w[2] for w in self.windows) / sum(w[1] for w in self.windows)
         window = f"{self.windows[0][0]}-{step}"
         self.window_start, self.start_step, self.paused = now, step, 0.0
-        self.last_stretch = self._any(self.seconds_left() < FORWARD_RETIME * self.forward * self.task.eval_batches(final=True))
+        reserve = self.forward * self.task.eval_batches(final=True)
+        self.last_stretch = self._any(self.seconds_left() < FORWARD_RETIME * reserve)
         if self.last_stretch:
             first, count, seconds = self.windows[-1]
             if seconds / count > per_step:  # a slowdown this late cannot wait to be averaged in
